@@ -1,0 +1,182 @@
+use std::{fmt, io, path::PathBuf, sync::Arc};
+
+/// Errors from loading, validating and publishing key sets.
+///
+/// No variant ever carries key material: errors name key **ids**, files, lines and
+/// environment variables, so they are safe to log and to show an operator.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Error {
+    /// A key definition is not acceptable (empty id, malformed hash, ...).
+    InvalidKey {
+        /// The id of the offending key, when it has one.
+        id: Option<String>,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Two keys in one set share an id.
+    DuplicateId {
+        /// The id used twice.
+        id: String,
+    },
+    /// The same secret is listed under two ids.
+    DuplicateKey {
+        /// The id of the key seen first.
+        first: String,
+        /// The id of the key that repeats it.
+        second: String,
+    },
+    /// Two sources feeding one store disagree: one key under two ids, or one id
+    /// defined by both.
+    Conflict {
+        /// The id in the source being published.
+        id: String,
+        /// The id it clashes with in the other source.
+        other_id: String,
+        /// The name of the other source.
+        other_source: String,
+    },
+    /// The key file is not valid TOML or does not follow the key-file format.
+    Parse {
+        /// Why the file was refused.
+        reason: String,
+    },
+    /// An error located in a file: wraps another error with the path and line.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The 1-based line, where known.
+        line: Option<usize>,
+        /// What is wrong there.
+        error: Box<Error>,
+    },
+    /// Reading a file failed.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        error: Arc<io::Error>,
+    },
+    /// An environment variable is missing or malformed.
+    Env {
+        /// The variable's name.
+        var: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A user-written [`KeySource`](crate::KeySource) failed.
+    Source {
+        /// The source's name.
+        source: String,
+        /// Its message.
+        message: String,
+    },
+    /// The store this update was meant for has been dropped.
+    StoreClosed,
+}
+
+impl Error {
+    /// Builds an [`Error::Source`] for a user-written key source.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let err = tower_api_key::Error::custom("vault", "connection refused");
+    /// assert_eq!(err.to_string(), "key source `vault` failed: connection refused");
+    /// ```
+    pub fn custom(source: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Source {
+            source: source.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn invalid(id: Option<&str>, reason: impl Into<String>) -> Self {
+        Self::InvalidKey {
+            id: id.map(str::to_owned),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn in_file(self, path: impl Into<PathBuf>, line: Option<usize>) -> Self {
+        Self::File {
+            path: path.into(),
+            line,
+            error: Box::new(self),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, error: io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            error: Arc::new(error),
+        }
+    }
+
+    /// The 1-based line in the key file this error points at, where known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::File { line, .. } => *line,
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidKey {
+                id: Some(id),
+                reason,
+            } => write!(f, "key `{id}`: {reason}"),
+            Self::InvalidKey { id: None, reason } => write!(f, "invalid key: {reason}"),
+            Self::DuplicateId { id } => write!(f, "duplicate key id `{id}`"),
+            Self::DuplicateKey { first, second } => {
+                write!(f, "key `{second}` has the same secret as key `{first}`")
+            }
+            Self::Conflict {
+                id,
+                other_id,
+                other_source,
+            } if id == other_id => write!(
+                f,
+                "key id `{id}` is already defined by source `{other_source}`"
+            ),
+            Self::Conflict {
+                id,
+                other_id,
+                other_source,
+            } => write!(
+                f,
+                "key `{id}` has the same secret as key `{other_id}` from source `{other_source}`"
+            ),
+            Self::Parse { reason } => f.write_str(reason),
+            Self::File {
+                path,
+                line: Some(line),
+                error,
+            } => write!(f, "{}:{line}: {error}", path.display()),
+            Self::File {
+                path,
+                line: None,
+                error,
+            } => write!(f, "{}: {error}", path.display()),
+            Self::Io { path, error } => write!(f, "{}: {error}", path.display()),
+            Self::Env { var, reason } => write!(f, "environment variable {var}: {reason}"),
+            Self::Source { source, message } => {
+                write!(f, "key source `{source}` failed: {message}")
+            }
+            Self::StoreClosed => f.write_str("the key store has been dropped"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::File { error, .. } => Some(error.as_ref()),
+            Self::Io { error, .. } => Some(error.as_ref()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,187 @@
+use http::{HeaderMap, HeaderName, header::AUTHORIZATION};
+
+use crate::Rejection;
+
+/// Where [`ApiKeyService`](crate::ApiKeyService) looks for the key.
+///
+/// The default is both [`KeyLocation::Bearer`] and `KeyLocation::Header("x-api-key")`.
+/// gRPC metadata travels as headers, so the same locations work for tonic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyLocation {
+    /// `Authorization: Bearer <key>` (the scheme is case-insensitive, RFC 7235).
+    /// Other schemes (`Basic`, ...) are ignored.
+    Bearer,
+    /// The whole value of this header, e.g. `X-API-Key: <key>`.
+    Header(HeaderName),
+}
+
+impl KeyLocation {
+    /// `X-API-Key: <key>`.
+    pub fn x_api_key() -> Self {
+        Self::Header(HeaderName::from_static("x-api-key"))
+    }
+
+    fn header_name(&self) -> &HeaderName {
+        match self {
+            Self::Bearer => &AUTHORIZATION,
+            Self::Header(name) => name,
+        }
+    }
+}
+
+/// Reads the one key a request presents, from any of `locations`.
+///
+/// Every value of every location is looked at: no key is [`Rejection::Missing`], an
+/// unusable credential is [`Rejection::Malformed`], two different keys are
+/// [`Rejection::Conflicting`]. The same key twice is fine. Never panics, whatever the
+/// bytes.
+pub(crate) fn presented_key<'a>(
+    headers: &'a HeaderMap,
+    locations: &[KeyLocation],
+) -> Result<&'a [u8], Rejection> {
+    let mut found: Option<&[u8]> = None;
+    for location in locations {
+        for value in headers.get_all(location.header_name()) {
+            let key = match location {
+                KeyLocation::Bearer => match bearer_token(value.as_bytes()) {
+                    Some(token) => token,
+                    None => continue,
+                },
+                KeyLocation::Header(_) => trim(value.as_bytes()),
+            };
+            if key.is_empty() {
+                return Err(Rejection::Malformed);
+            }
+            match found {
+                Some(seen) if seen != key => return Err(Rejection::Conflicting),
+                _ => found = Some(key),
+            }
+        }
+    }
+    found.ok_or(Rejection::Missing)
+}
+
+/// The token of a `Bearer` credential (possibly empty); `None` for another scheme.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let value = trim(value);
+    let split = value
+        .iter()
+        .position(|b| *b == b' ' || *b == b'\t')
+        .unwrap_or(value.len());
+    let (scheme, rest) = value.split_at(split);
+    scheme.eq_ignore_ascii_case(b"bearer").then(|| trim(rest))
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    bytes.trim_ascii()
+}
+
+/// Removes the headers a key can be read from.
+pub(crate) fn strip(headers: &mut HeaderMap, locations: &[KeyLocation]) {
+    for location in locations {
+        headers.remove(location.header_name());
+    }
+}
+
+pub(crate) fn default_locations() -> Vec<KeyLocation> {
+    vec![KeyLocation::Bearer, KeyLocation::x_api_key()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn read(pairs: &[(&str, &[u8])]) -> Result<Vec<u8>, String> {
+        presented_key(&headers(pairs), &default_locations())
+            .map(<[u8]>::to_vec)
+            .map_err(|r| format!("{r:?}"))
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for value in [
+            &b"Bearer abc"[..],
+            b"bearer abc",
+            b"BEARER   abc  ",
+            b"bEaReR\tabc",
+        ] {
+            assert_eq!(read(&[("authorization", value)]), Ok(b"abc".to_vec()));
+        }
+    }
+
+    #[test]
+    fn x_api_key_and_agreeing_duplicates() {
+        assert_eq!(read(&[("x-api-key", b" abc ")]), Ok(b"abc".to_vec()));
+        assert_eq!(
+            read(&[("x-api-key", b"abc"), ("authorization", b"Bearer abc")]),
+            Ok(b"abc".to_vec())
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(read(&[]), Err("Missing".into()));
+        assert_eq!(
+            read(&[("authorization", b"Basic dXNlcjpwYXNz")]),
+            Err("Missing".into())
+        );
+        assert_eq!(
+            read(&[("authorization", b"Bearer")]),
+            Err("Malformed".into())
+        );
+        assert_eq!(
+            read(&[("authorization", b"Bearer   ")]),
+            Err("Malformed".into())
+        );
+        assert_eq!(read(&[("x-api-key", b"")]), Err("Malformed".into()));
+        assert_eq!(
+            read(&[("x-api-key", b"a"), ("authorization", b"Bearer b")]),
+            Err("Conflicting".into())
+        );
+        assert_eq!(
+            read(&[("x-api-key", b"a"), ("x-api-key", b"b")]),
+            Err("Conflicting".into())
+        );
+    }
+
+    #[test]
+    fn never_panics_on_any_bytes() {
+        // Every byte a HeaderValue can hold, alone and around a scheme.
+        for b in 0u8..=255 {
+            for value in [
+                vec![b],
+                b"Bearer ".iter().copied().chain([b]).collect(),
+                vec![b; 3],
+            ] {
+                if let Ok(v) = HeaderValue::from_bytes(&value) {
+                    let mut map = HeaderMap::new();
+                    map.insert(AUTHORIZATION, v.clone());
+                    map.insert("x-api-key", v);
+                    let _ = presented_key(&map, &default_locations());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bearer_only_ignores_other_headers() {
+        let map = headers(&[("x-api-key", b"abc")]);
+        assert!(matches!(
+            presented_key(&map, &[KeyLocation::Bearer]),
+            Err(Rejection::Missing)
+        ));
+    }
+}

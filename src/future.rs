@@ -1,0 +1,79 @@
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use pin_project_lite::pin_project;
+
+pin_project! {
+    /// Response future for [`ApiKeyService`](crate::ApiKeyService).
+    ///
+    /// Either the inner service's future (the key was accepted) or the ready refusal.
+    pub struct ResponseFuture<F>
+    where
+        F: Future,
+    {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F>
+    where
+        F: Future,
+    {
+        Inner {
+            #[pin]
+            future: F,
+        },
+        Rejected {
+            output: Option<F::Output>,
+        },
+    }
+}
+
+impl<F: Future> ResponseFuture<F> {
+    pub(crate) fn inner(future: F) -> Self {
+        Self {
+            kind: Kind::Inner { future },
+        }
+    }
+
+    pub(crate) fn rejected(output: F::Output) -> Self {
+        Self {
+            kind: Kind::Rejected {
+                output: Some(output),
+            },
+        }
+    }
+}
+
+impl<F: Future> Future for ResponseFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Inner { future } => future.poll(cx),
+            KindProj::Rejected { output } => Poll::Ready(
+                output
+                    .take()
+                    .expect("ResponseFuture polled after completion"),
+            ),
+        }
+    }
+}
+
+impl<F: Future> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.kind {
+            Kind::Inner { .. } => "Inner",
+            Kind::Rejected { .. } => "Rejected",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
+    }
+}

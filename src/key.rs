@@ -1,0 +1,372 @@
+use std::{
+    fmt,
+    hash::{BuildHasher, Hash, Hasher},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::Error;
+
+/// SHA-256 of a presented or configured key. Only digests are kept in memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyDigest(pub(crate) [u8; 32]);
+
+impl KeyDigest {
+    pub(crate) fn of(secret: &[u8]) -> Self {
+        Self(Sha256::digest(secret).into())
+    }
+
+    pub(crate) fn from_hex(hex: &str) -> Option<Self> {
+        let hex = hex.as_bytes();
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+            *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        }
+        Some(Self(out))
+    }
+
+    /// A short, non-reversible name for the key: the first 12 hex digits of its digest.
+    pub(crate) fn fingerprint(&self) -> String {
+        self.0[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+impl Hash for KeyDigest {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // A SHA-256 digest is already uniformly distributed, and an attacker cannot pick
+        // the digest of what they present: its first eight bytes are a fine hash.
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_ne_bytes(head));
+    }
+}
+
+impl fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyDigest({}…)", self.fingerprint())
+    }
+}
+
+/// Hasher for maps keyed by [`KeyDigest`]: passes the digest's own bits through.
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if something other than `KeyDigest` is hashed; fold it in.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl BuildHasher for DigestHasher {
+    type Hasher = Self;
+
+    fn build_hasher(&self) -> Self {
+        Self(0)
+    }
+}
+
+/// The non-secret attributes of a key, shared by [`ApiKey`] and [`KeyInfo`].
+#[derive(Clone, Debug)]
+pub(crate) struct KeyAttrs {
+    pub(crate) id: Arc<str>,
+    pub(crate) scopes: Arc<[Arc<str>]>,
+    pub(crate) tenant: Option<Arc<str>>,
+    pub(crate) owner: Option<Arc<str>>,
+    pub(crate) description: Option<Arc<str>>,
+    pub(crate) not_before: Option<SystemTime>,
+    pub(crate) expires_at: Option<SystemTime>,
+    pub(crate) disabled: bool,
+}
+
+/// One API key to put in a [`KeySet`](crate::KeySet): its id, its digest and its
+/// metadata.
+///
+/// The secret is hashed with SHA-256 as soon as the key is built and never kept.
+/// `Debug` prints the id and metadata, never key material.
+///
+/// # Example
+///
+/// ```
+/// use tower_api_key::ApiKey;
+///
+/// let key = ApiKey::new("billing-2026-11", "s3cr3t-value")
+///     .with_scopes(["read", "write"])
+///     .with_tenant("team-a")
+///     .with_owner("billing@example.com");
+/// assert_eq!(key.id(), "billing-2026-11");
+/// assert!(!format!("{key:?}").contains("s3cr3t"));
+/// ```
+#[derive(Clone)]
+pub struct ApiKey {
+    pub(crate) digest: KeyDigest,
+    pub(crate) attrs: KeyAttrs,
+}
+
+impl ApiKey {
+    /// A key with this id whose secret is `secret`. Only its SHA-256 digest is kept.
+    #[must_use]
+    pub fn new(id: impl Into<Arc<str>>, secret: impl AsRef<[u8]>) -> Self {
+        Self::from_digest(id.into(), KeyDigest::of(secret.as_ref()))
+    }
+
+    /// A key given by the SHA-256 of its secret, as 64 hex digits: the configuration
+    /// then holds no secret at all.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidKey`] if `sha256_hex` is not 64 hex digits.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_api_key::ApiKey;
+    ///
+    /// // echo -n "s3cr3t" | sha256sum
+    /// let key = ApiKey::from_sha256(
+    ///     "ci-runner",
+    ///     "4e738ca5563c06cfd0018299933d58db1dd8bf97f6973dc99bf6cdc64b5550bd",
+    /// )?;
+    /// assert_eq!(key.id(), "ci-runner");
+    /// assert!(ApiKey::from_sha256("ci-runner", "not-hex").is_err());
+    /// # Ok::<(), tower_api_key::Error>(())
+    /// ```
+    pub fn from_sha256(id: impl Into<Arc<str>>, sha256_hex: &str) -> Result<Self, Error> {
+        let id = id.into();
+        let digest = KeyDigest::from_hex(sha256_hex.trim())
+            .ok_or_else(|| Error::invalid(Some(&id), "`sha256` must be 64 hexadecimal digits"))?;
+        Ok(Self::from_digest(id, digest))
+    }
+
+    pub(crate) fn from_digest(id: Arc<str>, digest: KeyDigest) -> Self {
+        Self {
+            digest,
+            attrs: KeyAttrs {
+                id,
+                scopes: Arc::from([]),
+                tenant: None,
+                owner: None,
+                description: None,
+                not_before: None,
+                expires_at: None,
+                disabled: false,
+            },
+        }
+    }
+
+    /// The key's id.
+    pub fn id(&self) -> &str {
+        &self.attrs.id
+    }
+
+    /// Sets the scopes this key grants (see [`ApiKeyLayer::require_scope`](crate::ApiKeyLayer::require_scope)).
+    #[must_use]
+    pub fn with_scopes<I, T>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<Arc<str>>,
+    {
+        self.attrs.scopes = scopes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the tenant this key belongs to.
+    #[must_use]
+    pub fn with_tenant(mut self, tenant: impl Into<Arc<str>>) -> Self {
+        self.attrs.tenant = Some(tenant.into());
+        self
+    }
+
+    /// Sets the key's owner (free text: a team, a person, a service).
+    #[must_use]
+    pub fn with_owner(mut self, owner: impl Into<Arc<str>>) -> Self {
+        self.attrs.owner = Some(owner.into());
+        self
+    }
+
+    /// Sets a free-text description.
+    #[must_use]
+    pub fn with_description(mut self, description: impl Into<Arc<str>>) -> Self {
+        self.attrs.description = Some(description.into());
+        self
+    }
+
+    /// The key is refused before this instant.
+    #[must_use]
+    pub fn with_not_before(mut self, at: SystemTime) -> Self {
+        self.attrs.not_before = Some(at);
+        self
+    }
+
+    /// The key is refused from this instant on.
+    #[must_use]
+    pub fn with_expires_at(mut self, at: SystemTime) -> Self {
+        self.attrs.expires_at = Some(at);
+        self
+    }
+
+    /// A disabled key is refused like a revoked one, but stays listed for the record.
+    #[must_use]
+    pub fn with_disabled(mut self, disabled: bool) -> Self {
+        self.attrs.disabled = disabled;
+        self
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("id", &self.attrs.id)
+            .field("secret", &format_args!("<redacted>"))
+            .field("scopes", &self.attrs.scopes)
+            .field("tenant", &self.attrs.tenant)
+            .field("not_before", &self.attrs.not_before)
+            .field("expires_at", &self.attrs.expires_at)
+            .field("disabled", &self.attrs.disabled)
+            .finish()
+    }
+}
+
+struct KeyMeta {
+    attrs: KeyAttrs,
+    source: Arc<str>,
+}
+
+/// The non-secret identity of the key a request was let in with.
+///
+/// [`ApiKeyService`](crate::ApiKeyService) inserts it into the request extensions, so
+/// handlers know which key (and so which client, tenant and scopes) they serve. It is a
+/// reference-counted handle: cloning it is cheap. It holds no key material.
+///
+/// - axum: take it as an extractor (`axum` feature) or with `Extension<KeyInfo>`.
+/// - tonic: `request.extensions().get::<KeyInfo>()`.
+#[derive(Clone)]
+pub struct KeyInfo(Arc<KeyMeta>);
+
+impl KeyInfo {
+    pub(crate) fn new(attrs: KeyAttrs, source: Arc<str>) -> Self {
+        Self(Arc::new(KeyMeta { attrs, source }))
+    }
+
+    pub(crate) fn attrs(&self) -> &KeyAttrs {
+        &self.0.attrs
+    }
+
+    /// The key's id, as configured.
+    pub fn id(&self) -> &str {
+        &self.0.attrs.id
+    }
+
+    /// The name of the [`KeySource`](crate::KeySource) the key came from.
+    pub fn source(&self) -> &str {
+        &self.0.source
+    }
+
+    /// The scopes the key grants.
+    pub fn scopes(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.0.attrs.scopes.iter().map(|s| &**s)
+    }
+
+    /// Whether the key grants `scope`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.0.attrs.scopes.iter().any(|s| &**s == scope)
+    }
+
+    /// The tenant the key belongs to, if any.
+    pub fn tenant(&self) -> Option<&str> {
+        self.0.attrs.tenant.as_deref()
+    }
+
+    /// The key's owner, if set.
+    pub fn owner(&self) -> Option<&str> {
+        self.0.attrs.owner.as_deref()
+    }
+
+    /// The key's description, if set.
+    pub fn description(&self) -> Option<&str> {
+        self.0.attrs.description.as_deref()
+    }
+
+    /// The instant before which the key is refused, if set.
+    pub fn not_before(&self) -> Option<SystemTime> {
+        self.0.attrs.not_before
+    }
+
+    /// The instant from which the key is refused, if set.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.0.attrs.expires_at
+    }
+
+    /// Whether the key is disabled.
+    pub fn is_disabled(&self) -> bool {
+        self.0.attrs.disabled
+    }
+}
+
+impl fmt::Debug for KeyInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let a = &self.0.attrs;
+        f.debug_struct("KeyInfo")
+            .field("id", &a.id)
+            .field("source", &self.0.source)
+            .field("scopes", &a.scopes)
+            .field("tenant", &a.tenant)
+            .field("owner", &a.owner)
+            .field("not_before", &a.not_before)
+            .field("expires_at", &a.expires_at)
+            .field("disabled", &a.disabled)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip_and_rejects() {
+        let d = KeyDigest::of(b"s3cr3t");
+        let hex: String = d.0.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(KeyDigest::from_hex(&hex), Some(d));
+        assert_eq!(KeyDigest::from_hex(&hex.to_uppercase()), Some(d));
+        assert_eq!(KeyDigest::from_hex(&hex[..63]), None);
+        assert_eq!(KeyDigest::from_hex(&format!("{}g", &hex[..63])), None);
+        assert_eq!(KeyDigest::from_hex("é"), None);
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret_or_full_digest() {
+        let key = ApiKey::new("id-1", "super-secret-value");
+        let hex: String = key.digest.0.iter().map(|b| format!("{b:02x}")).collect();
+        let dbg = format!("{key:?} {:?}", key.digest);
+        assert!(dbg.contains("id-1"));
+        assert!(!dbg.contains("super-secret-value"));
+        assert!(!dbg.contains(&hex));
+        let info = KeyInfo::new(key.attrs.clone(), Arc::from("test"));
+        assert!(format!("{info:?}").contains("id-1"));
+    }
+}

@@ -1,0 +1,215 @@
+use std::{collections::HashMap, fmt, sync::Arc};
+
+use crate::{
+    ApiKey, Error,
+    key::{DigestHasher, KeyDigest},
+};
+
+/// A complete, validated set of keys: what a [`KeySource`](crate::KeySource) yields.
+///
+/// Every id is unique and no secret appears under two ids; [`KeySet::insert`] refuses
+/// anything else, so a set that exists is a set the store can apply. An empty set is
+/// valid and means "let nobody in": the layer never fails open.
+///
+/// Cloning is cheap (the keys are shared).
+///
+/// # Example
+///
+/// ```
+/// use tower_api_key::{ApiKey, KeySet};
+///
+/// let set = KeySet::from_keys([
+///     ApiKey::new("old", "key-1"),
+///     ApiKey::new("new", "key-2"),
+/// ])?;
+/// assert_eq!(set.len(), 2);
+///
+/// // The same secret under two ids is refused, naming the ids only.
+/// let err = KeySet::from_keys([ApiKey::new("a", "same"), ApiKey::new("b", "same")])
+///     .unwrap_err();
+/// assert_eq!(err.to_string(), "key `b` has the same secret as key `a`");
+/// # Ok::<(), tower_api_key::Error>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct KeySet {
+    inner: Arc<Inner>,
+}
+
+#[derive(Clone, Default)]
+struct Inner {
+    keys: Vec<ApiKey>,
+    by_digest: HashMap<KeyDigest, usize, DigestHasher>,
+    by_id: HashMap<Arc<str>, usize>,
+}
+
+impl KeySet {
+    /// An empty set.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a set from keys, validating each.
+    ///
+    /// # Errors
+    ///
+    /// The first [`Error::InvalidKey`], [`Error::DuplicateId`] or
+    /// [`Error::DuplicateKey`] met.
+    pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> Result<Self, Error> {
+        let keys = keys.into_iter();
+        let mut set = Self::with_capacity(keys.size_hint().0);
+        for key in keys {
+            set.insert(key)?;
+        }
+        Ok(set)
+    }
+
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                keys: Vec::with_capacity(n),
+                by_digest: HashMap::with_capacity_and_hasher(n, DigestHasher::default()),
+                by_id: HashMap::with_capacity(n),
+            }),
+        }
+    }
+
+    /// Adds a key.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidKey`] if the id is empty, longer than 256 bytes, or holds
+    ///   whitespace or control characters;
+    /// - [`Error::DuplicateId`] if the set has a key with this id;
+    /// - [`Error::DuplicateKey`] if the set has this secret under another id.
+    ///
+    /// The set is unchanged on error.
+    pub fn insert(&mut self, key: ApiKey) -> Result<(), Error> {
+        validate_id(&key.attrs.id)?;
+        let inner = Arc::make_mut(&mut self.inner);
+        if inner.by_id.contains_key(&key.attrs.id) {
+            return Err(Error::DuplicateId {
+                id: key.attrs.id.to_string(),
+            });
+        }
+        if let Some(&first) = inner.by_digest.get(&key.digest) {
+            return Err(Error::DuplicateKey {
+                first: inner.keys[first].attrs.id.to_string(),
+                second: key.attrs.id.to_string(),
+            });
+        }
+        let index = inner.keys.len();
+        inner.by_digest.insert(key.digest, index);
+        inner.by_id.insert(key.attrs.id.clone(), index);
+        inner.keys.push(key);
+        Ok(())
+    }
+
+    /// The number of keys.
+    pub fn len(&self) -> usize {
+        self.inner.keys.len()
+    }
+
+    /// Whether the set has no keys (and so lets nobody in).
+    pub fn is_empty(&self) -> bool {
+        self.inner.keys.is_empty()
+    }
+
+    /// The key with this id.
+    pub fn get(&self, id: &str) -> Option<&ApiKey> {
+        self.inner.by_id.get(id).map(|&i| &self.inner.keys[i])
+    }
+
+    /// The keys, in insertion order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &ApiKey> {
+        self.inner.keys.iter()
+    }
+}
+
+fn validate_id(id: &str) -> Result<(), Error> {
+    if id.is_empty() {
+        return Err(Error::invalid(None, "`id` must not be empty"));
+    }
+    if id.len() > 256 {
+        return Err(Error::invalid(None, "`id` is longer than 256 bytes"));
+    }
+    if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid(
+            Some(&id.escape_debug().to_string()),
+            "`id` must not contain whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+impl fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeySet")
+            .field("len", &self.len())
+            .field("ids", &DebugIds(self))
+            .finish()
+    }
+}
+
+struct DebugIds<'a>(&'a KeySet);
+
+impl fmt::Debug for DebugIds<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOWN: usize = 16;
+        let mut list = f.debug_list();
+        list.entries(self.0.iter().take(SHOWN).map(ApiKey::id));
+        if self.0.len() > SHOWN {
+            list.entry(&format_args!("… {} more", self.0.len() - SHOWN));
+        }
+        list.finish()
+    }
+}
+
+impl<'a> IntoIterator for &'a KeySet {
+    type Item = &'a ApiKey;
+    type IntoIter = std::slice::Iter<'a, ApiKey>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.inner.keys.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_duplicates_and_bad_ids_and_stays_unchanged() {
+        let mut set = KeySet::new();
+        set.insert(ApiKey::new("a", "k1")).unwrap();
+        assert!(matches!(
+            set.insert(ApiKey::new("a", "k2")),
+            Err(Error::DuplicateId { id }) if id == "a"
+        ));
+        assert!(matches!(
+            set.insert(ApiKey::new("b", "k1")),
+            Err(Error::DuplicateKey { first, second }) if first == "a" && second == "b"
+        ));
+        assert!(set.insert(ApiKey::new("", "k3")).is_err());
+        assert!(set.insert(ApiKey::new("has space", "k3")).is_err());
+        assert!(set.insert(ApiKey::new("x".repeat(257), "k3")).is_err());
+        assert_eq!(set.len(), 1);
+        assert!(set.get("a").is_some());
+    }
+
+    #[test]
+    fn clones_are_independent() {
+        let mut a = KeySet::from_keys([ApiKey::new("a", "k1")]).unwrap();
+        let b = a.clone();
+        a.insert(ApiKey::new("b", "k2")).unwrap();
+        assert_eq!((a.len(), b.len()), (2, 1));
+    }
+
+    #[test]
+    fn debug_lists_ids_not_secrets() {
+        let set = KeySet::from_keys([ApiKey::new("visible-id", "hidden-secret")]).unwrap();
+        let dbg = format!("{set:?}");
+        assert!(dbg.contains("visible-id"));
+        assert!(!dbg.contains("hidden-secret"));
+    }
+}

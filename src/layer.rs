@@ -1,0 +1,206 @@
+use std::{fmt, sync::Arc};
+
+use http::HeaderName;
+use tower_layer::Layer;
+
+use crate::{ApiKeyService, DefaultRejection, Error, KeyLocation, KeySource, KeyStore, extract};
+
+/// Layer that applies [`ApiKeyService`], which lets a request through only with a
+/// valid API key.
+///
+/// One layer value (or its clones) guards any number of services, axum routers and
+/// tonic servers alike, all sharing one [`KeyStore`].
+///
+/// # Example
+///
+/// ```
+/// use std::convert::Infallible;
+///
+/// use http::{Request, Response, StatusCode};
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_api_key::{ApiKey, ApiKeyLayer, KeyInfo, KeySet};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let keys = KeySet::from_keys([ApiKey::new("ci", "s3cr3t")])?;
+/// let svc = ServiceBuilder::new()
+///     .layer(ApiKeyLayer::new(keys))
+///     .service_fn(|req: Request<String>| async move {
+///         let key = req.extensions().get::<KeyInfo>().expect("set by the layer");
+///         Ok::<_, Infallible>(Response::new(format!("hello, {}", key.id())))
+///     });
+///
+/// let ok = svc.clone()
+///     .oneshot(Request::get("/").header("x-api-key", "s3cr3t").body(String::new())?)
+///     .await?;
+/// assert_eq!(ok.into_body(), "hello, ci");
+///
+/// let refused = svc
+///     .oneshot(Request::get("/").header("authorization", "Bearer wrong").body(String::new())?)
+///     .await?;
+/// assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+/// # Ok(()) }
+/// ```
+#[must_use]
+pub struct ApiKeyLayer<R = DefaultRejection> {
+    store: KeyStore,
+    config: Arc<Config>,
+    on_rejection: R,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) locations: Box<[KeyLocation]>,
+    pub(crate) hide_credentials: bool,
+    pub(crate) required_scope: Option<Arc<str>>,
+}
+
+impl ApiKeyLayer {
+    /// A layer over a new store fed by `source`.
+    ///
+    /// Returns after the source's initial load, so the first request already sees its
+    /// keys. If that load fails, the error is logged (at `warn`) and recorded in
+    /// [`KeyStore::last_reload`], and the layer fails closed: it refuses every request
+    /// until the source delivers a valid set. Use [`ApiKeyLayer::try_new`] to refuse to
+    /// start instead.
+    ///
+    /// The built-in sources need no async runtime (the file watcher runs on its own
+    /// thread). A source that spawns tasks, as a user-written one may, must be added
+    /// from inside a Tokio runtime, for instance in `#[tokio::main]` before the server
+    /// starts.
+    pub fn new(source: impl KeySource) -> Self {
+        let store = KeyStore::new();
+        // A failure is already logged and recorded by the store; the empty store
+        // refuses every request.
+        let _ = store.add_source(source);
+        Self::from_store(store)
+    }
+
+    /// Like [`ApiKeyLayer::new`], but returns the initial load's error, for services
+    /// that would rather not start without their keys.
+    ///
+    /// # Errors
+    ///
+    /// The source's initial load failed (a missing or invalid key file, an unset
+    /// environment variable, ...).
+    pub fn try_new(source: impl KeySource) -> Result<Self, Error> {
+        let store = KeyStore::new();
+        store.add_source(source)?;
+        Ok(Self::from_store(store))
+    }
+
+    /// A layer over an existing store, which may be fed by several sources.
+    pub fn from_store(store: KeyStore) -> Self {
+        Self {
+            store,
+            config: Arc::new(Config {
+                locations: extract::default_locations().into(),
+                hide_credentials: false,
+                required_scope: None,
+            }),
+            on_rejection: DefaultRejection::default(),
+        }
+    }
+
+    /// Sets the `realm` of the `WWW-Authenticate` challenge (default `"api"`).
+    pub fn with_realm(mut self, realm: impl Into<Arc<str>>) -> Self {
+        self.on_rejection = DefaultRejection::new(realm);
+        self
+    }
+}
+
+impl<R> ApiKeyLayer<R> {
+    /// The store this layer checks keys against: shared by every clone of the layer
+    /// and every service it builds.
+    pub fn store(&self) -> &KeyStore {
+        &self.store
+    }
+
+    /// Reads the key only from these locations, in this order.
+    pub fn with_key_locations(mut self, locations: impl IntoIterator<Item = KeyLocation>) -> Self {
+        Arc::make_mut(&mut self.config).locations = locations.into_iter().collect();
+        self
+    }
+
+    /// Reads the key only from `Authorization: Bearer <key>`.
+    pub fn bearer_only(self) -> Self {
+        self.with_key_locations([KeyLocation::Bearer])
+    }
+
+    /// Reads the key only from the header `name` (e.g. `x-api-key`).
+    pub fn header_only(self, name: HeaderName) -> Self {
+        self.with_key_locations([KeyLocation::Header(name)])
+    }
+
+    /// Removes the credential headers before the inner service sees the request, so a
+    /// handler cannot log a key by accident (Kong's and Envoy's `hide_credentials`).
+    pub fn hide_credentials(mut self, hide: bool) -> Self {
+        Arc::make_mut(&mut self.config).hide_credentials = hide;
+        self
+    }
+
+    /// A layer over the **same store** that also demands `scope`: a valid key without
+    /// it gets 403 `insufficient_scope` (gRPC `PERMISSION_DENIED`).
+    pub fn require_scope(&self, scope: impl Into<Arc<str>>) -> Self
+    where
+        R: Clone,
+    {
+        let mut layer = self.clone();
+        Arc::make_mut(&mut layer.config).required_scope = Some(scope.into());
+        layer
+    }
+
+    /// Answers refused plain-HTTP requests with `on_rejection`'s response, e.g. a JSON
+    /// body for axum. gRPC requests still get a gRPC status.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use http::{Response, StatusCode};
+    /// use tower_api_key::{ApiKeyLayer, KeySet, Rejection};
+    ///
+    /// let layer = ApiKeyLayer::new(KeySet::new()).with_rejection(|r: &Rejection| {
+    ///     let mut res = Response::new(format!(r#"{{"error":"{r}"}}"#));
+    ///     *res.status_mut() = r.status();
+    ///     res
+    /// });
+    /// ```
+    pub fn with_rejection<R2>(self, on_rejection: R2) -> ApiKeyLayer<R2> {
+        ApiKeyLayer {
+            store: self.store,
+            config: self.config,
+            on_rejection,
+        }
+    }
+}
+
+impl<S, R: Clone> Layer<S> for ApiKeyLayer<R> {
+    type Service = ApiKeyService<S, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ApiKeyService::new(
+            inner,
+            self.store.clone(),
+            self.config.clone(),
+            self.on_rejection.clone(),
+        )
+    }
+}
+
+impl<R: Clone> Clone for ApiKeyLayer<R> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            config: self.config.clone(),
+            on_rejection: self.on_rejection.clone(),
+        }
+    }
+}
+
+impl<R> fmt::Debug for ApiKeyLayer<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyLayer")
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}

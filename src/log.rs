@@ -1,0 +1,69 @@
+//! `tracing` events, compiled away without the `tracing` feature.
+
+use crate::{Rejection, ReloadReport};
+
+/// How many ids a log line lists before it only counts the rest.
+#[cfg(feature = "tracing")]
+const LISTED: usize = 20;
+
+#[cfg(feature = "tracing")]
+struct Ids<'a>(Vec<&'a str>);
+
+#[cfg(feature = "tracing")]
+impl std::fmt::Display for Ids<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[")?;
+        for (i, id) in self.0.iter().take(LISTED).enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(id)?;
+        }
+        if self.0.len() > LISTED {
+            write!(f, ", … {} more", self.0.len() - LISTED)?;
+        }
+        f.write_str("]")
+    }
+}
+
+pub(crate) fn applied(report: &ReloadReport) {
+    #[cfg(feature = "tracing")]
+    tracing::info!(
+        target: "tower_api_key::reload",
+        source = report.source(),
+        version = report.version(),
+        added = %Ids(report.added()),
+        removed = %Ids(report.removed()),
+        kept = %Ids(report.kept()),
+        "api keys reloaded"
+    );
+    #[cfg(not(feature = "tracing"))]
+    let _ = report;
+}
+
+pub(crate) fn rejected(report: &ReloadReport) {
+    #[cfg(feature = "tracing")]
+    if let Some(error) = report.error() {
+        tracing::warn!(
+            target: "tower_api_key::reload",
+            source = report.source(),
+            %error,
+            "api key reload refused; keeping the last good keys"
+        );
+    }
+    #[cfg(not(feature = "tracing"))]
+    let _ = report;
+}
+
+#[inline]
+pub(crate) fn refused(rejection: &Rejection) {
+    #[cfg(feature = "tracing")]
+    tracing::debug!(
+        target: "tower_api_key::request",
+        reason = %rejection,
+        key_id = rejection.key().map(crate::KeyInfo::id),
+        "request refused"
+    );
+    #[cfg(not(feature = "tracing"))]
+    let _ = rejection;
+}

@@ -1,0 +1,250 @@
+use std::{fmt, sync::Arc};
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::KeyInfo;
+
+/// Why [`ApiKeyService`](crate::ApiKeyService) refused a request.
+///
+/// It is inserted into the extensions of every refusal response, so an outer logging or
+/// metrics layer can tell the reasons apart. Variants where a key matched carry its
+/// [`KeyInfo`] (never the key itself).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The request carries no API key.
+    Missing,
+    /// A credential header is present but unusable (`Authorization: Bearer` with no
+    /// token, an empty key header).
+    Malformed,
+    /// The request carries two different keys.
+    Conflicting,
+    /// The key is not in the store (never issued, or revoked).
+    Unknown,
+    /// The key is listed but disabled.
+    Disabled(KeyInfo),
+    /// The key's `expires_at` has passed.
+    Expired(KeyInfo),
+    /// The key's `not_before` has not come yet.
+    NotYetValid(KeyInfo),
+    /// The key is valid but lacks the scope this route requires.
+    InsufficientScope {
+        /// The key.
+        key: KeyInfo,
+        /// The scope required.
+        scope: Arc<str>,
+    },
+}
+
+impl Rejection {
+    /// The key that matched, for refusals of a known key.
+    pub fn key(&self) -> Option<&KeyInfo> {
+        match self {
+            Self::Disabled(key)
+            | Self::Expired(key)
+            | Self::NotYetValid(key)
+            | Self::InsufficientScope { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status for this refusal: 403 for a missing scope, else 401.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InsufficientScope { .. } => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    /// The gRPC status code for this refusal: 7 (`PERMISSION_DENIED`) for a missing
+    /// scope, else 16 (`UNAUTHENTICATED`).
+    pub fn grpc_code(&self) -> u8 {
+        match self {
+            Self::InsufficientScope { .. } => 7,
+            _ => 16,
+        }
+    }
+
+    /// The RFC 6750 `error` code, if any (none when no credential was presented).
+    pub fn error_code(&self) -> Option<&'static str> {
+        match self {
+            Self::Missing => None,
+            Self::Malformed | Self::Conflicting => Some("invalid_request"),
+            Self::InsufficientScope { .. } => Some("insufficient_scope"),
+            _ => Some("invalid_token"),
+        }
+    }
+
+    fn message(&self) -> &'static str {
+        match self {
+            Self::Missing => "API key required",
+            Self::Malformed => "malformed API key credential",
+            Self::Conflicting => "more than one API key presented",
+            Self::Unknown => "invalid API key",
+            Self::Disabled(_) => "API key disabled",
+            Self::Expired(_) => "API key expired",
+            Self::NotYetValid(_) => "API key not yet valid",
+            Self::InsufficientScope { .. } => "API key lacks the required scope",
+        }
+    }
+
+    /// The plain HTTP refusal: 401 or 403, an empty body, and a `WWW-Authenticate:
+    /// Bearer` challenge with `realm` and the RFC 6750 `error` (and `scope`).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_api_key::Rejection;
+    ///
+    /// let res: http::Response<String> = Rejection::Unknown.http_response("api");
+    /// assert_eq!(res.status(), 401);
+    /// assert_eq!(
+    ///     res.headers()["www-authenticate"],
+    ///     r#"Bearer realm="api", error="invalid_token", error_description="invalid API key""#
+    /// );
+    /// ```
+    pub fn http_response<B: Default>(&self, realm: &str) -> Response<B> {
+        let mut challenge = format!("Bearer realm=\"{}\"", quoted(realm));
+        if let Some(code) = self.error_code() {
+            challenge.push_str(&format!(
+                ", error=\"{code}\", error_description=\"{}\"",
+                self.message()
+            ));
+        }
+        if let Self::InsufficientScope { scope, .. } = self {
+            challenge.push_str(&format!(", scope=\"{}\"", quoted(scope)));
+        }
+        let mut res = Response::new(B::default());
+        *res.status_mut() = self.status();
+        if let Ok(value) = HeaderValue::from_str(&challenge) {
+            res.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+        }
+        res
+    }
+
+    /// The gRPC refusal: a trailers-only response (HTTP 200, `content-type:
+    /// application/grpc`, `grpc-status` 16 or 7, `grpc-message`), which gRPC clients
+    /// read as `UNAUTHENTICATED` or `PERMISSION_DENIED`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_api_key::Rejection;
+    ///
+    /// let res: http::Response<String> = Rejection::Missing.grpc_response();
+    /// assert_eq!(res.status(), 200);
+    /// assert_eq!(res.headers()["grpc-status"], "16");
+    /// ```
+    pub fn grpc_response<B: Default>(&self) -> Response<B> {
+        let mut res = Response::new(B::default());
+        let headers = res.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(self.grpc_code())),
+        );
+        // Messages are fixed ASCII without '%', so they need no percent-encoding.
+        headers.insert("grpc-message", HeaderValue::from_static(self.message()));
+        res
+    }
+}
+
+/// Escapes a value for an RFC 7235 quoted-string, dropping what a header can't carry.
+fn quoted(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars().filter(|c| *c == ' ' || c.is_ascii_graphic()) {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())?;
+        match self {
+            Self::InsufficientScope { key, scope } => {
+                write!(f, " (key `{}`, scope `{scope}`)", key.id())
+            }
+            _ => match self.key() {
+                Some(key) => write!(f, " (key `{}`)", key.id()),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// Builds the response for a refused plain-HTTP request.
+///
+/// Implemented by [`DefaultRejection`] and by any `Fn(&Rejection) -> Response<B> +
+/// Clone`, so [`ApiKeyLayer::with_rejection`](crate::ApiKeyLayer::with_rejection) takes
+/// a closure. gRPC requests always get the gRPC refusal
+/// ([`Rejection::grpc_response`]), whatever this returns, so one layer can guard both.
+pub trait RejectionResponse<B>: Clone {
+    /// The response for `rejection`. The layer adds the [`Rejection`] to its extensions.
+    fn response(&self, rejection: &Rejection) -> Response<B>;
+}
+
+/// The default refusal: [`Rejection::http_response`] with the configured realm.
+#[derive(Clone, Debug)]
+pub struct DefaultRejection {
+    realm: Arc<str>,
+}
+
+impl DefaultRejection {
+    pub(crate) fn new(realm: impl Into<Arc<str>>) -> Self {
+        Self {
+            realm: realm.into(),
+        }
+    }
+}
+
+impl Default for DefaultRejection {
+    fn default() -> Self {
+        Self::new("api")
+    }
+}
+
+impl<B: Default> RejectionResponse<B> for DefaultRejection {
+    fn response(&self, rejection: &Rejection) -> Response<B> {
+        rejection.http_response(&self.realm)
+    }
+}
+
+impl<F, B> RejectionResponse<B> for F
+where
+    F: Fn(&Rejection) -> Response<B> + Clone,
+{
+    fn response(&self, rejection: &Rejection) -> Response<B> {
+        self(rejection)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenge_quotes_realm_and_scope() {
+        let res: Response<()> = Rejection::Missing.http_response("my \"realm\"\n");
+        assert_eq!(
+            res.headers()[header::WWW_AUTHENTICATE],
+            r#"Bearer realm="my \"realm\"""#
+        );
+    }
+
+    #[test]
+    fn grpc_codes() {
+        let res: Response<()> = Rejection::Conflicting.grpc_response();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["grpc-status"], "16");
+        assert_eq!(res.headers()["content-type"], "application/grpc");
+    }
+}

@@ -1,0 +1,173 @@
+use std::{collections::HashSet, fmt, sync::Arc, time::SystemTime};
+
+use crate::{Error, KeyInfo, store::Snapshot};
+
+/// The outcome of one reload attempt: when it happened, which source made it, and
+/// either what changed or why it was refused.
+///
+/// Read the latest with [`KeyStore::last_reload`](crate::KeyStore::last_reload), or wait
+/// for the next with [`KeyStore::subscribe`](crate::KeyStore::subscribe). This is the
+/// audit trail of a rotation: which key ids were added, removed and kept.
+#[derive(Clone)]
+pub struct ReloadReport {
+    source: Arc<str>,
+    at: SystemTime,
+    outcome: Result<Change, Error>,
+}
+
+#[derive(Clone)]
+struct Change {
+    version: u64,
+    added: Vec<Arc<str>>,
+    removed: Vec<Arc<str>>,
+    kept: Vec<Arc<str>>,
+}
+
+impl ReloadReport {
+    pub(crate) fn applied(
+        source: Arc<str>,
+        version: u64,
+        old: &Snapshot,
+        new: &Snapshot,
+        index: usize,
+    ) -> Self {
+        let before: HashSet<&Arc<str>> = old.ids_of(index).collect();
+        let after: HashSet<&Arc<str>> = new.ids_of(index).collect();
+        let sorted = |ids: Vec<&Arc<str>>| {
+            let mut ids: Vec<Arc<str>> = ids.into_iter().cloned().collect();
+            ids.sort();
+            ids
+        };
+        Self {
+            source,
+            at: SystemTime::now(),
+            outcome: Ok(Change {
+                version,
+                added: sorted(after.difference(&before).copied().collect()),
+                removed: sorted(before.difference(&after).copied().collect()),
+                kept: sorted(after.intersection(&before).copied().collect()),
+            }),
+        }
+    }
+
+    /// A set accepted by a source not yet attached to a store.
+    pub(crate) fn queued(source: Arc<str>, set: &crate::KeySet) -> Self {
+        let mut added: Vec<Arc<str>> = set.iter().map(|k| k.attrs.id.clone()).collect();
+        added.sort();
+        Self {
+            source,
+            at: SystemTime::now(),
+            outcome: Ok(Change {
+                version: 0,
+                added,
+                removed: Vec::new(),
+                kept: Vec::new(),
+            }),
+        }
+    }
+
+    pub(crate) fn rejected(source: Arc<str>, error: Error) -> Self {
+        Self {
+            source,
+            at: SystemTime::now(),
+            outcome: Err(error),
+        }
+    }
+
+    /// The name of the source that attempted the reload.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// When the attempt was made.
+    pub fn at(&self) -> SystemTime {
+        self.at
+    }
+
+    /// Whether the new keys were applied.
+    pub fn is_applied(&self) -> bool {
+        self.outcome.is_ok()
+    }
+
+    /// Why the attempt was refused; `None` if it was applied. The store kept its
+    /// previous keys.
+    pub fn error(&self) -> Option<&Error> {
+        self.outcome.as_ref().err()
+    }
+
+    /// The store version the reload produced, if applied.
+    pub fn version(&self) -> Option<u64> {
+        self.outcome.as_ref().ok().map(|c| c.version)
+    }
+
+    /// Ids of this source's keys that the reload added, sorted.
+    pub fn added(&self) -> Vec<&str> {
+        self.outcome
+            .as_ref()
+            .map_or_else(|_| Vec::new(), |c| c.added.iter().map(|id| &**id).collect())
+    }
+
+    /// Ids of this source's keys that the reload removed, sorted.
+    pub fn removed(&self) -> Vec<&str> {
+        self.outcome
+            .as_ref()
+            .map_or_else(|_| Vec::new(), |c| c.removed.iter().map(|id| &**id).collect())
+    }
+
+    /// Ids of this source's keys present before and after, sorted.
+    pub fn kept(&self) -> Vec<&str> {
+        self.outcome
+            .as_ref()
+            .map_or_else(|_| Vec::new(), |c| c.kept.iter().map(|id| &**id).collect())
+    }
+}
+
+impl fmt::Debug for ReloadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("ReloadReport");
+        d.field("source", &self.source).field("at", &self.at);
+        match &self.outcome {
+            Ok(c) => d
+                .field("version", &c.version)
+                .field("added", &c.added)
+                .field("removed", &c.removed)
+                .field("kept", &c.kept.len()),
+            Err(e) => d.field("error", &format_args!("{e}")),
+        };
+        d.finish()
+    }
+}
+
+/// How much one key has been used: from [`KeyStore::usage`](crate::KeyStore::usage).
+#[derive(Clone, Debug)]
+pub struct KeyUsage {
+    key: KeyInfo,
+    requests: u64,
+    last_used: Option<SystemTime>,
+}
+
+impl KeyUsage {
+    pub(crate) fn new(key: KeyInfo, requests: u64, last_used: Option<SystemTime>) -> Self {
+        Self {
+            key,
+            requests,
+            last_used,
+        }
+    }
+
+    /// The key.
+    pub fn key(&self) -> &KeyInfo {
+        &self.key
+    }
+
+    /// Requests let in with this key since it was first loaded (counts carry over
+    /// reloads that keep its id).
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// When the key last let a request in, to the second; `None` if never.
+    pub fn last_used(&self) -> Option<SystemTime> {
+        self.last_used
+    }
+}

@@ -1,0 +1,135 @@
+use std::{
+    fmt,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderMap, Request, Response, header::CONTENT_TYPE};
+use tower_service::Service;
+
+use crate::{
+    ApiKeyLayer, DefaultRejection, KeyInfo, KeyStore, Rejection, RejectionResponse, ResponseFuture,
+    extract, layer::Config,
+};
+
+/// Middleware that lets a request through only with a valid API key.
+///
+/// Built by [`ApiKeyLayer`]. On success the key's [`KeyInfo`] is inserted into the
+/// request extensions and the inner service is called. Otherwise the request is
+/// answered at once, without calling the inner service, with an `Ok` response: 401 or
+/// 403 with a `WWW-Authenticate` challenge for HTTP, `UNAUTHENTICATED` or
+/// `PERMISSION_DENIED` for gRPC. The [`Rejection`] is in its extensions.
+pub struct ApiKeyService<S, R = DefaultRejection> {
+    inner: S,
+    store: KeyStore,
+    config: Arc<Config>,
+    on_rejection: R,
+}
+
+impl<S, R> ApiKeyService<S, R> {
+    pub(crate) fn new(inner: S, store: KeyStore, config: Arc<Config>, on_rejection: R) -> Self {
+        Self {
+            inner,
+            store,
+            config,
+            on_rejection,
+        }
+    }
+
+    /// Returns a new [`Layer`](tower_layer::Layer) over `store`: the same as
+    /// [`ApiKeyLayer::from_store`].
+    pub fn layer(store: KeyStore) -> ApiKeyLayer {
+        ApiKeyLayer::from_store(store)
+    }
+
+    /// The store this service checks keys against.
+    pub fn store(&self) -> &KeyStore {
+        &self.store
+    }
+
+    /// Gets a reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Gets a mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    #[inline]
+    fn authenticate(&self, headers: &HeaderMap) -> Result<KeyInfo, Rejection> {
+        let key = extract::presented_key(headers, &self.config.locations)?;
+        self.store.check(key, self.config.required_scope.as_ref())
+    }
+}
+
+impl<S, R, ReqBody, ResBody> Service<Request<ReqBody>> for ApiKeyService<S, R>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Default,
+    R: RejectionResponse<ResBody>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        match self.authenticate(req.headers()) {
+            Ok(key) => {
+                if self.config.hide_credentials {
+                    extract::strip(req.headers_mut(), &self.config.locations);
+                }
+                req.extensions_mut().insert(key);
+                ResponseFuture::inner(self.inner.call(req))
+            }
+            Err(rejection) => {
+                crate::log::refused(&rejection);
+                let mut res = if is_grpc(req.headers()) {
+                    rejection.grpc_response()
+                } else {
+                    self.on_rejection.response(&rejection)
+                };
+                res.extensions_mut().insert(rejection);
+                ResponseFuture::rejected(Ok(res))
+            }
+        }
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+}
+
+impl<S: Clone, R: Clone> Clone for ApiKeyService<S, R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            store: self.store.clone(),
+            config: self.config.clone(),
+            on_rejection: self.on_rejection.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, R> fmt::Debug for ApiKeyService<S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyService")
+            .field("inner", &self.inner)
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,455 @@
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Deserialize;
+use toml::{Spanned, value::Datetime};
+use zeroize::Zeroizing;
+
+use super::watch::{self, Options};
+use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, key::KeyDigest};
+
+/// A [`KeySource`] that reads a TOML key file and reloads it whenever it changes,
+/// with no restart.
+///
+/// # The key file
+///
+/// ```toml
+/// [[keys]]
+/// id = "billing-prod-2026-11"   # required, unique, not secret: appears in logs
+/// secret = "…"                   # the key itself, or instead:
+/// # sha256 = "<64 hex digits>"   # its SHA-256, so the file holds no secret
+/// scopes = ["read", "admin"]     # optional
+/// tenant = "team-a"              # optional
+/// owner = "billing@example.com"  # optional, free text
+/// description = "…"              # optional, free text
+/// not_before = 2026-11-01T00:00:00Z   # optional: refused before this instant
+/// expires_at = 2026-12-01T00:00:00Z   # optional: refused from this instant on
+/// disabled = false               # optional: refused, but kept for the record
+/// ```
+///
+/// A file is refused as a whole, naming the file, the line and the key id (never a
+/// secret), for: bad TOML, an unknown field, a missing, empty or duplicate `id`, both
+/// or neither of `secret` and `sha256`, a malformed hash, the same key under two ids,
+/// a datetime without a UTC offset. `keys = []` (or no `[[keys]]` at all) is valid
+/// and lets nobody in.
+///
+/// # Reloading
+///
+/// The file's directory is watched (inotify and the like), with a debounce, and the
+/// file is also polled as a safety net for file systems that send no events. Every
+/// way a file really gets replaced is picked up: written in place, written elsewhere
+/// and renamed over (editors, `mv`), deleted and created again, and Kubernetes
+/// ConfigMap and Secret volumes (a symlink through `..data`, swapped atomically).
+/// A reload happens only when the content changed.
+///
+/// - A file that fails validation is not applied: the last good keys stay, the error
+///   is logged at `warn` and readable from
+///   [`KeyStore::last_reload`](crate::KeyStore::last_reload).
+/// - An empty (zero-byte) file is a write in progress, and is ignored.
+/// - A file that disappears leaves the last good keys in place until it returns.
+///
+/// Watching runs on its own thread (no async runtime needed) and stops once the store
+/// is dropped.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_api_key::{ApiKeyLayer, FileSource};
+///
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("keys.toml");
+/// std::fs::write(&path, r#"
+/// [[keys]]
+/// id = "ci"
+/// sha256 = "4e738ca5563c06cfd0018299933d58db1dd8bf97f6973dc99bf6cdc64b5550bd"
+/// "#)?;
+///
+/// let layer = ApiKeyLayer::try_new(
+///     FileSource::new(&path).with_poll_interval(Duration::from_secs(30)),
+/// )?;
+/// assert_eq!(layer.store().len(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct FileSource {
+    path: PathBuf,
+    options: Options,
+    loaded: Option<[u8; 32]>,
+}
+
+impl FileSource {
+    /// Reads keys from the TOML file at `path`, and reloads it on change.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            options: Options::default(),
+            loaded: None,
+        }
+    }
+
+    /// How often the file is re-read even without a change event (default 5 s). This
+    /// bounds how late a change is seen where the file system sends no events.
+    ///
+    /// # Panics
+    ///
+    /// If `interval` is zero.
+    #[must_use]
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        assert!(!interval.is_zero(), "poll interval must not be zero");
+        self.options.poll = interval;
+        self
+    }
+
+    /// How long to wait after a change event for the burst to settle before reading
+    /// (default 20 ms).
+    #[must_use]
+    pub fn with_debounce(mut self, debounce: Duration) -> Self {
+        self.options.debounce = debounce;
+        self
+    }
+
+    /// Whether to watch the file system for change events (default `true`). Without
+    /// them, only polling sees changes.
+    #[must_use]
+    pub fn with_file_events(mut self, enabled: bool) -> Self {
+        self.options.events = enabled;
+        self
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Parses key-file content; `path` is only used in errors.
+    ///
+    /// # Errors
+    ///
+    /// See [the key file](FileSource#the-key-file) for what is refused.
+    pub fn parse(path: &Path, content: &[u8]) -> Result<KeySet, Error> {
+        parse(content).map_err(|(error, offset)| {
+            let line = offset.map(|at| line_of(content, at));
+            error.in_file(path, line)
+        })
+    }
+}
+
+impl KeySource for FileSource {
+    fn name(&self) -> String {
+        format!("file:{}", self.path.display())
+    }
+
+    fn load(&mut self) -> Result<KeySet, Error> {
+        let bytes =
+            Zeroizing::new(std::fs::read(&self.path).map_err(|e| Error::io(&self.path, e))?);
+        if bytes.is_empty() {
+            return Err(Error::Parse {
+                reason:
+                    "the file is empty (a write in progress?); it must at least say `keys = []`"
+                        .into(),
+            }
+            .in_file(&self.path, None));
+        }
+        let set = Self::parse(&self.path, &bytes)?;
+        self.loaded = Some(watch::content_hash(&bytes));
+        Ok(set)
+    }
+
+    fn watch(self: Box<Self>, updater: KeyUpdater) {
+        watch::spawn_with(
+            self.path,
+            self.options,
+            Box::new(|path: &Path, bytes: &[u8]| Self::parse(path, bytes)),
+            updater,
+            self.loaded,
+        );
+    }
+}
+
+impl fmt::Debug for FileSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileSource")
+            .field("path", &self.path)
+            .field("poll_interval", &self.options.poll)
+            .field("debounce", &self.options.debounce)
+            .field("file_events", &self.options.events)
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    #[serde(default)]
+    keys: Vec<Spanned<KeyEntry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    id: Spanned<String>,
+    secret: Option<Zeroizing<String>>,
+    sha256: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    tenant: Option<String>,
+    owner: Option<String>,
+    description: Option<String>,
+    not_before: Option<Spanned<Datetime>>,
+    expires_at: Option<Spanned<Datetime>>,
+    #[serde(default)]
+    disabled: bool,
+}
+
+/// Parses a key file; on error, the byte offset it points at, where known.
+fn parse(content: &[u8]) -> Result<KeySet, (Error, Option<usize>)> {
+    let text = std::str::from_utf8(content).map_err(|e| {
+        let reason = "the file is not valid UTF-8".to_owned();
+        (Error::Parse { reason }, Some(e.valid_up_to()))
+    })?;
+    let file: KeyFile = toml::from_str(text).map_err(|e| {
+        // Only the message: `Display` would quote the offending line, which may hold a
+        // secret.
+        let reason = e.message().trim_end().to_owned();
+        (Error::Parse { reason }, e.span().map(|s| s.start))
+    })?;
+    let mut set = KeySet::with_capacity(file.keys.len());
+    for entry in file.keys {
+        let at = entry.span().start;
+        let entry = entry.into_inner();
+        let key = entry.into_key().map_err(|e| (e, Some(at)))?;
+        set.insert(key).map_err(|e| (e, Some(at)))?;
+    }
+    Ok(set)
+}
+
+impl KeyEntry {
+    fn into_key(self) -> Result<ApiKey, Error> {
+        let id = self.id.into_inner();
+        let digest = match (&self.secret, &self.sha256) {
+            (Some(secret), None) if secret.is_empty() => {
+                return Err(Error::invalid(Some(&id), "`secret` must not be empty"));
+            }
+            (Some(secret), None) => KeyDigest::of(secret.as_bytes()),
+            (None, Some(hex)) => KeyDigest::from_hex(hex.trim()).ok_or_else(|| {
+                Error::invalid(Some(&id), "`sha256` must be 64 hexadecimal digits")
+            })?,
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    Some(&id),
+                    "both `secret` and `sha256` are set; give exactly one",
+                ));
+            }
+            (None, None) => {
+                return Err(Error::invalid(
+                    Some(&id),
+                    "neither `secret` nor `sha256` is set; give exactly one",
+                ));
+            }
+        };
+        let mut key = ApiKey::from_digest(id.as_str().into(), digest)
+            .with_scopes(self.scopes)
+            .with_disabled(self.disabled);
+        if let Some(tenant) = self.tenant {
+            key = key.with_tenant(tenant);
+        }
+        if let Some(owner) = self.owner {
+            key = key.with_owner(owner);
+        }
+        if let Some(description) = self.description {
+            key = key.with_description(description);
+        }
+        if let Some(at) = self.not_before {
+            key = key.with_not_before(instant(&id, "not_before", at.get_ref())?);
+        }
+        if let Some(at) = self.expires_at {
+            key = key.with_expires_at(instant(&id, "expires_at", at.get_ref())?);
+        }
+        Ok(key)
+    }
+}
+
+/// Converts a TOML offset datetime to a `SystemTime`.
+fn instant(id: &str, field: &str, dt: &Datetime) -> Result<SystemTime, Error> {
+    use toml::value::Offset;
+    let (Some(date), Some(time), Some(offset)) = (dt.date, dt.time, dt.offset) else {
+        return Err(Error::invalid(
+            Some(id),
+            format!("`{field}` needs a date, a time and a UTC offset, e.g. 2026-12-01T00:00:00Z"),
+        ));
+    };
+    let days = days_from_civil(i64::from(date.year), date.month.into(), date.day.into());
+    let offset_minutes = match offset {
+        Offset::Z => 0,
+        Offset::Custom { minutes } => i64::from(minutes),
+    };
+    let secs = days * 86_400
+        + i64::from(time.hour) * 3_600
+        + i64::from(time.minute) * 60
+        + i64::from(time.second.unwrap_or(0))
+        - offset_minutes * 60;
+    let since_epoch = Duration::new(secs.unsigned_abs(), time.nanosecond.unwrap_or(0));
+    let at = if secs >= 0 {
+        UNIX_EPOCH.checked_add(since_epoch)
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
+    };
+    at.ok_or_else(|| Error::invalid(Some(id), format!("`{field}` is out of range")))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn line_of(content: &[u8], offset: usize) -> usize {
+    let offset = offset.min(content.len());
+    content[..offset].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(content: &str) -> String {
+        FileSource::parse(Path::new("keys.toml"), content.as_bytes())
+            .unwrap_err()
+            .to_string()
+    }
+
+    const HASH: &str = "4e738ca5563c06cfd0018299933d58db1dd8bf97f6973dc99bf6cdc64b5550bd";
+
+    #[test]
+    fn parses_every_field() {
+        let set = FileSource::parse(
+            Path::new("k.toml"),
+            format!(
+                r#"
+[[keys]]
+id = "a"
+secret = "s3cr3t-a"
+scopes = ["read", "admin"]
+tenant = "team-a"
+owner = "ops"
+description = "first"
+not_before = 2026-11-01T00:00:00Z
+expires_at = 2026-12-01T01:00:00+01:00
+disabled = true
+
+[[keys]]
+id = "b"
+sha256 = "{HASH}"
+"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let a = set.get("a").unwrap();
+        assert_eq!(&*a.attrs.scopes, [Arc::from("read"), Arc::from("admin")]);
+        assert_eq!(a.attrs.tenant.as_deref(), Some("team-a"));
+        assert!(a.attrs.disabled);
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(secs(a.attrs.not_before.unwrap()), 1_793_491_200);
+        assert_eq!(secs(a.attrs.expires_at.unwrap()), 1_796_083_200);
+        assert_eq!(set.get("b").unwrap().digest, KeyDigest::of(b"s3cr3t"));
+    }
+
+    use std::sync::Arc;
+
+    #[test]
+    fn empty_lists_are_valid() {
+        for content in ["keys = []", "# nothing yet\n"] {
+            assert!(
+                FileSource::parse(Path::new("k"), content.as_bytes())
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_name_file_line_and_id_but_no_secret() {
+        let cases = [
+            ("[[keys]\nid = 'a'", "keys.toml:1:"),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'p4ss'\nsecrett = 'x'",
+                "unknown field `secrett`",
+            ),
+            ("[[keys]]\nsecret = 'p4ss'", "missing field `id`"),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'p4ss'\n[[keys]]\nid = 'a'\nsecret = 'other'",
+                "keys.toml:4: duplicate key id `a`",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'p4ss'\nsha256 = 'ab'",
+                "keys.toml:1: key `a`: both `secret` and `sha256`",
+            ),
+            (
+                "[[keys]]\nid = 'a'",
+                "key `a`: neither `secret` nor `sha256`",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsha256 = 'xyz'",
+                "key `a`: `sha256` must be 64 hexadecimal digits",
+            ),
+            (
+                "\n[[keys]]\nid = 'a'\nsecret = 'p4ss'\n[[keys]]\nid = 'b'\nsecret = 'p4ss'",
+                "keys.toml:5: key `b` has the same secret as key `a`",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'p4ss'\nexpires_at = 2026-12-01T00:00:00",
+                "`expires_at` needs a date, a time and a UTC offset",
+            ),
+            (
+                "[[keys]]\nid = ''\nsecret = 'p4ss'",
+                "`id` must not be empty",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsecret = ''",
+                "`secret` must not be empty",
+            ),
+        ];
+        for (content, expected) in cases {
+            let message = err(content);
+            assert!(
+                message.contains(expected),
+                "{message:?} should contain {expected:?}"
+            );
+            assert!(!message.contains("p4ss"), "{message:?} leaks a secret");
+        }
+    }
+
+    #[test]
+    fn toml_errors_do_not_quote_the_line() {
+        let message = err("[[keys]]\nid = 'a'\nsecret = \"p4ss");
+        assert!(message.starts_with("keys.toml:3:"), "{message}");
+        assert!(!message.contains("p4ss"), "{message}");
+    }
+
+    #[test]
+    fn never_panics_on_arbitrary_bytes() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let alphabet = b"[]{}=\"'\n #keysidsecretsha256:-0123456789abcdefTZ.,\xff\x00";
+        for _ in 0..2_000 {
+            let len = (seed % 64) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    alphabet[(seed % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            let _ = FileSource::parse(Path::new("fuzz"), &bytes);
+        }
+    }
+}

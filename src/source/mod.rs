@@ -1,0 +1,110 @@
+//! Where keys come from.
+
+mod channel;
+mod env;
+#[cfg(feature = "file")]
+mod file;
+#[cfg(feature = "file")]
+mod watch;
+
+pub use channel::{ChannelSource, KeyPublisher};
+pub use env::EnvSource;
+#[cfg(feature = "file")]
+pub use file::FileSource;
+
+use crate::{ApiKey, Error, KeySet, KeyUpdater};
+
+/// A supplier of complete key sets: initially, and then whenever they change.
+///
+/// Implement it to feed keys from your own backend (Vault, a database, a control
+/// plane). The store calls [`load`](KeySource::load) once, synchronously, when the
+/// source is added, then hands the source a [`KeyUpdater`] through
+/// [`watch`](KeySource::watch), through which it publishes every later set.
+///
+/// A source always publishes a *complete* set (not a diff); the store swaps it in
+/// atomically and keeps usage counters for ids that stay.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_api_key::{ApiKey, ApiKeyLayer, Error, KeySet, KeySource, KeyUpdater};
+///
+/// /// Polls a (pretend) database every minute.
+/// struct DbSource;
+///
+/// fn fetch_keys() -> Result<KeySet, Error> {
+///     KeySet::from_keys([ApiKey::new("db-key", "from-the-database")])
+/// }
+///
+/// impl KeySource for DbSource {
+///     fn name(&self) -> String {
+///         "database".into()
+///     }
+///
+///     fn load(&mut self) -> Result<KeySet, Error> {
+///         fetch_keys()
+///     }
+///
+///     fn watch(self: Box<Self>, updater: KeyUpdater) {
+///         std::thread::spawn(move || {
+///             while !updater.is_closed() {
+///                 std::thread::sleep(Duration::from_secs(60));
+///                 match fetch_keys() {
+///                     Ok(set) => { let _ = updater.publish(set); }
+///                     Err(error) => { updater.reject(error); }
+///                 }
+///             }
+///         });
+///     }
+/// }
+///
+/// let layer = ApiKeyLayer::new(DbSource);
+/// assert_eq!(layer.store().get("db-key").unwrap().source(), "database");
+/// ```
+pub trait KeySource: Send + 'static {
+    /// A short name for logs, reload reports and [`KeyInfo::source`](crate::KeyInfo::source).
+    fn name(&self) -> String;
+
+    /// Loads the current complete key set. Called once, when the source is added to a
+    /// store; blocking here delays the layer's construction, by design, so the first
+    /// request sees the keys.
+    ///
+    /// # Errors
+    ///
+    /// Whatever keeps the source from producing a valid set; the store then refuses
+    /// every request until a later [`KeyUpdater::publish`].
+    fn load(&mut self) -> Result<KeySet, Error>;
+
+    /// Keeps the store up to date: publish each new complete set through `updater`, and
+    /// report failed attempts with [`KeyUpdater::reject`]. Stop once
+    /// [`KeyUpdater::is_closed`] (the store is gone).
+    ///
+    /// Called right after [`load`](KeySource::load), even if it failed, so a source can
+    /// recover. The default does nothing: a static source.
+    fn watch(self: Box<Self>, updater: KeyUpdater) {
+        let _ = updater;
+    }
+}
+
+/// A fixed set of keys.
+impl KeySource for KeySet {
+    fn name(&self) -> String {
+        "static".into()
+    }
+
+    fn load(&mut self) -> Result<KeySet, Error> {
+        Ok(self.clone())
+    }
+}
+
+/// A fixed list of keys, validated as a [`KeySet`] when loaded.
+impl KeySource for Vec<ApiKey> {
+    fn name(&self) -> String {
+        "static".into()
+    }
+
+    fn load(&mut self) -> Result<KeySet, Error> {
+        KeySet::from_keys(self.iter().cloned())
+    }
+}

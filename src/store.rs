@@ -1,0 +1,492 @@
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::{
+    Error, KeyInfo, KeySet, KeySource, Rejection, clock,
+    key::{DigestHasher, KeyDigest},
+    report::{KeyUsage, ReloadReport},
+};
+
+/// The shared, swappable set of keys that [`ApiKeyService`](crate::ApiKeyService) checks
+/// requests against.
+///
+/// Every request does one lock-free load of the current snapshot and one hash-map lookup
+/// by the SHA-256 digest of the presented key; a reload builds a complete new snapshot
+/// and swaps it in atomically, so a request sees the old set or the new one, never a mix.
+///
+/// A store is fed by one or more [`KeySource`]s. Cloning it is cheap and every clone
+/// shares the same keys. A store with no keys refuses every request: it never fails open.
+///
+/// # Example
+///
+/// ```
+/// use tower_api_key::{ApiKey, ApiKeyLayer, KeySet, KeyStore};
+///
+/// let store = KeyStore::new();
+/// assert_eq!((store.len(), store.version()), (0, 0));
+///
+/// store.add_source(KeySet::from_keys([ApiKey::new("ci", "s3cr3t")])?)?;
+/// assert_eq!((store.len(), store.version()), (1, 1));
+///
+/// let layer = ApiKeyLayer::from_store(store.clone());
+/// assert_eq!(layer.store().version(), 1);
+/// # Ok::<(), tower_api_key::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct KeyStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    current: ArcSwap<Snapshot>,
+    writer: Mutex<Writer>,
+    reloads: watch::Sender<Option<ReloadReport>>,
+}
+
+#[derive(Default)]
+struct Writer {
+    sources: Vec<Arc<str>>,
+}
+
+/// One immutable generation of the key set.
+#[derive(Default)]
+pub(crate) struct Snapshot {
+    version: u64,
+    map: HashMap<KeyDigest, Entry, DigestHasher>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    info: KeyInfo,
+    usage: Arc<Usage>,
+    source: usize,
+    /// Validity window in Unix milliseconds: `[valid_from, valid_until)`.
+    valid_from: u64,
+    valid_until: u64,
+    disabled: bool,
+}
+
+/// Per-key request count and last use, shared across reloads for ids that stay.
+#[derive(Default)]
+pub(crate) struct Usage {
+    requests: AtomicU64,
+    /// Unix seconds of the last use (coarse clock), 0 for never.
+    last_used: AtomicU64,
+}
+
+impl Usage {
+    #[inline]
+    fn touch(&self, now_ms: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms / 1000;
+        // Write the shared line only when the second changes, not on every request.
+        if self.last_used.load(Ordering::Relaxed) != now {
+            self.last_used.store(now, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Entry {
+    #[inline]
+    fn check(&self, now_ms: u64) -> Result<(), Rejection> {
+        if self.disabled {
+            return Err(Rejection::Disabled(self.info.clone()));
+        }
+        if self.valid_from != 0 || self.valid_until != u64::MAX {
+            // Trust the coarse clock only well inside the window.
+            let now = if now_ms >= self.valid_from.saturating_add(clock::MARGIN_MS)
+                && now_ms.saturating_add(clock::MARGIN_MS) < self.valid_until
+            {
+                now_ms
+            } else {
+                clock::exact_now_ms()
+            };
+            if now < self.valid_from {
+                return Err(Rejection::NotYetValid(self.info.clone()));
+            }
+            if now >= self.valid_until {
+                return Err(Rejection::Expired(self.info.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl KeyStore {
+    /// An empty store, fed by no source yet: it refuses every request.
+    #[must_use]
+    pub fn new() -> Self {
+        clock::start();
+        Self {
+            shared: Arc::new(Shared {
+                current: ArcSwap::from_pointee(Snapshot::default()),
+                writer: Mutex::new(Writer::default()),
+                reloads: watch::Sender::new(None),
+            }),
+        }
+    }
+
+    /// Attaches a source: loads its initial key set into the store, then lets it keep
+    /// the store up to date (see [`KeySource::watch`]).
+    ///
+    /// Returns after the initial load. Keys from several sources are merged; see
+    /// [`KeyUpdater::publish`] for how conflicts between them are handled.
+    ///
+    /// # Errors
+    ///
+    /// The source's initial load failed, or its keys clash with another source's. The
+    /// store keeps what it had (refusing everything if it had nothing), the failure is
+    /// recorded in [`KeyStore::last_reload`] and logged, and the source is still
+    /// watched, so a key file that is fixed later is picked up.
+    pub fn add_source<S: KeySource>(&self, mut source: S) -> Result<(), Error> {
+        let name: Arc<str> = source.name().into();
+        let index = {
+            let mut writer = self.shared.lock();
+            writer.sources.push(name.clone());
+            writer.sources.len() - 1
+        };
+        let updater = KeyUpdater {
+            shared: Arc::downgrade(&self.shared),
+            source: index,
+            name,
+        };
+        let result = match source.load() {
+            Ok(set) => updater.publish(set).map(drop),
+            Err(error) => Err(updater.record_failure(error)),
+        };
+        Box::new(source).watch(updater);
+        result
+    }
+
+    /// The number of keys currently loaded (over all sources).
+    pub fn len(&self) -> usize {
+        self.shared.current.load().map.len()
+    }
+
+    /// Whether no key is loaded, in which case every request is refused.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The version of the current key set: 0 before the first load, then one more at
+    /// every applied reload.
+    pub fn version(&self) -> u64 {
+        self.shared.current.load().version
+    }
+
+    /// The key with this id, if loaded.
+    pub fn get(&self, id: &str) -> Option<KeyInfo> {
+        let snapshot = self.shared.current.load();
+        snapshot
+            .map
+            .values()
+            .find(|e| e.info.id() == id)
+            .map(|e| e.info.clone())
+    }
+
+    /// Every loaded key, sorted by id.
+    pub fn keys(&self) -> Vec<KeyInfo> {
+        let mut keys: Vec<_> = self
+            .shared
+            .current
+            .load()
+            .map
+            .values()
+            .map(|e| e.info.clone())
+            .collect();
+        keys.sort_by(|a, b| a.id().cmp(b.id()));
+        keys
+    }
+
+    /// Request counts and last use of every loaded key, sorted by id: how an operator
+    /// sees that an old key has gone idle before revoking it.
+    ///
+    /// Counts survive reloads for ids that stay in the set.
+    pub fn usage(&self) -> Vec<KeyUsage> {
+        let mut usage: Vec<_> = self
+            .shared
+            .current
+            .load()
+            .map
+            .values()
+            .map(|e| {
+                let secs = e.usage.last_used.load(Ordering::Relaxed);
+                KeyUsage::new(
+                    e.info.clone(),
+                    e.usage.requests.load(Ordering::Relaxed),
+                    (secs != 0).then(|| clock::from_unix_ms(secs * 1000)),
+                )
+            })
+            .collect();
+        usage.sort_by(|a, b| a.key().id().cmp(b.key().id()));
+        usage
+    }
+
+    /// The outcome of the most recent reload attempt of any source, applied or refused.
+    pub fn last_reload(&self) -> Option<ReloadReport> {
+        self.shared.reloads.borrow().clone()
+    }
+
+    /// Subscribes to reload attempts, so a program (or a test) can wait for one instead
+    /// of sleeping.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_api_key::{ApiKey, ChannelSource, KeySet, KeyStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_api_key::Error> {
+    /// let (source, publisher) = ChannelSource::new(KeySet::new());
+    /// let store = KeyStore::new();
+    /// store.add_source(source)?;
+    /// let mut reloads = store.subscribe();
+    ///
+    /// publisher.publish(KeySet::from_keys([ApiKey::new("new", "k")])?)?;
+    /// let report = reloads.next().await.expect("store alive");
+    /// assert!(report.is_applied());
+    /// assert_eq!(report.added(), ["new"]);
+    /// # Ok(()) }
+    /// ```
+    pub fn subscribe(&self) -> Reloads {
+        let mut rx = self.shared.reloads.subscribe();
+        rx.mark_unchanged();
+        Reloads { rx }
+    }
+
+    /// Looks up a presented key: the request path. One load, one lookup, no lock.
+    #[inline]
+    pub(crate) fn check(
+        &self,
+        presented: &[u8],
+        required_scope: Option<&Arc<str>>,
+    ) -> Result<KeyInfo, Rejection> {
+        let digest = KeyDigest::of(presented);
+        let snapshot = self.shared.current.load();
+        let Some(entry) = snapshot.map.get(&digest) else {
+            return Err(Rejection::Unknown);
+        };
+        let now = clock::coarse_now_ms();
+        entry.check(now)?;
+        if let Some(scope) = required_scope
+            && !entry.info.has_scope(scope)
+        {
+            return Err(Rejection::InsufficientScope {
+                key: entry.info.clone(),
+                scope: scope.clone(),
+            });
+        }
+        entry.usage.touch(now);
+        Ok(entry.info.clone())
+    }
+}
+
+impl Default for KeyStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let snapshot = self.shared.current.load();
+        f.debug_struct("KeyStore")
+            .field("keys", &snapshot.map.len())
+            .field("version", &snapshot.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        // The writer's state stays consistent even if a publisher panicked mid-way:
+        // the snapshot is only ever replaced whole.
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn report(&self, report: ReloadReport) {
+        self.reloads.send_replace(Some(report));
+    }
+}
+
+/// Handle through which a [`KeySource`] publishes new key sets into its store.
+///
+/// It holds the store weakly: once every layer and store clone is gone,
+/// [`KeyUpdater::is_closed`] turns true and publishing returns [`Error::StoreClosed`],
+/// which tells a watching source to stop.
+#[derive(Clone)]
+pub struct KeyUpdater {
+    shared: Weak<Shared>,
+    source: usize,
+    name: Arc<str>,
+}
+
+impl KeyUpdater {
+    /// Replaces this source's keys with `set`, atomically, and returns what changed.
+    ///
+    /// The store serves the union of all its sources' keys. A set in which a key (or
+    /// a key id) is also claimed by another source is refused as a whole with
+    /// [`Error::Conflict`]; the store then keeps its previous keys.
+    ///
+    /// Every attempt, applied or refused, is recorded in [`KeyStore::last_reload`] and
+    /// sent to [`KeyStore::subscribe`]rs. An applied set is logged at `info` with the
+    /// ids added, removed and kept; a refused one at `warn` with the reason.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Conflict`], or [`Error::StoreClosed`] if the store is gone.
+    pub fn publish(&self, set: KeySet) -> Result<ReloadReport, Error> {
+        let shared = self.shared.upgrade().ok_or(Error::StoreClosed)?;
+        let writer = shared.lock();
+        let old = shared.current.load_full();
+        match self.merge(&old, &set, &writer) {
+            Ok(mut next) => {
+                next.version = old.version + 1;
+                let report = ReloadReport::applied(
+                    self.name.clone(),
+                    next.version,
+                    &old,
+                    &next,
+                    self.source,
+                );
+                shared.current.store(Arc::new(next));
+                drop(writer);
+                crate::log::applied(&report);
+                shared.report(report.clone());
+                Ok(report)
+            }
+            Err(error) => {
+                drop(writer);
+                Err(self.record_failure(error))
+            }
+        }
+    }
+
+    /// Records a failed reload attempt (a key file that does not parse, say) without
+    /// touching the keys: it is logged at `warn`, and readable from
+    /// [`KeyStore::last_reload`]. Returns the report.
+    pub fn reject(&self, error: Error) -> ReloadReport {
+        let report = ReloadReport::rejected(self.name.clone(), error);
+        crate::log::rejected(&report);
+        if let Some(shared) = self.shared.upgrade() {
+            shared.report(report.clone());
+        }
+        report
+    }
+
+    fn record_failure(&self, error: Error) -> Error {
+        self.reject(error.clone());
+        error
+    }
+
+    /// Whether the store is gone; a watching source should then stop.
+    pub fn is_closed(&self) -> bool {
+        self.shared.strong_count() == 0
+    }
+
+    /// The name of the source this updater publishes for.
+    pub fn source_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Builds the next snapshot: the other sources' entries, plus `set` as this
+    /// source's. Usage counters carry over by id.
+    fn merge(&self, old: &Snapshot, set: &KeySet, writer: &Writer) -> Result<Snapshot, Error> {
+        let others = old.map.len() - old.map.values().filter(|e| e.source == self.source).count();
+        let mut map =
+            HashMap::with_capacity_and_hasher(others + set.len(), DigestHasher::default());
+        let mut usage: HashMap<&str, &Arc<Usage>> = HashMap::with_capacity(old.map.len() - others);
+        let mut other_ids: HashMap<&str, usize> = HashMap::with_capacity(others);
+        for (digest, entry) in &old.map {
+            if entry.source == self.source {
+                usage.insert(entry.info.id(), &entry.usage);
+            } else {
+                other_ids.insert(entry.info.id(), entry.source);
+                map.insert(*digest, entry.clone());
+            }
+        }
+        for key in set {
+            let attrs = &key.attrs;
+            let clash = map
+                .get(&key.digest)
+                .map(|e: &Entry| (e.info.id().to_owned(), e.source))
+                .or_else(|| {
+                    other_ids
+                        .get(&*attrs.id)
+                        .map(|&s| (attrs.id.to_string(), s))
+                });
+            if let Some((other_id, other)) = clash {
+                return Err(Error::Conflict {
+                    id: attrs.id.to_string(),
+                    other_id,
+                    other_source: writer
+                        .sources
+                        .get(other)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                });
+            }
+            let entry = Entry {
+                info: KeyInfo::new(attrs.clone(), self.name.clone()),
+                usage: usage
+                    .get(&*attrs.id)
+                    .map_or_else(Arc::default, |u| Arc::clone(u)),
+                source: self.source,
+                valid_from: attrs.not_before.map_or(0, clock::to_unix_ms),
+                valid_until: attrs.expires_at.map_or(u64::MAX, clock::to_unix_ms),
+                disabled: attrs.disabled,
+            };
+            map.insert(key.digest, entry);
+        }
+        Ok(Snapshot { version: 0, map })
+    }
+}
+
+impl Snapshot {
+    /// The ids this source had in this snapshot.
+    pub(crate) fn ids_of(&self, source: usize) -> impl Iterator<Item = &Arc<str>> {
+        self.map
+            .values()
+            .filter(move |e| e.source == source)
+            .map(|e| &e.info.attrs().id)
+    }
+}
+
+impl fmt::Debug for KeyUpdater {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyUpdater")
+            .field("source", &self.name)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// A stream of reload attempts, from [`KeyStore::subscribe`].
+///
+/// It always yields the most recent attempt: a subscriber that falls behind skips
+/// intermediate ones rather than queueing them.
+#[derive(Debug)]
+pub struct Reloads {
+    rx: watch::Receiver<Option<ReloadReport>>,
+}
+
+impl Reloads {
+    /// Waits for the next reload attempt after the last one seen. Returns `None` once
+    /// the store is gone.
+    pub async fn next(&mut self) -> Option<ReloadReport> {
+        loop {
+            self.rx.changed().await.ok()?;
+            if let Some(report) = self.rx.borrow_and_update().clone() {
+                return Some(report);
+            }
+        }
+    }
+}

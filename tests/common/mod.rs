@@ -1,0 +1,84 @@
+//! Helpers shared by the integration tests: real servers on 127.0.0.1.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use axum::{Extension, Router, routing::get};
+use tokio::net::TcpListener;
+use tower_api_key::{ApiKeyLayer, KeyInfo, ReloadReport, Reloads};
+
+/// Serves `app` on an ephemeral 127.0.0.1 port until the test's runtime ends.
+pub async fn serve(app: Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// The app most tests use: `/` echoes the key id, `/admin` requires the `admin` scope,
+/// `/headers` echoes whether credential headers reached the handler.
+pub fn app(layer: ApiKeyLayer) -> Router {
+    let admin = Router::new()
+        .route("/admin", get(whoami))
+        .route_layer(layer.require_scope("admin"));
+    Router::new()
+        .route("/", get(whoami))
+        .route(
+            "/headers",
+            get(|headers: axum::http::HeaderMap| async move {
+                format!(
+                    "authorization={} x-api-key={}",
+                    headers.contains_key("authorization"),
+                    headers.contains_key("x-api-key")
+                )
+            }),
+        )
+        .route_layer(layer)
+        .merge(admin)
+}
+
+async fn whoami(Extension(key): Extension<KeyInfo>) -> String {
+    format!("{}@{}", key.id(), key.source())
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// GETs `path` with optional `x-api-key`, returning status and body.
+pub async fn get_with(addr: SocketAddr, path: &str, key: Option<&str>) -> (u16, String) {
+    let mut req = client().get(format!("http://{addr}{path}"));
+    if let Some(key) = key {
+        req = req.header("x-api-key", key);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.text().await.unwrap())
+}
+
+/// Waits (bounded) for the next reload attempt that satisfies `pred`.
+pub async fn reload_where(
+    reloads: &mut Reloads,
+    what: &str,
+    pred: impl Fn(&ReloadReport) -> bool,
+) -> ReloadReport {
+    within(Duration::from_secs(15), what, async {
+        loop {
+            let report = reloads.next().await.expect("store alive");
+            if pred(&report) {
+                return report;
+            }
+        }
+    })
+    .await
+}
+
+/// Runs `fut` with a deadline, failing the test with `what` if it passes.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for {what}"))
+}
