@@ -67,19 +67,43 @@ async fn usage(Extension(store): Extension<KeyStore>) -> Json<serde_json::Value>
 
 fn walkthrough(path: &str) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "listening on http://127.0.0.1:3000, keys from {path} (hot reload)\n");
+    let _ = writeln!(
+        s,
+        "listening on http://127.0.0.1:3000, keys from {path} (hot reload)\n"
+    );
     let _ = writeln!(s, "# 1. the current key works, a wrong one is refused:");
-    let _ = writeln!(s, "curl -i http://127.0.0.1:3000/ -H 'x-api-key: demo-key-2026-11'");
-    let _ = writeln!(s, "curl -i http://127.0.0.1:3000/ -H 'authorization: Bearer wrong'\n");
-    let _ = writeln!(s, "# 2. add the new key next to the old one (dual-key overlap):");
+    let _ = writeln!(
+        s,
+        "curl -i http://127.0.0.1:3000/ -H 'x-api-key: demo-key-2026-11'"
+    );
+    let _ = writeln!(
+        s,
+        "curl -i http://127.0.0.1:3000/ -H 'authorization: Bearer wrong'\n"
+    );
+    let _ = writeln!(
+        s,
+        "# 2. add the new key next to the old one (dual-key overlap):"
+    );
     let _ = writeln!(
         s,
         "printf '\\n[[keys]]\\nid = \"demo-2026-12\"\\nsecret = \"demo-key-2026-12\"\\n' >> {path}"
     );
-    let _ = writeln!(s, "curl -i http://127.0.0.1:3000/ -H 'x-api-key: demo-key-2026-12'\n");
+    let _ = writeln!(
+        s,
+        "curl -i http://127.0.0.1:3000/ -H 'x-api-key: demo-key-2026-12'\n"
+    );
     let _ = writeln!(s, "# 3. check the old key has gone idle, then revoke it:");
-    let _ = writeln!(s, "curl -s http://127.0.0.1:3000/admin/usage -H 'x-api-key: ops-admin-key'");
-    let _ = writeln!(s, "sed -i 's/^secret = \"demo-key-2026-11\"/disabled = true\\nsecret = \"demo-key-2026-11\"/' {path}");
-    let _ = writeln!(s, "curl -i http://127.0.0.1:3000/ -H 'x-api-key: demo-key-2026-11'");
+    let _ = writeln!(
+        s,
+        "curl -s http://127.0.0.1:3000/admin/usage -H 'x-api-key: ops-admin-key'"
+    );
+    let _ = writeln!(
+        s,
+        "sed -i 's/^secret = \"demo-key-2026-11\"/disabled = true\\nsecret = \"demo-key-2026-11\"/' {path}"
+    );
+    let _ = writeln!(
+        s,
+        "curl -i http://127.0.0.1:3000/ -H 'x-api-key: demo-key-2026-11'"
+    );
     s
 }

@@ -109,9 +109,10 @@ impl ReloadReport {
 
     /// Ids of this source's keys that the reload removed, sorted.
     pub fn removed(&self) -> Vec<&str> {
-        self.outcome
-            .as_ref()
-            .map_or_else(|_| Vec::new(), |c| c.removed.iter().map(|id| &**id).collect())
+        self.outcome.as_ref().map_or_else(
+            |_| Vec::new(),
+            |c| c.removed.iter().map(|id| &**id).collect(),
+        )
     }
 
     /// Ids of this source's keys present before and after, sorted.

@@ -18,7 +18,10 @@ fn keys() -> KeySet {
 #[tokio::test]
 async fn valid_key_passes_and_the_handler_sees_key_info() {
     let addr = serve(app(ApiKeyLayer::new(keys()))).await;
-    assert_eq!(get_with(addr, "/", Some("reader-key-1")).await, (200, "reader@static".into()));
+    assert_eq!(
+        get_with(addr, "/", Some("reader-key-1")).await,
+        (200, "reader@static".into())
+    );
 
     let res = client()
         .get(format!("http://{addr}/"))
@@ -40,7 +43,10 @@ async fn missing_wrong_and_conflicting_keys_get_401_with_a_challenge() {
             r#"Bearer realm="tests", error="invalid_token", error_description="invalid API key""#,
         ),
         (
-            &[("authorization", "Bearer reader-key-1"), ("x-api-key", "root-key-1")],
+            &[
+                ("authorization", "Bearer reader-key-1"),
+                ("x-api-key", "root-key-1"),
+            ],
             r#"Bearer realm="tests", error="invalid_request", error_description="more than one API key presented""#,
         ),
         (
@@ -70,9 +76,15 @@ async fn required_scope_is_403_insufficient_scope() {
         .unwrap();
     assert_eq!(res.status(), 403);
     let challenge = res.headers()["www-authenticate"].to_str().unwrap();
-    assert!(challenge.contains(r#"error="insufficient_scope""#), "{challenge}");
+    assert!(
+        challenge.contains(r#"error="insufficient_scope""#),
+        "{challenge}"
+    );
     assert!(challenge.contains(r#"scope="admin""#), "{challenge}");
-    assert_eq!(get_with(addr, "/admin", Some("root-key-1")).await, (200, "root@static".into()));
+    assert_eq!(
+        get_with(addr, "/admin", Some("root-key-1")).await,
+        (200, "root@static".into())
+    );
     assert_eq!(get_with(addr, "/admin", None).await.0, 401);
 }
 
@@ -89,9 +101,15 @@ async fn hidden_credentials_never_reach_the_handler() {
     let shown = serve(app(layer.clone())).await;
     let hidden = serve(app(layer.hide_credentials(true))).await;
     let (status, body) = get_with(shown, "/headers", Some("reader-key-1")).await;
-    assert_eq!((status, body.as_str()), (200, "authorization=false x-api-key=true"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "authorization=false x-api-key=true")
+    );
     let (status, body) = get_with(hidden, "/headers", Some("reader-key-1")).await;
-    assert_eq!((status, body.as_str()), (200, "authorization=false x-api-key=false"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "authorization=false x-api-key=false")
+    );
 }
 
 #[tokio::test]
@@ -110,45 +128,79 @@ async fn a_swap_while_serving_applies_to_the_next_request() {
     assert_eq!(report.removed(), ["reader", "root"]);
     assert_eq!(store.version(), 2);
 
-    assert_eq!(get_with(addr, "/", Some("new-key")).await, (200, "new@channel".into()));
+    assert_eq!(
+        get_with(addr, "/", Some("new-key")).await,
+        (200, "new@channel".into())
+    );
     assert_eq!(get_with(addr, "/", Some("reader-key-1")).await.0, 401);
 }
 
 #[tokio::test]
 async fn a_failed_initial_load_fails_closed() {
-    let layer = ApiKeyLayer::new(tower_api_key::EnvSource::new("TOWER_API_KEY_TEST_UNSET_VAR"));
+    let layer = ApiKeyLayer::new(tower_api_key::EnvSource::new(
+        "TOWER_API_KEY_TEST_UNSET_VAR",
+    ));
     assert!(layer.store().is_empty());
     let report = layer.store().last_reload().unwrap();
     assert!(!report.is_applied());
-    assert!(report.error().unwrap().to_string().contains("TOWER_API_KEY_TEST_UNSET_VAR"));
-    let addr = serve(Router::new().route("/", get(|| async { "open" })).layer(layer)).await;
+    assert!(
+        report
+            .error()
+            .unwrap()
+            .to_string()
+            .contains("TOWER_API_KEY_TEST_UNSET_VAR")
+    );
+    let addr = serve(
+        Router::new()
+            .route("/", get(|| async { "open" }))
+            .layer(layer),
+    )
+    .await;
     assert_eq!(get_with(addr, "/", None).await.0, 401);
     assert_eq!(get_with(addr, "/", Some("anything")).await.0, 401);
 
-    assert!(ApiKeyLayer::try_new(tower_api_key::EnvSource::new("TOWER_API_KEY_TEST_UNSET_VAR")).is_err());
+    assert!(
+        ApiKeyLayer::try_new(tower_api_key::EnvSource::new(
+            "TOWER_API_KEY_TEST_UNSET_VAR"
+        ))
+        .is_err()
+    );
 }
 
 #[tokio::test]
 async fn keys_from_several_sources_are_merged_and_conflicts_refused() {
     let store = tower_api_key::KeyStore::new();
     store.add_source(keys()).unwrap();
-    let (channel, publisher) = ChannelSource::new(KeySet::from_keys([ApiKey::new("break-glass", "bg-key")]).unwrap());
+    let (channel, publisher) =
+        ChannelSource::new(KeySet::from_keys([ApiKey::new("break-glass", "bg-key")]).unwrap());
     store.add_source(channel).unwrap();
     assert_eq!(store.len(), 3);
     let addr = serve(app(ApiKeyLayer::from_store(store.clone()))).await;
-    assert_eq!(get_with(addr, "/", Some("bg-key")).await, (200, "break-glass@channel".into()));
-    assert_eq!(get_with(addr, "/", Some("reader-key-1")).await, (200, "reader@static".into()));
+    assert_eq!(
+        get_with(addr, "/", Some("bg-key")).await,
+        (200, "break-glass@channel".into())
+    );
+    assert_eq!(
+        get_with(addr, "/", Some("reader-key-1")).await,
+        (200, "reader@static".into())
+    );
 
     // The same secret as another source's key, under another id: refused, nothing lost.
     let err = publisher
         .publish(KeySet::from_keys([ApiKey::new("sneaky", "reader-key-1")]).unwrap())
         .unwrap_err();
-    assert_eq!(err.to_string(), "key `sneaky` has the same secret as key `reader` from source `static`");
+    assert_eq!(
+        err.to_string(),
+        "key `sneaky` has the same secret as key `reader` from source `static`"
+    );
     // An id another source defines: refused too.
     let err = publisher
         .publish(KeySet::from_keys([ApiKey::new("root", "other")]).unwrap())
         .unwrap_err();
-    assert_eq!(err.to_string(), "key id `root` is already defined by source `static`");
+    assert_eq!(
+        err.to_string(),
+        "key id `root` is already defined by source `static`"
+    );
     assert_eq!(store.len(), 3);
     assert!(!store.last_reload().unwrap().is_applied());
     assert_eq!(get_with(addr, "/", Some("bg-key")).await.0, 200);

@@ -78,7 +78,13 @@ async fn check(addr: SocketAddr, metadata: &[(&'static str, &str)]) -> Result<St
             .insert(*name, MetadataValue::try_from(*value).unwrap());
     }
     match client.check(request).await {
-        Ok(response) => Ok(response.metadata().get("x-key-id").unwrap().to_str().unwrap().to_owned()),
+        Ok(response) => Ok(response
+            .metadata()
+            .get("x-key-id")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()),
         Err(status) => Err(status.code()),
     }
 }
@@ -94,7 +100,10 @@ fn keys() -> KeySet {
 #[tokio::test]
 async fn valid_keys_reach_the_handler_with_key_info() {
     let addr = serve(ApiKeyLayer::new(keys())).await;
-    assert_eq!(check(addr, &[("x-api-key", "grpc-key-1")]).await, Ok("grpc-reader".into()));
+    assert_eq!(
+        check(addr, &[("x-api-key", "grpc-key-1")]).await,
+        Ok("grpc-reader".into())
+    );
     assert_eq!(
         check(addr, &[("authorization", "Bearer grpc-key-2")]).await,
         Ok("grpc-admin".into())
@@ -105,9 +114,19 @@ async fn valid_keys_reach_the_handler_with_key_info() {
 async fn refusals_are_unauthenticated_not_a_mapped_http_status() {
     let addr = serve(ApiKeyLayer::new(keys())).await;
     assert_eq!(check(addr, &[]).await, Err(Code::Unauthenticated));
-    assert_eq!(check(addr, &[("x-api-key", "wrong")]).await, Err(Code::Unauthenticated));
     assert_eq!(
-        check(addr, &[("x-api-key", "grpc-key-1"), ("authorization", "Bearer grpc-key-2")]).await,
+        check(addr, &[("x-api-key", "wrong")]).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(
+        check(
+            addr,
+            &[
+                ("x-api-key", "grpc-key-1"),
+                ("authorization", "Bearer grpc-key-2")
+            ]
+        )
+        .await,
         Err(Code::Unauthenticated)
     );
 }
@@ -115,8 +134,14 @@ async fn refusals_are_unauthenticated_not_a_mapped_http_status() {
 #[tokio::test]
 async fn missing_scope_is_permission_denied() {
     let addr = serve(ApiKeyLayer::new(keys()).require_scope("admin")).await;
-    assert_eq!(check(addr, &[("x-api-key", "grpc-key-1")]).await, Err(Code::PermissionDenied));
-    assert_eq!(check(addr, &[("x-api-key", "grpc-key-2")]).await, Ok("grpc-admin".into()));
+    assert_eq!(
+        check(addr, &[("x-api-key", "grpc-key-1")]).await,
+        Err(Code::PermissionDenied)
+    );
+    assert_eq!(
+        check(addr, &[("x-api-key", "grpc-key-2")]).await,
+        Ok("grpc-admin".into())
+    );
 }
 
 #[tokio::test]
@@ -144,13 +169,22 @@ async fn one_layer_guards_axum_and_tonic_and_a_swap_reaches_both() {
             .as_u16()
     };
     assert_eq!(http_status("grpc-key-1").await, 200);
-    assert_eq!(check(grpc, &[("x-api-key", "grpc-key-1")]).await, Ok("grpc-reader".into()));
+    assert_eq!(
+        check(grpc, &[("x-api-key", "grpc-key-1")]).await,
+        Ok("grpc-reader".into())
+    );
 
     publisher
         .publish(KeySet::from_keys([ApiKey::new("rotated", "grpc-key-3")]).unwrap())
         .unwrap();
     assert_eq!(http_status("grpc-key-1").await, 401);
     assert_eq!(http_status("grpc-key-3").await, 200);
-    assert_eq!(check(grpc, &[("x-api-key", "grpc-key-1")]).await, Err(Code::Unauthenticated));
-    assert_eq!(check(grpc, &[("x-api-key", "grpc-key-3")]).await, Ok("rotated".into()));
+    assert_eq!(
+        check(grpc, &[("x-api-key", "grpc-key-1")]).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(
+        check(grpc, &[("x-api-key", "grpc-key-3")]).await,
+        Ok("rotated".into())
+    );
 }
