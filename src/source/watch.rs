@@ -49,6 +49,7 @@ pub(crate) fn spawn_with(
     loaded: Option<[u8; 32]>,
 ) {
     let name = updater.source_name().to_owned();
+    let (tx, rx) = mpsc::channel();
     let mut watch = Watch {
         path,
         options,
@@ -56,10 +57,14 @@ pub(crate) fn spawn_with(
         updater,
         last_seen: loaded,
         last_error: None,
+        tx,
     };
+    // Watch before returning, so that a change made right after the source is added
+    // is not missed.
+    let watcher = options.events.then(|| watch.watcher()).flatten();
     let spawned = thread::Builder::new()
         .name("tower-api-key-watch".into())
-        .spawn(move || watch.run());
+        .spawn(move || watch.run(&rx, watcher));
     if let Err(error) = spawned {
         let error = Error::Source {
             source: name,
@@ -90,6 +95,8 @@ struct Watch {
     last_seen: Option<[u8; 32]>,
     /// The last read error reported, so a missing file is reported once, not per poll.
     last_error: Option<io::ErrorKind>,
+    /// Where the file-system watcher sends its signals.
+    tx: mpsc::Sender<Signal>,
 }
 
 enum Signal {
@@ -98,12 +105,10 @@ enum Signal {
 }
 
 impl Watch {
-    fn run(&mut self) {
-        let (tx, rx) = mpsc::channel();
-        let mut watcher = self.options.events.then(|| self.watcher(&tx)).flatten();
+    fn run(&mut self, rx: &mpsc::Receiver<Signal>, mut watcher: Option<RecommendedWatcher>) {
         loop {
             let signal = match rx.recv_timeout(self.options.poll) {
-                Ok(signal) => Some(self.settle(&rx, signal)),
+                Ok(signal) => Some(self.settle(rx, signal)),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
             };
             if self.updater.is_closed() {
@@ -114,7 +119,7 @@ impl Watch {
             if self.options.events
                 && (watcher.is_none() || matches!(signal, Some(Signal::WatcherFailed)))
             {
-                watcher = self.watcher(&tx);
+                watcher = self.watcher();
             }
             self.check();
         }
@@ -138,13 +143,13 @@ impl Watch {
     /// Watches the file's directory: renames over the file, Kubernetes `..data` swaps
     /// and delete-then-create all show up there, where a watch on the file would be
     /// lost with the old inode.
-    fn watcher(&self, tx: &mpsc::Sender<Signal>) -> Option<RecommendedWatcher> {
+    fn watcher(&self) -> Option<RecommendedWatcher> {
         let dir = match self.path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
             _ => PathBuf::from("."),
         };
         let file_name = self.path.file_name().map(ToOwned::to_owned);
-        let tx = tx.clone();
+        let tx = self.tx.clone();
         let handler = move |event: notify::Result<notify::Event>| {
             let signal = match event {
                 Ok(event) => {

@@ -1,0 +1,292 @@
+//! The TOML key file, rewritten the ways editors, `mv`, and Kubernetes volume updates
+//! rewrite it, under a real axum server on 127.0.0.1.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use common::{app, get_with, reload_where, serve};
+use tower_api_key::{ApiKeyLayer, FileSource, KeyStore, Reloads};
+
+/// A key file with one entry per `(id, secret)`.
+fn toml(keys: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (id, secret) in keys {
+        out.push_str(&format!(
+            "[[keys]]\nid = \"{id}\"\nsecret = \"{secret}\"\n\n"
+        ));
+    }
+    if keys.is_empty() {
+        out.push_str("keys = []\n");
+    }
+    out
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    path: PathBuf,
+    addr: SocketAddr,
+    store: KeyStore,
+    reloads: Reloads,
+}
+
+/// Serves keys from a file in a fresh directory. With `events`, the poll interval is a
+/// minute, so only file-system events can explain a prompt reload.
+async fn fixture(events: bool, layout: impl FnOnce(&Path) -> PathBuf) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = layout(dir.path());
+    let source = FileSource::new(&path)
+        .with_file_events(events)
+        .with_poll_interval(if events {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_millis(100)
+        });
+    let layer = ApiKeyLayer::try_new(source).unwrap();
+    let store = layer.store().clone();
+    let reloads = store.subscribe();
+    let addr = serve(app(layer)).await;
+    Fixture {
+        dir: dir.path().to_owned(),
+        _dir: dir,
+        path,
+        addr,
+        store,
+        reloads,
+    }
+}
+
+fn plain_file(dir: &Path) -> PathBuf {
+    let path = dir.join("keys.toml");
+    fs::write(&path, toml(&[("old", "old-key")])).unwrap();
+    path
+}
+
+impl Fixture {
+    async fn status(&self, key: &str) -> u16 {
+        get_with(self.addr, "/", Some(key)).await.0
+    }
+
+    async fn applied(&mut self, what: &str) -> tower_api_key::ReloadReport {
+        reload_where(&mut self.reloads, what, |r| r.is_applied()).await
+    }
+
+    async fn refused(&mut self, what: &str) -> tower_api_key::ReloadReport {
+        reload_where(&mut self.reloads, what, |r| !r.is_applied()).await
+    }
+}
+
+#[tokio::test]
+async fn written_in_place() {
+    let mut f = fixture(true, plain_file).await;
+    assert_eq!(f.status("old-key").await, 200);
+    fs::write(&f.path, toml(&[("old", "old-key"), ("new", "new-key")])).unwrap();
+    let report = f.applied("in-place write").await;
+    assert_eq!((report.added(), report.kept()), (vec!["new"], vec!["old"]));
+    assert_eq!(f.status("new-key").await, 200);
+    assert_eq!(f.status("old-key").await, 200);
+}
+
+#[tokio::test]
+async fn written_elsewhere_and_renamed_over() {
+    let mut f = fixture(true, plain_file).await;
+    let tmp = f.dir.join(".keys.toml.swp");
+    fs::write(&tmp, toml(&[("new", "new-key")])).unwrap();
+    fs::rename(&tmp, &f.path).unwrap();
+    let report = f.applied("rename over the file").await;
+    assert_eq!(
+        (report.added(), report.removed()),
+        (vec!["new"], vec!["old"])
+    );
+    assert_eq!(f.status("new-key").await, 200);
+    assert_eq!(f.status("old-key").await, 401);
+}
+
+#[tokio::test]
+async fn deleted_and_created_again() {
+    let mut f = fixture(true, plain_file).await;
+    fs::remove_file(&f.path).unwrap();
+    let report = f.refused("the file to disappear").await;
+    assert!(
+        report.error().unwrap().to_string().contains("keys.toml"),
+        "{report:?}"
+    );
+    // Gone, but the last good keys stay in force.
+    assert_eq!(f.status("old-key").await, 200);
+    fs::write(&f.path, toml(&[("new", "new-key")])).unwrap();
+    f.applied("the file to come back").await;
+    assert_eq!(f.status("new-key").await, 200);
+    assert_eq!(f.status("old-key").await, 401);
+}
+
+#[tokio::test]
+async fn removed_and_restored_unchanged_is_applied_again() {
+    let mut f = fixture(true, plain_file).await;
+    let content = fs::read(&f.path).unwrap();
+    fs::remove_file(&f.path).unwrap();
+    f.refused("the file to disappear").await;
+    assert_eq!(f.status("old-key").await, 200);
+    fs::write(&f.path, content).unwrap();
+    let report = f.applied("the same file to come back").await;
+    assert_eq!(report.kept(), ["old"]);
+    assert_eq!(f.status("old-key").await, 200);
+}
+
+/// A Kubernetes ConfigMap or Secret volume: `keys.toml -> ..data/keys.toml`, with
+/// `..data` a symlink to a timestamped directory that is swapped atomically.
+#[cfg(unix)]
+#[tokio::test]
+async fn kubernetes_volume_data_symlink_swap() {
+    use std::os::unix::fs::symlink;
+    let mut f = fixture(true, |dir| {
+        let v1 = dir.join("..2026_11_25_10_00_00.000000001");
+        fs::create_dir(&v1).unwrap();
+        fs::write(v1.join("keys.toml"), toml(&[("old", "old-key")])).unwrap();
+        symlink("..2026_11_25_10_00_00.000000001", dir.join("..data")).unwrap();
+        symlink("..data/keys.toml", dir.join("keys.toml")).unwrap();
+        dir.join("keys.toml")
+    })
+    .await;
+    assert_eq!(f.status("old-key").await, 200);
+
+    // What the kubelet does: write a new timestamped dir, point ..data_tmp at it,
+    // rename ..data_tmp over ..data, then remove the old dir.
+    let v2 = f.dir.join("..2026_11_25_10_05_00.000000002");
+    fs::create_dir(&v2).unwrap();
+    fs::write(
+        v2.join("keys.toml"),
+        toml(&[("old", "old-key"), ("new", "new-key")]),
+    )
+    .unwrap();
+    symlink("..2026_11_25_10_05_00.000000002", f.dir.join("..data_tmp")).unwrap();
+    fs::rename(f.dir.join("..data_tmp"), f.dir.join("..data")).unwrap();
+    fs::remove_dir_all(f.dir.join("..2026_11_25_10_00_00.000000001")).unwrap();
+
+    let report = f.applied("the ..data swap").await;
+    assert_eq!(report.added(), ["new"]);
+    assert_eq!(f.status("new-key").await, 200);
+}
+
+#[tokio::test]
+async fn an_invalid_file_is_kept_out_and_says_why() {
+    let mut f = fixture(true, plain_file).await;
+    let version = f.store.version();
+    fs::write(
+        &f.path,
+        "[[keys]]\nid = \"new\"\nsecret = \"new-key\"\n\n[[keys]]\nid = \"new\"\nsecret = \"other-key\"\n",
+    )
+    .unwrap();
+    let report = f.refused("the invalid file").await;
+    let message = report.error().unwrap().to_string();
+    assert!(
+        message.ends_with("keys.toml:5: duplicate key id `new`"),
+        "{message}"
+    );
+    assert!(!message.contains("other-key"));
+    assert_eq!(f.store.version(), version);
+    assert_eq!(f.status("old-key").await, 200);
+    assert_eq!(f.status("new-key").await, 401);
+    // Fixing the file applies it.
+    fs::write(&f.path, toml(&[("new", "new-key")])).unwrap();
+    f.applied("the fixed file").await;
+    assert_eq!(f.status("new-key").await, 200);
+}
+
+#[tokio::test]
+async fn a_zero_byte_file_is_a_write_in_progress() {
+    let mut f = fixture(false, plain_file).await;
+    let before = f.store.last_reload().unwrap();
+    fs::write(&f.path, "").unwrap();
+    // Several poll periods: nothing may happen.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = f.store.last_reload().unwrap();
+    assert!(after.is_applied());
+    assert_eq!(
+        after.at(),
+        before.at(),
+        "an empty file must not count as a reload"
+    );
+    assert_eq!(f.status("old-key").await, 200);
+    fs::write(&f.path, toml(&[("new", "new-key")])).unwrap();
+    f.applied("the content after the truncation").await;
+    assert_eq!(f.status("new-key").await, 200);
+}
+
+#[tokio::test]
+async fn an_empty_key_list_denies_everyone() {
+    let mut f = fixture(true, plain_file).await;
+    fs::write(&f.path, toml(&[])).unwrap();
+    let report = f.applied("keys = []").await;
+    assert_eq!(report.removed(), ["old"]);
+    assert!(f.store.is_empty());
+    assert_eq!(f.status("old-key").await, 401);
+}
+
+#[tokio::test]
+async fn polling_alone_sees_changes() {
+    let mut f = fixture(false, plain_file).await;
+    let tmp = f.dir.join("keys.toml.new");
+    fs::write(&tmp, toml(&[("new", "new-key")])).unwrap();
+    fs::rename(&tmp, &f.path).unwrap();
+    f.applied("the poll to see the new file").await;
+    assert_eq!(f.status("new-key").await, 200);
+}
+
+#[tokio::test]
+async fn unchanged_content_is_not_reloaded() {
+    let mut f = fixture(false, plain_file).await;
+    let version = f.store.version();
+    // Same bytes, new inode and mtime.
+    let tmp = f.dir.join("copy");
+    fs::copy(&f.path, &tmp).unwrap();
+    fs::rename(&tmp, &f.path).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(f.store.version(), version);
+    fs::write(&f.path, toml(&[("new", "new-key")])).unwrap();
+    assert_eq!(
+        f.applied("a real change").await.version(),
+        Some(version + 1)
+    );
+}
+
+#[tokio::test]
+async fn a_missing_file_at_start_fails_closed_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    let source = FileSource::new(&path).with_poll_interval(Duration::from_secs(60));
+    assert!(ApiKeyLayer::try_new(FileSource::new(&path)).is_err());
+    let layer = ApiKeyLayer::new(source);
+    let mut reloads = layer.store().subscribe();
+    let addr = serve(app(layer)).await;
+    assert_eq!(get_with(addr, "/", Some("new-key")).await.0, 401);
+    fs::write(&path, toml(&[("new", "new-key")])).unwrap();
+    reload_where(&mut reloads, "the file to appear", |r| r.is_applied()).await;
+    assert_eq!(get_with(addr, "/", Some("new-key")).await.0, 200);
+}
+
+#[tokio::test]
+async fn usage_survives_a_reload_for_ids_that_stay() {
+    let mut f = fixture(true, plain_file).await;
+    for _ in 0..3 {
+        assert_eq!(f.status("old-key").await, 200);
+    }
+    fs::write(&f.path, toml(&[("old", "old-key"), ("new", "new-key")])).unwrap();
+    f.applied("the new key").await;
+    assert_eq!(f.status("new-key").await, 200);
+    let usage = f.store.usage();
+    let count = |id: &str| {
+        usage
+            .iter()
+            .find(|u| u.key().id() == id)
+            .unwrap()
+            .requests()
+    };
+    assert_eq!((count("old"), count("new")), (3, 1));
+}

@@ -1,0 +1,351 @@
+//! `oneshot` tests of every branch of `ApiKeyService`, with no network.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use http::{Request, Response, StatusCode};
+use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_api_key::{
+    ApiKey, ApiKeyLayer, ApiKeyService, KeyInfo, KeyLocation, KeySet, Rejection, ResponseFuture,
+};
+
+type Body = String;
+
+/// A service that counts its calls and answers with the key id it was given.
+fn echo(
+    calls: Arc<AtomicUsize>,
+) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone {
+    service_fn(move |req: Request<Body>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let id = req.extensions().get::<KeyInfo>().map(|k| k.id().to_owned());
+        let auth =
+            req.headers().contains_key("authorization") || req.headers().contains_key("x-api-key");
+        async move { Ok::<_, Infallible>(Response::new(format!("{}|{auth}", id.unwrap_or_default()))) }
+    })
+}
+
+fn keys() -> KeySet {
+    let hour = Duration::from_secs(3600);
+    let now = SystemTime::now();
+    KeySet::from_keys([
+        ApiKey::new("plain", "plain-key"),
+        ApiKey::new("admin", "admin-key").with_scopes(["admin", "read"]),
+        ApiKey::new("off", "disabled-key").with_disabled(true),
+        ApiKey::new("old", "expired-key").with_expires_at(now - hour),
+        ApiKey::new("future", "future-key").with_not_before(now + hour),
+        ApiKey::new("current", "current-key")
+            .with_not_before(now - hour)
+            .with_expires_at(now + hour),
+    ])
+    .unwrap()
+}
+
+fn request(headers: &[(&str, &str)]) -> Request<Body> {
+    let mut req = Request::get("/");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(Body::new()).unwrap()
+}
+
+async fn call(layer: &ApiKeyLayer, headers: &[(&str, &str)]) -> (Response<Body>, usize) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(echo(calls.clone()));
+    let res = svc.oneshot(request(headers)).await.unwrap();
+    (res, calls.load(Ordering::SeqCst))
+}
+
+fn rejection(res: &Response<Body>) -> String {
+    format!(
+        "{:?}",
+        res.extensions()
+            .get::<Rejection>()
+            .expect("a Rejection in the extensions")
+    )
+}
+
+#[tokio::test]
+async fn accepted_keys_reach_the_inner_service_with_key_info() {
+    let layer = ApiKeyLayer::new(keys());
+    for (headers, id) in [
+        (&[("x-api-key", "plain-key")][..], "plain"),
+        (&[("authorization", "Bearer admin-key")], "admin"),
+        (&[("authorization", "Bearer current-key")], "current"),
+        (
+            &[
+                ("authorization", "Bearer plain-key"),
+                ("x-api-key", "plain-key"),
+            ],
+            "plain",
+        ),
+    ] {
+        let (res, calls) = call(&layer, headers).await;
+        assert_eq!(res.status(), StatusCode::OK, "{headers:?}");
+        assert_eq!(res.into_body(), format!("{id}|true"));
+        assert_eq!(calls, 1);
+    }
+}
+
+#[tokio::test]
+async fn every_refusal_has_its_status_reason_and_skips_the_inner_service() {
+    let layer = ApiKeyLayer::new(keys());
+    let admin = layer.require_scope("admin");
+    let cases: [(&ApiKeyLayer, &[(&str, &str)], u16, &str); 8] = [
+        (&layer, &[], 401, "Missing"),
+        (&layer, &[("authorization", "Bearer")], 401, "Malformed"),
+        (
+            &layer,
+            &[
+                ("x-api-key", "plain-key"),
+                ("authorization", "Bearer admin-key"),
+            ],
+            401,
+            "Conflicting",
+        ),
+        (&layer, &[("x-api-key", "nope")], 401, "Unknown"),
+        (&layer, &[("x-api-key", "disabled-key")], 401, "Disabled"),
+        (&layer, &[("x-api-key", "expired-key")], 401, "Expired"),
+        (&layer, &[("x-api-key", "future-key")], 401, "NotYetValid"),
+        (
+            &admin,
+            &[("x-api-key", "plain-key")],
+            403,
+            "InsufficientScope",
+        ),
+    ];
+    for (layer, headers, status, reason) in cases {
+        let (res, calls) = call(layer, headers).await;
+        assert_eq!(res.status().as_u16(), status, "{headers:?}");
+        assert!(
+            rejection(&res).starts_with(reason),
+            "{headers:?}: {}",
+            rejection(&res)
+        );
+        assert!(
+            res.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer realm=\"api\"")
+        );
+        assert_eq!(calls, 0, "the inner service must not run for {reason}");
+    }
+    let (res, _) = call(&admin, &[("x-api-key", "admin-key")]).await;
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn rejections_name_the_matched_key() {
+    let layer = ApiKeyLayer::new(keys());
+    let (res, _) = call(&layer, &[("x-api-key", "expired-key")]).await;
+    let rejection = res.extensions().get::<Rejection>().unwrap();
+    assert_eq!(rejection.key().unwrap().id(), "old");
+    assert_eq!(rejection.to_string(), "API key expired (key `old`)");
+}
+
+#[tokio::test]
+async fn grpc_requests_get_a_trailers_only_status() {
+    let layer = ApiKeyLayer::new(keys());
+    let admin = layer.require_scope("admin");
+    let grpc = [("content-type", "application/grpc+proto")];
+    let (res, _) = call(&layer, &grpc).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["grpc-status"], "16");
+    assert_eq!(res.headers()["content-type"], "application/grpc");
+    assert_eq!(res.headers()["grpc-message"], "API key required");
+    assert!(res.headers().get("www-authenticate").is_none());
+    assert!(res.body().is_empty());
+    let (res, _) = call(&admin, &[grpc[0], ("x-api-key", "plain-key")]).await;
+    assert_eq!(res.headers()["grpc-status"], "7");
+}
+
+#[tokio::test]
+async fn custom_rejection_for_http_but_grpc_keeps_its_status() {
+    let layer = ApiKeyLayer::new(keys()).with_rejection(|r: &Rejection| {
+        let mut res = Response::new(format!(r#"{{"error":"{r}"}}"#));
+        *res.status_mut() = r.status();
+        res
+    });
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(echo(Arc::default()));
+    let res = svc
+        .clone()
+        .oneshot(request(&[("x-api-key", "nope")]))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert!(res.extensions().get::<Rejection>().is_some());
+    assert_eq!(res.into_body(), r#"{"error":"invalid API key"}"#);
+    let res = svc
+        .oneshot(request(&[("content-type", "application/grpc")]))
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["grpc-status"], "16");
+    assert!(res.body().is_empty());
+}
+
+#[tokio::test]
+async fn key_locations_and_hidden_credentials() {
+    let bearer = ApiKeyLayer::new(keys()).bearer_only();
+    assert_eq!(
+        call(&bearer, &[("x-api-key", "plain-key")])
+            .await
+            .0
+            .status(),
+        401
+    );
+    assert_eq!(
+        call(&bearer, &[("authorization", "Bearer plain-key")])
+            .await
+            .0
+            .status(),
+        200
+    );
+
+    let custom = ApiKeyLayer::new(keys()).header_only(http::HeaderName::from_static("x-token"));
+    assert_eq!(
+        call(&custom, &[("x-token", "plain-key")]).await.0.status(),
+        200
+    );
+    assert_eq!(
+        call(&custom, &[("authorization", "Bearer plain-key")])
+            .await
+            .0
+            .status(),
+        401
+    );
+
+    let both = ApiKeyLayer::new(keys())
+        .with_key_locations([KeyLocation::x_api_key(), KeyLocation::Bearer])
+        .hide_credentials(true);
+    let (res, _) = call(&both, &[("x-api-key", "plain-key")]).await;
+    assert_eq!(res.into_body(), "plain|false");
+}
+
+#[tokio::test]
+async fn any_header_bytes_get_an_answer_not_a_panic() {
+    let layer = ApiKeyLayer::new(keys());
+    for b in 0u8..=255 {
+        let Ok(value) =
+            http::HeaderValue::from_bytes(&[b'B', b'e', b'a', b'r', b'e', b'r', b' ', b, b'x'])
+        else {
+            continue;
+        };
+        let mut req = request(&[]);
+        req.headers_mut().insert("authorization", value.clone());
+        req.headers_mut().insert("x-api-key", value);
+        let svc = ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(echo(Arc::default()));
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 401);
+    }
+}
+
+#[tokio::test]
+async fn an_empty_key_set_refuses_everything() {
+    let layer = ApiKeyLayer::new(KeySet::new());
+    assert_eq!(layer.store().version(), 1);
+    assert_eq!(
+        call(&layer, &[("x-api-key", "plain-key")]).await.0.status(),
+        401
+    );
+}
+
+#[tokio::test]
+async fn a_key_switches_off_at_its_expiry_without_any_reload() {
+    let expires = SystemTime::now() + Duration::from_millis(300);
+    let layer = ApiKeyLayer::new(
+        KeySet::from_keys([ApiKey::new("soon", "soon-key").with_expires_at(expires)]).unwrap(),
+    );
+    assert_eq!(
+        call(&layer, &[("x-api-key", "soon-key")]).await.0.status(),
+        200
+    );
+    tokio::time::sleep(
+        expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            + Duration::from_millis(5),
+    )
+    .await;
+    let (res, _) = call(&layer, &[("x-api-key", "soon-key")]).await;
+    assert_eq!(res.status(), 401);
+    assert!(rejection(&res).starts_with("Expired"));
+    assert_eq!(layer.store().version(), 1);
+}
+
+#[tokio::test]
+async fn usage_counts_the_requests_let_in() {
+    let layer = ApiKeyLayer::new(keys());
+    for _ in 0..5 {
+        call(&layer, &[("x-api-key", "plain-key")]).await;
+    }
+    call(&layer, &[("x-api-key", "admin-key")]).await;
+    call(&layer, &[("x-api-key", "expired-key")]).await;
+    let usage = layer.store().usage();
+    let count = |id: &str| {
+        usage
+            .iter()
+            .find(|u| u.key().id() == id)
+            .unwrap()
+            .requests()
+    };
+    assert_eq!(
+        (count("plain"), count("admin"), count("old"), count("off")),
+        (5, 1, 0, 0)
+    );
+    let plain = usage.iter().find(|u| u.key().id() == "plain").unwrap();
+    let age = SystemTime::now()
+        .duration_since(plain.last_used().unwrap())
+        .unwrap();
+    assert!(age < Duration::from_secs(5), "{age:?}");
+    assert!(
+        usage
+            .iter()
+            .find(|u| u.key().id() == "off")
+            .unwrap()
+            .last_used()
+            .is_none()
+    );
+}
+
+#[test]
+fn debug_output_holds_no_key_material() {
+    let layer = ApiKeyLayer::new(
+        KeySet::from_keys([ApiKey::new("visible-id", "hidden-secret-value")]).unwrap(),
+    );
+    let svc: ApiKeyService<()> = tower::Layer::layer(&layer, ());
+    let store = layer.store();
+    let text = format!(
+        "{layer:?} {svc:?} {store:?} {:?} {:?}",
+        store.keys(),
+        store.usage()
+    );
+    assert!(!text.contains("hidden-secret-value"), "{text}");
+    assert!(format!("{:?}", store.keys()).contains("visible-id"));
+    assert!(format!("{store:?}").contains("keys: 1"));
+}
+
+#[test]
+fn the_service_and_future_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>() {}
+    type Inner = tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+    assert_send_sync::<ApiKeyLayer>();
+    assert_send_sync::<ApiKeyService<Inner>>();
+    assert_send::<ResponseFuture<<Inner as Service<Request<Body>>>::Future>>();
+    assert_send_sync::<tower_api_key::KeyStore>();
+    assert_send_sync::<KeyInfo>();
+    assert_send_sync::<Rejection>();
+    assert_send_sync::<tower_api_key::Error>();
+}
