@@ -95,11 +95,14 @@ async fn accepted_keys_reach_the_inner_service_with_key_info() {
     }
 }
 
+/// A layer, the request's headers, the expected status and reason.
+type Case<'a> = (&'a ApiKeyLayer, &'a [(&'a str, &'a str)], u16, &'a str);
+
 #[tokio::test]
 async fn every_refusal_has_its_status_reason_and_skips_the_inner_service() {
     let layer = ApiKeyLayer::new(keys());
     let admin = layer.require_scope("admin");
-    let cases: [(&ApiKeyLayer, &[(&str, &str)], u16, &str); 8] = [
+    let cases: [Case<'_>; 8] = [
         (&layer, &[], 401, "Missing"),
         (&layer, &[("authorization", "Bearer")], 401, "Malformed"),
         (
