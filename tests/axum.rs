@@ -205,3 +205,29 @@ async fn keys_from_several_sources_are_merged_and_conflicts_refused() {
     assert!(!store.last_reload().unwrap().is_applied());
     assert_eq!(get_with(addr, "/", Some("bg-key")).await.0, 200);
 }
+
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn key_info_is_an_axum_extractor() {
+    async fn whoami(key: tower_api_key::KeyInfo) -> String {
+        format!("{} {:?}", key.id(), key.tenant())
+    }
+    async fn maybe(key: Option<tower_api_key::KeyInfo>) -> String {
+        format!("{:?}", key.map(|k| k.id().to_owned()))
+    }
+    let keys = KeySet::from_keys([ApiKey::new("ci", "ci-key").with_tenant("team-a")]).unwrap();
+    let app = Router::new()
+        .route("/whoami", get(whoami))
+        .route_layer(ApiKeyLayer::new(keys))
+        .route("/open", get(maybe))
+        .route("/unguarded", get(whoami));
+    let addr = serve(app).await;
+    assert_eq!(
+        get_with(addr, "/whoami", Some("ci-key")).await,
+        (200, "ci Some(\"team-a\")".into())
+    );
+    assert_eq!(get_with(addr, "/open", None).await, (200, "None".into()));
+    let (status, body) = get_with(addr, "/unguarded", Some("ci-key")).await;
+    assert_eq!(status, 500);
+    assert!(body.contains("ApiKeyLayer"), "{body}");
+}

@@ -1,0 +1,72 @@
+//! `KeyInfo` as an axum extractor (the `axum` feature).
+
+use axum_core::{
+    extract::{FromRequestParts, OptionalFromRequestParts},
+    response::{IntoResponse, Response},
+};
+use http::{StatusCode, request::Parts};
+
+use crate::KeyInfo;
+
+/// With the `axum` feature, [`KeyInfo`] is an extractor: the key the request was let
+/// in with.
+///
+/// If no [`ApiKeyLayer`](crate::ApiKeyLayer) ran before the handler, extraction fails
+/// with [`MissingKeyInfo`] (a 500: the route is not guarded, which is a server bug).
+/// Take `Option<KeyInfo>` on routes where the layer is optional.
+///
+/// # Example
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tower_api_key::{ApiKey, ApiKeyLayer, KeyInfo, KeySet};
+///
+/// async fn whoami(key: KeyInfo) -> String {
+///     format!("{} ({})", key.id(), key.tenant().unwrap_or("no tenant"))
+/// }
+///
+/// let keys = KeySet::from_keys([ApiKey::new("ci", "s3cr3t").with_tenant("team-a")])?;
+/// let app: Router = Router::new()
+///     .route("/whoami", get(whoami))
+///     .route_layer(ApiKeyLayer::new(keys));
+/// # Ok::<(), tower_api_key::Error>(())
+/// ```
+impl<S: Send + Sync> FromRequestParts<S> for KeyInfo {
+    type Rejection = MissingKeyInfo;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<KeyInfo>()
+            .cloned()
+            .ok_or(MissingKeyInfo)
+    }
+}
+
+impl<S: Send + Sync> OptionalFromRequestParts<S> for KeyInfo {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<KeyInfo>().cloned())
+    }
+}
+
+/// Rejection of the [`KeyInfo`] extractor when no
+/// [`ApiKeyLayer`](crate::ApiKeyLayer) guards the route.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct MissingKeyInfo;
+
+impl std::fmt::Display for MissingKeyInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no KeyInfo in the request: is the route guarded by ApiKeyLayer?")
+    }
+}
+
+impl std::error::Error for MissingKeyInfo {}
+
+impl IntoResponse for MissingKeyInfo {
+    fn into_response(self) -> Response {
+        (StatusCode::INTERNAL_SERVER_ERROR, self.to_string()).into_response()
+    }
+}
