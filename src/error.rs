@@ -73,6 +73,8 @@ pub enum Error {
     },
     /// The store this update was meant for has been dropped.
     StoreClosed,
+    /// The operating system's random number generator failed.
+    Random(String),
 }
 
 impl Error {
@@ -167,6 +169,7 @@ impl fmt::Display for Error {
                 write!(f, "key source `{source}` failed: {message}")
             }
             Self::StoreClosed => f.write_str("the key store has been dropped"),
+            Self::Random(message) => write!(f, "no randomness available: {message}"),
         }
     }
 }

@@ -4,7 +4,10 @@ use std::{
     task::{Context, Poll},
 };
 
+use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
+
+use crate::clock;
 
 pin_project! {
     /// Response future for [`ApiKeyService`](crate::ApiKeyService).
@@ -28,6 +31,7 @@ pin_project! {
         Inner {
             #[pin]
             future: F,
+            sunset: Option<Sunset>,
         },
         Rejected {
             output: Option<F::Output>,
@@ -36,9 +40,9 @@ pin_project! {
 }
 
 impl<F: Future> ResponseFuture<F> {
-    pub(crate) fn inner(future: F) -> Self {
+    pub(crate) fn inner(future: F, sunset: Option<Sunset>) -> Self {
         Self {
-            kind: Kind::Inner { future },
+            kind: Kind::Inner { future, sunset },
         }
     }
 
@@ -51,17 +55,56 @@ impl<F: Future> ResponseFuture<F> {
     }
 }
 
-impl<F: Future> Future for ResponseFuture<F> {
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner { future } => future.poll(cx),
+            KindProj::Inner { future, sunset } => {
+                let mut output = std::task::ready!(future.poll(cx));
+                if let (Some(sunset), Ok(res)) = (sunset.take(), &mut output) {
+                    sunset.apply(res);
+                }
+                Poll::Ready(output)
+            }
             KindProj::Rejected { output } => Poll::Ready(
                 output
                     .take()
                     .expect("ResponseFuture polled after completion"),
             ),
+        }
+    }
+}
+
+/// RFC 8594 `Sunset` and RFC 9745 `Deprecation` headers for a key close to its
+/// `expires_at`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sunset {
+    /// `expires_at`, Unix milliseconds.
+    expires_at: u64,
+    /// When the key entered its expiry notice, Unix milliseconds.
+    deprecated_at: u64,
+}
+
+impl Sunset {
+    pub(crate) fn new(expires_at: u64, notice: std::time::Duration) -> Self {
+        let notice = u64::try_from(notice.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            expires_at,
+            deprecated_at: expires_at.saturating_sub(notice),
+        }
+    }
+
+    fn apply<B>(self, res: &mut Response<B>) {
+        let headers = res.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&format!("@{}", self.deprecated_at / 1000)) {
+            headers.insert("deprecation", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&clock::http_date(self.expires_at / 1000)) {
+            headers.insert("sunset", v);
         }
     }
 }

@@ -52,6 +52,8 @@ pub(crate) struct Config {
     pub(crate) locations: Box<[KeyLocation]>,
     pub(crate) hide_credentials: bool,
     pub(crate) required_scope: Option<Arc<str>>,
+    pub(crate) require_checksum: bool,
+    pub(crate) deprecation_headers: bool,
 }
 
 impl ApiKeyLayer {
@@ -96,6 +98,8 @@ impl ApiKeyLayer {
                 locations: extract::default_locations().into(),
                 hide_credentials: false,
                 required_scope: None,
+                require_checksum: false,
+                deprecation_headers: false,
             }),
             on_rejection: DefaultRejection::default(),
         }
@@ -135,6 +139,23 @@ impl<R> ApiKeyLayer<R> {
     /// handler cannot log a key by accident (Kong's and Envoy's `hide_credentials`).
     pub fn hide_credentials(mut self, hide: bool) -> Self {
         Arc::make_mut(&mut self.config).hide_credentials = hide;
+        self
+    }
+
+    /// Refuses keys without a valid [`generate`](crate::generate)d checksum before any
+    /// lookup ([`Rejection::InvalidChecksum`]). Turn it on only once every key in use
+    /// was made by [`generate`](crate::generate).
+    pub fn require_checksum(mut self, require: bool) -> Self {
+        Arc::make_mut(&mut self.config).require_checksum = require;
+        self
+    }
+
+    /// Announces a key's coming expiry to the client using it: responses to requests
+    /// made with a key whose `expires_at` is within the store's
+    /// [expiry notice](KeyStore::set_expiry_notice) carry `Sunset: <expires_at>`
+    /// (RFC 8594) and `Deprecation: @<start of the notice>` (RFC 9745).
+    pub fn deprecation_headers(mut self, enabled: bool) -> Self {
+        Arc::make_mut(&mut self.config).deprecation_headers = enabled;
         self
     }
 

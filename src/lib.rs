@@ -105,6 +105,7 @@ mod clock;
 mod error;
 mod extract;
 mod future;
+mod generate;
 mod key;
 mod key_set;
 mod layer;
@@ -119,6 +120,7 @@ pub use crate::{
     error::Error,
     extract::KeyLocation,
     future::ResponseFuture,
+    generate::{GeneratedKey, generate, has_valid_checksum},
     key::{ApiKey, KeyInfo},
     key_set::KeySet,
     layer::ApiKeyLayer,

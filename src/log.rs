@@ -37,6 +37,15 @@ pub(crate) fn applied(report: &ReloadReport) {
         kept = %Ids(report.kept()),
         "api keys reloaded"
     );
+    #[cfg(feature = "tracing")]
+    if !report.expiring().is_empty() {
+        tracing::warn!(
+            target: "tower_api_key::reload",
+            source = report.source(),
+            expiring = %Ids(report.expiring()),
+            "api keys expire soon; clients still using them must move to new keys"
+        );
+    }
     #[cfg(not(feature = "tracing"))]
     let _ = report;
 }

@@ -21,6 +21,9 @@ pub enum Rejection {
     Conflicting,
     /// The key is not in the store (never issued, or revoked).
     Unknown,
+    /// The key's checksum is wrong (see
+    /// [`ApiKeyLayer::require_checksum`](crate::ApiKeyLayer::require_checksum)).
+    InvalidChecksum,
     /// The key is listed but disabled.
     Disabled(KeyInfo),
     /// The key's `expires_at` has passed.
@@ -81,6 +84,7 @@ impl Rejection {
             Self::Malformed => "malformed API key credential",
             Self::Conflicting => "more than one API key presented",
             Self::Unknown => "invalid API key",
+            Self::InvalidChecksum => "malformed API key (bad checksum)",
             Self::Disabled(_) => "API key disabled",
             Self::Expired(_) => "API key expired",
             Self::NotYetValid(_) => "API key not yet valid",

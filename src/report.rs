@@ -21,6 +21,7 @@ struct Change {
     added: Vec<Arc<str>>,
     removed: Vec<Arc<str>>,
     kept: Vec<Arc<str>>,
+    expiring: Vec<Arc<str>>,
 }
 
 impl ReloadReport {
@@ -30,6 +31,7 @@ impl ReloadReport {
         old: &Snapshot,
         new: &Snapshot,
         index: usize,
+        notice_ms: u64,
     ) -> Self {
         let before: HashSet<&Arc<str>> = old.ids_of(index).collect();
         let after: HashSet<&Arc<str>> = new.ids_of(index).collect();
@@ -46,6 +48,7 @@ impl ReloadReport {
                 added: sorted(after.difference(&before).copied().collect()),
                 removed: sorted(before.difference(&after).copied().collect()),
                 kept: sorted(after.intersection(&before).copied().collect()),
+                expiring: new.expiring_of(index, crate::clock::exact_now_ms(), notice_ms),
             }),
         }
     }
@@ -62,6 +65,7 @@ impl ReloadReport {
                 added,
                 removed: Vec::new(),
                 kept: Vec::new(),
+                expiring: Vec::new(),
             }),
         }
     }
@@ -123,6 +127,18 @@ impl ReloadReport {
     }
 }
 
+impl ReloadReport {
+    /// Ids of this source's keys whose `expires_at` falls within the store's
+    /// [expiry notice](crate::KeyStore::set_expiry_notice) at the time of the reload:
+    /// clients still using them should move.
+    pub fn expiring(&self) -> Vec<&str> {
+        self.outcome.as_ref().map_or_else(
+            |_| Vec::new(),
+            |c| c.expiring.iter().map(|id| &**id).collect(),
+        )
+    }
+}
+
 impl fmt::Debug for ReloadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("ReloadReport");
@@ -132,7 +148,8 @@ impl fmt::Debug for ReloadReport {
                 .field("version", &c.version)
                 .field("added", &c.added)
                 .field("removed", &c.removed)
-                .field("kept", &c.kept.len()),
+                .field("kept", &c.kept.len())
+                .field("expiring", &c.expiring),
             Err(e) => d.field("error", &format_args!("{e}")),
         };
         d.finish()

@@ -8,8 +8,8 @@ use http::{HeaderMap, Request, Response, header::CONTENT_TYPE};
 use tower_service::Service;
 
 use crate::{
-    ApiKeyLayer, DefaultRejection, KeyInfo, KeyStore, Rejection, RejectionResponse, ResponseFuture,
-    extract, layer::Config,
+    ApiKeyLayer, DefaultRejection, KeyStore, Rejection, RejectionResponse, ResponseFuture, extract,
+    future::Sunset, has_valid_checksum, layer::Config, store::Accepted,
 };
 
 /// Middleware that lets a request through only with a valid API key.
@@ -63,8 +63,11 @@ impl<S, R> ApiKeyService<S, R> {
     }
 
     #[inline]
-    fn authenticate(&self, headers: &HeaderMap) -> Result<KeyInfo, Rejection> {
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Accepted, Rejection> {
         let key = extract::presented_key(headers, &self.config.locations)?;
+        if self.config.require_checksum && !has_valid_checksum(key) {
+            return Err(Rejection::InvalidChecksum);
+        }
         self.store.check(key, self.config.required_scope.as_ref())
     }
 }
@@ -86,12 +89,15 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         match self.authenticate(req.headers()) {
-            Ok(key) => {
+            Ok(Accepted { key, sunset }) => {
                 if self.config.hide_credentials {
                     extract::strip(req.headers_mut(), &self.config.locations);
                 }
                 req.extensions_mut().insert(key);
-                ResponseFuture::inner(self.inner.call(req))
+                let sunset = sunset
+                    .filter(|_| self.config.deprecation_headers)
+                    .map(|at| Sunset::new(at, self.store.expiry_notice()));
+                ResponseFuture::inner(self.inner.call(req), sunset)
             }
             Err(rejection) => {
                 crate::log::refused(&rejection);

@@ -5,6 +5,7 @@ use std::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
@@ -50,7 +51,19 @@ struct Shared {
     current: ArcSwap<Snapshot>,
     writer: Mutex<Writer>,
     reloads: watch::Sender<Option<ReloadReport>>,
+    /// How long before its `expires_at` a key counts as expiring, in milliseconds.
+    expiry_notice: AtomicU64,
 }
+
+/// A key accepted by [`KeyStore::check`].
+pub(crate) struct Accepted {
+    pub(crate) key: KeyInfo,
+    /// The key's `expires_at` (Unix ms) if it falls within the expiry notice.
+    pub(crate) sunset: Option<u64>,
+}
+
+/// The default [`KeyStore::set_expiry_notice`]: seven days.
+const DEFAULT_EXPIRY_NOTICE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Default)]
 struct Writer {
@@ -131,6 +144,7 @@ impl KeyStore {
                 current: ArcSwap::from_pointee(Snapshot::default()),
                 writer: Mutex::new(Writer::default()),
                 reloads: watch::Sender::new(None),
+                expiry_notice: AtomicU64::new(duration_ms(DEFAULT_EXPIRY_NOTICE)),
             }),
         }
     }
@@ -165,6 +179,22 @@ impl KeyStore {
         };
         Box::new(source).watch(updater);
         result
+    }
+
+    /// Sets how long before its `expires_at` a key counts as expiring (default seven
+    /// days). Reloads then report such keys ([`ReloadReport::expiring`], logged at
+    /// `warn`), and a layer with
+    /// [`deprecation_headers`](crate::ApiKeyLayer::deprecation_headers) announces the
+    /// coming expiry to the clients using them.
+    pub fn set_expiry_notice(&self, notice: Duration) {
+        self.shared
+            .expiry_notice
+            .store(duration_ms(notice), Ordering::Relaxed);
+    }
+
+    /// How long before its `expires_at` a key counts as expiring.
+    pub fn expiry_notice(&self) -> Duration {
+        Duration::from_millis(self.shared.expiry_notice.load(Ordering::Relaxed))
     }
 
     /// The number of keys currently loaded (over all sources).
@@ -268,7 +298,7 @@ impl KeyStore {
         &self,
         presented: &[u8],
         required_scope: Option<&Arc<str>>,
-    ) -> Result<KeyInfo, Rejection> {
+    ) -> Result<Accepted, Rejection> {
         let digest = KeyDigest::of(presented);
         let snapshot = self.shared.current.load();
         let Some(entry) = snapshot.map.get(&digest) else {
@@ -285,7 +315,14 @@ impl KeyStore {
             });
         }
         entry.usage.touch(now);
-        Ok(entry.info.clone())
+        let sunset = (entry.valid_until != u64::MAX
+            && now.saturating_add(self.shared.expiry_notice.load(Ordering::Relaxed))
+                >= entry.valid_until)
+            .then_some(entry.valid_until);
+        Ok(Accepted {
+            key: entry.info.clone(),
+            sunset,
+        })
     }
 }
 
@@ -356,6 +393,7 @@ impl KeyUpdater {
                     &old,
                     &next,
                     self.source,
+                    shared.expiry_notice.load(Ordering::Relaxed),
                 );
                 shared.current.store(Arc::new(next));
                 drop(writer);
@@ -458,6 +496,28 @@ impl Snapshot {
             .filter(move |e| e.source == source)
             .map(|e| &e.info.attrs().id)
     }
+
+    /// The ids of this source's keys that expire within `notice` ms of `now`.
+    pub(crate) fn expiring_of(&self, source: usize, now: u64, notice: u64) -> Vec<Arc<str>> {
+        let mut ids: Vec<_> = self
+            .map
+            .values()
+            .filter(|e| {
+                e.source == source
+                    && !e.disabled
+                    && e.valid_until != u64::MAX
+                    && e.valid_until > now
+                    && e.valid_until <= now.saturating_add(notice)
+            })
+            .map(|e| e.info.attrs().id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl fmt::Debug for KeyUpdater {

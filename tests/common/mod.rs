@@ -82,3 +82,44 @@ pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>
         .await
         .unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for {what}"))
 }
+
+/// `t` as a TOML offset datetime in UTC, with milliseconds.
+pub fn toml_datetime(t: std::time::SystemTime) -> String {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let (days, secs) = (since.as_secs() / 86_400, since.as_secs() % 86_400);
+    // Count whole years and months forward from 1970: slow, obvious, test-only.
+    let (mut year, mut day) = (1970u64, days);
+    let leap = |y: u64| (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400);
+    while day >= if leap(year) { 366 } else { 365 } {
+        day -= if leap(year) { 366 } else { 365 };
+        year += 1;
+    }
+    let lengths = [
+        31,
+        if leap(year) { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let mut month = 0;
+    while day >= lengths[month] {
+        day -= lengths[month];
+        month += 1;
+    }
+    format!(
+        "{year}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        month + 1,
+        day + 1,
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        since.subsec_millis()
+    )
+}
