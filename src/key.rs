@@ -1,13 +1,16 @@
 use std::{
     fmt,
     hash::{BuildHasher, Hash, Hasher},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
     time::SystemTime,
 };
 
 use sha2::{Digest as _, Sha256};
 
-use crate::Error;
+use crate::{Error, clock};
 
 /// SHA-256 of a presented or configured key. Only digests are kept in memory.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -90,17 +93,14 @@ impl BuildHasher for DigestHasher {
     }
 }
 
-/// The non-secret attributes of a key, shared by [`ApiKey`] and [`KeyInfo`].
-#[derive(Clone, Debug)]
-pub(crate) struct KeyAttrs {
-    pub(crate) id: Arc<str>,
-    pub(crate) scopes: Arc<[Arc<str>]>,
-    pub(crate) tenant: Option<Arc<str>>,
-    pub(crate) owner: Option<Arc<str>>,
-    pub(crate) description: Option<Arc<str>>,
-    pub(crate) not_before: Option<SystemTime>,
-    pub(crate) expires_at: Option<SystemTime>,
-    pub(crate) disabled: bool,
+/// The free-form metadata of a key. Many keys often share the same metadata, so the
+/// store keeps one copy of each distinct value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Meta {
+    pub(crate) scopes: Box<[Box<str>]>,
+    pub(crate) tenant: Option<Box<str>>,
+    pub(crate) owner: Option<Box<str>>,
+    pub(crate) description: Option<Box<str>>,
 }
 
 /// One API key to put in a [`KeySet`](crate::KeySet): its id, its digest and its
@@ -124,7 +124,11 @@ pub(crate) struct KeyAttrs {
 #[derive(Clone)]
 pub struct ApiKey {
     pub(crate) digest: KeyDigest,
-    pub(crate) attrs: KeyAttrs,
+    pub(crate) id: Arc<str>,
+    pub(crate) meta: Meta,
+    pub(crate) not_before: Option<SystemTime>,
+    pub(crate) expires_at: Option<SystemTime>,
+    pub(crate) disabled: bool,
 }
 
 impl ApiKey {
@@ -165,22 +169,52 @@ impl ApiKey {
     pub(crate) fn from_digest(id: Arc<str>, digest: KeyDigest) -> Self {
         Self {
             digest,
-            attrs: KeyAttrs {
-                id,
-                scopes: Arc::from([]),
-                tenant: None,
-                owner: None,
-                description: None,
-                not_before: None,
-                expires_at: None,
-                disabled: false,
-            },
+            id,
+            meta: Meta::default(),
+            not_before: None,
+            expires_at: None,
+            disabled: false,
         }
     }
 
     /// The key's id.
     pub fn id(&self) -> &str {
-        &self.attrs.id
+        &self.id
+    }
+
+    /// The scopes the key grants.
+    pub fn scopes(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.meta.scopes.iter().map(|s| &**s)
+    }
+
+    /// The key's tenant, if set.
+    pub fn tenant(&self) -> Option<&str> {
+        self.meta.tenant.as_deref()
+    }
+
+    /// The key's owner, if set.
+    pub fn owner(&self) -> Option<&str> {
+        self.meta.owner.as_deref()
+    }
+
+    /// The key's description, if set.
+    pub fn description(&self) -> Option<&str> {
+        self.meta.description.as_deref()
+    }
+
+    /// The instant before which the key is refused, if set.
+    pub fn not_before(&self) -> Option<SystemTime> {
+        self.not_before
+    }
+
+    /// The instant from which the key is refused, if set.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at
+    }
+
+    /// Whether the key is disabled.
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
     }
 
     /// Sets the scopes this key grants (see [`ApiKeyLayer::require_scope`](crate::ApiKeyLayer::require_scope)).
@@ -188,72 +222,138 @@ impl ApiKey {
     pub fn with_scopes<I, T>(mut self, scopes: I) -> Self
     where
         I: IntoIterator<Item = T>,
-        T: Into<Arc<str>>,
+        T: Into<Box<str>>,
     {
-        self.attrs.scopes = scopes.into_iter().map(Into::into).collect();
+        self.meta.scopes = scopes.into_iter().map(Into::into).collect();
         self
     }
 
     /// Sets the tenant this key belongs to.
     #[must_use]
-    pub fn with_tenant(mut self, tenant: impl Into<Arc<str>>) -> Self {
-        self.attrs.tenant = Some(tenant.into());
+    pub fn with_tenant(mut self, tenant: impl Into<Box<str>>) -> Self {
+        self.meta.tenant = Some(tenant.into());
         self
     }
 
     /// Sets the key's owner (free text: a team, a person, a service).
     #[must_use]
-    pub fn with_owner(mut self, owner: impl Into<Arc<str>>) -> Self {
-        self.attrs.owner = Some(owner.into());
+    pub fn with_owner(mut self, owner: impl Into<Box<str>>) -> Self {
+        self.meta.owner = Some(owner.into());
         self
     }
 
     /// Sets a free-text description.
     #[must_use]
-    pub fn with_description(mut self, description: impl Into<Arc<str>>) -> Self {
-        self.attrs.description = Some(description.into());
+    pub fn with_description(mut self, description: impl Into<Box<str>>) -> Self {
+        self.meta.description = Some(description.into());
         self
     }
 
-    /// The key is refused before this instant.
+    /// The key is refused before this instant (kept to the millisecond).
     #[must_use]
     pub fn with_not_before(mut self, at: SystemTime) -> Self {
-        self.attrs.not_before = Some(at);
+        self.not_before = Some(at);
         self
     }
 
-    /// The key is refused from this instant on.
+    /// The key is refused from this instant on (kept to the millisecond).
     #[must_use]
     pub fn with_expires_at(mut self, at: SystemTime) -> Self {
-        self.attrs.expires_at = Some(at);
+        self.expires_at = Some(at);
         self
     }
 
     /// A disabled key is refused like a revoked one, but stays listed for the record.
     #[must_use]
     pub fn with_disabled(mut self, disabled: bool) -> Self {
-        self.attrs.disabled = disabled;
+        self.disabled = disabled;
         self
+    }
+
+    pub(crate) fn valid_from(&self) -> u64 {
+        self.not_before.map_or(0, clock::to_unix_ms)
+    }
+
+    pub(crate) fn valid_until(&self) -> u64 {
+        self.expires_at.map_or(u64::MAX, clock::to_unix_ms)
     }
 }
 
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ApiKey")
-            .field("id", &self.attrs.id)
+            .field("id", &self.id)
             .field("secret", &format_args!("<redacted>"))
-            .field("scopes", &self.attrs.scopes)
-            .field("tenant", &self.attrs.tenant)
-            .field("not_before", &self.attrs.not_before)
-            .field("expires_at", &self.attrs.expires_at)
-            .field("disabled", &self.attrs.disabled)
+            .field("meta", &self.meta)
+            .field("not_before", &self.not_before)
+            .field("expires_at", &self.expires_at)
+            .field("disabled", &self.disabled)
             .finish()
     }
 }
 
-struct KeyMeta {
-    attrs: KeyAttrs,
-    source: Arc<str>,
+/// Metadata shared by the keys of one source that have the same [`Meta`].
+#[derive(Debug)]
+pub(crate) struct SharedMeta {
+    pub(crate) source: Arc<str>,
+    pub(crate) meta: Meta,
+}
+
+/// A loaded key: what the store's table points at, and what [`KeyInfo`] shares.
+///
+/// The fields every request touches come first, next to the reference count that
+/// handing out a [`KeyInfo`] increments: a lookup touches this allocation's first
+/// cache lines and nothing else.
+pub(crate) struct KeyEntry {
+    pub(crate) digest: KeyDigest,
+    /// Validity window in Unix milliseconds: `[valid_from, valid_until)`.
+    pub(crate) valid_from: u64,
+    pub(crate) valid_until: u64,
+    pub(crate) requests: AtomicU64,
+    /// Unix seconds of the last use (coarse clock); 0 for never.
+    pub(crate) last_used: AtomicU32,
+    pub(crate) source: u16,
+    pub(crate) disabled: bool,
+    pub(crate) id: Box<str>,
+    pub(crate) shared: Arc<SharedMeta>,
+}
+
+impl KeyEntry {
+    pub(crate) fn new(key: &ApiKey, source: u16, shared: Arc<SharedMeta>) -> Self {
+        Self {
+            digest: key.digest,
+            valid_from: key.valid_from(),
+            valid_until: key.valid_until(),
+            requests: AtomicU64::new(0),
+            last_used: AtomicU32::new(0),
+            source,
+            disabled: key.disabled,
+            id: key.id.as_ref().into(),
+            shared,
+        }
+    }
+
+    /// Whether `key` (from source `source`, with metadata `shared`) describes exactly
+    /// this entry, so the entry (and its usage counters) can be kept as is.
+    pub(crate) fn same_as(&self, key: &ApiKey, source: u16, shared: &Arc<SharedMeta>) -> bool {
+        self.digest == key.digest
+            && self.source == source
+            && Arc::ptr_eq(&self.shared, shared)
+            && self.valid_from == key.valid_from()
+            && self.valid_until == key.valid_until()
+            && self.disabled == key.disabled
+            && *self.id == *key.id
+    }
+
+    #[inline]
+    pub(crate) fn touch(&self, now_ms: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let now = u32::try_from(now_ms / 1000).unwrap_or(u32::MAX);
+        // Write the last-use stamp only when the second changes.
+        if self.last_used.load(Ordering::Relaxed) != now {
+            self.last_used.store(now, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The non-secret identity of the key a request was let in with.
@@ -265,80 +365,83 @@ struct KeyMeta {
 /// - axum: take it as an extractor (`axum` feature) or with `Extension<KeyInfo>`.
 /// - tonic: `request.extensions().get::<KeyInfo>()`.
 #[derive(Clone)]
-pub struct KeyInfo(Arc<KeyMeta>);
+pub struct KeyInfo(pub(crate) Arc<KeyEntry>);
 
 impl KeyInfo {
-    pub(crate) fn new(attrs: KeyAttrs, source: Arc<str>) -> Self {
-        Self(Arc::new(KeyMeta { attrs, source }))
-    }
-
-    pub(crate) fn attrs(&self) -> &KeyAttrs {
-        &self.0.attrs
-    }
-
     /// The key's id, as configured.
     pub fn id(&self) -> &str {
-        &self.0.attrs.id
+        &self.0.id
     }
 
     /// The name of the [`KeySource`](crate::KeySource) the key came from.
     pub fn source(&self) -> &str {
-        &self.0.source
+        &self.0.shared.source
     }
 
     /// The scopes the key grants.
     pub fn scopes(&self) -> impl ExactSizeIterator<Item = &str> {
-        self.0.attrs.scopes.iter().map(|s| &**s)
+        self.0.shared.meta.scopes.iter().map(|s| &**s)
     }
 
     /// Whether the key grants `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.0.attrs.scopes.iter().any(|s| &**s == scope)
+        self.0.shared.meta.scopes.iter().any(|s| &**s == scope)
     }
 
     /// The tenant the key belongs to, if any.
     pub fn tenant(&self) -> Option<&str> {
-        self.0.attrs.tenant.as_deref()
+        self.0.shared.meta.tenant.as_deref()
     }
 
     /// The key's owner, if set.
     pub fn owner(&self) -> Option<&str> {
-        self.0.attrs.owner.as_deref()
+        self.0.shared.meta.owner.as_deref()
     }
 
     /// The key's description, if set.
     pub fn description(&self) -> Option<&str> {
-        self.0.attrs.description.as_deref()
+        self.0.shared.meta.description.as_deref()
     }
 
-    /// The instant before which the key is refused, if set.
+    /// The instant before which the key is refused, if set (to the millisecond).
     pub fn not_before(&self) -> Option<SystemTime> {
-        self.0.attrs.not_before
+        (self.0.valid_from != 0).then(|| clock::from_unix_ms(self.0.valid_from))
     }
 
-    /// The instant from which the key is refused, if set.
+    /// The instant from which the key is refused, if set (to the millisecond).
     pub fn expires_at(&self) -> Option<SystemTime> {
-        self.0.attrs.expires_at
+        (self.0.valid_until != u64::MAX).then(|| clock::from_unix_ms(self.0.valid_until))
     }
 
     /// Whether the key is disabled.
     pub fn is_disabled(&self) -> bool {
-        self.0.attrs.disabled
+        self.0.disabled
+    }
+
+    pub(crate) fn entry(&self) -> &KeyEntry {
+        &self.0
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(id: &str) -> Self {
+        let key = ApiKey::new(id, id);
+        let shared = Arc::new(SharedMeta {
+            source: Arc::from("test"),
+            meta: Meta::default(),
+        });
+        Self(Arc::new(KeyEntry::new(&key, 0, shared)))
     }
 }
 
 impl fmt::Debug for KeyInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let a = &self.0.attrs;
         f.debug_struct("KeyInfo")
-            .field("id", &a.id)
-            .field("source", &self.0.source)
-            .field("scopes", &a.scopes)
-            .field("tenant", &a.tenant)
-            .field("owner", &a.owner)
-            .field("not_before", &a.not_before)
-            .field("expires_at", &a.expires_at)
-            .field("disabled", &a.disabled)
+            .field("id", &self.id())
+            .field("source", &self.source())
+            .field("meta", &self.0.shared.meta)
+            .field("not_before", &self.not_before())
+            .field("expires_at", &self.expires_at())
+            .field("disabled", &self.0.disabled)
             .finish()
     }
 }
@@ -366,7 +469,12 @@ mod tests {
         assert!(dbg.contains("id-1"));
         assert!(!dbg.contains("super-secret-value"));
         assert!(!dbg.contains(&hex));
-        let info = KeyInfo::new(key.attrs.clone(), Arc::from("test"));
+        let shared = Arc::new(SharedMeta {
+            source: Arc::from("test"),
+            meta: key.meta.clone(),
+        });
+        let info = KeyInfo(Arc::new(KeyEntry::new(&key, 0, shared)));
         assert!(format!("{info:?}").contains("id-1"));
+        assert!(!format!("{info:?}").contains(&hex));
     }
 }

@@ -85,22 +85,22 @@ impl KeySet {
     ///
     /// The set is unchanged on error.
     pub fn insert(&mut self, key: ApiKey) -> Result<(), Error> {
-        validate_id(&key.attrs.id)?;
+        validate_id(&key.id)?;
         let inner = Arc::make_mut(&mut self.inner);
-        if inner.by_id.contains_key(&key.attrs.id) {
+        if inner.by_id.contains_key(&key.id) {
             return Err(Error::DuplicateId {
-                id: key.attrs.id.to_string(),
+                id: key.id.to_string(),
             });
         }
         if let Some(&first) = inner.by_digest.get(&key.digest) {
             return Err(Error::DuplicateKey {
-                first: inner.keys[first].attrs.id.to_string(),
-                second: key.attrs.id.to_string(),
+                first: inner.keys[first].id.to_string(),
+                second: key.id.to_string(),
             });
         }
         let index = inner.keys.len();
         inner.by_digest.insert(key.digest, index);
-        inner.by_id.insert(key.attrs.id.clone(), index);
+        inner.by_id.insert(key.id.clone(), index);
         inner.keys.push(key);
         Ok(())
     }

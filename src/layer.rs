@@ -54,6 +54,7 @@ pub(crate) struct Config {
     pub(crate) required_scope: Option<Arc<str>>,
     pub(crate) require_checksum: bool,
     pub(crate) deprecation_headers: bool,
+    pub(crate) track_usage: bool,
 }
 
 impl ApiKeyLayer {
@@ -100,6 +101,7 @@ impl ApiKeyLayer {
                 required_scope: None,
                 require_checksum: false,
                 deprecation_headers: false,
+                track_usage: true,
             }),
             on_rejection: DefaultRejection::default(),
         }
@@ -156,6 +158,13 @@ impl<R> ApiKeyLayer<R> {
     /// (RFC 8594) and `Deprecation: @<start of the notice>` (RFC 9745).
     pub fn deprecation_headers(mut self, enabled: bool) -> Self {
         Arc::make_mut(&mut self.config).deprecation_headers = enabled;
+        self
+    }
+
+    /// Whether requests let in through this layer count in [`KeyStore::usage`]
+    /// (default `true`).
+    pub fn track_usage(mut self, track: bool) -> Self {
+        Arc::make_mut(&mut self.config).track_usage = track;
         self
     }
 

@@ -112,9 +112,11 @@ mod layer;
 mod log;
 mod rejection;
 mod report;
+mod retire;
 mod service;
 mod source;
 mod store;
+mod table;
 
 pub use crate::{
     error::Error,

@@ -108,6 +108,21 @@ impl Rejection {
     /// );
     /// ```
     pub fn http_response<B: Default>(&self, realm: &str) -> Response<B> {
+        self.respond(self.challenge(realm))
+    }
+
+    fn respond<B: Default>(&self, challenge: Option<HeaderValue>) -> Response<B> {
+        let mut res = Response::new(B::default());
+        *res.status_mut() = self.status();
+        if let Some(challenge) = challenge {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        res
+    }
+
+    /// The `WWW-Authenticate` value for this refusal.
+    fn challenge(&self, realm: &str) -> Option<HeaderValue> {
         let mut challenge = format!("Bearer realm=\"{}\"", quoted(realm));
         if let Some(code) = self.error_code() {
             challenge.push_str(&format!(
@@ -118,12 +133,22 @@ impl Rejection {
         if let Self::InsufficientScope { scope, .. } = self {
             challenge.push_str(&format!(", scope=\"{}\"", quoted(scope)));
         }
-        let mut res = Response::new(B::default());
-        *res.status_mut() = self.status();
-        if let Ok(value) = HeaderValue::from_str(&challenge) {
-            res.headers_mut().insert(header::WWW_AUTHENTICATE, value);
-        }
-        res
+        HeaderValue::from_str(&challenge).ok()
+    }
+
+    /// Which of [`DefaultRejection`]'s prepared challenges fits, if one does.
+    fn prepared_index(&self) -> Option<usize> {
+        Some(match self {
+            Self::Missing => 0,
+            Self::Malformed => 1,
+            Self::Conflicting => 2,
+            Self::Unknown => 3,
+            Self::InvalidChecksum => 4,
+            Self::Disabled(_) => 5,
+            Self::Expired(_) => 6,
+            Self::NotYetValid(_) => 7,
+            Self::InsufficientScope { .. } => return None,
+        })
     }
 
     /// The gRPC refusal: a trailers-only response (HTTP 200, `content-type:
@@ -197,15 +222,42 @@ pub trait RejectionResponse<B>: Clone {
 }
 
 /// The default refusal: [`Rejection::http_response`] with the configured realm.
+///
+/// The challenges are prepared once, so a refusal (say, a flood of unknown keys)
+/// formats nothing.
 #[derive(Clone, Debug)]
 pub struct DefaultRejection {
     realm: Arc<str>,
+    prepared: Arc<[Option<HeaderValue>]>,
 }
 
 impl DefaultRejection {
     pub(crate) fn new(realm: impl Into<Arc<str>>) -> Self {
+        let realm = realm.into();
+        let kinds = [
+            Rejection::Missing,
+            Rejection::Malformed,
+            Rejection::Conflicting,
+            Rejection::Unknown,
+            Rejection::InvalidChecksum,
+        ];
+        let mut prepared: Vec<_> = kinds.iter().map(|r| r.challenge(&realm)).collect();
+        // Disabled, Expired and NotYetValid carry a key; their challenge does not
+        // depend on it, so any key-less refusal with the same code stands in.
+        for message in [
+            "API key disabled",
+            "API key expired",
+            "API key not yet valid",
+        ] {
+            let value = format!(
+                "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{message}\"",
+                quoted(&realm)
+            );
+            prepared.push(HeaderValue::from_str(&value).ok());
+        }
         Self {
-            realm: realm.into(),
+            realm,
+            prepared: prepared.into(),
         }
     }
 }
@@ -218,7 +270,11 @@ impl Default for DefaultRejection {
 
 impl<B: Default> RejectionResponse<B> for DefaultRejection {
     fn response(&self, rejection: &Rejection) -> Response<B> {
-        rejection.http_response(&self.realm)
+        let challenge = match rejection.prepared_index() {
+            Some(i) => self.prepared.get(i).cloned().flatten(),
+            None => rejection.challenge(&self.realm),
+        };
+        rejection.respond(challenge)
     }
 }
 
@@ -242,6 +298,32 @@ mod tests {
             res.headers()[header::WWW_AUTHENTICATE],
             r#"Bearer realm="my \"realm\"""#
         );
+    }
+
+    #[test]
+    fn prepared_challenges_match_the_computed_ones() {
+        let key = crate::KeyInfo::for_tests("k");
+        let all = [
+            Rejection::Missing,
+            Rejection::Malformed,
+            Rejection::Conflicting,
+            Rejection::Unknown,
+            Rejection::InvalidChecksum,
+            Rejection::Disabled(key.clone()),
+            Rejection::Expired(key.clone()),
+            Rejection::NotYetValid(key.clone()),
+            Rejection::InsufficientScope {
+                key,
+                scope: "admin".into(),
+            },
+        ];
+        let default = DefaultRejection::new("r\"ealm");
+        for rejection in all {
+            let prepared: Response<()> = default.response(&rejection);
+            let computed: Response<()> = rejection.http_response("r\"ealm");
+            assert_eq!(prepared.status(), computed.status(), "{rejection:?}");
+            assert_eq!(prepared.headers(), computed.headers(), "{rejection:?}");
+        }
     }
 
     #[test]

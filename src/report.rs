@@ -30,13 +30,13 @@ impl ReloadReport {
         version: u64,
         old: &Snapshot,
         new: &Snapshot,
-        index: usize,
+        index: u16,
         notice_ms: u64,
     ) -> Self {
-        let before: HashSet<&Arc<str>> = old.ids_of(index).collect();
-        let after: HashSet<&Arc<str>> = new.ids_of(index).collect();
-        let sorted = |ids: Vec<&Arc<str>>| {
-            let mut ids: Vec<Arc<str>> = ids.into_iter().cloned().collect();
+        let before: HashSet<&str> = old.ids_of(index).collect();
+        let after: HashSet<&str> = new.ids_of(index).collect();
+        let sorted = |ids: Vec<&str>| {
+            let mut ids: Vec<Arc<str>> = ids.into_iter().map(Arc::from).collect();
             ids.sort();
             ids
         };
@@ -55,7 +55,7 @@ impl ReloadReport {
 
     /// A set accepted by a source not yet attached to a store.
     pub(crate) fn queued(source: Arc<str>, set: &crate::KeySet) -> Self {
-        let mut added: Vec<Arc<str>> = set.iter().map(|k| k.attrs.id.clone()).collect();
+        let mut added: Vec<Arc<str>> = set.iter().map(|k| k.id.clone()).collect();
         added.sort();
         Self {
             source,

@@ -68,7 +68,7 @@ impl<S, R> ApiKeyService<S, R> {
         if self.config.require_checksum && !has_valid_checksum(key) {
             return Err(Rejection::InvalidChecksum);
         }
-        self.store.check(key, self.config.required_scope.as_ref())
+        self.store.check(key, &self.config)
     }
 }
 

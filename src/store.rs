@@ -12,9 +12,12 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::{
-    Error, KeyInfo, KeySet, KeySource, Rejection, clock,
-    key::{DigestHasher, KeyDigest},
+    ApiKey, Error, KeyInfo, KeySet, KeySource, Rejection, clock,
+    key::{KeyDigest, KeyEntry, Meta, SharedMeta},
+    layer::Config,
     report::{KeyUsage, ReloadReport},
+    retire::{self, Carried, Retired},
+    table::Table,
 };
 
 /// The shared, swappable set of keys that [`ApiKeyService`](crate::ApiKeyService) checks
@@ -74,45 +77,15 @@ struct Writer {
 #[derive(Default)]
 pub(crate) struct Snapshot {
     version: u64,
-    map: HashMap<KeyDigest, Entry, DigestHasher>,
+    table: Table,
 }
 
-#[derive(Clone)]
-struct Entry {
-    info: KeyInfo,
-    usage: Arc<Usage>,
-    source: usize,
-    /// Validity window in Unix milliseconds: `[valid_from, valid_until)`.
-    valid_from: u64,
-    valid_until: u64,
-    disabled: bool,
-}
-
-/// Per-key request count and last use, shared across reloads for ids that stay.
-#[derive(Default)]
-pub(crate) struct Usage {
-    requests: AtomicU64,
-    /// Unix seconds of the last use (coarse clock), 0 for never.
-    last_used: AtomicU64,
-}
-
-impl Usage {
+impl KeyEntry {
+    /// Whether the key may be used now: not disabled, and inside its window.
     #[inline]
-    fn touch(&self, now_ms: u64) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let now = now_ms / 1000;
-        // Write the shared line only when the second changes, not on every request.
-        if self.last_used.load(Ordering::Relaxed) != now {
-            self.last_used.store(now, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Entry {
-    #[inline]
-    fn check(&self, now_ms: u64) -> Result<(), Rejection> {
+    fn check(&self, now_ms: u64, key: &KeyInfo) -> Result<(), Rejection> {
         if self.disabled {
-            return Err(Rejection::Disabled(self.info.clone()));
+            return Err(Rejection::Disabled(key.clone()));
         }
         if self.valid_from != 0 || self.valid_until != u64::MAX {
             // Trust the coarse clock only well inside the window.
@@ -124,10 +97,10 @@ impl Entry {
                 clock::exact_now_ms()
             };
             if now < self.valid_from {
-                return Err(Rejection::NotYetValid(self.info.clone()));
+                return Err(Rejection::NotYetValid(key.clone()));
             }
             if now >= self.valid_until {
-                return Err(Rejection::Expired(self.info.clone()));
+                return Err(Rejection::Expired(key.clone()));
             }
         }
         Ok(())
@@ -161,12 +134,16 @@ impl KeyStore {
     /// store keeps what it had (refusing everything if it had nothing), the failure is
     /// recorded in [`KeyStore::last_reload`] and logged, and the source is still
     /// watched, so a key file that is fixed later is picked up.
+    ///
+    /// # Panics
+    ///
+    /// If more than 65,536 sources are added to one store.
     pub fn add_source<S: KeySource>(&self, mut source: S) -> Result<(), Error> {
         let name: Arc<str> = source.name().into();
         let index = {
             let mut writer = self.shared.lock();
             writer.sources.push(name.clone());
-            writer.sources.len() - 1
+            u16::try_from(writer.sources.len() - 1).expect("at most 65,536 sources per store")
         };
         let updater = KeyUpdater {
             shared: Arc::downgrade(&self.shared),
@@ -199,7 +176,7 @@ impl KeyStore {
 
     /// The number of keys currently loaded (over all sources).
     pub fn len(&self) -> usize {
-        self.shared.current.load().map.len()
+        self.shared.current.load().table.len()
     }
 
     /// Whether no key is loaded, in which case every request is refused.
@@ -216,23 +193,12 @@ impl KeyStore {
     /// The key with this id, if loaded.
     pub fn get(&self, id: &str) -> Option<KeyInfo> {
         let snapshot = self.shared.current.load();
-        snapshot
-            .map
-            .values()
-            .find(|e| e.info.id() == id)
-            .map(|e| e.info.clone())
+        snapshot.table.iter().find(|k| k.id() == id).cloned()
     }
 
     /// Every loaded key, sorted by id.
     pub fn keys(&self) -> Vec<KeyInfo> {
-        let mut keys: Vec<_> = self
-            .shared
-            .current
-            .load()
-            .map
-            .values()
-            .map(|e| e.info.clone())
-            .collect();
+        let mut keys: Vec<_> = self.shared.current.load().table.iter().cloned().collect();
         keys.sort_by(|a, b| a.id().cmp(b.id()));
         keys
     }
@@ -246,13 +212,14 @@ impl KeyStore {
             .shared
             .current
             .load()
-            .map
-            .values()
-            .map(|e| {
-                let secs = e.usage.last_used.load(Ordering::Relaxed);
+            .table
+            .iter()
+            .map(|k| {
+                let e = k.entry();
+                let secs = u64::from(e.last_used.load(Ordering::Relaxed));
                 KeyUsage::new(
-                    e.info.clone(),
-                    e.usage.requests.load(Ordering::Relaxed),
+                    k.clone(),
+                    e.requests.load(Ordering::Relaxed),
                     (secs != 0).then(|| clock::from_unix_ms(secs * 1000)),
                 )
             })
@@ -294,33 +261,32 @@ impl KeyStore {
 
     /// Looks up a presented key: the request path. One load, one lookup, no lock.
     #[inline]
-    pub(crate) fn check(
-        &self,
-        presented: &[u8],
-        required_scope: Option<&Arc<str>>,
-    ) -> Result<Accepted, Rejection> {
+    pub(crate) fn check(&self, presented: &[u8], config: &Config) -> Result<Accepted, Rejection> {
         let digest = KeyDigest::of(presented);
         let snapshot = self.shared.current.load();
-        let Some(entry) = snapshot.map.get(&digest) else {
+        let Some(key) = snapshot.table.get(&digest) else {
             return Err(Rejection::Unknown);
         };
+        let entry = key.entry();
         let now = clock::coarse_now_ms();
-        entry.check(now)?;
-        if let Some(scope) = required_scope
-            && !entry.info.has_scope(scope)
+        entry.check(now, key)?;
+        if let Some(scope) = &config.required_scope
+            && !key.has_scope(scope)
         {
             return Err(Rejection::InsufficientScope {
-                key: entry.info.clone(),
+                key: key.clone(),
                 scope: scope.clone(),
             });
         }
-        entry.usage.touch(now);
+        if config.track_usage {
+            entry.touch(now);
+        }
         let sunset = (entry.valid_until != u64::MAX
             && now.saturating_add(self.shared.expiry_notice.load(Ordering::Relaxed))
                 >= entry.valid_until)
             .then_some(entry.valid_until);
         Ok(Accepted {
-            key: entry.info.clone(),
+            key: key.clone(),
             sunset,
         })
     }
@@ -336,7 +302,7 @@ impl fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let snapshot = self.shared.current.load();
         f.debug_struct("KeyStore")
-            .field("keys", &snapshot.map.len())
+            .field("keys", &snapshot.table.len())
             .field("version", &snapshot.version)
             .finish_non_exhaustive()
     }
@@ -362,7 +328,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct KeyUpdater {
     shared: Weak<Shared>,
-    source: usize,
+    source: u16,
     name: Arc<str>,
 }
 
@@ -385,7 +351,7 @@ impl KeyUpdater {
         let writer = shared.lock();
         let old = shared.current.load_full();
         match self.merge(&old, &set, &writer) {
-            Ok(mut next) => {
+            Ok((mut next, carried)) => {
                 next.version = old.version + 1;
                 let report = ReloadReport::applied(
                     self.name.clone(),
@@ -397,6 +363,11 @@ impl KeyUpdater {
                 );
                 shared.current.store(Arc::new(next));
                 drop(writer);
+                retire::retire(Retired {
+                    snapshot: old,
+                    carried,
+                    set,
+                });
                 crate::log::applied(&report);
                 shared.report(report.clone());
                 Ok(report)
@@ -436,72 +407,114 @@ impl KeyUpdater {
     }
 
     /// Builds the next snapshot: the other sources' entries, plus `set` as this
-    /// source's. Usage counters carry over by id.
-    fn merge(&self, old: &Snapshot, set: &KeySet, writer: &Writer) -> Result<Snapshot, Error> {
-        let others = old.map.len() - old.map.values().filter(|e| e.source == self.source).count();
-        let mut map =
-            HashMap::with_capacity_and_hasher(others + set.len(), DigestHasher::default());
-        let mut usage: HashMap<&str, &Arc<Usage>> = HashMap::with_capacity(old.map.len() - others);
-        let mut other_ids: HashMap<&str, usize> = HashMap::with_capacity(others);
-        for (digest, entry) in &old.map {
-            if entry.source == self.source {
-                usage.insert(entry.info.id(), &entry.usage);
-            } else {
-                other_ids.insert(entry.info.id(), entry.source);
-                map.insert(*digest, entry.clone());
-            }
+    /// source's. Entries that did not change are shared with the old snapshot, usage
+    /// counters and all; a key whose definition changed gets a new entry that carries
+    /// its id's counts over.
+    fn merge(
+        &self,
+        old: &Snapshot,
+        set: &KeySet,
+        writer: &Writer,
+    ) -> Result<(Snapshot, Vec<Carried>), Error> {
+        let source = self.source;
+        let ours = old
+            .table
+            .iter()
+            .filter(|k| k.entry().source == source)
+            .count();
+        let others = old.table.len() - ours;
+        let mut table = Table::with_capacity(others + set.len());
+        let mut other_ids: HashMap<&str, u16> = HashMap::with_capacity(others);
+        for key in old.table.iter().filter(|k| k.entry().source != source) {
+            other_ids.insert(key.id(), key.entry().source);
+            // Digests are unique within a snapshot, so this cannot clash.
+            let _ = table.insert(key.clone());
         }
+        // This source's old entries by id, built only if some key changed.
+        let mut old_by_id: Option<HashMap<&str, &KeyInfo>> = None;
+        let mut metas: HashMap<&Meta, Arc<SharedMeta>> = HashMap::new();
+        let mut carried = Vec::new();
         for key in set {
-            let attrs = &key.attrs;
-            let clash = map
-                .get(&key.digest)
-                .map(|e: &Entry| (e.info.id().to_owned(), e.source))
-                .or_else(|| {
-                    other_ids
-                        .get(&*attrs.id)
-                        .map(|&s| (attrs.id.to_string(), s))
-                });
-            if let Some((other_id, other)) = clash {
-                return Err(Error::Conflict {
-                    id: attrs.id.to_string(),
-                    other_id,
-                    other_source: writer
-                        .sources
-                        .get(other)
-                        .map(|s| s.to_string())
-                        .unwrap_or_default(),
-                });
+            if let Some(&other) = other_ids.get(&*key.id) {
+                return Err(self.conflict(key, key.id.to_string(), other, writer));
             }
-            let entry = Entry {
-                info: KeyInfo::new(attrs.clone(), self.name.clone()),
-                usage: usage
-                    .get(&*attrs.id)
-                    .map_or_else(Arc::default, |u| Arc::clone(u)),
-                source: self.source,
-                valid_from: attrs.not_before.map_or(0, clock::to_unix_ms),
-                valid_until: attrs.expires_at.map_or(u64::MAX, clock::to_unix_ms),
-                disabled: attrs.disabled,
+            let meta = metas.entry(&key.meta).or_insert_with(|| {
+                // Share the previous snapshot's copy when the metadata is unchanged, so
+                // unchanged keys compare equal by pointer.
+                old.table
+                    .get(&key.digest)
+                    .map(|k| &k.entry().shared)
+                    .filter(|m| m.meta == key.meta && m.source == self.name)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(SharedMeta {
+                            source: self.name.clone(),
+                            meta: key.meta.clone(),
+                        })
+                    })
+            });
+            let info = match old.table.get(&key.digest) {
+                Some(existing) if existing.entry().same_as(key, source, meta) => existing.clone(),
+                _ => {
+                    let new = KeyInfo(Arc::new(KeyEntry::new(key, source, meta.clone())));
+                    let by_id = old_by_id.get_or_insert_with(|| {
+                        old.table
+                            .iter()
+                            .filter(|k| k.entry().source == source)
+                            .map(|k| (k.id(), k))
+                            .collect()
+                    });
+                    if let Some(previous) = by_id.get(&*key.id) {
+                        let (from, to) = (previous.entry(), new.entry());
+                        let copied = from.requests.load(Ordering::Relaxed);
+                        to.requests.store(copied, Ordering::Relaxed);
+                        to.last_used
+                            .store(from.last_used.load(Ordering::Relaxed), Ordering::Relaxed);
+                        carried.push(Carried {
+                            old: (*previous).clone(),
+                            new: new.clone(),
+                            copied,
+                        });
+                    }
+                    new
+                }
             };
-            map.insert(key.digest, entry);
+            if let Err(clash) = table.insert(info) {
+                let (other_id, other) = (clash.id().to_owned(), clash.entry().source);
+                return Err(self.conflict(key, other_id, other, writer));
+            }
         }
-        Ok(Snapshot { version: 0, map })
+        Ok((Snapshot { version: 0, table }, carried))
+    }
+
+    fn conflict(&self, key: &ApiKey, other_id: String, other: u16, writer: &Writer) -> Error {
+        Error::Conflict {
+            id: key.id.to_string(),
+            other_id,
+            other_source: writer
+                .sources
+                .get(usize::from(other))
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+        }
     }
 }
 
 impl Snapshot {
     /// The ids this source had in this snapshot.
-    pub(crate) fn ids_of(&self, source: usize) -> impl Iterator<Item = &Arc<str>> {
-        self.map
-            .values()
-            .filter(move |e| e.source == source)
-            .map(|e| &e.info.attrs().id)
+    pub(crate) fn ids_of(&self, source: u16) -> impl Iterator<Item = &str> {
+        self.table
+            .iter()
+            .filter(move |k| k.entry().source == source)
+            .map(KeyInfo::id)
     }
 
     /// The ids of this source's keys that expire within `notice` ms of `now`.
-    pub(crate) fn expiring_of(&self, source: usize, now: u64, notice: u64) -> Vec<Arc<str>> {
-        let mut ids: Vec<_> = self
-            .map
-            .values()
+    pub(crate) fn expiring_of(&self, source: u16, now: u64, notice: u64) -> Vec<Arc<str>> {
+        let mut ids: Vec<Arc<str>> = self
+            .table
+            .iter()
+            .map(KeyInfo::entry)
             .filter(|e| {
                 e.source == source
                     && !e.disabled
@@ -509,7 +522,7 @@ impl Snapshot {
                     && e.valid_until > now
                     && e.valid_until <= now.saturating_add(notice)
             })
-            .map(|e| e.info.attrs().id.clone())
+            .map(|e| Arc::from(&*e.id))
             .collect();
         ids.sort();
         ids

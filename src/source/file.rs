@@ -354,16 +354,14 @@ sha256 = "{HASH}"
         )
         .unwrap();
         let a = set.get("a").unwrap();
-        assert_eq!(&*a.attrs.scopes, [Arc::from("read"), Arc::from("admin")]);
-        assert_eq!(a.attrs.tenant.as_deref(), Some("team-a"));
-        assert!(a.attrs.disabled);
+        assert_eq!(a.scopes().collect::<Vec<_>>(), ["read", "admin"]);
+        assert_eq!(a.tenant(), Some("team-a"));
+        assert!(a.is_disabled());
         let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs();
-        assert_eq!(secs(a.attrs.not_before.unwrap()), 1_793_491_200);
-        assert_eq!(secs(a.attrs.expires_at.unwrap()), 1_796_083_200);
+        assert_eq!(secs(a.not_before().unwrap()), 1_793_491_200);
+        assert_eq!(secs(a.expires_at().unwrap()), 1_796_083_200);
         assert_eq!(set.get("b").unwrap().digest, KeyDigest::of(b"s3cr3t"));
     }
-
-    use std::sync::Arc;
 
     #[test]
     fn empty_lists_are_valid() {
