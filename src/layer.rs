@@ -42,9 +42,16 @@ use crate::{ApiKeyService, DefaultRejection, Error, KeyLocation, KeySource, KeyS
 /// ```
 #[must_use]
 pub struct ApiKeyLayer<R = DefaultRejection> {
-    store: KeyStore,
-    config: Arc<Config>,
-    on_rejection: R,
+    state: Arc<State<R>>,
+}
+
+/// Everything a layer and its services share, behind one reference count: axum clones
+/// the service for every request, so this is one atomic increment, not four.
+#[derive(Clone)]
+pub(crate) struct State<R> {
+    pub(crate) store: KeyStore,
+    pub(crate) config: Config,
+    pub(crate) on_rejection: R,
 }
 
 #[derive(Clone, Debug)]
@@ -94,36 +101,38 @@ impl ApiKeyLayer {
     /// A layer over an existing store, which may be fed by several sources.
     pub fn from_store(store: KeyStore) -> Self {
         Self {
-            store,
-            config: Arc::new(Config {
-                locations: extract::default_locations().into(),
-                hide_credentials: false,
-                required_scope: None,
-                require_checksum: false,
-                deprecation_headers: false,
-                track_usage: true,
+            state: Arc::new(State {
+                store,
+                config: Config {
+                    locations: extract::default_locations().into(),
+                    hide_credentials: false,
+                    required_scope: None,
+                    require_checksum: false,
+                    deprecation_headers: false,
+                    track_usage: true,
+                },
+                on_rejection: DefaultRejection::default(),
             }),
-            on_rejection: DefaultRejection::default(),
         }
     }
 
     /// Sets the `realm` of the `WWW-Authenticate` challenge (default `"api"`).
     pub fn with_realm(mut self, realm: impl Into<Arc<str>>) -> Self {
-        self.on_rejection = DefaultRejection::new(realm);
+        Arc::make_mut(&mut self.state).on_rejection = DefaultRejection::new(realm);
         self
     }
 }
 
-impl<R> ApiKeyLayer<R> {
+impl<R: Clone> ApiKeyLayer<R> {
     /// The store this layer checks keys against: shared by every clone of the layer
     /// and every service it builds.
     pub fn store(&self) -> &KeyStore {
-        &self.store
+        &self.state.store
     }
 
     /// Reads the key only from these locations, in this order.
     pub fn with_key_locations(mut self, locations: impl IntoIterator<Item = KeyLocation>) -> Self {
-        Arc::make_mut(&mut self.config).locations = locations.into_iter().collect();
+        self.config_mut().locations = locations.into_iter().collect();
         self
     }
 
@@ -140,7 +149,7 @@ impl<R> ApiKeyLayer<R> {
     /// Removes the credential headers before the inner service sees the request, so a
     /// handler cannot log a key by accident (Kong's and Envoy's `hide_credentials`).
     pub fn hide_credentials(mut self, hide: bool) -> Self {
-        Arc::make_mut(&mut self.config).hide_credentials = hide;
+        self.config_mut().hide_credentials = hide;
         self
     }
 
@@ -148,7 +157,7 @@ impl<R> ApiKeyLayer<R> {
     /// lookup ([`Rejection::InvalidChecksum`]). Turn it on only once every key in use
     /// was made by [`generate`](crate::generate).
     pub fn require_checksum(mut self, require: bool) -> Self {
-        Arc::make_mut(&mut self.config).require_checksum = require;
+        self.config_mut().require_checksum = require;
         self
     }
 
@@ -157,26 +166,27 @@ impl<R> ApiKeyLayer<R> {
     /// [expiry notice](KeyStore::set_expiry_notice) carry `Sunset: <expires_at>`
     /// (RFC 8594) and `Deprecation: @<start of the notice>` (RFC 9745).
     pub fn deprecation_headers(mut self, enabled: bool) -> Self {
-        Arc::make_mut(&mut self.config).deprecation_headers = enabled;
+        self.config_mut().deprecation_headers = enabled;
         self
     }
 
     /// Whether requests let in through this layer count in [`KeyStore::usage`]
     /// (default `true`).
     pub fn track_usage(mut self, track: bool) -> Self {
-        Arc::make_mut(&mut self.config).track_usage = track;
+        self.config_mut().track_usage = track;
         self
     }
 
     /// A layer over the **same store** that also demands `scope`: a valid key without
     /// it gets 403 `insufficient_scope` (gRPC `PERMISSION_DENIED`).
-    pub fn require_scope(&self, scope: impl Into<Arc<str>>) -> Self
-    where
-        R: Clone,
-    {
+    pub fn require_scope(&self, scope: impl Into<Arc<str>>) -> Self {
         let mut layer = self.clone();
-        Arc::make_mut(&mut layer.config).required_scope = Some(scope.into());
+        layer.config_mut().required_scope = Some(scope.into());
         layer
+    }
+
+    fn config_mut(&mut self) -> &mut Config {
+        &mut Arc::make_mut(&mut self.state).config
     }
 
     /// Answers refused plain-HTTP requests with `on_rejection`'s response, e.g. a JSON
@@ -196,32 +206,27 @@ impl<R> ApiKeyLayer<R> {
     /// ```
     pub fn with_rejection<R2>(self, on_rejection: R2) -> ApiKeyLayer<R2> {
         ApiKeyLayer {
-            store: self.store,
-            config: self.config,
-            on_rejection,
+            state: Arc::new(State {
+                store: self.state.store.clone(),
+                config: self.state.config.clone(),
+                on_rejection,
+            }),
         }
     }
 }
 
-impl<S, R: Clone> Layer<S> for ApiKeyLayer<R> {
+impl<S, R> Layer<S> for ApiKeyLayer<R> {
     type Service = ApiKeyService<S, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ApiKeyService::new(
-            inner,
-            self.store.clone(),
-            self.config.clone(),
-            self.on_rejection.clone(),
-        )
+        ApiKeyService::new(inner, self.state.clone())
     }
 }
 
-impl<R: Clone> Clone for ApiKeyLayer<R> {
+impl<R> Clone for ApiKeyLayer<R> {
     fn clone(&self) -> Self {
         Self {
-            store: self.store.clone(),
-            config: self.config.clone(),
-            on_rejection: self.on_rejection.clone(),
+            state: self.state.clone(),
         }
     }
 }
@@ -229,8 +234,8 @@ impl<R: Clone> Clone for ApiKeyLayer<R> {
 impl<R> fmt::Debug for ApiKeyLayer<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ApiKeyLayer")
-            .field("store", &self.store)
-            .field("config", &self.config)
+            .field("store", &self.state.store)
+            .field("config", &self.state.config)
             .finish_non_exhaustive()
     }
 }

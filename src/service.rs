@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use crate::{
     ApiKeyLayer, DefaultRejection, KeyStore, Rejection, RejectionResponse, ResponseFuture, extract,
-    future::Sunset, has_valid_checksum, layer::Config, store::Accepted,
+    future::Sunset, has_valid_checksum, layer::State, store::Accepted,
 };
 
 /// Middleware that lets a request through only with a valid API key.
@@ -21,19 +21,12 @@ use crate::{
 /// `PERMISSION_DENIED` for gRPC. The [`Rejection`] is in its extensions.
 pub struct ApiKeyService<S, R = DefaultRejection> {
     inner: S,
-    store: KeyStore,
-    config: Arc<Config>,
-    on_rejection: R,
+    state: Arc<State<R>>,
 }
 
 impl<S, R> ApiKeyService<S, R> {
-    pub(crate) fn new(inner: S, store: KeyStore, config: Arc<Config>, on_rejection: R) -> Self {
-        Self {
-            inner,
-            store,
-            config,
-            on_rejection,
-        }
+    pub(crate) fn new(inner: S, state: Arc<State<R>>) -> Self {
+        Self { inner, state }
     }
 
     /// Returns a new [`Layer`](tower_layer::Layer) over `store`: the same as
@@ -44,7 +37,7 @@ impl<S, R> ApiKeyService<S, R> {
 
     /// The store this service checks keys against.
     pub fn store(&self) -> &KeyStore {
-        &self.store
+        &self.state.store
     }
 
     /// Gets a reference to the inner service.
@@ -64,11 +57,12 @@ impl<S, R> ApiKeyService<S, R> {
 
     #[inline]
     fn authenticate(&self, headers: &HeaderMap) -> Result<Accepted, Rejection> {
-        let key = extract::presented_key(headers, &self.config.locations)?;
-        if self.config.require_checksum && !has_valid_checksum(key) {
+        let State { store, config, .. } = &*self.state;
+        let key = extract::presented_key(headers, &config.locations)?;
+        if config.require_checksum && !has_valid_checksum(key) {
             return Err(Rejection::InvalidChecksum);
         }
-        self.store.check(key, &self.config)
+        store.check(key, config)
     }
 }
 
@@ -90,13 +84,14 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         match self.authenticate(req.headers()) {
             Ok(Accepted { key, sunset }) => {
-                if self.config.hide_credentials {
-                    extract::strip(req.headers_mut(), &self.config.locations);
+                let State { store, config, .. } = &*self.state;
+                if config.hide_credentials {
+                    extract::strip(req.headers_mut(), &config.locations);
                 }
                 req.extensions_mut().insert(key);
                 let sunset = sunset
-                    .filter(|_| self.config.deprecation_headers)
-                    .map(|at| Sunset::new(at, self.store.expiry_notice()));
+                    .filter(|_| config.deprecation_headers)
+                    .map(|at| Sunset::new(at, store.expiry_notice()));
                 ResponseFuture::inner(self.inner.call(req), sunset)
             }
             Err(rejection) => {
@@ -104,7 +99,7 @@ where
                 let mut res = if is_grpc(req.headers()) {
                     rejection.grpc_response()
                 } else {
-                    self.on_rejection.response(&rejection)
+                    self.state.on_rejection.response(&rejection)
                 };
                 res.extensions_mut().insert(rejection);
                 ResponseFuture::rejected(Ok(res))
@@ -119,13 +114,11 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
 }
 
-impl<S: Clone, R: Clone> Clone for ApiKeyService<S, R> {
+impl<S: Clone, R> Clone for ApiKeyService<S, R> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            store: self.store.clone(),
-            config: self.config.clone(),
-            on_rejection: self.on_rejection.clone(),
+            state: self.state.clone(),
         }
     }
 }
@@ -134,8 +127,8 @@ impl<S: fmt::Debug, R> fmt::Debug for ApiKeyService<S, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ApiKeyService")
             .field("inner", &self.inner)
-            .field("store", &self.store)
-            .field("config", &self.config)
+            .field("store", &self.state.store)
+            .field("config", &self.state.config)
             .finish_non_exhaustive()
     }
 }
