@@ -5,6 +5,7 @@
 //!
 //! Run: `cargo bench --bench paired` (about a minute and a half; needs ~1.5 GiB for
 //! the two 1M-key sets).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
