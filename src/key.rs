@@ -344,7 +344,8 @@ pub(crate) struct KeyEntry {
     pub(crate) last_used: AtomicU32,
     pub(crate) source: u16,
     pub(crate) disabled: bool,
-    pub(crate) id: Box<str>,
+    /// Shared with the [`ApiKey`] it was built from: no second copy per key.
+    pub(crate) id: Arc<str>,
     pub(crate) shared: Arc<SharedMeta>,
 }
 
@@ -358,7 +359,7 @@ impl KeyEntry {
             last_used: AtomicU32::new(0),
             source,
             disabled: key.disabled,
-            id: key.id.as_ref().into(),
+            id: key.id.clone(),
             shared,
         }
     }

@@ -1,4 +1,9 @@
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt,
+    hash::BuildHasher,
+    sync::{Arc, OnceLock},
+};
 
 use crate::{
     ApiKey, Error,
@@ -38,8 +43,31 @@ pub struct KeySet {
 #[derive(Clone, Default)]
 struct Inner {
     keys: Vec<ApiKey>,
+    /// Built on first use: a large set validated in bulk never needs it.
+    index: OnceLock<Index>,
+}
+
+#[derive(Clone, Default)]
+struct Index {
     by_digest: HashMap<KeyDigest, usize, DigestHasher>,
     by_id: HashMap<Arc<str>, usize>,
+}
+
+impl Inner {
+    fn index(&self) -> &Index {
+        self.index.get_or_init(|| {
+            let n = self.keys.len();
+            let mut index = Index {
+                by_digest: HashMap::with_capacity_and_hasher(n, DigestHasher::default()),
+                by_id: HashMap::with_capacity(n),
+            };
+            for (i, key) in self.keys.iter().enumerate() {
+                index.by_digest.insert(key.digest, i);
+                index.by_id.insert(key.id.clone(), i);
+            }
+            index
+        })
+    }
 }
 
 impl KeySet {
@@ -56,22 +84,22 @@ impl KeySet {
     /// The first [`Error::InvalidKey`], [`Error::DuplicateId`] or
     /// [`Error::DuplicateKey`] met.
     pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> Result<Self, Error> {
-        let keys = keys.into_iter();
-        let mut set = Self::with_capacity(keys.size_hint().0);
+        let keys: Vec<ApiKey> = keys.into_iter().collect();
+        if keys.iter().all(|k| validate_id(&k.id).is_ok()) && !has_duplicates(&keys) {
+            return Ok(Self {
+                inner: Arc::new(Inner {
+                    keys,
+                    index: OnceLock::new(),
+                }),
+            });
+        }
+        // Something is wrong: insert one by one, which finds the first offending key
+        // in order and says exactly what is wrong with it.
+        let mut set = Self::new();
         for key in keys {
             set.insert(key)?;
         }
         Ok(set)
-    }
-
-    pub(crate) fn with_capacity(n: usize) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                keys: Vec::with_capacity(n),
-                by_digest: HashMap::with_capacity_and_hasher(n, DigestHasher::default()),
-                by_id: HashMap::with_capacity(n),
-            }),
-        }
     }
 
     /// Adds a key.
@@ -87,20 +115,24 @@ impl KeySet {
     pub fn insert(&mut self, key: ApiKey) -> Result<(), Error> {
         validate_id(&key.id)?;
         let inner = Arc::make_mut(&mut self.inner);
-        if inner.by_id.contains_key(&key.id) {
+        inner.index();
+        let Some(index) = inner.index.get_mut() else {
+            unreachable!("the index was just built");
+        };
+        if index.by_id.contains_key(&key.id) {
             return Err(Error::DuplicateId {
                 id: key.id.to_string(),
             });
         }
-        if let Some(&first) = inner.by_digest.get(&key.digest) {
+        if let Some(&first) = index.by_digest.get(&key.digest) {
             return Err(Error::DuplicateKey {
                 first: inner.keys[first].id.to_string(),
                 second: key.id.to_string(),
             });
         }
-        let index = inner.keys.len();
-        inner.by_digest.insert(key.digest, index);
-        inner.by_id.insert(key.id.clone(), index);
+        let position = inner.keys.len();
+        index.by_digest.insert(key.digest, position);
+        index.by_id.insert(key.id.clone(), position);
         inner.keys.push(key);
         Ok(())
     }
@@ -117,13 +149,38 @@ impl KeySet {
 
     /// The key with this id.
     pub fn get(&self, id: &str) -> Option<&ApiKey> {
-        self.inner.by_id.get(id).map(|&i| &self.inner.keys[i])
+        self.inner
+            .index()
+            .by_id
+            .get(id)
+            .map(|&i| &self.inner.keys[i])
     }
 
     /// The keys, in insertion order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &ApiKey> {
         self.inner.keys.iter()
     }
+}
+
+/// Whether two keys share a digest or an id, found by sorting compact copies rather
+/// than by a million random hash-map probes.
+fn has_duplicates(keys: &[ApiKey]) -> bool {
+    let mut digests: Vec<[u8; 32]> = keys.iter().map(|k| k.digest.0).collect();
+    digests.sort_unstable();
+    if digests.windows(2).any(|w| w[0] == w[1]) {
+        return true;
+    }
+    drop(digests);
+    let state = std::hash::RandomState::new();
+    let mut ids: Vec<(u64, u32)> = keys
+        .iter()
+        .zip(0u32..)
+        .map(|(k, i)| (state.hash_one(&*k.id), i))
+        .collect();
+    ids.sort_unstable();
+    // Equal hashes are almost always equal ids; compare the strings to be sure.
+    ids.windows(2)
+        .any(|w| w[0].0 == w[1].0 && keys[w[0].1 as usize].id == keys[w[1].1 as usize].id)
 }
 
 fn validate_id(id: &str) -> Result<(), Error> {
@@ -195,6 +252,30 @@ mod tests {
         assert!(set.insert(ApiKey::new("x".repeat(257), "k3")).is_err());
         assert_eq!(set.len(), 1);
         assert!(set.get("a").is_some());
+    }
+
+    #[test]
+    fn bulk_validation_reports_like_one_by_one() {
+        let err = KeySet::from_keys([
+            ApiKey::new("a", "k1"),
+            ApiKey::new("b", "k2"),
+            ApiKey::new("a", "k3"),
+            ApiKey::new("c", "k2"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.to_string(), "duplicate key id `a`");
+        let err = KeySet::from_keys([
+            ApiKey::new("a", "k1"),
+            ApiKey::new("b", "k2"),
+            ApiKey::new("c", "k2"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.to_string(), "key `c` has the same secret as key `b`");
+        // Many ids: an equal-hash check must not report distinct ids.
+        let set =
+            KeySet::from_keys((0..10_000).map(|i| ApiKey::new(format!("k{i}"), format!("s{i}"))))
+                .unwrap();
+        assert_eq!(set.get("k9999").unwrap().id(), "k9999");
     }
 
     #[test]

@@ -1,6 +1,6 @@
-use std::{collections::HashSet, fmt, sync::Arc, time::SystemTime};
+use std::{fmt, sync::Arc, time::SystemTime};
 
-use crate::{Error, KeyInfo, store::Snapshot};
+use crate::{Error, KeyInfo};
 
 /// The outcome of one reload attempt: when it happened, which source made it, and
 /// either what changed or why it was refused.
@@ -15,6 +15,15 @@ pub struct ReloadReport {
     outcome: Result<Change, Error>,
 }
 
+/// What a reload changes in one source's keys, worked out while merging.
+#[derive(Default)]
+pub(crate) struct Diff {
+    pub(crate) added: Vec<Arc<str>>,
+    pub(crate) removed: Vec<Arc<str>>,
+    pub(crate) kept: Vec<Arc<str>>,
+    pub(crate) expiring: Vec<Arc<str>>,
+}
+
 #[derive(Clone)]
 struct Change {
     version: u64,
@@ -25,38 +34,23 @@ struct Change {
 }
 
 impl ReloadReport {
-    pub(crate) fn applied(
-        source: Arc<str>,
-        version: u64,
-        old: &Snapshot,
-        new: &Snapshot,
-        index: u16,
-        notice_ms: u64,
-    ) -> Self {
-        let before: HashSet<&str> = old.ids_of(index).collect();
-        let after: HashSet<&str> = new.ids_of(index).collect();
-        let sorted = |ids: Vec<&str>| {
-            let mut ids: Vec<Arc<str>> = ids.into_iter().map(Arc::from).collect();
-            ids.sort();
-            ids
-        };
+    pub(crate) fn applied(source: Arc<str>, version: u64, diff: Diff) -> Self {
         Self {
             source,
             at: SystemTime::now(),
             outcome: Ok(Change {
                 version,
-                added: sorted(after.difference(&before).copied().collect()),
-                removed: sorted(before.difference(&after).copied().collect()),
-                kept: sorted(after.intersection(&before).copied().collect()),
-                expiring: new.expiring_of(index, crate::clock::exact_now_ms(), notice_ms),
+                added: diff.added,
+                removed: diff.removed,
+                kept: diff.kept,
+                expiring: diff.expiring,
             }),
         }
     }
 
     /// A set accepted by a source not yet attached to a store.
     pub(crate) fn queued(source: Arc<str>, set: &crate::KeySet) -> Self {
-        let mut added: Vec<Arc<str>> = set.iter().map(|k| k.id.clone()).collect();
-        added.sort();
+        let added: Vec<Arc<str>> = set.iter().map(|k| k.id.clone()).collect();
         Self {
             source,
             at: SystemTime::now(),
@@ -104,7 +98,7 @@ impl ReloadReport {
         self.outcome.as_ref().ok().map(|c| c.version)
     }
 
-    /// Ids of this source's keys that the reload added, sorted.
+    /// Ids of this source's keys that the reload added, in the order of the new set.
     pub fn added(&self) -> Vec<&str> {
         self.outcome
             .as_ref()
@@ -119,7 +113,7 @@ impl ReloadReport {
         )
     }
 
-    /// Ids of this source's keys present before and after, sorted.
+    /// Ids of this source's keys present before and after, in the order of the new set.
     pub fn kept(&self) -> Vec<&str> {
         self.outcome
             .as_ref()
@@ -129,8 +123,8 @@ impl ReloadReport {
 
 impl ReloadReport {
     /// Ids of this source's keys whose `expires_at` falls within the store's
-    /// [expiry notice](crate::KeyStore::set_expiry_notice) at the time of the reload:
-    /// clients still using them should move.
+    /// [expiry notice](crate::KeyStore::set_expiry_notice) at the time of the reload,
+    /// in the order of the new set: clients still using them should move.
     pub fn expiring(&self) -> Vec<&str> {
         self.outcome.as_ref().map_or_else(
             |_| Vec::new(),

@@ -15,7 +15,7 @@ use crate::{
     ApiKey, Error, KeyInfo, KeySet, KeySource, Rejection, clock,
     key::{KeyDigest, KeyEntry, Meta, SharedMeta},
     layer::Config,
-    report::{KeyUsage, ReloadReport},
+    report::{Diff, KeyUsage, ReloadReport},
     retire::{self, Carried, Retired},
     table::Table,
 };
@@ -350,17 +350,11 @@ impl KeyUpdater {
         let shared = self.shared.upgrade().ok_or(Error::StoreClosed)?;
         let writer = shared.lock();
         let old = shared.current.load_full();
-        match self.merge(&old, &set, &writer) {
-            Ok((mut next, carried)) => {
+        let notice = shared.expiry_notice.load(Ordering::Relaxed);
+        match self.merge(&old, &set, &writer, notice) {
+            Ok((mut next, carried, diff)) => {
                 next.version = old.version + 1;
-                let report = ReloadReport::applied(
-                    self.name.clone(),
-                    next.version,
-                    &old,
-                    &next,
-                    self.source,
-                    shared.expiry_notice.load(Ordering::Relaxed),
-                );
+                let report = ReloadReport::applied(self.name.clone(), next.version, diff);
                 shared.current.store(Arc::new(next));
                 drop(writer);
                 retire::retire(Retired {
@@ -415,7 +409,8 @@ impl KeyUpdater {
         old: &Snapshot,
         set: &KeySet,
         writer: &Writer,
-    ) -> Result<(Snapshot, Vec<Carried>), Error> {
+        notice: u64,
+    ) -> Result<(Snapshot, Vec<Carried>, Diff), Error> {
         let source = self.source;
         let ours = old
             .table
@@ -434,8 +429,12 @@ impl KeyUpdater {
         let mut old_by_id: Option<HashMap<&str, &KeyInfo>> = None;
         let mut metas: HashMap<&Meta, Arc<SharedMeta>> = HashMap::new();
         let mut carried = Vec::new();
+        let mut diff = Diff::default();
+        let now = clock::exact_now_ms();
         for key in set {
-            if let Some(&other) = other_ids.get(&*key.id) {
+            if !other_ids.is_empty()
+                && let Some(&other) = other_ids.get(&*key.id)
+            {
                 return Err(self.conflict(key, key.id.to_string(), other, writer));
             }
             let meta = metas.entry(&key.meta).or_insert_with(|| {
@@ -453,38 +452,69 @@ impl KeyUpdater {
                         })
                     })
             });
-            let info = match old.table.get(&key.digest) {
-                Some(existing) if existing.entry().same_as(key, source, meta) => existing.clone(),
+            let previous = old.table.get(&key.digest).filter(|k| {
+                let e = k.entry();
+                e.source == source && *e.id == *key.id
+            });
+            let info = match previous {
+                Some(existing) if existing.entry().same_as(key, source, meta) => {
+                    diff.kept.push(key.id.clone());
+                    existing.clone()
+                }
                 _ => {
                     let new = KeyInfo(Arc::new(KeyEntry::new(key, source, meta.clone())));
-                    let by_id = old_by_id.get_or_insert_with(|| {
-                        old.table
-                            .iter()
-                            .filter(|k| k.entry().source == source)
-                            .map(|k| (k.id(), k))
-                            .collect()
-                    });
-                    if let Some(previous) = by_id.get(&*key.id) {
-                        let (from, to) = (previous.entry(), new.entry());
-                        let copied = from.requests.load(Ordering::Relaxed);
-                        to.requests.store(copied, Ordering::Relaxed);
-                        to.last_used
-                            .store(from.last_used.load(Ordering::Relaxed), Ordering::Relaxed);
-                        carried.push(Carried {
-                            old: (*previous).clone(),
-                            new: new.clone(),
-                            copied,
+                    let previous = previous.or_else(|| {
+                        let by_id = old_by_id.get_or_insert_with(|| {
+                            old.table
+                                .iter()
+                                .filter(|k| k.entry().source == source)
+                                .map(|k| (k.id(), k))
+                                .collect()
                         });
+                        by_id.get(&*key.id).copied()
+                    });
+                    match previous {
+                        Some(previous) => {
+                            diff.kept.push(key.id.clone());
+                            let (from, to) = (previous.entry(), new.entry());
+                            let copied = from.requests.load(Ordering::Relaxed);
+                            to.requests.store(copied, Ordering::Relaxed);
+                            to.last_used
+                                .store(from.last_used.load(Ordering::Relaxed), Ordering::Relaxed);
+                            carried.push(Carried {
+                                old: previous.clone(),
+                                new: new.clone(),
+                                copied,
+                            });
+                        }
+                        None => diff.added.push(key.id.clone()),
                     }
                     new
                 }
             };
+            let until = info.entry().valid_until;
+            if !key.disabled
+                && until != u64::MAX
+                && until > now
+                && until <= now.saturating_add(notice)
+            {
+                diff.expiring.push(key.id.clone());
+            }
             if let Err(clash) = table.insert(info) {
                 let (other_id, other) = (clash.id().to_owned(), clash.entry().source);
                 return Err(self.conflict(key, other_id, other, writer));
             }
         }
-        Ok((Snapshot { version: 0, table }, carried))
+        if diff.kept.len() < ours {
+            diff.removed = old
+                .table
+                .iter()
+                .filter(|k| k.entry().source == source && set.get(k.id()).is_none())
+                .map(|k| k.entry().id.clone())
+                .collect();
+            diff.removed.sort();
+        }
+        Ok((Snapshot { version: 0, table }, carried, diff))
     }
 
     fn conflict(&self, key: &ApiKey, other_id: String, other: u16, writer: &Writer) -> Error {
@@ -497,35 +527,6 @@ impl KeyUpdater {
                 .map(|s| s.to_string())
                 .unwrap_or_default(),
         }
-    }
-}
-
-impl Snapshot {
-    /// The ids this source had in this snapshot.
-    pub(crate) fn ids_of(&self, source: u16) -> impl Iterator<Item = &str> {
-        self.table
-            .iter()
-            .filter(move |k| k.entry().source == source)
-            .map(KeyInfo::id)
-    }
-
-    /// The ids of this source's keys that expire within `notice` ms of `now`.
-    pub(crate) fn expiring_of(&self, source: u16, now: u64, notice: u64) -> Vec<Arc<str>> {
-        let mut ids: Vec<Arc<str>> = self
-            .table
-            .iter()
-            .map(KeyInfo::entry)
-            .filter(|e| {
-                e.source == source
-                    && !e.disabled
-                    && e.valid_until != u64::MAX
-                    && e.valid_until > now
-                    && e.valid_until <= now.saturating_add(notice)
-            })
-            .map(|e| Arc::from(&*e.id))
-            .collect();
-        ids.sort();
-        ids
     }
 }
 
