@@ -95,18 +95,25 @@ fn main() {
                 .map(|i| request(Some(&secret(1 + (i % 2) as u32, i * 997))))
                 .collect();
             let mut latencies = Vec::with_capacity(4_000_000);
+            let mut slow = Vec::new();
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 let req = build(&headers[i % headers.len()]);
                 let t = Instant::now();
                 black_box(call(&mut svc, req));
-                latencies.push(t.elapsed());
+                let took = t.elapsed();
+                latencies.push(took);
+                if took > Duration::from_micros(250) {
+                    slow.push((t, took));
+                }
                 i += 1;
             }
-            latencies
+            (latencies, slow)
         })
     };
-    thread::sleep(Duration::from_millis(300));
+    // A baseline: the same load with no reload, to tell the machine's own hiccups
+    // from the reload's.
+    thread::sleep(Duration::from_secs(3));
     let mut reloads = layer.store().subscribe();
     let tmp = dir.path().join("keys.toml.new");
     fs::write(&tmp, &second).unwrap();
@@ -119,8 +126,21 @@ fn main() {
     let reload = swap_start.elapsed();
     thread::sleep(Duration::from_millis(1_000)); // keep the load on while the old set is freed
     stop.store(true, Ordering::Relaxed);
-    let mut latencies = worker.join().unwrap();
+    let (mut latencies, slow) = worker.join().unwrap();
+    for (at, took) in &slow {
+        let offset = at.checked_duration_since(swap_start).map_or_else(
+            || format!("-{:?}", swap_start - *at),
+            |d| format!("+{d:?}"),
+        );
+        println!("  slow request at rename {offset}: {took:?}");
+    }
     assert!(report.is_applied(), "{report:?}");
+    let baseline: Vec<_> = slow.iter().filter(|(at, _)| *at < swap_start).map(|(_, d)| *d).collect();
+    println!(
+        "baseline (3 s of load before the rename): {} requests over 250µs, worst {:?}",
+        baseline.len(),
+        baseline.iter().max()
+    );
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
     println!(

@@ -83,5 +83,14 @@ fn settle(retired: Retired) {
         new.last_used
             .fetch_max(old.last_used.load(Ordering::Relaxed), Ordering::Relaxed);
     }
-    drop(snapshot);
+    // Free a large set a slice at a time, giving the processor back in between, so
+    // that on a small machine the freeing does not hold a core for long.
+    if let Ok(snapshot) = Arc::try_unwrap(snapshot) {
+        let mut keys = snapshot.into_keys();
+        while !keys.is_empty() {
+            let at = keys.len().saturating_sub(4096);
+            drop(keys.split_off(at));
+            thread::yield_now();
+        }
+    }
 }

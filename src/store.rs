@@ -530,6 +530,13 @@ impl KeyUpdater {
     }
 }
 
+impl Snapshot {
+    /// The snapshot's keys, for freeing piecemeal.
+    pub(crate) fn into_keys(self) -> Vec<KeyInfo> {
+        self.table.into_keys()
+    }
+}
+
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -92,6 +92,10 @@ impl Table {
         }
     }
 
+    pub(crate) fn into_keys(self) -> Vec<KeyInfo> {
+        self.slots.into_vec().into_iter().filter_map(|s| s.key).collect()
+    }
+
     pub(crate) fn iter(&self) -> impl Iterator<Item = &KeyInfo> {
         self.slots.iter().filter_map(|s| s.key.as_ref())
     }
