@@ -42,7 +42,12 @@ fn app() -> Router {
 /// CPU time (user + system) of this process, in nanoseconds.
 fn cpu_ns() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     ticks * 1e9 / 100.0 // USER_HZ is 100 on Linux
 }
@@ -82,13 +87,26 @@ fn main() {
     let mut variants: Vec<Variant> = runtime.block_on(async {
         let routes = [
             ("bare", serve(app()).await),
-            ("do-nothing layer", serve(app().route_layer(tower::util::MapRequestLayer::new(|r| r))).await),
+            (
+                "do-nothing layer",
+                serve(app().route_layer(tower::util::MapRequestLayer::new(|r| r))).await,
+            ),
             ("tower-http bearer", serve(app().route_layer(bearer)).await),
-            ("ApiKeyLayer, 1M keys", serve(app().route_layer(layer)).await),
+            (
+                "ApiKeyLayer, 1M keys",
+                serve(app().route_layer(layer)).await,
+            ),
         ];
         routes
             .into_iter()
-            .map(|(name, addr)| Variant { name, addr, rps: vec![], cpu_ns_per_request: vec![], p50_us: vec![], p99_us: vec![] })
+            .map(|(name, addr)| Variant {
+                name,
+                addr,
+                rps: vec![],
+                cpu_ns_per_request: vec![],
+                p50_us: vec![],
+                p99_us: vec![],
+            })
             .collect()
     });
 
@@ -131,7 +149,11 @@ fn main() {
 
     println!(
         "{ROUNDS} alternating rounds of {SECONDS} s, wrk -t1 -c16, server on one tokio worker{}\n",
-        if pinned { "; server and wrk pinned to separate cores" } else { "" }
+        if pinned {
+            "; server and wrk pinned to separate cores"
+        } else {
+            ""
+        }
     );
     println!("| variant | requests/s | ratio to bare | p50 | p99 | server CPU per request |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -154,9 +176,17 @@ fn main() {
             .collect();
         median(d)
     };
-    let vs_bearer: Vec<f64> = (0..ROUNDS).map(|r| variants[3].rps[r] / variants[2].rps[r]).collect();
-    println!("\nApiKeyLayer throughput / tower-http bearer's (median of paired rounds): {:.3}", median(vs_bearer));
-    println!("ApiKeyLayer server CPU per request over the do-nothing layer: {:.0} ns", over(3, 1));
+    let vs_bearer: Vec<f64> = (0..ROUNDS)
+        .map(|r| variants[3].rps[r] / variants[2].rps[r])
+        .collect();
+    println!(
+        "\nApiKeyLayer throughput / tower-http bearer's (median of paired rounds): {:.3}",
+        median(vs_bearer)
+    );
+    println!(
+        "ApiKeyLayer server CPU per request over the do-nothing layer: {:.0} ns",
+        over(3, 1)
+    );
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {

@@ -128,14 +128,17 @@ fn main() {
     stop.store(true, Ordering::Relaxed);
     let (mut latencies, slow) = worker.join().unwrap();
     for (at, took) in &slow {
-        let offset = at.checked_duration_since(swap_start).map_or_else(
-            || format!("-{:?}", swap_start - *at),
-            |d| format!("+{d:?}"),
-        );
+        let offset = at
+            .checked_duration_since(swap_start)
+            .map_or_else(|| format!("-{:?}", swap_start - *at), |d| format!("+{d:?}"));
         println!("  slow request at rename {offset}: {took:?}");
     }
     assert!(report.is_applied(), "{report:?}");
-    let baseline: Vec<_> = slow.iter().filter(|(at, _)| *at < swap_start).map(|(_, d)| *d).collect();
+    let baseline: Vec<_> = slow
+        .iter()
+        .filter(|(at, _)| *at < swap_start)
+        .map(|(_, d)| *d)
+        .collect();
     println!(
         "baseline (3 s of load before the rename): {} requests over 250µs, worst {:?}",
         baseline.len(),

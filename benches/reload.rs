@@ -23,8 +23,12 @@ async fn run(events: bool, poll: Duration) -> Vec<Duration> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.toml");
     fs::write(&path, key_file(0)).unwrap();
-    let source = FileSource::new(&path).with_file_events(events).with_poll_interval(poll);
-    let app = Router::new().route("/", get(|| async { "ok" })).route_layer(ApiKeyLayer::try_new(source).unwrap());
+    let source = FileSource::new(&path)
+        .with_file_events(events)
+        .with_poll_interval(poll);
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route_layer(ApiKeyLayer::try_new(source).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -46,7 +50,10 @@ async fn run(events: bool, poll: Duration) -> Vec<Duration> {
             if status == 200 {
                 break;
             }
-            assert!(start.elapsed() < poll + Duration::from_secs(5), "rotation {generation} never applied");
+            assert!(
+                start.elapsed() < poll + Duration::from_secs(5),
+                "rotation {generation} never applied"
+            );
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         latencies.push(start.elapsed());

@@ -1,4 +1,8 @@
-use std::{fmt, sync::Arc, time::SystemTime};
+use std::{
+    fmt,
+    sync::{Arc, atomic::Ordering},
+    time::SystemTime,
+};
 
 use crate::{Error, KeyInfo};
 
@@ -159,11 +163,14 @@ pub struct KeyUsage {
 }
 
 impl KeyUsage {
-    pub(crate) fn new(key: KeyInfo, requests: u64, last_used: Option<SystemTime>) -> Self {
+    /// A snapshot of `key`'s counters now.
+    pub(crate) fn of(key: &KeyInfo) -> Self {
+        let entry = key.entry();
+        let secs = u64::from(entry.last_used.load(Ordering::Relaxed));
         Self {
-            key,
-            requests,
-            last_used,
+            key: key.clone(),
+            requests: entry.requests.load(Ordering::Relaxed),
+            last_used: (secs != 0).then(|| crate::clock::from_unix_ms(secs * 1000)),
         }
     }
 

@@ -214,18 +214,26 @@ impl KeyStore {
             .load()
             .table
             .iter()
-            .map(|k| {
-                let e = k.entry();
-                let secs = u64::from(e.last_used.load(Ordering::Relaxed));
-                KeyUsage::new(
-                    k.clone(),
-                    e.requests.load(Ordering::Relaxed),
-                    (secs != 0).then(|| clock::from_unix_ms(secs * 1000)),
-                )
-            })
+            .map(KeyUsage::of)
             .collect();
         usage.sort_by(|a, b| a.key().id().cmp(b.key().id()));
         usage
+    }
+
+    /// Request count and last use of the key with this id, if loaded.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_api_key::{ApiKey, ApiKeyLayer, KeySet};
+    ///
+    /// let layer = ApiKeyLayer::new(KeySet::from_keys([ApiKey::new("old", "k1")])?);
+    /// let usage = layer.store().usage_of("old").expect("loaded");
+    /// assert_eq!((usage.requests(), usage.last_used()), (0, None));
+    /// # Ok::<(), tower_api_key::Error>(())
+    /// ```
+    pub fn usage_of(&self, id: &str) -> Option<KeyUsage> {
+        self.get(id).as_ref().map(KeyUsage::of)
     }
 
     /// The outcome of the most recent reload attempt of any source, applied or refused.

@@ -93,7 +93,11 @@ impl Table {
     }
 
     pub(crate) fn into_keys(self) -> Vec<KeyInfo> {
-        self.slots.into_vec().into_iter().filter_map(|s| s.key).collect()
+        self.slots
+            .into_vec()
+            .into_iter()
+            .filter_map(|s| s.key)
+            .collect()
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &KeyInfo> {

@@ -280,13 +280,6 @@ async fn usage_survives_a_reload_for_ids_that_stay() {
     fs::write(&f.path, toml(&[("old", "old-key"), ("new", "new-key")])).unwrap();
     f.applied("the new key").await;
     assert_eq!(f.status("new-key").await, 200);
-    let usage = f.store.usage();
-    let count = |id: &str| {
-        usage
-            .iter()
-            .find(|u| u.key().id() == id)
-            .unwrap()
-            .requests()
-    };
+    let count = |id: &str| f.store.usage_of(id).unwrap().requests();
     assert_eq!((count("old"), count("new")), (3, 1));
 }

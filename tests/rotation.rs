@@ -10,7 +10,7 @@ use std::{
 };
 
 use axum::{Json, Router, routing::get};
-use common::{client, get_with, reload_where, serve, toml_datetime};
+use common::{client, get_with, reload_where, send, serve, toml_datetime};
 use tower_api_key::{ApiKeyLayer, FileSource, KeyInfo, generate};
 
 /// An app whose handler reports every `KeyInfo` field; `/admin` requires `admin`.
@@ -106,12 +106,7 @@ disabled = true
         ("late-key", "API key expired"),
         ("off-key", "API key disabled"),
     ] {
-        let res = client()
-            .get(format!("http://{addr}/"))
-            .header("x-api-key", key)
-            .send()
-            .await
-            .unwrap();
+        let res = send(addr, "/", Some(key)).await;
         assert_eq!(res.status(), 401, "{key}");
         let challenge = res.headers()["www-authenticate"].to_str().unwrap();
         assert!(challenge.contains(why), "{key}: {challenge}");
@@ -166,12 +161,7 @@ async fn dual_key_rotation_through_one_file_edit() {
     while SystemTime::now() < deadline {
         for (key, is_old) in [("old-key", true), ("new-key", false)] {
             let sent = SystemTime::now();
-            let res = client()
-                .get(format!("http://{addr}/"))
-                .header("x-api-key", key)
-                .send()
-                .await
-                .unwrap();
+            let res = send(addr, "/", Some(key)).await;
             let received = SystemTime::now();
             let status = res.status().as_u16();
             if !is_old {
@@ -192,14 +182,7 @@ async fn dual_key_rotation_through_one_file_edit() {
     }
     assert!(old_refused > 0 && new_ok > 0);
 
-    let usage = store.usage();
-    let count = |id: &str| {
-        usage
-            .iter()
-            .find(|u| u.key().id() == id)
-            .unwrap()
-            .requests()
-    };
+    let count = |id: &str| store.usage_of(id).unwrap().requests();
     assert_eq!(count("old"), old_ok);
     assert_eq!(count("new"), new_ok);
     // The expired key never reloaded: no file change was needed.
@@ -240,12 +223,7 @@ async fn generated_keys_and_checksums() {
     let mut typo = key.secret().to_owned();
     let last = typo.pop().unwrap();
     typo.push(if last == 'x' { 'y' } else { 'x' });
-    let res = client()
-        .get(format!("http://{addr}/"))
-        .header("x-api-key", typo)
-        .send()
-        .await
-        .unwrap();
+    let res = send(addr, "/", Some(&typo)).await;
     assert_eq!(res.status(), 401);
     assert!(
         res.headers()["www-authenticate"]

@@ -50,13 +50,18 @@ pub fn client() -> reqwest::Client {
 
 /// GETs `path` with optional `x-api-key`, returning status and body.
 pub async fn get_with(addr: SocketAddr, path: &str, key: Option<&str>) -> (u16, String) {
+    let res = send(addr, path, key).await;
+    let status = res.status().as_u16();
+    (status, res.text().await.unwrap())
+}
+
+/// GETs `path` with optional `x-api-key`, returning the whole response.
+pub async fn send(addr: SocketAddr, path: &str, key: Option<&str>) -> reqwest::Response {
     let mut req = client().get(format!("http://{addr}{path}"));
     if let Some(key) = key {
         req = req.header("x-api-key", key);
     }
-    let res = req.send().await.unwrap();
-    let status = res.status().as_u16();
-    (status, res.text().await.unwrap())
+    req.send().await.unwrap()
 }
 
 /// Waits (bounded) for the next reload attempt that satisfies `pred`.
