@@ -331,19 +331,24 @@ pub(crate) struct SharedMeta {
 
 /// A loaded key: what the store's table points at, and what [`KeyInfo`] shares.
 ///
-/// The fields every request touches come first, next to the reference count that
-/// handing out a [`KeyInfo`] increments: a lookup touches this allocation's first
-/// cache lines and nothing else.
+/// The fields every request touches come first, in this order (`repr(C)`), right
+/// after the 16-byte reference count that handing out a [`KeyInfo`] increments: with
+/// it they make exactly 64 bytes, so a lookup touches as few cache lines as the
+/// allocation's placement allows. The validity window is read only for keys that
+/// have one.
+#[repr(C)]
 pub(crate) struct KeyEntry {
     pub(crate) digest: KeyDigest,
-    /// Validity window in Unix milliseconds: `[valid_from, valid_until)`.
-    pub(crate) valid_from: u64,
-    pub(crate) valid_until: u64,
     pub(crate) requests: AtomicU64,
     /// Unix seconds of the last use (coarse clock); 0 for never.
     pub(crate) last_used: AtomicU32,
     pub(crate) source: u16,
     pub(crate) disabled: bool,
+    /// Whether `valid_from` or `valid_until` is set.
+    pub(crate) windowed: bool,
+    /// Validity window in Unix milliseconds: `[valid_from, valid_until)`.
+    pub(crate) valid_from: u64,
+    pub(crate) valid_until: u64,
     /// Shared with the [`ApiKey`] it was built from: no second copy per key.
     pub(crate) id: Arc<str>,
     pub(crate) shared: Arc<SharedMeta>,
@@ -359,6 +364,7 @@ impl KeyEntry {
             last_used: AtomicU32::new(0),
             source,
             disabled: key.disabled,
+            windowed: key.not_before.is_some() || key.expires_at.is_some(),
             id: key.id.clone(),
             shared,
         }

@@ -87,7 +87,7 @@ impl KeyEntry {
         if self.disabled {
             return Err(Rejection::Disabled(key.clone()));
         }
-        if self.valid_from != 0 || self.valid_until != u64::MAX {
+        if self.windowed {
             // Trust the coarse clock only well inside the window.
             let now = if now_ms >= self.valid_from.saturating_add(clock::MARGIN_MS)
                 && now_ms.saturating_add(clock::MARGIN_MS) < self.valid_until
@@ -289,7 +289,8 @@ impl KeyStore {
         if config.track_usage {
             entry.touch(now);
         }
-        let sunset = (entry.valid_until != u64::MAX
+        let sunset = (entry.windowed
+            && entry.valid_until != u64::MAX
             && now.saturating_add(self.shared.expiry_notice.load(Ordering::Relaxed))
                 >= entry.valid_until)
             .then_some(entry.valid_until);
