@@ -436,7 +436,8 @@ impl KeyUpdater {
         }
         // This source's old entries by id, built only if some key changed.
         let mut old_by_id: Option<HashMap<&str, &KeyInfo>> = None;
-        let mut metas: HashMap<&Meta, Arc<SharedMeta>> = HashMap::new();
+        let mut metas: HashMap<Option<&Meta>, Arc<SharedMeta>> = HashMap::new();
+        let no_meta = Meta::default();
         let mut carried = Vec::new();
         let mut diff = Diff::default();
         let now = clock::exact_now_ms();
@@ -446,18 +447,19 @@ impl KeyUpdater {
             {
                 return Err(self.conflict(key, key.id.to_string(), other, writer));
             }
-            let meta = metas.entry(&key.meta).or_insert_with(|| {
+            let key_meta = key.meta.as_deref().unwrap_or(&no_meta);
+            let meta = metas.entry(key.meta.as_deref()).or_insert_with(|| {
                 // Share the previous snapshot's copy when the metadata is unchanged, so
                 // unchanged keys compare equal by pointer.
                 old.table
                     .get(&key.digest)
                     .map(|k| &k.entry().shared)
-                    .filter(|m| m.meta == key.meta && m.source == self.name)
+                    .filter(|m| m.meta == *key_meta && m.source == self.name)
                     .cloned()
                     .unwrap_or_else(|| {
                         Arc::new(SharedMeta {
                             source: self.name.clone(),
-                            meta: key.meta.clone(),
+                            meta: key_meta.clone(),
                         })
                     })
             });

@@ -184,20 +184,22 @@ impl fmt::Debug for FileSource {
 #[serde(deny_unknown_fields)]
 struct KeyFile {
     #[serde(default)]
-    keys: Vec<Spanned<KeyEntry>>,
+    keys: Vec<Spanned<KeyEntry<String, Zeroizing<String>>>>,
 }
 
+/// One `[[keys]]` table. `S` is the string type (owned from the TOML parser,
+/// borrowed from the file on the fast path), `T` the secret's.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct KeyEntry {
-    id: String,
-    secret: Option<Zeroizing<String>>,
-    sha256: Option<String>,
-    #[serde(default)]
-    scopes: Vec<String>,
-    tenant: Option<String>,
-    owner: Option<String>,
-    description: Option<String>,
+struct KeyEntry<S, T> {
+    id: S,
+    secret: Option<T>,
+    sha256: Option<S>,
+    #[serde(default = "Vec::new")]
+    scopes: Vec<S>,
+    tenant: Option<S>,
+    owner: Option<S>,
+    description: Option<S>,
     not_before: Option<Datetime>,
     expires_at: Option<Datetime>,
     #[serde(default)]
@@ -243,7 +245,6 @@ fn general(text: &str) -> Result<KeySet, (Error, Option<usize>)> {
 mod simple {
     use super::{KeyEntry, KeySet};
     use toml::value::Datetime;
-    use zeroize::Zeroizing;
 
     pub(super) fn parse(text: &str) -> Option<KeySet> {
         let mut keys = Vec::with_capacity(text.len() / 100);
@@ -273,24 +274,25 @@ mod simple {
         KeySet::from_keys(keys).ok()
     }
 
+    /// The fields read so far, borrowed from the file's text (which the caller zeroes).
     #[derive(Default)]
-    struct Partial {
-        id: Option<String>,
-        secret: Option<Zeroizing<String>>,
-        sha256: Option<String>,
-        scopes: Option<Vec<String>>,
-        tenant: Option<String>,
-        owner: Option<String>,
-        description: Option<String>,
+    struct Partial<'a> {
+        id: Option<&'a str>,
+        secret: Option<&'a str>,
+        sha256: Option<&'a str>,
+        scopes: Option<Vec<&'a str>>,
+        tenant: Option<&'a str>,
+        owner: Option<&'a str>,
+        description: Option<&'a str>,
         not_before: Option<Datetime>,
         expires_at: Option<Datetime>,
         disabled: Option<bool>,
     }
 
-    impl Partial {
+    impl<'a> Partial<'a> {
         /// Sets one field; `None` if the line is outside the subset (an unknown or
         /// repeated field, a value of another shape).
-        fn set(&mut self, name: &str, value: &str) -> Option<()> {
+        fn set(&mut self, name: &str, value: &'a str) -> Option<()> {
             fn put<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
                 if slot.is_some() {
                     return None;
@@ -299,16 +301,13 @@ mod simple {
                 Some(())
             }
             match name {
-                "id" => put(&mut self.id, string(value).map(str::to_owned)),
-                "secret" => put(
-                    &mut self.secret,
-                    string(value).map(|s| Zeroizing::new(s.to_owned())),
-                ),
-                "sha256" => put(&mut self.sha256, string(value).map(str::to_owned)),
+                "id" => put(&mut self.id, string(value)),
+                "secret" => put(&mut self.secret, string(value)),
+                "sha256" => put(&mut self.sha256, string(value)),
                 "scopes" => put(&mut self.scopes, strings(value)),
-                "tenant" => put(&mut self.tenant, string(value).map(str::to_owned)),
-                "owner" => put(&mut self.owner, string(value).map(str::to_owned)),
-                "description" => put(&mut self.description, string(value).map(str::to_owned)),
+                "tenant" => put(&mut self.tenant, string(value)),
+                "owner" => put(&mut self.owner, string(value)),
+                "description" => put(&mut self.description, string(value)),
                 "not_before" => put(&mut self.not_before, datetime(value)),
                 "expires_at" => put(&mut self.expires_at, datetime(value)),
                 "disabled" => put(
@@ -323,7 +322,7 @@ mod simple {
             }
         }
 
-        fn finish(self) -> Option<KeyEntry> {
+        fn finish(self) -> Option<KeyEntry<&'a str, &'a str>> {
             Some(KeyEntry {
                 id: self.id?,
                 secret: self.secret,
@@ -349,15 +348,12 @@ mod simple {
     }
 
     /// An inline array of such strings.
-    fn strings(value: &str) -> Option<Vec<String>> {
+    fn strings(value: &str) -> Option<Vec<&str>> {
         let inner = value.strip_prefix('[')?.strip_suffix(']')?.trim();
         if inner.is_empty() {
             return Some(Vec::new());
         }
-        inner
-            .split(',')
-            .map(|s| string(s.trim()).map(str::to_owned))
-            .collect()
+        inner.split(',').map(|s| string(s.trim())).collect()
     }
 
     /// A datetime, only in the plain `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)` shape.
@@ -372,33 +368,38 @@ mod simple {
     }
 }
 
-impl KeyEntry {
+impl<S, T> KeyEntry<S, T>
+where
+    S: AsRef<str> + Into<Box<str>>,
+    T: AsRef<str>,
+{
     fn into_key(self) -> Result<ApiKey, Error> {
-        let id = self.id;
+        let id = self.id.as_ref();
         let digest = match (&self.secret, &self.sha256) {
-            (Some(secret), None) if secret.is_empty() => {
-                return Err(Error::invalid(Some(&id), "`secret` must not be empty"));
+            (Some(secret), None) if secret.as_ref().is_empty() => {
+                return Err(Error::invalid(Some(id), "`secret` must not be empty"));
             }
-            (Some(secret), None) => KeyDigest::of(secret.as_bytes()),
-            (None, Some(hex)) => KeyDigest::from_hex(hex.trim()).ok_or_else(|| {
-                Error::invalid(Some(&id), "`sha256` must be 64 hexadecimal digits")
+            (Some(secret), None) => KeyDigest::of(secret.as_ref().as_bytes()),
+            (None, Some(hex)) => KeyDigest::from_hex(hex.as_ref().trim()).ok_or_else(|| {
+                Error::invalid(Some(id), "`sha256` must be 64 hexadecimal digits")
             })?,
             (Some(_), Some(_)) => {
                 return Err(Error::invalid(
-                    Some(&id),
+                    Some(id),
                     "both `secret` and `sha256` are set; give exactly one",
                 ));
             }
             (None, None) => {
                 return Err(Error::invalid(
-                    Some(&id),
+                    Some(id),
                     "neither `secret` nor `sha256` is set; give exactly one",
                 ));
             }
         };
-        let mut key = ApiKey::from_digest(id.as_str().into(), digest)
-            .with_scopes(self.scopes)
-            .with_disabled(self.disabled);
+        let mut key = ApiKey::from_digest(id.into(), digest).with_disabled(self.disabled);
+        if !self.scopes.is_empty() {
+            key = key.with_scopes(self.scopes);
+        }
         if let Some(tenant) = self.tenant {
             key = key.with_tenant(tenant);
         }
@@ -409,10 +410,10 @@ impl KeyEntry {
             key = key.with_description(description);
         }
         if let Some(at) = self.not_before {
-            key = key.with_not_before(instant(&id, "not_before", &at)?);
+            key = key.with_not_before(instant(id, "not_before", &at)?);
         }
         if let Some(at) = self.expires_at {
-            key = key.with_expires_at(instant(&id, "expires_at", &at)?);
+            key = key.with_expires_at(instant(id, "expires_at", &at)?);
         }
         Ok(key)
     }
