@@ -16,7 +16,6 @@ use axum::{Router, routing::get};
 use common::{key, key_set};
 use tower_api_key::ApiKeyLayer;
 
-const ROUNDS: usize = 9;
 const SECONDS: u32 = 3;
 
 struct Variant {
@@ -74,6 +73,11 @@ fn main() {
         .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
         .output()
         .is_ok_and(|o| o.status.success());
+    // More rounds give steadier medians on a noisy machine: E2E_ROUNDS=15.
+    let rounds: usize = std::env::var("E2E_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(9);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -110,7 +114,7 @@ fn main() {
             .collect()
     });
 
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let n = variants.len();
         for k in 0..n {
             let v = &mut variants[(k + round) % n];
@@ -148,7 +152,7 @@ fn main() {
     }
 
     println!(
-        "{ROUNDS} alternating rounds of {SECONDS} s, wrk -t1 -c16, server on one tokio worker{}\n",
+        "{rounds} alternating rounds of {SECONDS} s, wrk -t1 -c16, server on one tokio worker{}\n",
         if pinned {
             "; server and wrk pinned to separate cores"
         } else {
@@ -159,7 +163,7 @@ fn main() {
     println!("|---|---:|---:|---:|---:|---:|");
     for i in 0..variants.len() {
         let v = &variants[i];
-        let ratio: Vec<f64> = (0..ROUNDS).map(|r| v.rps[r] / variants[0].rps[r]).collect();
+        let ratio: Vec<f64> = (0..rounds).map(|r| v.rps[r] / variants[0].rps[r]).collect();
         println!(
             "| {} | {:.0} | {:.3} | {:.0} µs | {:.0} µs | {:.0} ns |",
             v.name,
@@ -171,12 +175,12 @@ fn main() {
         );
     }
     let over = |a: usize, b: usize| {
-        let d: Vec<f64> = (0..ROUNDS)
+        let d: Vec<f64> = (0..rounds)
             .map(|r| variants[a].cpu_ns_per_request[r] - variants[b].cpu_ns_per_request[r])
             .collect();
         median(d)
     };
-    let vs_bearer: Vec<f64> = (0..ROUNDS)
+    let vs_bearer: Vec<f64> = (0..rounds)
         .map(|r| variants[3].rps[r] / variants[2].rps[r])
         .collect();
     println!(
