@@ -36,6 +36,7 @@ impl KeyLocation {
 /// unusable credential is [`Rejection::Malformed`], two different keys are
 /// [`Rejection::Conflicting`]. The same key twice is fine. Never panics, whatever the
 /// bytes.
+#[inline]
 pub(crate) fn presented_key<'a>(
     headers: &'a HeaderMap,
     locations: &[KeyLocation],
@@ -63,6 +64,7 @@ pub(crate) fn presented_key<'a>(
 }
 
 /// The token of a `Bearer` credential (possibly empty); `None` for another scheme.
+#[inline]
 fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let value = trim(value);
     let split = value
@@ -73,6 +75,7 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     scheme.eq_ignore_ascii_case(b"bearer").then(|| trim(rest))
 }
 
+#[inline]
 fn trim(bytes: &[u8]) -> &[u8] {
     bytes.trim_ascii()
 }
