@@ -322,11 +322,16 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-/// Metadata shared by the keys of one source that have the same [`Meta`].
+/// What the keys of one source with the same metadata and validity window share:
+/// one copy for all of them (a million keys usually have a handful of distinct
+/// values), which keeps each entry small.
 #[derive(Debug)]
 pub(crate) struct SharedMeta {
     pub(crate) source: Arc<str>,
     pub(crate) meta: Meta,
+    /// Validity window in Unix milliseconds: `[valid_from, valid_until)`.
+    pub(crate) valid_from: u64,
+    pub(crate) valid_until: u64,
 }
 
 /// A loaded key: what the store's table points at, and what [`KeyInfo`] shares.
@@ -334,8 +339,8 @@ pub(crate) struct SharedMeta {
 /// The fields every request touches come first, in this order (`repr(C)`), right
 /// after the 16-byte reference count that handing out a [`KeyInfo`] increments: with
 /// it they make exactly 64 bytes, so a lookup touches as few cache lines as the
-/// allocation's placement allows. The validity window is read only for keys that
-/// have one.
+/// allocation's placement allows. The validity window lives in the shared metadata
+/// and is read only for keys that have one.
 #[repr(C)]
 pub(crate) struct KeyEntry {
     pub(crate) digest: KeyDigest,
@@ -344,11 +349,8 @@ pub(crate) struct KeyEntry {
     pub(crate) last_used: AtomicU32,
     pub(crate) source: u16,
     pub(crate) disabled: bool,
-    /// Whether `valid_from` or `valid_until` is set.
+    /// Whether the key has a validity window (in `shared`).
     pub(crate) windowed: bool,
-    /// Validity window in Unix milliseconds: `[valid_from, valid_until)`.
-    pub(crate) valid_from: u64,
-    pub(crate) valid_until: u64,
     /// Shared with the [`ApiKey`] it was built from: no second copy per key.
     pub(crate) id: Arc<str>,
     pub(crate) shared: Arc<SharedMeta>,
@@ -358,8 +360,6 @@ impl KeyEntry {
     pub(crate) fn new(key: &ApiKey, source: u16, shared: Arc<SharedMeta>) -> Self {
         Self {
             digest: key.digest,
-            valid_from: key.valid_from,
-            valid_until: key.valid_until,
             requests: AtomicU64::new(0),
             last_used: AtomicU32::new(0),
             source,
@@ -376,10 +376,16 @@ impl KeyEntry {
         self.digest == key.digest
             && self.source == source
             && Arc::ptr_eq(&self.shared, shared)
-            && self.valid_from == key.valid_from
-            && self.valid_until == key.valid_until
             && self.disabled == key.disabled
             && *self.id == *key.id
+    }
+
+    pub(crate) fn valid_from(&self) -> u64 {
+        self.shared.valid_from
+    }
+
+    pub(crate) fn valid_until(&self) -> u64 {
+        self.shared.valid_until
     }
 
     #[inline]
@@ -442,12 +448,14 @@ impl KeyInfo {
 
     /// The instant before which the key is refused, if set (to the millisecond).
     pub fn not_before(&self) -> Option<SystemTime> {
-        (self.0.valid_from != 0).then(|| clock::from_unix_ms(self.0.valid_from))
+        let at = self.0.valid_from();
+        (at != 0).then(|| clock::from_unix_ms(at))
     }
 
     /// The instant from which the key is refused, if set (to the millisecond).
     pub fn expires_at(&self) -> Option<SystemTime> {
-        (self.0.valid_until != u64::MAX).then(|| clock::from_unix_ms(self.0.valid_until))
+        let at = self.0.valid_until();
+        (at != u64::MAX).then(|| clock::from_unix_ms(at))
     }
 
     /// Whether the key is disabled.
@@ -465,6 +473,8 @@ impl KeyInfo {
         let shared = Arc::new(SharedMeta {
             source: Arc::from("test"),
             meta: Meta::default(),
+            valid_from: 0,
+            valid_until: u64::MAX,
         });
         Self(Arc::new(KeyEntry::new(&key, 0, shared)))
     }
@@ -486,6 +496,13 @@ impl fmt::Debug for KeyInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_fits_a_96_byte_allocation() {
+        // 16 bytes of reference counts + the entry + the allocator's 8-byte header:
+        // a million keys' memory depends on staying in this size class.
+        assert!(std::mem::size_of::<KeyEntry>() <= 72, "{}", std::mem::size_of::<KeyEntry>());
+    }
 
     #[test]
     fn single_block_digest_matches_sha2_at_every_length() {
@@ -520,6 +537,8 @@ mod tests {
         let shared = Arc::new(SharedMeta {
             source: Arc::from("test"),
             meta: Meta::default(),
+            valid_from: 0,
+            valid_until: u64::MAX,
         });
         let info = KeyInfo(Arc::new(KeyEntry::new(&key, 0, shared)));
         assert!(format!("{info:?}").contains("id-1"));

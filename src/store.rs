@@ -88,18 +88,19 @@ impl KeyEntry {
             return Err(Rejection::Disabled(key.clone()));
         }
         if self.windowed {
+            let (from, until) = (self.valid_from(), self.valid_until());
             // Trust the coarse clock only well inside the window.
-            let now = if now_ms >= self.valid_from.saturating_add(clock::MARGIN_MS)
-                && now_ms.saturating_add(clock::MARGIN_MS) < self.valid_until
+            let now = if now_ms >= from.saturating_add(clock::MARGIN_MS)
+                && now_ms.saturating_add(clock::MARGIN_MS) < until
             {
                 now_ms
             } else {
                 clock::exact_now_ms()
             };
-            if now < self.valid_from {
+            if now < from {
                 return Err(Rejection::NotYetValid(key.clone()));
             }
-            if now >= self.valid_until {
+            if now >= until {
                 return Err(Rejection::Expired(key.clone()));
             }
         }
@@ -289,11 +290,10 @@ impl KeyStore {
         if config.track_usage {
             entry.touch(now);
         }
-        let sunset = (entry.windowed
-            && entry.valid_until != u64::MAX
-            && now.saturating_add(self.shared.expiry_notice.load(Ordering::Relaxed))
-                >= entry.valid_until)
-            .then_some(entry.valid_until);
+        let until = if entry.windowed { entry.valid_until() } else { u64::MAX };
+        let sunset = (until != u64::MAX
+            && now.saturating_add(self.shared.expiry_notice.load(Ordering::Relaxed)) >= until)
+            .then_some(until);
         Ok(Accepted {
             key: key.clone(),
             sunset,
@@ -436,7 +436,7 @@ impl KeyUpdater {
         }
         // This source's old entries by id, built only if some key changed.
         let mut old_by_id: Option<HashMap<&str, &KeyInfo>> = None;
-        let mut metas: HashMap<Option<&Meta>, Arc<SharedMeta>> = HashMap::new();
+        let mut metas: HashMap<(Option<&Meta>, u64, u64), Arc<SharedMeta>> = HashMap::new();
         let no_meta = Meta::default();
         let mut carried = Vec::new();
         let mut diff = Diff::default();
@@ -448,18 +448,25 @@ impl KeyUpdater {
                 return Err(self.conflict(key, key.id.to_string(), other, writer));
             }
             let key_meta = key.meta.as_deref().unwrap_or(&no_meta);
-            let meta = metas.entry(key.meta.as_deref()).or_insert_with(|| {
+            let shared_key = (key.meta.as_deref(), key.valid_from, key.valid_until);
+            let meta = metas.entry(shared_key).or_insert_with(|| {
                 // Share the previous snapshot's copy when the metadata is unchanged, so
                 // unchanged keys compare equal by pointer.
                 old.table
                     .get(&key.digest)
                     .map(|k| &k.entry().shared)
-                    .filter(|m| m.meta == *key_meta && m.source == self.name)
+                    .filter(|m| {
+                        m.meta == *key_meta
+                            && m.source == self.name
+                            && (m.valid_from, m.valid_until) == (key.valid_from, key.valid_until)
+                    })
                     .cloned()
                     .unwrap_or_else(|| {
                         Arc::new(SharedMeta {
                             source: self.name.clone(),
                             meta: key_meta.clone(),
+                            valid_from: key.valid_from,
+                            valid_until: key.valid_until,
                         })
                     })
             });
@@ -503,7 +510,7 @@ impl KeyUpdater {
                     new
                 }
             };
-            let until = info.entry().valid_until;
+            let until = key.valid_until;
             if !key.disabled
                 && until != u64::MAX
                 && until > now
