@@ -501,7 +501,11 @@ mod tests {
     fn an_entry_fits_a_96_byte_allocation() {
         // 16 bytes of reference counts + the entry + the allocator's 8-byte header:
         // a million keys' memory depends on staying in this size class.
-        assert!(std::mem::size_of::<KeyEntry>() <= 72, "{}", std::mem::size_of::<KeyEntry>());
+        assert!(
+            std::mem::size_of::<KeyEntry>() <= 72,
+            "{}",
+            std::mem::size_of::<KeyEntry>()
+        );
     }
 
     #[test]

@@ -165,12 +165,24 @@ impl KeySet {
 /// Whether two keys share a digest or an id, found by sorting compact copies rather
 /// than by a million random hash-map probes.
 fn has_duplicates(keys: &[ApiKey]) -> bool {
+    if keys.len() < 100_000 {
+        return has_duplicate_digests(keys) || has_duplicate_ids(keys);
+    }
+    // Large sets: both checks at once, on two threads.
+    std::thread::scope(|scope| {
+        let digests = scope.spawn(|| has_duplicate_digests(keys));
+        let ids = has_duplicate_ids(keys);
+        ids || digests.join().unwrap_or(true)
+    })
+}
+
+fn has_duplicate_digests(keys: &[ApiKey]) -> bool {
     let mut digests: Vec<[u8; 32]> = keys.iter().map(|k| k.digest.0).collect();
     digests.sort_unstable();
-    if digests.windows(2).any(|w| w[0] == w[1]) {
-        return true;
-    }
-    drop(digests);
+    digests.windows(2).any(|w| w[0] == w[1])
+}
+
+fn has_duplicate_ids(keys: &[ApiKey]) -> bool {
     let state = std::hash::RandomState::new();
     let mut ids: Vec<(u64, u32)> = keys
         .iter()

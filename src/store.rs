@@ -290,7 +290,11 @@ impl KeyStore {
         if config.track_usage {
             entry.touch(now);
         }
-        let until = if entry.windowed { entry.valid_until() } else { u64::MAX };
+        let until = if entry.windowed {
+            entry.valid_until()
+        } else {
+            u64::MAX
+        };
         let sunset = (until != u64::MAX
             && now.saturating_add(self.shared.expiry_notice.load(Ordering::Relaxed)) >= until)
             .then_some(until);
