@@ -124,7 +124,7 @@ fn pieces(c: &mut Criterion) {
     g.bench_function("custom_header_lookup_absent", |b| {
         b.iter(|| black_box(black_box(&headers).get(&x_api_key)).is_some())
     });
-    let token = key(7);
+    let token = key(7); // in every key set
     g.bench_function("sha256_40B", |b| {
         b.iter(|| Sha256::digest(black_box(token.as_bytes())))
     });
@@ -158,6 +158,11 @@ fn pieces(c: &mut Criterion) {
     let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
     g.bench_function("siphash_map_lookup_1M", |b| {
         b.iter(|| black_box(&siphash).get(black_box(&digest)).copied())
+    });
+    let store = tower_api_key::KeyStore::new();
+    store.add_source(key_set(1_000_000)).unwrap();
+    g.bench_function("store_verify_1M_40B_key", |b| {
+        b.iter(|| store.verify(black_box(token.as_bytes())).is_ok())
     });
     let meta = Arc::new(7u64);
     g.bench_function("extension_insert_arc", |b| {

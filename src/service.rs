@@ -62,7 +62,7 @@ impl<S, R> ApiKeyService<S, R> {
         if config.require_checksum && !has_valid_checksum(key) {
             return Err(Rejection::InvalidChecksum);
         }
-        store.check(key, config)
+        store.check(key, config.required_scope.as_ref(), config.track_usage)
     }
 }
 

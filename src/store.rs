@@ -14,7 +14,6 @@ use tokio::sync::watch;
 use crate::{
     ApiKey, Error, KeyInfo, KeySet, KeySource, Rejection, clock,
     key::{KeyDigest, KeyEntry, Meta, SharedMeta},
-    layer::Config,
     report::{Diff, KeyUsage, ReloadReport},
     retire::{self, Carried, Retired},
     table::Table,
@@ -237,6 +236,31 @@ impl KeyStore {
         self.get(id).as_ref().map(KeyUsage::of)
     }
 
+    /// Checks a key outside an HTTP request (a WebSocket message, a queue consumer, a
+    /// command-line tool): the same lookup and checks the layer makes, counted in
+    /// [`usage`](KeyStore::usage) like a request.
+    ///
+    /// # Errors
+    ///
+    /// Why the key is refused: [`Rejection::Unknown`], `Disabled`, `Expired` or
+    /// `NotYetValid`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_api_key::{ApiKey, KeySet, KeyStore, Rejection};
+    ///
+    /// let store = KeyStore::new();
+    /// store.add_source(KeySet::from_keys([ApiKey::new("worker", "s3cr3t")])?)?;
+    /// assert_eq!(store.verify("s3cr3t").unwrap().id(), "worker");
+    /// assert!(matches!(store.verify("guess"), Err(Rejection::Unknown)));
+    /// # Ok::<(), tower_api_key::Error>(())
+    /// ```
+    pub fn verify(&self, key: impl AsRef<[u8]>) -> Result<KeyInfo, Rejection> {
+        self.check(key.as_ref(), None, true)
+            .map(|accepted| accepted.key)
+    }
+
     /// The outcome of the most recent reload attempt of any source, applied or refused.
     pub fn last_reload(&self) -> Option<ReloadReport> {
         self.shared.reloads.borrow().clone()
@@ -270,7 +294,12 @@ impl KeyStore {
 
     /// Looks up a presented key: the request path. One load, one lookup, no lock.
     #[inline]
-    pub(crate) fn check(&self, presented: &[u8], config: &Config) -> Result<Accepted, Rejection> {
+    pub(crate) fn check(
+        &self,
+        presented: &[u8],
+        required_scope: Option<&Arc<str>>,
+        track_usage: bool,
+    ) -> Result<Accepted, Rejection> {
         let digest = KeyDigest::of(presented);
         let snapshot = self.shared.current.load();
         let Some(key) = snapshot.table.get(&digest) else {
@@ -279,7 +308,7 @@ impl KeyStore {
         let entry = key.entry();
         let now = clock::coarse_now_ms();
         entry.check(now, key)?;
-        if let Some(scope) = &config.required_scope
+        if let Some(scope) = required_scope
             && !key.has_scope(scope)
         {
             return Err(Rejection::InsufficientScope {
@@ -287,7 +316,7 @@ impl KeyStore {
                 scope: scope.clone(),
             });
         }
-        if config.track_usage {
+        if track_usage {
             entry.touch(now);
         }
         let until = if entry.windowed {
