@@ -42,7 +42,7 @@ impl KeyDigest {
 impl Table {
     /// A table for up to `n` keys, at most three quarters full.
     pub(crate) fn with_capacity(n: usize) -> Self {
-        let slots = n.saturating_add(n / 3).saturating_add(1).max(2);
+        let slots = n.saturating_add(n / 4).saturating_add(1).max(2);
         Self {
             slots: vec![Slot::default(); slots].into_boxed_slice(),
             len: 0,
