@@ -154,7 +154,7 @@ impl<R: Clone> ApiKeyLayer<R> {
     }
 
     /// Refuses keys without a valid [`generate`](crate::generate)d checksum before any
-    /// lookup ([`Rejection::InvalidChecksum`]). Turn it on only once every key in use
+    /// lookup ([`Rejection::InvalidChecksum`](crate::Rejection::InvalidChecksum)). Turn it on only once every key in use
     /// was made by [`generate`](crate::generate).
     pub fn require_checksum(mut self, require: bool) -> Self {
         self.config_mut().require_checksum = require;

@@ -97,6 +97,12 @@
 //! - `file` (default): [`FileSource`], watched with `notify`.
 //! - `tracing` (default): log reloads, refused reloads and refused requests.
 //! - `axum`: [`KeyInfo`] as an axum extractor.
+//!
+#![cfg_attr(feature = "file", doc = "[`FileSource`]: crate::FileSource")]
+#![cfg_attr(
+    not(feature = "file"),
+    doc = "[`FileSource`]: https://docs.rs/tower-api-key/latest/tower_api_key/struct.FileSource.html"
+)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 #[cfg(feature = "axum")]

@@ -14,7 +14,7 @@ use crate::{
 
 /// Middleware that lets a request through only with a valid API key.
 ///
-/// Built by [`ApiKeyLayer`]. On success the key's [`KeyInfo`] is inserted into the
+/// Built by [`ApiKeyLayer`]. On success the key's [`KeyInfo`](crate::KeyInfo) is inserted into the
 /// request extensions and the inner service is called. Otherwise the request is
 /// answered at once, without calling the inner service, with an `Ok` response: 401 or
 /// 403 with a `WWW-Authenticate` challenge for HTTP, `UNAUTHENTICATED` or

@@ -16,7 +16,7 @@ use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, key::KeyDigest};
 /// `NAME_FILE` is, the entries are read from the file it names.
 ///
 /// A process's own environment cannot change while it runs: to rotate keys given this
-/// way, redeploy, or use [`FileSource`](crate::FileSource) (with the `file` feature, a
+/// way, redeploy, or use `FileSource` (with the `file` feature, a
 /// `NAME_FILE` file is also watched and reloaded like one).
 ///
 /// # Example
