@@ -165,15 +165,9 @@ impl KeySet {
 /// Whether two keys share a digest or an id, found by sorting compact copies rather
 /// than by a million random hash-map probes.
 fn has_duplicates(keys: &[ApiKey]) -> bool {
-    if keys.len() < 100_000 {
-        return has_duplicate_digests(keys) || has_duplicate_ids(keys);
-    }
-    // Large sets: both checks at once, on two threads.
-    std::thread::scope(|scope| {
-        let digests = scope.spawn(|| has_duplicate_digests(keys));
-        let ids = has_duplicate_ids(keys);
-        ids || digests.join().unwrap_or(true)
-    })
+    // One thread on purpose: a reload runs beside live traffic, and on a small machine
+    // a second busy thread takes a core from the requests.
+    has_duplicate_digests(keys) || has_duplicate_ids(keys)
 }
 
 fn has_duplicate_digests(keys: &[ApiKey]) -> bool {
