@@ -171,9 +171,30 @@ fn has_duplicates(keys: &[ApiKey]) -> bool {
 }
 
 fn has_duplicate_digests(keys: &[ApiKey]) -> bool {
-    let mut digests: Vec<[u8; 32]> = keys.iter().map(|k| k.digest.0).collect();
-    digests.sort_unstable();
-    digests.windows(2).any(|w| w[0] == w[1])
+    // Sort eight-byte prefixes, which sort fast; digests are uniform, so equal
+    // prefixes are rare and are then compared in full.
+    let mut prefixes: Vec<(u64, u32)> = keys
+        .iter()
+        .zip(0u32..)
+        .map(|(k, i)| {
+            let mut head = [0u8; 8];
+            head.copy_from_slice(&k.digest.0[..8]);
+            (u64::from_be_bytes(head), i)
+        })
+        .collect();
+    prefixes.sort_unstable();
+    prefixes.chunk_by(|a, b| a.0 == b.0).any(|run| {
+        any_pair(run, |a, b| {
+            keys[a as usize].digest == keys[b as usize].digest
+        })
+    })
+}
+
+/// Whether any two members of `run` (usually one or two long) are `equal`.
+fn any_pair(run: &[(u64, u32)], equal: impl Fn(u32, u32) -> bool) -> bool {
+    run.iter()
+        .enumerate()
+        .any(|(i, a)| run[i + 1..].iter().any(|b| equal(a.1, b.1)))
 }
 
 fn has_duplicate_ids(keys: &[ApiKey]) -> bool {
@@ -185,8 +206,8 @@ fn has_duplicate_ids(keys: &[ApiKey]) -> bool {
         .collect();
     ids.sort_unstable();
     // Equal hashes are almost always equal ids; compare the strings to be sure.
-    ids.windows(2)
-        .any(|w| w[0].0 == w[1].0 && keys[w[0].1 as usize].id == keys[w[1].1 as usize].id)
+    ids.chunk_by(|a, b| a.0 == b.0)
+        .any(|run| any_pair(run, |a, b| keys[a as usize].id == keys[b as usize].id))
 }
 
 fn validate_id(id: &str) -> Result<(), Error> {
@@ -282,6 +303,15 @@ mod tests {
             KeySet::from_keys((0..10_000).map(|i| ApiKey::new(format!("k{i}"), format!("s{i}"))))
                 .unwrap();
         assert_eq!(set.get("k9999").unwrap().id(), "k9999");
+    }
+
+    #[test]
+    fn any_pair_looks_past_neighbours() {
+        // Three with one hash, the first and last equal: not adjacent after sorting.
+        let run = [(7, 0), (7, 1), (7, 2)];
+        assert!(any_pair(&run, |a, b| (a, b) == (0, 2)));
+        assert!(!any_pair(&run, |_, _| false));
+        assert!(!any_pair(&run[..1], |_, _| true));
     }
 
     #[test]
