@@ -69,12 +69,28 @@ impl KeyDigest {
     }
 }
 
+/// Hex digit values, `0xff` for bytes that are not hex digits: one load per digit
+/// when a million digests are read from a key file.
+const HEX: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+
 fn nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
+    match HEX[usize::from(c)] {
+        0xff => None,
+        n => Some(n),
     }
 }
 
@@ -325,7 +341,7 @@ impl fmt::Debug for ApiKey {
 /// What the keys of one source with the same metadata and validity window share:
 /// one copy for all of them (a million keys usually have a handful of distinct
 /// values), which keeps each entry small.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct SharedMeta {
     pub(crate) source: Arc<str>,
     pub(crate) meta: Meta,
@@ -375,7 +391,7 @@ impl KeyEntry {
     pub(crate) fn same_as(&self, key: &ApiKey, source: u16, shared: &Arc<SharedMeta>) -> bool {
         self.digest == key.digest
             && self.source == source
-            && Arc::ptr_eq(&self.shared, shared)
+            && (Arc::ptr_eq(&self.shared, shared) || self.shared == *shared)
             && self.disabled == key.disabled
             && *self.id == *key.id
     }

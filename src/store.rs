@@ -473,6 +473,7 @@ impl KeyUpdater {
         let no_meta = Meta::default();
         let mut carried = Vec::new();
         let mut diff = Diff::default();
+        diff.kept.reserve(ours.min(set.len()));
         let now = clock::exact_now_ms();
         for key in set {
             if !other_ids.is_empty()
@@ -482,12 +483,13 @@ impl KeyUpdater {
             }
             let key_meta = key.meta.as_deref().unwrap_or(&no_meta);
             let shared_key = (key.meta.as_deref(), key.valid_from, key.valid_until);
+            // One lookup in the old table per key: for a large reload each is a trip to
+            // memory.
+            let hit = old.table.get(&key.digest);
             let meta = metas.entry(shared_key).or_insert_with(|| {
                 // Share the previous snapshot's copy when the metadata is unchanged, so
-                // unchanged keys compare equal by pointer.
-                old.table
-                    .get(&key.digest)
-                    .map(|k| &k.entry().shared)
+                // unchanged keys usually compare equal by pointer.
+                hit.map(|k| &k.entry().shared)
                     .filter(|m| {
                         m.meta == *key_meta
                             && m.source == self.name
@@ -503,7 +505,7 @@ impl KeyUpdater {
                         })
                     })
             });
-            let previous = old.table.get(&key.digest).filter(|k| {
+            let previous = hit.filter(|k| {
                 let e = k.entry();
                 e.source == source && *e.id == *key.id
             });
@@ -620,5 +622,39 @@ impl Reloads {
                 return Some(report);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ApiKey, ChannelSource};
+
+    fn set(keys: &[(&str, &str)]) -> KeySet {
+        KeySet::from_keys(
+            keys.iter()
+                .map(|(id, secret)| ApiKey::new(*id, *secret).with_scopes(["read"])),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn unchanged_keys_keep_their_entry_across_reloads() {
+        let (source, publisher) = ChannelSource::new(set(&[("a", "ka"), ("b", "kb")]));
+        let store = KeyStore::new();
+        store.add_source(source).unwrap();
+        let before = store.get("b").unwrap();
+        // A new key first, with the same metadata: the unchanged ones must still be
+        // recognised as unchanged, and keep their entry (and counters).
+        publisher
+            .publish(set(&[("new", "kn"), ("a", "ka"), ("b", "kb")]))
+            .unwrap();
+        let after = store.get("b").unwrap();
+        assert!(Arc::ptr_eq(&before.0, &after.0));
+        // A changed definition gets a new entry.
+        publisher
+            .publish(set(&[("a", "ka"), ("b", "kb2")]))
+            .unwrap();
+        assert!(!Arc::ptr_eq(&after.0, &store.get("b").unwrap().0));
     }
 }
