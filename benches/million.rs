@@ -136,6 +136,7 @@ fn main() {
     thread::sleep(Duration::from_millis(1_000)); // keep the load on while the old set is freed
     stop.store(true, Ordering::Relaxed);
     let (mut latencies, slow) = worker.join().unwrap();
+    assert!(report.is_applied(), "{report:?}");
 
     // The everyday rotation on a large set: one key added to the million, the rest
     // unchanged (their entries and counters are kept, not rebuilt).
@@ -162,7 +163,6 @@ fn main() {
             .map_or_else(|| format!("-{:?}", swap_start - *at), |d| format!("+{d:?}"));
         println!("  slow request at rename {offset}: {took:?}");
     }
-    assert!(report.is_applied(), "{report:?}");
     let worst_between = |from: Option<Instant>, to: Instant| {
         let hits: Vec<Duration> = slow
             .iter()
