@@ -1,5 +1,6 @@
 //! An axum server on 127.0.0.1:3000 whose API keys live in a TOML file that is reloaded
-//! while it runs. Start it with `cargo run --example server`, then follow the curl
+//! while it runs. `/` accepts any valid key; `/admin` and `/admin/usage` require the
+//! `admin` scope. Start it with `cargo run --example server`, then follow the curl
 //! commands it prints: a key working, a second key added, the first one revoked.
 //!
 //! The key file defaults to `examples/keys.toml`; pass another path as the first
@@ -32,6 +33,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .route_layer(keys.clone())
         .merge(
             Router::new()
+                .route("/admin", get(admin))
                 .route("/admin/usage", get(usage))
                 .route_layer(keys.require_scope("admin"))
                 .layer(Extension(store)),
@@ -45,6 +47,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
 async fn hello(Extension(key): Extension<KeyInfo>) -> String {
     format!("hello, {} (key from {})\n", key.id(), key.source())
+}
+
+async fn admin(Extension(key): Extension<KeyInfo>) -> String {
+    format!(
+        "admin area: hello, {} (scopes {:?})\n",
+        key.id(),
+        key.scopes().collect::<Vec<_>>()
+    )
 }
 
 /// Per-key request counts and last use: how you see that an old key went idle.
