@@ -55,6 +55,21 @@ struct Shared {
     reloads: watch::Sender<Option<ReloadReport>>,
     /// How long before its `expires_at` a key counts as expiring, in milliseconds.
     expiry_notice: AtomicU64,
+    /// Run when the store is dropped: how watching sources learn to stop at once.
+    on_drop: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let callbacks = std::mem::take(
+            self.on_drop
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for callback in callbacks {
+            callback();
+        }
+    }
 }
 
 /// A key accepted by [`KeyStore::check`].
@@ -118,6 +133,7 @@ impl KeyStore {
                 writer: Mutex::new(Writer::default()),
                 reloads: watch::Sender::new(None),
                 expiry_notice: AtomicU64::new(duration_ms(DEFAULT_EXPIRY_NOTICE)),
+                on_drop: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -435,6 +451,19 @@ impl KeyUpdater {
     /// Whether the store is gone; a watching source should then stop.
     pub fn is_closed(&self) -> bool {
         self.shared.strong_count() == 0
+    }
+
+    /// Runs `callback` when the store is dropped (at once if it already is), so a
+    /// source waiting for changes can stop without waiting for its next poll.
+    pub(crate) fn on_close(&self, callback: impl FnOnce() + Send + 'static) {
+        match self.shared.upgrade() {
+            Some(shared) => shared
+                .on_drop
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Box::new(callback)),
+            None => callback(),
+        }
     }
 
     /// The name of the source this updater publishes for.

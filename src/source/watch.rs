@@ -62,6 +62,10 @@ pub(crate) fn spawn_with(
     // Watch before returning, so that a change made right after the source is added
     // is not missed.
     let watcher = options.events.then(|| watch.watcher()).flatten();
+    let closed = watch.tx.clone();
+    watch.updater.on_close(move || {
+        let _ = closed.send(Signal::Closed);
+    });
     let spawned = thread::Builder::new()
         .name("tower-api-key-watch".into())
         .spawn(move || watch.run(&rx, watcher));
@@ -102,6 +106,8 @@ struct Watch {
 enum Signal {
     Changed,
     WatcherFailed,
+    /// The store is gone.
+    Closed,
 }
 
 impl Watch {
@@ -111,7 +117,7 @@ impl Watch {
                 Ok(signal) => Some(self.settle(rx, signal)),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
             };
-            if self.updater.is_closed() {
+            if matches!(signal, Some(Signal::Closed)) || self.updater.is_closed() {
                 return;
             }
             // A failed watcher (or one that could not start, say because the directory
@@ -127,9 +133,15 @@ impl Watch {
 
     /// Waits until events stop arriving for the debounce period (at most ten periods).
     fn settle(&self, rx: &mpsc::Receiver<Signal>, first: Signal) -> Signal {
+        if matches!(first, Signal::Closed) {
+            return first;
+        }
         let deadline = Instant::now() + self.options.debounce * 10;
         let mut signal = first;
         while let Ok(next) = rx.recv_timeout(self.options.debounce) {
+            if matches!(next, Signal::Closed) {
+                return next;
+            }
             if matches!(next, Signal::WatcherFailed) {
                 signal = next;
             }
