@@ -455,6 +455,7 @@ impl KeyUpdater {
 
     /// Runs `callback` when the store is dropped (at once if it already is), so a
     /// source waiting for changes can stop without waiting for its next poll.
+    #[cfg(feature = "file")]
     pub(crate) fn on_close(&self, callback: impl FnOnce() + Send + 'static) {
         match self.shared.upgrade() {
             Some(shared) => shared
