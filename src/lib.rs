@@ -144,3 +144,8 @@ pub use crate::source::FileSource;
 
 #[cfg(feature = "axum")]
 pub use crate::axum::MissingKeyInfo;
+
+/// The README's Rust examples, compiled as doctests so they cannot rot.
+#[cfg(all(doctest, feature = "file"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
