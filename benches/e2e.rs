@@ -86,6 +86,7 @@ fn main() {
     let _guard = runtime.enter();
     let token = key(0);
     let layer = ApiKeyLayer::new(key_set(1_000_000));
+    let small = ApiKeyLayer::new(key_set(1));
     #[allow(deprecated)] // "too basic": exactly why it is the cheapest baseline
     let bearer = tower_http::validate_request::ValidateRequestHeaderLayer::bearer(&token);
     let mut variants: Vec<Variant> = runtime.block_on(async {
@@ -100,6 +101,7 @@ fn main() {
                 "ApiKeyLayer, 1M keys",
                 serve(app().route_layer(layer)).await,
             ),
+            ("ApiKeyLayer, 1 key", serve(app().route_layer(small)).await),
         ];
         routes
             .into_iter()
