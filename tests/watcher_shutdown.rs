@@ -28,7 +28,10 @@ fn dropping_the_layer_stops_its_watcher_promptly() {
         ApiKeyLayer::try_new(FileSource::new(&path).with_poll_interval(Duration::from_secs(3600)))
             .unwrap();
     let clone = layer.clone();
-    assert_eq!(watcher_threads(), before + 1);
+    // A new thread names itself once it runs: wait for that.
+    wait_until("the watcher thread to start", || {
+        watcher_threads() == before + 1
+    });
     drop(layer);
     assert_eq!(
         watcher_threads(),
@@ -36,12 +39,18 @@ fn dropping_the_layer_stops_its_watcher_promptly() {
         "a clone still holds the store"
     );
     drop(clone);
+    wait_until("the watcher to stop with its store", || {
+        watcher_threads() == before
+    });
+}
+
+fn wait_until(what: &str, done: impl Fn() -> bool) {
     let start = Instant::now();
-    while watcher_threads() > before {
+    while !done() {
         assert!(
             start.elapsed() < Duration::from_secs(5),
-            "the watcher outlived its store"
+            "timed out waiting for {what}"
         );
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
