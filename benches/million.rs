@@ -123,16 +123,21 @@ fn main() {
         }
     }
     black_box(x);
-    let mut reloads = layer.store().subscribe();
-    let tmp = dir.path().join("keys.toml.new");
-    fs::write(&tmp, &second).unwrap();
-    let swap_start = Instant::now();
-    fs::rename(&tmp, &path).unwrap();
-    let report = runtime
-        .block_on(async { tokio::time::timeout(Duration::from_secs(60), reloads.next()).await })
-        .unwrap()
-        .unwrap();
-    let reload = swap_start.elapsed();
+    // Writes `content` beside the key file, renames it into place and waits for the
+    // reload: returns when the rename happened, how long until applied, and the report.
+    let replace = |content: &str| {
+        let mut reloads = layer.store().subscribe();
+        let tmp = dir.path().join("keys.toml.new");
+        fs::write(&tmp, content).unwrap();
+        let start = Instant::now();
+        fs::rename(&tmp, &path).unwrap();
+        let report = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), reloads.next()).await })
+            .unwrap()
+            .unwrap();
+        (start, start.elapsed(), report)
+    };
+    let (swap_start, reload, report) = replace(&second);
     thread::sleep(Duration::from_millis(1_000)); // keep the load on while the old set is freed
     stop.store(true, Ordering::Relaxed);
     let (mut latencies, slow) = worker.join().unwrap();
@@ -142,15 +147,7 @@ fn main() {
     // unchanged (their entries and counters are kept, not rebuilt).
     let mut rotated = second.clone();
     rotated.push_str("[[keys]]\nid = \"rotated-in\"\nsecret = \"tak_rotated_in\"\n");
-    fs::write(&tmp, &rotated).unwrap();
-    let mut reloads = layer.store().subscribe();
-    let rotate_start = Instant::now();
-    fs::rename(&tmp, &path).unwrap();
-    let report = runtime
-        .block_on(async { tokio::time::timeout(Duration::from_secs(60), reloads.next()).await })
-        .unwrap()
-        .unwrap();
-    let rotate = rotate_start.elapsed();
+    let (_, rotate, report) = replace(&rotated);
     assert_eq!(report.added(), ["rotated-in"]);
     println!(
         "one key added to the 1M set (rename to applied, {} kept): {:.3} s",
