@@ -90,8 +90,9 @@ pub(crate) struct Sunset {
 }
 
 impl Sunset {
-    pub(crate) fn new(expires_at: u64, notice: std::time::Duration) -> Self {
-        let notice = u64::try_from(notice.as_millis()).unwrap_or(u64::MAX);
+    /// For a key expiring at `expires_at`, with an expiry notice of `notice`
+    /// (both in milliseconds).
+    pub(crate) fn new(expires_at: u64, notice: u64) -> Self {
         Self {
             expires_at,
             deprecated_at: expires_at.saturating_sub(notice),

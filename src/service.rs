@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use crate::{
     ApiKeyLayer, DefaultRejection, KeyStore, Rejection, RejectionResponse, ResponseFuture, extract,
-    future::Sunset, has_valid_checksum, layer::State, store::Accepted,
+    has_valid_checksum, layer::State, store::Accepted,
 };
 
 /// Middleware that lets a request through only with a valid API key.
@@ -84,14 +84,12 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         match self.authenticate(req.headers()) {
             Ok(Accepted { key, sunset }) => {
-                let State { store, config, .. } = &*self.state;
+                let config = &self.state.config;
                 if config.hide_credentials {
                     extract::strip(req.headers_mut(), &config.locations);
                 }
                 req.extensions_mut().insert(key);
-                let sunset = sunset
-                    .filter(|_| config.deprecation_headers)
-                    .map(|at| Sunset::new(at, store.expiry_notice()));
+                let sunset = sunset.filter(|_| config.deprecation_headers);
                 ResponseFuture::inner(self.inner.call(req), sunset)
             }
             Err(rejection) => {

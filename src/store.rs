@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::{
     ApiKey, Error, KeyInfo, KeySet, KeySource, Rejection, clock,
+    future::Sunset,
     key::{KeyDigest, KeyEntry, Meta, SharedMeta},
     report::{Diff, KeyUsage, ReloadReport},
     retire::{self, Carried, Retired},
@@ -75,8 +76,8 @@ impl Drop for Shared {
 /// A key accepted by [`KeyStore::check`].
 pub(crate) struct Accepted {
     pub(crate) key: KeyInfo,
-    /// The key's `expires_at` (Unix ms) if it falls within the expiry notice.
-    pub(crate) sunset: Option<u64>,
+    /// The headers announcing the key's expiry, if it falls within the notice.
+    pub(crate) sunset: Option<Sunset>,
 }
 
 /// The default [`KeyStore::set_expiry_notice`]: seven days.
@@ -335,14 +336,13 @@ impl KeyStore {
         if track_usage {
             entry.touch(now);
         }
-        let until = if entry.windowed {
-            entry.valid_until()
+        let sunset = if entry.windowed && entry.valid_until() != u64::MAX {
+            let notice = self.shared.expiry_notice.load(Ordering::Relaxed);
+            (now.saturating_add(notice) >= entry.valid_until())
+                .then(|| Sunset::new(entry.valid_until(), notice))
         } else {
-            u64::MAX
+            None
         };
-        let sunset = (until != u64::MAX
-            && now.saturating_add(self.shared.expiry_notice.load(Ordering::Relaxed)) >= until)
-            .then_some(until);
         Ok(Accepted {
             key: key.clone(),
             sunset,
