@@ -40,7 +40,7 @@ impl KeyDigest {
 }
 
 impl Table {
-    /// A table for up to `n` keys, at most three quarters full.
+    /// A table for up to `n` keys, at most four-fifths full.
     pub(crate) fn with_capacity(n: usize) -> Self {
         let slots = n.saturating_add(n / 4).saturating_add(1).max(2);
         Self {
