@@ -45,6 +45,23 @@ fn secret(generation: u32, i: usize) -> String {
     format!("tak_g{generation}_{i:0>32}")
 }
 
+/// A call that took over 250 µs.
+struct Slow {
+    at: Instant,
+    took: Duration,
+    /// How long the thread waited for a core (runnable, another thread on it) in the
+    /// window of calls around this one; `None` where the scheduler does not say.
+    waited: Option<Duration>,
+}
+
+/// How long this thread has been runnable but waiting for a core, in all, from the
+/// scheduler's per-thread accounting (Linux).
+fn run_delay() -> Option<Duration> {
+    let stat = fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos = stat.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Duration::from_nanos(nanos))
+}
+
 fn rss_bytes() -> u64 {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -84,6 +101,16 @@ fn main() {
         (after - before) / 1_000_000
     );
 
+    // Both replacement files are written now, before the load starts, so that the
+    // bench's own writing does not compete with the load it measures.
+    let second_path = dir.path().join("keys.toml.second");
+    fs::write(&second_path, &second).unwrap();
+    let mut rotated = second;
+    rotated.push_str("[[keys]]\nid = \"rotated-in\"\nsecret = \"tak_rotated_in\"\n");
+    let rotated_path = dir.path().join("keys.toml.rotated");
+    fs::write(&rotated_path, &rotated).unwrap();
+    drop(rotated);
+
     // Load: one thread calls the service with valid keys of both generations as fast
     // as it can, recording each call's latency.
     let stop = Arc::new(AtomicBool::new(false));
@@ -97,14 +124,33 @@ fn main() {
             let mut latencies = Vec::with_capacity(4_000_000);
             let mut slow = Vec::new();
             let mut i = 0;
+            // Every 256 calls (about 0.1 ms) the thread's run-queue wait is read, and
+            // given to the slow calls of that window: it tells a call held off its
+            // core by another thread from one stalled with the thread on the core.
+            let mut window = run_delay();
+            let mut settled = 0;
             while !stop.load(Ordering::Relaxed) {
+                if i % 256 == 0 {
+                    let now = run_delay();
+                    let waited = now.zip(window).map(|(n, w)| n.saturating_sub(w));
+                    for call in &mut slow[settled..] {
+                        let call: &mut Slow = call;
+                        call.waited = waited;
+                    }
+                    settled = slow.len();
+                    window = now;
+                }
                 let req = build(&headers[i % headers.len()]);
                 let t = Instant::now();
                 black_box(call(&mut svc, req));
                 let took = t.elapsed();
                 latencies.push(took);
                 if took > Duration::from_micros(250) {
-                    slow.push((t, took));
+                    slow.push(Slow {
+                        at: t,
+                        took,
+                        waited: None,
+                    });
                 }
                 i += 1;
             }
@@ -125,19 +171,17 @@ fn main() {
     black_box(x);
     // Writes `content` beside the key file, renames it into place and waits for the
     // reload: returns when the rename happened, how long until applied, and the report.
-    let replace = |content: &str| {
+    let replace = |tmp: &std::path::Path| {
         let mut reloads = layer.store().subscribe();
-        let tmp = dir.path().join("keys.toml.new");
-        fs::write(&tmp, content).unwrap();
         let start = Instant::now();
-        fs::rename(&tmp, &path).unwrap();
+        fs::rename(tmp, &path).unwrap();
         let report = runtime
             .block_on(async { tokio::time::timeout(Duration::from_secs(60), reloads.next()).await })
             .unwrap()
             .unwrap();
         (start, start.elapsed(), report)
     };
-    let (swap_start, reload, report) = replace(&second);
+    let (swap_start, reload, report) = replace(&second_path);
     thread::sleep(Duration::from_millis(1_000)); // keep the load on while the old set is freed
     stop.store(true, Ordering::Relaxed);
     let (mut latencies, slow) = worker.join().unwrap();
@@ -145,34 +189,53 @@ fn main() {
 
     // The everyday rotation on a large set: one key added to the million, the rest
     // unchanged (their entries and counters are kept, not rebuilt).
-    let mut rotated = second.clone();
-    rotated.push_str("[[keys]]\nid = \"rotated-in\"\nsecret = \"tak_rotated_in\"\n");
-    let (_, rotate, report) = replace(&rotated);
+    let (_, rotate, report) = replace(&rotated_path);
     assert_eq!(report.added(), ["rotated-in"]);
     println!(
         "one key added to the 1M set (rename to applied, {} kept): {:.3} s",
         report.kept().len(),
         rotate.as_secs_f64()
     );
-    for (at, took) in &slow {
-        let offset = at
-            .checked_duration_since(swap_start)
-            .map_or_else(|| format!("-{:?}", swap_start - *at), |d| format!("+{d:?}"));
-        println!("  slow request at rename {offset}: {took:?}");
+    for call in &slow {
+        let offset = call.at.checked_duration_since(swap_start).map_or_else(
+            || format!("-{:?}", swap_start - call.at),
+            |d| format!("+{d:?}"),
+        );
+        let waited = call
+            .waited
+            .map_or_else(|| "not known".to_owned(), |w| format!("{w:?}"));
+        println!(
+            "  slow request at rename {offset}: {:?} (the thread waited for a core {waited} around it)",
+            call.took
+        );
     }
-    let worst_between = |from: Option<Instant>, to: Instant| {
-        let hits: Vec<Duration> = slow
+    // For each phase: how many calls were slow, the slowest, and the longest part of
+    // a slow call spent waiting for a core (another thread on it) and on the core
+    // without progress (the virtual CPU or the kernel stalling).
+    let phase = |name: &str, from: Option<Instant>, to: Option<Instant>| {
+        let calls: Vec<&Slow> = slow
             .iter()
-            .filter(|(at, _)| from.is_none_or(|f| *at >= f) && *at < to)
-            .map(|(_, d)| *d)
+            .filter(|c| from.is_none_or(|f| c.at >= f) && to.is_none_or(|t| c.at < t))
             .collect();
-        (hits.len(), hits.iter().max().copied())
+        let worst = calls.iter().map(|c| c.took).max();
+        let held_off = |c: &Slow| c.waited.unwrap_or_default().min(c.took);
+        let waiting = calls.iter().map(|c| held_off(c)).max();
+        let stalled = calls.iter().map(|c| c.took - held_off(c)).max();
+        println!(
+            "{name}: {} requests over 250µs, worst {worst:?}; longest wait for a core {waiting:?}, longest stall on the core {stalled:?}",
+            calls.len()
+        );
     };
-    let (n, worst) = worst_between(None, control_start);
-    println!("baseline, 3 s of the load alone: {n} requests over 250µs, worst {worst:?}");
-    let (n, worst) = worst_between(Some(control_start), swap_start);
-    println!(
-        "baseline, 3 s of the load with the other core busy computing: {n} requests over 250µs, worst {worst:?}"
+    phase("baseline, 3 s of the load alone", None, Some(control_start));
+    phase(
+        "baseline, 3 s of the load with the other core busy computing",
+        Some(control_start),
+        Some(swap_start),
+    );
+    phase(
+        "from the rename of a new 1M set to 1 s after it applied",
+        Some(swap_start),
+        None,
     );
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];

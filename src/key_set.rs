@@ -7,6 +7,7 @@ use std::{
 
 use crate::{
     ApiKey, Error,
+    background::Pacer,
     key::{DigestHasher, KeyDigest},
 };
 
@@ -61,7 +62,9 @@ impl Inner {
                 by_digest: HashMap::with_capacity_and_hasher(n, DigestHasher::default()),
                 by_id: HashMap::with_capacity(n),
             };
+            let mut pacer = Pacer::new();
             for (i, key) in self.keys.iter().enumerate() {
+                pacer.step();
                 index.by_digest.insert(key.digest, i);
                 index.by_id.insert(key.id.clone(), i);
             }
@@ -100,6 +103,11 @@ impl KeySet {
             set.insert(key)?;
         }
         Ok(set)
+    }
+
+    /// The keys, if no other copy of the set shares them (for freeing piecemeal).
+    pub(crate) fn into_unshared_keys(self) -> Option<Vec<ApiKey>> {
+        Arc::try_unwrap(self.inner).ok().map(|inner| inner.keys)
     }
 
     /// Adds a key.
@@ -173,21 +181,53 @@ fn has_duplicates(keys: &[ApiKey]) -> bool {
 fn has_duplicate_digests(keys: &[ApiKey]) -> bool {
     // Sort eight-byte prefixes, which sort fast; digests are uniform, so equal
     // prefixes are rare and are then compared in full.
-    let mut prefixes: Vec<(u64, u32)> = keys
-        .iter()
-        .zip(0u32..)
-        .map(|(k, i)| {
-            let mut head = [0u8; 8];
-            head.copy_from_slice(&k.digest.0[..8]);
-            (u64::from_be_bytes(head), i)
-        })
-        .collect();
-    prefixes.sort_unstable();
+    let mut pacer = Pacer::new();
+    let mut prefixes = Vec::with_capacity(keys.len());
+    for (key, i) in keys.iter().zip(0u32..) {
+        pacer.step();
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&key.digest.0[..8]);
+        prefixes.push((u64::from_be_bytes(head), i));
+    }
+    let prefixes = sort_uniform(prefixes, &mut pacer);
     prefixes.chunk_by(|a, b| a.0 == b.0).any(|run| {
         any_pair(run, |a, b| {
             keys[a as usize].digest == keys[b as usize].digest
         })
     })
+}
+
+/// Sorts pairs whose first halves are spread evenly over `u64` (digest prefixes,
+/// hashes): one pass deals them into buckets by their top bits, then each bucket is
+/// sorted on its own. As fast as one big sort, and a background thread can pause
+/// between buckets instead of holding the processor for the whole of it.
+fn sort_uniform(mut pairs: Vec<(u64, u32)>, pacer: &mut Pacer) -> Vec<(u64, u32)> {
+    const BITS: u32 = 10;
+    if pairs.len() < 1 << 14 {
+        pairs.sort_unstable();
+        return pairs;
+    }
+    let bucket = |pair: &(u64, u32)| (pair.0 >> (64 - BITS)) as usize;
+    let mut starts = vec![0usize; (1 << BITS) + 1];
+    for pair in &pairs {
+        starts[bucket(pair) + 1] += 1;
+    }
+    for b in 1..starts.len() {
+        starts[b] += starts[b - 1];
+    }
+    let mut next = starts.clone();
+    let mut sorted = vec![(0, 0); pairs.len()];
+    for pair in &pairs {
+        pacer.step();
+        let at = &mut next[bucket(pair)];
+        sorted[*at] = *pair;
+        *at += 1;
+    }
+    for window in starts.windows(2) {
+        sorted[window[0]..window[1]].sort_unstable();
+        pacer.pause();
+    }
+    sorted
 }
 
 /// Whether any two members of `run` (usually one or two long) are `equal`.
@@ -199,12 +239,13 @@ fn any_pair(run: &[(u64, u32)], equal: impl Fn(u32, u32) -> bool) -> bool {
 
 fn has_duplicate_ids(keys: &[ApiKey]) -> bool {
     let state = std::hash::RandomState::new();
-    let mut ids: Vec<(u64, u32)> = keys
-        .iter()
-        .zip(0u32..)
-        .map(|(k, i)| (state.hash_one(&*k.id), i))
-        .collect();
-    ids.sort_unstable();
+    let mut pacer = Pacer::new();
+    let mut ids = Vec::with_capacity(keys.len());
+    for (key, i) in keys.iter().zip(0u32..) {
+        pacer.step();
+        ids.push((state.hash_one(&*key.id), i));
+    }
+    let ids = sort_uniform(ids, &mut pacer);
     // Equal hashes are almost always equal ids; compare the strings to be sure.
     ids.chunk_by(|a, b| a.0 == b.0)
         .any(|run| any_pair(run, |a, b| keys[a as usize].id == keys[b as usize].id))
@@ -303,6 +344,43 @@ mod tests {
             KeySet::from_keys((0..10_000).map(|i| ApiKey::new(format!("k{i}"), format!("s{i}"))))
                 .unwrap();
         assert_eq!(set.get("k9999").unwrap().id(), "k9999");
+    }
+
+    #[test]
+    fn large_sets_find_duplicates_anywhere() {
+        // Over 16K keys the checks sort bucket by bucket: a clash between the first
+        // and the last key must still be found, and named as one by one would.
+        let many = |last: ApiKey| {
+            KeySet::from_keys(
+                (0..20_000)
+                    .map(|i| ApiKey::new(format!("k{i}"), format!("s{i}")))
+                    .chain([last]),
+            )
+        };
+        let err = many(ApiKey::new("k0", "fresh")).unwrap_err();
+        assert_eq!(err.to_string(), "duplicate key id `k0`");
+        let err = many(ApiKey::new("last", "s0")).unwrap_err();
+        assert_eq!(err.to_string(), "key `last` has the same secret as key `k0`");
+        assert_eq!(many(ApiKey::new("last", "fresh")).unwrap().len(), 20_001);
+    }
+
+    #[test]
+    fn sort_uniform_sorts_like_sort_unstable() {
+        // Spread like digests, with some equal values and some in one bucket.
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut pairs: Vec<(u64, u32)> = (0..50_000u32)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (if i % 1000 == 0 { 42 } else { x }, i)
+            })
+            .collect();
+        pairs.push((u64::MAX, 7));
+        pairs.push((0, 9));
+        let mut expected = pairs.clone();
+        expected.sort_unstable();
+        assert_eq!(sort_uniform(pairs, &mut Pacer::new()), expected);
     }
 
     #[test]

@@ -107,6 +107,7 @@
 
 #[cfg(feature = "axum")]
 mod axum;
+mod background;
 mod clock;
 mod error;
 mod extract;

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{KeyInfo, KeySet, store::Snapshot};
+use crate::{KeyInfo, KeySet, background::Pacer, store::Snapshot};
 
 /// An entry replaced by a reload, whose usage moved to its successor.
 pub(crate) struct Carried {
@@ -44,6 +44,7 @@ pub(crate) fn retire(retired: Retired) {
         thread::Builder::new()
             .name("tower-api-key-reaper".into())
             .spawn(move || {
+                crate::background::enter();
                 for retired in rx {
                     settle(retired);
                 }
@@ -66,7 +67,10 @@ fn settle(retired: Retired) {
         carried,
         set,
     } = retired;
-    drop(set);
+    let mut pacer = Pacer::new();
+    if let Some(keys) = set.into_unshared_keys() {
+        drop_paced(keys, &mut pacer);
+    }
     let start = Instant::now();
     // `ArcSwap` turned every reader's borrow of the old snapshot into a reference
     // count when it was swapped out: once ours is the last, no request can touch
@@ -83,14 +87,17 @@ fn settle(retired: Retired) {
         new.last_used
             .fetch_max(old.last_used.load(Ordering::Relaxed), Ordering::Relaxed);
     }
-    // Free a large set a slice at a time, giving the processor back in between, so
-    // that on a small machine the freeing does not hold a core for long.
     if let Ok(snapshot) = Arc::try_unwrap(snapshot) {
-        let mut keys = snapshot.into_keys();
-        while !keys.is_empty() {
-            let at = keys.len().saturating_sub(4096);
-            drop(keys.split_off(at));
-            thread::yield_now();
-        }
+        drop_paced(snapshot.into_keys(), &mut pacer);
+    }
+}
+
+/// Frees a large list a slice at a time, pausing in between, so that on a small
+/// machine the freeing does not hold a core for long.
+fn drop_paced<T>(mut items: Vec<T>, pacer: &mut Pacer) {
+    while !items.is_empty() {
+        let at = items.len().saturating_sub(256);
+        drop(items.split_off(at));
+        pacer.pause();
     }
 }

@@ -12,7 +12,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::{
-    ApiKey, Error, KeyInfo, KeySet, KeySource, Rejection, clock,
+    ApiKey, Error, KeyInfo, KeySet, KeySource, Rejection,
+    background::Pacer,
+    clock,
     future::Sunset,
     key::{KeyDigest, KeyEntry, Meta, SharedMeta},
     report::{Diff, KeyUsage, ReloadReport},
@@ -492,7 +494,9 @@ impl KeyUpdater {
         let others = old.table.len() - ours;
         let mut table = Table::with_capacity(others + set.len());
         let mut other_ids: HashMap<&str, u16> = HashMap::with_capacity(others);
+        let mut pacer = Pacer::new();
         for key in old.table.iter().filter(|k| k.entry().source != source) {
+            pacer.step();
             other_ids.insert(key.id(), key.entry().source);
             // Digests are unique within a snapshot, so this cannot clash.
             let _ = table.insert(key.clone());
@@ -506,6 +510,7 @@ impl KeyUpdater {
         diff.kept.reserve(ours.min(set.len()));
         let now = clock::exact_now_ms();
         for key in set {
+            pacer.step();
             if !other_ids.is_empty()
                 && let Some(&other) = other_ids.get(&*key.id)
             {
@@ -548,11 +553,12 @@ impl KeyUpdater {
                     let new = KeyInfo(Arc::new(KeyEntry::new(key, source, meta.clone())));
                     let previous = previous.or_else(|| {
                         let by_id = old_by_id.get_or_insert_with(|| {
-                            old.table
-                                .iter()
-                                .filter(|k| k.entry().source == source)
-                                .map(|k| (k.id(), k))
-                                .collect()
+                            let mut by_id = HashMap::with_capacity(ours);
+                            for k in old.table.iter().filter(|k| k.entry().source == source) {
+                                pacer.step();
+                                by_id.insert(k.id(), k);
+                            }
+                            by_id
                         });
                         by_id.get(&*key.id).copied()
                     });
@@ -592,7 +598,10 @@ impl KeyUpdater {
             diff.removed = old
                 .table
                 .iter()
-                .filter(|k| k.entry().source == source && set.get(k.id()).is_none())
+                .filter(|k| {
+                    pacer.step();
+                    k.entry().source == source && set.get(k.id()).is_none()
+                })
                 .map(|k| k.entry().id.clone())
                 .collect();
             diff.removed.sort();

@@ -143,8 +143,7 @@ impl KeySource for FileSource {
     }
 
     fn load(&mut self) -> Result<KeySet, Error> {
-        let bytes =
-            Zeroizing::new(std::fs::read(&self.path).map_err(|e| Error::io(&self.path, e))?);
+        let bytes = watch::FileBytes::read(&self.path).map_err(|e| Error::io(&self.path, e))?;
         if bytes.is_empty() {
             return Err(Error::Parse {
                 reason:
@@ -250,6 +249,7 @@ fn general(text: &str) -> Result<KeySet, (Error, Option<usize>)> {
 /// every error message are the general parser's.
 mod simple {
     use super::{KeyEntry, KeySet};
+    use crate::background::Pacer;
     use toml::value::Datetime;
 
     pub(super) fn parse(text: &str) -> Option<KeySet> {
@@ -259,7 +259,9 @@ mod simple {
             Some(())
         };
         let mut current: Option<Partial> = None;
+        let mut pacer = Pacer::new();
         for line in text.lines() {
+            pacer.step();
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;

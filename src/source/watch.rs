@@ -3,7 +3,7 @@
 //! content changed.
 
 use std::{
-    io,
+    io::{self, Read as _},
     path::{Path, PathBuf},
     sync::mpsc::{self, RecvTimeoutError},
     thread,
@@ -12,9 +12,9 @@ use std::{
 
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use sha2::{Digest as _, Sha256};
-use zeroize::Zeroizing;
+use zeroize::Zeroize as _;
 
-use crate::{Error, KeySet, KeyUpdater};
+use crate::{Error, KeySet, KeyUpdater, background::Pacer};
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Options {
@@ -35,8 +35,63 @@ impl Default for Options {
 
 pub(crate) type Parser = Box<dyn Fn(&Path, &[u8]) -> Result<KeySet, Error> + Send>;
 
+/// The SHA-256 of a file's content, taken a slice at a time so that a background
+/// thread can pause in between (a 100 MB file takes tens of milliseconds).
 pub(crate) fn content_hash(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
+    let mut pacer = Pacer::new();
+    let mut hasher = Sha256::new();
+    for chunk in bytes.chunks(CHUNK) {
+        hasher.update(chunk);
+        pacer.pause();
+    }
+    hasher.finalize().into()
+}
+
+/// How much of a file is read, hashed or wiped between two looks at the [`Pacer`].
+const CHUNK: usize = 256 * 1024;
+
+/// A file's content, wiped when dropped: it may hold secrets.
+pub(crate) struct FileBytes(Vec<u8>);
+
+impl FileBytes {
+    /// Reads the file at `path` a slice at a time (pausing in between on a
+    /// background thread), into a buffer sized from its metadata so that no partial
+    /// copy is left behind unwiped by a reallocation.
+    pub(crate) fn read(path: &Path) -> io::Result<Self> {
+        let mut file = std::fs::File::open(path)?;
+        let size = file
+            .metadata()
+            .ok()
+            .and_then(|m| usize::try_from(m.len()).ok())
+            .unwrap_or(0);
+        let mut bytes = Self(Vec::with_capacity(size.saturating_add(1)));
+        let mut pacer = Pacer::new();
+        loop {
+            let chunk = u64::try_from(CHUNK).unwrap_or(u64::MAX);
+            if (&mut file).take(chunk).read_to_end(&mut bytes.0)? == 0 {
+                return Ok(bytes);
+            }
+            pacer.pause();
+        }
+    }
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for FileBytes {
+    fn drop(&mut self) {
+        let mut pacer = Pacer::new();
+        for chunk in self.0.chunks_mut(CHUNK) {
+            chunk.zeroize();
+            pacer.pause();
+        }
+    }
 }
 
 /// Watches `path` from a new thread until the store is dropped. `loaded` is the hash of
@@ -68,7 +123,10 @@ pub(crate) fn spawn_with(
     });
     let spawned = thread::Builder::new()
         .name("tower-api-key-watch".into())
-        .spawn(move || watch.run(&rx, watcher));
+        .spawn(move || {
+            crate::background::enter();
+            watch.run(&rx, watcher);
+        });
     if let Err(error) = spawned {
         let error = Error::Source {
             source: name,
@@ -83,9 +141,7 @@ pub(crate) fn spawn_with(
 
 /// Watches `path` with default settings; for sources with no content loaded yet.
 pub(crate) fn spawn(path: PathBuf, options: Options, parse: Parser, updater: KeyUpdater) {
-    let loaded = std::fs::read(&path)
-        .ok()
-        .map(|b| content_hash(&Zeroizing::new(b)));
+    let loaded = FileBytes::read(&path).ok().map(|b| content_hash(&b));
     spawn_with(path, options, parse, updater, loaded);
 }
 
@@ -188,8 +244,8 @@ impl Watch {
 
     /// Re-reads the file and publishes it if its content changed.
     fn check(&mut self) {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(bytes) => Zeroizing::new(bytes),
+        let bytes = match FileBytes::read(&self.path) {
+            Ok(bytes) => bytes,
             Err(error) => {
                 if self.last_error != Some(error.kind()) {
                     self.last_error = Some(error.kind());
