@@ -1,16 +1,13 @@
 use std::{
     fmt,
     hash::{BuildHasher, Hash, Hasher},
-    sync::{
-        Arc,
-        atomic::{AtomicU32, AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::SystemTime,
 };
 
 use sha2::{Digest as _, Sha256};
 
-use crate::{Error, clock};
+use crate::{Error, clock, table::TableHandle};
 
 /// SHA-256's initial hash value (FIPS 180-4, 5.3.3).
 const SHA256_INIT: [u32; 8] = [
@@ -338,62 +335,64 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-/// What the keys of one source with the same metadata and validity window share:
-/// one copy for all of them (a million keys usually have a handful of distinct
-/// values), which keeps each entry small.
+/// What the keys of one source with the same metadata, validity window and
+/// `disabled` flag share: one copy for all of them (a million keys usually have a
+/// handful of distinct values), which keeps each entry small.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct SharedMeta {
+    /// The source's name, and its index in the store.
     pub(crate) source: Arc<str>,
+    pub(crate) index: u16,
     pub(crate) meta: Meta,
     /// Validity window in Unix milliseconds: `[valid_from, valid_until)`.
     pub(crate) valid_from: u64,
     pub(crate) valid_until: u64,
+    pub(crate) disabled: bool,
 }
 
-/// A loaded key: what the store's table points at, and what [`KeyInfo`] shares.
-///
-/// The fields every request touches come first, in this order (`repr(C)`), right
-/// after the 16-byte reference count that handing out a [`KeyInfo`] increments: with
-/// it they make exactly 64 bytes, so a lookup touches as few cache lines as the
-/// allocation's placement allows. The validity window lives in the shared metadata
-/// and is read only for keys that have one.
-#[repr(C)]
+/// A loaded key's identity and metadata: what a table slot points at, and what a
+/// detached [`KeyInfo`] shares. Immutable, so a reload that leaves a key unchanged
+/// keeps its entry. The digest, the flags and the usage counters a request needs sit
+/// in the table slot itself (see [`Table`](crate::table::Table)), so a lookup never
+/// has to come here; and an entry is two pointers, which a million keys feel.
 pub(crate) struct KeyEntry {
-    pub(crate) digest: KeyDigest,
-    pub(crate) requests: AtomicU64,
-    /// Unix seconds of the last use (coarse clock); 0 for never.
-    pub(crate) last_used: AtomicU32,
-    pub(crate) source: u16,
-    pub(crate) disabled: bool,
-    /// Whether the key has a validity window (in `shared`).
-    pub(crate) windowed: bool,
     /// Shared with the [`ApiKey`] it was built from: no second copy per key.
     pub(crate) id: Arc<str>,
+    /// Everything else; `key`'s own fields must match it.
     pub(crate) shared: Arc<SharedMeta>,
 }
 
 impl KeyEntry {
-    pub(crate) fn new(key: &ApiKey, source: u16, shared: Arc<SharedMeta>) -> Self {
+    /// The entry for `key`, whose metadata, window and flag `shared` holds.
+    pub(crate) fn new(key: &ApiKey, shared: Arc<SharedMeta>) -> Self {
+        debug_assert!(
+            shared.disabled == key.disabled
+                && (shared.valid_from, shared.valid_until) == (key.valid_from, key.valid_until)
+        );
         Self {
-            digest: key.digest,
-            requests: AtomicU64::new(0),
-            last_used: AtomicU32::new(0),
-            source,
-            disabled: key.disabled,
-            windowed: key.valid_from != 0 || key.valid_until != u64::MAX,
             id: key.id.clone(),
             shared,
         }
     }
 
-    /// Whether `key` (from source `source`, with metadata `shared`) describes exactly
-    /// this entry, so the entry (and its usage counters) can be kept as is.
-    pub(crate) fn same_as(&self, key: &ApiKey, source: u16, shared: &Arc<SharedMeta>) -> bool {
-        self.digest == key.digest
-            && self.source == source
-            && (Arc::ptr_eq(&self.shared, shared) || self.shared == *shared)
-            && self.disabled == key.disabled
-            && *self.id == *key.id
+    /// Whether `key`, with `shared` as its metadata, describes exactly this entry,
+    /// which is already known to have `key`'s digest.
+    pub(crate) fn same_as(&self, key: &ApiKey, shared: &Arc<SharedMeta>) -> bool {
+        (Arc::ptr_eq(&self.shared, shared) || self.shared == *shared) && *self.id == *key.id
+    }
+
+    /// The index of the source the key came from.
+    pub(crate) fn source(&self) -> u16 {
+        self.shared.index
+    }
+
+    pub(crate) fn disabled(&self) -> bool {
+        self.shared.disabled
+    }
+
+    /// Whether the key has a validity window.
+    pub(crate) fn windowed(&self) -> bool {
+        self.shared.valid_from != 0 || self.shared.valid_until != u64::MAX
     }
 
     pub(crate) fn valid_from(&self) -> u64 {
@@ -403,84 +402,117 @@ impl KeyEntry {
     pub(crate) fn valid_until(&self) -> u64 {
         self.shared.valid_until
     }
-
-    #[inline]
-    pub(crate) fn touch(&self, now_ms: u64) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let now = u32::try_from(now_ms / 1000).unwrap_or(u32::MAX);
-        // Write the last-use stamp only when the second changes.
-        if self.last_used.load(Ordering::Relaxed) != now {
-            self.last_used.store(now, Ordering::Relaxed);
-        }
-    }
 }
 
 /// The non-secret identity of the key a request was let in with.
 ///
 /// [`ApiKeyService`](crate::ApiKeyService) inserts it into the request extensions, so
-/// handlers know which key (and so which client, tenant and scopes) they serve. It is a
-/// reference-counted handle: cloning it is cheap. It holds no key material.
+/// handlers know which key (and so which client, tenant and scopes) they serve. It
+/// holds no key material.
+///
+/// The one in the request is a handle on the key set the request was checked
+/// against, which is what lets a lookup touch a single cache line; a clone is
+/// independent of that key set, so keeping one (for a long-lived stream, say) never
+/// keeps a replaced key set in memory.
 ///
 /// - axum: take it as an extractor (`axum` feature) or with `Extension<KeyInfo>`.
 /// - tonic: `request.extensions().get::<KeyInfo>()`.
-#[derive(Clone)]
-pub struct KeyInfo(pub(crate) Arc<KeyEntry>);
+pub struct KeyInfo(Repr);
+
+enum Repr {
+    /// Slot `.1` of the table behind the handle: made by a lookup.
+    InTable(Arc<TableHandle>, usize),
+    /// The entry itself: a clone, or a key listed by the store.
+    Entry(Arc<KeyEntry>),
+}
+
+impl Clone for KeyInfo {
+    fn clone(&self) -> Self {
+        Self::detached(self.entry_arc().clone())
+    }
+}
 
 impl KeyInfo {
+    pub(crate) fn in_table(handle: Arc<TableHandle>, slot: usize) -> Self {
+        Self(Repr::InTable(handle, slot))
+    }
+
+    pub(crate) fn detached(entry: Arc<KeyEntry>) -> Self {
+        Self(Repr::Entry(entry))
+    }
+
+    fn entry_arc(&self) -> &Arc<KeyEntry> {
+        match &self.0 {
+            Repr::InTable(handle, slot) => handle.table().entry_at(*slot),
+            Repr::Entry(entry) => entry,
+        }
+    }
+
     /// The key's id, as configured.
     pub fn id(&self) -> &str {
-        &self.0.id
+        &self.entry().id
     }
 
     /// The name of the [`KeySource`](crate::KeySource) the key came from.
     pub fn source(&self) -> &str {
-        &self.0.shared.source
+        &self.entry().shared.source
     }
 
     /// The scopes the key grants.
     pub fn scopes(&self) -> impl ExactSizeIterator<Item = &str> {
-        self.0.shared.meta.scopes.iter().map(|s| &**s)
+        self.entry().shared.meta.scopes.iter().map(|s| &**s)
     }
 
     /// Whether the key grants `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.0.shared.meta.scopes.iter().any(|s| &**s == scope)
+        self.entry()
+            .shared
+            .meta
+            .scopes
+            .iter()
+            .any(|s| &**s == scope)
     }
 
     /// The tenant the key belongs to, if any.
     pub fn tenant(&self) -> Option<&str> {
-        self.0.shared.meta.tenant.as_deref()
+        self.entry().shared.meta.tenant.as_deref()
     }
 
     /// The key's owner, if set.
     pub fn owner(&self) -> Option<&str> {
-        self.0.shared.meta.owner.as_deref()
+        self.entry().shared.meta.owner.as_deref()
     }
 
     /// The key's description, if set.
     pub fn description(&self) -> Option<&str> {
-        self.0.shared.meta.description.as_deref()
+        self.entry().shared.meta.description.as_deref()
     }
 
     /// The instant before which the key is refused, if set (to the millisecond).
     pub fn not_before(&self) -> Option<SystemTime> {
-        let at = self.0.valid_from();
+        let at = self.entry().valid_from();
         (at != 0).then(|| clock::from_unix_ms(at))
     }
 
     /// The instant from which the key is refused, if set (to the millisecond).
     pub fn expires_at(&self) -> Option<SystemTime> {
-        let at = self.0.valid_until();
+        let at = self.entry().valid_until();
         (at != u64::MAX).then(|| clock::from_unix_ms(at))
     }
 
     /// Whether the key is disabled.
     pub fn is_disabled(&self) -> bool {
-        self.0.disabled
+        self.entry().disabled()
     }
 
     pub(crate) fn entry(&self) -> &KeyEntry {
-        &self.0
+        self.entry_arc()
+    }
+
+    /// Whether both are the same loaded entry (not merely equal).
+    #[cfg(test)]
+    pub(crate) fn same_entry(&self, other: &Self) -> bool {
+        Arc::ptr_eq(self.entry_arc(), other.entry_arc())
     }
 
     #[cfg(test)]
@@ -488,11 +520,13 @@ impl KeyInfo {
         let key = ApiKey::new(id, id);
         let shared = Arc::new(SharedMeta {
             source: Arc::from("test"),
+            index: 0,
             meta: Meta::default(),
             valid_from: 0,
             valid_until: u64::MAX,
+            disabled: false,
         });
-        Self(Arc::new(KeyEntry::new(&key, 0, shared)))
+        Self::detached(Arc::new(KeyEntry::new(&key, shared)))
     }
 }
 
@@ -501,10 +535,10 @@ impl fmt::Debug for KeyInfo {
         f.debug_struct("KeyInfo")
             .field("id", &self.id())
             .field("source", &self.source())
-            .field("meta", &self.0.shared.meta)
+            .field("meta", &self.entry().shared.meta)
             .field("not_before", &self.not_before())
             .field("expires_at", &self.expires_at())
-            .field("disabled", &self.0.disabled)
+            .field("disabled", &self.is_disabled())
             .finish()
     }
 }
@@ -514,11 +548,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_entry_fits_a_96_byte_allocation() {
+    fn an_entry_fits_a_48_byte_allocation() {
         // 16 bytes of reference counts + the entry + the allocator's 8-byte header:
         // a million keys' memory depends on staying in this size class.
         assert!(
-            std::mem::size_of::<KeyEntry>() <= 72,
+            std::mem::size_of::<KeyEntry>() <= 24,
             "{}",
             std::mem::size_of::<KeyEntry>()
         );
@@ -556,11 +590,13 @@ mod tests {
         assert!(!dbg.contains(&hex));
         let shared = Arc::new(SharedMeta {
             source: Arc::from("test"),
+            index: 0,
             meta: Meta::default(),
             valid_from: 0,
             valid_until: u64::MAX,
+            disabled: false,
         });
-        let info = KeyInfo(Arc::new(KeyEntry::new(&key, 0, shared)));
+        let info = KeyInfo::detached(Arc::new(KeyEntry::new(&key, shared)));
         assert!(format!("{info:?}").contains("id-1"));
         assert!(!format!("{info:?}").contains(&hex));
     }

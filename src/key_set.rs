@@ -360,7 +360,10 @@ mod tests {
         let err = many(ApiKey::new("k0", "fresh")).unwrap_err();
         assert_eq!(err.to_string(), "duplicate key id `k0`");
         let err = many(ApiKey::new("last", "s0")).unwrap_err();
-        assert_eq!(err.to_string(), "key `last` has the same secret as key `k0`");
+        assert_eq!(
+            err.to_string(),
+            "key `last` has the same secret as key `k0`"
+        );
         assert_eq!(many(ApiKey::new("last", "fresh")).unwrap().len(), 20_001);
     }
 

@@ -1,8 +1,4 @@
-use std::{
-    fmt,
-    sync::{Arc, atomic::Ordering},
-    time::SystemTime,
-};
+use std::{fmt, sync::Arc, time::SystemTime};
 
 use crate::{Error, KeyInfo};
 
@@ -163,13 +159,13 @@ pub struct KeyUsage {
 }
 
 impl KeyUsage {
-    /// A snapshot of `key`'s counters now.
-    pub(crate) fn of(key: &KeyInfo) -> Self {
-        let entry = key.entry();
-        let secs = u64::from(entry.last_used.load(Ordering::Relaxed));
+    /// `key`'s counters as read from its slot: requests, and the last use in Unix
+    /// seconds (0 for never).
+    pub(crate) fn new(key: KeyInfo, (requests, last_used): (u64, u32)) -> Self {
+        let secs = u64::from(last_used);
         Self {
-            key: key.clone(),
-            requests: entry.requests.load(Ordering::Relaxed),
+            key,
+            requests,
             last_used: (secs != 0).then(|| crate::clock::from_unix_ms(secs * 1000)),
         }
     }

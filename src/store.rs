@@ -19,7 +19,7 @@ use crate::{
     key::{KeyDigest, KeyEntry, Meta, SharedMeta},
     report::{Diff, KeyUsage, ReloadReport},
     retire::{self, Carried, Retired},
-    table::Table,
+    table::{self, Table, TableHandle},
 };
 
 /// The shared, swappable set of keys that [`ApiKeyService`](crate::ApiKeyService) checks
@@ -91,20 +91,57 @@ struct Writer {
 }
 
 /// One immutable generation of the key set.
-#[derive(Default)]
 pub(crate) struct Snapshot {
     version: u64,
-    table: Table,
+    table: Arc<Table>,
+    /// The handles [`KeyInfo`]s made from this snapshot hold (see
+    /// [`table::this_threads`]).
+    handles: Box<[Arc<TableHandle>]>,
+}
+
+impl Snapshot {
+    fn new(table: Table) -> Self {
+        let table = Arc::new(table);
+        Self {
+            version: 0,
+            handles: table::handles(&table),
+            table,
+        }
+    }
+
+    /// The table, for the reaper (which frees it once no [`KeyInfo`] points into it).
+    pub(crate) fn table(&self) -> &Arc<Table> {
+        &self.table
+    }
+
+    /// The key in slot `i`, as a [`KeyInfo`] that does not hold the table.
+    fn detached(&self, i: usize) -> KeyInfo {
+        KeyInfo::detached(self.table.entry_at(i).clone())
+    }
+
+    /// The slot of the key with this id.
+    fn find_id(&self, id: &str) -> Option<usize> {
+        self.table
+            .iter()
+            .find(|(_, _, e)| &*e.id == id)
+            .map(|(i, _, _)| i)
+    }
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self::new(Table::default())
+    }
 }
 
 impl KeyEntry {
     /// Whether the key may be used now: not disabled, and inside its window.
     #[inline]
-    fn check(&self, now_ms: u64, key: &KeyInfo) -> Result<(), Rejection> {
-        if self.disabled {
-            return Err(Rejection::Disabled(key.clone()));
+    fn check(&self, now_ms: u64, key: impl FnOnce() -> KeyInfo) -> Result<(), Rejection> {
+        if self.disabled() {
+            return Err(Rejection::Disabled(key()));
         }
-        if self.windowed {
+        if self.windowed() {
             let (from, until) = (self.valid_from(), self.valid_until());
             // Trust the coarse clock only well inside the window.
             let now = if now_ms >= from.saturating_add(clock::MARGIN_MS)
@@ -115,10 +152,10 @@ impl KeyEntry {
                 clock::exact_now_ms()
             };
             if now < from {
-                return Err(Rejection::NotYetValid(key.clone()));
+                return Err(Rejection::NotYetValid(key()));
             }
             if now >= until {
-                return Err(Rejection::Expired(key.clone()));
+                return Err(Rejection::Expired(key()));
             }
         }
         Ok(())
@@ -212,12 +249,17 @@ impl KeyStore {
     /// The key with this id, if loaded.
     pub fn get(&self, id: &str) -> Option<KeyInfo> {
         let snapshot = self.shared.current.load();
-        snapshot.table.iter().find(|k| k.id() == id).cloned()
+        snapshot.find_id(id).map(|i| snapshot.detached(i))
     }
 
     /// Every loaded key, sorted by id.
     pub fn keys(&self) -> Vec<KeyInfo> {
-        let mut keys: Vec<_> = self.shared.current.load().table.iter().cloned().collect();
+        let snapshot = self.shared.current.load();
+        let mut keys: Vec<_> = snapshot
+            .table
+            .iter()
+            .map(|(_, _, e)| KeyInfo::detached(e.clone()))
+            .collect();
         keys.sort_by(|a, b| a.id().cmp(b.id()));
         keys
     }
@@ -227,13 +269,11 @@ impl KeyStore {
     ///
     /// Counts survive reloads for ids that stay in the set.
     pub fn usage(&self) -> Vec<KeyUsage> {
-        let mut usage: Vec<_> = self
-            .shared
-            .current
-            .load()
+        let snapshot = self.shared.current.load();
+        let mut usage: Vec<_> = snapshot
             .table
             .iter()
-            .map(KeyUsage::of)
+            .map(|(_, slot, e)| KeyUsage::new(KeyInfo::detached(e.clone()), slot.usage()))
             .collect();
         usage.sort_by(|a, b| a.key().id().cmp(b.key().id()));
         usage
@@ -252,7 +292,12 @@ impl KeyStore {
     /// # Ok::<(), tower_api_key::Error>(())
     /// ```
     pub fn usage_of(&self, id: &str) -> Option<KeyUsage> {
-        self.get(id).as_ref().map(KeyUsage::of)
+        let snapshot = self.shared.current.load();
+        let i = snapshot.find_id(id)?;
+        Some(KeyUsage::new(
+            snapshot.detached(i),
+            snapshot.table.slot(i).usage(),
+        ))
     }
 
     /// Checks a key outside an HTTP request (a WebSocket message, a queue consumer, a
@@ -276,8 +321,9 @@ impl KeyStore {
     /// # Ok::<(), tower_api_key::Error>(())
     /// ```
     pub fn verify(&self, key: impl AsRef<[u8]>) -> Result<KeyInfo, Rejection> {
+        // A clone does not hold the key set: the caller may keep it as long as it likes.
         self.check(key.as_ref(), None, true)
-            .map(|accepted| accepted.key)
+            .map(|accepted| accepted.key.clone())
     }
 
     /// The outcome of the most recent reload attempt of any source, applied or refused.
@@ -321,32 +367,45 @@ impl KeyStore {
     ) -> Result<Accepted, Rejection> {
         let digest = KeyDigest::of(presented);
         let snapshot = self.shared.current.load();
-        let Some(key) = snapshot.table.get(&digest) else {
+        let table = &snapshot.table;
+        let Some(i) = table.find(&digest) else {
             return Err(Rejection::Unknown);
         };
-        let entry = key.entry();
+        let slot = table.slot(i);
         let now = clock::coarse_now_ms();
-        entry.check(now, key)?;
+        // The slot has the flags: the entry is read only for a key with a window or a
+        // flag set, or when a scope is required.
+        if slot.is_disabled() || slot.is_windowed() {
+            table.entry_at(i).check(now, || snapshot.detached(i))?;
+        }
         if let Some(scope) = required_scope
-            && !key.has_scope(scope)
+            && !table
+                .entry_at(i)
+                .shared
+                .meta
+                .scopes
+                .iter()
+                .any(|s| **s == **scope)
         {
             return Err(Rejection::InsufficientScope {
-                key: key.clone(),
+                key: snapshot.detached(i),
                 scope: scope.clone(),
             });
         }
         if track_usage {
-            entry.touch(now);
+            slot.touch(now);
         }
-        let sunset = if entry.windowed && entry.valid_until() != u64::MAX {
+        let sunset = if slot.is_windowed() {
+            let until = table.entry_at(i).valid_until();
             let notice = self.shared.expiry_notice.load(Ordering::Relaxed);
-            (now.saturating_add(notice) >= entry.valid_until())
-                .then(|| Sunset::new(entry.valid_until(), notice))
+            (until != u64::MAX && now.saturating_add(notice) >= until)
+                .then(|| Sunset::new(until, notice))
         } else {
             None
         };
+        let handle = table::this_threads(&snapshot.handles).clone();
         Ok(Accepted {
-            key: key.clone(),
+            key: KeyInfo::in_table(handle, i),
             sunset,
         })
     }
@@ -415,10 +474,12 @@ impl KeyUpdater {
             Ok((mut next, carried, diff)) => {
                 next.version = old.version + 1;
                 let report = ReloadReport::applied(self.name.clone(), next.version, diff);
+                let next_table = next.table.clone();
                 shared.current.store(Arc::new(next));
                 drop(writer);
                 retire::retire(Retired {
                     snapshot: old,
+                    next: next_table,
                     carried,
                     set,
                 });
@@ -474,10 +535,11 @@ impl KeyUpdater {
         &self.name
     }
 
-    /// Builds the next snapshot: the other sources' entries, plus `set` as this
-    /// source's. Entries that did not change are shared with the old snapshot, usage
-    /// counters and all; a key whose definition changed gets a new entry that carries
-    /// its id's counts over.
+    /// Builds the next snapshot: the other sources' keys, plus `set` as this
+    /// source's. Entries that did not change are shared with the old snapshot; a key
+    /// whose definition changed gets a new entry. Every key whose id stays carries
+    /// its usage counts over (and the reaper adds what requests still reading the old
+    /// snapshot count after the copy).
     fn merge(
         &self,
         old: &Snapshot,
@@ -489,23 +551,30 @@ impl KeyUpdater {
         let ours = old
             .table
             .iter()
-            .filter(|k| k.entry().source == source)
+            .filter(|(_, _, e)| e.source() == source)
             .count();
         let others = old.table.len() - ours;
         let mut table = Table::with_capacity(others + set.len());
+        let mut carried = Vec::with_capacity(old.table.len().min(others + set.len()));
         let mut other_ids: HashMap<&str, u16> = HashMap::with_capacity(others);
         let mut pacer = Pacer::new();
-        for key in old.table.iter().filter(|k| k.entry().source != source) {
+        for (i, slot, entry) in old.table.iter().filter(|(_, _, e)| e.source() != source) {
             pacer.step();
-            other_ids.insert(key.id(), key.entry().source);
+            other_ids.insert(&entry.id, entry.source());
+            let usage = slot.usage();
             // Digests are unique within a snapshot, so this cannot clash.
-            let _ = table.insert(key.clone());
+            if let Ok(j) = table.insert(slot.digest(), entry.clone(), usage) {
+                carried.push(Carried {
+                    old: i,
+                    new: j,
+                    copied: usage.0,
+                });
+            }
         }
-        // This source's old entries by id, built only if some key changed.
-        let mut old_by_id: Option<HashMap<&str, &KeyInfo>> = None;
-        let mut metas: HashMap<(Option<&Meta>, u64, u64), Arc<SharedMeta>> = HashMap::new();
+        // This source's old keys by id, built only if some key changed.
+        let mut old_by_id: Option<HashMap<&str, usize>> = None;
+        let mut metas: HashMap<(Option<&Meta>, u64, u64, bool), Arc<SharedMeta>> = HashMap::new();
         let no_meta = Meta::default();
-        let mut carried = Vec::new();
         let mut diff = Diff::default();
         diff.kept.reserve(ours.min(set.len()));
         let now = clock::exact_now_ms();
@@ -517,68 +586,67 @@ impl KeyUpdater {
                 return Err(self.conflict(key, key.id.to_string(), other, writer));
             }
             let key_meta = key.meta.as_deref().unwrap_or(&no_meta);
-            let shared_key = (key.meta.as_deref(), key.valid_from, key.valid_until);
+            let shared_key = (
+                key.meta.as_deref(),
+                key.valid_from,
+                key.valid_until,
+                key.disabled,
+            );
             // One lookup in the old table per key: for a large reload each is a trip to
             // memory.
-            let hit = old.table.get(&key.digest);
+            let hit = old.table.find(&key.digest);
             let meta = metas.entry(shared_key).or_insert_with(|| {
                 // Share the previous snapshot's copy when the metadata is unchanged, so
                 // unchanged keys usually compare equal by pointer.
-                hit.map(|k| &k.entry().shared)
+                hit.map(|i| &old.table.entry_at(i).shared)
                     .filter(|m| {
                         m.meta == *key_meta
+                            && m.index == source
                             && m.source == self.name
                             && (m.valid_from, m.valid_until) == (key.valid_from, key.valid_until)
+                            && m.disabled == key.disabled
                     })
                     .cloned()
                     .unwrap_or_else(|| {
                         Arc::new(SharedMeta {
                             source: self.name.clone(),
+                            index: source,
                             meta: key_meta.clone(),
                             valid_from: key.valid_from,
                             valid_until: key.valid_until,
+                            disabled: key.disabled,
                         })
                     })
             });
-            let previous = hit.filter(|k| {
-                let e = k.entry();
-                e.source == source && *e.id == *key.id
+            let previous = hit.filter(|&i| {
+                let e = old.table.entry_at(i);
+                e.source() == source && *e.id == *key.id
             });
-            let info = match previous {
-                Some(existing) if existing.entry().same_as(key, source, meta) => {
+            let (entry, from) = match previous {
+                Some(i) if old.table.entry_at(i).same_as(key, meta) => {
                     diff.kept.push(key.id.clone());
-                    existing.clone()
+                    (old.table.entry_at(i).clone(), Some(i))
                 }
                 _ => {
-                    let new = KeyInfo(Arc::new(KeyEntry::new(key, source, meta.clone())));
+                    let new = Arc::new(KeyEntry::new(key, meta.clone()));
                     let previous = previous.or_else(|| {
                         let by_id = old_by_id.get_or_insert_with(|| {
                             let mut by_id = HashMap::with_capacity(ours);
-                            for k in old.table.iter().filter(|k| k.entry().source == source) {
+                            for (i, _, e) in
+                                old.table.iter().filter(|(_, _, e)| e.source() == source)
+                            {
                                 pacer.step();
-                                by_id.insert(k.id(), k);
+                                by_id.insert(&*e.id, i);
                             }
                             by_id
                         });
                         by_id.get(&*key.id).copied()
                     });
                     match previous {
-                        Some(previous) => {
-                            diff.kept.push(key.id.clone());
-                            let (from, to) = (previous.entry(), new.entry());
-                            let copied = from.requests.load(Ordering::Relaxed);
-                            to.requests.store(copied, Ordering::Relaxed);
-                            to.last_used
-                                .store(from.last_used.load(Ordering::Relaxed), Ordering::Relaxed);
-                            carried.push(Carried {
-                                old: previous.clone(),
-                                new: new.clone(),
-                                copied,
-                            });
-                        }
+                        Some(_) => diff.kept.push(key.id.clone()),
                         None => diff.added.push(key.id.clone()),
                     }
-                    new
+                    (new, previous)
                 }
             };
             let until = key.valid_until;
@@ -589,24 +657,37 @@ impl KeyUpdater {
             {
                 diff.expiring.push(key.id.clone());
             }
-            if let Err(clash) = table.insert(info) {
-                let (other_id, other) = (clash.id().to_owned(), clash.entry().source);
-                return Err(self.conflict(key, other_id, other, writer));
+            let usage = from.map_or((0, 0), |i| old.table.slot(i).usage());
+            match table.insert(key.digest, entry, usage) {
+                Ok(j) => {
+                    if let Some(i) = from {
+                        carried.push(Carried {
+                            old: i,
+                            new: j,
+                            copied: usage.0,
+                        });
+                    }
+                }
+                Err(j) => {
+                    let clash = table.entry_at(j);
+                    let (other_id, other) = (clash.id.to_string(), clash.source());
+                    return Err(self.conflict(key, other_id, other, writer));
+                }
             }
         }
         if diff.kept.len() < ours {
             diff.removed = old
                 .table
                 .iter()
-                .filter(|k| {
+                .filter(|(_, _, e)| {
                     pacer.step();
-                    k.entry().source == source && set.get(k.id()).is_none()
+                    e.source() == source && set.get(&e.id).is_none()
                 })
-                .map(|k| k.entry().id.clone())
+                .map(|(_, _, e)| e.id.clone())
                 .collect();
             diff.removed.sort();
         }
-        Ok((Snapshot { version: 0, table }, carried, diff))
+        Ok((Snapshot::new(table), carried, diff))
     }
 
     fn conflict(&self, key: &ApiKey, other_id: String, other: u16, writer: &Writer) -> Error {
@@ -619,13 +700,6 @@ impl KeyUpdater {
                 .map(|s| s.to_string())
                 .unwrap_or_default(),
         }
-    }
-}
-
-impl Snapshot {
-    /// The snapshot's keys, for freeing piecemeal.
-    pub(crate) fn into_keys(self) -> Vec<KeyInfo> {
-        self.table.into_keys()
     }
 }
 
@@ -689,11 +763,73 @@ mod tests {
             .publish(set(&[("new", "kn"), ("a", "ka"), ("b", "kb")]))
             .unwrap();
         let after = store.get("b").unwrap();
-        assert!(Arc::ptr_eq(&before.0, &after.0));
+        assert!(before.same_entry(&after));
         // A changed definition gets a new entry.
         publisher
             .publish(set(&[("a", "ka"), ("b", "kb2")]))
             .unwrap();
-        assert!(!Arc::ptr_eq(&after.0, &store.get("b").unwrap().0));
+        assert!(!after.same_entry(&store.get("b").unwrap()));
+    }
+
+    /// Waits (bounded) until `done`.
+    fn eventually(what: &str, done: impl Fn() -> bool) {
+        let start = std::time::Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_request_s_key_info_holds_its_table_until_dropped() {
+        let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
+        let store = KeyStore::new();
+        store.add_source(source).unwrap();
+        let old = Arc::downgrade(store.shared.current.load().table());
+        // What the layer puts in a request: a handle on the table it was checked in.
+        let in_request = store.check(b"ka", None, true).unwrap().key;
+        publisher.publish(set(&[("b", "kb")])).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(old.upgrade().is_some(), "still read through the handle");
+        assert_eq!(in_request.id(), "a");
+        // Dropping it lets the reaper free the replaced table (not the request).
+        drop(in_request);
+        eventually("the old table to be freed", || old.upgrade().is_none());
+    }
+
+    #[test]
+    fn a_cloned_key_info_does_not_hold_the_table() {
+        let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
+        let store = KeyStore::new();
+        store.add_source(source).unwrap();
+        let old = Arc::downgrade(store.shared.current.load().table());
+        let in_request = store.check(b"ka", None, true).unwrap().key;
+        let kept = in_request.clone();
+        let verified = store.verify("ka").unwrap();
+        drop(in_request);
+        publisher.publish(set(&[("b", "kb")])).unwrap();
+        eventually("the old table to be freed", || old.upgrade().is_none());
+        assert_eq!((kept.id(), verified.id()), ("a", "a"));
+        assert_eq!(kept.scopes().collect::<Vec<_>>(), ["read"]);
+    }
+
+    #[test]
+    fn usage_counted_in_a_replaced_table_reaches_the_new_one() {
+        let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
+        let store = KeyStore::new();
+        store.add_source(source).unwrap();
+        // A request that loaded the table before the swap and counts after the copy.
+        let before = store.shared.current.load_full();
+        store.verify("ka").unwrap();
+        publisher.publish(set(&[("a", "ka"), ("b", "kb")])).unwrap();
+        let slot = before.table.find(&KeyDigest::of(b"ka")).unwrap();
+        before.table.slot(slot).touch(clock::exact_now_ms());
+        drop(before);
+        eventually("the late request to be counted", || {
+            store.usage_of("a").unwrap().requests() == 2
+        });
     }
 }
