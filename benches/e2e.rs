@@ -4,8 +4,8 @@
 //! ratio to bare, latency percentiles, and the server's CPU time per request.
 //!
 //! Needs `wrk` (Debian package `wrk`); prints a note and exits if it is missing.
-//! Run: `cargo bench --bench e2e` (about two minutes). Load goes to loopback only,
-//! for a bounded time.
+//! Run: `cargo bench --bench e2e` (about three minutes: 31 rounds of five one-second
+//! runs). Load goes to loopback only, for a bounded time.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -16,7 +16,9 @@ use axum::{Router, routing::get};
 use common::{key, key_set};
 use tower_api_key::ApiKeyLayer;
 
-const SECONDS: u32 = 3;
+/// Seconds per round: short rounds pair each variant with its neighbours closely,
+/// which matters on a machine whose speed changes from one second to the next.
+const SECONDS: u32 = 1;
 
 struct Variant {
     name: &'static str,
@@ -38,17 +40,15 @@ fn app() -> Router {
     Router::new().route("/", get(|| async { "ok" }))
 }
 
-/// CPU time (user + system) of this process, in nanoseconds.
+/// CPU time of this process's threads so far, in nanoseconds, from the scheduler's
+/// per-thread accounting (`/proc/self/task/*/schedstat`, nanosecond resolution;
+/// `/proc/self/stat` counts 10 ms ticks, too coarse for one-second rounds).
 fn cpu_ns() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
+    std::fs::read_dir("/proc/self/task")
         .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks * 1e9 / 100.0 // USER_HZ is 100 on Linux
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn parse_duration_us(s: &str) -> f64 {
@@ -73,11 +73,11 @@ fn main() {
         .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
         .output()
         .is_ok_and(|o| o.status.success());
-    // More rounds give steadier medians on a noisy machine: E2E_ROUNDS=15.
+    // More rounds give steadier medians on a noisy machine: E2E_ROUNDS=61.
     let rounds: usize = std::env::var("E2E_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(9);
+        .unwrap_or(31);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -150,7 +150,7 @@ fn main() {
             }
             v.cpu_ns_per_request.push(cpu / requests);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
 
     println!(
