@@ -832,4 +832,22 @@ mod tests {
             store.usage_of("a").unwrap().requests() == 2
         });
     }
+    #[test]
+    fn a_clash_with_another_source_names_the_first_key_in_order() {
+        let store = KeyStore::new();
+        store
+            .add_source(set(&[("x", "s1"), ("y", "s2"), ("z", "s3")]))
+            .unwrap();
+        // However the table is built, the error follows the set's order.
+        for (first, second) in [("p", "q"), ("q", "p")] {
+            let err = store
+                .add_source(set(&[(first, "s2"), ("ok", "fresh"), (second, "s1")]))
+                .unwrap_err();
+            let Error::Conflict { id, other_id, .. } = err else {
+                panic!("{err:?}");
+            };
+            assert_eq!((id.as_str(), other_id.as_str()), (first, "y"));
+        }
+        assert_eq!(store.len(), 3, "nothing of the refused sets was applied");
+    }
 }
