@@ -1,6 +1,9 @@
 use std::{fmt, sync::Arc, time::SystemTime};
 
-use crate::{Error, KeyInfo};
+use crate::{
+    Error, KeyInfo,
+    background::{Pacer, drop_paced},
+};
 
 /// The outcome of one reload attempt: when it happened, which source made it, and
 /// either what changed or why it was refused.
@@ -12,7 +15,9 @@ use crate::{Error, KeyInfo};
 pub struct ReloadReport {
     source: Arc<str>,
     at: SystemTime,
-    outcome: Result<Change, Error>,
+    /// Shared: a report on a million keys is copied to every subscriber and kept as
+    /// the store's last reload, and a copy must not mean a million reference counts.
+    outcome: Result<Arc<Change>, Error>,
 }
 
 /// What a reload changes in one source's keys, worked out while merging.
@@ -24,7 +29,6 @@ pub(crate) struct Diff {
     pub(crate) expiring: Vec<Arc<str>>,
 }
 
-#[derive(Clone)]
 struct Change {
     version: u64,
     added: Vec<Arc<str>>,
@@ -38,13 +42,13 @@ impl ReloadReport {
         Self {
             source,
             at: SystemTime::now(),
-            outcome: Ok(Change {
+            outcome: Ok(Arc::new(Change {
                 version,
                 added: diff.added,
                 removed: diff.removed,
                 kept: diff.kept,
                 expiring: diff.expiring,
-            }),
+            })),
         }
     }
 
@@ -54,13 +58,26 @@ impl ReloadReport {
         Self {
             source,
             at: SystemTime::now(),
-            outcome: Ok(Change {
+            outcome: Ok(Arc::new(Change {
                 version: 0,
                 added,
                 removed: Vec::new(),
                 kept: Vec::new(),
                 expiring: Vec::new(),
-            }),
+            })),
+        }
+    }
+
+    /// Drops the report; if this was its last copy, frees its id lists a slice at a
+    /// time (a million ids is a million reference counts).
+    pub(crate) fn drop_paced(self) {
+        if let Ok(change) = self.outcome
+            && let Ok(change) = Arc::try_unwrap(change)
+        {
+            let mut pacer = Pacer::new();
+            for ids in [change.added, change.removed, change.kept, change.expiring] {
+                drop_paced(ids, &mut pacer);
+            }
         }
     }
 

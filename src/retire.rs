@@ -17,7 +17,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{KeySet, background::Pacer, store::Snapshot, table::Table};
+use crate::{
+    KeySet,
+    background::{Pacer, drop_paced},
+    store::Snapshot,
+    table::Table,
+};
 
 /// A key whose usage counters were copied into the next table.
 pub(crate) struct Carried {
@@ -139,14 +144,4 @@ fn free(table: Table) {
     let mut pacer = Pacer::new();
     let entries = table.into_entries(&mut pacer);
     drop_paced(entries, &mut pacer);
-}
-
-/// Frees a large list a slice at a time, pausing in between, so that on a small
-/// machine the freeing does not hold a core for long.
-fn drop_paced<T>(mut items: Vec<T>, pacer: &mut Pacer) {
-    while !items.is_empty() {
-        let at = items.len().saturating_sub(256);
-        drop(items.split_off(at));
-        pacer.pause();
-    }
 }

@@ -435,7 +435,9 @@ impl Shared {
     }
 
     fn report(&self, report: ReloadReport) {
-        self.reloads.send_replace(Some(report));
+        if let Some(previous) = self.reloads.send_replace(Some(report)) {
+            previous.drop_paced();
+        }
     }
 }
 

@@ -95,9 +95,16 @@ impl KeyDigest {
 impl Table {
     /// A table for up to `n` keys, at most four-fifths full.
     pub(crate) fn with_capacity(n: usize) -> Self {
-        let slots = n.saturating_add(n / 4).saturating_add(1).max(2);
+        let len = n.saturating_add(n / 4).saturating_add(1).max(2);
+        // Tens of megabytes for a large set: written (and faulted in) with pauses.
+        let mut pacer = Pacer::new();
+        let mut slots = Vec::with_capacity(len);
+        slots.resize_with(len, || {
+            pacer.step();
+            Slot::default()
+        });
         Self {
-            slots: std::iter::repeat_with(Slot::default).take(slots).collect(),
+            slots: slots.into_boxed_slice(),
             len: 0,
         }
     }
