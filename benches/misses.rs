@@ -32,8 +32,7 @@ const KEYS: usize = 1_000_000;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (Some(variant), Some(n)) = (args.first(), args.get(1).and_then(|n| n.parse().ok()))
-    else {
+    let (Some(variant), Some(n)) = (args.first(), args.get(1).and_then(|n| n.parse().ok())) else {
         println!("run under valgrind, with a variant and a request count: see benches/misses.rs");
         return;
     };
