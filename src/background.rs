@@ -35,6 +35,12 @@ pub(crate) fn enter() {
     }
 }
 
+/// Whether the calling thread is one of the crate's background threads.
+#[cfg(feature = "file")]
+pub(crate) fn is_background() -> bool {
+    BACKGROUND.get()
+}
+
 /// Paces a long loop on a background thread; does nothing on any other thread (a
 /// caller loading keys at start-up, or publishing them itself, is not slowed).
 pub(crate) struct Pacer {

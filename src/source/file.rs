@@ -252,7 +252,59 @@ mod simple {
     use crate::background::Pacer;
     use toml::value::Datetime;
 
+    /// Below this size a file is read on one thread.
+    const PARALLEL_FROM: usize = 8 << 20;
+
     pub(super) fn parse(text: &str) -> Option<KeySet> {
+        // A large file loaded at start-up (nothing is served yet) is read on every
+        // core; a reload on the watcher thread stays on one, beside live traffic.
+        let keys = if text.len() >= PARALLEL_FROM && !crate::background::is_background() {
+            keys_in_parallel(text)?
+        } else {
+            keys(text)?
+        };
+        KeySet::from_keys(keys).ok()
+    }
+
+    /// The keys of `text`, read in parts cut at `[[keys]]` lines, one per core.
+    /// The fast path reads line by line, so a part starting at such a line reads
+    /// exactly as the whole file would from there.
+    pub(super) fn keys_in_parallel(text: &str) -> Option<Vec<super::ApiKey>> {
+        let parts = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(4);
+        let mut bounds = vec![0];
+        for i in 1..parts {
+            let from = (text.len() / parts * i).max(bounds[bounds.len() - 1]);
+            let found = text.as_bytes()[from..]
+                .windows(9)
+                .position(|w| w == b"\n[[keys]]");
+            if let Some(at) = found {
+                bounds.push(from + at + 1);
+            }
+        }
+        bounds.push(text.len());
+        std::thread::scope(|scope| {
+            let mut others = Vec::new();
+            for w in bounds.windows(2).skip(1) {
+                let part = &text[w[0]..w[1]];
+                let spawned = std::thread::Builder::new().spawn_scoped(scope, move || keys(part));
+                others.push((part, spawned));
+            }
+            let mut all = keys(&text[..bounds[1]])?;
+            for (part, spawned) in others {
+                // A thread that could not start: read its part here.
+                let part_keys = match spawned {
+                    Ok(handle) => handle.join().ok()?,
+                    Err(_) => keys(part),
+                };
+                all.extend(part_keys?);
+            }
+            Some(all)
+        })
+    }
+
+    pub(super) fn keys(text: &str) -> Option<Vec<super::ApiKey>> {
         let mut keys = Vec::with_capacity(text.len() / 100);
         let mut add = |entry: Partial| {
             keys.push(entry.finish()?.into_key().ok()?);
@@ -279,7 +331,7 @@ mod simple {
         if let Some(done) = current {
             add(done)?;
         }
-        KeySet::from_keys(keys).ok()
+        Some(keys)
     }
 
     /// The fields read so far, borrowed from the file's text (which the caller zeroes).
@@ -485,6 +537,31 @@ mod tests {
     }
 
     const HASH: &str = "4e738ca5563c06cfd0018299933d58db1dd8bf97f6973dc99bf6cdc64b5550bd";
+
+    #[test]
+    fn reading_in_parts_gives_what_one_pass_gives() {
+        let mut text = String::from("# generated\n\n");
+        for i in 0..20_000 {
+            text.push_str(&format!(
+                "[[keys]]\nid = \"k{i}\"\nsecret = \"s{i}\"\nscopes = [\"read\"]\n\n"
+            ));
+        }
+        let ids = |keys: Vec<ApiKey>| -> Vec<(String, [u8; 32])> {
+            keys.into_iter()
+                .map(|k| (k.id.to_string(), k.digest.0))
+                .collect()
+        };
+        let whole = ids(simple::keys(&text).unwrap());
+        assert_eq!(whole.len(), 20_000);
+        assert_eq!(ids(simple::keys_in_parallel(&text).unwrap()), whole);
+        // Anything the fast path refuses, in any part, sends the file to the general
+        // parser as before.
+        let bad = text.replacen("id = \"k19000\"", "id = k19000", 1);
+        assert!(simple::keys_in_parallel(&bad).is_none());
+        let bad = text.replacen("id = \"k3\"", "id = \"k3\" # note", 1);
+        assert!(simple::keys(&bad).is_none());
+        assert!(simple::keys_in_parallel(&bad).is_none());
+    }
 
     #[test]
     fn parses_every_field() {
