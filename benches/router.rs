@@ -35,6 +35,15 @@ fn main() {
             app().route_layer(tower::util::MapRequestLayer::new(|r| r)),
         ),
         (
+            // What any layer that hands an identity on pays here: axum has already
+            // put three values in the request's extensions, so a fourth grows the map.
+            "do-nothing layer inserting an Arc into the extensions",
+            app().route_layer(tower::util::MapRequestLayer::new(|mut r: Request<Body>| {
+                r.extensions_mut().insert(std::sync::Arc::new(7_u64));
+                r
+            })),
+        ),
+        (
             "ApiKeyLayer, 1 key",
             app().route_layer(ApiKeyLayer::new(key_set(1))),
         ),
