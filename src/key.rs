@@ -390,6 +390,11 @@ impl KeyEntry {
         self.shared.disabled
     }
 
+    /// Whether the key grants `scope`.
+    pub(crate) fn has_scope(&self, scope: &str) -> bool {
+        self.shared.meta.scopes.iter().any(|s| &**s == scope)
+    }
+
     /// Whether the key has a validity window.
     pub(crate) fn windowed(&self) -> bool {
         self.shared.valid_from != 0 || self.shared.valid_until != u64::MAX
@@ -397,6 +402,20 @@ impl KeyEntry {
 
     pub(crate) fn valid_from(&self) -> u64 {
         self.shared.valid_from
+    }
+
+    /// An entry for `key` (no metadata, no window, enabled) from a source "test".
+    #[cfg(test)]
+    pub(crate) fn for_tests(key: &ApiKey) -> Arc<Self> {
+        let shared = Arc::new(SharedMeta {
+            source: Arc::from("test"),
+            index: 0,
+            meta: Meta::default(),
+            valid_from: 0,
+            valid_until: u64::MAX,
+            disabled: false,
+        });
+        Arc::new(Self::new(key, shared))
     }
 
     pub(crate) fn valid_until(&self) -> u64 {
@@ -465,12 +484,7 @@ impl KeyInfo {
 
     /// Whether the key grants `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.entry()
-            .shared
-            .meta
-            .scopes
-            .iter()
-            .any(|s| &**s == scope)
+        self.entry().has_scope(scope)
     }
 
     /// The tenant the key belongs to, if any.
@@ -517,16 +531,7 @@ impl KeyInfo {
 
     #[cfg(test)]
     pub(crate) fn for_tests(id: &str) -> Self {
-        let key = ApiKey::new(id, id);
-        let shared = Arc::new(SharedMeta {
-            source: Arc::from("test"),
-            index: 0,
-            meta: Meta::default(),
-            valid_from: 0,
-            valid_until: u64::MAX,
-            disabled: false,
-        });
-        Self::detached(Arc::new(KeyEntry::new(&key, shared)))
+        Self::detached(KeyEntry::for_tests(&ApiKey::new(id, id)))
     }
 }
 
@@ -588,15 +593,7 @@ mod tests {
         assert!(dbg.contains("id-1"));
         assert!(!dbg.contains("super-secret-value"));
         assert!(!dbg.contains(&hex));
-        let shared = Arc::new(SharedMeta {
-            source: Arc::from("test"),
-            index: 0,
-            meta: Meta::default(),
-            valid_from: 0,
-            valid_until: u64::MAX,
-            disabled: false,
-        });
-        let info = KeyInfo::detached(Arc::new(KeyEntry::new(&key, shared)));
+        let info = KeyInfo::detached(KeyEntry::for_tests(&key));
         assert!(format!("{info:?}").contains("id-1"));
         assert!(!format!("{info:?}").contains(&hex));
     }

@@ -139,9 +139,7 @@ fn settle(retired: Retired) -> Arc<Table> {
     old
 }
 
-/// Frees a table's entries a slice at a time, then the table.
+/// Frees a table a slice at a time.
 fn free(table: Table) {
-    let mut pacer = Pacer::new();
-    let entries = table.into_entries(&mut pacer);
-    drop_paced(entries, &mut pacer);
+    table.drop_paced(&mut Pacer::new());
 }

@@ -379,13 +379,7 @@ impl KeyStore {
             table.entry_at(i).check(now, || snapshot.detached(i))?;
         }
         if let Some(scope) = required_scope
-            && !table
-                .entry_at(i)
-                .shared
-                .meta
-                .scopes
-                .iter()
-                .any(|s| **s == **scope)
+            && !table.entry_at(i).has_scope(scope)
         {
             return Err(Rejection::InsufficientScope {
                 key: snapshot.detached(i),
@@ -598,27 +592,20 @@ impl KeyUpdater {
             // memory.
             let hit = old.table.find(&key.digest);
             let meta = metas.entry(shared_key).or_insert_with(|| {
-                // Share the previous snapshot's copy when the metadata is unchanged, so
-                // unchanged keys usually compare equal by pointer.
+                let fresh = SharedMeta {
+                    source: self.name.clone(),
+                    index: source,
+                    meta: key_meta.clone(),
+                    valid_from: key.valid_from,
+                    valid_until: key.valid_until,
+                    disabled: key.disabled,
+                };
+                // Share the previous snapshot's copy when it is the same, so unchanged
+                // keys usually compare equal by pointer.
                 hit.map(|i| &old.table.entry_at(i).shared)
-                    .filter(|m| {
-                        m.meta == *key_meta
-                            && m.index == source
-                            && m.source == self.name
-                            && (m.valid_from, m.valid_until) == (key.valid_from, key.valid_until)
-                            && m.disabled == key.disabled
-                    })
+                    .filter(|m| ***m == fresh)
                     .cloned()
-                    .unwrap_or_else(|| {
-                        Arc::new(SharedMeta {
-                            source: self.name.clone(),
-                            index: source,
-                            meta: key_meta.clone(),
-                            valid_from: key.valid_from,
-                            valid_until: key.valid_until,
-                            disabled: key.disabled,
-                        })
-                    })
+                    .unwrap_or_else(|| Arc::new(fresh))
             });
             let previous = hit.filter(|&i| {
                 let e = old.table.entry_at(i);

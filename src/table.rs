@@ -182,14 +182,13 @@ impl Table {
             .filter_map(|(i, s)| Some((i, s, s.entry.as_ref()?)))
     }
 
-    /// The entries, for freeing piecemeal (the slots' own memory is one block).
-    pub(crate) fn into_entries(self, pacer: &mut Pacer) -> Vec<Arc<KeyEntry>> {
-        let mut entries = Vec::with_capacity(self.len);
+    /// Frees the table slot by slot (each may free an entry), pausing as `pacer`
+    /// says; the slots' own memory is one block, freed last.
+    pub(crate) fn drop_paced(self, pacer: &mut Pacer) {
         for slot in self.slots {
             pacer.step();
-            entries.extend(slot.entry);
+            drop(slot);
         }
-        entries
     }
 }
 
@@ -251,19 +250,10 @@ pub(crate) fn this_threads(handles: &[Arc<TableHandle>]) -> &Arc<TableHandle> {
 mod tests {
     use super::*;
     use crate::ApiKey;
-    use crate::key::{Meta, SharedMeta};
 
     fn entry(id: &str) -> (KeyDigest, Arc<KeyEntry>) {
         let key = ApiKey::new(id, id);
-        let shared = Arc::new(SharedMeta {
-            source: Arc::from("test"),
-            index: 0,
-            meta: Meta::default(),
-            valid_from: 0,
-            valid_until: u64::MAX,
-            disabled: false,
-        });
-        (key.digest, Arc::new(KeyEntry::new(&key, shared)))
+        (key.digest, KeyEntry::for_tests(&key))
     }
 
     #[test]

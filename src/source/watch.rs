@@ -55,8 +55,9 @@ pub(crate) struct FileBytes(Vec<u8>);
 
 impl FileBytes {
     /// Reads the file at `path` a slice at a time (pausing in between on a
-    /// background thread), into a buffer sized from its metadata so that no partial
-    /// copy is left behind unwiped by a reallocation.
+    /// background thread), into a buffer sized from its metadata, so that no
+    /// partial copy is left unwiped by a reallocation unless the file grows while
+    /// it is read.
     pub(crate) fn read(path: &Path) -> io::Result<Self> {
         let mut file = std::fs::File::open(path)?;
         let size = file
