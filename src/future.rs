@@ -4,10 +4,10 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderValue, Response};
+use http::Response;
 use pin_project_lite::pin_project;
 
-use crate::clock;
+use crate::sunset::Sunset;
 
 pin_project! {
     /// Response future for [`ApiKeyService`](crate::ApiKeyService).
@@ -75,37 +75,6 @@ where
                     .take()
                     .expect("ResponseFuture polled after completion"),
             ),
-        }
-    }
-}
-
-/// RFC 8594 `Sunset` and RFC 9745 `Deprecation` headers for a key close to its
-/// `expires_at`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Sunset {
-    /// `expires_at`, Unix milliseconds.
-    expires_at: u64,
-    /// When the key entered its expiry notice, Unix milliseconds.
-    deprecated_at: u64,
-}
-
-impl Sunset {
-    /// For a key expiring at `expires_at`, with an expiry notice of `notice`
-    /// (both in milliseconds).
-    pub(crate) fn new(expires_at: u64, notice: u64) -> Self {
-        Self {
-            expires_at,
-            deprecated_at: expires_at.saturating_sub(notice),
-        }
-    }
-
-    fn apply<B>(self, res: &mut Response<B>) {
-        let headers = res.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(&format!("@{}", self.deprecated_at / 1000)) {
-            headers.insert("deprecation", v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&clock::http_date(self.expires_at / 1000)) {
-            headers.insert("sunset", v);
         }
     }
 }

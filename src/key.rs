@@ -1,140 +1,14 @@
-use std::{
-    fmt,
-    hash::{BuildHasher, Hash, Hasher},
-    sync::Arc,
-    time::SystemTime,
-};
+//! A configured key: what a source hands the store.
 
-use sha2::{Digest as _, Sha256};
+use std::{fmt, sync::Arc, time::SystemTime};
 
-use crate::{Error, clock, table::TableHandle};
+use crate::{Error, clock, digest::KeyDigest};
 
-/// SHA-256's initial hash value (FIPS 180-4, 5.3.3).
-const SHA256_INIT: [u32; 8] = [
-    0x6a09_e667,
-    0xbb67_ae85,
-    0x3c6e_f372,
-    0xa54f_f53a,
-    0x510e_527f,
-    0x9b05_688c,
-    0x1f83_d9ab,
-    0x5be0_cd19,
-];
+/// The longest secret accepted: no request header carries more.
+pub(crate) const MAX_SECRET_LEN: usize = 4096;
 
-/// SHA-256 of a presented or configured key. Only digests are kept in memory.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct KeyDigest(pub(crate) [u8; 32]);
-
-impl KeyDigest {
-    #[inline]
-    pub(crate) fn of(secret: &[u8]) -> Self {
-        // Keys up to 55 bytes fit one padded SHA-256 block: compress it directly,
-        // skipping the streaming machinery (buffering, length tracking) that
-        // `Digest` needs for messages of any length. Same result, fewer steps.
-        if secret.len() <= 55 {
-            let mut block = [0u8; 64];
-            block[..secret.len()].copy_from_slice(secret);
-            block[secret.len()] = 0x80;
-            let bits = (secret.len() as u64) * 8;
-            block[56..].copy_from_slice(&bits.to_be_bytes());
-            let mut state = SHA256_INIT;
-            sha2::block_api::compress256(&mut state, &[block]);
-            let mut out = [0u8; 32];
-            for (chunk, word) in out.chunks_exact_mut(4).zip(state) {
-                chunk.copy_from_slice(&word.to_be_bytes());
-            }
-            return Self(out);
-        }
-        Self(Sha256::digest(secret).into())
-    }
-
-    pub(crate) fn from_hex(hex: &str) -> Option<Self> {
-        let hex = hex.as_bytes();
-        if hex.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-            *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
-        }
-        Some(Self(out))
-    }
-
-    /// A short, non-reversible name for the key: the first 12 hex digits of its digest.
-    pub(crate) fn fingerprint(&self) -> String {
-        self.0[..6].iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
-/// Hex digit values, `0xff` for bytes that are not hex digits: one load per digit
-/// when a million digests are read from a key file.
-const HEX: [u8; 256] = {
-    let mut table = [0xff; 256];
-    let mut i = 0;
-    while i < 10 {
-        table[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        table[b'a' as usize + i] = 10 + i as u8;
-        table[b'A' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    table
-};
-
-fn nibble(c: u8) -> Option<u8> {
-    match HEX[usize::from(c)] {
-        0xff => None,
-        n => Some(n),
-    }
-}
-
-impl Hash for KeyDigest {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // A SHA-256 digest is already uniformly distributed, and an attacker cannot pick
-        // the digest of what they present: its first eight bytes are a fine hash.
-        let mut head = [0u8; 8];
-        head.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_ne_bytes(head));
-    }
-}
-
-impl fmt::Debug for KeyDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyDigest({}…)", self.fingerprint())
-    }
-}
-
-/// Hasher for maps keyed by [`KeyDigest`]: passes the digest's own bits through.
-#[derive(Clone, Copy, Default, Debug)]
-pub(crate) struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached if something other than `KeyDigest` is hashed; fold it in.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-impl BuildHasher for DigestHasher {
-    type Hasher = Self;
-
-    fn build_hasher(&self) -> Self {
-        Self(0)
-    }
-}
+/// The longest id accepted, in bytes.
+const MAX_ID_LEN: usize = 256;
 
 /// The free-form metadata of a key. Many keys often share the same metadata, so the
 /// store keeps one copy of each distinct value.
@@ -175,13 +49,23 @@ pub struct ApiKey {
     pub(crate) valid_from: u64,
     pub(crate) valid_until: u64,
     pub(crate) disabled: bool,
+    /// What is wrong with the secret the key was built from, found while it was at
+    /// hand: a [`KeySet`](crate::KeySet) refuses the key for it.
+    pub(crate) secret_problem: Option<&'static str>,
 }
 
 impl ApiKey {
     /// A key with this id whose secret is `secret`. Only its SHA-256 digest is kept.
+    ///
+    /// A secret no request can present (empty, longer than 4,096 bytes, with leading
+    /// or trailing whitespace or any control character) makes the key invalid: a
+    /// [`KeySet`](crate::KeySet) refuses it with [`Error::InvalidKey`].
     #[must_use]
     pub fn new(id: impl Into<Arc<str>>, secret: impl AsRef<[u8]>) -> Self {
-        Self::from_digest(id.into(), KeyDigest::of(secret.as_ref()))
+        let secret = secret.as_ref();
+        let mut key = Self::from_digest(id.into(), KeyDigest::of(secret));
+        key.secret_problem = secret_problem(secret);
+        key
     }
 
     /// A key given by the SHA-256 of its secret, as 64 hex digits: the configuration
@@ -220,6 +104,7 @@ impl ApiKey {
             valid_from: 0,
             valid_until: u64::MAX,
             disabled: false,
+            secret_problem: None,
         }
     }
 
@@ -320,6 +205,90 @@ impl ApiKey {
     fn meta_mut(&mut self) -> &mut Meta {
         self.meta.get_or_insert_with(Box::default)
     }
+
+    /// Checks what every source must refuse alike: a bad id, a secret no request can
+    /// present, a validity window that is empty.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        validate_id(&self.id)?;
+        if let Some(problem) = self.secret_problem {
+            return Err(Error::invalid(Some(&self.id), problem));
+        }
+        if self.valid_from != 0
+            && self.valid_until != u64::MAX
+            && self.valid_from >= self.valid_until
+        {
+            return Err(Error::invalid(
+                Some(&self.id),
+                "`not_before` must be earlier than `expires_at`",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why no request could ever present `secret`: headers are trimmed and hold no
+/// control characters, and the layer reads at most [`MAX_SECRET_LEN`] bytes.
+fn secret_problem(secret: &[u8]) -> Option<&'static str> {
+    if secret.is_empty() {
+        return Some("the secret must not be empty");
+    }
+    if secret.len() > MAX_SECRET_LEN {
+        return Some("the secret is longer than 4096 bytes");
+    }
+    if secret.first().is_some_and(u8::is_ascii_whitespace)
+        || secret.last().is_some_and(u8::is_ascii_whitespace)
+    {
+        return Some("the secret has leading or trailing whitespace");
+    }
+    if secret.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return Some("the secret contains a control character");
+    }
+    None
+}
+
+/// Ids appear in logs and audit trails: they must be short, visible and unambiguous.
+pub(crate) fn validate_id(id: &str) -> Result<(), Error> {
+    if id.is_empty() {
+        return Err(Error::invalid(None, "`id` must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(Error::invalid(None, "`id` is longer than 256 bytes"));
+    }
+    if id.chars().any(|c| c.is_whitespace() || invisible(c)) {
+        return Err(Error::invalid(
+            Some(&id.escape_unicode().to_string()),
+            "`id` must not contain whitespace, control, format or separator characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Unicode control (Cc) and format (Cf) characters, and the line and paragraph
+/// separators: characters that do not show, or that reorder or hide text in a log.
+fn invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00ad}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061c}'
+            | '\u{06dd}'
+            | '\u{070f}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08e2}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{110bd}'
+            | '\u{110cd}'
+            | '\u{13430}'..='\u{1343f}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0001}'
+            | '\u{e0020}'..='\u{e007f}')
 }
 
 impl fmt::Debug for ApiKey {
@@ -335,266 +304,72 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-/// What the keys of one source with the same metadata, validity window and
-/// `disabled` flag share: one copy for all of them (a million keys usually have a
-/// handful of distinct values), which keeps each entry small.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct SharedMeta {
-    /// The source's name, and its index in the store.
-    pub(crate) source: Arc<str>,
-    pub(crate) index: u16,
-    pub(crate) meta: Meta,
-    /// Validity window in Unix milliseconds: `[valid_from, valid_until)`.
-    pub(crate) valid_from: u64,
-    pub(crate) valid_until: u64,
-    pub(crate) disabled: bool,
-}
-
-/// A loaded key's identity and metadata: what a table slot points at, and what a
-/// detached [`KeyInfo`] shares. Immutable, so a reload that leaves a key unchanged
-/// keeps its entry. The digest, the flags and the usage counters a request needs sit
-/// in the table slot itself (see [`Table`](crate::table::Table)), so a lookup never
-/// has to come here; and an entry is two pointers, which a million keys feel.
-pub(crate) struct KeyEntry {
-    /// Shared with the [`ApiKey`] it was built from: no second copy per key.
-    pub(crate) id: Arc<str>,
-    /// Everything else; `key`'s own fields must match it.
-    pub(crate) shared: Arc<SharedMeta>,
-}
-
-impl KeyEntry {
-    /// The entry for `key`, whose metadata, window and flag `shared` holds.
-    pub(crate) fn new(key: &ApiKey, shared: Arc<SharedMeta>) -> Self {
-        debug_assert!(
-            shared.disabled == key.disabled
-                && (shared.valid_from, shared.valid_until) == (key.valid_from, key.valid_until)
-        );
-        Self {
-            id: key.id.clone(),
-            shared,
-        }
-    }
-
-    /// Whether `key`, with `shared` as its metadata, describes exactly this entry,
-    /// which is already known to have `key`'s digest.
-    pub(crate) fn same_as(&self, key: &ApiKey, shared: &Arc<SharedMeta>) -> bool {
-        (Arc::ptr_eq(&self.shared, shared) || self.shared == *shared) && *self.id == *key.id
-    }
-
-    /// The index of the source the key came from.
-    pub(crate) fn source(&self) -> u16 {
-        self.shared.index
-    }
-
-    pub(crate) fn disabled(&self) -> bool {
-        self.shared.disabled
-    }
-
-    /// Whether the key grants `scope`.
-    pub(crate) fn has_scope(&self, scope: &str) -> bool {
-        self.shared.meta.scopes.iter().any(|s| &**s == scope)
-    }
-
-    /// Whether the key has a validity window.
-    pub(crate) fn windowed(&self) -> bool {
-        self.shared.valid_from != 0 || self.shared.valid_until != u64::MAX
-    }
-
-    pub(crate) fn valid_from(&self) -> u64 {
-        self.shared.valid_from
-    }
-
-    /// An entry for `key` (no metadata, no window, enabled) from a source "test".
-    #[cfg(test)]
-    pub(crate) fn for_tests(key: &ApiKey) -> Arc<Self> {
-        let shared = Arc::new(SharedMeta {
-            source: Arc::from("test"),
-            index: 0,
-            meta: Meta::default(),
-            valid_from: 0,
-            valid_until: u64::MAX,
-            disabled: false,
-        });
-        Arc::new(Self::new(key, shared))
-    }
-
-    pub(crate) fn valid_until(&self) -> u64 {
-        self.shared.valid_until
-    }
-}
-
-/// The non-secret identity of the key a request was let in with.
-///
-/// [`ApiKeyService`](crate::ApiKeyService) inserts it into the request extensions, so
-/// handlers know which key (and so which client, tenant and scopes) they serve. It
-/// holds no key material.
-///
-/// The one in the request is a handle on the key set the request was checked
-/// against, which is what lets a lookup touch a single cache line; a clone is
-/// independent of that key set, so keeping one (for a long-lived stream, say) never
-/// keeps a replaced key set in memory.
-///
-/// - axum: take it as an extractor (`axum` feature) or with `Extension<KeyInfo>`.
-/// - tonic: `request.extensions().get::<KeyInfo>()`.
-pub struct KeyInfo(Repr);
-
-enum Repr {
-    /// Slot `.1` of the table behind the handle: made by a lookup.
-    InTable(Arc<TableHandle>, usize),
-    /// The entry itself: a clone, or a key listed by the store.
-    Entry(Arc<KeyEntry>),
-}
-
-impl Clone for KeyInfo {
-    fn clone(&self) -> Self {
-        Self::detached(self.entry_arc().clone())
-    }
-}
-
-impl KeyInfo {
-    pub(crate) fn in_table(handle: Arc<TableHandle>, slot: usize) -> Self {
-        Self(Repr::InTable(handle, slot))
-    }
-
-    pub(crate) fn detached(entry: Arc<KeyEntry>) -> Self {
-        Self(Repr::Entry(entry))
-    }
-
-    fn entry_arc(&self) -> &Arc<KeyEntry> {
-        match &self.0 {
-            Repr::InTable(handle, slot) => handle.table().entry_at(*slot),
-            Repr::Entry(entry) => entry,
-        }
-    }
-
-    /// The key's id, as configured.
-    pub fn id(&self) -> &str {
-        &self.entry().id
-    }
-
-    /// The name of the [`KeySource`](crate::KeySource) the key came from.
-    pub fn source(&self) -> &str {
-        &self.entry().shared.source
-    }
-
-    /// The scopes the key grants.
-    pub fn scopes(&self) -> impl ExactSizeIterator<Item = &str> {
-        self.entry().shared.meta.scopes.iter().map(|s| &**s)
-    }
-
-    /// Whether the key grants `scope`.
-    pub fn has_scope(&self, scope: &str) -> bool {
-        self.entry().has_scope(scope)
-    }
-
-    /// The tenant the key belongs to, if any.
-    pub fn tenant(&self) -> Option<&str> {
-        self.entry().shared.meta.tenant.as_deref()
-    }
-
-    /// The key's owner, if set.
-    pub fn owner(&self) -> Option<&str> {
-        self.entry().shared.meta.owner.as_deref()
-    }
-
-    /// The key's description, if set.
-    pub fn description(&self) -> Option<&str> {
-        self.entry().shared.meta.description.as_deref()
-    }
-
-    /// The instant before which the key is refused, if set (to the millisecond).
-    pub fn not_before(&self) -> Option<SystemTime> {
-        let at = self.entry().valid_from();
-        (at != 0).then(|| clock::from_unix_ms(at))
-    }
-
-    /// The instant from which the key is refused, if set (to the millisecond).
-    pub fn expires_at(&self) -> Option<SystemTime> {
-        let at = self.entry().valid_until();
-        (at != u64::MAX).then(|| clock::from_unix_ms(at))
-    }
-
-    /// Whether the key is disabled.
-    pub fn is_disabled(&self) -> bool {
-        self.entry().disabled()
-    }
-
-    pub(crate) fn entry(&self) -> &KeyEntry {
-        self.entry_arc()
-    }
-
-    /// Whether both are the same loaded entry (not merely equal).
-    #[cfg(test)]
-    pub(crate) fn same_entry(&self, other: &Self) -> bool {
-        Arc::ptr_eq(self.entry_arc(), other.entry_arc())
-    }
-
-    #[cfg(test)]
-    pub(crate) fn for_tests(id: &str) -> Self {
-        Self::detached(KeyEntry::for_tests(&ApiKey::new(id, id)))
-    }
-}
-
-impl fmt::Debug for KeyInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyInfo")
-            .field("id", &self.id())
-            .field("source", &self.source())
-            .field("meta", &self.entry().shared.meta)
-            .field("not_before", &self.not_before())
-            .field("expires_at", &self.expires_at())
-            .field("disabled", &self.is_disabled())
-            .finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn an_entry_fits_a_48_byte_allocation() {
-        // 16 bytes of reference counts + the entry + the allocator's 8-byte header:
-        // a million keys' memory depends on staying in this size class.
-        assert!(
-            std::mem::size_of::<KeyEntry>() <= 24,
-            "{}",
-            std::mem::size_of::<KeyEntry>()
-        );
-    }
-
-    #[test]
-    fn single_block_digest_matches_sha2_at_every_length() {
-        let data: Vec<u8> = (0..200u8)
-            .map(|i| i.wrapping_mul(31).wrapping_add(7))
-            .collect();
-        for len in 0..data.len() {
-            let expected: [u8; 32] = Sha256::digest(&data[..len]).into();
-            assert_eq!(KeyDigest::of(&data[..len]).0, expected, "length {len}");
-        }
-    }
-
-    #[test]
-    fn hex_round_trip_and_rejects() {
-        let d = KeyDigest::of(b"s3cr3t");
-        let hex: String = d.0.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(KeyDigest::from_hex(&hex), Some(d));
-        assert_eq!(KeyDigest::from_hex(&hex.to_uppercase()), Some(d));
-        assert_eq!(KeyDigest::from_hex(&hex[..63]), None);
-        assert_eq!(KeyDigest::from_hex(&format!("{}g", &hex[..63])), None);
-        assert_eq!(KeyDigest::from_hex("é"), None);
-    }
-
-    #[test]
-    fn debug_never_shows_the_secret_or_full_digest() {
+    fn debug_never_shows_the_secret_or_digest() {
         let key = ApiKey::new("id-1", "super-secret-value");
-        let hex: String = key.digest.0.iter().map(|b| format!("{b:02x}")).collect();
-        let dbg = format!("{key:?} {:?}", key.digest);
+        let dbg = format!("{key:?}");
         assert!(dbg.contains("id-1"));
         assert!(!dbg.contains("super-secret-value"));
-        assert!(!dbg.contains(&hex));
-        let info = KeyInfo::detached(KeyEntry::for_tests(&key));
-        assert!(format!("{info:?}").contains("id-1"));
-        assert!(!format!("{info:?}").contains(&hex));
+        assert!(!dbg.contains(&key.digest.to_hex()));
+    }
+
+    #[test]
+    fn secrets_no_request_can_present_are_invalid() {
+        for secret in [
+            &b""[..],
+            b" padded",
+            b"padded\n",
+            b"tab\tinside",
+            b"cr\rinside",
+            &[b'x'; MAX_SECRET_LEN + 1],
+        ] {
+            let err = ApiKey::new("k", secret).validate().unwrap_err().to_string();
+            assert!(err.starts_with("key `k`: "), "{err}");
+        }
+        assert!(ApiKey::new("k", [b'x'; MAX_SECRET_LEN]).validate().is_ok());
+        assert!(ApiKey::new("k", "inner space ok").validate().is_ok());
+    }
+
+    #[test]
+    fn empty_windows_are_invalid() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let key = ApiKey::new("k", "s")
+            .with_not_before(at)
+            .with_expires_at(at);
+        assert!(
+            key.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("not_before")
+        );
+        let key = ApiKey::new("k", "s")
+            .with_not_before(at)
+            .with_expires_at(at + std::time::Duration::from_millis(1));
+        assert!(key.validate().is_ok());
+    }
+
+    #[test]
+    fn ids_must_be_visible() {
+        for id in [
+            "",
+            "a b",
+            "a\u{202e}b",
+            "a\u{200b}b",
+            "a\u{2028}b",
+            "a\u{feff}",
+            "a\u{7}",
+        ] {
+            assert!(validate_id(id).is_err(), "{id:?}");
+        }
+        let err = validate_id("evil\u{202e}gnp.exe").unwrap_err().to_string();
+        assert!(!err.contains('\u{202e}'), "{err}");
+        for id in ["billing-2026", "clé-été", "ключ", "鍵"] {
+            assert!(validate_id(id).is_ok(), "{id:?}");
+        }
+        assert!(validate_id(&"x".repeat(257)).is_err());
     }
 }

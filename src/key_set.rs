@@ -1,15 +1,6 @@
-use std::{
-    collections::HashMap,
-    fmt,
-    hash::BuildHasher,
-    sync::{Arc, OnceLock},
-};
+use std::{collections::HashMap, fmt, sync::Arc};
 
-use crate::{
-    ApiKey, Error,
-    background::Pacer,
-    key::{DigestHasher, KeyDigest},
-};
+use crate::{ApiKey, Error, digest::KeyDigest};
 
 /// A complete, validated set of keys: what a [`KeySource`](crate::KeySource) yields.
 ///
@@ -44,32 +35,29 @@ pub struct KeySet {
 #[derive(Clone, Default)]
 struct Inner {
     keys: Vec<ApiKey>,
-    /// Built on first use: a large set validated in bulk never needs it.
-    index: OnceLock<Index>,
-}
-
-#[derive(Clone, Default)]
-struct Index {
-    by_digest: HashMap<KeyDigest, usize, DigestHasher>,
     by_id: HashMap<Arc<str>, usize>,
+    by_digest: HashMap<KeyDigest, usize>,
 }
 
 impl Inner {
-    fn index(&self) -> &Index {
-        self.index.get_or_init(|| {
-            let n = self.keys.len();
-            let mut index = Index {
-                by_digest: HashMap::with_capacity_and_hasher(n, DigestHasher::default()),
-                by_id: HashMap::with_capacity(n),
-            };
-            let mut pacer = Pacer::new();
-            for (i, key) in self.keys.iter().enumerate() {
-                pacer.step();
-                index.by_digest.insert(key.digest, i);
-                index.by_id.insert(key.id.clone(), i);
-            }
-            index
-        })
+    fn insert(&mut self, key: ApiKey) -> Result<(), Error> {
+        key.validate()?;
+        if self.by_id.contains_key(&key.id) {
+            return Err(Error::DuplicateId {
+                id: key.id.to_string(),
+            });
+        }
+        if let Some(&first) = self.by_digest.get(&key.digest) {
+            return Err(Error::DuplicateKey {
+                first: self.keys[first].id.to_string(),
+                second: key.id.to_string(),
+            });
+        }
+        let position = self.keys.len();
+        self.by_digest.insert(key.digest, position);
+        self.by_id.insert(key.id.clone(), position);
+        self.keys.push(key);
+        Ok(())
     }
 }
 
@@ -85,29 +73,20 @@ impl KeySet {
     /// # Errors
     ///
     /// The first [`Error::InvalidKey`], [`Error::DuplicateId`] or
-    /// [`Error::DuplicateKey`] met.
+    /// [`Error::DuplicateKey`] met, in order.
     pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> Result<Self, Error> {
-        let keys: Vec<ApiKey> = keys.into_iter().collect();
-        if keys.iter().all(|k| validate_id(&k.id).is_ok()) && !has_duplicates(&keys) {
-            return Ok(Self {
-                inner: Arc::new(Inner {
-                    keys,
-                    index: OnceLock::new(),
-                }),
-            });
-        }
-        // Something is wrong: insert one by one, which finds the first offending key
-        // in order and says exactly what is wrong with it.
-        let mut set = Self::new();
+        let keys = keys.into_iter();
+        let mut inner = Inner::default();
+        let n = keys.size_hint().0;
+        inner.keys.reserve(n);
+        inner.by_id.reserve(n);
+        inner.by_digest.reserve(n);
         for key in keys {
-            set.insert(key)?;
+            inner.insert(key)?;
         }
-        Ok(set)
-    }
-
-    /// The keys, if no other copy of the set shares them (for freeing piecemeal).
-    pub(crate) fn into_unshared_keys(self) -> Option<Vec<ApiKey>> {
-        Arc::try_unwrap(self.inner).ok().map(|inner| inner.keys)
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Adds a key.
@@ -115,34 +94,17 @@ impl KeySet {
     /// # Errors
     ///
     /// - [`Error::InvalidKey`] if the id is empty, longer than 256 bytes, or holds
-    ///   whitespace or control characters;
+    ///   whitespace or invisible characters (Unicode controls, format characters such
+    ///   as bidirectional overrides, line separators); if the secret is empty, longer
+    ///   than 4,096 bytes, or has leading or trailing whitespace or a control
+    ///   character (no request could present it); or if `not_before` is not before
+    ///   `expires_at`;
     /// - [`Error::DuplicateId`] if the set has a key with this id;
     /// - [`Error::DuplicateKey`] if the set has this secret under another id.
     ///
     /// The set is unchanged on error.
     pub fn insert(&mut self, key: ApiKey) -> Result<(), Error> {
-        validate_id(&key.id)?;
-        let inner = Arc::make_mut(&mut self.inner);
-        inner.index();
-        let Some(index) = inner.index.get_mut() else {
-            unreachable!("the index was just built");
-        };
-        if index.by_id.contains_key(&key.id) {
-            return Err(Error::DuplicateId {
-                id: key.id.to_string(),
-            });
-        }
-        if let Some(&first) = index.by_digest.get(&key.digest) {
-            return Err(Error::DuplicateKey {
-                first: inner.keys[first].id.to_string(),
-                second: key.id.to_string(),
-            });
-        }
-        let position = inner.keys.len();
-        index.by_digest.insert(key.digest, position);
-        index.by_id.insert(key.id.clone(), position);
-        inner.keys.push(key);
-        Ok(())
+        Arc::make_mut(&mut self.inner).insert(key)
     }
 
     /// The number of keys.
@@ -157,114 +119,13 @@ impl KeySet {
 
     /// The key with this id.
     pub fn get(&self, id: &str) -> Option<&ApiKey> {
-        self.inner
-            .index()
-            .by_id
-            .get(id)
-            .map(|&i| &self.inner.keys[i])
+        self.inner.by_id.get(id).map(|&i| &self.inner.keys[i])
     }
 
     /// The keys, in insertion order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &ApiKey> {
         self.inner.keys.iter()
     }
-}
-
-/// Whether two keys share a digest or an id, found by sorting compact copies rather
-/// than by a million random hash-map probes.
-fn has_duplicates(keys: &[ApiKey]) -> bool {
-    // One thread on purpose: a reload runs beside live traffic, and on a small machine
-    // a second busy thread takes a core from the requests.
-    has_duplicate_digests(keys) || has_duplicate_ids(keys)
-}
-
-fn has_duplicate_digests(keys: &[ApiKey]) -> bool {
-    // Sort eight-byte prefixes, which sort fast; digests are uniform, so equal
-    // prefixes are rare and are then compared in full.
-    let mut pacer = Pacer::new();
-    let mut prefixes = Vec::with_capacity(keys.len());
-    for (key, i) in keys.iter().zip(0u32..) {
-        pacer.step();
-        let mut head = [0u8; 8];
-        head.copy_from_slice(&key.digest.0[..8]);
-        prefixes.push((u64::from_be_bytes(head), i));
-    }
-    let prefixes = sort_uniform(prefixes, &mut pacer);
-    prefixes.chunk_by(|a, b| a.0 == b.0).any(|run| {
-        any_pair(run, |a, b| {
-            keys[a as usize].digest == keys[b as usize].digest
-        })
-    })
-}
-
-/// Sorts pairs whose first halves are spread evenly over `u64` (digest prefixes,
-/// hashes): one pass deals them into buckets by their top bits, then each bucket is
-/// sorted on its own. As fast as one big sort, and a background thread can pause
-/// between buckets instead of holding the processor for the whole of it.
-fn sort_uniform(mut pairs: Vec<(u64, u32)>, pacer: &mut Pacer) -> Vec<(u64, u32)> {
-    const BITS: u32 = 10;
-    if pairs.len() < 1 << 14 {
-        pairs.sort_unstable();
-        return pairs;
-    }
-    let bucket = |pair: &(u64, u32)| (pair.0 >> (64 - BITS)) as usize;
-    let mut starts = vec![0usize; (1 << BITS) + 1];
-    for pair in &pairs {
-        starts[bucket(pair) + 1] += 1;
-    }
-    for b in 1..starts.len() {
-        starts[b] += starts[b - 1];
-    }
-    let mut next = starts.clone();
-    let mut sorted = vec![(0, 0); pairs.len()];
-    for pair in &pairs {
-        pacer.step();
-        let at = &mut next[bucket(pair)];
-        sorted[*at] = *pair;
-        *at += 1;
-    }
-    for window in starts.windows(2) {
-        sorted[window[0]..window[1]].sort_unstable();
-        pacer.pause();
-    }
-    sorted
-}
-
-/// Whether any two members of `run` (usually one or two long) are `equal`.
-fn any_pair(run: &[(u64, u32)], equal: impl Fn(u32, u32) -> bool) -> bool {
-    run.iter()
-        .enumerate()
-        .any(|(i, a)| run[i + 1..].iter().any(|b| equal(a.1, b.1)))
-}
-
-fn has_duplicate_ids(keys: &[ApiKey]) -> bool {
-    let state = std::hash::RandomState::new();
-    let mut pacer = Pacer::new();
-    let mut ids = Vec::with_capacity(keys.len());
-    for (key, i) in keys.iter().zip(0u32..) {
-        pacer.step();
-        ids.push((state.hash_one(&*key.id), i));
-    }
-    let ids = sort_uniform(ids, &mut pacer);
-    // Equal hashes are almost always equal ids; compare the strings to be sure.
-    ids.chunk_by(|a, b| a.0 == b.0)
-        .any(|run| any_pair(run, |a, b| keys[a as usize].id == keys[b as usize].id))
-}
-
-fn validate_id(id: &str) -> Result<(), Error> {
-    if id.is_empty() {
-        return Err(Error::invalid(None, "`id` must not be empty"));
-    }
-    if id.len() > 256 {
-        return Err(Error::invalid(None, "`id` is longer than 256 bytes"));
-    }
-    if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Error::invalid(
-            Some(&id.escape_debug().to_string()),
-            "`id` must not contain whitespace or control characters",
-        ));
-    }
-    Ok(())
 }
 
 impl fmt::Debug for KeySet {
@@ -348,8 +209,7 @@ mod tests {
 
     #[test]
     fn large_sets_find_duplicates_anywhere() {
-        // Over 16K keys the checks sort bucket by bucket: a clash between the first
-        // and the last key must still be found, and named as one by one would.
+        // A clash between the first and the last key is found, and named in order.
         let many = |last: ApiKey| {
             KeySet::from_keys(
                 (0..20_000)
@@ -365,34 +225,6 @@ mod tests {
             "key `last` has the same secret as key `k0`"
         );
         assert_eq!(many(ApiKey::new("last", "fresh")).unwrap().len(), 20_001);
-    }
-
-    #[test]
-    fn sort_uniform_sorts_like_sort_unstable() {
-        // Spread like digests, with some equal values and some in one bucket.
-        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut pairs: Vec<(u64, u32)> = (0..50_000u32)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (if i % 1000 == 0 { 42 } else { x }, i)
-            })
-            .collect();
-        pairs.push((u64::MAX, 7));
-        pairs.push((0, 9));
-        let mut expected = pairs.clone();
-        expected.sort_unstable();
-        assert_eq!(sort_uniform(pairs, &mut Pacer::new()), expected);
-    }
-
-    #[test]
-    fn any_pair_looks_past_neighbours() {
-        // Three with one hash, the first and last equal: not adjacent after sorting.
-        let run = [(7, 0), (7, 1), (7, 2)];
-        assert!(any_pair(&run, |a, b| (a, b) == (0, 2)));
-        assert!(!any_pair(&run, |_, _| false));
-        assert!(!any_pair(&run[..1], |_, _| true));
     }
 
     #[test]

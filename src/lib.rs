@@ -107,37 +107,48 @@
 
 #[cfg(feature = "axum")]
 mod axum;
-mod background;
+mod change;
 mod clock;
+mod digest;
+mod entry;
 mod error;
 mod extract;
 mod future;
 mod generate;
 mod key;
+mod key_info;
 mod key_set;
 mod layer;
 mod log;
 mod rejection;
 mod report;
-mod retire;
 mod service;
+mod shard;
+mod shared;
+mod snapshot;
 mod source;
 mod store;
-mod table;
+mod sunset;
+mod updater;
+mod usage;
 
 pub use crate::{
+    change::KeyChange,
     error::Error,
     extract::KeyLocation,
     future::ResponseFuture,
     generate::{GeneratedKey, generate, has_valid_checksum},
-    key::{ApiKey, KeyInfo},
+    key::ApiKey,
+    key_info::KeyInfo,
     key_set::KeySet,
     layer::ApiKeyLayer,
     rejection::{DefaultRejection, Rejection, RejectionResponse},
-    report::{KeyUsage, ReloadReport},
+    report::ReloadReport,
     service::ApiKeyService,
     source::{ChannelSource, EnvSource, KeyPublisher, KeySource},
-    store::{KeyStore, KeyUpdater, Reloads},
+    store::{KeyStore, Reloads},
+    updater::KeyUpdater,
+    usage::KeyUsage,
 };
 
 #[cfg(feature = "file")]

@@ -1,16 +1,13 @@
 use std::{fmt, sync::Arc, time::SystemTime};
 
-use crate::{
-    Error, KeyInfo,
-    background::{Pacer, drop_paced},
-};
+use crate::Error;
 
 /// The outcome of one reload attempt: when it happened, which source made it, and
 /// either what changed or why it was refused.
 ///
 /// Read the latest with [`KeyStore::last_reload`](crate::KeyStore::last_reload), or wait
 /// for the next with [`KeyStore::subscribe`](crate::KeyStore::subscribe). This is the
-/// audit trail of a rotation: which key ids were added, removed and kept.
+/// audit trail of a rotation: which key ids were added, changed, removed and kept.
 #[derive(Clone)]
 pub struct ReloadReport {
     source: Arc<str>,
@@ -20,10 +17,11 @@ pub struct ReloadReport {
     outcome: Result<Arc<Change>, Error>,
 }
 
-/// What a reload changes in one source's keys, worked out while merging.
+/// What an update changes in one source's keys.
 #[derive(Default)]
 pub(crate) struct Diff {
     pub(crate) added: Vec<Arc<str>>,
+    pub(crate) changed: Vec<Arc<str>>,
     pub(crate) removed: Vec<Arc<str>>,
     pub(crate) kept: Vec<Arc<str>>,
     pub(crate) expiring: Vec<Arc<str>>,
@@ -31,10 +29,7 @@ pub(crate) struct Diff {
 
 struct Change {
     version: u64,
-    added: Vec<Arc<str>>,
-    removed: Vec<Arc<str>>,
-    kept: Vec<Arc<str>>,
-    expiring: Vec<Arc<str>>,
+    diff: Diff,
 }
 
 impl ReloadReport {
@@ -42,43 +37,17 @@ impl ReloadReport {
         Self {
             source,
             at: SystemTime::now(),
-            outcome: Ok(Arc::new(Change {
-                version,
-                added: diff.added,
-                removed: diff.removed,
-                kept: diff.kept,
-                expiring: diff.expiring,
-            })),
+            outcome: Ok(Arc::new(Change { version, diff })),
         }
     }
 
     /// A set accepted by a source not yet attached to a store.
     pub(crate) fn queued(source: Arc<str>, set: &crate::KeySet) -> Self {
-        let added: Vec<Arc<str>> = set.iter().map(|k| k.id.clone()).collect();
-        Self {
-            source,
-            at: SystemTime::now(),
-            outcome: Ok(Arc::new(Change {
-                version: 0,
-                added,
-                removed: Vec::new(),
-                kept: Vec::new(),
-                expiring: Vec::new(),
-            })),
-        }
-    }
-
-    /// Drops the report; if this was its last copy, frees its id lists a slice at a
-    /// time (a million ids is a million reference counts).
-    pub(crate) fn drop_paced(self) {
-        if let Ok(change) = self.outcome
-            && let Ok(change) = Arc::try_unwrap(change)
-        {
-            let mut pacer = Pacer::new();
-            for ids in [change.added, change.removed, change.kept, change.expiring] {
-                drop_paced(ids, &mut pacer);
-            }
-        }
+        let diff = Diff {
+            added: set.iter().map(|k| k.id.clone()).collect(),
+            ..Diff::default()
+        };
+        Self::applied(source, 0, diff)
     }
 
     pub(crate) fn rejected(source: Arc<str>, error: Error) -> Self {
@@ -115,38 +84,42 @@ impl ReloadReport {
         self.outcome.as_ref().ok().map(|c| c.version)
     }
 
-    /// Ids of this source's keys that the reload added, in the order of the new set.
+    fn ids(&self, list: impl Fn(&Diff) -> &[Arc<str>]) -> Vec<&str> {
+        match &self.outcome {
+            Ok(change) => list(&change.diff).iter().map(|id| &**id).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Ids of this source's keys that the update added, in the order given.
     pub fn added(&self) -> Vec<&str> {
-        self.outcome
-            .as_ref()
-            .map_or_else(|_| Vec::new(), |c| c.added.iter().map(|id| &**id).collect())
+        self.ids(|d| &d.added)
     }
 
-    /// Ids of this source's keys that the reload removed, sorted.
+    /// Ids of this source's keys whose definition the update changed (secret, scopes,
+    /// metadata, validity window, `disabled`), in the order given: a revocation by
+    /// `disabled = true` shows here.
+    pub fn changed(&self) -> Vec<&str> {
+        self.ids(|d| &d.changed)
+    }
+
+    /// Ids of this source's keys that the update removed, sorted.
     pub fn removed(&self) -> Vec<&str> {
-        self.outcome.as_ref().map_or_else(
-            |_| Vec::new(),
-            |c| c.removed.iter().map(|id| &**id).collect(),
-        )
+        self.ids(|d| &d.removed)
     }
 
-    /// Ids of this source's keys present before and after, in the order of the new set.
+    /// Ids of this source's keys that the update named and left as they were, in the
+    /// order given. For a complete set ([`KeyUpdater::publish`](crate::KeyUpdater::publish)),
+    /// every key present before and after, unchanged.
     pub fn kept(&self) -> Vec<&str> {
-        self.outcome
-            .as_ref()
-            .map_or_else(|_| Vec::new(), |c| c.kept.iter().map(|id| &**id).collect())
+        self.ids(|d| &d.kept)
     }
-}
 
-impl ReloadReport {
-    /// Ids of this source's keys whose `expires_at` falls within the store's
-    /// [expiry notice](crate::KeyStore::set_expiry_notice) at the time of the reload,
-    /// in the order of the new set: clients still using them should move.
+    /// Ids of the keys the update named whose `expires_at` falls within the store's
+    /// [expiry notice](crate::KeyStore::set_expiry_notice) at the time of the update,
+    /// in the order given: clients still using them should move.
     pub fn expiring(&self) -> Vec<&str> {
-        self.outcome.as_ref().map_or_else(
-            |_| Vec::new(),
-            |c| c.expiring.iter().map(|id| &**id).collect(),
-        )
+        self.ids(|d| &d.expiring)
     }
 }
 
@@ -157,49 +130,13 @@ impl fmt::Debug for ReloadReport {
         match &self.outcome {
             Ok(c) => d
                 .field("version", &c.version)
-                .field("added", &c.added)
-                .field("removed", &c.removed)
-                .field("kept", &c.kept.len())
-                .field("expiring", &c.expiring),
+                .field("added", &c.diff.added)
+                .field("changed", &c.diff.changed)
+                .field("removed", &c.diff.removed)
+                .field("kept", &c.diff.kept.len())
+                .field("expiring", &c.diff.expiring),
             Err(e) => d.field("error", &format_args!("{e}")),
         };
         d.finish()
-    }
-}
-
-/// How much one key has been used: from [`KeyStore::usage`](crate::KeyStore::usage).
-#[derive(Clone, Debug)]
-pub struct KeyUsage {
-    key: KeyInfo,
-    requests: u64,
-    last_used: Option<SystemTime>,
-}
-
-impl KeyUsage {
-    /// `key`'s counters as read from its slot: requests, and the last use in Unix
-    /// seconds (0 for never).
-    pub(crate) fn new(key: KeyInfo, (requests, last_used): (u64, u32)) -> Self {
-        let secs = u64::from(last_used);
-        Self {
-            key,
-            requests,
-            last_used: (secs != 0).then(|| crate::clock::from_unix_ms(secs * 1000)),
-        }
-    }
-
-    /// The key.
-    pub fn key(&self) -> &KeyInfo {
-        &self.key
-    }
-
-    /// Requests let in with this key since it was first loaded (counts carry over
-    /// reloads that keep its id).
-    pub fn requests(&self) -> u64 {
-        self.requests
-    }
-
-    /// When the key last let a request in, to the second; `None` if never.
-    pub fn last_used(&self) -> Option<SystemTime> {
-        self.last_used
     }
 }

@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use crate::{
     ApiKeyLayer, DefaultRejection, KeyStore, Rejection, RejectionResponse, ResponseFuture, extract,
-    has_valid_checksum, layer::State, store::Accepted,
+    has_valid_checksum, layer::State, store::Accepted, sunset::Sunset,
 };
 
 /// Middleware that lets a request through only with a valid API key.
@@ -83,13 +83,18 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         match self.authenticate(req.headers()) {
-            Ok(Accepted { key, sunset }) => {
+            Ok(Accepted { key, expires_at }) => {
                 let config = &self.state.config;
+                let sunset = expires_at
+                    .filter(|_| config.deprecation_headers)
+                    .and_then(|at| {
+                        let notice = self.state.store.expiry_notice_ms();
+                        Sunset::within(at, notice, crate::clock::exact_now_ms())
+                    });
                 if config.hide_credentials {
                     extract::strip(req.headers_mut(), &config.locations);
                 }
                 req.extensions_mut().insert(key);
-                let sunset = sunset.filter(|_| config.deprecation_headers);
                 ResponseFuture::inner(self.inner.call(req), sunset)
             }
             Err(rejection) => {

@@ -1,8 +1,9 @@
+//! The store's front: what layers and programs read.
+
 use std::{
-    collections::HashMap,
     fmt,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -12,14 +13,12 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::{
-    ApiKey, Error, KeyInfo, KeySet, KeySource, Rejection,
-    background::Pacer,
-    clock,
-    future::Sunset,
-    key::{KeyDigest, KeyEntry, Meta, SharedMeta},
-    report::{Diff, KeyUsage, ReloadReport},
-    retire::{self, Carried, Retired},
-    table::{self, Table, TableHandle},
+    Error, KeyInfo, KeySource, KeyUpdater, Rejection, ReloadReport,
+    clock::{self, duration_ms},
+    digest::KeyDigest,
+    shared::{Shared, Writer},
+    snapshot::Snapshot,
+    usage::KeyUsage,
 };
 
 /// The shared, swappable set of keys that [`ApiKeyService`](crate::ApiKeyService) checks
@@ -52,121 +51,20 @@ pub struct KeyStore {
     shared: Arc<Shared>,
 }
 
-struct Shared {
-    current: ArcSwap<Snapshot>,
-    writer: Mutex<Writer>,
-    reloads: watch::Sender<Option<ReloadReport>>,
-    /// How long before its `expires_at` a key counts as expiring, in milliseconds.
-    expiry_notice: AtomicU64,
-    /// Run when the store is dropped: how watching sources learn to stop at once.
-    on_drop: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        let callbacks = std::mem::take(
-            self.on_drop
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for callback in callbacks {
-            callback();
-        }
-    }
-}
-
 /// A key accepted by [`KeyStore::check`].
 pub(crate) struct Accepted {
     pub(crate) key: KeyInfo,
-    /// The headers announcing the key's expiry, if it falls within the notice.
-    pub(crate) sunset: Option<Sunset>,
+    /// The key's `expires_at` (Unix milliseconds), for a key with a validity window.
+    pub(crate) expires_at: Option<u64>,
 }
 
 /// The default [`KeyStore::set_expiry_notice`]: seven days.
 const DEFAULT_EXPIRY_NOTICE: Duration = Duration::from_secs(7 * 24 * 3600);
 
-#[derive(Default)]
-struct Writer {
-    sources: Vec<Arc<str>>,
-}
-
-/// One immutable generation of the key set.
-pub(crate) struct Snapshot {
-    version: u64,
-    table: Arc<Table>,
-    /// The handles [`KeyInfo`]s made from this snapshot hold (see
-    /// [`table::this_threads`]).
-    handles: Box<[Arc<TableHandle>]>,
-}
-
-impl Snapshot {
-    fn new(table: Table) -> Self {
-        let table = Arc::new(table);
-        Self {
-            version: 0,
-            handles: table::handles(&table),
-            table,
-        }
-    }
-
-    /// The table, for the reaper (which frees it once no [`KeyInfo`] points into it).
-    pub(crate) fn table(&self) -> &Arc<Table> {
-        &self.table
-    }
-
-    /// The key in slot `i`, as a [`KeyInfo`] that does not hold the table.
-    fn detached(&self, i: usize) -> KeyInfo {
-        KeyInfo::detached(self.table.entry_at(i).clone())
-    }
-
-    /// The slot of the key with this id.
-    fn find_id(&self, id: &str) -> Option<usize> {
-        self.table
-            .iter()
-            .find(|(_, _, e)| &*e.id == id)
-            .map(|(i, _, _)| i)
-    }
-}
-
-impl Default for Snapshot {
-    fn default() -> Self {
-        Self::new(Table::default())
-    }
-}
-
-impl KeyEntry {
-    /// Whether the key may be used now: not disabled, and inside its window.
-    #[inline]
-    fn check(&self, now_ms: u64, key: impl FnOnce() -> KeyInfo) -> Result<(), Rejection> {
-        if self.disabled() {
-            return Err(Rejection::Disabled(key()));
-        }
-        if self.windowed() {
-            let (from, until) = (self.valid_from(), self.valid_until());
-            // Trust the coarse clock only well inside the window.
-            let now = if now_ms >= from.saturating_add(clock::MARGIN_MS)
-                && now_ms.saturating_add(clock::MARGIN_MS) < until
-            {
-                now_ms
-            } else {
-                clock::exact_now_ms()
-            };
-            if now < from {
-                return Err(Rejection::NotYetValid(key()));
-            }
-            if now >= until {
-                return Err(Rejection::Expired(key()));
-            }
-        }
-        Ok(())
-    }
-}
-
 impl KeyStore {
     /// An empty store, fed by no source yet: it refuses every request.
     #[must_use]
     pub fn new() -> Self {
-        clock::start();
         Self {
             shared: Arc::new(Shared {
                 current: ArcSwap::from_pointee(Snapshot::default()),
@@ -199,13 +97,10 @@ impl KeyStore {
         let index = {
             let mut writer = self.shared.lock();
             writer.sources.push(name.clone());
+            writer.counts.push(0);
             u16::try_from(writer.sources.len() - 1).expect("at most 65,536 sources per store")
         };
-        let updater = KeyUpdater {
-            shared: Arc::downgrade(&self.shared),
-            source: index,
-            name,
-        };
+        let updater = KeyUpdater::new(Arc::downgrade(&self.shared), index, name);
         let result = match source.load() {
             Ok(set) => updater.publish(set).map(drop),
             Err(error) => Err(updater.record_failure(error)),
@@ -232,7 +127,7 @@ impl KeyStore {
 
     /// The number of keys currently loaded (over all sources).
     pub fn len(&self) -> usize {
-        self.shared.current.load().table.len()
+        self.shared.current.load().len()
     }
 
     /// Whether no key is loaded, in which case every request is refused.
@@ -246,19 +141,18 @@ impl KeyStore {
         self.shared.current.load().version
     }
 
-    /// The key with this id, if loaded.
+    /// The key with this id, if loaded: a lookup in the id index.
     pub fn get(&self, id: &str) -> Option<KeyInfo> {
         let snapshot = self.shared.current.load();
-        snapshot.find_id(id).map(|i| snapshot.detached(i))
+        snapshot
+            .by_id(id)
+            .map(|(e, _)| KeyInfo::detached(e.clone()))
     }
 
     /// Every loaded key, sorted by id.
     pub fn keys(&self) -> Vec<KeyInfo> {
-        let snapshot = self.shared.current.load();
-        let mut keys: Vec<_> = snapshot
-            .table
-            .iter()
-            .map(|(_, _, e)| KeyInfo::detached(e.clone()))
+        let mut keys: Vec<_> = (self.shared.current.load().iter())
+            .map(|(_, e, _)| KeyInfo::detached(e.clone()))
             .collect();
         keys.sort_by(|a, b| a.id().cmp(b.id()));
         keys
@@ -267,13 +161,10 @@ impl KeyStore {
     /// Request counts and last use of every loaded key, sorted by id: how an operator
     /// sees that an old key has gone idle before revoking it.
     ///
-    /// Counts survive reloads for ids that stay in the set.
+    /// Counts survive updates that keep a key's id.
     pub fn usage(&self) -> Vec<KeyUsage> {
-        let snapshot = self.shared.current.load();
-        let mut usage: Vec<_> = snapshot
-            .table
-            .iter()
-            .map(|(_, slot, e)| KeyUsage::new(KeyInfo::detached(e.clone()), slot.usage()))
+        let mut usage: Vec<_> = (self.shared.current.load().iter())
+            .map(|(_, e, u)| KeyUsage::new(KeyInfo::detached(e.clone()), u))
             .collect();
         usage.sort_by(|a, b| a.key().id().cmp(b.key().id()));
         usage
@@ -293,11 +184,8 @@ impl KeyStore {
     /// ```
     pub fn usage_of(&self, id: &str) -> Option<KeyUsage> {
         let snapshot = self.shared.current.load();
-        let i = snapshot.find_id(id)?;
-        Some(KeyUsage::new(
-            snapshot.detached(i),
-            snapshot.table.slot(i).usage(),
-        ))
+        let (entry, usage) = snapshot.by_id(id)?;
+        Some(KeyUsage::new(KeyInfo::detached(entry.clone()), usage))
     }
 
     /// Checks a key outside an HTTP request (a WebSocket message, a queue consumer, a
@@ -357,6 +245,21 @@ impl KeyStore {
         Reloads { rx }
     }
 
+    /// An updater for a new source named `name`, as [`KeyStore::add_source`] makes.
+    #[cfg(test)]
+    pub(crate) fn updater_for_tests(&self, name: &str) -> KeyUpdater {
+        let mut writer = self.shared.lock();
+        writer.sources.push(name.into());
+        writer.counts.push(0);
+        let index = u16::try_from(writer.sources.len() - 1).unwrap_or(u16::MAX);
+        KeyUpdater::new(Arc::downgrade(&self.shared), index, name.into())
+    }
+
+    /// The expiry notice, in milliseconds.
+    pub(crate) fn expiry_notice_ms(&self) -> u64 {
+        self.shared.expiry_notice.load(Ordering::Relaxed)
+    }
+
     /// Looks up a presented key: the request path. One load, one lookup, no lock.
     #[inline]
     pub(crate) fn check(
@@ -367,40 +270,44 @@ impl KeyStore {
     ) -> Result<Accepted, Rejection> {
         let digest = KeyDigest::of(presented);
         let snapshot = self.shared.current.load();
-        let table = &snapshot.table;
-        let Some(i) = table.find(&digest) else {
+        let Some((shard, i)) = snapshot.find(&digest) else {
             return Err(Rejection::Unknown);
         };
-        let slot = table.slot(i);
-        let now = clock::coarse_now_ms();
+        let slot = shard.slot(i);
+        let key = || KeyInfo::in_shard(shard.clone(), i);
         // The slot has the flags: the entry is read only for a key with a window or a
         // flag set, or when a scope is required.
+        let mut expires_at = None;
         if slot.is_disabled() || slot.is_windowed() {
-            table.entry_at(i).check(now, || snapshot.detached(i))?;
+            let Some(entry) = shard.entry_at(i) else {
+                return Err(Rejection::Unknown);
+            };
+            if entry.disabled() {
+                return Err(Rejection::Disabled(key()));
+            }
+            let now = clock::exact_now_ms();
+            if now < entry.valid_from() {
+                return Err(Rejection::NotYetValid(key()));
+            }
+            if now >= entry.valid_until() {
+                return Err(Rejection::Expired(key()));
+            }
+            expires_at = Some(entry.valid_until());
         }
         if let Some(scope) = required_scope
-            && !table.entry_at(i).has_scope(scope)
+            && !shard.entry_at(i).is_some_and(|e| e.has_scope(scope))
         {
             return Err(Rejection::InsufficientScope {
-                key: snapshot.detached(i),
+                key: key(),
                 scope: scope.clone(),
             });
         }
         if track_usage {
-            slot.touch(now);
+            slot.touch(clock::now_secs());
         }
-        let sunset = if slot.is_windowed() {
-            let until = table.entry_at(i).valid_until();
-            let notice = self.shared.expiry_notice.load(Ordering::Relaxed);
-            (until != u64::MAX && now.saturating_add(notice) >= until)
-                .then(|| Sunset::new(until, notice))
-        } else {
-            None
-        };
-        let handle = table::this_threads(&snapshot.handles).clone();
         Ok(Accepted {
-            key: KeyInfo::in_table(handle, i),
-            sunset,
+            key: key(),
+            expires_at,
         })
     }
 }
@@ -415,293 +322,9 @@ impl fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let snapshot = self.shared.current.load();
         f.debug_struct("KeyStore")
-            .field("keys", &snapshot.table.len())
+            .field("keys", &snapshot.len())
             .field("version", &snapshot.version)
             .finish_non_exhaustive()
-    }
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Writer> {
-        // The writer's state stays consistent even if a publisher panicked mid-way:
-        // the snapshot is only ever replaced whole.
-        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn report(&self, report: ReloadReport) {
-        if let Some(previous) = self.reloads.send_replace(Some(report)) {
-            previous.drop_paced();
-        }
-    }
-}
-
-/// Handle through which a [`KeySource`] publishes new key sets into its store.
-///
-/// It holds the store weakly: once every layer and store clone is gone,
-/// [`KeyUpdater::is_closed`] turns true and publishing returns [`Error::StoreClosed`],
-/// which tells a watching source to stop.
-#[derive(Clone)]
-pub struct KeyUpdater {
-    shared: Weak<Shared>,
-    source: u16,
-    name: Arc<str>,
-}
-
-impl KeyUpdater {
-    /// Replaces this source's keys with `set`, atomically, and returns what changed.
-    ///
-    /// The store serves the union of all its sources' keys. A set in which a key (or
-    /// a key id) is also claimed by another source is refused as a whole with
-    /// [`Error::Conflict`]; the store then keeps its previous keys.
-    ///
-    /// Every attempt, applied or refused, is recorded in [`KeyStore::last_reload`] and
-    /// sent to [`KeyStore::subscribe`]rs. An applied set is logged at `info` with the
-    /// ids added, removed and kept; a refused one at `warn` with the reason.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Conflict`], or [`Error::StoreClosed`] if the store is gone.
-    pub fn publish(&self, set: KeySet) -> Result<ReloadReport, Error> {
-        let shared = self.shared.upgrade().ok_or(Error::StoreClosed)?;
-        let writer = shared.lock();
-        let old = shared.current.load_full();
-        let notice = shared.expiry_notice.load(Ordering::Relaxed);
-        match self.merge(&old, &set, &writer, notice) {
-            Ok((mut next, carried, diff)) => {
-                next.version = old.version + 1;
-                let report = ReloadReport::applied(self.name.clone(), next.version, diff);
-                let next_table = next.table.clone();
-                shared.current.store(Arc::new(next));
-                drop(writer);
-                retire::retire(Retired {
-                    snapshot: old,
-                    next: next_table,
-                    carried,
-                    set,
-                });
-                crate::log::applied(&report);
-                shared.report(report.clone());
-                Ok(report)
-            }
-            Err(error) => {
-                drop(writer);
-                Err(self.record_failure(error))
-            }
-        }
-    }
-
-    /// Records a failed reload attempt (a key file that does not parse, say) without
-    /// touching the keys: it is logged at `warn`, and readable from
-    /// [`KeyStore::last_reload`]. Returns the report.
-    pub fn reject(&self, error: Error) -> ReloadReport {
-        let report = ReloadReport::rejected(self.name.clone(), error);
-        crate::log::rejected(&report);
-        if let Some(shared) = self.shared.upgrade() {
-            shared.report(report.clone());
-        }
-        report
-    }
-
-    fn record_failure(&self, error: Error) -> Error {
-        self.reject(error.clone());
-        error
-    }
-
-    /// Whether the store is gone; a watching source should then stop.
-    pub fn is_closed(&self) -> bool {
-        self.shared.strong_count() == 0
-    }
-
-    /// Runs `callback` when the store is dropped (at once if it already is), so a
-    /// source waiting for changes can stop without waiting for its next poll.
-    #[cfg(feature = "file")]
-    pub(crate) fn on_close(&self, callback: impl FnOnce() + Send + 'static) {
-        match self.shared.upgrade() {
-            Some(shared) => shared
-                .on_drop
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(Box::new(callback)),
-            None => callback(),
-        }
-    }
-
-    /// The name of the source this updater publishes for.
-    pub fn source_name(&self) -> &str {
-        &self.name
-    }
-
-    /// Builds the next snapshot: the other sources' keys, plus `set` as this
-    /// source's. Entries that did not change are shared with the old snapshot; a key
-    /// whose definition changed gets a new entry. Every key whose id stays carries
-    /// its usage counts over (and the reaper adds what requests still reading the old
-    /// snapshot count after the copy).
-    fn merge(
-        &self,
-        old: &Snapshot,
-        set: &KeySet,
-        writer: &Writer,
-        notice: u64,
-    ) -> Result<(Snapshot, Vec<Carried>, Diff), Error> {
-        let source = self.source;
-        let ours = old
-            .table
-            .iter()
-            .filter(|(_, _, e)| e.source() == source)
-            .count();
-        let others = old.table.len() - ours;
-        let mut table = Table::with_capacity(others + set.len());
-        let mut carried = Vec::with_capacity(old.table.len().min(others + set.len()));
-        let mut other_ids: HashMap<&str, u16> = HashMap::with_capacity(others);
-        let mut pacer = Pacer::new();
-        for (i, slot, entry) in old.table.iter().filter(|(_, _, e)| e.source() != source) {
-            pacer.step();
-            other_ids.insert(&entry.id, entry.source());
-            let usage = slot.usage();
-            // Digests are unique within a snapshot, so this cannot clash.
-            if let Ok(j) = table.insert(slot.digest(), entry.clone(), usage) {
-                carried.push(Carried {
-                    old: i,
-                    new: j,
-                    copied: usage.0,
-                });
-            }
-        }
-        // This source's old keys by id, built only if some key changed.
-        let mut old_by_id: Option<HashMap<&str, usize>> = None;
-        let mut metas: HashMap<(Option<&Meta>, u64, u64, bool), Arc<SharedMeta>> = HashMap::new();
-        let no_meta = Meta::default();
-        let mut diff = Diff::default();
-        diff.kept.reserve(ours.min(set.len()));
-        let now = clock::exact_now_ms();
-        for key in set {
-            pacer.step();
-            if !other_ids.is_empty()
-                && let Some(&other) = other_ids.get(&*key.id)
-            {
-                return Err(self.conflict(key, key.id.to_string(), other, writer));
-            }
-            let key_meta = key.meta.as_deref().unwrap_or(&no_meta);
-            let shared_key = (
-                key.meta.as_deref(),
-                key.valid_from,
-                key.valid_until,
-                key.disabled,
-            );
-            // One lookup in the old table per key: for a large reload each is a trip to
-            // memory.
-            let hit = old.table.find(&key.digest);
-            let meta = metas.entry(shared_key).or_insert_with(|| {
-                let fresh = SharedMeta {
-                    source: self.name.clone(),
-                    index: source,
-                    meta: key_meta.clone(),
-                    valid_from: key.valid_from,
-                    valid_until: key.valid_until,
-                    disabled: key.disabled,
-                };
-                // Share the previous snapshot's copy when it is the same, so unchanged
-                // keys usually compare equal by pointer.
-                hit.map(|i| &old.table.entry_at(i).shared)
-                    .filter(|m| ***m == fresh)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(fresh))
-            });
-            let previous = hit.filter(|&i| {
-                let e = old.table.entry_at(i);
-                e.source() == source && *e.id == *key.id
-            });
-            let (entry, from) = match previous {
-                Some(i) if old.table.entry_at(i).same_as(key, meta) => {
-                    diff.kept.push(key.id.clone());
-                    (old.table.entry_at(i).clone(), Some(i))
-                }
-                _ => {
-                    let new = Arc::new(KeyEntry::new(key, meta.clone()));
-                    let previous = previous.or_else(|| {
-                        let by_id = old_by_id.get_or_insert_with(|| {
-                            let mut by_id = HashMap::with_capacity(ours);
-                            for (i, _, e) in
-                                old.table.iter().filter(|(_, _, e)| e.source() == source)
-                            {
-                                pacer.step();
-                                by_id.insert(&*e.id, i);
-                            }
-                            by_id
-                        });
-                        by_id.get(&*key.id).copied()
-                    });
-                    match previous {
-                        Some(_) => diff.kept.push(key.id.clone()),
-                        None => diff.added.push(key.id.clone()),
-                    }
-                    (new, previous)
-                }
-            };
-            let until = key.valid_until;
-            if !key.disabled
-                && until != u64::MAX
-                && until > now
-                && until <= now.saturating_add(notice)
-            {
-                diff.expiring.push(key.id.clone());
-            }
-            let usage = from.map_or((0, 0), |i| old.table.slot(i).usage());
-            match table.insert(key.digest, entry, usage) {
-                Ok(j) => {
-                    if let Some(i) = from {
-                        carried.push(Carried {
-                            old: i,
-                            new: j,
-                            copied: usage.0,
-                        });
-                    }
-                }
-                Err(j) => {
-                    let clash = table.entry_at(j);
-                    let (other_id, other) = (clash.id.to_string(), clash.source());
-                    return Err(self.conflict(key, other_id, other, writer));
-                }
-            }
-        }
-        if diff.kept.len() < ours {
-            diff.removed = old
-                .table
-                .iter()
-                .filter(|(_, _, e)| {
-                    pacer.step();
-                    e.source() == source && set.get(&e.id).is_none()
-                })
-                .map(|(_, _, e)| e.id.clone())
-                .collect();
-            diff.removed.sort();
-        }
-        Ok((Snapshot::new(table), carried, diff))
-    }
-
-    fn conflict(&self, key: &ApiKey, other_id: String, other: u16, writer: &Writer) -> Error {
-        Error::Conflict {
-            id: key.id.to_string(),
-            other_id,
-            other_source: writer
-                .sources
-                .get(usize::from(other))
-                .map(|s| s.to_string())
-                .unwrap_or_default(),
-        }
-    }
-}
-
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-impl fmt::Debug for KeyUpdater {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyUpdater")
-            .field("source", &self.name)
-            .field("closed", &self.is_closed())
-            .finish()
     }
 }
 
@@ -730,7 +353,7 @@ impl Reloads {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ApiKey, ChannelSource};
+    use crate::{ApiKey, ChannelSource, KeyChange, KeySet};
 
     fn set(keys: &[(&str, &str)]) -> KeySet {
         KeySet::from_keys(
@@ -746,88 +369,102 @@ mod tests {
         let store = KeyStore::new();
         store.add_source(source).unwrap();
         let before = store.get("b").unwrap();
-        // A new key first, with the same metadata: the unchanged ones must still be
-        // recognised as unchanged, and keep their entry (and counters).
-        publisher
+        let report = publisher
             .publish(set(&[("new", "kn"), ("a", "ka"), ("b", "kb")]))
             .unwrap();
-        let after = store.get("b").unwrap();
-        assert!(before.same_entry(&after));
-        // A changed definition gets a new entry.
-        publisher
+        assert_eq!(
+            (report.added(), report.kept()),
+            (vec!["new"], vec!["a", "b"])
+        );
+        assert!(before.same_entry(&store.get("b").unwrap()));
+        // A changed definition gets a new entry, and is reported as changed.
+        let report = publisher
             .publish(set(&[("a", "ka"), ("b", "kb2")]))
             .unwrap();
-        assert!(!after.same_entry(&store.get("b").unwrap()));
+        assert_eq!(report.changed(), ["b"]);
+        assert_eq!(report.removed(), ["new"]);
+        assert_eq!(report.kept(), ["a"]);
+        assert!(!before.same_entry(&store.get("b").unwrap()));
     }
 
-    /// Waits (bounded) until `done`.
-    fn eventually(what: &str, done: impl Fn() -> bool) {
-        let start = std::time::Instant::now();
-        while !done() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "timed out waiting for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
+    #[test]
+    fn a_change_by_id_touches_nothing_else() {
+        let keys: Vec<(String, String)> = (0..2_000)
+            .map(|i| (format!("k{i}"), format!("s{i}")))
+            .collect();
+        let (source, publisher) = ChannelSource::new(
+            KeySet::from_keys(keys.iter().map(|(id, s)| ApiKey::new(&**id, s))).unwrap(),
+        );
+        let store = KeyStore::new();
+        store.add_source(source).unwrap();
+        for (_, secret) in keys.iter().take(100) {
+            store.verify(secret).unwrap();
         }
+        let untouched = store.get("k50").unwrap();
+        let report = publisher
+            .apply([
+                KeyChange::Upsert(ApiKey::new("k7", "s7-rotated")),
+                KeyChange::remove("k8"),
+                KeyChange::Upsert(ApiKey::new("fresh", "s-fresh")),
+                KeyChange::remove("never-existed"),
+            ])
+            .unwrap();
+        assert_eq!(report.added(), ["fresh"]);
+        assert_eq!(report.changed(), ["k7"]);
+        assert_eq!(report.removed(), ["k8"]);
+        assert_eq!(store.len(), 2_000);
+        assert!(untouched.same_entry(&store.get("k50").unwrap()));
+        assert_eq!(store.usage_of("k50").unwrap().requests(), 1);
+        assert_eq!(store.usage_of("k7").unwrap().requests(), 1, "carried over");
+        assert!(store.verify("s7").is_err() && store.verify("s8").is_err());
+        assert_eq!(store.verify("s7-rotated").unwrap().id(), "k7");
+        assert_eq!(store.version(), 2);
     }
 
     #[test]
-    fn a_request_s_key_info_holds_its_table_until_dropped() {
-        let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
+    fn a_refused_change_changes_nothing() {
         let store = KeyStore::new();
+        store.add_source(set(&[("other", "ko")])).unwrap();
+        let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
         store.add_source(source).unwrap();
-        let old = Arc::downgrade(store.shared.current.load().table());
-        // What the layer puts in a request: a handle on the table it was checked in.
-        let in_request = store.check(b"ka", None, true).unwrap().key;
-        publisher.publish(set(&[("b", "kb")])).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(old.upgrade().is_some(), "still read through the handle");
-        assert_eq!(in_request.id(), "a");
-        // Dropping it lets the reaper free the replaced table (not the request).
-        drop(in_request);
-        eventually("the old table to be freed", || old.upgrade().is_none());
+        let refusals = [
+            vec![KeyChange::Upsert(ApiKey::new("other", "x"))],
+            vec![KeyChange::Upsert(ApiKey::new("b", "ko"))],
+            vec![KeyChange::remove("other")],
+            vec![KeyChange::Upsert(ApiKey::new("b", "ka"))],
+            vec![
+                KeyChange::Upsert(ApiKey::new("b", "k1")),
+                KeyChange::Upsert(ApiKey::new("c", "k1")),
+            ],
+            vec![
+                KeyChange::Upsert(ApiKey::new("b", "k")),
+                KeyChange::remove("b"),
+            ],
+            vec![KeyChange::Upsert(ApiKey::new("bad id", "k"))],
+            vec![KeyChange::Upsert(ApiKey::new("b", " k"))],
+        ];
+        for changes in refusals {
+            let err = publisher.apply(changes.clone()).unwrap_err();
+            assert_eq!(store.version(), 2, "{changes:?}: {err}");
+            assert!(!store.last_reload().unwrap().is_applied());
+        }
+        assert_eq!(store.len(), 2);
+        // The same key moving from one id to another in one change is fine.
+        publisher
+            .apply([
+                KeyChange::remove("a"),
+                KeyChange::Upsert(ApiKey::new("b", "ka")),
+            ])
+            .unwrap();
+        assert_eq!(store.verify("ka").unwrap().id(), "b");
     }
 
-    #[test]
-    fn a_cloned_key_info_does_not_hold_the_table() {
-        let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
-        let store = KeyStore::new();
-        store.add_source(source).unwrap();
-        let old = Arc::downgrade(store.shared.current.load().table());
-        let in_request = store.check(b"ka", None, true).unwrap().key;
-        let kept = in_request.clone();
-        let verified = store.verify("ka").unwrap();
-        drop(in_request);
-        publisher.publish(set(&[("b", "kb")])).unwrap();
-        eventually("the old table to be freed", || old.upgrade().is_none());
-        assert_eq!((kept.id(), verified.id()), ("a", "a"));
-        assert_eq!(kept.scopes().collect::<Vec<_>>(), ["read"]);
-    }
-
-    #[test]
-    fn usage_counted_in_a_replaced_table_reaches_the_new_one() {
-        let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
-        let store = KeyStore::new();
-        store.add_source(source).unwrap();
-        // A request that loaded the table before the swap and counts after the copy.
-        let before = store.shared.current.load_full();
-        store.verify("ka").unwrap();
-        publisher.publish(set(&[("a", "ka"), ("b", "kb")])).unwrap();
-        let slot = before.table.find(&KeyDigest::of(b"ka")).unwrap();
-        before.table.slot(slot).touch(clock::exact_now_ms());
-        drop(before);
-        eventually("the late request to be counted", || {
-            store.usage_of("a").unwrap().requests() == 2
-        });
-    }
     #[test]
     fn a_clash_with_another_source_names_the_first_key_in_order() {
         let store = KeyStore::new();
         store
             .add_source(set(&[("x", "s1"), ("y", "s2"), ("z", "s3")]))
             .unwrap();
-        // However the table is built, the error follows the set's order.
         for (first, second) in [("p", "q"), ("q", "p")] {
             let err = store
                 .add_source(set(&[(first, "s2"), ("ok", "fresh"), (second, "s1")]))
@@ -838,5 +475,37 @@ mod tests {
             assert_eq!((id.as_str(), other_id.as_str()), (first, "y"));
         }
         assert_eq!(store.len(), 3, "nothing of the refused sets was applied");
+    }
+
+    #[test]
+    fn counts_made_in_a_replaced_version_reach_the_next() {
+        let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
+        let store = KeyStore::new();
+        store.add_source(source).unwrap();
+        store.verify("ka").unwrap();
+        // A request that loaded the version before the swap and counts after the
+        // copy: the writer waits for it, then carries its count over.
+        let before = store.shared.current.load_full();
+        let writer = std::thread::spawn(move || {
+            publisher.publish(set(&[("a", "ka"), ("b", "kb")])).unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let (shard, i) = before.find(&KeyDigest::of(b"ka")).unwrap();
+        shard.slot(i).touch(clock::now_secs());
+        drop(before);
+        writer.join().unwrap();
+        assert_eq!(store.usage_of("a").unwrap().requests(), 2);
+    }
+
+    #[test]
+    fn a_request_s_key_info_outlives_its_shard_s_replacement() {
+        let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
+        let store = KeyStore::new();
+        store.add_source(source).unwrap();
+        let in_request = store.check(b"ka", None, true).unwrap().key;
+        let kept = in_request.clone();
+        publisher.publish(set(&[("b", "kb")])).unwrap();
+        assert_eq!((in_request.id(), kept.id()), ("a", "a"));
+        assert_eq!(kept.scopes().collect::<Vec<_>>(), ["read"]);
     }
 }

@@ -3,7 +3,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use crate::{Error, KeySet, KeySource, KeyUpdater, ReloadReport};
+use crate::{Error, KeyChange, KeySet, KeySource, KeyUpdater, ReloadReport};
 
 /// A [`KeySource`] fed from your own code: a database poller, an admin endpoint, a test.
 ///
@@ -45,8 +45,12 @@ pub struct KeyPublisher {
 }
 
 struct State {
-    /// The set loaded when the source is attached.
+    /// The set the source loads when it is attached (emptied once it is).
     initial: KeySet,
+    /// Bumped by every change to `initial`; `loaded` is its value at the load, so a
+    /// change made between the load and the watch is not lost.
+    generation: u64,
+    loaded: u64,
     updater: Option<KeyUpdater>,
 }
 
@@ -55,6 +59,8 @@ impl ChannelSource {
     pub fn new(initial: KeySet) -> (Self, KeyPublisher) {
         let shared = Arc::new(Mutex::new(State {
             initial,
+            generation: 0,
+            loaded: 0,
             updater: None,
         }));
         let name = "channel".to_owned();
@@ -94,10 +100,54 @@ impl KeyPublisher {
             None => {
                 let report = ReloadReport::queued(self.name.clone().into(), &set);
                 state.initial = set;
+                state.generation += 1;
                 Ok(report)
             }
         }
     }
+
+    /// Applies changes by id to the source's keys, all or none (see
+    /// [`KeyUpdater::apply`]): keys it does not name stay as they are.
+    ///
+    /// Before the source is added to a store, this changes the set it will load.
+    ///
+    /// # Errors
+    ///
+    /// As [`KeyUpdater::apply`]. The store keeps its previous keys.
+    pub fn apply(
+        &self,
+        changes: impl IntoIterator<Item = KeyChange>,
+    ) -> Result<ReloadReport, Error> {
+        let mut state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        match &state.updater {
+            Some(updater) => updater.apply(changes),
+            None => {
+                let set = with_changes(&state.initial, changes)?;
+                let report = ReloadReport::queued(self.name.clone().into(), &set);
+                state.initial = set;
+                state.generation += 1;
+                Ok(report)
+            }
+        }
+    }
+}
+
+/// `set` with `changes` made: upserts replace a key with the same id, in place.
+fn with_changes(
+    set: &KeySet,
+    changes: impl IntoIterator<Item = KeyChange>,
+) -> Result<KeySet, Error> {
+    let mut keys: Vec<_> = set.iter().cloned().collect();
+    for change in changes {
+        match change {
+            KeyChange::Upsert(key) => match keys.iter_mut().find(|k| k.id == key.id) {
+                Some(slot) => *slot = key,
+                None => keys.push(key),
+            },
+            KeyChange::Remove(id) => keys.retain(|k| k.id != id),
+        }
+    }
+    KeySet::from_keys(keys)
 }
 
 impl KeySource for ChannelSource {
@@ -106,13 +156,19 @@ impl KeySource for ChannelSource {
     }
 
     fn load(&mut self) -> Result<KeySet, Error> {
-        let state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        state.loaded = state.generation;
         Ok(state.initial.clone())
     }
 
     fn watch(self: Box<Self>, updater: KeyUpdater) {
         let mut state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-        state.initial = KeySet::new();
+        let set = std::mem::take(&mut state.initial);
+        if state.generation != state.loaded {
+            // Published after the load: apply it now (a refusal is recorded by the
+            // store, as any other).
+            let _ = updater.publish(set);
+        }
         state.updater = Some(updater);
     }
 }
@@ -130,5 +186,45 @@ impl fmt::Debug for KeyPublisher {
         f.debug_struct("KeyPublisher")
             .field("name", &self.name)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ApiKey, KeyStore};
+
+    #[test]
+    fn a_set_published_between_load_and_watch_is_applied() {
+        let (mut source, publisher) = ChannelSource::new(KeySet::new());
+        let store = KeyStore::new();
+        // What `add_source` does, with a publish in between.
+        let loaded = source.load().unwrap();
+        assert!(loaded.is_empty());
+        publisher
+            .publish(KeySet::from_keys([ApiKey::new("late", "k-late")]).unwrap())
+            .unwrap();
+        store.add_source(KeySet::new()).unwrap();
+        let updater = store.updater_for_tests(&source.name());
+        Box::new(source).watch(updater);
+        assert_eq!(store.verify("k-late").unwrap().id(), "late");
+    }
+
+    #[test]
+    fn changes_before_attaching_shape_the_initial_set() {
+        let (source, publisher) =
+            ChannelSource::new(KeySet::from_keys([ApiKey::new("a", "ka")]).unwrap());
+        publisher
+            .apply([
+                KeyChange::Upsert(ApiKey::new("b", "kb")),
+                KeyChange::Upsert(ApiKey::new("a", "ka2")),
+            ])
+            .unwrap();
+        let store = KeyStore::new();
+        store.add_source(source).unwrap();
+        assert_eq!(store.verify("ka2").unwrap().id(), "a");
+        assert!(store.verify("ka").is_err());
+        publisher.apply([KeyChange::remove("b")]).unwrap();
+        assert_eq!(store.len(), 1);
     }
 }

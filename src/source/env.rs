@@ -2,7 +2,8 @@ use std::{env, ffi::OsString, fmt, path::PathBuf};
 
 use zeroize::Zeroizing;
 
-use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, key::KeyDigest};
+use super::read::{DEFAULT_MAX_SIZE, FileBytes};
+use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, digest::KeyDigest};
 
 /// A [`KeySource`] that reads keys from an environment variable.
 ///
@@ -34,6 +35,9 @@ use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, key::KeyDigest};
 pub struct EnvSource {
     var: String,
     file: Option<PathBuf>,
+    /// The hash of the `NAME_FILE` content loaded, so the watcher applies any change
+    /// made after it.
+    loaded: Option<[u8; 32]>,
 }
 
 impl EnvSource {
@@ -42,6 +46,7 @@ impl EnvSource {
         Self {
             var: var.into(),
             file: None,
+            loaded: None,
         }
     }
 
@@ -110,9 +115,11 @@ impl KeySource for EnvSource {
                     });
                 };
                 let path = PathBuf::from(path);
-                let set = read_key_list(&path, &self.var)?;
-                self.file = Some(path);
-                Ok(set)
+                self.file = Some(path.clone());
+                let bytes =
+                    FileBytes::read(&path, DEFAULT_MAX_SIZE).map_err(|e| Error::io(&path, e))?;
+                self.loaded = Some(bytes.hash());
+                parse_bytes(&path, &bytes, &self.var)
             }
         }
     }
@@ -121,21 +128,17 @@ impl KeySource for EnvSource {
         #[cfg(feature = "file")]
         if let Some(path) = self.file {
             let var = self.var;
-            super::watch::spawn(
+            super::watch::spawn_with(
                 path,
                 super::watch::Options::default(),
                 Box::new(move |path, bytes| parse_bytes(path, bytes, &var)),
                 updater,
+                self.loaded,
             );
         }
         #[cfg(not(feature = "file"))]
         let _ = updater;
     }
-}
-
-fn read_key_list(path: &std::path::Path, var: &str) -> Result<KeySet, Error> {
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| Error::io(path, e))?);
-    parse_bytes(path, &bytes, var)
 }
 
 fn parse_bytes(path: &std::path::Path, bytes: &[u8], var: &str) -> Result<KeySet, Error> {

@@ -5,6 +5,9 @@ mod env;
 #[cfg(feature = "file")]
 mod file;
 #[cfg(feature = "file")]
+mod key_file;
+mod read;
+#[cfg(feature = "file")]
 mod watch;
 
 pub use channel::{ChannelSource, KeyPublisher};
@@ -21,8 +24,10 @@ use crate::{ApiKey, Error, KeySet, KeyUpdater};
 /// source is added, then hands the source a [`KeyUpdater`] through
 /// [`watch`](KeySource::watch), through which it publishes every later set.
 ///
-/// A source always publishes a *complete* set (not a diff); the store swaps it in
-/// atomically and keeps usage counters for ids that stay.
+/// A source publishes a complete set with [`KeyUpdater::publish`] (the store works
+/// out what changed), or changes by id with [`KeyUpdater::apply`]; either way the
+/// store checks the update whole, swaps it in atomically, and keeps the entries and
+/// usage counters of the keys it does not change.
 ///
 /// # Example
 ///

@@ -3,7 +3,7 @@
 //! content changed.
 
 use std::{
-    io::{self, Read as _},
+    io,
     path::{Path, PathBuf},
     sync::mpsc::{self, RecvTimeoutError},
     thread,
@@ -11,16 +11,17 @@ use std::{
 };
 
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
-use sha2::{Digest as _, Sha256};
-use zeroize::Zeroize as _;
 
-use crate::{Error, KeySet, KeyUpdater, background::Pacer};
+use super::read::FileBytes;
+use crate::{Error, KeySet, KeyUpdater};
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Options {
     pub(crate) poll: Duration,
     pub(crate) debounce: Duration,
     pub(crate) events: bool,
+    /// The largest file read, in bytes.
+    pub(crate) max_size: u64,
 }
 
 impl Default for Options {
@@ -29,71 +30,12 @@ impl Default for Options {
             poll: Duration::from_secs(5),
             debounce: Duration::from_millis(20),
             events: true,
+            max_size: super::read::DEFAULT_MAX_SIZE,
         }
     }
 }
 
 pub(crate) type Parser = Box<dyn Fn(&Path, &[u8]) -> Result<KeySet, Error> + Send>;
-
-/// The SHA-256 of a file's content, taken a slice at a time so that a background
-/// thread can pause in between (a 100 MB file takes tens of milliseconds).
-pub(crate) fn content_hash(bytes: &[u8]) -> [u8; 32] {
-    let mut pacer = Pacer::new();
-    let mut hasher = Sha256::new();
-    for chunk in bytes.chunks(CHUNK) {
-        hasher.update(chunk);
-        pacer.pause();
-    }
-    hasher.finalize().into()
-}
-
-/// How much of a file is read, hashed or wiped between two looks at the [`Pacer`].
-const CHUNK: usize = 256 * 1024;
-
-/// A file's content, wiped when dropped: it may hold secrets.
-pub(crate) struct FileBytes(Vec<u8>);
-
-impl FileBytes {
-    /// Reads the file at `path` a slice at a time (pausing in between on a
-    /// background thread), into a buffer sized from its metadata, so that no
-    /// partial copy is left unwiped by a reallocation unless the file grows while
-    /// it is read.
-    pub(crate) fn read(path: &Path) -> io::Result<Self> {
-        let mut file = std::fs::File::open(path)?;
-        let size = file
-            .metadata()
-            .ok()
-            .and_then(|m| usize::try_from(m.len()).ok())
-            .unwrap_or(0);
-        let mut bytes = Self(Vec::with_capacity(size.saturating_add(1)));
-        let mut pacer = Pacer::new();
-        loop {
-            let chunk = u64::try_from(CHUNK).unwrap_or(u64::MAX);
-            if (&mut file).take(chunk).read_to_end(&mut bytes.0)? == 0 {
-                return Ok(bytes);
-            }
-            pacer.pause();
-        }
-    }
-}
-
-impl std::ops::Deref for FileBytes {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for FileBytes {
-    fn drop(&mut self) {
-        let mut pacer = Pacer::new();
-        for chunk in self.0.chunks_mut(CHUNK) {
-            chunk.zeroize();
-            pacer.pause();
-        }
-    }
-}
 
 /// Watches `path` from a new thread until the store is dropped. `loaded` is the hash of
 /// the content already loaded, if any.
@@ -125,7 +67,6 @@ pub(crate) fn spawn_with(
     let spawned = thread::Builder::new()
         .name("tower-api-key-watch".into())
         .spawn(move || {
-            crate::background::enter();
             watch.run(&rx, watcher);
         });
     if let Err(error) = spawned {
@@ -138,12 +79,6 @@ pub(crate) fn spawn_with(
         #[cfg(not(feature = "tracing"))]
         let _ = error;
     }
-}
-
-/// Watches `path` with default settings; for sources with no content loaded yet.
-pub(crate) fn spawn(path: PathBuf, options: Options, parse: Parser, updater: KeyUpdater) {
-    let loaded = FileBytes::read(&path).ok().map(|b| content_hash(&b));
-    spawn_with(path, options, parse, updater, loaded);
 }
 
 struct Watch {
@@ -245,7 +180,7 @@ impl Watch {
 
     /// Re-reads the file and publishes it if its content changed.
     fn check(&mut self) {
-        let bytes = match FileBytes::read(&self.path) {
+        let bytes = match FileBytes::read(&self.path, self.options.max_size) {
             Ok(bytes) => bytes,
             Err(error) => {
                 if self.last_error != Some(error.kind()) {
@@ -263,7 +198,7 @@ impl Watch {
             // A write in progress (truncate, then write): wait for the content.
             return;
         }
-        let hash = content_hash(&bytes);
+        let hash = bytes.hash();
         if self.last_seen == Some(hash) {
             return;
         }

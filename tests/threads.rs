@@ -1,6 +1,6 @@
-//! The file watcher thread: dropping the last layer stops it at once, not at its next
-//! poll, and it runs at a lower priority than the threads serving requests. (Alone in
-//! its own test binary: it counts this process's threads.)
+//! The crate's threads: none without a watched source, and the file watcher stops as
+//! soon as its store is dropped, not at its next poll. (Alone in its own test binary:
+//! it counts this process's threads.)
 #![allow(clippy::unwrap_used)]
 #![cfg(target_os = "linux")]
 
@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tower_api_key::{ApiKeyLayer, FileSource};
+use tower_api_key::{ApiKey, ApiKeyLayer, ChannelSource, FileSource, KeySet, KeyStore};
 
 /// This process's threads: (name, nice value).
 fn threads() -> Vec<(String, i64)> {
@@ -28,6 +28,21 @@ fn threads() -> Vec<(String, i64)> {
         .collect()
 }
 
+/// Threads other than the test harness's (which names a test's thread after it; the
+/// kernel keeps 15 bytes of a name).
+fn crate_threads() -> Vec<String> {
+    const TESTS: [&str; 3] = [
+        "a_store_without_a_watched_source_starts_no_thread",
+        "dropping_every_store_leaves_no_crate_thread_running",
+        "dropping_the_layer_stops_its_watcher_promptly",
+    ];
+    threads()
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| name != "main" && !TESTS.iter().any(|t| t.starts_with(name.as_str())))
+        .collect()
+}
+
 fn watcher_threads() -> usize {
     threads()
         .iter()
@@ -39,28 +54,52 @@ fn watcher_threads() -> usize {
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 #[test]
-fn the_watcher_runs_below_the_request_threads_priority() {
+fn a_store_without_a_watched_source_starts_no_thread() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let before = crate_threads();
+    let (source, publisher) = ChannelSource::new(KeySet::new());
+    let store = KeyStore::new();
+    store.add_source(source).unwrap();
+    store
+        .add_source(KeySet::from_keys([ApiKey::new("static", "s1")]).unwrap())
+        .unwrap();
+    let layer = ApiKeyLayer::from_store(store.clone());
+    for i in 0..50 {
+        publisher
+            .publish(KeySet::from_keys([ApiKey::new(format!("k{i}"), format!("s-{i}"))]).unwrap())
+            .unwrap();
+        assert!(store.verify(format!("s-{i}")).is_ok());
+    }
+    assert_eq!(crate_threads(), before);
+    drop((layer, store));
+    assert_eq!(crate_threads(), before);
+}
+
+#[test]
+fn dropping_every_store_leaves_no_crate_thread_running() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let before = crate_threads();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.toml");
     fs::write(&path, "keys = []\n").unwrap();
-    let before = watcher_threads();
-    let layer = ApiKeyLayer::try_new(FileSource::new(&path)).unwrap();
-    let ours = threads()
-        .into_iter()
-        .find(|(name, _)| name != "tower-api-key-w")
-        .map(|(_, nice)| nice)
-        .unwrap();
-    if ours < 19 {
-        // (At 19 the process already runs at the lowest priority there is.)
-        wait_until("the watcher thread to lower its priority", || {
-            threads()
-                .iter()
-                .any(|(name, nice)| name == "tower-api-key-w" && *nice > ours)
-        });
+    let stores: Vec<KeyStore> = (0..3)
+        .map(|_| {
+            let store = KeyStore::new();
+            store.add_source(FileSource::new(&path)).unwrap();
+            store
+        })
+        .collect();
+    wait_until("the watchers to start", || watcher_threads() == 3);
+    drop(stores);
+    let start = Instant::now();
+    while crate_threads() != before {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still running: {:?}, before: {before:?}",
+            crate_threads()
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
-    drop(layer);
-    wait_until("the watcher to stop", || watcher_threads() == before);
 }
 
 #[test]

@@ -1,0 +1,150 @@
+//! The identity of the key a request was let in with, handed to the handler.
+
+use std::{fmt, sync::Arc, time::SystemTime};
+
+use crate::{clock, entry::KeyEntry, shard::Shard};
+
+/// The non-secret identity of the key a request was let in with.
+///
+/// [`ApiKeyService`](crate::ApiKeyService) inserts it into the request extensions, so
+/// handlers know which key (and so which client, tenant and scopes) they serve. It
+/// holds no key material.
+///
+/// The one in the request points into the part of the key set the request was
+/// checked against, which is what lets a lookup touch a single cache line; a clone
+/// holds only the key's own entry, so keeping one (for a long-lived stream, say)
+/// never keeps a replaced part of the key set in memory.
+///
+/// - axum: take it as an extractor (`axum` feature) or with `Extension<KeyInfo>`.
+/// - tonic: `request.extensions().get::<KeyInfo>()`.
+pub struct KeyInfo(Repr);
+
+enum Repr {
+    /// Slot `.1` of the shard: made by a lookup.
+    InShard(Arc<Shard>, usize),
+    /// The entry itself: a clone, or a key listed by the store.
+    Entry(Arc<KeyEntry>),
+}
+
+impl Clone for KeyInfo {
+    fn clone(&self) -> Self {
+        Self::detached(self.entry_arc().clone())
+    }
+}
+
+impl KeyInfo {
+    /// The key in slot `slot` of `shard`, which holds one.
+    pub(crate) fn in_shard(shard: Arc<Shard>, slot: usize) -> Self {
+        debug_assert!(shard.entry_at(slot).is_some());
+        Self(Repr::InShard(shard, slot))
+    }
+
+    pub(crate) fn detached(entry: Arc<KeyEntry>) -> Self {
+        Self(Repr::Entry(entry))
+    }
+
+    fn entry_arc(&self) -> &Arc<KeyEntry> {
+        match &self.0 {
+            Repr::InShard(shard, slot) => shard
+                .entry_at(*slot)
+                .expect("a KeyInfo is only made for a slot that holds a key"),
+            Repr::Entry(entry) => entry,
+        }
+    }
+
+    pub(crate) fn entry(&self) -> &KeyEntry {
+        self.entry_arc()
+    }
+
+    /// The key's id, as configured.
+    pub fn id(&self) -> &str {
+        &self.entry().id
+    }
+
+    /// The name of the [`KeySource`](crate::KeySource) the key came from.
+    pub fn source(&self) -> &str {
+        &self.entry().shared.source
+    }
+
+    /// The scopes the key grants.
+    pub fn scopes(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.entry().shared.meta.scopes.iter().map(|s| &**s)
+    }
+
+    /// Whether the key grants `scope`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.entry().has_scope(scope)
+    }
+
+    /// The tenant the key belongs to, if any.
+    pub fn tenant(&self) -> Option<&str> {
+        self.entry().shared.meta.tenant.as_deref()
+    }
+
+    /// The key's owner, if set.
+    pub fn owner(&self) -> Option<&str> {
+        self.entry().shared.meta.owner.as_deref()
+    }
+
+    /// The key's description, if set.
+    pub fn description(&self) -> Option<&str> {
+        self.entry().shared.meta.description.as_deref()
+    }
+
+    /// The instant before which the key is refused, if set (to the millisecond).
+    pub fn not_before(&self) -> Option<SystemTime> {
+        let at = self.entry().valid_from();
+        (at != 0).then(|| clock::from_unix_ms(at))
+    }
+
+    /// The instant from which the key is refused, if set (to the millisecond).
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        let at = self.entry().valid_until();
+        (at != u64::MAX).then(|| clock::from_unix_ms(at))
+    }
+
+    /// Whether the key is disabled.
+    pub fn is_disabled(&self) -> bool {
+        self.entry().disabled()
+    }
+
+    /// Whether both are the same loaded entry (not merely equal).
+    #[cfg(test)]
+    pub(crate) fn same_entry(&self, other: &Self) -> bool {
+        Arc::ptr_eq(self.entry_arc(), other.entry_arc())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(id: &str) -> Self {
+        Self::detached(KeyEntry::for_tests(&crate::ApiKey::new(id, id)))
+    }
+}
+
+impl fmt::Debug for KeyInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyInfo")
+            .field("id", &self.id())
+            .field("source", &self.source())
+            .field("meta", &self.entry().shared.meta)
+            .field("not_before", &self.not_before())
+            .field("expires_at", &self.expires_at())
+            .field("disabled", &self.is_disabled())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ApiKey;
+
+    #[test]
+    fn debug_shows_the_id_and_no_key_material() {
+        let key = ApiKey::new("id-1", "super-secret-value");
+        let info = KeyInfo::detached(KeyEntry::for_tests(&key));
+        let dbg = format!("{info:?}");
+        assert!(dbg.contains("id-1"));
+        assert!(!dbg.contains("super-secret-value"));
+        assert!(!dbg.contains(&key.digest.to_hex()));
+    }
+}

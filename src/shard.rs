@@ -1,0 +1,230 @@
+//! One shard of the store's lookup table: open addressing on the key digest.
+//!
+//! A key set is cut into shards by the top bits of each key's digest, so that a
+//! change to one key copies one shard (a few hundred keys), not the whole set. Within
+//! a shard, more digest bits place the key directly (a SHA-256 digest is uniform and
+//! cannot be steered by an attacker). Each slot is one 64-byte cache line holding
+//! everything a request needs: the whole digest to compare, the flags to check and
+//! the usage counters to update, so a lookup in a large, cold set makes one trip to
+//! memory. The entry a slot points at (id, metadata) is read only when someone asks.
+//! A shard is built whole and never changed after, but for its counters.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU32, AtomicU64, Ordering},
+};
+
+use crate::{digest::KeyDigest, entry::KeyEntry};
+
+/// Request count and last use (Unix seconds, 0 for never) of one key.
+pub(crate) type Usage = (u64, u32);
+
+#[derive(Default)]
+pub(crate) struct Shard {
+    slots: Box<[Slot]>,
+    len: usize,
+}
+
+/// One key, in one cache line.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub(crate) struct Slot {
+    digest: [u8; 32],
+    requests: AtomicU64,
+    /// Unix seconds of the last use; 0 for never.
+    last_used: AtomicU32,
+    disabled: bool,
+    /// Whether the key has a validity window (in its entry's metadata).
+    windowed: bool,
+    entry: Option<Arc<KeyEntry>>,
+}
+
+impl Slot {
+    pub(crate) fn digest(&self) -> KeyDigest {
+        KeyDigest(self.digest)
+    }
+
+    pub(crate) fn is_disabled(&self) -> bool {
+        self.disabled
+    }
+
+    pub(crate) fn is_windowed(&self) -> bool {
+        self.windowed
+    }
+
+    pub(crate) fn usage(&self) -> Usage {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.last_used.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Adds requests counted elsewhere (by requests still reading a replaced shard).
+    pub(crate) fn add_usage(&self, requests: u64, last_used: u32) {
+        if requests > 0 {
+            self.requests.fetch_add(requests, Ordering::Relaxed);
+        }
+        self.last_used.fetch_max(last_used, Ordering::Relaxed);
+    }
+
+    /// Counts one request at `now_secs` (Unix seconds).
+    #[inline]
+    pub(crate) fn touch(&self, now_secs: u32) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        // Write the stamp only when the second changes: a hot key's line stays shared.
+        if self.last_used.load(Ordering::Relaxed) != now_secs {
+            self.last_used.store(now_secs, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Shard {
+    /// A shard for `n` keys, at most four-fifths full.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        let len = n.saturating_add(n / 4).saturating_add(1).max(2);
+        let mut slots = Vec::with_capacity(len);
+        slots.resize_with(len, Slot::default);
+        Self {
+            slots: slots.into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Where `digest`'s probe sequence starts.
+    #[inline]
+    fn home(&self, digest: &KeyDigest) -> usize {
+        // Multiply-shift maps 64 bits onto 0..len without a power-of-two size. The
+        // shard was chosen by the digest's first bytes: use the next ones.
+        ((u128::from(digest.bits(8)) * self.slots.len() as u128) >> 64) as usize
+    }
+
+    /// Puts `entry` under `digest` with these usage counters, and returns its slot;
+    /// if the digest is taken, returns the slot that has it.
+    pub(crate) fn insert(
+        &mut self,
+        digest: KeyDigest,
+        entry: Arc<KeyEntry>,
+        (requests, last_used): Usage,
+    ) -> Result<usize, usize> {
+        let len = self.slots.len();
+        debug_assert!(self.len + 1 < len, "shard sized for fewer keys");
+        let mut i = self.home(&digest);
+        loop {
+            let slot = &mut self.slots[i];
+            match &slot.entry {
+                None => {
+                    *slot = Slot {
+                        digest: digest.0,
+                        requests: AtomicU64::new(requests),
+                        last_used: AtomicU32::new(last_used),
+                        disabled: entry.disabled(),
+                        windowed: entry.windowed(),
+                        entry: Some(entry),
+                    };
+                    self.len += 1;
+                    return Ok(i);
+                }
+                Some(_) if slot.digest == digest.0 => return Err(i),
+                Some(_) => i = if i + 1 == len { 0 } else { i + 1 },
+            }
+        }
+    }
+
+    /// The slot holding this digest.
+    #[inline]
+    pub(crate) fn find(&self, digest: &KeyDigest) -> Option<usize> {
+        let len = self.slots.len();
+        let mut i = self.home(digest);
+        loop {
+            let slot = &self.slots[i];
+            slot.entry.as_ref()?;
+            if slot.digest == digest.0 {
+                return Some(i);
+            }
+            i = if i + 1 == len { 0 } else { i + 1 };
+        }
+    }
+
+    #[inline]
+    pub(crate) fn slot(&self, i: usize) -> &Slot {
+        &self.slots[i]
+    }
+
+    /// The entry in slot `i`, if it holds a key (every index this shard hands out
+    /// does).
+    pub(crate) fn entry_at(&self, i: usize) -> Option<&Arc<KeyEntry>> {
+        self.slots.get(i)?.entry.as_ref()
+    }
+
+    /// The occupied slots: index, slot, entry.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &Slot, &Arc<KeyEntry>)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, s, s.entry.as_ref()?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ApiKey;
+
+    fn entry(id: &str) -> (KeyDigest, Arc<KeyEntry>) {
+        let key = ApiKey::new(id, id);
+        (key.digest, KeyEntry::for_tests(&key))
+    }
+
+    #[test]
+    fn finds_every_key_and_nothing_else() {
+        let keys: Vec<_> = (0..5_000).map(|i| entry(&format!("k{i}"))).collect();
+        let mut shard = Shard::with_capacity(keys.len());
+        for (digest, entry) in &keys {
+            assert!(shard.insert(*digest, entry.clone(), (7, 1)).is_ok());
+        }
+        let (digest, entry) = &keys[42];
+        let taken = shard.insert(*digest, entry.clone(), (0, 0)).unwrap_err();
+        assert_eq!(
+            &*shard.entry_at(taken).unwrap().id,
+            "k42",
+            "duplicates refused"
+        );
+        assert_eq!(shard.len(), 5_000);
+        for (digest, entry) in &keys {
+            let i = shard.find(digest).unwrap();
+            assert_eq!(shard.entry_at(i).unwrap().id, entry.id);
+            assert_eq!(shard.slot(i).digest(), *digest);
+            assert_eq!(shard.slot(i).usage(), (7, 1), "carried counters kept");
+        }
+        for i in 0..5_000 {
+            let absent = KeyDigest::of(format!("absent{i}").as_bytes());
+            assert!(shard.find(&absent).is_none());
+        }
+        assert!(Shard::with_capacity(0).find(&KeyDigest::of(b"x")).is_none());
+        assert_eq!(shard.iter().count(), 5_000);
+    }
+
+    #[test]
+    fn a_slot_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Slot>(), 64);
+        assert_eq!(std::mem::align_of::<Slot>(), 64);
+    }
+
+    #[test]
+    fn usage_counts_and_merges() {
+        let (digest, entry) = entry("k");
+        let mut shard = Shard::with_capacity(1);
+        let i = shard.insert(digest, entry, (0, 0)).unwrap();
+        let slot = shard.slot(i);
+        slot.touch(5);
+        slot.touch(6);
+        assert_eq!(slot.usage(), (2, 6));
+        slot.add_usage(3, 4);
+        assert_eq!(slot.usage(), (5, 6), "the later stamp wins");
+    }
+}

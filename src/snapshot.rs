@@ -1,0 +1,353 @@
+//! One immutable version of a store's keys, and how a new version is made from it.
+//!
+//! The keys are cut into shards by digest (see [`Shard`]), and an id index, cut the
+//! same way by a hash of the id, finds a key by its id. A new version shares every
+//! shard an edit does not touch with the old one: a one-key change copies one or two
+//! shards of a few hundred keys, whatever the size of the set.
+
+use std::{
+    collections::{HashMap, HashSet},
+    hash::BuildHasher,
+    sync::Arc,
+};
+
+use crate::{
+    digest::KeyDigest,
+    entry::KeyEntry,
+    shard::{Shard, Slot, Usage},
+};
+
+/// Keys per shard that the shard count aims at.
+const PER_SHARD: usize = 256;
+
+/// The most shards (as a power of two).
+const MAX_BITS: u32 = 16;
+
+type IdShard = HashMap<Arc<str>, KeyDigest>;
+
+pub(crate) struct Snapshot {
+    pub(crate) version: u64,
+    len: usize,
+    /// log2 of the shard count.
+    bits: u32,
+    shards: Box<[Arc<Shard>]>,
+    ids: Box<[Arc<IdShard>]>,
+    /// Places ids in id shards; the same for every version of one store.
+    id_hasher: std::hash::RandomState,
+}
+
+/// Where a key is: shard and slot.
+pub(crate) type Place = (usize, usize);
+
+/// What an edit changes: keys that leave (by digest and id), and keys that come,
+/// each with the digest of the key whose usage counters it takes over, if any.
+#[derive(Default)]
+pub(crate) struct Edit {
+    pub(crate) remove: Vec<(KeyDigest, Arc<str>)>,
+    pub(crate) insert: Vec<(KeyDigest, Arc<KeyEntry>, Option<KeyDigest>)>,
+}
+
+/// A key going into a shard being built, and where its counters are.
+type Incoming = (KeyDigest, Arc<KeyEntry>, Option<Place>);
+
+/// A key whose usage counters were copied into the new version.
+pub(crate) struct Carried {
+    pub(crate) old: Place,
+    pub(crate) new: Place,
+    /// The old slot's request count when it was copied.
+    pub(crate) copied: u64,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            version: 0,
+            len: 0,
+            bits: 0,
+            shards: Box::new([Arc::new(Shard::with_capacity(0))]),
+            ids: Box::new([Arc::new(IdShard::new())]),
+            id_hasher: std::hash::RandomState::new(),
+        }
+    }
+}
+
+/// The shard count, as a power of two, for `n` keys.
+fn bits_for(n: usize) -> u32 {
+    (n / PER_SHARD)
+        .checked_next_power_of_two()
+        .map_or(MAX_BITS, usize::trailing_zeros)
+        .min(MAX_BITS)
+}
+
+/// The top `bits` bits of `hash`.
+#[inline]
+fn top(hash: u64, bits: u32) -> usize {
+    hash.checked_shr(64 - bits).unwrap_or(0) as usize
+}
+
+impl Snapshot {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    fn shard_of(&self, digest: &KeyDigest) -> usize {
+        top(digest.bits(0).swap_bytes(), self.bits)
+    }
+
+    fn id_shard_of(&self, id: &str) -> usize {
+        top(self.id_hasher.hash_one(id), self.bits)
+    }
+
+    /// The shard and slot holding this digest: the request path.
+    #[inline]
+    pub(crate) fn find(&self, digest: &KeyDigest) -> Option<(&Arc<Shard>, usize)> {
+        let shard = &self.shards[self.shard_of(digest)];
+        shard.find(digest).map(|i| (shard, i))
+    }
+
+    pub(crate) fn slot(&self, (shard, slot): Place) -> &Slot {
+        self.shards[shard].slot(slot)
+    }
+
+    /// Where the key with this digest is.
+    fn place(&self, digest: &KeyDigest) -> Option<Place> {
+        let s = self.shard_of(digest);
+        self.shards[s].find(digest).map(|i| (s, i))
+    }
+
+    /// The digest of the key with this id.
+    pub(crate) fn digest_of(&self, id: &str) -> Option<KeyDigest> {
+        self.ids[self.id_shard_of(id)].get(id).copied()
+    }
+
+    /// The entry and counters of the key with this digest.
+    pub(crate) fn entry(&self, digest: &KeyDigest) -> Option<(&Arc<KeyEntry>, Usage)> {
+        let (shard, i) = self.find(digest)?;
+        Some((shard.entry_at(i)?, shard.slot(i).usage()))
+    }
+
+    /// The entry and counters of the key with this id.
+    pub(crate) fn by_id(&self, id: &str) -> Option<(&Arc<KeyEntry>, Usage)> {
+        self.entry(&self.digest_of(id)?)
+    }
+
+    /// Every key: its digest, entry and counters, in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (KeyDigest, &Arc<KeyEntry>, Usage)> {
+        self.shards
+            .iter()
+            .flat_map(|shard| shard.iter())
+            .map(|(_, slot, entry)| (slot.digest(), entry, slot.usage()))
+    }
+
+    /// The next version: this one with `edit` made, and the counters it copied. Every
+    /// digest removed must be here, and every digest inserted must be free once the
+    /// removals are made (the caller has checked).
+    pub(crate) fn edited(&self, edit: Edit) -> (Self, Vec<Carried>) {
+        let len = self.len - edit.remove.len() + edit.insert.len();
+        let ideal = bits_for(len);
+        let bits = if ideal > self.bits + 1 || ideal + 2 < self.bits {
+            ideal
+        } else {
+            self.bits
+        };
+        let mut next = Self {
+            version: self.version,
+            len,
+            bits,
+            shards: Box::new([]),
+            ids: Box::new([]),
+            id_hasher: self.id_hasher.clone(),
+        };
+        let removed: HashSet<KeyDigest> = edit.remove.iter().map(|(d, _)| *d).collect();
+        // The shards to build: every one when the count changes, else those touched.
+        let mut touched: Vec<usize> = if bits == self.bits {
+            let mut touched: Vec<usize> = (edit.remove.iter().map(|(d, _)| d))
+                .chain(edit.insert.iter().map(|(d, _, _)| d))
+                .map(|d| next.shard_of(d))
+                .collect();
+            touched.sort_unstable();
+            touched.dedup();
+            touched
+        } else {
+            (0..1 << bits).collect()
+        };
+        // What goes into each shard to build: (digest, entry, where its counters are).
+        let mut incoming: HashMap<usize, Vec<Incoming>> =
+            touched.iter().map(|&s| (s, Vec::new())).collect();
+        if bits == self.bits {
+            for &s in &touched {
+                let into = incoming.entry(s).or_default();
+                for (i, slot, entry) in self.shards[s].iter() {
+                    if !removed.contains(&slot.digest()) {
+                        into.push((slot.digest(), entry.clone(), Some((s, i))));
+                    }
+                }
+            }
+        } else {
+            for (s, shard) in self.shards.iter().enumerate() {
+                for (i, slot, entry) in shard.iter() {
+                    if !removed.contains(&slot.digest()) {
+                        let to = next.shard_of(&slot.digest());
+                        incoming.entry(to).or_default().push((
+                            slot.digest(),
+                            entry.clone(),
+                            Some((s, i)),
+                        ));
+                    }
+                }
+            }
+        }
+        for (digest, entry, from) in &edit.insert {
+            let from = from.and_then(|d| self.place(&d));
+            incoming
+                .entry(next.shard_of(digest))
+                .or_default()
+                .push((*digest, entry.clone(), from));
+        }
+
+        let mut shards: Vec<Arc<Shard>> = if bits == self.bits {
+            self.shards.to_vec()
+        } else {
+            Vec::with_capacity(1 << bits)
+        };
+        let mut carried = Vec::new();
+        touched.sort_unstable();
+        for s in touched {
+            let keys = incoming.remove(&s).unwrap_or_default();
+            let mut shard = Shard::with_capacity(keys.len());
+            for (digest, entry, from) in keys {
+                let usage = from.map_or((0, 0), |p| self.slot(p).usage());
+                // Free by the caller's checks; a clash would only drop a duplicate.
+                if let Ok(i) = shard.insert(digest, entry, usage)
+                    && let Some(old) = from
+                {
+                    carried.push(Carried {
+                        old,
+                        new: (s, i),
+                        copied: usage.0,
+                    });
+                }
+            }
+            if bits == self.bits {
+                shards[s] = Arc::new(shard);
+            } else {
+                shards.push(Arc::new(shard));
+            }
+        }
+        next.shards = shards.into_boxed_slice();
+        next.ids = self.edited_ids(&next, &edit);
+        (next, carried)
+    }
+
+    /// The id index of `next`, which has this one's id hasher.
+    fn edited_ids(&self, next: &Self, edit: &Edit) -> Box<[Arc<IdShard>]> {
+        if next.bits != self.bits {
+            let mut ids: Vec<IdShard> = (0..1 << next.bits).map(|_| IdShard::new()).collect();
+            for shard in next.shards.iter() {
+                for (_, slot, entry) in shard.iter() {
+                    ids[next.id_shard_of(&entry.id)].insert(entry.id.clone(), slot.digest());
+                }
+            }
+            return ids.into_iter().map(Arc::new).collect();
+        }
+        let mut ids = self.ids.to_vec();
+        for (_, id) in &edit.remove {
+            Arc::make_mut(&mut ids[self.id_shard_of(id)]).remove(id);
+        }
+        for (digest, entry, _) in &edit.insert {
+            Arc::make_mut(&mut ids[self.id_shard_of(&entry.id)]).insert(entry.id.clone(), *digest);
+        }
+        ids.into_boxed_slice()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ApiKey;
+
+    fn insert(n: std::ops::Range<usize>) -> Edit {
+        Edit {
+            remove: Vec::new(),
+            insert: n
+                .map(|i| {
+                    let key = ApiKey::new(format!("k{i}"), format!("s{i}"));
+                    (key.digest, KeyEntry::for_tests(&key), None)
+                })
+                .collect(),
+        }
+    }
+
+    fn check(snapshot: &Snapshot, live: impl Iterator<Item = usize> + Clone, gone: &[usize]) {
+        for i in live.clone() {
+            let digest = KeyDigest::of(format!("s{i}").as_bytes());
+            let (entry, _) = snapshot.entry(&digest).expect("present");
+            assert_eq!(&*entry.id, format!("k{i}"));
+            assert_eq!(snapshot.digest_of(&format!("k{i}")), Some(digest));
+        }
+        for i in gone {
+            assert!(
+                snapshot
+                    .find(&KeyDigest::of(format!("s{i}").as_bytes()))
+                    .is_none()
+            );
+            assert!(snapshot.digest_of(&format!("k{i}")).is_none());
+        }
+        assert_eq!(snapshot.len(), live.clone().count());
+        assert_eq!(snapshot.iter().count(), live.count());
+    }
+
+    #[test]
+    fn grows_shrinks_and_reshards_keeping_every_key() {
+        let empty = Snapshot::default();
+        let (big, _) = empty.edited(insert(0..5_000));
+        assert!(big.bits >= 3, "{} bits for 5,000 keys", big.bits);
+        check(&big, 0..5_000, &[]);
+        // One key out, one in: only their shards are new.
+        let gone = ApiKey::new("k7", "s7");
+        let (next, carried) = big.edited(Edit {
+            remove: vec![(gone.digest, gone.id.clone())],
+            insert: insert(5_000..5_001).insert,
+        });
+        check(&next, (0..5_001).filter(|&i| i != 7), &[7]);
+        let shared = (0..big.shards.len())
+            .filter(|&s| Arc::ptr_eq(&big.shards[s], &next.shards[s]))
+            .count();
+        assert!(shared + 2 >= big.shards.len(), "only touched shards copied");
+        assert!(carried.len() < 2 * 5_000 / (1 << big.bits) + 50);
+        // Down to a few keys: fewer shards.
+        let remove = (10..5_001)
+            .filter(|&i| i != 7)
+            .map(|i| {
+                let key = ApiKey::new(format!("k{i}"), format!("s{i}"));
+                (key.digest, key.id.clone())
+            })
+            .collect();
+        let (small, _) = next.edited(Edit {
+            remove,
+            insert: Vec::new(),
+        });
+        assert_eq!(small.bits, 0);
+        check(&small, (0..10).filter(|&i| i != 7), &[7, 11, 5_000]);
+    }
+
+    #[test]
+    fn counters_follow_a_key_into_the_next_version() {
+        let (first, _) = Snapshot::default().edited(insert(0..3));
+        let digest = KeyDigest::of(b"s1");
+        let (shard, i) = first.find(&digest).unwrap();
+        shard.slot(i).touch(9);
+        let replacement = ApiKey::new("k1", "new-secret");
+        let (next, carried) = first.edited(Edit {
+            remove: vec![(digest, replacement.id.clone())],
+            insert: vec![(
+                replacement.digest,
+                KeyEntry::for_tests(&replacement),
+                Some(digest),
+            )],
+        });
+        assert_eq!(next.by_id("k1").unwrap().1, (1, 9));
+        assert!(carried.iter().any(|c| c.copied == 1));
+    }
+}

@@ -1,0 +1,506 @@
+//! The key file's format: TOML, read by the general parser or, for files in the plain
+//! style large generated files use, by a fast path that accepts exactly the same.
+
+use std::{
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Deserialize;
+use toml::{Spanned, value::Datetime};
+use zeroize::Zeroizing;
+
+use crate::{ApiKey, Error, KeySet, digest::KeyDigest};
+
+/// Parses key-file content; `path` is only used in errors.
+pub(crate) fn parse(path: &Path, content: &[u8]) -> Result<KeySet, Error> {
+    parse_bytes(content).map_err(|(error, offset)| {
+        let line = offset.map(|at| line_of(content, at));
+        error.in_file(path, line)
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    #[serde(default)]
+    keys: Vec<Spanned<KeyEntry<String, Zeroizing<String>>>>,
+}
+
+/// One `[[keys]]` table. `S` is the string type (owned from the TOML parser,
+/// borrowed from the file on the fast path), `T` the secret's.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry<S, T> {
+    id: S,
+    secret: Option<T>,
+    sha256: Option<S>,
+    #[serde(default = "Vec::new")]
+    scopes: Vec<S>,
+    tenant: Option<S>,
+    owner: Option<S>,
+    description: Option<S>,
+    not_before: Option<Datetime>,
+    expires_at: Option<Datetime>,
+    #[serde(default)]
+    disabled: bool,
+}
+
+/// Parses a key file; on error, the byte offset it points at, where known.
+fn parse_bytes(content: &[u8]) -> Result<KeySet, (Error, Option<usize>)> {
+    let text = std::str::from_utf8(content).map_err(|e| {
+        let reason = "the file is not valid UTF-8".to_owned();
+        (Error::Parse { reason }, Some(e.valid_up_to()))
+    })?;
+    match simple::parse(text) {
+        Some(set) => Ok(set),
+        None => general(text),
+    }
+}
+
+/// Parses with the general TOML parser.
+fn general(text: &str) -> Result<KeySet, (Error, Option<usize>)> {
+    let file: KeyFile = toml::from_str(text).map_err(|e| {
+        // Only the message: `Display` would quote the offending line, which may hold a
+        // secret.
+        let reason = e.message().trim_end().to_owned();
+        (Error::Parse { reason }, e.span().map(|s| s.start))
+    })?;
+    let mut set = KeySet::new();
+    for entry in file.keys {
+        let at = entry.span().start;
+        let entry = entry.into_inner();
+        let key = entry.into_key().map_err(|e| (e, Some(at)))?;
+        set.insert(key).map_err(|e| (e, Some(at)))?;
+    }
+    Ok(set)
+}
+
+/// A fast path for key files written in the plain style this crate documents (and
+/// large generated files use): one `key = value` per line, basic strings without
+/// escapes, booleans, string arrays, datetimes. It reads a million keys several
+/// times faster than the general TOML parser. Anything outside that subset, and any
+/// file that fails validation, goes to the general parser, so what is accepted and
+/// every error message are the general parser's.
+mod simple {
+    use super::{KeyEntry, KeySet};
+    use toml::value::Datetime;
+
+    pub(super) fn parse(text: &str) -> Option<KeySet> {
+        KeySet::from_keys(keys(text)?).ok()
+    }
+
+    /// TOML's whitespace: space and tab, nothing else.
+    fn trim(s: &str) -> &str {
+        s.trim_matches([' ', '\t'])
+    }
+
+    pub(super) fn keys(text: &str) -> Option<Vec<super::ApiKey>> {
+        let mut keys = Vec::with_capacity(text.len() / 100);
+        let mut add = |entry: Partial| {
+            keys.push(entry.finish()?.into_key().ok()?);
+            Some(())
+        };
+        let mut current: Option<Partial> = None;
+        // `lines` ends a line at LF or CRLF, as TOML does; a CR anywhere else, or a
+        // control character in a comment, is something TOML refuses: decline.
+        for line in text.lines() {
+            if line.contains('\r') {
+                return None;
+            }
+            let line = trim(line);
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(comment) = line.strip_prefix('#') {
+                if comment
+                    .bytes()
+                    .any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+                {
+                    return None;
+                }
+                continue;
+            }
+            if line == "[[keys]]" {
+                if let Some(done) = current.take() {
+                    add(done)?;
+                }
+                current = Some(Partial::default());
+                continue;
+            }
+            let (name, value) = line.split_once('=')?;
+            current.as_mut()?.set(trim(name), trim(value))?;
+        }
+        if let Some(done) = current {
+            add(done)?;
+        }
+        Some(keys)
+    }
+
+    /// The fields read so far, borrowed from the file's text (which the caller zeroes).
+    #[derive(Default)]
+    struct Partial<'a> {
+        id: Option<&'a str>,
+        secret: Option<&'a str>,
+        sha256: Option<&'a str>,
+        scopes: Option<Vec<&'a str>>,
+        tenant: Option<&'a str>,
+        owner: Option<&'a str>,
+        description: Option<&'a str>,
+        not_before: Option<Datetime>,
+        expires_at: Option<Datetime>,
+        disabled: Option<bool>,
+    }
+
+    impl<'a> Partial<'a> {
+        /// Sets one field; `None` if the line is outside the subset (an unknown or
+        /// repeated field, a value of another shape).
+        fn set(&mut self, name: &str, value: &'a str) -> Option<()> {
+            fn put<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
+                if slot.is_some() {
+                    return None;
+                }
+                *slot = Some(value?);
+                Some(())
+            }
+            match name {
+                "id" => put(&mut self.id, string(value)),
+                "secret" => put(&mut self.secret, string(value)),
+                "sha256" => put(&mut self.sha256, string(value)),
+                "scopes" => put(&mut self.scopes, strings(value)),
+                "tenant" => put(&mut self.tenant, string(value)),
+                "owner" => put(&mut self.owner, string(value)),
+                "description" => put(&mut self.description, string(value)),
+                "not_before" => put(&mut self.not_before, datetime(value)),
+                "expires_at" => put(&mut self.expires_at, datetime(value)),
+                "disabled" => put(
+                    &mut self.disabled,
+                    match value {
+                        "true" => Some(true),
+                        "false" => Some(false),
+                        _ => None,
+                    },
+                ),
+                _ => None,
+            }
+        }
+
+        fn finish(self) -> Option<KeyEntry<&'a str, &'a str>> {
+            Some(KeyEntry {
+                id: self.id?,
+                secret: self.secret,
+                sha256: self.sha256,
+                scopes: self.scopes.unwrap_or_default(),
+                tenant: self.tenant,
+                owner: self.owner,
+                description: self.description,
+                not_before: self.not_before,
+                expires_at: self.expires_at,
+                disabled: self.disabled.unwrap_or(false),
+            })
+        }
+    }
+
+    /// A TOML basic string with no escapes and none of the control characters TOML
+    /// forbids in one.
+    fn string(value: &str) -> Option<&str> {
+        let inner = value.strip_prefix('"')?.strip_suffix('"')?;
+        // TOML forbids U+0000..=U+001F (but tab) and U+007F in basic strings; the
+        // text is valid UTF-8 already, so bytes are enough.
+        let plain = inner
+            .bytes()
+            .all(|b| b != b'"' && b != b'\\' && (b == b'\t' || (b >= 0x20 && b != 0x7f)));
+        plain.then_some(inner)
+    }
+
+    /// An inline array of such strings.
+    fn strings(value: &str) -> Option<Vec<&str>> {
+        let inner = trim(value.strip_prefix('[')?.strip_suffix(']')?);
+        if inner.is_empty() {
+            return Some(Vec::new());
+        }
+        inner.split(',').map(|s| string(trim(s))).collect()
+    }
+
+    /// A datetime, only in the plain `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)` shape.
+    fn datetime(value: &str) -> Option<Datetime> {
+        let plain = value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b':' | b'T' | b'Z' | b'.' | b'+'));
+        if !plain {
+            return None;
+        }
+        value.parse().ok()
+    }
+}
+
+impl<S, T> KeyEntry<S, T>
+where
+    S: AsRef<str> + Into<Box<str>>,
+    T: AsRef<str>,
+{
+    fn into_key(self) -> Result<ApiKey, Error> {
+        let id = self.id.as_ref();
+        let digest = match (&self.secret, &self.sha256) {
+            (Some(secret), None) if secret.as_ref().is_empty() => {
+                return Err(Error::invalid(Some(id), "`secret` must not be empty"));
+            }
+            (Some(secret), None) => KeyDigest::of(secret.as_ref().as_bytes()),
+            (None, Some(hex)) => KeyDigest::from_hex(hex.as_ref().trim()).ok_or_else(|| {
+                Error::invalid(Some(id), "`sha256` must be 64 hexadecimal digits")
+            })?,
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    Some(id),
+                    "both `secret` and `sha256` are set; give exactly one",
+                ));
+            }
+            (None, None) => {
+                return Err(Error::invalid(
+                    Some(id),
+                    "neither `secret` nor `sha256` is set; give exactly one",
+                ));
+            }
+        };
+        let mut key = ApiKey::from_digest(id.into(), digest).with_disabled(self.disabled);
+        if !self.scopes.is_empty() {
+            key = key.with_scopes(self.scopes);
+        }
+        if let Some(tenant) = self.tenant {
+            key = key.with_tenant(tenant);
+        }
+        if let Some(owner) = self.owner {
+            key = key.with_owner(owner);
+        }
+        if let Some(description) = self.description {
+            key = key.with_description(description);
+        }
+        if let Some(at) = self.not_before {
+            key = key.with_not_before(instant(id, "not_before", &at)?);
+        }
+        if let Some(at) = self.expires_at {
+            key = key.with_expires_at(instant(id, "expires_at", &at)?);
+        }
+        Ok(key)
+    }
+}
+
+/// Converts a TOML offset datetime to a `SystemTime`.
+fn instant(id: &str, field: &str, dt: &Datetime) -> Result<SystemTime, Error> {
+    use toml::value::Offset;
+    let (Some(date), Some(time), Some(offset)) = (dt.date, dt.time, dt.offset) else {
+        return Err(Error::invalid(
+            Some(id),
+            format!("`{field}` needs a date, a time and a UTC offset, e.g. 2026-12-01T00:00:00Z"),
+        ));
+    };
+    let days = days_from_civil(i64::from(date.year), date.month.into(), date.day.into());
+    let offset_minutes = match offset {
+        Offset::Z => 0,
+        Offset::Custom { minutes } => i64::from(minutes),
+    };
+    let secs = days * 86_400
+        + i64::from(time.hour) * 3_600
+        + i64::from(time.minute) * 60
+        + i64::from(time.second.unwrap_or(0))
+        - offset_minutes * 60;
+    let since_epoch = Duration::new(secs.unsigned_abs(), time.nanosecond.unwrap_or(0));
+    let at = if secs >= 0 {
+        UNIX_EPOCH.checked_add(since_epoch)
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
+    };
+    at.ok_or_else(|| Error::invalid(Some(id), format!("`{field}` is out of range")))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn line_of(content: &[u8], offset: usize) -> usize {
+    let offset = offset.min(content.len());
+    content[..offset].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(content: &str) -> String {
+        parse(Path::new("keys.toml"), content.as_bytes())
+            .unwrap_err()
+            .to_string()
+    }
+
+    const HASH: &str = "4e738ca5563c06cfd0018299933d58db1dd8bf97f6973dc99bf6cdc64b5550bd";
+
+    #[test]
+    fn parses_every_field() {
+        let set = parse(
+            Path::new("k.toml"),
+            format!(
+                r#"
+[[keys]]
+id = "a"
+secret = "s3cr3t-a"
+scopes = ["read", "admin"]
+tenant = "team-a"
+owner = "ops"
+description = "first"
+not_before = 2026-11-01T00:00:00Z
+expires_at = 2026-12-01T01:00:00+01:00
+disabled = true
+
+[[keys]]
+id = "b"
+sha256 = "{HASH}"
+"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let a = set.get("a").unwrap();
+        assert_eq!(a.scopes().collect::<Vec<_>>(), ["read", "admin"]);
+        assert_eq!(a.tenant(), Some("team-a"));
+        assert!(a.is_disabled());
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(secs(a.not_before().unwrap()), 1_793_491_200);
+        assert_eq!(secs(a.expires_at().unwrap()), 1_796_083_200);
+        assert_eq!(set.get("b").unwrap().digest, KeyDigest::of(b"s3cr3t"));
+    }
+
+    /// The fast path and the general parser agree on every file the fast path takes.
+    #[test]
+    fn fast_path_matches_the_general_parser() {
+        let files = [
+            format!("[[keys]]\nid = \"b\"\nsha256 = \"{HASH}\"\n"),
+            "# c\n[[keys]]\nid = \"a\"\nsecret = \"s3 c=r\tet\"\nscopes = [\"read\", \"admin\"]\n\
+             tenant = \"t\"\nowner = \"o é\"\ndescription = \"d\"\ndisabled = true\n\
+             not_before = 2026-11-01T00:00:00Z\nexpires_at = 2026-12-01T01:00:00.250+01:00\n\n\
+             [[keys]]\nid = \"c\"\nsecret = \"x\"\nscopes = []\n"
+                .to_owned(),
+        ];
+        for file in files {
+            let fast = simple::parse(&file).expect("in the fast path's subset");
+            let slow = general(&file).map_err(|(e, _)| e).unwrap();
+            assert_eq!(format!("{fast:?}"), format!("{slow:?}"));
+            for (a, b) in fast.iter().zip(slow.iter()) {
+                assert_eq!(a.digest, b.digest);
+                assert_eq!(format!("{a:?}"), format!("{b:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn fast_path_declines_what_it_does_not_know() {
+        for file in [
+            "keys = []",
+            "[[keys]]\nid = \"a\" # comment\nsecret = \"x\"",
+            "[[keys]]\nid = 'a'\nsecret = \"x\"",
+            "[[keys]]\nid = \"a\\u0041\"\nsecret = \"x\"",
+            "[[keys]]\nid = \"a\"\nid = \"b\"\nsecret = \"x\"",
+            "[[keys]]\nid = \"a\"\nsecret = \"x\"\nextra = \"y\"",
+            "[[keys]]\nid = \"a\"\nsecret = \"x\"\n[[keys]]\nid = \"a\"\nsecret = \"y\"",
+            "[[keys]]\nid = \"a\"\nsecret = \"x\"\nexpires_at = 2026-12-01T00:00:00",
+            "[[keys]]\nsecret = \"x\"",
+            "id = \"a\"",
+        ] {
+            assert!(simple::parse(file).is_none(), "{file:?}");
+        }
+    }
+
+    #[test]
+    fn empty_lists_are_valid() {
+        for content in ["keys = []", "# nothing yet\n"] {
+            assert!(
+                parse(Path::new("k"), content.as_bytes())
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_name_file_line_and_id_but_no_secret() {
+        let cases = [
+            ("[[keys]\nid = 'a'", "keys.toml:1:"),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'p4ss'\nsecrett = 'x'",
+                "unknown field `secrett`",
+            ),
+            ("[[keys]]\nsecret = 'p4ss'", "missing field `id`"),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'p4ss'\n[[keys]]\nid = 'a'\nsecret = 'other'",
+                "keys.toml:4: duplicate key id `a`",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'p4ss'\nsha256 = 'ab'",
+                "keys.toml:1: key `a`: both `secret` and `sha256`",
+            ),
+            (
+                "[[keys]]\nid = 'a'",
+                "key `a`: neither `secret` nor `sha256`",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsha256 = 'xyz'",
+                "key `a`: `sha256` must be 64 hexadecimal digits",
+            ),
+            (
+                "\n[[keys]]\nid = 'a'\nsecret = 'p4ss'\n[[keys]]\nid = 'b'\nsecret = 'p4ss'",
+                "keys.toml:5: key `b` has the same secret as key `a`",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'p4ss'\nexpires_at = 2026-12-01T00:00:00",
+                "`expires_at` needs a date, a time and a UTC offset",
+            ),
+            (
+                "[[keys]]\nid = ''\nsecret = 'p4ss'",
+                "`id` must not be empty",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsecret = ''",
+                "`secret` must not be empty",
+            ),
+        ];
+        for (content, expected) in cases {
+            let message = err(content);
+            assert!(
+                message.contains(expected),
+                "{message:?} should contain {expected:?}"
+            );
+            assert!(!message.contains("p4ss"), "{message:?} leaks a secret");
+        }
+    }
+
+    #[test]
+    fn toml_errors_do_not_quote_the_line() {
+        let message = err("[[keys]]\nid = 'a'\nsecret = \"p4ss");
+        assert!(message.starts_with("keys.toml:3:"), "{message}");
+        assert!(!message.contains("p4ss"), "{message}");
+    }
+
+    #[test]
+    fn never_panics_on_arbitrary_bytes() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let alphabet = b"[]{}=\"'\n #keysidsecretsha256:-0123456789abcdefTZ.,\xff\x00";
+        for _ in 0..2_000 {
+            let len = (seed % 64) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    alphabet[(seed % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            let _ = parse(Path::new("fuzz"), &bytes);
+        }
+    }
+}

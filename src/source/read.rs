@@ -1,0 +1,139 @@
+//! Reading a key file, whatever is at its path.
+//!
+//! A key file's path is a place others write to: it may hold a FIFO that never ends,
+//! a symlink to `/dev/zero`, a sparse file claiming 100 GiB, a directory. Only a
+//! regular file is read, never more than the size limit, and without ever blocking
+//! on the open.
+
+use std::{
+    fs::File,
+    io::{self, Read as _},
+    path::Path,
+};
+
+use sha2::{Digest as _, Sha256};
+use zeroize::Zeroize as _;
+
+/// The default size limit of a key file: a million keys fit in about 140 MB.
+pub(crate) const DEFAULT_MAX_SIZE: u64 = 256 << 20;
+
+/// A file's content, wiped when dropped: it may hold secrets.
+pub(crate) struct FileBytes(Vec<u8>);
+
+impl FileBytes {
+    /// Reads the regular file at `path`, if it holds at most `limit` bytes.
+    ///
+    /// # Errors
+    ///
+    /// The open or read failed; the path is not a regular file
+    /// ([`io::ErrorKind::InvalidInput`]); the file is larger than `limit`
+    /// ([`io::ErrorKind::FileTooLarge`]).
+    pub(crate) fn read(path: &Path, limit: u64) -> io::Result<Self> {
+        let file = open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file (a directory, a FIFO or a device?); the key file is not read",
+            ));
+        }
+        if meta.len() > limit {
+            return Err(too_large(limit));
+        }
+        let capacity = usize::try_from(meta.len()).unwrap_or(0);
+        let mut bytes = Self(Vec::with_capacity(capacity.saturating_add(1)));
+        // One byte past the limit tells a file that grew while it was read.
+        file.take(limit.saturating_add(1))
+            .read_to_end(&mut bytes.0)?;
+        if bytes.0.len() as u64 > limit {
+            return Err(too_large(limit));
+        }
+        Ok(bytes)
+    }
+
+    /// The SHA-256 of the content: how a watcher tells new content from old.
+    pub(crate) fn hash(&self) -> [u8; 32] {
+        Sha256::digest(&self.0).into()
+    }
+}
+
+fn too_large(limit: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::FileTooLarge,
+        format!("larger than the key file size limit of {limit} bytes"),
+    )
+}
+
+/// Opens without blocking: opening a FIFO for reading waits for a writer unless
+/// `O_NONBLOCK` is given. Reads of a regular file ignore the flag.
+#[cfg(unix)]
+fn open(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn open(path: &Path) -> io::Result<File> {
+    File::open(path)
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for FileBytes {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_regular_file_within_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, "keys = []\n").unwrap();
+        assert_eq!(&*FileBytes::read(&path, 100).unwrap(), b"keys = []\n");
+        let err = FileBytes::read(&path, 5).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::FileTooLarge);
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = FileBytes::read(dir.path(), 100).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "a directory");
+        #[cfg(unix)]
+        {
+            let err = FileBytes::read(Path::new("/dev/zero"), 100).err().unwrap();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "a device");
+            let fifo = dir.path().join("fifo");
+            let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+            if made.is_ok_and(|s| s.success()) {
+                // Returns at once: no writer is waited for.
+                let err = FileBytes::read(&fifo, 100).err().unwrap();
+                assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "a FIFO");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sparse_huge_file_is_refused_without_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let file = File::create(&path).unwrap();
+        file.set_len(100 << 30).unwrap();
+        let err = FileBytes::read(&path, DEFAULT_MAX_SIZE).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::FileTooLarge);
+    }
+}

@@ -1,0 +1,55 @@
+//! RFC 8594 `Sunset` and RFC 9745 `Deprecation` headers for a key close to its
+//! `expires_at`.
+
+use http::{HeaderValue, Response};
+
+use crate::clock;
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sunset {
+    /// `expires_at`, Unix milliseconds.
+    expires_at: u64,
+    /// When the key entered its expiry notice, Unix milliseconds.
+    deprecated_at: u64,
+}
+
+impl Sunset {
+    /// The headers for a key expiring at `expires_at`, if that is within `notice` of
+    /// `now` (all in milliseconds).
+    pub(crate) fn within(expires_at: u64, notice: u64, now: u64) -> Option<Self> {
+        (expires_at != u64::MAX && now.saturating_add(notice) >= expires_at).then(|| Self {
+            expires_at,
+            deprecated_at: expires_at.saturating_sub(notice),
+        })
+    }
+
+    pub(crate) fn apply<B>(self, res: &mut Response<B>) {
+        let headers = res.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&format!("@{}", self.deprecated_at / 1000)) {
+            headers.insert("deprecation", v);
+        }
+        let date = httpdate::fmt_http_date(clock::from_unix_ms(self.expires_at / 1000 * 1000));
+        if let Ok(v) = HeaderValue::from_str(&date) {
+            headers.insert("sunset", v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_within_the_notice_only() {
+        let day = 86_400_000;
+        let expires = 1_796_083_200_000; // 2026-12-01T00:00:00Z
+        assert!(Sunset::within(expires, day, expires - 2 * day).is_none());
+        assert!(Sunset::within(u64::MAX, day, 0).is_none());
+        let mut res = Response::new(());
+        Sunset::within(expires, day, expires - day / 2)
+            .unwrap()
+            .apply(&mut res);
+        assert_eq!(res.headers()["sunset"], "Tue, 01 Dec 2026 00:00:00 GMT");
+        assert_eq!(res.headers()["deprecation"], "@1795996800");
+    }
+}

@@ -1,0 +1,209 @@
+//! How a source changes its keys in the store: one writer at a time, checked before
+//! the swap, reported in order.
+
+use std::{
+    fmt,
+    sync::{Arc, Weak, atomic::Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Error, KeyChange, KeySet, ReloadReport,
+    change::{self, Source, Update},
+    clock,
+    shared::Shared,
+    snapshot::{Carried, Snapshot},
+};
+
+/// Handle through which a [`KeySource`](crate::KeySource) changes its keys in its
+/// store: a complete new set with [`publish`](KeyUpdater::publish), or changes by id
+/// with [`apply`](KeyUpdater::apply).
+///
+/// Every update is checked whole before anything changes (no key under two ids, no
+/// id from two sources) and then swapped in atomically: requests see the old keys or
+/// the new ones, never a mix. Keys the update does not touch keep their entries and
+/// usage counts. Each applied update is a new [`version`](crate::KeyStore::version),
+/// reported in [`KeyStore::last_reload`](crate::KeyStore::last_reload) and logged.
+///
+/// It holds the store weakly: once every layer and store clone is gone,
+/// [`KeyUpdater::is_closed`] turns true and updates return [`Error::StoreClosed`],
+/// which tells a watching source to stop.
+pub struct KeyUpdater {
+    shared: Weak<Shared>,
+    source: u16,
+    name: Arc<str>,
+}
+
+/// How long a writer waits for requests still reading a replaced version before it
+/// gives up on the few counts they might add. They hold it for one lookup.
+const PATIENCE: Duration = Duration::from_secs(1);
+
+impl KeyUpdater {
+    pub(crate) fn new(shared: Weak<Shared>, source: u16, name: Arc<str>) -> Self {
+        Self {
+            shared,
+            source,
+            name,
+        }
+    }
+
+    /// Replaces this source's keys with `set`: what `set` lacks is removed, what it
+    /// adds or changes is applied, and what it leaves as it was keeps its entry and
+    /// counters. Returns the report.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Conflict`] if another source of the store has one of the ids or keys,
+    /// or [`Error::StoreClosed`] if the store is gone. The store keeps its keys, and a
+    /// refusal is recorded and logged as a rejected reload.
+    pub fn publish(&self, set: KeySet) -> Result<ReloadReport, Error> {
+        self.update(Update::Set(&set))
+    }
+
+    /// Applies `changes` to this source's keys, all or none: upserts by id and
+    /// removals by id. Keys it does not name stay as they are; a one-key change to a
+    /// million-key set copies a few hundred keys, not the set.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidKey`] for a key no [`KeySet`] would take, [`Error::DuplicateId`]
+    /// for an id named twice, [`Error::DuplicateKey`] for one key under two ids,
+    /// [`Error::Conflict`] for an id or key of another source, [`Error::StoreClosed`]
+    /// if the store is gone. The store keeps its keys, and the refusal is recorded
+    /// and logged.
+    pub fn apply(
+        &self,
+        changes: impl IntoIterator<Item = KeyChange>,
+    ) -> Result<ReloadReport, Error> {
+        let changes: Vec<KeyChange> = changes.into_iter().collect();
+        self.update(Update::Changes(&changes))
+    }
+
+    fn update(&self, update: Update<'_>) -> Result<ReloadReport, Error> {
+        let shared = self.shared.upgrade().ok_or(Error::StoreClosed)?;
+        let mut writer = shared.lock();
+        let old = shared.current.load_full();
+        let index = usize::from(self.source);
+        let source = Source {
+            index: self.source,
+            name: &self.name,
+            names: &writer.sources,
+            count: writer.counts.get(index).copied().unwrap_or(0),
+        };
+        let now = clock::exact_now_ms();
+        let notice = shared.expiry_notice.load(Ordering::Relaxed);
+        let (edit, diff) =
+            match change::plan(&old, &source, update, (now, now.saturating_add(notice))) {
+                Ok(plan) => plan,
+                Err(error) => {
+                    let report = ReloadReport::rejected(self.name.clone(), error.clone());
+                    shared.reloads.send_replace(Some(report.clone()));
+                    drop(writer);
+                    crate::log::rejected(&report);
+                    return Err(error);
+                }
+            };
+        let (mut next, carried) = old.edited(edit);
+        next.version = old.version + 1;
+        if let Some(count) = writer.counts.get_mut(index) {
+            *count = count
+                .saturating_add(diff.added.len())
+                .saturating_sub(diff.removed.len());
+        }
+        let next = Arc::new(next);
+        drop(old);
+        let replaced = shared.current.swap(next.clone());
+        settle(replaced, &next, carried);
+        let report = ReloadReport::applied(self.name.clone(), next.version, diff);
+        shared.reloads.send_replace(Some(report.clone()));
+        drop(writer);
+        crate::log::applied(&report);
+        Ok(report)
+    }
+
+    /// Records a failed reload attempt (a key file that does not parse, say) without
+    /// touching the keys: it is logged at `warn`, and readable from
+    /// [`KeyStore::last_reload`](crate::KeyStore::last_reload). Returns the report.
+    pub fn reject(&self, error: Error) -> ReloadReport {
+        let report = ReloadReport::rejected(self.name.clone(), error);
+        if let Some(shared) = self.shared.upgrade() {
+            let writer = shared.lock();
+            shared.reloads.send_replace(Some(report.clone()));
+            drop(writer);
+        }
+        crate::log::rejected(&report);
+        report
+    }
+
+    pub(crate) fn record_failure(&self, error: Error) -> Error {
+        self.reject(error.clone());
+        error
+    }
+
+    /// Whether the store is gone; a watching source should then stop.
+    pub fn is_closed(&self) -> bool {
+        self.shared.strong_count() == 0
+    }
+
+    /// Runs `callback` when the store is dropped (at once if it already is), so a
+    /// source waiting for changes can stop without waiting for its next poll.
+    #[cfg(feature = "file")]
+    pub(crate) fn on_close(&self, callback: impl FnOnce() + Send + 'static) {
+        match self.shared.upgrade() {
+            Some(shared) => shared
+                .on_drop
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(Box::new(callback)),
+            None => callback(),
+        }
+    }
+
+    /// The name of the source this updater publishes for.
+    pub fn source_name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Waits until no request reads `replaced` any more, then adds what requests counted
+/// in it after its counters were copied into `next`. The old version is then freed
+/// here, by the writer, unless a request's [`KeyInfo`](crate::KeyInfo) still points
+/// into one of its shards (which that request then frees: a few hundred keys).
+fn settle(mut replaced: Arc<Snapshot>, next: &Snapshot, carried: Vec<Carried>) {
+    // Requests read a version through an `arc_swap` guard, which the swap turned into
+    // a reference count. `Arc::try_unwrap` succeeds once ours is the last one, and
+    // synchronises with the readers' release of theirs, so every count they made
+    // before letting go is visible here.
+    let start = Instant::now();
+    let old = loop {
+        match Arc::try_unwrap(replaced) {
+            Ok(old) => break old,
+            Err(still_read) if start.elapsed() < PATIENCE => {
+                replaced = still_read;
+                thread::yield_now();
+            }
+            // A reader stuck for a second: its counts are lost, nothing else.
+            Err(_) => return,
+        }
+    };
+    for Carried {
+        old: from,
+        new,
+        copied,
+    } in carried
+    {
+        let (requests, last_used) = old.slot(from).usage();
+        next.slot(new)
+            .add_usage(requests.saturating_sub(copied), last_used);
+    }
+}
+
+impl fmt::Debug for KeyUpdater {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyUpdater")
+            .field("source", &self.name)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}

@@ -1,0 +1,42 @@
+//! How much a key has been used.
+
+use std::time::SystemTime;
+
+use crate::{KeyInfo, clock, shard::Usage};
+
+/// How much one key has been used: from [`KeyStore::usage`](crate::KeyStore::usage).
+#[derive(Clone, Debug)]
+pub struct KeyUsage {
+    key: KeyInfo,
+    requests: u64,
+    last_used: Option<SystemTime>,
+}
+
+impl KeyUsage {
+    /// `key`'s counters as read from its slot: requests, and the last use in Unix
+    /// seconds (0 for never).
+    pub(crate) fn new(key: KeyInfo, (requests, last_used): Usage) -> Self {
+        let secs = u64::from(last_used);
+        Self {
+            key,
+            requests,
+            last_used: (secs != 0).then(|| clock::from_unix_ms(secs * 1000)),
+        }
+    }
+
+    /// The key.
+    pub fn key(&self) -> &KeyInfo {
+        &self.key
+    }
+
+    /// Requests let in with this key since it was first loaded (counts carry over
+    /// reloads that keep its id).
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// When the key last let a request in, to the second; `None` if never.
+    pub fn last_used(&self) -> Option<SystemTime> {
+        self.last_used
+    }
+}
