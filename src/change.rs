@@ -8,7 +8,7 @@ use std::{
 
 use crate::{
     ApiKey, Error, KeySet,
-    digest::KeyDigest,
+    digest::{DigestMap, DigestSet, KeyDigest},
     entry::{KeyEntry, SharedMeta},
     key::Meta,
     report::Diff,
@@ -88,7 +88,11 @@ pub(crate) fn plan(
     let mut edit = Edit::default();
     let mut diff = Diff::default();
     // Keys alike (metadata, window, flag) share one copy of what they have in common.
-    let mut metas: HashMap<(Option<&Meta>, u64, u64, bool), Arc<SharedMeta>> = HashMap::new();
+    let mut metas: HashMap<
+        (Option<&Meta>, u64, u64, bool),
+        Arc<SharedMeta>,
+        foldhash::fast::RandomState,
+    > = HashMap::default();
     let mut named: HashSet<&str> = HashSet::new();
     let mut own = 0usize;
     let (keys, removals): (Vec<&ApiKey>, Vec<&str>) = match update {
@@ -115,9 +119,14 @@ pub(crate) fn plan(
     };
     // Keys that stay or come.
     for &key in &keys {
-        let existing = old
-            .digest_of(&key.id)
-            .and_then(|d| Some((d, old.entry(&d)?.0)));
+        // Most keys of a large set are unchanged: found by digest in one lookup, and
+        // by id only when the digest is new.
+        let existing = match old.entry(&key.digest) {
+            Some((entry, _)) if *entry.id == *key.id => Some((key.digest, entry)),
+            _ => old
+                .digest_of(&key.id)
+                .and_then(|d| Some((d, old.entry(&d)?.0))),
+        };
         if let Some((_, entry)) = existing
             && entry.source() != source.index
         {
@@ -204,8 +213,9 @@ pub(crate) fn plan(
 /// Refuses an edit that would put one digest under two ids: twice among the keys that
 /// come, or once more beside a key that stays.
 fn check_digests(old: &Snapshot, source: &Source<'_>, edit: &Edit) -> Result<(), Error> {
-    let leaving: HashSet<KeyDigest> = edit.remove.iter().map(|(d, _)| *d).collect();
-    let mut coming: HashMap<KeyDigest, &str> = HashMap::with_capacity(edit.insert.len());
+    let leaving: DigestSet = edit.remove.iter().map(|(d, _)| *d).collect();
+    let mut coming: DigestMap<&str> = DigestMap::default();
+    coming.reserve(edit.insert.len());
     for (digest, entry, _) in &edit.insert {
         if let Some(first) = coming.insert(*digest, &entry.id) {
             return Err(Error::DuplicateKey {

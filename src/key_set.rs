@@ -1,6 +1,6 @@
 use std::{collections::HashMap, fmt, sync::Arc};
 
-use crate::{ApiKey, Error, digest::KeyDigest};
+use crate::{ApiKey, Error, digest::DigestMap};
 
 /// A complete, validated set of keys: what a [`KeySource`](crate::KeySource) yields.
 ///
@@ -35,8 +35,8 @@ pub struct KeySet {
 #[derive(Clone, Default)]
 struct Inner {
     keys: Vec<ApiKey>,
-    by_id: HashMap<Arc<str>, usize>,
-    by_digest: HashMap<KeyDigest, usize>,
+    by_id: HashMap<Arc<str>, usize, foldhash::fast::RandomState>,
+    by_digest: DigestMap<usize>,
 }
 
 impl Inner {

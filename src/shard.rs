@@ -14,7 +14,10 @@ use std::sync::{
     atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
-use crate::{digest::KeyDigest, entry::KeyEntry};
+use crate::{
+    digest::{KeyDigest, same},
+    entry::KeyEntry,
+};
 
 /// Request count and last use (Unix seconds, 0 for never) of one key.
 pub(crate) type Usage = (u64, u32);
@@ -129,7 +132,7 @@ impl Shard {
                     self.len += 1;
                     return Ok(i);
                 }
-                Some(_) if slot.digest == digest.0 => return Err(i),
+                Some(_) if same(&slot.digest, &digest.0) => return Err(i),
                 Some(_) => i = if i + 1 == len { 0 } else { i + 1 },
             }
         }
@@ -143,7 +146,7 @@ impl Shard {
         loop {
             let slot = &self.slots[i];
             slot.entry.as_ref()?;
-            if slot.digest == digest.0 {
+            if same(&slot.digest, &digest.0) {
                 return Some(i);
             }
             i = if i + 1 == len { 0 } else { i + 1 };

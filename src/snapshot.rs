@@ -1,18 +1,15 @@
 //! One immutable version of a store's keys, and how a new version is made from it.
 //!
 //! The keys are cut into shards by digest (see [`Shard`]), and an id index, cut the
-//! same way by a hash of the id, finds a key by its id. A new version shares every
+//! same way by a hash of the id, finds a key by its id: each id shard is a sorted
+//! list of (id hash, digest), 40 bytes a key, checked against the entry's id. A new version shares every
 //! shard an edit does not touch with the old one: a one-key change copies one or two
 //! shards of a few hundred keys, whatever the size of the set.
 
-use std::{
-    collections::{HashMap, HashSet},
-    hash::BuildHasher,
-    sync::Arc,
-};
+use std::{hash::BuildHasher, sync::Arc};
 
 use crate::{
-    digest::KeyDigest,
+    digest::{DigestSet, KeyDigest},
     entry::KeyEntry,
     shard::{Shard, Slot, Usage},
 };
@@ -23,7 +20,11 @@ const PER_SHARD: usize = 256;
 /// The most shards (as a power of two).
 const MAX_BITS: u32 = 16;
 
-type IdShard = HashMap<Arc<str>, KeyDigest>;
+/// (hash of the id, digest of the key), sorted by hash.
+type IdShard = Vec<(u64, KeyDigest)>;
+
+/// Hashes ids: fast on short strings, seeded per store.
+type IdHasher = foldhash::fast::RandomState;
 
 pub(crate) struct Snapshot {
     pub(crate) version: u64,
@@ -33,7 +34,7 @@ pub(crate) struct Snapshot {
     shards: Box<[Arc<Shard>]>,
     ids: Box<[Arc<IdShard>]>,
     /// Places ids in id shards; the same for every version of one store.
-    id_hasher: std::hash::RandomState,
+    id_hasher: IdHasher,
 }
 
 /// Where a key is: shard and slot.
@@ -46,9 +47,6 @@ pub(crate) struct Edit {
     pub(crate) remove: Vec<(KeyDigest, Arc<str>)>,
     pub(crate) insert: Vec<(KeyDigest, Arc<KeyEntry>, Option<KeyDigest>)>,
 }
-
-/// A key going into a shard being built, and where its counters are.
-type Incoming = (KeyDigest, Arc<KeyEntry>, Option<Place>);
 
 /// A key whose usage counters were copied into the new version.
 pub(crate) struct Carried {
@@ -66,7 +64,7 @@ impl Default for Snapshot {
             bits: 0,
             shards: Box::new([Arc::new(Shard::with_capacity(0))]),
             ids: Box::new([Arc::new(IdShard::new())]),
-            id_hasher: std::hash::RandomState::new(),
+            id_hasher: IdHasher::default(),
         }
     }
 }
@@ -95,8 +93,8 @@ impl Snapshot {
         top(digest.bits(0).swap_bytes(), self.bits)
     }
 
-    fn id_shard_of(&self, id: &str) -> usize {
-        top(self.id_hasher.hash_one(id), self.bits)
+    fn id_hash(&self, id: &str) -> u64 {
+        self.id_hasher.hash_one(id)
     }
 
     /// The shard and slot holding this digest: the request path.
@@ -118,7 +116,14 @@ impl Snapshot {
 
     /// The digest of the key with this id.
     pub(crate) fn digest_of(&self, id: &str) -> Option<KeyDigest> {
-        self.ids[self.id_shard_of(id)].get(id).copied()
+        let hash = self.id_hash(id);
+        let list = &self.ids[top(hash, self.bits)];
+        let from = list.partition_point(|(h, _)| *h < hash);
+        list[from..]
+            .iter()
+            .take_while(|(h, _)| *h == hash)
+            .map(|(_, d)| *d)
+            .find(|d| self.entry(d).is_some_and(|(e, _)| &*e.id == id))
     }
 
     /// The entry and counters of the key with this digest.
@@ -159,104 +164,121 @@ impl Snapshot {
             ids: Box::new([]),
             id_hasher: self.id_hasher.clone(),
         };
-        let removed: HashSet<KeyDigest> = edit.remove.iter().map(|(d, _)| *d).collect();
+        let removed: DigestSet = edit.remove.iter().map(|(d, _)| *d).collect();
+        let resharded = bits != self.bits;
         // The shards to build: every one when the count changes, else those touched.
-        let mut touched: Vec<usize> = if bits == self.bits {
-            let mut touched: Vec<usize> = (edit.remove.iter().map(|(d, _)| d))
-                .chain(edit.insert.iter().map(|(d, _, _)| d))
-                .map(|d| next.shard_of(d))
-                .collect();
-            touched.sort_unstable();
-            touched.dedup();
-            touched
-        } else {
-            (0..1 << bits).collect()
+        let mut touched = vec![resharded; 1 << bits];
+        for digest in
+            (edit.remove.iter().map(|(d, _)| d)).chain(edit.insert.iter().map(|(d, _, _)| d))
+        {
+            touched[next.shard_of(digest)] = true;
+        }
+        // The keys that stay in the shards being built, with where their counters are.
+        let staying = || {
+            self.shards
+                .iter()
+                .enumerate()
+                .filter(|&(s, _)| resharded || touched[s])
+                .flat_map(|(s, shard)| {
+                    shard
+                        .iter()
+                        .map(move |(i, slot, e)| (slot.digest(), e, (s, i)))
+                })
+                .filter(|(d, _, _)| !removed.contains(d))
         };
-        // What goes into each shard to build: (digest, entry, where its counters are).
-        let mut incoming: HashMap<usize, Vec<Incoming>> =
-            touched.iter().map(|&s| (s, Vec::new())).collect();
-        if bits == self.bits {
-            for &s in &touched {
-                let into = incoming.entry(s).or_default();
-                for (i, slot, entry) in self.shards[s].iter() {
-                    if !removed.contains(&slot.digest()) {
-                        into.push((slot.digest(), entry.clone(), Some((s, i))));
-                    }
-                }
+        // Count first, so that each shard is allocated once at its size, then insert
+        // straight into it: no list of a million keys in between.
+        let mut counts = vec![0usize; 1 << bits];
+        for (digest, _, _) in staying() {
+            counts[next.shard_of(&digest)] += 1;
+        }
+        for (digest, _, _) in &edit.insert {
+            counts[next.shard_of(digest)] += 1;
+        }
+        let mut built: Vec<Option<Shard>> = (0..1 << bits)
+            .map(|s| touched[s].then(|| Shard::with_capacity(counts[s])))
+            .collect();
+        let mut carried = Vec::new();
+        let mut put = |digest: KeyDigest, entry: Arc<KeyEntry>, from: Option<Place>| {
+            let s = next.shard_of(&digest);
+            let usage = from.map_or((0, 0), |p| self.slot(p).usage());
+            // Free by the caller's checks; a clash would only drop a duplicate.
+            if let Some(shard) = &mut built[s]
+                && let Ok(i) = shard.insert(digest, entry, usage)
+                && let Some(old) = from
+            {
+                carried.push(Carried {
+                    old,
+                    new: (s, i),
+                    copied: usage.0,
+                });
             }
-        } else {
-            for (s, shard) in self.shards.iter().enumerate() {
-                for (i, slot, entry) in shard.iter() {
-                    if !removed.contains(&slot.digest()) {
-                        let to = next.shard_of(&slot.digest());
-                        incoming.entry(to).or_default().push((
-                            slot.digest(),
-                            entry.clone(),
-                            Some((s, i)),
-                        ));
-                    }
-                }
-            }
+        };
+        for (digest, entry, from) in staying() {
+            put(digest, entry.clone(), Some(from));
         }
         for (digest, entry, from) in &edit.insert {
-            let from = from.and_then(|d| self.place(&d));
-            incoming
-                .entry(next.shard_of(digest))
-                .or_default()
-                .push((*digest, entry.clone(), from));
+            put(*digest, entry.clone(), from.and_then(|d| self.place(&d)));
         }
-
-        let mut shards: Vec<Arc<Shard>> = if bits == self.bits {
-            self.shards.to_vec()
-        } else {
-            Vec::with_capacity(1 << bits)
-        };
-        let mut carried = Vec::new();
-        touched.sort_unstable();
-        for s in touched {
-            let keys = incoming.remove(&s).unwrap_or_default();
-            let mut shard = Shard::with_capacity(keys.len());
-            for (digest, entry, from) in keys {
-                let usage = from.map_or((0, 0), |p| self.slot(p).usage());
-                // Free by the caller's checks; a clash would only drop a duplicate.
-                if let Ok(i) = shard.insert(digest, entry, usage)
-                    && let Some(old) = from
-                {
-                    carried.push(Carried {
-                        old,
-                        new: (s, i),
-                        copied: usage.0,
-                    });
-                }
-            }
-            if bits == self.bits {
-                shards[s] = Arc::new(shard);
-            } else {
-                shards.push(Arc::new(shard));
-            }
-        }
-        next.shards = shards.into_boxed_slice();
-        next.ids = self.edited_ids(&next, &edit);
+        next.shards = built
+            .into_iter()
+            .enumerate()
+            .map(|(s, shard)| match shard {
+                Some(shard) => Arc::new(shard),
+                None => self.shards[s].clone(),
+            })
+            .collect();
+        next.ids = self.edited_ids(&next, &edit, &removed);
         (next, carried)
     }
 
     /// The id index of `next`, which has this one's id hasher.
-    fn edited_ids(&self, next: &Self, edit: &Edit) -> Box<[Arc<IdShard>]> {
+    fn edited_ids(&self, next: &Self, edit: &Edit, removed: &DigestSet) -> Box<[Arc<IdShard>]> {
         if next.bits != self.bits {
-            let mut ids: Vec<IdShard> = (0..1 << next.bits).map(|_| IdShard::new()).collect();
-            for shard in next.shards.iter() {
-                for (_, slot, entry) in shard.iter() {
-                    ids[next.id_shard_of(&entry.id)].insert(entry.id.clone(), slot.digest());
-                }
+            let hashes: Vec<(u64, KeyDigest)> = (next.shards.iter())
+                .flat_map(|shard| shard.iter())
+                .map(|(_, slot, entry)| (self.id_hash(&entry.id), slot.digest()))
+                .collect();
+            let mut counts = vec![0usize; 1 << next.bits];
+            for (hash, _) in &hashes {
+                counts[top(*hash, next.bits)] += 1;
             }
-            return ids.into_iter().map(Arc::new).collect();
+            let mut ids: Vec<IdShard> = counts.into_iter().map(Vec::with_capacity).collect();
+            for (hash, digest) in hashes {
+                ids[top(hash, next.bits)].push((hash, digest));
+            }
+            return ids
+                .into_iter()
+                .map(|mut list| {
+                    list.sort_unstable_by_key(|(h, _)| *h);
+                    Arc::new(list)
+                })
+                .collect();
         }
+        // Each id shard an edit touches is copied once: what leaves is dropped, what
+        // comes is added, and the list sorted again.
         let mut ids = self.ids.to_vec();
+        let mut coming: Vec<Vec<(u64, KeyDigest)>> = vec![Vec::new(); ids.len()];
+        let mut touched = vec![false; ids.len()];
         for (_, id) in &edit.remove {
-            Arc::make_mut(&mut ids[self.id_shard_of(id)]).remove(id);
+            touched[top(self.id_hash(id), next.bits)] = true;
         }
         for (digest, entry, _) in &edit.insert {
-            Arc::make_mut(&mut ids[self.id_shard_of(&entry.id)]).insert(entry.id.clone(), *digest);
+            let hash = self.id_hash(&entry.id);
+            touched[top(hash, next.bits)] = true;
+            coming[top(hash, next.bits)].push((hash, *digest));
+        }
+        for (s, coming) in coming.into_iter().enumerate() {
+            if touched[s] {
+                let mut list: IdShard = ids[s]
+                    .iter()
+                    .filter(|(_, d)| !removed.contains(d))
+                    .copied()
+                    .chain(coming)
+                    .collect();
+                list.sort_unstable_by_key(|(h, _)| *h);
+                ids[s] = Arc::new(list);
+            }
         }
         ids.into_boxed_slice()
     }

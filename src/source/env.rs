@@ -2,7 +2,7 @@ use std::{env, ffi::OsString, fmt, path::PathBuf};
 
 use zeroize::Zeroizing;
 
-use super::read::{DEFAULT_MAX_SIZE, FileBytes};
+use super::read::{DEFAULT_MAX_SIZE, FileBytes, Fingerprint};
 use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, digest::KeyDigest};
 
 /// A [`KeySource`] that reads keys from an environment variable.
@@ -37,7 +37,7 @@ pub struct EnvSource {
     file: Option<PathBuf>,
     /// The hash of the `NAME_FILE` content loaded, so the watcher applies any change
     /// made after it.
-    loaded: Option<[u8; 32]>,
+    loaded: Option<Fingerprint>,
 }
 
 impl EnvSource {
@@ -118,7 +118,7 @@ impl KeySource for EnvSource {
                 self.file = Some(path.clone());
                 let bytes =
                     FileBytes::read(&path, DEFAULT_MAX_SIZE).map_err(|e| Error::io(&path, e))?;
-                self.loaded = Some(bytes.hash());
+                self.loaded = Some(bytes.fingerprint());
                 parse_bytes(&path, &bytes, &self.var)
             }
         }

@@ -6,7 +6,7 @@ use std::{
 
 use super::{
     key_file,
-    read::FileBytes,
+    read::{FileBytes, Fingerprint},
     watch::{self, Options},
 };
 use crate::{Error, KeySet, KeySource, KeyUpdater};
@@ -77,7 +77,7 @@ use crate::{Error, KeySet, KeySource, KeyUpdater};
 pub struct FileSource {
     path: PathBuf,
     options: Options,
-    loaded: Option<[u8; 32]>,
+    loaded: Option<Fingerprint>,
 }
 
 impl FileSource {
@@ -160,7 +160,7 @@ impl KeySource for FileSource {
             }
             .in_file(&self.path, None));
         }
-        self.loaded = Some(bytes.hash());
+        self.loaded = Some(bytes.fingerprint());
         Self::parse(&self.path, &bytes)
     }
 

@@ -12,7 +12,7 @@ use std::{
 
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 
-use super::read::FileBytes;
+use super::read::{FileBytes, Fingerprint};
 use crate::{Error, KeySet, KeyUpdater};
 
 #[derive(Clone, Copy, Debug)]
@@ -44,7 +44,7 @@ pub(crate) fn spawn_with(
     options: Options,
     parse: Parser,
     updater: KeyUpdater,
-    loaded: Option<[u8; 32]>,
+    loaded: Option<Fingerprint>,
 ) {
     let name = updater.source_name().to_owned();
     let (tx, rx) = mpsc::channel();
@@ -88,7 +88,7 @@ struct Watch {
     updater: KeyUpdater,
     /// Hash of the content last attempted (applied or refused): unchanged content is
     /// not parsed again.
-    last_seen: Option<[u8; 32]>,
+    last_seen: Option<Fingerprint>,
     /// The last read error reported, so a missing file is reported once, not per poll.
     last_error: Option<io::ErrorKind>,
     /// Where the file-system watcher sends its signals.
@@ -198,7 +198,7 @@ impl Watch {
             // A write in progress (truncate, then write): wait for the content.
             return;
         }
-        let hash = bytes.hash();
+        let hash = bytes.fingerprint();
         if self.last_seen == Some(hash) {
             return;
         }
