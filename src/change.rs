@@ -56,6 +56,10 @@ impl KeyChange {
     }
 }
 
+/// Keys alike (metadata, window, flag) and the one copy they share.
+type MetaMap<'a> =
+    HashMap<(Option<&'a Meta>, u64, u64, bool), Arc<SharedMeta>, foldhash::fast::RandomState>;
+
 /// The source a plan is for: its index and name, and the names of every source of
 /// the store (to name the other side of a conflict).
 pub(crate) struct Source<'a> {
@@ -88,11 +92,7 @@ pub(crate) fn plan(
     let mut edit = Edit::default();
     let mut diff = Diff::default();
     // Keys alike (metadata, window, flag) share one copy of what they have in common.
-    let mut metas: HashMap<
-        (Option<&Meta>, u64, u64, bool),
-        Arc<SharedMeta>,
-        foldhash::fast::RandomState,
-    > = HashMap::default();
+    let mut metas: MetaMap<'_> = MetaMap::default();
     let mut named: HashSet<&str> = HashSet::new();
     let mut own = 0usize;
     let (keys, removals): (Vec<&ApiKey>, Vec<&str>) = match update {
