@@ -67,13 +67,16 @@
 //!
 //! # Reloading
 //!
-//! A source publishes complete key sets; the store validates each and swaps it in
-//! atomically: a request sees the old set or the new one, never a mix. A set that fails
-//! validation (a bad edit of the key file) is refused, logged at `warn`, recorded in
-//! [`KeyStore::last_reload`], and the last good keys stay. The layer never fails open:
-//! no keys means every request is refused. Wait for reloads with
-//! [`KeyStore::subscribe`]; every applied reload is logged at `info` with the key ids
-//! added, removed and kept.
+//! A source publishes a complete key set ([`KeyUpdater::publish`]) or changes by id
+//! ([`KeyUpdater::apply`], [`KeyChange`]); the store checks each update whole and
+//! swaps it in atomically: a request sees the old keys or the new ones, never a mix,
+//! and keys the update does not touch keep their entries and usage counts. A one-key
+//! change copies a few hundred keys, whatever the size of the set. An update that
+//! fails validation (a bad edit of the key file) is refused, logged at `warn`,
+//! recorded in [`KeyStore::last_reload`], and the last good keys stay. The layer
+//! never fails open: no keys means every request is refused. Wait for updates with
+//! [`KeyStore::subscribe`]; every applied update is logged at `info` with the key ids
+//! added, changed, removed and kept.
 //!
 //! # Rotation
 //!

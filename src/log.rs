@@ -33,6 +33,7 @@ pub(crate) fn applied(report: &ReloadReport) {
         source = report.source(),
         version = report.version(),
         added = %Ids(report.added()),
+        changed = %Ids(report.changed()),
         removed = %Ids(report.removed()),
         kept = %Ids(report.kept()),
         "api keys reloaded"
