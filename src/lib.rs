@@ -106,7 +106,7 @@
     not(feature = "file"),
     doc = "[`FileSource`]: https://docs.rs/tower-api-key/latest/tower_api_key/struct.FileSource.html"
 )]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "axum")]
 mod axum;
