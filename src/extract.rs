@@ -80,10 +80,32 @@ fn trim(bytes: &[u8]) -> &[u8] {
     bytes.trim_ascii()
 }
 
-/// Removes the headers a key can be read from.
+/// Removes the credentials a key can be read from, and only those: a header location
+/// loses its header; `Authorization` loses its `Bearer` values, and keeps any other
+/// scheme's (`Basic`, ...) for a second auth layer downstream.
 pub(crate) fn strip(headers: &mut HeaderMap, locations: &[KeyLocation]) {
     for location in locations {
-        headers.remove(location.header_name());
+        match location {
+            KeyLocation::Header(name) => drop(headers.remove(name)),
+            KeyLocation::Bearer => {
+                if headers
+                    .get_all(AUTHORIZATION)
+                    .iter()
+                    .any(|v| bearer_token(v.as_bytes()).is_some())
+                {
+                    let kept: Vec<_> = headers
+                        .get_all(AUTHORIZATION)
+                        .iter()
+                        .filter(|v| bearer_token(v.as_bytes()).is_none())
+                        .cloned()
+                        .collect();
+                    headers.remove(AUTHORIZATION);
+                    for value in kept {
+                        headers.append(AUTHORIZATION, value);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -177,6 +199,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn stripping_keeps_other_schemes() {
+        let mut map = headers(&[
+            ("authorization", b"Bearer abc"),
+            ("authorization", b"Basic dXNlcjpwYXNz"),
+            ("x-api-key", b"abc"),
+            ("x-other", b"kept"),
+        ]);
+        strip(&mut map, &default_locations());
+        let auth: Vec<_> = map.get_all(AUTHORIZATION).iter().collect();
+        assert_eq!(auth, ["Basic dXNlcjpwYXNz"]);
+        assert!(!map.contains_key("x-api-key"));
+        assert_eq!(map["x-other"], "kept");
+        let mut basic_only = headers(&[("authorization", b"Basic dXNlcjpwYXNz")]);
+        strip(&mut basic_only, &[KeyLocation::Bearer]);
+        assert_eq!(basic_only[AUTHORIZATION], "Basic dXNlcjpwYXNz");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderMap, Request, Response, header::CONTENT_TYPE};
+use http::{HeaderMap, Request, Response, Version, header::CONTENT_TYPE};
 use tower_service::Service;
 
 use crate::{
@@ -99,7 +99,7 @@ where
             }
             Err(rejection) => {
                 crate::log::refused(&rejection);
-                let mut res = if is_grpc(req.headers()) {
+                let mut res = if is_grpc(&req) {
                     rejection.grpc_response()
                 } else {
                     self.state.on_rejection.response(&rejection)
@@ -111,10 +111,16 @@ where
     }
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+/// Whether `req` is a real gRPC call, which gets a gRPC status rather than the HTTP
+/// refusal: HTTP/2, and a content type of exactly `application/grpc` or
+/// `application/grpc+<codec>`. A header alone does not decide it: an HTTP/1.1 request
+/// claiming `application/grpc` (or `grpc-web`, or `grpcfoo`) is refused over HTTP.
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_2
+        && req.headers().get(CONTENT_TYPE).is_some_and(|ct| {
+            let ct = ct.as_bytes();
+            ct == b"application/grpc" || ct.starts_with(b"application/grpc+")
+        })
 }
 
 impl<S: Clone, R> Clone for ApiKeyService<S, R> {

@@ -110,6 +110,44 @@ async fn hidden_credentials_never_reach_the_handler() {
         (status, body.as_str()),
         (200, "authorization=false x-api-key=false")
     );
+    // Another scheme's credential is not the layer's to remove: a second auth layer
+    // downstream still sees it.
+    let res = common::client()
+        .get(format!("http://{hidden}/headers"))
+        .header("x-api-key", "reader-key-1")
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.text().await.unwrap(),
+        "authorization=Basic dXNlcjpwYXNz x-api-key=false"
+    );
+}
+
+#[tokio::test]
+async fn a_grpc_content_type_over_http_1_gets_the_http_refusal() {
+    let addr = serve(app(ApiKeyLayer::new(keys()))).await;
+    for content_type in [
+        "application/grpc",
+        "application/grpc+proto",
+        "application/grpcfoo",
+        "application/grpc-web",
+    ] {
+        let res = common::client()
+            .get(format!("http://{addr}/"))
+            .header("content-type", content_type)
+            .header("x-api-key", "wrong")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{content_type}");
+        assert!(res.headers().get("grpc-status").is_none(), "{content_type}");
+        assert!(
+            res.headers().contains_key("www-authenticate"),
+            "{content_type}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -52,6 +52,13 @@ fn request(headers: &[(&str, &str)]) -> Request<Body> {
     for (name, value) in headers {
         req = req.header(*name, *value);
     }
+    // gRPC runs over HTTP/2; whatever else claims a gRPC content type is HTTP.
+    let grpc = headers
+        .iter()
+        .any(|(n, v)| *n == "content-type" && v.starts_with("application/grpc"));
+    if grpc {
+        req = req.version(http::Version::HTTP_2);
+    }
     req.body(Body::new()).unwrap()
 }
 
@@ -168,6 +175,31 @@ async fn grpc_requests_get_a_trailers_only_status() {
     assert!(res.body().is_empty());
     let (res, _) = call(&admin, &[grpc[0], ("x-api-key", "plain-key")]).await;
     assert_eq!(res.headers()["grpc-status"], "7");
+}
+
+#[tokio::test]
+async fn only_real_grpc_calls_get_a_grpc_status() {
+    let layer = ApiKeyLayer::new(keys());
+    for content_type in [
+        "application/grpcfoo",
+        "application/grpc-web",
+        "application/grpc-web+proto",
+    ] {
+        let (res, _) = call(&layer, &[("content-type", content_type)]).await;
+        assert_eq!(res.status(), 401, "{content_type}");
+        assert!(res.headers().get("grpc-status").is_none(), "{content_type}");
+    }
+    // The exact type, but over HTTP/1.1: not gRPC either.
+    let mut req = request(&[("content-type", "application/grpc")]);
+    *req.version_mut() = http::Version::HTTP_11;
+    let res = ServiceBuilder::new()
+        .layer(layer)
+        .service(echo(Arc::default()))
+        .oneshot(req)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert!(res.headers().get("grpc-status").is_none());
 }
 
 #[tokio::test]

@@ -28,7 +28,10 @@ pub fn app(layer: ApiKeyLayer) -> Router {
             get(|headers: axum::http::HeaderMap| async move {
                 format!(
                     "authorization={} x-api-key={}",
-                    headers.contains_key("authorization"),
+                    headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("false"),
                     headers.contains_key("x-api-key")
                 )
             }),
