@@ -68,6 +68,17 @@ impl KeySet {
         Self::default()
     }
 
+    /// An empty set with room for `n` keys.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        let mut inner = Inner::default();
+        inner.keys.reserve(n);
+        inner.by_id.reserve(n);
+        inner.by_digest.reserve(n);
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
     /// Builds a set from keys, validating each.
     ///
     /// # Errors
@@ -76,17 +87,11 @@ impl KeySet {
     /// [`Error::DuplicateKey`] met, in order.
     pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> Result<Self, Error> {
         let keys = keys.into_iter();
-        let mut inner = Inner::default();
-        let n = keys.size_hint().0;
-        inner.keys.reserve(n);
-        inner.by_id.reserve(n);
-        inner.by_digest.reserve(n);
+        let mut set = Self::with_capacity(keys.size_hint().0);
         for key in keys {
-            inner.insert(key)?;
+            set.insert(key)?;
         }
-        Ok(Self {
-            inner: Arc::new(inner),
-        })
+        Ok(set)
     }
 
     /// Adds a key.

@@ -84,9 +84,11 @@ fn parse_entry(entry: &str) -> Result<ApiKey, Error> {
             Ok(ApiKey::from_digest(id.into(), digest))
         }
         None => {
-            let digest = KeyDigest::of(key.as_bytes());
-            let id = id.map_or_else(|| digest.fingerprint(), str::to_owned);
-            Ok(ApiKey::from_digest(id.into(), digest))
+            let id = id.map_or_else(
+                || KeyDigest::of(key.as_bytes()).fingerprint(),
+                str::to_owned,
+            );
+            Ok(ApiKey::new(id, key))
         }
     }
 }

@@ -53,7 +53,7 @@ fn parse_bytes(content: &[u8]) -> Result<KeySet, (Error, Option<usize>)> {
         (Error::Parse { reason }, Some(e.valid_up_to()))
     })?;
     match simple::parse(text) {
-        Some(set) => Ok(set),
+        Some(parsed) => parsed,
         None => general(text),
     }
 }
@@ -61,10 +61,11 @@ fn parse_bytes(content: &[u8]) -> Result<KeySet, (Error, Option<usize>)> {
 /// Parses with the general TOML parser.
 fn general(text: &str) -> Result<KeySet, (Error, Option<usize>)> {
     let file: KeyFile = toml::from_str(text).map_err(|e| {
-        // Only the message: `Display` would quote the offending line, which may hold a
-        // secret.
-        let reason = e.message().trim_end().to_owned();
-        (Error::Parse { reason }, e.span().map(|s| s.start))
+        // Only the message (`Display` would quote the offending line), and not even
+        // all of that: serde quotes a value of the wrong type, which may be a secret.
+        let at = e.span().map(|s| s.start);
+        let reason = without_values(e.message(), at.map(|at| line_at(text, at)));
+        (Error::Parse { reason }, at)
     })?;
     let mut set = KeySet::new();
     for entry in file.keys {
@@ -79,35 +80,40 @@ fn general(text: &str) -> Result<KeySet, (Error, Option<usize>)> {
 /// A fast path for key files written in the plain style this crate documents (and
 /// large generated files use): one `key = value` per line, basic strings without
 /// escapes, booleans, string arrays, datetimes. It reads a million keys several
-/// times faster than the general TOML parser. Anything outside that subset, and any
-/// file that fails validation, goes to the general parser, so what is accepted and
-/// every error message are the general parser's.
+/// times faster than the general TOML parser. Anything outside that subset goes to
+/// the general parser; a file inside it is accepted, or refused with the error and
+/// line, exactly as the general parser would.
 mod simple {
     use super::{KeyEntry, KeySet};
+    use crate::Error;
     use toml::value::Datetime;
 
-    pub(super) fn parse(text: &str) -> Option<KeySet> {
-        KeySet::from_keys(keys(text)?).ok()
-    }
-
-    /// TOML's whitespace: space and tab, nothing else.
-    fn trim(s: &str) -> &str {
-        s.trim_matches([' ', '\t'])
-    }
-
-    pub(super) fn keys(text: &str) -> Option<Vec<super::ApiKey>> {
-        let mut keys = Vec::with_capacity(text.len() / 100);
-        let mut add = |entry: Partial| {
-            keys.push(entry.finish()?.into_key().ok()?);
+    /// Parses `text` if every line of it is in the subset; `None` otherwise. A file in
+    /// the subset that fails validation gets the error, and the offset of the
+    /// `[[keys]]` line, the general parser would give: no second parse of a large
+    /// refused file.
+    pub(super) fn parse(text: &str) -> Option<Result<KeySet, (Error, Option<usize>)>> {
+        let mut set = KeySet::with_capacity(text.len() / 100);
+        let mut first_error = None;
+        let mut add = |entry: Partial, at: usize| -> Option<()> {
+            let entry = entry.finish()?;
+            if first_error.is_none()
+                && let Err(error) = entry.into_key().and_then(|key| set.insert(key))
+            {
+                // Keep reading: a line further down outside the subset means the
+                // general parser, which reports a syntax error before any other.
+                first_error = Some((error, Some(at)));
+            }
             Some(())
         };
-        let mut current: Option<Partial> = None;
+        let mut current: Option<(Partial, usize)> = None;
         // `lines` ends a line at LF or CRLF, as TOML does; a CR anywhere else, or a
         // control character in a comment, is something TOML refuses: decline.
         for line in text.lines() {
             if line.contains('\r') {
                 return None;
             }
+            let at = line.as_ptr() as usize - text.as_ptr() as usize;
             let line = trim(line);
             if line.is_empty() {
                 continue;
@@ -122,19 +128,27 @@ mod simple {
                 continue;
             }
             if line == "[[keys]]" {
-                if let Some(done) = current.take() {
-                    add(done)?;
+                if let Some((done, started)) = current.take() {
+                    add(done, started)?;
                 }
-                current = Some(Partial::default());
+                current = Some((Partial::default(), at));
                 continue;
             }
             let (name, value) = line.split_once('=')?;
-            current.as_mut()?.set(trim(name), trim(value))?;
+            current.as_mut()?.0.set(trim(name), trim(value))?;
         }
-        if let Some(done) = current {
-            add(done)?;
+        if let Some((done, started)) = current {
+            add(done, started)?;
         }
-        Some(keys)
+        Some(match first_error {
+            Some(error) => Err(error),
+            None => Ok(set),
+        })
+    }
+
+    /// TOML's whitespace: space and tab, nothing else.
+    fn trim(s: &str) -> &str {
+        s.trim_matches([' ', '\t'])
     }
 
     /// The fields read so far, borrowed from the file's text (which the caller zeroes).
@@ -241,14 +255,17 @@ where
 {
     fn into_key(self) -> Result<ApiKey, Error> {
         let id = self.id.as_ref();
-        let digest = match (&self.secret, &self.sha256) {
+        let key = match (&self.secret, &self.sha256) {
             (Some(secret), None) if secret.as_ref().is_empty() => {
                 return Err(Error::invalid(Some(id), "`secret` must not be empty"));
             }
-            (Some(secret), None) => KeyDigest::of(secret.as_ref().as_bytes()),
-            (None, Some(hex)) => KeyDigest::from_hex(hex.as_ref().trim()).ok_or_else(|| {
-                Error::invalid(Some(id), "`sha256` must be 64 hexadecimal digits")
-            })?,
+            (Some(secret), None) => ApiKey::new(id, secret.as_ref()),
+            (None, Some(hex)) => ApiKey::from_digest(
+                id.into(),
+                KeyDigest::from_hex(hex.as_ref().trim()).ok_or_else(|| {
+                    Error::invalid(Some(id), "`sha256` must be 64 hexadecimal digits")
+                })?,
+            ),
             (Some(_), Some(_)) => {
                 return Err(Error::invalid(
                     Some(id),
@@ -262,7 +279,7 @@ where
                 ));
             }
         };
-        let mut key = ApiKey::from_digest(id.into(), digest).with_disabled(self.disabled);
+        let mut key = key.with_disabled(self.disabled);
         if !self.scopes.is_empty() {
             key = key.with_scopes(self.scopes);
         }
@@ -324,6 +341,45 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// The line of `text` that holds byte `at`.
+fn line_at(text: &str, at: usize) -> &str {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    text.get(start..end).unwrap_or("")
+}
+
+/// A parser's message with every value from the file taken out: the field name
+/// (from `line`) and what was expected stay.
+fn without_values(message: &str, line: Option<&str>) -> String {
+    let message = message.trim_end();
+    let (field, value) = match line.and_then(|l| l.split_once('=')) {
+        Some((name, value)) => (Some(name.trim()), Some(value.trim())),
+        None => (None, None),
+    };
+    let field = field.filter(|f| {
+        !f.is_empty()
+            && f.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    });
+    for what in ["invalid type", "invalid value", "invalid length"] {
+        if let Some(rest) = message.strip_prefix(what) {
+            let expected = rest.rsplit_once("expected ").map(|(_, e)| e);
+            return match (field, expected) {
+                (Some(f), Some(e)) => format!("{what} for `{f}`: expected {e}"),
+                (None, Some(e)) => format!("{what}: expected {e}"),
+                (Some(f), None) => format!("{what} for `{f}`"),
+                (None, None) => what.to_owned(),
+            };
+        }
+    }
+    // Any other message should not quote a value; if it does, cut it out.
+    match value.map(|v| v.trim_matches(['"', '\''])) {
+        Some(v) if v.len() >= 4 && message.contains(v) => message.replace(v, "<redacted>"),
+        _ => message.to_owned(),
+    }
+}
+
 fn line_of(content: &[u8], offset: usize) -> usize {
     let offset = offset.min(content.len());
     content[..offset].iter().filter(|&&b| b == b'\n').count() + 1
@@ -381,14 +437,16 @@ sha256 = "{HASH}"
     fn fast_path_matches_the_general_parser() {
         let files = [
             format!("[[keys]]\nid = \"b\"\nsha256 = \"{HASH}\"\n"),
-            "# c\n[[keys]]\nid = \"a\"\nsecret = \"s3 c=r\tet\"\nscopes = [\"read\", \"admin\"]\n\
+            "# c\n[[keys]]\nid = \"a\"\nsecret = \"s3 c=r et\"\nscopes = [\"read\", \"admin\"]\n\
              tenant = \"t\"\nowner = \"o é\"\ndescription = \"d\"\ndisabled = true\n\
              not_before = 2026-11-01T00:00:00Z\nexpires_at = 2026-12-01T01:00:00.250+01:00\n\n\
              [[keys]]\nid = \"c\"\nsecret = \"x\"\nscopes = []\n"
                 .to_owned(),
         ];
         for file in files {
-            let fast = simple::parse(&file).expect("in the fast path's subset");
+            let fast = simple::parse(&file)
+                .expect("in the fast path's subset")
+                .unwrap();
             let slow = general(&file).map_err(|(e, _)| e).unwrap();
             assert_eq!(format!("{fast:?}"), format!("{slow:?}"));
             for (a, b) in fast.iter().zip(slow.iter()) {
@@ -407,13 +465,52 @@ sha256 = "{HASH}"
             "[[keys]]\nid = \"a\\u0041\"\nsecret = \"x\"",
             "[[keys]]\nid = \"a\"\nid = \"b\"\nsecret = \"x\"",
             "[[keys]]\nid = \"a\"\nsecret = \"x\"\nextra = \"y\"",
-            "[[keys]]\nid = \"a\"\nsecret = \"x\"\n[[keys]]\nid = \"a\"\nsecret = \"y\"",
-            "[[keys]]\nid = \"a\"\nsecret = \"x\"\nexpires_at = 2026-12-01T00:00:00",
             "[[keys]]\nsecret = \"x\"",
             "id = \"a\"",
         ] {
             assert!(simple::parse(file).is_none(), "{file:?}");
         }
+    }
+
+    #[test]
+    fn fast_path_refuses_as_the_general_parser_does() {
+        let files = [
+            "[[keys]]\nid = \"a\"\nsecret = \"x\"\n[[keys]]\nid = \"a\"\nsecret = \"y\"\n",
+            "[[keys]]\nid = \"a\"\nsecret = \"x\"\n\n[[keys]]\nid = \"b\"\nsecret = \"x\"\n",
+            "[[keys]]\nid = \"a\"\nsha256 = \"zz\"\n",
+            "[[keys]]\nid = \"a\"\nsecret = \" padded\"\n",
+            "[[keys]]\nid = \"a\"\nsecret = \"x\"\nnot_before = 2026-12-01T00:00:00Z\nexpires_at = 2026-11-01T00:00:00Z\n",
+            "# ok\n[[keys]]\nid = \"a\"\nsecret = \"x\"\n[[keys]]\nid = \"a\u{202e}b\"\nsecret = \"y\"\n",
+        ];
+        for file in files {
+            let (fast, fast_at) = simple::parse(file).expect("in the subset").unwrap_err();
+            let (slow, slow_at) = general(file).unwrap_err();
+            assert_eq!(fast.to_string(), slow.to_string(), "{file:?}");
+            let line = |at: Option<usize>| at.map(|at| line_of(file.as_bytes(), at));
+            assert_eq!(line(fast_at), line(slow_at), "{file:?}");
+        }
+    }
+
+    #[test]
+    fn what_toml_refuses_is_refused_not_read_as_comments() {
+        for content in [
+            "# note\r[[keys]]\rid = \"a\"\rsecret = \"x\"\r",
+            "[[keys]]\nid = \"a\"\nsecret = \"x\"\n# note\rdisabled = true\n",
+            "[[keys]]\nid = \"a\"\nsecret = \"x\"\n# bell\u{7}\n",
+            "\u{c}[[keys]]\nid = \"a\"\nsecret = \"x\"\n",
+        ] {
+            assert!(simple::parse(content).is_none(), "{content:?}");
+            assert!(
+                parse(Path::new("k"), content.as_bytes()).is_err(),
+                "{content:?}"
+            );
+        }
+        // CRLF is a TOML line ending: read as LF is.
+        let crlf = "[[keys]]\r\nid = \"a\"\r\nsecret = \"x\"\r\ndisabled = true\r\n";
+        let set = simple::parse(crlf)
+            .expect("in the fast path's subset")
+            .unwrap();
+        assert!(set.get("a").unwrap().is_disabled());
     }
 
     #[test]
@@ -476,6 +573,54 @@ sha256 = "{HASH}"
                 "{message:?} should contain {expected:?}"
             );
             assert!(!message.contains("p4ss"), "{message:?} leaks a secret");
+        }
+    }
+
+    #[test]
+    fn a_secret_in_a_wrongly_typed_field_is_never_quoted() {
+        let cases = [
+            (
+                "[[keys]]\nid = 'a'\nsecret = 98765432101234\n",
+                "98765432101234",
+                "`secret`: expected a string",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 9876.54321\n",
+                "9876.54321",
+                "`secret`: expected a string",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'x'\ndisabled = \"p4ssw0rd-secret\"\n",
+                "p4ssw0rd",
+                "`disabled`: expected a boolean",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'x'\nscopes = \"p4ssw0rd-secret\"\n",
+                "p4ssw0rd",
+                "`scopes`: expected a sequence",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'x'\nexpires_at = 'p4ssw0rd-secret'\n",
+                "p4ssw0rd",
+                "`expires_at`: expected a TOML datetime",
+            ),
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'x'\ndisabled = 12345678\n",
+                "12345678",
+                "`disabled`",
+            ),
+        ];
+        for (content, secret, expected) in cases {
+            let message = err(content);
+            assert!(!message.contains(secret), "{message:?} leaks {secret}");
+            assert!(
+                message.contains(expected),
+                "{message:?} should say {expected:?}"
+            );
+            assert!(
+                message.starts_with("keys.toml:"),
+                "{message:?} names the line"
+            );
         }
     }
 
