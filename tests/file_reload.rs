@@ -204,15 +204,16 @@ async fn a_zero_byte_file_is_a_write_in_progress() {
     let mut f = fixture(false, plain_file).await;
     let before = f.store.last_reload().unwrap();
     fs::write(&f.path, "").unwrap();
-    // Several poll periods: nothing may happen.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Within a poll period: a write in progress, nothing happens.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(f.store.last_reload().unwrap().at(), before.at());
+    // Still empty a poll interval later: said once, and the last good keys stay.
+    tokio::time::sleep(Duration::from_millis(450)).await;
     let after = f.store.last_reload().unwrap();
-    assert!(after.is_applied());
-    assert_eq!(
-        after.at(),
-        before.at(),
-        "an empty file must not count as a reload"
-    );
+    let error = after.error().expect("reported").to_string();
+    assert!(error.contains("empty"), "{error}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(f.store.last_reload().unwrap().at(), after.at(), "once, not per poll");
     assert_eq!(f.status("old-key").await, 200);
     fs::write(&f.path, toml(&[("new", "new-key")])).unwrap();
     f.applied("the content after the truncation").await;

@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
+use notify::{
+    EventKind, RecommendedWatcher, RecursiveMode, Watcher as _,
+    event::{AccessKind, AccessMode, ModifyKind},
+};
 
 use super::read::{FileBytes, Fingerprint};
 use crate::{Error, KeySet, KeyUpdater};
@@ -55,6 +58,8 @@ pub(crate) fn spawn_with(
         updater,
         last_seen: loaded,
         last_error: None,
+        writing: None,
+        empty: None,
         tx,
     };
     // Watch before returning, so that a change made right after the source is added
@@ -91,57 +96,103 @@ struct Watch {
     last_seen: Option<Fingerprint>,
     /// The last read error reported, so a missing file is reported once, not per poll.
     last_error: Option<io::ErrorKind>,
+    /// Since when the file has been written in place without the writer closing it:
+    /// its content is not read until the writer is done.
+    writing: Option<Instant>,
+    /// Since when the file has been empty, and whether that has been reported.
+    empty: Option<(Instant, bool)>,
     /// Where the file-system watcher sends its signals.
     tx: mpsc::Sender<Signal>,
 }
 
 enum Signal {
+    /// The file was replaced whole (renamed over, deleted, created through a symlink
+    /// swap) or a writer closed it: its content is complete.
     Changed,
+    /// The file was written in place (or created) and the writer may still be at it.
+    Writing,
     WatcherFailed,
     /// The store is gone.
     Closed,
 }
 
+/// What a burst of signals came to.
+#[derive(Default)]
+struct Burst {
+    closed: bool,
+    watcher_failed: bool,
+    /// Whether the file's last news is a write not yet closed.
+    writing: bool,
+}
+
 impl Watch {
     fn run(&mut self, rx: &mpsc::Receiver<Signal>, mut watcher: Option<RecommendedWatcher>) {
         loop {
-            let signal = match rx.recv_timeout(self.options.poll) {
+            // While a write is open, look again soon: the writer may never say it is done.
+            let wait = match self.writing {
+                Some(_) => self.options.debounce.max(Duration::from_millis(50)),
+                None => self.options.poll,
+            };
+            let burst = match rx.recv_timeout(wait) {
                 Ok(signal) => Some(self.settle(rx, signal)),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
             };
-            if matches!(signal, Some(Signal::Closed)) || self.updater.is_closed() {
+            if burst.as_ref().is_some_and(|b| b.closed) || self.updater.is_closed() {
                 return;
             }
             // A failed watcher (or one that could not start, say because the directory
             // did not exist yet) is rebuilt; meanwhile the poll keeps us going.
             if self.options.events
-                && (watcher.is_none() || matches!(signal, Some(Signal::WatcherFailed)))
+                && (watcher.is_none() || burst.as_ref().is_some_and(|b| b.watcher_failed))
             {
                 watcher = self.watcher();
             }
-            self.check();
+            match burst {
+                // Written in place, not closed yet: never read a prefix mid-write.
+                Some(Burst { writing: true, .. }) => {
+                    self.writing.get_or_insert_with(Instant::now);
+                }
+                // Complete: replaced whole, or closed by its writer.
+                Some(_) => {
+                    self.writing = None;
+                    self.check(false);
+                }
+                // A poll, or a write left open past the poll interval (or 2 s): read
+                // it once two reads a debounce apart agree.
+                None => match self.writing {
+                    Some(since)
+                        if since.elapsed() < self.options.poll.max(Duration::from_secs(2)) => {}
+                    _ => {
+                        self.writing = None;
+                        self.check(true);
+                    }
+                },
+            }
         }
     }
 
-    /// Waits until events stop arriving for the debounce period (at most ten periods).
-    fn settle(&self, rx: &mpsc::Receiver<Signal>, first: Signal) -> Signal {
-        if matches!(first, Signal::Closed) {
-            return first;
-        }
+    /// Waits until signals stop arriving for the debounce period (at most ten
+    /// periods), and sums them up.
+    fn settle(&self, rx: &mpsc::Receiver<Signal>, first: Signal) -> Burst {
         let deadline = Instant::now() + self.options.debounce * 10;
-        let mut signal = first;
-        while let Ok(next) = rx.recv_timeout(self.options.debounce) {
-            if matches!(next, Signal::Closed) {
-                return next;
-            }
-            if matches!(next, Signal::WatcherFailed) {
-                signal = next;
+        let mut burst = Burst::default();
+        let mut next = Some(first);
+        while let Some(signal) = next {
+            match signal {
+                Signal::Closed => {
+                    burst.closed = true;
+                    return burst;
+                }
+                Signal::WatcherFailed => burst.watcher_failed = true,
+                Signal::Changed => burst.writing = false,
+                Signal::Writing => burst.writing = true,
             }
             if Instant::now() >= deadline {
                 break;
             }
+            next = rx.recv_timeout(self.options.debounce).ok();
         }
-        signal
+        burst
     }
 
     /// Watches the file's directory: renames over the file, Kubernetes `..data` swaps
@@ -157,17 +208,38 @@ impl Watch {
         let handler = move |event: notify::Result<notify::Event>| {
             let signal = match event {
                 Ok(event) => {
-                    let relevant = event.need_rescan()
+                    let ours = event
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name() == file_name.as_deref());
+                    let data = event
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name() == Some("..data".as_ref()));
+                    if event.need_rescan()
                         || event.paths.is_empty()
                         || matches!(event.kind, EventKind::Other)
-                        || event.paths.iter().any(|p| {
-                            let name = p.file_name();
-                            name == file_name.as_deref() || name == Some("..data".as_ref())
-                        });
-                    if !relevant || matches!(event.kind, EventKind::Access(_)) {
+                    {
+                        Signal::Changed
+                    } else if !(ours || data) {
                         return;
+                    } else {
+                        match event.kind {
+                            // The writer closed the file: what it wrote is complete.
+                            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                                Signal::Changed
+                            }
+                            EventKind::Access(_) => return,
+                            // Written in place, or created: more may follow.
+                            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any)
+                            | EventKind::Create(_)
+                                if ours =>
+                            {
+                                Signal::Writing
+                            }
+                            _ => Signal::Changed,
+                        }
                     }
-                    Signal::Changed
                 }
                 Err(_) => Signal::WatcherFailed,
             };
@@ -178,10 +250,70 @@ impl Watch {
         Some(watcher)
     }
 
-    /// Re-reads the file and publishes it if its content changed.
-    fn check(&mut self) {
-        let bytes = match FileBytes::read(&self.path, self.options.max_size) {
-            Ok(bytes) => bytes,
+    /// Re-reads the file and publishes it if its content changed. With `twice`, new
+    /// content is applied only if a second read a debounce later finds the same.
+    fn check(&mut self, twice: bool) {
+        let Some(bytes) = self.read() else {
+            return;
+        };
+        if bytes.is_empty() {
+            // A write in progress (truncate, then write): wait for the content, and
+            // say so once if the file is still empty a poll interval later.
+            match self.empty {
+                None => self.empty = Some((Instant::now(), false)),
+                Some((since, false)) if since.elapsed() >= self.options.poll => {
+                    self.empty = Some((since, true));
+                    self.updater.reject(
+                        Error::Parse {
+                            reason: "the key file has been empty for a poll interval; \
+                                     keeping the last good keys (write at least `keys = []`)"
+                                .into(),
+                        }
+                        .in_file(&self.path, None),
+                    );
+                }
+                Some(_) => {}
+            }
+            return;
+        }
+        self.empty = None;
+        let fingerprint = bytes.fingerprint();
+        if self.last_seen == Some(fingerprint) {
+            return;
+        }
+        if twice {
+            drop(bytes);
+            std::thread::sleep(self.options.debounce);
+            let Some(again) = self.read() else {
+                return;
+            };
+            if again.fingerprint() != fingerprint {
+                // Still being written: look again soon.
+                self.writing = Some(Instant::now());
+                return;
+            }
+            return self.apply(&again, fingerprint);
+        }
+        self.apply(&bytes, fingerprint);
+    }
+
+    fn apply(&mut self, bytes: &[u8], fingerprint: Fingerprint) {
+        self.last_seen = Some(fingerprint);
+        match (self.parse)(&self.path, bytes) {
+            // A refused publish (a conflict with another source) is recorded by the
+            // store itself.
+            Ok(set) => drop(self.updater.publish(set)),
+            Err(error) => drop(self.updater.reject(error)),
+        }
+    }
+
+    /// Reads the file; a failure is reported once per kind, and `None`.
+    fn read(&mut self) -> Option<FileBytes> {
+        match FileBytes::read(&self.path, self.options.max_size) {
+            Ok(bytes) => {
+                self.last_error = None;
+                Some(bytes)
+            }
             Err(error) => {
                 if self.last_error != Some(error.kind()) {
                     self.last_error = Some(error.kind());
@@ -190,24 +322,8 @@ impl Watch {
                     self.last_seen = None;
                     self.updater.reject(Error::io(&self.path, error));
                 }
-                return;
+                None
             }
-        };
-        self.last_error = None;
-        if bytes.is_empty() {
-            // A write in progress (truncate, then write): wait for the content.
-            return;
-        }
-        let hash = bytes.fingerprint();
-        if self.last_seen == Some(hash) {
-            return;
-        }
-        self.last_seen = Some(hash);
-        match (self.parse)(&self.path, &bytes) {
-            // A refused publish (a conflict with another source) is recorded by the
-            // store itself.
-            Ok(set) => drop(self.updater.publish(set)),
-            Err(error) => drop(self.updater.reject(error)),
         }
     }
 }
