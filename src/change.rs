@@ -71,6 +71,7 @@ pub(crate) struct Source<'a> {
 }
 
 /// What an update asks for.
+#[derive(Clone, Copy)]
 pub(crate) enum Update<'a> {
     /// The source's complete new set: what it lacks is removed.
     Set(&'a KeySet),

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicU64};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::{ReloadReport, snapshot::Snapshot};
+use crate::{KeySet, ReloadReport, snapshot::Snapshot};
 
 pub(crate) struct Shared {
     /// The live version, loaded once per request.
@@ -27,6 +27,9 @@ pub(crate) struct Writer {
     /// The store's sources, by index: their names and how many keys each has.
     pub(crate) sources: Vec<Arc<str>>,
     pub(crate) counts: Vec<usize>,
+    /// A complete set each source published that was refused for a key or id another
+    /// source held: tried again after every change.
+    pub(crate) pending: Vec<Option<KeySet>>,
 }
 
 impl Shared {

@@ -98,6 +98,7 @@ impl KeyStore {
             let mut writer = self.shared.lock();
             writer.sources.push(name.clone());
             writer.counts.push(0);
+            writer.pending.push(None);
             u16::try_from(writer.sources.len() - 1).expect("at most 65,536 sources per store")
         };
         let updater = KeyUpdater::new(Arc::downgrade(&self.shared), index, name);
@@ -251,6 +252,7 @@ impl KeyStore {
         let mut writer = self.shared.lock();
         writer.sources.push(name.into());
         writer.counts.push(0);
+        writer.pending.push(None);
         let index = u16::try_from(writer.sources.len() - 1).unwrap_or(u16::MAX);
         KeyUpdater::new(Arc::downgrade(&self.shared), index, name.into())
     }
@@ -475,6 +477,34 @@ mod tests {
             assert_eq!((id.as_str(), other_id.as_str()), (first, "y"));
         }
         assert_eq!(store.len(), 3, "nothing of the refused sets was applied");
+    }
+
+    #[test]
+    fn a_set_refused_for_another_source_s_key_is_applied_once_that_key_goes() {
+        let store = KeyStore::new();
+        let (first, first_publisher) = ChannelSource::new(set(&[("shared", "k-1")]));
+        store.add_source(first.with_name("first")).unwrap();
+        let (second, second_publisher) = ChannelSource::new(set(&[("shared", "k-2")]));
+        // At start-up: refused, and waiting.
+        let err = store.add_source(second.with_name("second")).unwrap_err();
+        assert!(matches!(err, Error::Conflict { .. }), "{err}");
+        assert!(store.verify("k-2").is_err());
+        // The first source lets go of the id: the second's set applies, unasked.
+        first_publisher.publish(set(&[("other", "k-3")])).unwrap();
+        assert_eq!(store.verify("k-2").unwrap().source(), "second");
+        assert_eq!(store.last_reload().unwrap().source(), "second");
+        // Refused again later, then superseded by a newer set of its own: the stale
+        // one is never applied.
+        first_publisher
+            .publish(set(&[("other", "k-3"), ("late", "k-4")]))
+            .unwrap();
+        second_publisher
+            .publish(set(&[("mine", "k-4")]))
+            .unwrap_err();
+        second_publisher.publish(set(&[("mine", "k-5")])).unwrap();
+        first_publisher.publish(set(&[("other", "k-3")])).unwrap();
+        assert_eq!(store.verify("k-5").unwrap().id(), "mine");
+        assert!(store.verify("k-4").is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::{
     Error, KeyChange, KeySet, ReloadReport,
     change::{self, Source, Update},
     clock,
-    shared::Shared,
+    shared::{Shared, Writer},
     snapshot::{Carried, Snapshot},
 };
 
@@ -83,43 +83,32 @@ impl KeyUpdater {
     fn update(&self, update: Update<'_>) -> Result<ReloadReport, Error> {
         let shared = self.shared.upgrade().ok_or(Error::StoreClosed)?;
         let mut writer = shared.lock();
-        let old = shared.current.load_full();
         let index = usize::from(self.source);
-        let source = Source {
-            index: self.source,
-            name: &self.name,
-            names: &writer.sources,
-            count: writer.counts.get(index).copied().unwrap_or(0),
-        };
-        let now = clock::exact_now_ms();
-        let notice = shared.expiry_notice.load(Ordering::Relaxed);
-        let (edit, diff) =
-            match change::plan(&old, &source, update, (now, now.saturating_add(notice))) {
-                Ok(plan) => plan,
-                Err(error) => {
-                    let report = ReloadReport::rejected(self.name.clone(), error.clone());
-                    shared.reloads.send_replace(Some(report.clone()));
-                    drop(writer);
-                    crate::log::rejected(&report);
-                    return Err(error);
-                }
-            };
-        let (mut next, carried) = old.edited(edit);
-        next.version = old.version + 1;
-        if let Some(count) = writer.counts.get_mut(index) {
-            *count = count
-                .saturating_add(diff.added.len())
-                .saturating_sub(diff.removed.len());
+        let result = make(&shared, &mut writer, self.source, update);
+        let mut reports = vec![match &result {
+            Ok(report) => report.clone(),
+            Err(error) => ReloadReport::rejected(self.name.clone(), error.clone()),
+        }];
+        match (&result, update) {
+            (Ok(_), _) => {
+                // A newer state of this source: what it had waiting is stale.
+                writer.pending[index] = None;
+                retry_pending(&shared, &mut writer, &mut reports);
+            }
+            // Refused for a key another source holds: tried again once that changes.
+            (Err(Error::Conflict { .. }), Update::Set(set)) => {
+                writer.pending[index] = Some(set.clone());
+            }
+            (Err(_), _) => {}
         }
-        let next = Arc::new(next);
-        drop(old);
-        let replaced = shared.current.swap(next.clone());
-        settle(replaced, &next, carried);
-        let report = ReloadReport::applied(self.name.clone(), next.version, diff);
-        shared.reloads.send_replace(Some(report.clone()));
         drop(writer);
-        crate::log::applied(&report);
-        Ok(report)
+        for report in &reports {
+            match report.is_applied() {
+                true => crate::log::applied(report),
+                false => crate::log::rejected(report),
+            }
+        }
+        result
     }
 
     /// Records a failed reload attempt (a key file that does not parse, say) without
@@ -128,7 +117,11 @@ impl KeyUpdater {
     pub fn reject(&self, error: Error) -> ReloadReport {
         let report = ReloadReport::rejected(self.name.clone(), error);
         if let Some(shared) = self.shared.upgrade() {
-            let writer = shared.lock();
+            let mut writer = shared.lock();
+            // The source's newer state is this failure: a set it had waiting is stale.
+            if let Some(pending) = writer.pending.get_mut(usize::from(self.source)) {
+                *pending = None;
+            }
             shared.reloads.send_replace(Some(report.clone()));
             drop(writer);
         }
@@ -163,6 +156,75 @@ impl KeyUpdater {
     /// The name of the source this updater publishes for.
     pub fn source_name(&self) -> &str {
         &self.name
+    }
+}
+
+/// Makes the next version from `update` of source `index`, while the writer is held:
+/// plans it against the live version, swaps it in, and publishes the report (or the
+/// refusal), so that reports go out in the order versions go live.
+fn make(
+    shared: &Shared,
+    writer: &mut Writer,
+    index: u16,
+    update: Update<'_>,
+) -> Result<ReloadReport, Error> {
+    let old = shared.current.load_full();
+    let at = usize::from(index);
+    let name = writer.sources[at].clone();
+    let source = Source {
+        index,
+        name: &name,
+        names: &writer.sources,
+        count: writer.counts[at],
+    };
+    let now = clock::exact_now_ms();
+    let notice = shared.expiry_notice.load(Ordering::Relaxed);
+    let (edit, diff) = match change::plan(&old, &source, update, (now, now.saturating_add(notice)))
+    {
+        Ok(plan) => plan,
+        Err(error) => {
+            let report = ReloadReport::rejected(name, error.clone());
+            shared.reloads.send_replace(Some(report));
+            return Err(error);
+        }
+    };
+    let (mut next, carried) = old.edited(edit);
+    next.version = old.version + 1;
+    writer.counts[at] = writer.counts[at]
+        .saturating_add(diff.added.len())
+        .saturating_sub(diff.removed.len());
+    let next = Arc::new(next);
+    drop(old);
+    let replaced = shared.current.swap(next.clone());
+    settle(replaced, &next, carried);
+    let report = ReloadReport::applied(name, next.version, diff);
+    shared.reloads.send_replace(Some(report.clone()));
+    Ok(report)
+}
+
+/// Applies the sets other sources had refused for a conflict, now that the keys
+/// changed: a store converges to what its sources hold without anyone editing a
+/// file again. Each success can free another, so this runs until none moves.
+fn retry_pending(shared: &Shared, writer: &mut Writer, reports: &mut Vec<ReloadReport>) {
+    loop {
+        let mut moved = false;
+        for at in 0..writer.pending.len() {
+            let Some(set) = writer.pending[at].take() else {
+                continue;
+            };
+            let index = u16::try_from(at).unwrap_or(u16::MAX);
+            match make(shared, writer, index, Update::Set(&set)) {
+                Ok(report) => {
+                    reports.push(report);
+                    moved = true;
+                }
+                // Still held elsewhere: keep waiting, quietly (it was reported once).
+                Err(_) => writer.pending[at] = Some(set),
+            }
+        }
+        if !moved {
+            return;
+        }
     }
 }
 

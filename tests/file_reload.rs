@@ -213,7 +213,11 @@ async fn a_zero_byte_file_is_a_write_in_progress() {
     let error = after.error().expect("reported").to_string();
     assert!(error.contains("empty"), "{error}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(f.store.last_reload().unwrap().at(), after.at(), "once, not per poll");
+    assert_eq!(
+        f.store.last_reload().unwrap().at(),
+        after.at(),
+        "once, not per poll"
+    );
     assert_eq!(f.status("old-key").await, 200);
     fs::write(&f.path, toml(&[("new", "new-key")])).unwrap();
     f.applied("the content after the truncation").await;
@@ -283,4 +287,37 @@ async fn usage_survives_a_reload_for_ids_that_stay() {
     assert_eq!(f.status("new-key").await, 200);
     let count = |id: &str| f.store.usage_of(id).unwrap().requests();
     assert_eq!((count("old"), count("new")), (3, 1));
+}
+
+#[tokio::test]
+async fn a_file_refused_for_a_channel_s_key_applies_once_the_channel_lets_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    fs::write(
+        &path,
+        toml(&[("from-file", "file-key"), ("both", "both-key")]),
+    )
+    .unwrap();
+    let (channel, publisher) = tower_api_key::ChannelSource::new(
+        tower_api_key::KeySet::from_keys([tower_api_key::ApiKey::new("both", "channel-key")])
+            .unwrap(),
+    );
+    let store = KeyStore::new();
+    store.add_source(channel).unwrap();
+    // At start-up the file claims an id the channel holds: refused.
+    assert!(
+        store
+            .add_source(FileSource::new(&path).with_poll_interval(Duration::from_secs(60)))
+            .is_err()
+    );
+    let addr = serve(app(ApiKeyLayer::from_store(store.clone()))).await;
+    assert_eq!(get_with(addr, "/", Some("file-key")).await.0, 401);
+    // The channel drops the key: the file, unedited, is applied.
+    publisher.publish(tower_api_key::KeySet::new()).unwrap();
+    let (status, body) = get_with(addr, "/", Some("file-key")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, format!("from-file@file:{}", path.display()).as_str())
+    );
+    assert_eq!(get_with(addr, "/", Some("both-key")).await.0, 200);
 }
