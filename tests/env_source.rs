@@ -99,3 +99,55 @@ fn an_unset_variable_is_an_error_naming_it() {
     let layer = ApiKeyLayer::new(EnvSource::new(VAR));
     assert!(layer.store().is_empty());
 }
+
+/// An `EnvSource` whose `NAME_FILE` is rewritten after its load and before its
+/// watcher starts: the rewrite must not count as already loaded.
+struct ChangedBeforeWatch {
+    inner: EnvSource,
+    path: std::path::PathBuf,
+}
+
+impl tower_api_key::KeySource for ChangedBeforeWatch {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    fn load(&mut self) -> Result<tower_api_key::KeySet, tower_api_key::Error> {
+        self.inner.load()
+    }
+
+    fn watch(self: Box<Self>, updater: tower_api_key::KeyUpdater) {
+        fs::write(&self.path, "second=k-second").unwrap();
+        Box::new(self.inner).watch(updater);
+    }
+}
+
+#[test]
+fn a_name_file_changed_between_load_and_watch_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys");
+    if !in_child() {
+        fs::write(&path, "first=k-first").unwrap();
+        let file_var = format!("{VAR}_FILE");
+        return child(
+            "a_name_file_changed_between_load_and_watch_is_applied",
+            &[(&file_var, path.to_str().unwrap())],
+        );
+    }
+    let path = std::path::PathBuf::from(std::env::var_os(format!("{VAR}_FILE")).unwrap());
+    let layer = ApiKeyLayer::try_new(ChangedBeforeWatch {
+        inner: EnvSource::new(VAR),
+        path,
+    })
+    .unwrap();
+    let store = layer.store();
+    let start = std::time::Instant::now();
+    while store.verify("k-second").is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the change made before the watch was never applied"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(store.verify("k-first").is_err());
+}

@@ -127,6 +127,8 @@ struct Burst {
 
 impl Watch {
     fn run(&mut self, rx: &mpsc::Receiver<Signal>, mut watcher: Option<RecommendedWatcher>) {
+        // A change made between the load and the watch sent its events to nobody.
+        self.check(true);
         loop {
             // While a write is open, look again soon: the writer may never say it is done.
             let wait = match self.writing {
