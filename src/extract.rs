@@ -228,3 +228,48 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// Any header bytes: an answer, never a panic; a key that is read is a trimmed,
+        /// non-empty part of some value of a location.
+        #[test]
+        fn any_header_bytes(
+            values in prop::collection::vec(
+                (0..3u8, prop::collection::vec(any::<u8>(), 0..48)),
+                0..4,
+            )
+        ) {
+            let mut map = HeaderMap::new();
+            for (which, bytes) in &values {
+                let name = match which {
+                    0 => AUTHORIZATION,
+                    1 => HeaderName::from_static("x-api-key"),
+                    _ => HeaderName::from_static("x-other"),
+                };
+                if let Ok(value) = HeaderValue::from_bytes(bytes) {
+                    map.append(name, value);
+                }
+            }
+            if let Ok(key) = presented_key(&map, &default_locations()) {
+                prop_assert!(!key.is_empty());
+                prop_assert_eq!(key, key.trim_ascii());
+                let found = map
+                    .iter()
+                    .filter(|(n, _)| *n == AUTHORIZATION || n.as_str() == "x-api-key")
+                    .any(|(_, v)| v.as_bytes().windows(key.len()).any(|w| w == key));
+                prop_assert!(found);
+            }
+            strip(&mut map, &default_locations());
+            prop_assert!(!map.contains_key("x-api-key"));
+            prop_assert!(map.get_all(AUTHORIZATION).iter().all(|v| bearer_token(v.as_bytes()).is_none()));
+        }
+    }
+}

@@ -649,3 +649,99 @@ sha256 = "{HASH}"
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A value as a key file might hold it, plain or not.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9_-]{1,12}".prop_map(|s| format!("\"{s}\"")),
+            "[a-z ]{0,6}".prop_map(|s| format!("\"{s}\"")),
+            "[a-z]{1,6}".prop_map(|s| format!("'{s}'")),
+            Just("\"a\\u0041\"".to_owned()),
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+            Just("[\"read\", \"admin\"]".to_owned()),
+            Just("[]".to_owned()),
+            Just("2026-11-01T00:00:00Z".to_owned()),
+            Just("2026-12-01T01:00:00.250+01:00".to_owned()),
+            Just("2026-12-01T00:00:00".to_owned()),
+            Just("12345678".to_owned()),
+            Just("\"4e738ca5563c06cfd0018299933d58db1dd8bf97f6973dc99bf6cdc64b5550bd\"".to_owned()),
+        ]
+    }
+
+    fn field() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            Just("id"),
+            Just("secret"),
+            Just("sha256"),
+            Just("scopes"),
+            Just("tenant"),
+            Just("owner"),
+            Just("description"),
+            Just("not_before"),
+            Just("expires_at"),
+            Just("disabled"),
+            Just("extra"),
+        ]
+    }
+
+    /// A line of a key file: mostly what the documented style writes, sometimes not.
+    fn line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (field(), value()).prop_map(|(f, v)| format!("{f} = {v}")),
+            2 => Just("[[keys]]".to_owned()),
+            1 => "[ \t]{0,2}# [a-z]{0,5}".prop_map(|s| s),
+            1 => Just(String::new()),
+            1 => (field(), value()).prop_map(|(f, v)| format!(" \t{f}={v}\t")),
+            1 => Just("keys = []".to_owned()),
+            1 => Just("[[keys]] # c".to_owned()),
+        ]
+    }
+
+    fn file() -> impl Strategy<Value = String> {
+        (
+            prop::collection::vec(line(), 0..16),
+            prop_oneof![Just("\n"), Just("\r\n"), Just("\r")],
+        )
+            .prop_map(|(lines, end)| lines.join(end))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// Whatever the fast path takes, it reads as the general parser does: the
+        /// same keys, or the same refusal on the same line.
+        #[test]
+        fn the_fast_path_agrees_with_the_general_parser(text in file()) {
+            if let Some(fast) = simple::parse(&text) {
+                let slow = general(&text);
+                match (fast, slow) {
+                    (Ok(fast), Ok(slow)) => {
+                        prop_assert_eq!(format!("{fast:?}"), format!("{slow:?}"));
+                        for (a, b) in fast.iter().zip(slow.iter()) {
+                            prop_assert!(a.digest == b.digest);
+                            prop_assert_eq!(format!("{a:?}"), format!("{b:?}"));
+                        }
+                    }
+                    (Err((fe, fa)), Err((se, sa))) => {
+                        prop_assert_eq!(fe.to_string(), se.to_string());
+                        let line = |at: Option<usize>| at.map(|at| line_of(text.as_bytes(), at));
+                        prop_assert_eq!(line(fa), line(sa));
+                    }
+                    (fast, slow) => prop_assert!(false, "fast {:?} vs general {:?}", fast.map(|s| s.len()), slow.map(|s| s.len())),
+                }
+            }
+        }
+
+        /// Any bytes: an answer, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(Path::new("k"), &bytes);
+        }
+    }
+}
