@@ -150,6 +150,10 @@ fn pieces(c: &mut Criterion) {
             state
         })
     });
+    let generated = tower_api_key::generate("tak").unwrap();
+    g.bench_function("has_valid_checksum", |b| {
+        b.iter(|| tower_api_key::has_valid_checksum(black_box(generated.secret())))
+    });
     let swap = ArcSwap::from_pointee(7u64);
     g.bench_function("arc_swap_load", |b| b.iter(|| **black_box(&swap).load()));
     let siphash: HashMap<[u8; 32], u64> = (0..1_000_000u64)

@@ -74,7 +74,7 @@ pub fn generate(prefix: &str) -> Result<GeneratedKey, Error> {
         }
     }
     let checksum = checksum(secret.as_bytes());
-    secret.push_str(&checksum);
+    secret.extend(checksum.iter().map(|&b| char::from(b)));
     Ok(GeneratedKey { secret })
 }
 
@@ -82,36 +82,41 @@ pub fn generate(prefix: &str) -> Result<GeneratedKey, Error> {
 /// correct checksum. Cheap: no hashing beyond a CRC-32.
 pub fn has_valid_checksum(key: impl AsRef<[u8]>) -> bool {
     let key = key.as_ref();
-    let Some(sep) = key.iter().rposition(|&b| b == b'_') else {
+    // `<prefix>_` + 30 random base62 + 6 checksum digits: the separator's place is
+    // fixed by the length.
+    let Some(sep) = key.len().checked_sub(RANDOM_CHARS + CHECKSUM_CHARS + 1) else {
         return false;
     };
-    let (prefix, body) = (&key[..sep], &key[sep + 1..]);
-    if prefix.is_empty() || body.len() != RANDOM_CHARS + CHECKSUM_CHARS {
-        return false;
-    }
-    if !body.iter().all(u8::is_ascii_alphanumeric) {
+    if sep == 0 || key[sep] != b'_' {
         return false;
     }
     let split = key.len() - CHECKSUM_CHARS;
-    checksum(&key[..split]).as_bytes() == &key[split..]
+    if !key[sep + 1..split].iter().all(u8::is_ascii_alphanumeric) {
+        return false;
+    }
+    // Decode the 6 digits rather than encode the CRC: multiplications, not divisions.
+    let mut given = 0u64;
+    for &c in &key[split..] {
+        let digit = match c {
+            b'0'..=b'9' => c - b'0',
+            b'A'..=b'Z' => c - b'A' + 10,
+            b'a'..=b'z' => c - b'a' + 36,
+            _ => return false,
+        };
+        given = given * 62 + u64::from(digit);
+    }
+    given == u64::from(crc32fast::hash(&key[..split]))
 }
 
 /// CRC-32 (IEEE) of `data` as 6 base62 digits, most significant first.
-fn checksum(data: &[u8]) -> String {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    let mut n = !crc;
+fn checksum(data: &[u8]) -> [u8; CHECKSUM_CHARS] {
+    let mut n = crc32fast::hash(data);
     let mut out = [b'0'; CHECKSUM_CHARS];
     for slot in out.iter_mut().rev() {
         *slot = BASE62[(n % 62) as usize];
         n /= 62;
     }
-    out.iter().map(|&b| char::from(b)).collect()
+    out
 }
 
 impl GeneratedKey {
@@ -166,7 +171,7 @@ mod tests {
             expected.insert(0, char::from(BASE62[(n % 62) as usize]));
             n /= 62;
         }
-        assert_eq!(checksum(b"123456789"), expected);
+        assert_eq!(checksum(b"123456789"), expected.as_bytes());
     }
 
     #[test]
