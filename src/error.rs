@@ -1,9 +1,14 @@
-use std::{fmt, io, path::PathBuf, sync::Arc};
+use std::{error::Error as StdError, fmt, io, path::PathBuf, sync::Arc};
 
 /// Errors from loading, validating and publishing key sets.
 ///
 /// No variant ever carries key material: errors name key **ids**, files, lines and
 /// environment variables, so they are safe to log and to show an operator.
+///
+/// As the standard library's errors do, `Display` describes this error alone and
+/// [`source`](std::error::Error::source) gives the error underneath (an I/O error, a
+/// custom source's own error): print the chain (`anyhow`'s `{:#}`, or walk
+/// `source()`) to see both. The crate's own logs print the chain.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Error {
@@ -68,8 +73,9 @@ pub enum Error {
     Source {
         /// The source's name.
         source: String,
-        /// Its message.
-        message: String,
+        /// Why: the source's own error, also given by
+        /// [`source()`](std::error::Error::source).
+        error: Arc<dyn StdError + Send + Sync>,
     },
     /// The store this update was meant for has been dropped.
     StoreClosed,
@@ -78,18 +84,30 @@ pub enum Error {
 }
 
 impl Error {
-    /// Builds an [`Error::Source`] for a user-written key source.
+    /// Builds an [`Error::Source`] for a user-written key source: `error` is a
+    /// message or the source's own error, which [`source()`](std::error::Error::source)
+    /// then returns.
     ///
     /// # Example
     ///
     /// ```
-    /// let err = tower_api_key::Error::custom("vault", "connection refused");
-    /// assert_eq!(err.to_string(), "key source `vault` failed: connection refused");
+    /// use std::error::Error as _;
+    ///
+    /// let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+    /// let err = tower_api_key::Error::custom("vault", io);
+    /// assert_eq!(err.to_string(), "key source `vault` failed");
+    /// assert_eq!(err.source().unwrap().to_string(), "connection refused");
+    ///
+    /// let err = tower_api_key::Error::custom("vault", "sealed");
+    /// assert_eq!(err.source().unwrap().to_string(), "sealed");
     /// ```
-    pub fn custom(source: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn custom(
+        source: impl Into<String>,
+        error: impl Into<Box<dyn StdError + Send + Sync>>,
+    ) -> Self {
         Self::Source {
             source: source.into(),
-            message: message.into(),
+            error: Arc::from(error.into()),
         }
     }
 
@@ -163,23 +181,58 @@ impl fmt::Display for Error {
                 line: None,
                 error,
             } => write!(f, "{}: {error}", path.display()),
-            Self::Io { path, error } => write!(f, "{}: {error}", path.display()),
+            Self::Io { path, .. } => write!(f, "cannot read {}", path.display()),
             Self::Env { var, reason } => write!(f, "environment variable {var}: {reason}"),
-            Self::Source { source, message } => {
-                write!(f, "key source `{source}` failed: {message}")
-            }
+            Self::Source { source, .. } => write!(f, "key source `{source}` failed"),
             Self::StoreClosed => f.write_str("the key store has been dropped"),
             Self::Random(message) => write!(f, "no randomness available: {message}"),
         }
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
-            Self::File { error, .. } => Some(error.as_ref()),
+            // A file error's `Display` already says what is wrong in the file: the
+            // located error is this crate's own, not a cause underneath it.
             Self::Io { error, .. } => Some(error.as_ref()),
+            Self::Source { error, .. } => Some(error.as_ref()),
             _ => None,
         }
+    }
+}
+
+/// Displays an error and every error under it: `a: b: c`.
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn StdError + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(error) = next {
+            write!(f, ": {error}")?;
+            next = error.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_leaves_the_source_to_source() {
+        let io = io::Error::new(io::ErrorKind::NotFound, "no such file");
+        let err = Error::io("keys.toml", io);
+        assert_eq!(err.to_string(), "cannot read keys.toml");
+        assert_eq!(err.source().unwrap().to_string(), "no such file");
+        assert_eq!(
+            Chain(&err).to_string(),
+            "cannot read keys.toml: no such file"
+        );
+        let located = Error::DuplicateId { id: "a".into() }.in_file("keys.toml", Some(4));
+        assert_eq!(located.to_string(), "keys.toml:4: duplicate key id `a`");
+        assert!(located.source().is_none(), "said once, in Display");
     }
 }

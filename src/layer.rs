@@ -141,8 +141,15 @@ impl<R: Clone> ApiKeyLayer<R> {
         self.with_key_locations([KeyLocation::Bearer])
     }
 
-    /// Reads the key only from the header `name` (e.g. `x-api-key`).
-    pub fn header_only(self, name: HeaderName) -> Self {
+    /// Reads the key only from the header `name` (e.g. `"x-api-key"`, any case, or a
+    /// [`HeaderName`]).
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not a valid header name, as [`HeaderName::from_static`] does: it
+    /// is a constant of the program, not input.
+    pub fn header_only(self, name: impl AsRef<str>) -> Self {
+        let name = HeaderName::try_from(name.as_ref()).expect("a valid header name");
         self.with_key_locations([KeyLocation::Header(name)])
     }
 

@@ -57,7 +57,7 @@ pub(crate) fn rejected(report: &ReloadReport) {
         tracing::warn!(
             target: "tower_api_key::reload",
             source = report.source(),
-            %error,
+            error = %crate::error::Chain(error),
             "api key reload refused; keeping the last good keys"
         );
     }

@@ -135,7 +135,7 @@ impl fmt::Debug for ReloadReport {
                 .field("removed", &c.diff.removed)
                 .field("kept", &c.diff.kept.len())
                 .field("expiring", &c.diff.expiring),
-            Err(e) => d.field("error", &format_args!("{e}")),
+            Err(e) => d.field("error", &format_args!("{}", crate::error::Chain(e))),
         };
         d.finish()
     }

@@ -90,7 +90,7 @@ async fn a_sparse_100_gib_file_is_refused_without_reading_it() {
         fs::File::create(tmp).unwrap().set_len(100 << 30).unwrap();
     });
     let report = s.refused("the huge file").await;
-    let error = report.error().unwrap().to_string();
+    let error = common::chain(report.error().unwrap());
     assert!(error.contains("size limit"), "{error}");
     assert_eq!(s.status("good-key").await, 200);
     s.recovers().await;
@@ -101,7 +101,7 @@ async fn a_symlink_to_dev_zero_is_refused_and_memory_stays_put() {
     let mut s = server(Duration::from_secs(60)).await;
     s.replace_with(|tmp| std::os::unix::fs::symlink("/dev/zero", tmp).unwrap());
     let report = s.refused("the symlink to /dev/zero").await;
-    let error = report.error().unwrap().to_string();
+    let error = common::chain(report.error().unwrap());
     assert!(error.contains("not a regular file"), "{error}");
     assert_eq!(s.status("good-key").await, 200);
     s.recovers().await;
@@ -118,13 +118,7 @@ async fn a_fifo_never_hangs_the_watcher() {
         assert!(made.success());
     });
     let report = s.refused("the FIFO").await;
-    assert!(
-        report
-            .error()
-            .unwrap()
-            .to_string()
-            .contains("not a regular file")
-    );
+    assert!(common::chain(report.error().unwrap()).contains("not a regular file"));
     assert_eq!(s.status("good-key").await, 200);
     // The watcher is still alive: a good file renamed over the FIFO is applied.
     s.recovers().await;
@@ -137,7 +131,7 @@ async fn a_directory_at_the_path_is_refused() {
     fs::create_dir(&s.path).unwrap();
     reload_where(&mut s.reloads, "the directory", |r| {
         r.error()
-            .is_some_and(|e| e.to_string().contains("not a regular file"))
+            .is_some_and(|e| common::chain(e).contains("not a regular file"))
     })
     .await;
     assert_eq!(s.status("good-key").await, 200);
@@ -202,7 +196,7 @@ async fn an_empty_file_is_reported_once_a_poll_interval_later() {
     fs::File::create(&s.path).unwrap();
     let report = s.refused("the empty file to be reported").await;
     assert!(
-        report.error().unwrap().to_string().contains("empty"),
+        common::chain(report.error().unwrap()).contains("empty"),
         "{report:?}"
     );
     assert!(s.store.last_reload().unwrap().error().is_some());
@@ -231,7 +225,7 @@ async fn keys_no_request_could_present_are_refused_with_a_clear_error() {
     for (bad, expected) in cases {
         s.replace_with(|tmp| fs::write(tmp, entry("good", "good-key") + &bad).unwrap());
         let report = s.refused(expected).await;
-        let error = report.error().unwrap().to_string();
+        let error = common::chain(report.error().unwrap());
         assert!(error.contains(expected), "{error}");
         assert!(
             error.contains("keys.toml:"),

@@ -246,7 +246,7 @@ async fn key_locations_and_hidden_credentials() {
         200
     );
 
-    let custom = ApiKeyLayer::new(keys()).header_only(http::HeaderName::from_static("x-token"));
+    let custom = ApiKeyLayer::new(keys()).header_only("X-Token");
     assert_eq!(
         call(&custom, &[("x-token", "plain-key")]).await.0.status(),
         200
@@ -371,4 +371,10 @@ fn the_service_and_future_are_send_and_sync() {
     assert_send_sync::<KeyInfo>();
     assert_send_sync::<Rejection>();
     assert_send_sync::<tower_api_key::Error>();
+}
+
+#[test]
+#[should_panic(expected = "a valid header name")]
+fn header_only_panics_on_an_invalid_name() {
+    let _ = ApiKeyLayer::new(keys()).header_only("not a header");
 }

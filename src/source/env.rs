@@ -38,6 +38,8 @@ pub struct EnvSource {
     /// The hash of the `NAME_FILE` content loaded, so the watcher applies any change
     /// made after it.
     loaded: Option<Fingerprint>,
+    /// Whether an unset variable is an empty set rather than an error.
+    optional: bool,
 }
 
 impl EnvSource {
@@ -47,6 +49,30 @@ impl EnvSource {
             var: var.into(),
             file: None,
             loaded: None,
+            optional: false,
+        }
+    }
+
+    /// Like [`EnvSource::new`], but a variable that is not set (nor its `NAME_FILE`)
+    /// is an empty set, not an error: the break-glass key that is normally absent.
+    /// A variable that is set but malformed is still an error.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_api_key::{ApiKey, EnvSource, KeySet, KeyStore};
+    ///
+    /// let store = KeyStore::new();
+    /// store.add_source(KeySet::from_keys([ApiKey::new("app", "s3cr3t")])?)?;
+    /// // BREAK_GLASS_KEY is unset: nothing to add, and no error.
+    /// store.add_source(EnvSource::optional("BREAK_GLASS_KEY"))?;
+    /// assert_eq!(store.len(), 1);
+    /// # Ok::<(), tower_api_key::Error>(())
+    /// ```
+    pub fn optional(var: impl Into<String>) -> Self {
+        Self {
+            optional: true,
+            ..Self::new(var)
         }
     }
 
@@ -111,6 +137,9 @@ impl KeySource for EnvSource {
             None => {
                 let file_var = format!("{}_FILE", self.var);
                 let Some(path) = env::var_os(&file_var) else {
+                    if self.optional {
+                        return Ok(KeySet::new());
+                    }
                     return Err(Error::Env {
                         var: self.var.clone(),
                         reason: format!("is not set (nor is {file_var})"),
@@ -158,6 +187,7 @@ impl fmt::Debug for EnvSource {
         f.debug_struct("EnvSource")
             .field("var", &self.var)
             .field("file", &self.file)
+            .field("optional", &self.optional)
             .finish()
     }
 }

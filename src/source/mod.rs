@@ -67,6 +67,66 @@ use crate::{ApiKey, Error, KeySet, KeyUpdater};
 /// let layer = ApiKeyLayer::new(DbSource);
 /// assert_eq!(layer.store().get("db-key").unwrap().source(), "database");
 /// ```
+///
+/// # A source that needs async I/O
+///
+/// A database client or an HTTP call is async; the trait is not, and need not be.
+/// Start with nothing (the store fails closed), and let [`watch`](KeySource::watch)
+/// spawn a task that fetches and publishes; wait for its first set with
+/// [`KeyStore::subscribe`](crate::KeyStore::subscribe) before serving, if you like:
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_api_key::{ApiKey, Error, KeySet, KeySource, KeyStore, KeyUpdater};
+///
+/// /// Stands for an async client: `async fn keys(&self) -> Result<Vec<(String, String)>, E>`.
+/// struct Db;
+///
+/// impl Db {
+///     async fn keys(&self) -> Result<Vec<(String, String)>, std::io::Error> {
+///         tokio::time::sleep(Duration::from_millis(5)).await;
+///         Ok(vec![("db-key".into(), "from-the-database".into())])
+///     }
+/// }
+///
+/// struct DbSource(Db);
+///
+/// impl KeySource for DbSource {
+///     fn name(&self) -> String {
+///         "database".into()
+///     }
+///
+///     fn load(&mut self) -> Result<KeySet, Error> {
+///         Ok(KeySet::new()) // the first fetch happens in `watch`
+///     }
+///
+///     fn watch(self: Box<Self>, updater: KeyUpdater) {
+///         tokio::spawn(async move {
+///             while !updater.is_closed() {
+///                 match self.0.keys().await {
+///                     Ok(rows) => {
+///                         let keys = rows.iter().map(|(id, secret)| ApiKey::new(&**id, secret));
+///                         match KeySet::from_keys(keys) {
+///                             Ok(set) => drop(updater.publish(set)),
+///                             Err(error) => drop(updater.reject(error)),
+///                         }
+///                     }
+///                     Err(error) => drop(updater.reject(Error::custom("database", error))),
+///                 }
+///                 tokio::time::sleep(Duration::from_secs(30)).await;
+///             }
+///         });
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Error> {
+/// let store = KeyStore::new();
+/// store.add_source(DbSource(Db))?; // from inside the runtime: `watch` spawns a task
+/// let mut reloads = store.subscribe();
+/// reloads.next().await;            // the first fetch is in
+/// assert_eq!(store.get("db-key").unwrap().source(), "database");
+/// # Ok(()) }
+/// ```
 pub trait KeySource: Send + 'static {
     /// A short name for logs, reload reports and [`KeyInfo::source`](crate::KeyInfo::source).
     fn name(&self) -> String;

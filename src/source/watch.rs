@@ -75,12 +75,12 @@ pub(crate) fn spawn_with(
             watch.run(&rx, watcher);
         });
     if let Err(error) = spawned {
-        let error = Error::Source {
-            source: name,
-            message: format!("cannot start the file watcher thread: {error}"),
-        };
+        let error = Error::custom(
+            name,
+            format!("cannot start the file watcher thread: {error}"),
+        );
         #[cfg(feature = "tracing")]
-        tracing::error!(target: "tower_api_key::reload", %error, "keys will not be reloaded");
+        tracing::error!(target: "tower_api_key::reload", error = %crate::error::Chain(&error), "keys will not be reloaded");
         #[cfg(not(feature = "tracing"))]
         let _ = error;
     }

@@ -131,3 +131,15 @@ pub fn toml_datetime(t: std::time::SystemTime) -> String {
         since.subsec_millis()
     )
 }
+
+/// An error and every error under it, as `a: b: c`.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
