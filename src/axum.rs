@@ -70,3 +70,29 @@ impl IntoResponse for MissingKeyInfo {
         (StatusCode::INTERNAL_SERVER_ERROR, self.to_string()).into_response()
     }
 }
+
+/// With the `axum` feature, a [`Rejection`](crate::Rejection) is a response: the
+/// layer's default HTTP refusal (401 or 403 with a `WWW-Authenticate: Bearer`
+/// challenge, realm `api`), with the rejection in its extensions. Handy in a custom
+/// refusal that adds a body, or in a handler that checks a key itself with
+/// [`KeyStore::verify`](crate::KeyStore::verify).
+///
+/// ```
+/// use axum::response::IntoResponse;
+/// use tower_api_key::{KeyStore, Rejection};
+///
+/// let store = KeyStore::new();
+/// let res = match store.verify("guess") {
+///     Ok(key) => key.id().to_owned().into_response(),
+///     Err(rejection) => rejection.into_response(),
+/// };
+/// assert_eq!(res.status(), 401);
+/// assert!(res.headers().contains_key("www-authenticate"));
+/// ```
+impl IntoResponse for crate::Rejection {
+    fn into_response(self) -> Response {
+        let mut res: Response = self.http_response("api");
+        res.extensions_mut().insert(self);
+        res
+    }
+}

@@ -120,6 +120,37 @@ impl KeyInfo {
     }
 }
 
+/// As JSON: `id`, `source`, `scopes`, `tenant`, `owner`, `description`,
+/// `not_before` and `expires_at` (RFC 3339, or null), `disabled`. Never key material.
+///
+/// ```
+/// use tower_api_key::{ApiKey, KeySet, KeyStore};
+///
+/// let store = KeyStore::new();
+/// store.add_source(KeySet::from_keys([ApiKey::new("ci", "s3cr3t").with_scopes(["read"])])?)?;
+/// let json = serde_json::to_value(store.get("ci").unwrap()).unwrap();
+/// assert_eq!(json["id"], "ci");
+/// assert_eq!(json["scopes"][0], "read");
+/// assert!(json["expires_at"].is_null());
+/// # Ok::<(), tower_api_key::Error>(())
+/// ```
+impl serde::Serialize for KeyInfo {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut s = serializer.serialize_struct("KeyInfo", 9)?;
+        s.serialize_field("id", self.id())?;
+        s.serialize_field("source", self.source())?;
+        s.serialize_field("scopes", &self.entry().shared.meta.scopes)?;
+        s.serialize_field("tenant", &self.tenant())?;
+        s.serialize_field("owner", &self.owner())?;
+        s.serialize_field("description", &self.description())?;
+        s.serialize_field("not_before", &self.not_before().map(clock::rfc3339))?;
+        s.serialize_field("expires_at", &self.expires_at().map(clock::rfc3339))?;
+        s.serialize_field("disabled", &self.is_disabled())?;
+        s.end()
+    }
+}
+
 impl fmt::Debug for KeyInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyInfo")

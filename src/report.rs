@@ -123,6 +123,28 @@ impl ReloadReport {
     }
 }
 
+/// As JSON: `source`, `at` (RFC 3339), `applied`, `version` (or null), `added`,
+/// `changed`, `removed`, `kept`, `expiring` (key ids), `error` (the refusal with its
+/// causes, or null).
+impl serde::Serialize for ReloadReport {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut s = serializer.serialize_struct("ReloadReport", 10)?;
+        s.serialize_field("source", self.source())?;
+        s.serialize_field("at", &crate::clock::rfc3339(self.at))?;
+        s.serialize_field("applied", &self.is_applied())?;
+        s.serialize_field("version", &self.version())?;
+        s.serialize_field("added", &self.added())?;
+        s.serialize_field("changed", &self.changed())?;
+        s.serialize_field("removed", &self.removed())?;
+        s.serialize_field("kept", &self.kept())?;
+        s.serialize_field("expiring", &self.expiring())?;
+        let error = self.error().map(|e| crate::error::Chain(e).to_string());
+        s.serialize_field("error", &error)?;
+        s.end()
+    }
+}
+
 impl fmt::Debug for ReloadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("ReloadReport");

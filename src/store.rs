@@ -528,6 +528,35 @@ mod tests {
     }
 
     #[test]
+    fn usage_and_reports_serialize_as_documented() {
+        let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
+        let store = KeyStore::new();
+        store.add_source(source).unwrap();
+        store.verify("ka").unwrap();
+        let usage = serde_json::to_value(store.usage()).unwrap();
+        assert_eq!(usage[0]["key"]["id"], "a");
+        assert_eq!(usage[0]["requests"], 1);
+        let last = usage[0]["last_used"].as_str().unwrap();
+        assert!(last.len() == 20 && last.ends_with('Z'), "{last}");
+        publisher.publish(set(&[("a", "ka2")])).unwrap();
+        let report = serde_json::to_value(store.last_reload().unwrap()).unwrap();
+        assert_eq!(report["applied"], true);
+        assert_eq!(report["version"], 2);
+        assert_eq!(report["changed"][0], "a");
+        assert!(report["error"].is_null());
+        publisher
+            .apply([
+                KeyChange::Upsert(ApiKey::new("b", "kx")),
+                KeyChange::Upsert(ApiKey::new("c", "kx")),
+            ])
+            .unwrap_err();
+        let refused = serde_json::to_value(store.last_reload().unwrap()).unwrap();
+        assert_eq!(refused["applied"], false);
+        assert!(refused["version"].is_null());
+        assert!(refused["error"].as_str().unwrap().contains("same secret"));
+    }
+
+    #[test]
     fn a_request_s_key_info_outlives_its_shard_s_replacement() {
         let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
         let store = KeyStore::new();

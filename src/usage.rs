@@ -4,6 +4,19 @@ use std::time::SystemTime;
 
 use crate::{KeyInfo, clock, shard::Usage};
 
+/// As JSON: `key` (a [`KeyInfo`]), `requests`, `last_used` (RFC 3339, or null): a
+/// usage endpoint is `Json(store.usage())`.
+impl serde::Serialize for KeyUsage {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut s = serializer.serialize_struct("KeyUsage", 3)?;
+        s.serialize_field("key", &self.key)?;
+        s.serialize_field("requests", &self.requests)?;
+        s.serialize_field("last_used", &self.last_used.map(clock::rfc3339))?;
+        s.end()
+    }
+}
+
 /// How much one key has been used: from [`KeyStore::usage`](crate::KeyStore::usage).
 #[derive(Clone, Debug)]
 pub struct KeyUsage {
