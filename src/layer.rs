@@ -62,6 +62,8 @@ pub(crate) struct Config {
     pub(crate) require_checksum: bool,
     pub(crate) deprecation_headers: bool,
     pub(crate) track_usage: bool,
+    pub(crate) optional: bool,
+    pub(crate) allow_preflight: bool,
 }
 
 impl ApiKeyLayer {
@@ -110,6 +112,8 @@ impl ApiKeyLayer {
                     require_checksum: false,
                     deprecation_headers: false,
                     track_usage: true,
+                    optional: false,
+                    allow_preflight: false,
                 },
                 on_rejection: DefaultRejection::default(),
             }),
@@ -174,6 +178,45 @@ impl<R: Clone> ApiKeyLayer<R> {
     /// (RFC 8594) and `Deprecation: @<start of the notice>` (RFC 9745).
     pub fn deprecation_headers(mut self, enabled: bool) -> Self {
         self.config_mut().deprecation_headers = enabled;
+        self
+    }
+
+    /// Lets a request that presents **no** key through, without a
+    /// [`KeyInfo`](crate::KeyInfo) (default `false`): handlers take
+    /// `Option<KeyInfo>` and serve anonymous callers less. A request with a key that
+    /// is wrong, disabled, expired, malformed or lacks a required scope is still
+    /// refused.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use http::Request;
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower_api_key::{ApiKey, ApiKeyLayer, KeyInfo, KeySet};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let layer = ApiKeyLayer::new(KeySet::from_keys([ApiKey::new("ci", "s3cr3t")])?).optional(true);
+    /// let svc = ServiceBuilder::new().layer(layer).service_fn(|req: Request<String>| async move {
+    ///     let who = req.extensions().get::<KeyInfo>().map_or("anonymous".into(), |k| k.id().to_owned());
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(who))
+    /// });
+    /// let anonymous = svc.clone().oneshot(Request::new(String::new())).await?;
+    /// assert_eq!(anonymous.into_body(), "anonymous");
+    /// let wrong = Request::get("/").header("x-api-key", "guess").body(String::new())?;
+    /// assert_eq!(svc.oneshot(wrong).await?.status(), 401);
+    /// # Ok(()) }
+    /// ```
+    pub fn optional(mut self, optional: bool) -> Self {
+        self.config_mut().optional = optional;
+        self
+    }
+
+    /// Lets CORS preflight requests through without a key (default `false`): an
+    /// `OPTIONS` request with an `Access-Control-Request-Method` header, which
+    /// browsers send without credentials. Put a CORS layer inside this one to answer
+    /// them.
+    pub fn allow_preflight(mut self, allow: bool) -> Self {
+        self.config_mut().allow_preflight = allow;
         self
     }
 

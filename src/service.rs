@@ -4,7 +4,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderMap, Request, Response, Version, header::CONTENT_TYPE};
+use http::{HeaderMap, Method, Request, Response, Version, header::CONTENT_TYPE};
 use tower_service::Service;
 
 use crate::{
@@ -82,6 +82,10 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let config = &self.state.config;
+        if config.allow_preflight && is_preflight(&req) {
+            return ResponseFuture::inner(self.inner.call(req), None);
+        }
         match self.authenticate(req.headers()) {
             Ok(Accepted { key, expires_at }) => {
                 let config = &self.state.config;
@@ -97,6 +101,9 @@ where
                 req.extensions_mut().insert(key);
                 ResponseFuture::inner(self.inner.call(req), sunset)
             }
+            Err(Rejection::Missing) if self.state.config.optional => {
+                ResponseFuture::inner(self.inner.call(req), None)
+            }
             Err(rejection) => {
                 crate::log::refused(&rejection);
                 let mut res = if is_grpc(&req) {
@@ -109,6 +116,14 @@ where
             }
         }
     }
+}
+
+/// A CORS preflight: `OPTIONS` with `Access-Control-Request-Method`.
+fn is_preflight<B>(req: &Request<B>) -> bool {
+    req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 /// Whether `req` is a real gRPC call, which gets a gRPC status rather than the HTTP

@@ -378,3 +378,63 @@ fn the_service_and_future_are_send_and_sync() {
 fn header_only_panics_on_an_invalid_name() {
     let _ = ApiKeyLayer::new(keys()).header_only("not a header");
 }
+
+#[tokio::test]
+async fn optional_lets_only_keyless_requests_through() {
+    let layer = ApiKeyLayer::new(keys()).optional(true);
+    let (res, calls) = call(&layer, &[]).await;
+    assert_eq!((res.status().as_u16(), calls), (200, 1));
+    assert_eq!(
+        res.into_body(),
+        "|false",
+        "no KeyInfo for an anonymous caller"
+    );
+    let (res, _) = call(&layer, &[("x-api-key", "plain-key")]).await;
+    assert_eq!(res.into_body(), "plain|true");
+    for refused in [
+        &[("x-api-key", "wrong")][..],
+        &[("x-api-key", "disabled-key")],
+        &[("authorization", "Bearer ")],
+    ] {
+        let (res, calls) = call(&layer, refused).await;
+        assert_eq!((res.status().as_u16(), calls), (401, 0), "{refused:?}");
+    }
+    let (res, _) = call(&layer.require_scope("admin"), &[("x-api-key", "plain-key")]).await;
+    assert_eq!(res.status(), 403);
+    let (res, _) = call(&ApiKeyLayer::new(keys()), &[]).await;
+    assert_eq!(res.status(), 401, "not optional by default");
+}
+
+#[tokio::test]
+async fn preflight_passes_only_when_allowed() {
+    let preflight = |method: &str, with_header: bool| {
+        let mut req = Request::builder().method(method).uri("/");
+        if with_header {
+            req = req.header("access-control-request-method", "POST");
+        }
+        req.body(Body::new()).unwrap()
+    };
+    let svc = |layer: ApiKeyLayer| {
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(echo(Arc::default()))
+    };
+    let allowed = ApiKeyLayer::new(keys()).allow_preflight(true);
+    let res = svc(allowed.clone())
+        .oneshot(preflight("OPTIONS", true))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    for (method, header) in [("OPTIONS", false), ("GET", true)] {
+        let res = svc(allowed.clone())
+            .oneshot(preflight(method, header))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{method} {header}");
+    }
+    let res = svc(ApiKeyLayer::new(keys()))
+        .oneshot(preflight("OPTIONS", true))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401, "not allowed by default");
+}
