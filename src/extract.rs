@@ -1,11 +1,17 @@
-use http::{HeaderMap, HeaderName, header::AUTHORIZATION};
+use std::borrow::Cow;
+
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Uri,
+    header::{AUTHORIZATION, COOKIE},
+    uri::PathAndQuery,
+};
 
 use crate::Rejection;
 
 /// Where [`ApiKeyService`](crate::ApiKeyService) looks for the key.
 ///
 /// The default is both [`KeyLocation::Bearer`] and `KeyLocation::Header("x-api-key")`.
-/// gRPC metadata travels as headers, so the same locations work for tonic.
+/// gRPC metadata travels as headers, so the same header locations work for tonic.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyLocation {
@@ -14,6 +20,12 @@ pub enum KeyLocation {
     Bearer,
     /// The whole value of this header, e.g. `X-API-Key: <key>`.
     Header(HeaderName),
+    /// The query parameter with this name, e.g. `?api_key=<key>`, percent-decoded
+    /// (`+` is taken as it is). Query strings end up in access logs, proxies and
+    /// browser history: prefer a header where clients can send one.
+    Query(Cow<'static, str>),
+    /// The cookie with this name, e.g. `Cookie: api_key=<key>`.
+    Cookie(Cow<'static, str>),
 }
 
 impl KeyLocation {
@@ -22,11 +34,14 @@ impl KeyLocation {
         Self::Header(HeaderName::from_static("x-api-key"))
     }
 
-    fn header_name(&self) -> &HeaderName {
-        match self {
-            Self::Bearer => &AUTHORIZATION,
-            Self::Header(name) => name,
-        }
+    /// The query parameter `name`.
+    pub fn query(name: impl Into<Cow<'static, str>>) -> Self {
+        Self::Query(name.into())
+    }
+
+    /// The cookie `name`.
+    pub fn cookie(name: impl Into<Cow<'static, str>>) -> Self {
+        Self::Cookie(name.into())
     }
 }
 
@@ -38,25 +53,53 @@ impl KeyLocation {
 /// bytes.
 #[inline]
 pub(crate) fn presented_key<'a>(
+    uri: &'a Uri,
     headers: &'a HeaderMap,
     locations: &[KeyLocation],
-) -> Result<&'a [u8], Rejection> {
-    let mut found: Option<&[u8]> = None;
-    for location in locations {
-        for value in headers.get_all(location.header_name()) {
-            let key = match location {
-                KeyLocation::Bearer => match bearer_token(value.as_bytes()) {
-                    Some(token) => token,
-                    None => continue,
-                },
-                KeyLocation::Header(_) => trim(value.as_bytes()),
-            };
-            if key.is_empty() {
-                return Err(Rejection::Malformed);
+) -> Result<Cow<'a, [u8]>, Rejection> {
+    let mut found: Option<Cow<'a, [u8]>> = None;
+    let mut offer = |key: Cow<'a, [u8]>| {
+        if key.is_empty() {
+            return Err(Rejection::Malformed);
+        }
+        match &found {
+            Some(seen) if **seen != *key => Err(Rejection::Conflicting),
+            Some(_) => Ok(()),
+            None => {
+                found = Some(key);
+                Ok(())
             }
-            match found {
-                Some(seen) if seen != key => return Err(Rejection::Conflicting),
-                _ => found = Some(key),
+        }
+    };
+    for location in locations {
+        match location {
+            KeyLocation::Bearer => {
+                for value in headers.get_all(AUTHORIZATION) {
+                    if let Some(token) = bearer_token(value.as_bytes()) {
+                        offer(Cow::Borrowed(token))?;
+                    }
+                }
+            }
+            KeyLocation::Header(name) => {
+                for value in headers.get_all(name) {
+                    offer(Cow::Borrowed(trim(value.as_bytes())))?;
+                }
+            }
+            KeyLocation::Query(name) => {
+                for (param, value) in query_pairs(uri) {
+                    if param == name.as_bytes() {
+                        offer(percent_decoded(value).ok_or(Rejection::Malformed)?)?;
+                    }
+                }
+            }
+            KeyLocation::Cookie(name) => {
+                for value in headers.get_all(COOKIE) {
+                    for (cookie, value) in cookies(value.as_bytes()) {
+                        if cookie == name.as_bytes() {
+                            offer(Cow::Borrowed(value))?;
+                        }
+                    }
+                }
             }
         }
     }
@@ -80,31 +123,116 @@ fn trim(bytes: &[u8]) -> &[u8] {
     bytes.trim_ascii()
 }
 
+/// The `name=value` pairs of the query string, undecoded.
+fn query_pairs(uri: &Uri) -> impl Iterator<Item = (&[u8], &[u8])> {
+    uri.query()
+        .unwrap_or("")
+        .as_bytes()
+        .split(|&b| b == b'&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.iter().position(|&b| b == b'=') {
+            Some(at) => (&pair[..at], &pair[at + 1..]),
+            None => (pair, &pair[pair.len()..]),
+        })
+}
+
+/// `%XX` sequences decoded; `None` for a malformed one.
+fn percent_decoded(value: &[u8]) -> Option<Cow<'_, [u8]>> {
+    if !value.contains(&b'%') {
+        return Some(Cow::Borrowed(value));
+    }
+    let mut out = Vec::with_capacity(value.len());
+    let mut bytes = value.iter();
+    while let Some(&b) = bytes.next() {
+        if b == b'%' {
+            let hi = (*bytes.next()? as char).to_digit(16)?;
+            let lo = (*bytes.next()? as char).to_digit(16)?;
+            out.push(u8::try_from(hi * 16 + lo).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    Some(Cow::Owned(out))
+}
+
+/// The `name=value` pairs of one `Cookie` header (RFC 6265: `; `-separated, a value
+/// possibly in double quotes).
+fn cookies(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    header.split(|&b| b == b';').filter_map(|pair| {
+        let at = pair.iter().position(|&b| b == b'=')?;
+        let value = trim(&pair[at + 1..]);
+        let value = value
+            .strip_prefix(b"\"")
+            .and_then(|v| v.strip_suffix(b"\""))
+            .unwrap_or(value);
+        Some((trim(&pair[..at]), value))
+    })
+}
+
 /// Removes the credentials a key can be read from, and only those: a header location
-/// loses its header; `Authorization` loses its `Bearer` values, and keeps any other
-/// scheme's (`Basic`, ...) for a second auth layer downstream.
-pub(crate) fn strip(headers: &mut HeaderMap, locations: &[KeyLocation]) {
+/// loses its header; `Authorization` loses its `Bearer` values and keeps any other
+/// scheme's (`Basic`, ...) for a second auth layer downstream; a query parameter or a
+/// cookie is taken out of the query string or the `Cookie` header, the rest kept.
+pub(crate) fn strip<B>(req: &mut http::Request<B>, locations: &[KeyLocation]) {
     for location in locations {
+        let headers = req.headers_mut();
         match location {
             KeyLocation::Header(name) => drop(headers.remove(name)),
             KeyLocation::Bearer => {
-                if headers
-                    .get_all(AUTHORIZATION)
-                    .iter()
-                    .any(|v| bearer_token(v.as_bytes()).is_some())
-                {
-                    let kept: Vec<_> = headers
-                        .get_all(AUTHORIZATION)
-                        .iter()
-                        .filter(|v| bearer_token(v.as_bytes()).is_none())
-                        .cloned()
+                keep_values(headers, &AUTHORIZATION, |v| {
+                    bearer_token(v).is_none().then(|| v.to_vec())
+                });
+            }
+            KeyLocation::Cookie(name) => keep_values(headers, &COOKIE, |v| {
+                let kept: Vec<&[u8]> = v
+                    .split(|&b| b == b';')
+                    .filter(|pair| {
+                        let cookie = pair.split(|&b| b == b'=').next().unwrap_or(&[]);
+                        trim(cookie) != name.as_bytes()
+                    })
+                    .map(trim)
+                    .collect();
+                (!kept.is_empty()).then(|| kept.join(&b"; "[..]))
+            }),
+            KeyLocation::Query(name) => {
+                let uri = req.uri_mut();
+                if query_pairs(uri).any(|(param, _)| param == name.as_bytes()) {
+                    let kept: Vec<&str> = (uri.query().unwrap_or("").split('&'))
+                        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some(name))
                         .collect();
-                    headers.remove(AUTHORIZATION);
-                    for value in kept {
-                        headers.append(AUTHORIZATION, value);
+                    let path_and_query = match kept.is_empty() {
+                        true => uri.path().to_owned(),
+                        false => format!("{}?{}", uri.path(), kept.join("&")),
+                    };
+                    let mut parts = uri.clone().into_parts();
+                    if let Ok(pq) = PathAndQuery::try_from(path_and_query) {
+                        parts.path_and_query = Some(pq);
+                        if let Ok(stripped) = Uri::from_parts(parts) {
+                            *uri = stripped;
+                        }
                     }
                 }
             }
+        }
+    }
+}
+
+/// Rewrites every value of header `name` with `keep` (`None` drops the value).
+fn keep_values(
+    headers: &mut HeaderMap,
+    name: &HeaderName,
+    keep: impl Fn(&[u8]) -> Option<Vec<u8>>,
+) {
+    let values: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
+    let kept: Vec<HeaderValue> = values
+        .iter()
+        .filter_map(|v| keep(v.as_bytes()))
+        .filter_map(|v| HeaderValue::from_bytes(&v).ok())
+        .collect();
+    if kept != values {
+        headers.remove(name);
+        for value in kept {
+            headers.append(name, value);
         }
     }
 }
@@ -130,8 +258,8 @@ mod tests {
     }
 
     fn read(pairs: &[(&str, &[u8])]) -> Result<Vec<u8>, String> {
-        presented_key(&headers(pairs), &default_locations())
-            .map(<[u8]>::to_vec)
+        presented_key(&Uri::default(), &headers(pairs), &default_locations())
+            .map(|k| k.to_vec())
             .map_err(|r| format!("{r:?}"))
     }
 
@@ -195,7 +323,7 @@ mod tests {
                     let mut map = HeaderMap::new();
                     map.insert(AUTHORIZATION, v.clone());
                     map.insert("x-api-key", v);
-                    let _ = presented_key(&map, &default_locations());
+                    let _ = presented_key(&Uri::default(), &map, &default_locations());
                 }
             }
         }
@@ -203,27 +331,98 @@ mod tests {
 
     #[test]
     fn stripping_keeps_other_schemes() {
-        let mut map = headers(&[
+        let map = headers(&[
             ("authorization", b"Bearer abc"),
             ("authorization", b"Basic dXNlcjpwYXNz"),
             ("x-api-key", b"abc"),
             ("x-other", b"kept"),
         ]);
-        strip(&mut map, &default_locations());
+        let mut req = http::Request::new(());
+        *req.headers_mut() = map;
+        strip(&mut req, &default_locations());
+        let map = req.headers();
         let auth: Vec<_> = map.get_all(AUTHORIZATION).iter().collect();
         assert_eq!(auth, ["Basic dXNlcjpwYXNz"]);
         assert!(!map.contains_key("x-api-key"));
         assert_eq!(map["x-other"], "kept");
-        let mut basic_only = headers(&[("authorization", b"Basic dXNlcjpwYXNz")]);
-        strip(&mut basic_only, &[KeyLocation::Bearer]);
-        assert_eq!(basic_only[AUTHORIZATION], "Basic dXNlcjpwYXNz");
+        let mut req = http::Request::new(());
+        *req.headers_mut() = headers(&[("authorization", b"Basic dXNlcjpwYXNz")]);
+        strip(&mut req, &[KeyLocation::Bearer]);
+        assert_eq!(req.headers()[AUTHORIZATION], "Basic dXNlcjpwYXNz");
+    }
+
+    #[test]
+    fn query_and_cookie_locations() {
+        let locations = [
+            KeyLocation::query("api_key"),
+            KeyLocation::cookie("api_key"),
+        ];
+        let read = |uri: &str, cookie: Option<&str>| {
+            let uri: Uri = uri.parse().unwrap();
+            let mut map = HeaderMap::new();
+            if let Some(cookie) = cookie {
+                map.insert(COOKIE, HeaderValue::from_str(cookie).unwrap());
+            }
+            presented_key(&uri, &map, &locations)
+                .map(|k| k.to_vec())
+                .map_err(|r| format!("{r:?}"))
+        };
+        assert_eq!(read("/x?a=1&api_key=abc&b=2", None), Ok(b"abc".to_vec()));
+        assert_eq!(read("/x?api_key=a%2Bb%20c", None), Ok(b"a+b c".to_vec()));
+        assert_eq!(read("/x?api_key=a+b", None), Ok(b"a+b".to_vec()));
+        assert_eq!(read("/x?api_key=%zz", None), Err("Malformed".into()));
+        assert_eq!(read("/x?api_key=", None), Err("Malformed".into()));
+        assert_eq!(read("/x?other=abc", None), Err("Missing".into()));
+        assert_eq!(
+            read("/x", Some("theme=dark; api_key=abc")),
+            Ok(b"abc".to_vec())
+        );
+        assert_eq!(read("/x", Some("api_key=\"abc\"")), Ok(b"abc".to_vec()));
+        assert_eq!(
+            read("/x?api_key=abc", Some("api_key=abc")),
+            Ok(b"abc".to_vec())
+        );
+        assert_eq!(
+            read("/x?api_key=abc", Some("api_key=xyz")),
+            Err("Conflicting".into())
+        );
+    }
+
+    #[test]
+    fn stripping_a_query_parameter_or_a_cookie_keeps_the_rest() {
+        let mut req = http::Request::get("/items?a=1&api_key=abc&b=2")
+            .header(COOKIE, "theme=dark; api_key=abc; lang=en")
+            .body(())
+            .unwrap();
+        strip(
+            &mut req,
+            &[
+                KeyLocation::query("api_key"),
+                KeyLocation::cookie("api_key"),
+            ],
+        );
+        assert_eq!(req.uri(), "/items?a=1&b=2");
+        assert_eq!(req.headers()[COOKIE], "theme=dark; lang=en");
+        let mut req = http::Request::get("/items?api_key=abc")
+            .header(COOKIE, "api_key=abc")
+            .body(())
+            .unwrap();
+        strip(
+            &mut req,
+            &[
+                KeyLocation::query("api_key"),
+                KeyLocation::cookie("api_key"),
+            ],
+        );
+        assert_eq!(req.uri(), "/items");
+        assert!(!req.headers().contains_key(COOKIE));
     }
 
     #[test]
     fn bearer_only_ignores_other_headers() {
         let map = headers(&[("x-api-key", b"abc")]);
         assert!(matches!(
-            presented_key(&map, &[KeyLocation::Bearer]),
+            presented_key(&Uri::default(), &map, &[KeyLocation::Bearer]),
             Err(Rejection::Missing)
         ));
     }
@@ -258,18 +457,20 @@ mod properties {
                     map.append(name, value);
                 }
             }
-            if let Ok(key) = presented_key(&map, &default_locations()) {
+            if let Ok(key) = presented_key(&Uri::default(), &map, &default_locations()) {
                 prop_assert!(!key.is_empty());
-                prop_assert_eq!(key, key.trim_ascii());
+                prop_assert_eq!(&*key, key.trim_ascii());
                 let found = map
                     .iter()
                     .filter(|(n, _)| *n == AUTHORIZATION || n.as_str() == "x-api-key")
-                    .any(|(_, v)| v.as_bytes().windows(key.len()).any(|w| w == key));
+                    .any(|(_, v)| v.as_bytes().windows(key.len()).any(|w| w == &*key));
                 prop_assert!(found);
             }
-            strip(&mut map, &default_locations());
-            prop_assert!(!map.contains_key("x-api-key"));
-            prop_assert!(map.get_all(AUTHORIZATION).iter().all(|v| bearer_token(v.as_bytes()).is_none()));
+            let mut req = http::Request::new(());
+            *req.headers_mut() = map;
+            strip(&mut req, &default_locations());
+            prop_assert!(!req.headers().contains_key("x-api-key"));
+            prop_assert!(req.headers().get_all(AUTHORIZATION).iter().all(|v| bearer_token(v.as_bytes()).is_none()));
         }
     }
 }

@@ -4,7 +4,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderMap, Method, Request, Response, Version, header::CONTENT_TYPE};
+use http::{HeaderMap, Method, Request, Response, Uri, Version, header::CONTENT_TYPE};
 use tower_service::Service;
 
 use crate::{
@@ -56,13 +56,13 @@ impl<S, R> ApiKeyService<S, R> {
     }
 
     #[inline]
-    fn authenticate(&self, headers: &HeaderMap) -> Result<Accepted, Rejection> {
+    fn authenticate(&self, uri: &Uri, headers: &HeaderMap) -> Result<Accepted, Rejection> {
         let State { store, config, .. } = &*self.state;
-        let key = extract::presented_key(headers, &config.locations)?;
-        if config.require_checksum && !has_valid_checksum(key) {
+        let key = extract::presented_key(uri, headers, &config.locations)?;
+        if config.require_checksum && !has_valid_checksum(&key) {
             return Err(Rejection::InvalidChecksum);
         }
-        store.check(key, config.required_scope.as_ref(), config.track_usage)
+        store.check(&key, config.required_scope.as_ref(), config.track_usage)
     }
 }
 
@@ -86,7 +86,7 @@ where
         if config.allow_preflight && is_preflight(&req) {
             return ResponseFuture::inner(self.inner.call(req), None);
         }
-        match self.authenticate(req.headers()) {
+        match self.authenticate(req.uri(), req.headers()) {
             Ok(Accepted { key, expires_at }) => {
                 let config = &self.state.config;
                 let sunset = expires_at
@@ -96,7 +96,7 @@ where
                         Sunset::within(at, notice, crate::clock::exact_now_ms())
                     });
                 if config.hide_credentials {
-                    extract::strip(req.headers_mut(), &config.locations);
+                    extract::strip(&mut req, &config.locations);
                 }
                 req.extensions_mut().insert(key);
                 ResponseFuture::inner(self.inner.call(req), sunset)

@@ -269,3 +269,50 @@ async fn key_info_is_an_axum_extractor() {
     assert_eq!(status, 500);
     assert!(body.contains("ApiKeyLayer"), "{body}");
 }
+
+#[tokio::test]
+async fn keys_in_the_query_or_a_cookie_and_hidden_from_the_handler() {
+    use tower_api_key::KeyLocation;
+    let layer = ApiKeyLayer::new(keys())
+        .with_key_locations([
+            KeyLocation::query("api_key"),
+            KeyLocation::cookie("api_key"),
+        ])
+        .hide_credentials(true);
+    let app = axum::Router::new()
+        .route(
+            "/echo",
+            axum::routing::get(
+                |uri: axum::http::Uri, headers: axum::http::HeaderMap| async move {
+                    let cookie = headers
+                        .get("cookie")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned();
+                    format!("{uri} {cookie}")
+                },
+            ),
+        )
+        .route_layer(layer);
+    let addr = serve(app).await;
+    let get = |path: &str, cookie: Option<&str>| {
+        let mut req = common::client().get(format!("http://{addr}{path}"));
+        if let Some(cookie) = cookie {
+            req = req.header("cookie", cookie);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    };
+    assert_eq!(
+        get("/echo?page=2&api_key=reader-key-1", None).await,
+        (200, "/echo?page=2 -".to_owned())
+    );
+    assert_eq!(
+        get("/echo", Some("theme=dark; api_key=reader-key-1")).await,
+        (200, "/echo theme=dark".to_owned())
+    );
+    assert_eq!(get("/echo?api_key=wrong", None).await.0, 401);
+    assert_eq!(get("/echo", None).await.0, 401);
+}
