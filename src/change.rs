@@ -64,6 +64,8 @@ type MetaMap<'a> =
 /// the store (to name the other side of a conflict).
 pub(crate) struct Source<'a> {
     pub(crate) index: u16,
+    /// The store's id.
+    pub(crate) store: u64,
     pub(crate) name: &'a Arc<str>,
     pub(crate) names: &'a [Arc<str>],
     /// How many keys the source has in `old`.
@@ -167,7 +169,7 @@ pub(crate) fn plan(
             ))
             .or_insert_with(|| {
                 // Share the copy of a key already loaded with the same metadata.
-                let fresh = SharedMeta::of(key, source.name, source.index);
+                let fresh = SharedMeta::of(key, source.name, source.index, source.store);
                 existing
                     .map(|(_, e)| &e.shared)
                     .filter(|m| ***m == fresh)

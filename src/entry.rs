@@ -12,6 +12,8 @@ pub(crate) struct SharedMeta {
     /// The source's name, and its index in the store.
     pub(crate) source: Arc<str>,
     pub(crate) index: u16,
+    /// The store's id (unique in the process), so a layer can tell its own keys.
+    pub(crate) store: u64,
     pub(crate) meta: Meta,
     /// Validity window in Unix milliseconds: `[valid_from, valid_until)`.
     pub(crate) valid_from: u64,
@@ -20,11 +22,13 @@ pub(crate) struct SharedMeta {
 }
 
 impl SharedMeta {
-    /// What `key`, from source `index` named `source`, shares with keys like it.
-    pub(crate) fn of(key: &ApiKey, source: &Arc<str>, index: u16) -> Self {
+    /// What `key`, from source `index` named `source` of store `store`, shares with
+    /// keys like it.
+    pub(crate) fn of(key: &ApiKey, source: &Arc<str>, index: u16, store: u64) -> Self {
         Self {
             source: source.clone(),
             index,
+            store,
             meta: key.meta.as_deref().cloned().unwrap_or_default(),
             valid_from: key.valid_from,
             valid_until: key.valid_until,
@@ -89,7 +93,7 @@ impl KeyEntry {
     pub(crate) fn for_tests(key: &ApiKey) -> Arc<Self> {
         Arc::new(Self {
             id: key.id.clone(),
-            shared: Arc::new(SharedMeta::of(key, &Arc::from("test"), 0)),
+            shared: Arc::new(SharedMeta::of(key, &Arc::from("test"), 0, 0)),
         })
     }
 }
@@ -108,12 +112,12 @@ mod tests {
     #[test]
     fn describes_compares_every_field() {
         let key = ApiKey::new("a", "s").with_scopes(["read"]);
-        let shared = SharedMeta::of(&key, &Arc::from("src"), 1);
+        let shared = SharedMeta::of(&key, &Arc::from("src"), 1, 0);
         assert!(shared.describes(&key));
         assert!(!shared.describes(&key.clone().with_disabled(true)));
         assert!(!shared.describes(&key.clone().with_scopes(["write"])));
         assert!(!shared.describes(&ApiKey::new("a", "s")));
-        let bare = SharedMeta::of(&ApiKey::new("b", "s"), &Arc::from("src"), 1);
+        let bare = SharedMeta::of(&ApiKey::new("b", "s"), &Arc::from("src"), 1, 0);
         assert!(bare.describes(&ApiKey::new("b", "t")));
     }
 }

@@ -229,6 +229,29 @@ impl<R: Clone> ApiKeyLayer<R> {
 
     /// A layer over the **same store** that also demands `scope`: a valid key without
     /// it gets 403 `insufficient_scope` (gRPC `PERMISSION_DENIED`).
+    ///
+    /// It may sit inside another layer over the same store (a global `.layer(keys)`
+    /// and a route's `.route_layer(keys.require_scope("admin"))`): it then checks the
+    /// scope on the [`KeyInfo`](crate::KeyInfo) the outer layer put in the request,
+    /// without hashing the key or counting the request a second time. A `KeyInfo` from
+    /// another store counts for nothing: the key is checked afresh.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use tower_api_key::{ApiKey, ApiKeyLayer, KeySet};
+    ///
+    /// let keys = ApiKeyLayer::new(KeySet::from_keys([
+    ///     ApiKey::new("ops", "k-ops").with_scopes(["admin"]),
+    /// ])?);
+    /// let app: Router = Router::new()
+    ///     .route("/admin", get(|| async { "admin" }))
+    ///     .route_layer(keys.require_scope("admin")) // checks the scope only
+    ///     .route("/", get(|| async { "hello" }))
+    ///     .layer(keys); // every route: checks and counts the key once
+    /// # Ok::<(), tower_api_key::Error>(())
+    /// ```
     pub fn require_scope(&self, scope: impl Into<Arc<str>>) -> Self {
         let mut layer = self.clone();
         layer.config_mut().required_scope = Some(scope.into());

@@ -8,8 +8,8 @@ use http::{HeaderMap, Method, Request, Response, Uri, Version, header::CONTENT_T
 use tower_service::Service;
 
 use crate::{
-    ApiKeyLayer, DefaultRejection, KeyStore, Rejection, RejectionResponse, ResponseFuture, extract,
-    has_valid_checksum, layer::State, store::Accepted, sunset::Sunset,
+    ApiKeyLayer, DefaultRejection, KeyInfo, KeyStore, Rejection, RejectionResponse, ResponseFuture,
+    extract, has_valid_checksum, layer::State, store::Accepted, sunset::Sunset,
 };
 
 /// Middleware that lets a request through only with a valid API key.
@@ -86,6 +86,22 @@ where
         if config.allow_preflight && is_preflight(&req) {
             return ResponseFuture::inner(self.inner.call(req), None);
         }
+        // Another layer over the same store already let this request in (a global
+        // layer, then a route's `require_scope`): check the scope on its key, without
+        // hashing or counting the request again.
+        if let Some(scope) = &config.required_scope
+            && let Some(key) = req.extensions().get::<KeyInfo>()
+            && self.state.store.owns(key)
+        {
+            if key.has_scope(scope) {
+                return ResponseFuture::inner(self.inner.call(req), None);
+            }
+            let rejection = Rejection::InsufficientScope {
+                key: key.clone(),
+                scope: scope.clone(),
+            };
+            return self.refuse(&req, rejection);
+        }
         match self.authenticate(req.uri(), req.headers()) {
             Ok(Accepted { key, expires_at }) => {
                 let config = &self.state.config;
@@ -104,17 +120,32 @@ where
             Err(Rejection::Missing) if self.state.config.optional => {
                 ResponseFuture::inner(self.inner.call(req), None)
             }
-            Err(rejection) => {
-                crate::log::refused(&rejection);
-                let mut res = if is_grpc(&req) {
-                    rejection.grpc_response()
-                } else {
-                    self.state.on_rejection.response(&rejection)
-                };
-                res.extensions_mut().insert(rejection);
-                ResponseFuture::rejected(Ok(res))
-            }
+            Err(rejection) => self.refuse(&req, rejection),
         }
+    }
+}
+
+impl<S, R> ApiKeyService<S, R> {
+    /// The refusal of `req` for `rejection`: a gRPC status for a real gRPC call, else
+    /// the configured HTTP response; the rejection in its extensions.
+    fn refuse<ReqBody, ResBody, F, E>(
+        &self,
+        req: &Request<ReqBody>,
+        rejection: Rejection,
+    ) -> ResponseFuture<F>
+    where
+        F: std::future::Future<Output = Result<Response<ResBody>, E>>,
+        ResBody: Default,
+        R: RejectionResponse<ResBody>,
+    {
+        crate::log::refused(&rejection);
+        let mut res = if is_grpc(req) {
+            rejection.grpc_response()
+        } else {
+            self.state.on_rejection.response(&rejection)
+        };
+        res.extensions_mut().insert(rejection);
+        ResponseFuture::rejected(Ok(res))
     }
 }
 

@@ -8,6 +8,8 @@ use tokio::sync::watch;
 use crate::{KeySet, ReloadReport, snapshot::Snapshot};
 
 pub(crate) struct Shared {
+    /// Unique in the process: tells this store's keys from another's.
+    pub(crate) id: u64,
     /// The live version, loaded once per request.
     pub(crate) current: ArcSwap<Snapshot>,
     /// Held by whoever makes the next version: one at a time.

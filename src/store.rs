@@ -67,6 +67,10 @@ impl KeyStore {
     pub fn new() -> Self {
         Self {
             shared: Arc::new(Shared {
+                id: {
+                    static NEXT: AtomicU64 = AtomicU64::new(1);
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                },
                 current: ArcSwap::from_pointee(Snapshot::default()),
                 writer: Mutex::new(Writer::default()),
                 reloads: watch::Sender::new(None),
@@ -255,6 +259,11 @@ impl KeyStore {
         writer.pending.push(None);
         let index = u16::try_from(writer.sources.len() - 1).unwrap_or(u16::MAX);
         KeyUpdater::new(Arc::downgrade(&self.shared), index, name.into())
+    }
+
+    /// Whether `key` was let in by this store.
+    pub(crate) fn owns(&self, key: &KeyInfo) -> bool {
+        key.entry().shared.store == self.shared.id
     }
 
     /// The expiry notice, in milliseconds.

@@ -173,6 +173,7 @@ fn make(
     let name = writer.sources[at].clone();
     let source = Source {
         index,
+        store: shared.id,
         name: &name,
         names: &writer.sources,
         count: writer.counts[at],

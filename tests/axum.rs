@@ -316,3 +316,36 @@ async fn keys_in_the_query_or_a_cookie_and_hidden_from_the_handler() {
     assert_eq!(get("/echo?api_key=wrong", None).await.0, 401);
     assert_eq!(get("/echo", None).await.0, 401);
 }
+
+#[tokio::test]
+async fn a_global_layer_and_a_route_scope_count_a_request_once() {
+    let keys_layer = ApiKeyLayer::new(keys());
+    let app = axum::Router::new()
+        .route("/admin", axum::routing::get(|| async { "admin" }))
+        .route_layer(keys_layer.require_scope("admin"))
+        .route("/", axum::routing::get(|| async { "hello" }))
+        .layer(keys_layer.clone());
+    let addr = serve(app).await;
+    assert_eq!(get_with(addr, "/admin", Some("root-key-1")).await.0, 200);
+    assert_eq!(get_with(addr, "/admin", Some("root-key-1")).await.0, 200);
+    assert_eq!(get_with(addr, "/", Some("root-key-1")).await.0, 200);
+    assert_eq!(get_with(addr, "/admin", Some("reader-key-1")).await.0, 403);
+    assert_eq!(get_with(addr, "/admin", Some("nope")).await.0, 401);
+    let store = keys_layer.store();
+    assert_eq!(
+        store.usage_of("root").unwrap().requests(),
+        3,
+        "once per request"
+    );
+    assert_eq!(store.usage_of("reader").unwrap().requests(), 1);
+
+    // A KeyInfo from another store proves nothing here: the key is checked afresh.
+    let other =
+        ApiKeyLayer::new(KeySet::from_keys([ApiKey::new("elsewhere", "other-key")]).unwrap());
+    let app = axum::Router::new()
+        .route("/admin", axum::routing::get(|| async { "admin" }))
+        .route_layer(keys_layer.require_scope("admin"))
+        .layer(other);
+    let addr = serve(app).await;
+    assert_eq!(get_with(addr, "/admin", Some("other-key")).await.0, 401);
+}
