@@ -537,6 +537,40 @@ mod tests {
     }
 
     #[test]
+    fn expiring_lists_exactly_the_enabled_keys_within_the_notice() {
+        let now = std::time::SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let store = KeyStore::new();
+        store.set_expiry_notice(24 * hour);
+        let (source, publisher) = ChannelSource::new(KeySet::new());
+        store.add_source(source).unwrap();
+        let report = publisher
+            .publish(
+                KeySet::from_keys([
+                    ApiKey::new("soon", "k1").with_expires_at(now + hour),
+                    ApiKey::new("later", "k2").with_expires_at(now + 48 * hour),
+                    ApiKey::new("gone", "k3").with_expires_at(now - hour),
+                    ApiKey::new("never", "k4"),
+                    ApiKey::new("off", "k5")
+                        .with_expires_at(now + hour)
+                        .with_disabled(true),
+                    ApiKey::new("edge", "k6")
+                        .with_expires_at(now + 24 * hour - Duration::from_secs(5)),
+                ])
+                .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(report.expiring(), ["soon", "edge"]);
+        // A change by id reports the keys it names.
+        let report = publisher
+            .apply([KeyChange::Upsert(
+                ApiKey::new("soon2", "k7").with_expires_at(now + hour),
+            )])
+            .unwrap();
+        assert_eq!(report.expiring(), ["soon2"]);
+    }
+
+    #[test]
     fn usage_and_reports_serialize_as_documented() {
         let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
         let store = KeyStore::new();
