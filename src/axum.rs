@@ -96,3 +96,13 @@ impl IntoResponse for crate::Rejection {
         res
     }
 }
+
+impl<C> crate::FromRejectionBody<C> for axum_core::body::Body
+where
+    C: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn from_rejection_body(body: C) -> Self {
+        Self::new(body)
+    }
+}

@@ -132,6 +132,8 @@ mod snapshot;
 mod source;
 mod store;
 mod sunset;
+#[cfg(feature = "tonic")]
+mod tonic;
 mod updater;
 mod usage;
 
@@ -145,7 +147,7 @@ pub use crate::{
     key_info::KeyInfo,
     key_set::KeySet,
     layer::ApiKeyLayer,
-    rejection::{DefaultRejection, Rejection, RejectionResponse},
+    rejection::{DefaultRejection, FromRejectionBody, Rejection, RejectionResponse},
     report::ReloadReport,
     service::ApiKeyService,
     source::{ChannelSource, EnvSource, KeyPublisher, KeySource},

@@ -278,12 +278,33 @@ impl<B: Default> RejectionResponse<B> for DefaultRejection {
     }
 }
 
-impl<F, B> RejectionResponse<B> for F
+/// A closure makes the refusal, with a body of its own type `C`, which becomes the
+/// service's body type `B` through [`FromRejectionBody`]: one layer value with a
+/// custom refusal fits an axum router and a tonic server alike.
+impl<F, B, C> RejectionResponse<B> for F
 where
-    F: Fn(&Rejection) -> Response<B> + Clone,
+    F: Fn(&Rejection) -> Response<C> + Clone,
+    B: FromRejectionBody<C>,
 {
     fn response(&self, rejection: &Rejection) -> Response<B> {
-        self(rejection)
+        self(rejection).map(B::from_rejection_body)
+    }
+}
+
+/// A response body type that a custom refusal's body (of type `C`) can become: how a
+/// refusal written once serves services with different body types.
+///
+/// Implemented for `String` from `String`; with the `axum` feature, for axum's `Body`
+/// from any body (`String`, axum's own `Body`, ...); with the `tonic` feature, for
+/// tonic's `Body` likewise. Implement it for your own body type if you have one.
+pub trait FromRejectionBody<C>: Sized {
+    /// Converts the refusal's body.
+    fn from_rejection_body(body: C) -> Self;
+}
+
+impl FromRejectionBody<String> for String {
+    fn from_rejection_body(body: String) -> Self {
+        body
     }
 }
 

@@ -188,3 +188,81 @@ async fn one_layer_guards_axum_and_tonic_and_a_swap_reaches_both() {
         Ok("rotated".into())
     );
 }
+
+/// One layer value with a custom HTTP refusal still fits a tonic server, whose gRPC
+/// callers get their gRPC status, and an axum router, whose callers get the custom
+/// body.
+#[cfg(all(feature = "tonic", feature = "axum"))]
+#[tokio::test]
+async fn a_custom_refusal_costs_the_grpc_side_nothing() {
+    let layer = ApiKeyLayer::new(keys()).with_rejection(|r: &tower_api_key::Rejection| {
+        let mut res = http::Response::new(format!(r#"{{"error":"{r}"}}"#));
+        *res.status_mut() = r.status();
+        res
+    });
+    let grpc = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let layer = layer.clone();
+        tokio::spawn(async move {
+            Server::builder()
+                .layer(layer)
+                .add_service(HealthServer::new(WhoAmI))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+                .unwrap();
+        });
+        addr
+    };
+    let http = {
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .route_layer(layer);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    };
+    assert_eq!(
+        check(grpc, &[("x-api-key", "wrong")]).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(
+        check(grpc, &[("x-api-key", "grpc-key-1")]).await,
+        Ok("grpc-reader".into())
+    );
+    let res = reqwest::Client::new()
+        .get(format!("http://{http}/"))
+        .header("x-api-key", "wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.text().await.unwrap(), r#"{"error":"invalid API key"}"#);
+}
+
+/// A scope on one service of a tonic server, the others (health checks) open.
+#[cfg(feature = "tonic")]
+#[tokio::test]
+async fn a_scope_on_one_tonic_service() {
+    use tower::Layer as _;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let keys = ApiKeyLayer::new(keys());
+    tokio::spawn(async move {
+        Server::builder()
+            .add_service(keys.require_scope("admin").layer(HealthServer::new(WhoAmI)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    assert_eq!(check(addr, &[]).await, Err(Code::Unauthenticated));
+    assert_eq!(
+        check(addr, &[("x-api-key", "grpc-key-1")]).await,
+        Err(Code::PermissionDenied)
+    );
+    assert_eq!(
+        check(addr, &[("x-api-key", "grpc-key-2")]).await,
+        Ok("grpc-admin".into())
+    );
+}

@@ -1,0 +1,37 @@
+//! tonic integration (the `tonic` feature).
+
+use crate::ApiKeyService;
+
+/// With the `tonic` feature, a service wrapped by the layer keeps its gRPC name, so
+/// it can be added to a tonic server on its own: a scope for one service, and other
+/// services (the `grpc.health.v1` health checks Kubernetes probes call) left open.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tonic_health::server::health_reporter;
+/// use tower::Layer as _;
+/// use tower_api_key::{ApiKeyLayer, EnvSource};
+///
+/// let keys = ApiKeyLayer::try_new(EnvSource::new("API_KEYS"))?;
+/// let (_reporter, health) = health_reporter();
+/// # let my_service = health.clone();
+/// tonic::transport::Server::builder()
+///     .add_service(health)                                    // open to probes
+///     .add_service(keys.require_scope("admin").layer(my_service)) // guarded
+///     .serve("127.0.0.1:50051".parse()?)
+///     .await?;
+/// # Ok(()) }
+/// ```
+impl<S: tonic::server::NamedService, R> tonic::server::NamedService for ApiKeyService<S, R> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<C> crate::FromRejectionBody<C> for tonic::body::Body
+where
+    C: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn from_rejection_body(body: C) -> Self {
+        Self::new(body)
+    }
+}
