@@ -64,6 +64,7 @@ pub(crate) struct Config {
     pub(crate) track_usage: bool,
     pub(crate) optional: bool,
     pub(crate) allow_preflight: bool,
+    pub(crate) per_key_metrics: bool,
 }
 
 impl ApiKeyLayer {
@@ -114,6 +115,7 @@ impl ApiKeyLayer {
                     track_usage: true,
                     optional: false,
                     allow_preflight: false,
+                    per_key_metrics: false,
                 },
                 on_rejection: DefaultRejection::default(),
             }),
@@ -217,6 +219,16 @@ impl<R: Clone> ApiKeyLayer<R> {
     /// them.
     pub fn allow_preflight(mut self, allow: bool) -> Self {
         self.config_mut().allow_preflight = allow;
+        self
+    }
+
+    /// Whether requests let in through this layer are also counted per key id, as
+    /// `tower_api_key_key_requests_total{key_id}`, with the `metrics` feature (default
+    /// `false`: a million keys must not become a million series unasked). The other
+    /// metrics (`tower_api_key_requests_total{outcome, reason}`, reloads, keys per
+    /// source) are always recorded with the feature.
+    pub fn per_key_metrics(mut self, enabled: bool) -> Self {
+        self.config_mut().per_key_metrics = enabled;
         self
     }
 

@@ -123,6 +123,7 @@ mod key_info;
 mod key_set;
 mod layer;
 mod log;
+mod metrics;
 mod rejection;
 mod report;
 mod service;

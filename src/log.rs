@@ -65,6 +65,21 @@ pub(crate) fn rejected(report: &ReloadReport) {
     let _ = report;
 }
 
+/// Records the key's id as `key_id` on the current span, for spans that declare the
+/// field (`key_id = tracing::field::Empty`, e.g. in tower-http's `TraceLayer`).
+#[inline]
+pub(crate) fn accepted(key: &crate::KeyInfo) {
+    #[cfg(feature = "tracing")]
+    {
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("key_id", key.id());
+        }
+    }
+    #[cfg(not(feature = "tracing"))]
+    let _ = key;
+}
+
 #[inline]
 pub(crate) fn refused(rejection: &Rejection) {
     #[cfg(feature = "tracing")]

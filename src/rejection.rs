@@ -68,6 +68,23 @@ impl Rejection {
         }
     }
 
+    /// A short, stable name for the reason, for metrics and logs: `missing`,
+    /// `malformed`, `conflicting`, `unknown`, `invalid_checksum`, `disabled`,
+    /// `expired`, `not_yet_valid` or `insufficient_scope`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Malformed => "malformed",
+            Self::Conflicting => "conflicting",
+            Self::Unknown => "unknown",
+            Self::InvalidChecksum => "invalid_checksum",
+            Self::Disabled(_) => "disabled",
+            Self::Expired(_) => "expired",
+            Self::NotYetValid(_) => "not_yet_valid",
+            Self::InsufficientScope { .. } => "insufficient_scope",
+        }
+    }
+
     /// The RFC 6750 `error` code, if any (none when no credential was presented).
     pub fn error_code(&self) -> Option<&'static str> {
         match self {

@@ -114,6 +114,8 @@ where
                 if config.hide_credentials {
                     extract::strip(&mut req, &config.locations);
                 }
+                crate::log::accepted(&key);
+                crate::metrics::accepted(&key, config.per_key_metrics);
                 req.extensions_mut().insert(key);
                 ResponseFuture::inner(self.inner.call(req), sunset)
             }
@@ -139,6 +141,7 @@ impl<S, R> ApiKeyService<S, R> {
         R: RejectionResponse<ResBody>,
     {
         crate::log::refused(&rejection);
+        crate::metrics::refused(&rejection);
         let mut res = if is_grpc(req) {
             rejection.grpc_response()
         } else {

@@ -85,10 +85,14 @@ impl KeyUpdater {
         let mut writer = shared.lock();
         let index = usize::from(self.source);
         let result = make(&shared, &mut writer, self.source, update);
-        let mut reports = vec![match &result {
-            Ok(report) => report.clone(),
-            Err(error) => ReloadReport::rejected(self.name.clone(), error.clone()),
-        }];
+        // Each report, with how many keys its source has after it.
+        let mut reports = vec![(
+            match &result {
+                Ok(report) => report.clone(),
+                Err(error) => ReloadReport::rejected(self.name.clone(), error.clone()),
+            },
+            writer.counts[index],
+        )];
         match (&result, update) {
             (Ok(_), _) => {
                 // A newer state of this source: what it had waiting is stale.
@@ -102,11 +106,12 @@ impl KeyUpdater {
             (Err(_), _) => {}
         }
         drop(writer);
-        for report in &reports {
+        for (report, keys) in &reports {
             match report.is_applied() {
                 true => crate::log::applied(report),
                 false => crate::log::rejected(report),
             }
+            crate::metrics::reloaded(report, *keys);
         }
         result
     }
@@ -126,6 +131,7 @@ impl KeyUpdater {
             drop(writer);
         }
         crate::log::rejected(&report);
+        crate::metrics::reloaded(&report, 0);
         report
     }
 
@@ -206,7 +212,7 @@ fn make(
 /// Applies the sets other sources had refused for a conflict, now that the keys
 /// changed: a store converges to what its sources hold without anyone editing a
 /// file again. Each success can free another, so this runs until none moves.
-fn retry_pending(shared: &Shared, writer: &mut Writer, reports: &mut Vec<ReloadReport>) {
+fn retry_pending(shared: &Shared, writer: &mut Writer, reports: &mut Vec<(ReloadReport, usize)>) {
     loop {
         let mut moved = false;
         for at in 0..writer.pending.len() {
@@ -216,7 +222,7 @@ fn retry_pending(shared: &Shared, writer: &mut Writer, reports: &mut Vec<ReloadR
             let index = u16::try_from(at).unwrap_or(u16::MAX);
             match make(shared, writer, index, Update::Set(&set)) {
                 Ok(report) => {
-                    reports.push(report);
+                    reports.push((report, writer.counts[at]));
                     moved = true;
                 }
                 // Still held elsewhere: keep waiting, quietly (it was reported once).
