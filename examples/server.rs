@@ -1,15 +1,18 @@
-//! An axum server on 127.0.0.1:3000 whose API keys live in a TOML file that is reloaded
-//! while it runs. `/` accepts any valid key; `/admin` and `/admin/usage` require the
-//! `admin` scope. Start it with `cargo run --example server`, then follow the curl
-//! commands it prints: a key working, a second key added, the first one revoked.
+//! An axum server on 127.0.0.1 (port 3000, or `PORT`) whose API keys live in a TOML
+//! file that is reloaded while it runs. `/` accepts any valid key; `/admin` and
+//! `/admin/usage` require the `admin` scope. Start it with `cargo run --example server`,
+//! then follow the curl commands it prints: a key working, a second key added, the
+//! first one revoked.
 //!
-//! The key file defaults to `examples/keys.toml`; pass another path as the first
-//! argument.
+//! It works on a copy of `examples/keys.toml` in a temporary directory, so the
+//! checkout stays as it was and every run starts from the same keys; pass a path as
+//! the first argument to use your own file instead. A break-glass key can be given in
+//! `BREAK_GLASS_KEY` (`id=secret`); it is normally unset.
 
-use std::{error::Error, fmt::Write as _};
+use std::{error::Error, fmt::Write as _, net::SocketAddr, path::PathBuf};
 
 use axum::{Extension, Json, Router, routing::get};
-use tower_api_key::{ApiKeyLayer, FileSource, KeyInfo, KeyStore};
+use tower_api_key::{ApiKeyLayer, EnvSource, FileSource, KeyInfo, KeyStore, KeyUsage};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
@@ -20,13 +23,27 @@ async fn main() -> Result<(), Box<dyn Error>> {
         )
         .init();
 
-    let path = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "examples/keys.toml".into());
+    let path = match std::env::args().nth(1) {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let dir =
+                std::env::temp_dir().join(format!("tower-api-key-example-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let copy = dir.join("keys.toml");
+            std::fs::copy(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/examples/keys.toml"),
+                &copy,
+            )?;
+            copy
+        }
+    };
     // Refuse to start without a valid key file; once running, a bad edit is refused
     // and the last good keys stay.
-    let keys = ApiKeyLayer::try_new(FileSource::new(&path))?;
-    let store = keys.store().clone();
+    let store = KeyStore::new();
+    store.add_source(FileSource::new(&path))?;
+    // The break-glass key: absent unless the variable is set.
+    store.add_source(EnvSource::optional("BREAK_GLASS_KEY"))?;
+    let keys = ApiKeyLayer::from_store(store.clone());
 
     let app = Router::new()
         .route("/", get(hello))
@@ -39,8 +56,17 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 .layer(Extension(store)),
         );
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-    println!("{}", walkthrough(&path));
+    let port = match std::env::var("PORT") {
+        Ok(port) => port
+            .parse()
+            .map_err(|_| format!("PORT={port} is not a port number"))?,
+        Err(_) => 3000,
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e} (set PORT to use another port)"))?;
+    println!("{}", walkthrough(&path.display().to_string(), addr));
     axum::serve(listener, app).await?;
     Ok(())
 }
@@ -58,62 +84,33 @@ async fn admin(Extension(key): Extension<KeyInfo>) -> String {
 }
 
 /// Per-key request counts and last use: how you see that an old key went idle.
-async fn usage(Extension(store): Extension<KeyStore>) -> Json<serde_json::Value> {
-    let keys: Vec<_> = store
-        .usage()
-        .into_iter()
-        .map(|u| {
-            serde_json::json!({
-                "id": u.key().id(),
-                "requests": u.requests(),
-                "last_used_unix": u.last_used()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs()),
-            })
-        })
-        .collect();
-    Json(serde_json::json!({ "version": store.version(), "keys": keys }))
+async fn usage(Extension(store): Extension<KeyStore>) -> Json<Vec<KeyUsage>> {
+    Json(store.usage())
 }
 
-fn walkthrough(path: &str) -> String {
+fn walkthrough(path: &str, addr: SocketAddr) -> String {
+    let url = format!("http://{addr}");
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "listening on http://127.0.0.1:3000, keys from {path} (hot reload)\n"
-    );
+    let _ = writeln!(s, "listening on {url}, keys from {path} (hot reload)\n");
     let _ = writeln!(s, "# 1. the current key works, a wrong one is refused:");
+    let _ = writeln!(s, "curl -i {url}/ -H 'x-api-key: demo-key-2026-11'");
+    let _ = writeln!(s, "curl -i {url}/ -H 'authorization: Bearer wrong'\n");
     let _ = writeln!(
         s,
-        "curl -i http://127.0.0.1:3000/ -H 'x-api-key: demo-key-2026-11'"
+        "# 2. add the new key next to the old one (dual-key overlap); the"
     );
+    let _ = writeln!(s, "#    server applies the edit within milliseconds:");
     let _ = writeln!(
         s,
-        "curl -i http://127.0.0.1:3000/ -H 'authorization: Bearer wrong'\n"
+        "printf '\\n[[keys]]\\nid = \"demo-2026-12\"\\nsecret = \"demo-key-2026-12\"\\n' >> {path} && sleep 0.5"
     );
-    let _ = writeln!(
-        s,
-        "# 2. add the new key next to the old one (dual-key overlap):"
-    );
-    let _ = writeln!(
-        s,
-        "printf '\\n[[keys]]\\nid = \"demo-2026-12\"\\nsecret = \"demo-key-2026-12\"\\n' >> {path}"
-    );
-    let _ = writeln!(
-        s,
-        "curl -i http://127.0.0.1:3000/ -H 'x-api-key: demo-key-2026-12'\n"
-    );
+    let _ = writeln!(s, "curl -i {url}/ -H 'x-api-key: demo-key-2026-12'\n");
     let _ = writeln!(s, "# 3. check the old key has gone idle, then revoke it:");
+    let _ = writeln!(s, "curl -s {url}/admin/usage -H 'x-api-key: ops-admin-key'");
     let _ = writeln!(
         s,
-        "curl -s http://127.0.0.1:3000/admin/usage -H 'x-api-key: ops-admin-key'"
+        "sed -i 's/^secret = \"demo-key-2026-11\"/disabled = true\\nsecret = \"demo-key-2026-11\"/' {path} && sleep 0.5"
     );
-    let _ = writeln!(
-        s,
-        "sed -i 's/^secret = \"demo-key-2026-11\"/disabled = true\\nsecret = \"demo-key-2026-11\"/' {path}"
-    );
-    let _ = writeln!(
-        s,
-        "curl -i http://127.0.0.1:3000/ -H 'x-api-key: demo-key-2026-11'"
-    );
+    let _ = writeln!(s, "curl -i {url}/ -H 'x-api-key: demo-key-2026-11'");
     s
 }
