@@ -51,7 +51,7 @@ pub struct ApiKey {
     pub(crate) disabled: bool,
     /// What is wrong with the secret the key was built from, found while it was at
     /// hand: a [`KeySet`](crate::KeySet) refuses the key for it.
-    pub(crate) secret_problem: Option<&'static str>,
+    pub(crate) secret_problem: Option<SecretProblem>,
 }
 
 impl ApiKey {
@@ -211,7 +211,7 @@ impl ApiKey {
     pub(crate) fn validate(&self) -> Result<(), Error> {
         validate_id(&self.id)?;
         if let Some(problem) = self.secret_problem {
-            return Err(Error::invalid(Some(&self.id), problem));
+            return Err(Error::invalid(Some(&self.id), problem.message()));
         }
         if self.valid_from != 0
             && self.valid_until != u64::MAX
@@ -226,22 +226,42 @@ impl ApiKey {
     }
 }
 
-/// Why no request could ever present `secret`: headers are trimmed and hold no
-/// control characters, and the layer reads at most [`MAX_SECRET_LEN`] bytes.
-fn secret_problem(secret: &[u8]) -> Option<&'static str> {
+/// Why no request could ever present a secret: headers are trimmed and hold no
+/// control characters, and the layer reads at most [`MAX_SECRET_LEN`] bytes. One byte
+/// in every [`ApiKey`], where a message would take sixteen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SecretProblem {
+    Empty,
+    TooLong,
+    Whitespace,
+    Control,
+}
+
+impl SecretProblem {
+    fn message(self) -> &'static str {
+        match self {
+            Self::Empty => "the secret must not be empty",
+            Self::TooLong => "the secret is longer than 4096 bytes",
+            Self::Whitespace => "the secret has leading or trailing whitespace",
+            Self::Control => "the secret contains a control character",
+        }
+    }
+}
+
+fn secret_problem(secret: &[u8]) -> Option<SecretProblem> {
     if secret.is_empty() {
-        return Some("the secret must not be empty");
+        return Some(SecretProblem::Empty);
     }
     if secret.len() > MAX_SECRET_LEN {
-        return Some("the secret is longer than 4096 bytes");
+        return Some(SecretProblem::TooLong);
     }
     if secret.first().is_some_and(u8::is_ascii_whitespace)
         || secret.last().is_some_and(u8::is_ascii_whitespace)
     {
-        return Some("the secret has leading or trailing whitespace");
+        return Some(SecretProblem::Whitespace);
     }
     if secret.iter().any(|&b| b < 0x20 || b == 0x7f) {
-        return Some("the secret contains a control character");
+        return Some(SecretProblem::Control);
     }
     None
 }
@@ -332,6 +352,16 @@ mod tests {
         }
         assert!(ApiKey::new("k", [b'x'; MAX_SECRET_LEN]).validate().is_ok());
         assert!(ApiKey::new("k", "inner space ok").validate().is_ok());
+    }
+
+    #[test]
+    fn a_key_is_small() {
+        // A million of them are held while a large key file is checked.
+        assert!(
+            std::mem::size_of::<ApiKey>() <= 80,
+            "{}",
+            std::mem::size_of::<ApiKey>()
+        );
     }
 
     #[test]

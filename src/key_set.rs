@@ -1,6 +1,8 @@
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{fmt, hash::BuildHasher, sync::Arc};
 
-use crate::{ApiKey, Error, digest::DigestMap};
+use hashbrown::HashTable;
+
+use crate::{ApiKey, Error};
 
 /// A complete, validated set of keys: what a [`KeySource`](crate::KeySource) yields.
 ///
@@ -35,27 +37,51 @@ pub struct KeySet {
 #[derive(Clone, Default)]
 struct Inner {
     keys: Vec<ApiKey>,
-    by_id: HashMap<Arc<str>, usize, foldhash::fast::RandomState>,
-    by_digest: DigestMap<usize>,
+    /// Positions in `keys`, found by id and by digest: four bytes a key each, where a
+    /// map holding the ids and digests again took a hundred.
+    by_id: HashTable<u32>,
+    by_digest: HashTable<u32>,
+    ids: foldhash::fast::RandomState,
+}
+
+/// The position of the key with this id, from its hash.
+fn find_id(table: &HashTable<u32>, keys: &[ApiKey], hash: u64, id: &str) -> Option<usize> {
+    table
+        .find(hash, |&i| *keys[i as usize].id == *id)
+        .map(|&i| i as usize)
 }
 
 impl Inner {
     fn insert(&mut self, key: ApiKey) -> Result<(), Error> {
         key.validate()?;
-        if self.by_id.contains_key(&key.id) {
+        let Ok(position) = u32::try_from(self.keys.len()) else {
+            return Err(Error::invalid(
+                Some(&key.id),
+                "a key set holds at most 2^32 keys",
+            ));
+        };
+        let id_hash = self.ids.hash_one(&*key.id);
+        if find_id(&self.by_id, &self.keys, id_hash, &key.id).is_some() {
             return Err(Error::DuplicateId {
                 id: key.id.to_string(),
             });
         }
-        if let Some(&first) = self.by_digest.get(&key.digest) {
+        let digest_hash = key.digest.bits(16);
+        let keys = &self.keys;
+        if let Some(&first) = self
+            .by_digest
+            .find(digest_hash, |&i| keys[i as usize].digest == key.digest)
+        {
             return Err(Error::DuplicateKey {
-                first: self.keys[first].id.to_string(),
+                first: self.keys[first as usize].id.to_string(),
                 second: key.id.to_string(),
             });
         }
-        let position = self.keys.len();
-        self.by_digest.insert(key.digest, position);
-        self.by_id.insert(key.id.clone(), position);
+        let (ids, keys) = (&self.ids, &self.keys);
+        self.by_id
+            .insert_unique(id_hash, position, |&i| ids.hash_one(&*keys[i as usize].id));
+        self.by_digest
+            .insert_unique(digest_hash, position, |&i| keys[i as usize].digest.bits(16));
         self.keys.push(key);
         Ok(())
     }
@@ -72,8 +98,8 @@ impl KeySet {
     pub(crate) fn with_capacity(n: usize) -> Self {
         let mut inner = Inner::default();
         inner.keys.reserve(n);
-        inner.by_id.reserve(n);
-        inner.by_digest.reserve(n);
+        inner.by_id = HashTable::with_capacity(n);
+        inner.by_digest = HashTable::with_capacity(n);
         Self {
             inner: Arc::new(inner),
         }
@@ -124,7 +150,9 @@ impl KeySet {
 
     /// The key with this id.
     pub fn get(&self, id: &str) -> Option<&ApiKey> {
-        self.inner.by_id.get(id).map(|&i| &self.inner.keys[i])
+        let inner = &*self.inner;
+        let hash = inner.ids.hash_one(id);
+        find_id(&inner.by_id, &inner.keys, hash, id).map(|i| &inner.keys[i])
     }
 
     /// The keys, in insertion order.

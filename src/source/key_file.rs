@@ -52,11 +52,28 @@ fn parse_bytes(content: &[u8]) -> Result<KeySet, (Error, Option<usize>)> {
         let reason = "the file is not valid UTF-8".to_owned();
         (Error::Parse { reason }, Some(e.valid_up_to()))
     })?;
-    match simple::parse(text) {
+    let mut declined_at = 0;
+    match simple::parse_at(text, &mut declined_at) {
         Some(parsed) => parsed,
+        // The general parser needs several times a file's size in memory, whatever
+        // the file holds: only small files get it.
+        None if text.len() > GENERAL_MAX => {
+            let reason = format!(
+                "a key file over {} MiB must be in the plain style (`[[keys]]` tables of \
+                 one `field = value` per line, double-quoted strings without escapes); \
+                 this line is not",
+                GENERAL_MAX >> 20
+            );
+            Err((Error::Parse { reason }, Some(declined_at)))
+        }
         None => general(text),
     }
 }
+
+/// The largest file handed to the general TOML parser, which takes about seven times
+/// a file's size in memory. Large files are generated, and generated in the plain
+/// style the fast path reads.
+const GENERAL_MAX: usize = 4 << 20;
 
 /// Parses with the general TOML parser.
 fn general(text: &str) -> Result<KeySet, (Error, Option<usize>)> {
@@ -92,7 +109,16 @@ mod simple {
     /// the subset that fails validation gets the error, and the offset of the
     /// `[[keys]]` line, the general parser would give: no second parse of a large
     /// refused file.
+    #[cfg(test)]
     pub(super) fn parse(text: &str) -> Option<Result<KeySet, (Error, Option<usize>)>> {
+        parse_at(text, &mut 0)
+    }
+
+    /// As [`parse`]; `at` is left at the offset of the line that was declined.
+    pub(super) fn parse_at(
+        text: &str,
+        declined_at: &mut usize,
+    ) -> Option<Result<KeySet, (Error, Option<usize>)>> {
         let mut set = KeySet::with_capacity(text.len() / 100);
         let mut first_error = None;
         let mut add = |entry: Partial, at: usize| -> Option<()> {
@@ -114,6 +140,7 @@ mod simple {
                 return None;
             }
             let at = line.as_ptr() as usize - text.as_ptr() as usize;
+            *declined_at = at;
             let line = trim(line);
             if line.is_empty() {
                 continue;
@@ -489,6 +516,28 @@ sha256 = "{HASH}"
             let line = |at: Option<usize>| at.map(|at| line_of(file.as_bytes(), at));
             assert_eq!(line(fast_at), line(slow_at), "{file:?}");
         }
+    }
+
+    #[test]
+    fn a_large_file_outside_the_plain_style_is_refused_naming_the_line() {
+        let mut text = String::new();
+        while text.len() <= GENERAL_MAX {
+            let i = text.len();
+            text.push_str(&format!("[[keys]]\nid = \"k{i}\"\nsecret = \"s{i}\"\n"));
+        }
+        assert!(
+            parse(Path::new("k"), text.as_bytes()).is_ok(),
+            "plain style: read"
+        );
+        text.push_str("[[keys]]\nid = 'quoted'\nsecret = \"x\"\n");
+        let err = parse(Path::new("k"), text.as_bytes())
+            .unwrap_err()
+            .to_string();
+        let line = text.lines().count() - 1;
+        assert!(
+            err.starts_with(&format!("k:{line}: a key file over 4 MiB")),
+            "{err}"
+        );
     }
 
     #[test]
