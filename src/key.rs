@@ -18,6 +18,10 @@ pub(crate) struct Meta {
     pub(crate) tenant: Option<Box<str>>,
     pub(crate) owner: Option<Box<str>>,
     pub(crate) description: Option<Box<str>>,
+    /// The audit record: when the key was made (Unix ms), by whom, replacing which.
+    pub(crate) created_at: Option<u64>,
+    pub(crate) created_by: Option<Box<str>>,
+    pub(crate) rotated_from: Option<Box<str>>,
 }
 
 /// One API key to put in a [`KeySet`](crate::KeySet): its id, its digest and its
@@ -134,6 +138,21 @@ impl ApiKey {
         self.meta.as_ref()?.description.as_deref()
     }
 
+    /// When the key was created, if recorded (to the millisecond).
+    pub fn created_at(&self) -> Option<SystemTime> {
+        self.meta.as_ref()?.created_at.map(clock::from_unix_ms)
+    }
+
+    /// Who created the key (a caller's key id, a person), if recorded.
+    pub fn created_by(&self) -> Option<&str> {
+        self.meta.as_ref()?.created_by.as_deref()
+    }
+
+    /// The id of the key this one replaced in a rotation, if any.
+    pub fn rotated_from(&self) -> Option<&str> {
+        self.meta.as_ref()?.rotated_from.as_deref()
+    }
+
     /// The instant before which the key is refused, if set (to the millisecond).
     pub fn not_before(&self) -> Option<SystemTime> {
         (self.valid_from != 0).then(|| clock::from_unix_ms(self.valid_from))
@@ -178,6 +197,27 @@ impl ApiKey {
     #[must_use]
     pub fn with_description(mut self, description: impl Into<Box<str>>) -> Self {
         self.meta_mut().description = Some(description.into());
+        self
+    }
+
+    /// Records when the key was created (kept to the millisecond).
+    #[must_use]
+    pub fn with_created_at(mut self, at: SystemTime) -> Self {
+        self.meta_mut().created_at = Some(clock::to_unix_ms(at));
+        self
+    }
+
+    /// Records who created the key.
+    #[must_use]
+    pub fn with_created_by(mut self, by: impl Into<Box<str>>) -> Self {
+        self.meta_mut().created_by = Some(by.into());
+        self
+    }
+
+    /// Records the id of the key this one replaces in a rotation.
+    #[must_use]
+    pub fn with_rotated_from(mut self, id: impl Into<Box<str>>) -> Self {
+        self.meta_mut().rotated_from = Some(id.into());
         self
     }
 

@@ -91,6 +91,21 @@ impl KeyInfo {
         self.entry().shared.meta.description.as_deref()
     }
 
+    /// When the key was created, if recorded.
+    pub fn created_at(&self) -> Option<SystemTime> {
+        self.entry().shared.meta.created_at.map(clock::from_unix_ms)
+    }
+
+    /// Who created the key, if recorded.
+    pub fn created_by(&self) -> Option<&str> {
+        self.entry().shared.meta.created_by.as_deref()
+    }
+
+    /// The id of the key this one replaced in a rotation, if any.
+    pub fn rotated_from(&self) -> Option<&str> {
+        self.entry().shared.meta.rotated_from.as_deref()
+    }
+
     /// The instant before which the key is refused, if set (to the millisecond).
     pub fn not_before(&self) -> Option<SystemTime> {
         let at = self.entry().valid_from();
@@ -121,7 +136,8 @@ impl KeyInfo {
 }
 
 /// As JSON: `id`, `source`, `scopes`, `tenant`, `owner`, `description`,
-/// `not_before` and `expires_at` (RFC 3339, or null), `disabled`. Never key material.
+/// `not_before` and `expires_at` (RFC 3339, or null), `disabled`, `created_at`,
+/// `created_by`, `rotated_from`. Never key material.
 ///
 /// ```
 /// use tower_api_key::{ApiKey, KeySet, KeyStore};
@@ -137,7 +153,7 @@ impl KeyInfo {
 impl serde::Serialize for KeyInfo {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
-        let mut s = serializer.serialize_struct("KeyInfo", 9)?;
+        let mut s = serializer.serialize_struct("KeyInfo", 12)?;
         s.serialize_field("id", self.id())?;
         s.serialize_field("source", self.source())?;
         s.serialize_field("scopes", &self.entry().shared.meta.scopes)?;
@@ -147,6 +163,9 @@ impl serde::Serialize for KeyInfo {
         s.serialize_field("not_before", &self.not_before().map(clock::rfc3339))?;
         s.serialize_field("expires_at", &self.expires_at().map(clock::rfc3339))?;
         s.serialize_field("disabled", &self.is_disabled())?;
+        s.serialize_field("created_at", &self.created_at().map(clock::rfc3339))?;
+        s.serialize_field("created_by", &self.created_by())?;
+        s.serialize_field("rotated_from", &self.rotated_from())?;
         s.end()
     }
 }

@@ -44,6 +44,9 @@ struct KeyEntry<S, T> {
     expires_at: Option<Datetime>,
     #[serde(default)]
     disabled: bool,
+    created_at: Option<Datetime>,
+    created_by: Option<S>,
+    rotated_from: Option<S>,
 }
 
 /// Parses a key file; on error, the byte offset it points at, where known.
@@ -191,6 +194,9 @@ mod simple {
         not_before: Option<Datetime>,
         expires_at: Option<Datetime>,
         disabled: Option<bool>,
+        created_at: Option<Datetime>,
+        created_by: Option<&'a str>,
+        rotated_from: Option<&'a str>,
     }
 
     impl<'a> Partial<'a> {
@@ -212,6 +218,9 @@ mod simple {
                 "tenant" => put(&mut self.tenant, string(value)),
                 "owner" => put(&mut self.owner, string(value)),
                 "description" => put(&mut self.description, string(value)),
+                "created_at" => put(&mut self.created_at, datetime(value)),
+                "created_by" => put(&mut self.created_by, string(value)),
+                "rotated_from" => put(&mut self.rotated_from, string(value)),
                 "not_before" => put(&mut self.not_before, datetime(value)),
                 "expires_at" => put(&mut self.expires_at, datetime(value)),
                 "disabled" => put(
@@ -238,6 +247,9 @@ mod simple {
                 not_before: self.not_before,
                 expires_at: self.expires_at,
                 disabled: self.disabled.unwrap_or(false),
+                created_at: self.created_at,
+                created_by: self.created_by,
+                rotated_from: self.rotated_from,
             })
         }
     }
@@ -321,6 +333,15 @@ where
         }
         if let Some(at) = self.not_before {
             key = key.with_not_before(instant(id, "not_before", &at)?);
+        }
+        if let Some(at) = self.created_at {
+            key = key.with_created_at(instant(id, "created_at", &at)?);
+        }
+        if let Some(by) = self.created_by {
+            key = key.with_created_by(by);
+        }
+        if let Some(from) = self.rotated_from {
+            key = key.with_rotated_from(from);
         }
         if let Some(at) = self.expires_at {
             key = key.with_expires_at(instant(id, "expires_at", &at)?);
@@ -440,6 +461,9 @@ description = "first"
 not_before = 2026-11-01T00:00:00Z
 expires_at = 2026-12-01T01:00:00+01:00
 disabled = true
+created_at = 2026-10-01T12:00:00Z
+created_by = "ops-admin"
+rotated_from = "a-2026-10"
 
 [[keys]]
 id = "b"
@@ -456,6 +480,9 @@ sha256 = "{HASH}"
         let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs();
         assert_eq!(secs(a.not_before().unwrap()), 1_793_491_200);
         assert_eq!(secs(a.expires_at().unwrap()), 1_796_083_200);
+        assert_eq!(secs(a.created_at().unwrap()), 1_790_856_000);
+        assert_eq!(a.created_by(), Some("ops-admin"));
+        assert_eq!(a.rotated_from(), Some("a-2026-10"));
         assert_eq!(set.get("b").unwrap().digest, KeyDigest::of(b"s3cr3t"));
     }
 
@@ -735,6 +762,9 @@ mod properties {
             Just("not_before"),
             Just("expires_at"),
             Just("disabled"),
+            Just("created_at"),
+            Just("created_by"),
+            Just("rotated_from"),
             Just("extra"),
         ]
     }
