@@ -54,7 +54,7 @@ impl KeyDigest {
     }
 
     /// The 64 lower-case hex digits.
-    #[cfg(test)]
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn to_hex(self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }

@@ -108,6 +108,8 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "admin")]
+pub mod admin;
 #[cfg(feature = "axum")]
 mod axum;
 mod change;

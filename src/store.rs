@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::{
-    Error, KeyInfo, KeySource, KeyUpdater, Rejection, ReloadReport,
+    ApiKey, Error, KeyInfo, KeySource, KeyUpdater, Rejection, ReloadReport,
     clock::{self, duration_ms},
     digest::KeyDigest,
     shared::{Shared, Writer},
@@ -259,6 +259,26 @@ impl KeyStore {
         writer.pending.push(None);
         let index = u16::try_from(writer.sources.len() - 1).unwrap_or(u16::MAX);
         KeyUpdater::new(Arc::downgrade(&self.shared), index, name.into())
+    }
+
+    /// Whether the store holds exactly `key` (digest, metadata, window, flag), from the
+    /// source named `source`.
+    #[cfg(feature = "admin")]
+    pub(crate) fn holds(&self, key: &ApiKey, source: &str) -> bool {
+        let snapshot = self.shared.current.load();
+        snapshot.digest_of(&key.id) == Some(key.digest)
+            && snapshot
+                .by_id(&key.id)
+                .is_some_and(|(e, _)| &*e.shared.source == source && e.shared.describes(key))
+    }
+
+    /// Whether the store holds a key with this id from the source named `source`.
+    #[cfg(feature = "admin")]
+    pub(crate) fn holds_id(&self, id: &str, source: &str) -> bool {
+        let snapshot = self.shared.current.load();
+        snapshot
+            .by_id(id)
+            .is_some_and(|(e, _)| &*e.shared.source == source)
     }
 
     /// Whether `key` was let in by this store.

@@ -350,6 +350,14 @@ where
     }
 }
 
+/// An RFC 3339 date and time with an offset (`2026-12-01T00:00:00Z`,
+/// `…T01:00:00.250+01:00`), as the key file writes them.
+#[cfg(feature = "admin")]
+pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let dt: Datetime = text.trim().parse().ok()?;
+    instant("", "", &dt).ok()
+}
+
 /// Converts a TOML offset datetime to a `SystemTime`.
 fn instant(id: &str, field: &str, dt: &Datetime) -> Result<SystemTime, Error> {
     use toml::value::Offset;

@@ -6,7 +6,10 @@ mod env;
 mod file;
 #[cfg(feature = "file")]
 mod key_file;
-mod read;
+pub(crate) mod read;
+
+#[cfg(feature = "admin")]
+pub(crate) use key_file::parse_rfc3339;
 #[cfg(feature = "file")]
 mod watch;
 

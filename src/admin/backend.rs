@@ -1,0 +1,164 @@
+//! Where the key-management API keeps its keys: the public backend trait.
+
+use std::{fmt, future::Future};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::ApiKey;
+
+/// Where the [`AdminApi`](super::AdminApi) keeps the keys it manages: the key file
+/// ([`FileBackend`](super::FileBackend)), or your own (a database shared by a fleet).
+///
+/// Each method is one atomic operation: it succeeds whole or changes nothing.
+/// Records are [`ApiKey`]s, which hold digests, never secrets. A record's version,
+/// for `If-Match`, is its [`record_etag`]: a backend checks it against the record it
+/// holds at the moment of the change.
+///
+/// A backend checks a change against the rules its store source applies before
+/// writing it (a key file must still parse), so that a written change is never
+/// refused on reload. The API waits, after each change, until the store it was built
+/// with has applied it: the backend's keys must reach that store through the source
+/// named by [`source_name`](AdminBackend::source_name).
+pub trait AdminBackend: Send + Sync + 'static {
+    /// The name of the store source its keys arrive through (a
+    /// [`KeySource::name`](crate::KeySource::name)): the API manages those keys and no
+    /// others.
+    fn source_name(&self) -> String;
+
+    /// Every record, in any order.
+    fn list(&self) -> impl Future<Output = Result<Vec<ApiKey>, BackendError>> + Send;
+
+    /// The record with this id.
+    fn get(&self, id: &str) -> impl Future<Output = Result<Option<ApiKey>, BackendError>> + Send;
+
+    /// Adds a record; [`BackendError::Conflict`] if its id is taken.
+    fn create(&self, key: ApiKey) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Replaces the record with `key`'s id, if its [`record_etag`] is `if_match` (when
+    /// given): [`BackendError::NotFound`], [`BackendError::PreconditionFailed`].
+    fn update(
+        &self,
+        key: ApiKey,
+        if_match: Option<&str>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Removes the record with this id, under the same condition.
+    fn delete(
+        &self,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Adds `successor` and replaces the record with `old`'s id by `old` (its shorter
+    /// expiry), together, if that record's etag is `if_match` (when given).
+    fn rotate(
+        &self,
+        successor: ApiKey,
+        old: ApiKey,
+        if_match: Option<&str>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// Why a backend refused or failed an operation.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// No record with this id.
+    NotFound,
+    /// The id is taken.
+    Conflict(String),
+    /// The record's version is not the one given.
+    PreconditionFailed,
+    /// The change breaks a rule of the key source (a bad id, a duplicate key, an
+    /// empty window).
+    Invalid(crate::Error),
+    /// The backend cannot serve now: I/O, a key file that does not parse, a lost
+    /// connection. Nothing was changed.
+    Unavailable(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotFound => f.write_str("no such key"),
+            Self::Conflict(id) => write!(f, "key id `{id}` is taken"),
+            Self::PreconditionFailed => f.write_str("the key changed since the given version"),
+            Self::Invalid(error) => write!(f, "{error}"),
+            Self::Unavailable(_) => f.write_str("the key backend is unavailable"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Unavailable(error) => Some(error.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+/// The version of a stored record, as an HTTP entity tag (quoted): the SHA-256 of
+/// everything the record holds, so it changes when, and only when, the record does
+/// (usage and status, which move with traffic and time, are not part of it). The
+/// same in every process, so replicas of a fleet agree.
+pub fn record_etag(key: &ApiKey) -> String {
+    let mut h = Sha256::new();
+    let mut field = |name: &str, value: Option<&[u8]>| {
+        h.update(name.as_bytes());
+        match value {
+            Some(v) => {
+                h.update([1]);
+                h.update((v.len() as u64).to_le_bytes());
+                h.update(v);
+            }
+            None => h.update([0]),
+        }
+    };
+    field("id", Some(key.id.as_bytes()));
+    field("digest", Some(&key.digest.0));
+    let scopes: Vec<&str> = key.scopes().collect();
+    field("scopes", Some(scopes.join("\u{1f}").as_bytes()));
+    field("tenant", key.tenant().map(str::as_bytes));
+    field("owner", key.owner().map(str::as_bytes));
+    field("description", key.description().map(str::as_bytes));
+    field("not_before", Some(&key.valid_from.to_le_bytes()));
+    field("expires_at", Some(&key.valid_until.to_le_bytes()));
+    field("disabled", Some(&[u8::from(key.disabled)]));
+    let created = key.meta.as_ref().and_then(|m| m.created_at);
+    field(
+        "created_at",
+        created.map(u64::to_le_bytes).as_ref().map(|b| &b[..]),
+    );
+    field("created_by", key.created_by().map(str::as_bytes));
+    field("rotated_from", key.rotated_from().map(str::as_bytes));
+    let digest = h.finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("\"{hex}\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_etag_changes_with_the_record_and_only_with_it() {
+        let key = ApiKey::new("a", "s").with_scopes(["read"]);
+        assert_eq!(record_etag(&key), record_etag(&key.clone()));
+        for changed in [
+            key.clone().with_scopes(["read", "write"]),
+            key.clone().with_owner("o"),
+            key.clone().with_disabled(true),
+            key.clone().with_created_by("ops"),
+            ApiKey::new("a", "other").with_scopes(["read"]),
+            ApiKey::new("b", "s").with_scopes(["read"]),
+        ] {
+            assert_ne!(record_etag(&key), record_etag(&changed));
+        }
+        // Field boundaries count: an owner "ab" is not a tenant "a" and an owner "b".
+        assert_ne!(
+            record_etag(&ApiKey::new("a", "s").with_owner("ab")),
+            record_etag(&ApiKey::new("a", "s").with_tenant("a").with_owner("b"))
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! The key-management HTTP API (feature `admin`): create, list, update, rotate and
+//! revoke keys, as an axum router any service mounts.
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//! use tower_api_key::{KeyStore, FileSource, admin::{AdminApi, FileBackend}};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = KeyStore::new();
+//! store.add_source(FileSource::new("keys.toml"))?;
+//! let my_routes = Router::new().route("/", get(|| async { "hello" }));
+//! let api: Router = AdminApi::new(store.clone(), FileBackend::new("keys.toml")).router();
+//! let app = my_routes.merge(api); // serves /v1/api-keys…, guarded by keys with scope "admin"
+//! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # axum::serve(listener, app).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Endpoints
+//!
+//! - `POST /v1/api-keys`: a new key, its secret (generated in the crate's
+//!   [format](crate::generate)) returned once as `key`; only its SHA-256 is stored.
+//! - `GET /v1/api-keys`: `{"items": [...], "next_cursor": ...}` ordered by id; query
+//!   `tenant`, `status`, `limit` (1 to 1000, default 100), `cursor`.
+//! - `GET /v1/api-keys/{id}`: one key, with its `ETag`.
+//! - `PATCH /v1/api-keys/{id}`: a JSON merge patch of `scopes`, `tenant`, `owner`,
+//!   `description`, `not_before`, `expires_at`, `disabled`; `If-Match` required.
+//! - `POST /v1/api-keys/{id}/rotate`: a successor with the same scopes, tenant, owner
+//!   and description (`rotated_from` the old id), its secret returned once; the old key
+//!   keeps working for `overlap_seconds` (default a day), never past its own expiry.
+//! - `DELETE /v1/api-keys/{id}`: revoked; the next request with it is refused.
+//! - `GET /v1/openapi.json` (no key needed): the OpenAPI 3.1 description.
+//!
+//! Errors are `application/problem+json` (RFC 9457), `type`
+//! `urn:tower-api-key:problem:<kind>`.
+//!
+//! # Rules
+//!
+//! - When a change returns 2xx, the store the router was built with already enforces
+//!   it; if the store has not applied it within the timeout (default 5 s), the answer
+//!   is 503 `unavailable` and the change, written, applies when it can.
+//! - Only keys with the admin scope get in. An admin key with a tenant sees and
+//!   manages only its tenant's keys and creates keys only in it. No caller can give a
+//!   key a scope it lacks itself.
+//! - The API manages the keys its backend holds; keys of the store's other sources
+//!   are not listed and are 404 to it.
+//! - Every change emits a `tracing` event on target `tower_api_key::audit` (action,
+//!   key id, the caller's key id, time), and is recorded in the key itself
+//!   (`created_at`, `created_by`, `rotated_from`).
+
+mod backend;
+mod file;
+mod model;
+mod patch;
+mod problem;
+mod routes;
+
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    routing::{any, get, post},
+};
+use utoipa::OpenApi as _;
+
+use self::problem::Problem;
+pub use self::{
+    backend::{AdminBackend, BackendError, record_etag},
+    file::FileBackend,
+};
+use crate::{ApiKey, ApiKeyLayer, KeyInfo, KeyStore, Reloads, digest::KeyDigest};
+
+/// The key-management API over `store` and a backend: build it, then mount its
+/// [`router`](AdminApi::router).
+#[must_use]
+pub struct AdminApi<B> {
+    store: KeyStore,
+    backend: B,
+    scope: Arc<str>,
+    timeout: Duration,
+}
+
+/// What the handlers share.
+pub(crate) struct Inner<B> {
+    pub(crate) store: KeyStore,
+    pub(crate) backend: B,
+    /// The store source the backend's keys arrive through.
+    pub(crate) source: String,
+    timeout: Duration,
+}
+
+impl<B: AdminBackend> AdminApi<B> {
+    /// The API over `backend`, whose keys reach `store` through one of its sources:
+    /// changes are enforced by `store` when a call returns. Keys with the scope
+    /// `admin` may use it.
+    pub fn new(store: KeyStore, backend: B) -> Self {
+        Self {
+            store,
+            backend,
+            scope: Arc::from("admin"),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The scope a key needs to use the API (default `admin`).
+    pub fn with_scope(mut self, scope: impl Into<Arc<str>>) -> Self {
+        self.scope = scope.into();
+        self
+    }
+
+    /// How long a change may take to be enforced by the store before the call
+    /// answers 503 (default 5 s).
+    pub fn with_apply_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The router: `/v1/api-keys…` guarded by keys with the scope, and
+    /// `/v1/openapi.json`. Merge it into your application's router.
+    pub fn router<S: Clone + Send + Sync + 'static>(self) -> Router<S> {
+        let guard = ApiKeyLayer::from_store(self.store.clone())
+            .with_realm("admin")
+            .require_scope(self.scope)
+            .with_rejection(problem::refusal);
+        let inner = Arc::new(Inner {
+            source: self.backend.source_name(),
+            store: self.store,
+            backend: self.backend,
+            timeout: self.timeout,
+        });
+        let keys = Router::new()
+            .route(
+                "/v1/api-keys",
+                get(routes::list::<B>).post(routes::create::<B>),
+            )
+            .route(
+                "/v1/api-keys/{id}",
+                get(routes::get_key::<B>)
+                    .patch(routes::patch_key::<B>)
+                    .delete(routes::delete_key::<B>),
+            )
+            .route("/v1/api-keys/{id}/rotate", post(routes::rotate_key::<B>))
+            .route("/v1/api-keys/{id}/{*rest}", any(routes::not_found))
+            .method_not_allowed_fallback(routes::method_not_allowed)
+            .route_layer(guard)
+            .with_state(inner);
+        Router::new()
+            .route("/v1/openapi.json", get(|| async { Json(openapi()) }))
+            .merge(keys)
+    }
+}
+
+/// The OpenAPI 3.1 description of the API, generated from its handlers and types.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    Doc::openapi()
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "tower-api-key key management", description = "Create, list, update, rotate and revoke API keys."),
+    paths(routes::list, routes::create, routes::get_key, routes::patch_key, routes::rotate_key, routes::delete_key),
+    modifiers(&Security),
+    security(("bearer" = []), ("x_api_key" = [])),
+)]
+struct Doc;
+
+/// The two ways to present an admin key.
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey as Header, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "x_api_key",
+            SecurityScheme::ApiKey(Header::Header(ApiKeyValue::new("x-api-key"))),
+        );
+    }
+}
+
+impl<B: AdminBackend> Inner<B> {
+    /// The backend's key with this id, if the caller may see it.
+    pub(crate) async fn visible(&self, caller: &KeyInfo, id: &str) -> Result<ApiKey, Problem> {
+        match self.backend.get(id).await? {
+            Some(key) if routes::visible(caller, &key) => Ok(key),
+            _ => Err(Problem::not_found()),
+        }
+    }
+
+    /// Gives `key` an id and a fresh secret, hands it to `write` (one backend
+    /// operation), and waits until the store enforces it. A generated id that turns
+    /// out taken is drawn again.
+    pub(crate) async fn issue(
+        &self,
+        mut key: ApiKey,
+        id: Option<String>,
+        prefix: &str,
+        write: Write,
+    ) -> Result<(ApiKey, String), Problem> {
+        let (mut id, chosen) = routes::checked_id(id)?;
+        for attempt in 0.. {
+            if self
+                .store
+                .get(&id)
+                .is_some_and(|k| k.source() != self.source)
+            {
+                return Err(Problem::conflict(format!(
+                    "key id `{id}` is taken by another key source"
+                )));
+            }
+            let generated =
+                crate::generate(prefix).map_err(|e| Problem::validation(e.to_string()))?;
+            key.id = Arc::from(id.as_str());
+            key.digest = KeyDigest::of(generated.secret().as_bytes());
+            key.validate()
+                .map_err(|e| Problem::validation(e.to_string()))?;
+            let reloads = self.store.subscribe();
+            let written = match &write {
+                Write::Create => self.backend.create(key.clone()).await,
+                Write::Rotate {
+                    shortened,
+                    if_match,
+                } => {
+                    let old = shortened.clone();
+                    self.backend
+                        .rotate(key.clone(), old, if_match.as_deref())
+                        .await
+                }
+            };
+            match written {
+                Err(BackendError::Conflict(_)) if !chosen && attempt < 3 => {
+                    id = fresh_id();
+                }
+                Err(error) => return Err(error.into()),
+                Ok(()) => {
+                    self.applied(reloads, |store| {
+                        store.holds(&key, &self.source)
+                            && match &write {
+                                Write::Create => true,
+                                Write::Rotate { shortened, .. } => {
+                                    store.holds(shortened, &self.source)
+                                }
+                            }
+                    })
+                    .await?;
+                    return Ok((key, generated.secret().to_owned()));
+                }
+            }
+        }
+        Err(Problem::unavailable("no free id"))
+    }
+
+    /// Waits until `done` holds of the store, at most the timeout.
+    pub(crate) async fn applied(
+        &self,
+        mut reloads: Reloads,
+        done: impl Fn(&KeyStore) -> bool,
+    ) -> Result<(), Problem> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if done(&self.store) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Problem::unavailable(
+                    "the change is written but the store has not applied it yet; it applies when it can",
+                ));
+            }
+            if let Ok(None) = tokio::time::timeout(left, reloads.next()).await {
+                return Err(Problem::unavailable("the key store is gone"));
+            }
+        }
+    }
+
+    /// The audit event of a change.
+    pub(crate) fn audit(&self, action: &str, key_id: &str, caller: &KeyInfo) {
+        #[cfg(feature = "tracing")]
+        tracing::info!(
+            target: "tower_api_key::audit",
+            action,
+            key_id,
+            caller = caller.id(),
+            at = %crate::clock::rfc3339(std::time::SystemTime::now()),
+            "api key {action}"
+        );
+        #[cfg(not(feature = "tracing"))]
+        let _ = (action, key_id, caller);
+    }
+}
+
+/// The one backend operation that issues a key.
+pub(crate) enum Write {
+    Create,
+    /// Rotation: the old key, its expiry shortened, replaced in the same operation.
+    Rotate {
+        shortened: ApiKey,
+        if_match: Option<String>,
+    },
+}
+
+/// A fresh key id: `key-` and 16 random base62 characters.
+pub(crate) fn fresh_id() -> String {
+    let generated =
+        crate::generate("key").map_or_else(|_| String::new(), |g| g.secret().to_owned());
+    generated.chars().take(4 + 16).collect()
+}
+
+impl<B> fmt::Debug for AdminApi<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminApi")
+            .field("store", &self.store)
+            .field("scope", &self.scope)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}

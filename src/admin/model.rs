@@ -1,0 +1,161 @@
+//! What the key-management API reads and writes: the key resource and the request
+//! bodies, with their OpenAPI schemas.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{ApiKey, KeyStore, clock};
+
+/// A key as the API shows it. Never a secret or a digest.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct KeyResource {
+    id: String,
+    scopes: Vec<String>,
+    tenant: Option<String>,
+    owner: Option<String>,
+    description: Option<String>,
+    /// RFC 3339.
+    not_before: Option<String>,
+    /// RFC 3339.
+    expires_at: Option<String>,
+    disabled: bool,
+    /// `active`, `expired`, `not_yet_valid` or `disabled`, as of the response.
+    status: &'static str,
+    /// RFC 3339.
+    created_at: Option<String>,
+    /// The key id of the caller that created it.
+    created_by: Option<String>,
+    /// The key this one replaced in a rotation.
+    rotated_from: Option<String>,
+    usage: Usage,
+}
+
+/// Requests let in with the key through the store the API serves, since it was
+/// loaded, and the last one.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Usage {
+    requests: u64,
+    /// RFC 3339, to the second.
+    last_used: Option<String>,
+}
+
+/// A key just made: the resource, and its secret, shown this once.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct CreatedKey {
+    #[serde(flatten)]
+    resource: KeyResource,
+    /// The secret. Only its SHA-256 is stored: it cannot be shown again.
+    key: String,
+}
+
+/// A page of keys, ordered by id.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct KeyList {
+    items: Vec<KeyResource>,
+    /// Pass as `cursor` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+/// `POST /v1/api-keys`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateRequest {
+    /// Generated when absent.
+    pub(crate) id: Option<String>,
+    /// The secret's prefix, 1 to 16 ASCII letters and digits (default `tak`).
+    pub(crate) prefix: Option<String>,
+    #[serde(default)]
+    pub(crate) scopes: Vec<String>,
+    /// Defaults to the caller's tenant.
+    pub(crate) tenant: Option<String>,
+    pub(crate) owner: Option<String>,
+    pub(crate) description: Option<String>,
+    /// RFC 3339.
+    pub(crate) not_before: Option<String>,
+    /// RFC 3339.
+    pub(crate) expires_at: Option<String>,
+}
+
+/// `PATCH /v1/api-keys/{id}`: a JSON merge patch (RFC 7396); `null` removes an
+/// optional field. `id` and `key` cannot be changed.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read as a merge patch; this type is its schema
+pub(crate) struct PatchRequest {
+    scopes: Option<Vec<String>>,
+    tenant: Option<String>,
+    owner: Option<String>,
+    description: Option<String>,
+    /// RFC 3339.
+    not_before: Option<String>,
+    /// RFC 3339.
+    expires_at: Option<String>,
+    disabled: Option<bool>,
+}
+
+/// `POST /v1/api-keys/{id}/rotate`.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RotateRequest {
+    /// How long the old key keeps working (default 86400, a day); never past the
+    /// expiry it already had.
+    pub(crate) overlap_seconds: Option<u64>,
+    /// The successor's id; generated when absent.
+    pub(crate) id: Option<String>,
+}
+
+/// The status of `key` at `now`.
+pub(crate) fn status(key: &ApiKey, now: SystemTime) -> &'static str {
+    let now = clock::to_unix_ms(now);
+    if key.disabled {
+        "disabled"
+    } else if now < key.valid_from {
+        "not_yet_valid"
+    } else if now >= key.valid_until {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
+impl KeyResource {
+    pub(crate) fn of(key: &ApiKey, store: &KeyStore, now: SystemTime) -> Self {
+        let usage = store.usage_of(key.id());
+        Self {
+            id: key.id().to_owned(),
+            scopes: key.scopes().map(str::to_owned).collect(),
+            tenant: key.tenant().map(str::to_owned),
+            owner: key.owner().map(str::to_owned),
+            description: key.description().map(str::to_owned),
+            not_before: key.not_before().map(clock::rfc3339),
+            expires_at: key.expires_at().map(clock::rfc3339),
+            disabled: key.is_disabled(),
+            status: status(key, now),
+            created_at: key.created_at().map(clock::rfc3339),
+            created_by: key.created_by().map(str::to_owned),
+            rotated_from: key.rotated_from().map(str::to_owned),
+            usage: Usage {
+                requests: usage.as_ref().map_or(0, crate::KeyUsage::requests),
+                last_used: usage.and_then(|u| u.last_used()).map(clock::rfc3339),
+            },
+        }
+    }
+
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl CreatedKey {
+    pub(crate) fn new(resource: KeyResource, key: String) -> Self {
+        Self { resource, key }
+    }
+}
+
+impl KeyList {
+    pub(crate) fn new(items: Vec<KeyResource>, next_cursor: Option<String>) -> Self {
+        Self { items, next_cursor }
+    }
+}

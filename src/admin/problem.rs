@@ -1,0 +1,179 @@
+//! RFC 9457 problem documents: every error the key-management API answers.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+
+use super::BackendError;
+use crate::Rejection;
+
+/// An error answered as `application/problem+json`, `type` being
+/// `urn:tower-api-key:problem:<kind>`.
+#[derive(Debug)]
+pub(crate) struct Problem {
+    status: StatusCode,
+    kind: &'static str,
+    detail: Option<String>,
+}
+
+/// The JSON of a problem (RFC 9457).
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ProblemDocument {
+    /// `urn:tower-api-key:problem:<kind>`, kind one of `bad-request`, `not-found`,
+    /// `method-not-allowed`, `unsupported-media-type`, `conflict`, `validation`,
+    /// `precondition-failed`, `precondition-required`, `unauthenticated`,
+    /// `forbidden`, `unavailable`.
+    #[serde(rename = "type")]
+    kind: String,
+    /// A short summary of the kind.
+    title: &'static str,
+    /// The HTTP status.
+    status: u16,
+    /// What happened, for a person.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+impl Problem {
+    fn new(status: StatusCode, kind: &'static str, detail: Option<String>) -> Self {
+        Self {
+            status,
+            kind,
+            detail,
+        }
+    }
+
+    pub(crate) fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", Some(detail.into()))
+    }
+
+    pub(crate) fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", None)
+    }
+
+    pub(crate) fn method_not_allowed() -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", None)
+    }
+
+    pub(crate) fn unsupported_media_type(expected: &str) -> Self {
+        let detail = format!("send the body as {expected}");
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            Some(detail),
+        )
+    }
+
+    pub(crate) fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", Some(detail.into()))
+    }
+
+    pub(crate) fn validation(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            Some(detail.into()),
+        )
+    }
+
+    pub(crate) fn precondition_failed() -> Self {
+        let detail = "the key changed since that ETag: GET it again".to_owned();
+        Self::new(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition-failed",
+            Some(detail),
+        )
+    }
+
+    pub(crate) fn precondition_required() -> Self {
+        let detail = "send If-Match with the key's current ETag".to_owned();
+        Self::new(
+            StatusCode::PRECONDITION_REQUIRED,
+            "precondition-required",
+            Some(detail),
+        )
+    }
+
+    pub(crate) fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", Some(detail.into()))
+    }
+
+    pub(crate) fn unavailable(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            Some(detail.into()),
+        )
+    }
+
+    fn title(&self) -> &'static str {
+        match self.kind {
+            "bad-request" => "Bad request",
+            "not-found" => "Not found",
+            "method-not-allowed" => "Method not allowed",
+            "unsupported-media-type" => "Unsupported media type",
+            "conflict" => "Conflict",
+            "validation" => "Validation failed",
+            "precondition-failed" => "Precondition failed",
+            "precondition-required" => "Precondition required",
+            "unauthenticated" => "Unauthenticated",
+            "forbidden" => "Forbidden",
+            _ => "Unavailable",
+        }
+    }
+
+    fn document(&self) -> ProblemDocument {
+        ProblemDocument {
+            kind: format!("urn:tower-api-key:problem:{}", self.kind),
+            title: self.title(),
+            status: self.status.as_u16(),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+fn problem_json<B>(res: &mut Response<B>) {
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut res = (self.status, Json(self.document())).into_response();
+        problem_json(&mut res);
+        res
+    }
+}
+
+impl From<BackendError> for Problem {
+    fn from(error: BackendError) -> Self {
+        match error {
+            BackendError::NotFound => Self::not_found(),
+            BackendError::Conflict(id) => Self::conflict(format!("key id `{id}` is taken")),
+            BackendError::PreconditionFailed => Self::precondition_failed(),
+            BackendError::Invalid(e) => Self::validation(crate::error::Chain(&e).to_string()),
+            BackendError::Unavailable(e) => Self::unavailable(format!(
+                "the key backend is unavailable: {}",
+                crate::error::Chain(&*e)
+            )),
+        }
+    }
+}
+
+/// The refusal of the API's own guard: the layer's challenge, with a problem body.
+pub(crate) fn refusal(rejection: &Rejection) -> Response<String> {
+    let mut res: Response<String> = rejection.http_response("admin");
+    let (status, kind) = match rejection {
+        Rejection::InsufficientScope { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+        _ => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+    };
+    let problem = Problem::new(status, kind, Some(rejection.to_string()));
+    *res.body_mut() = serde_json::to_string(&problem.document()).unwrap_or_default();
+    problem_json(&mut res);
+    res
+}

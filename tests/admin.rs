@@ -1,0 +1,1000 @@
+//! The key-management API over a real axum server on 127.0.0.1 with a real HTTP
+//! client, backed by a real key file that a `FileSource` watches.
+#![allow(clippy::unwrap_used)]
+#![cfg(feature = "admin")]
+
+mod common;
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use axum::{Extension, Router, routing::get};
+use serde_json::{Value, json};
+use tower_api_key::{
+    ApiKey, ApiKeyLayer, ChannelSource, FileSource, KeyInfo, KeySet, KeyStore,
+    admin::{AdminApi, FileBackend},
+};
+
+/// sha256("root-secret"), sha256("acme-secret"), sha256("reader-secret").
+fn digest(secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn initial_file() -> String {
+    format!(
+        "# Keys for the admin tests. This comment must survive every API call.\n\n\
+         [[keys]]\nid = \"root\"\nsha256 = \"{}\"\nscopes = [\"admin\", \"read\", \"write\"]\n\n\
+         # The acme tenant's admin.\n[[keys]]\nid = \"acme-admin\"\nsha256 = \"{}\"\n\
+         scopes = [\"admin\", \"read\"]\ntenant = \"acme\"\n\n\
+         [[keys]]\nid = \"reader\"\nsha256 = \"{}\"   # inline comment\nscopes = [\"read\"]\n",
+        digest("root-secret"),
+        digest("acme-secret"),
+        digest("reader-secret")
+    )
+}
+
+struct Server {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    addr: SocketAddr,
+    store: KeyStore,
+}
+
+async fn server_on(path: &Path) -> (SocketAddr, KeyStore) {
+    let store = KeyStore::new();
+    store
+        .add_source(FileSource::new(path).with_poll_interval(Duration::from_secs(60)))
+        .unwrap();
+    let (channel, _publisher) =
+        ChannelSource::new(KeySet::from_keys([ApiKey::new("chan-key", "chan-secret")]).unwrap());
+    store.add_source(channel).unwrap();
+    let app = Router::new()
+        .route(
+            "/",
+            get(|Extension(k): Extension<KeyInfo>| async move { k.id().to_owned() }),
+        )
+        .route_layer(ApiKeyLayer::from_store(store.clone()))
+        .merge(AdminApi::new(store.clone(), FileBackend::new(path)).router());
+    (common::serve(app).await, store)
+}
+
+async fn server() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    fs::write(&path, initial_file()).unwrap();
+    let (addr, store) = server_on(&path).await;
+    Server {
+        _dir: dir,
+        path,
+        addr,
+        store,
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+impl Server {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<(&str, String)>,
+        extra: &[(&str, &str)],
+    ) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = common::client().request(method, format!("http://{}{path}", self.addr));
+        if let Some(key) = key {
+            req = req.header("authorization", format!("Bearer {key}"));
+        }
+        if let Some((content_type, body)) = body {
+            req = req.header("content-type", content_type).body(body);
+        }
+        for (name, value) in extra {
+            req = req.header(*name, *value);
+        }
+        let res = req.send().await.unwrap();
+        let (status, headers) = (res.status().as_u16(), res.headers().clone());
+        let text = res.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn post(&self, path: &str, key: &str, body: Value) -> Reply {
+        self.call(
+            "POST",
+            path,
+            Some(key),
+            Some(("application/json", body.to_string())),
+            &[],
+        )
+        .await
+    }
+
+    async fn get(&self, path: &str, key: &str) -> Reply {
+        self.call("GET", path, Some(key), None, &[]).await
+    }
+
+    async fn patch(&self, id: &str, key: &str, etag: Option<&str>, body: Value) -> Reply {
+        let extra: Vec<(&str, &str)> = etag.map(|e| ("if-match", e)).into_iter().collect();
+        let body = Some(("application/merge-patch+json", body.to_string()));
+        self.call(
+            "PATCH",
+            &format!("/v1/api-keys/{id}"),
+            Some(key),
+            body,
+            &extra,
+        )
+        .await
+    }
+
+    /// The status of `GET /` with `key`: whether the key works right now.
+    async fn works(&self, key: &str) -> u16 {
+        common::get_with(self.addr, "/", Some(key)).await.0
+    }
+}
+
+fn etag(reply: &Reply) -> String {
+    reply.headers["etag"].to_str().unwrap().to_owned()
+}
+
+fn problem(reply: &Reply, status: u16, kind: &str) {
+    assert_eq!(reply.status, status, "{:?}", reply.body);
+    assert_eq!(reply.headers["content-type"], "application/problem+json");
+    assert_eq!(
+        reply.body["type"],
+        format!("urn:tower-api-key:problem:{kind}"),
+        "{:?}",
+        reply.body
+    );
+    assert_eq!(reply.body["status"], status);
+    assert!(reply.body["title"].is_string());
+}
+
+#[tokio::test]
+async fn create_get_list_patch_delete() {
+    let s = server().await;
+    let created = s
+        .post("/v1/api-keys", "root-secret", json!({"id": "billing", "scopes": ["read"], "owner": "team-b", "description": "billing service"}))
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    assert_eq!(created.headers["location"], "/v1/api-keys/billing");
+    let secret = created.body["key"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("tak_") && tower_api_key::has_valid_checksum(&secret));
+    assert_eq!(created.body["status"], "active");
+    assert_eq!(created.body["created_by"], "root");
+    assert!(created.body["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(created.body["usage"]["requests"], 0);
+    assert!(created.body.get("sha256").is_none() && created.body.get("digest").is_none());
+    // Enforced when the call returns; only the digest is in the file.
+    assert_eq!(s.works(&secret).await, 200);
+    let file = fs::read_to_string(&s.path).unwrap();
+    assert!(
+        !file.contains(&secret) && file.contains(&digest(&secret)),
+        "{file}"
+    );
+
+    let got = s.get("/v1/api-keys/billing", "root-secret").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(etag(&got), etag(&created));
+    assert_eq!(got.body["usage"]["requests"], 1);
+    assert!(got.body.get("key").is_none(), "the secret is shown once");
+    // Usage moves; the ETag does not.
+    assert_eq!(s.works(&secret).await, 200);
+    assert_eq!(
+        etag(&s.get("/v1/api-keys/billing", "root-secret").await),
+        etag(&created)
+    );
+
+    let list = s.get("/v1/api-keys", "root-secret").await;
+    let ids: Vec<&str> = list.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["acme-admin", "billing", "reader", "root"],
+        "ordered, file keys only"
+    );
+    assert!(list.body["next_cursor"].is_null());
+
+    // PATCH needs the current ETag.
+    problem(
+        &s.patch("billing", "root-secret", None, json!({"owner": "x"}))
+            .await,
+        428,
+        "precondition-required",
+    );
+    problem(
+        &s.patch(
+            "billing",
+            "root-secret",
+            Some("\"stale\""),
+            json!({"owner": "x"}),
+        )
+        .await,
+        412,
+        "precondition-failed",
+    );
+    let patched = s
+        .patch(
+            "billing",
+            "root-secret",
+            Some(&etag(&created)),
+            json!({"owner": null, "scopes": ["read", "write"], "description": "renamed"}),
+        )
+        .await;
+    assert_eq!(patched.status, 200, "{:?}", patched.body);
+    assert_ne!(etag(&patched), etag(&created));
+    assert!(patched.body["owner"].is_null());
+    assert_eq!(patched.body["scopes"], json!(["read", "write"]));
+    assert_eq!(
+        s.store.get("billing").unwrap().description(),
+        Some("renamed")
+    );
+    // Revoke by disabling: the very next request is refused.
+    let disabled = s
+        .patch(
+            "billing",
+            "root-secret",
+            Some(&etag(&patched)),
+            json!({"disabled": true}),
+        )
+        .await;
+    assert_eq!(
+        (disabled.status, &disabled.body["status"]),
+        (200, &json!("disabled"))
+    );
+    assert_eq!(s.works(&secret).await, 401);
+
+    // DELETE: 204, refused at once, then 404.
+    let stale = s
+        .call(
+            "DELETE",
+            "/v1/api-keys/billing",
+            Some("root-secret"),
+            None,
+            &[("if-match", &etag(&patched))],
+        )
+        .await;
+    problem(&stale, 412, "precondition-failed");
+    let deleted = s
+        .call(
+            "DELETE",
+            "/v1/api-keys/billing",
+            Some("root-secret"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(deleted.status, 204);
+    assert_eq!(s.works(&secret).await, 401);
+    problem(
+        &s.call(
+            "DELETE",
+            "/v1/api-keys/billing",
+            Some("root-secret"),
+            None,
+            &[],
+        )
+        .await,
+        404,
+        "not-found",
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_key_is_refused_by_the_very_next_request() {
+    let s = server().await;
+    let created = s.post("/v1/api-keys", "root-secret", json!({})).await;
+    let (id, secret) = (
+        created.body["id"].as_str().unwrap(),
+        created.body["key"].as_str().unwrap(),
+    );
+    assert!(id.starts_with("key_"), "{id}");
+    for _ in 0..3 {
+        assert_eq!(s.works(secret).await, 200);
+    }
+    let deleted = s
+        .call(
+            "DELETE",
+            &format!("/v1/api-keys/{id}"),
+            Some("root-secret"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(deleted.status, 204);
+    assert_eq!(s.works(secret).await, 401);
+}
+
+#[tokio::test]
+async fn rotation_gives_two_working_keys_until_the_overlap_ends() {
+    let s = server().await;
+    let old = s.post("/v1/api-keys", "root-secret", json!({"id": "svc-2026-11", "scopes": ["read"], "tenant": "t1", "owner": "o", "description": "d"})).await;
+    let old_secret = old.body["key"].as_str().unwrap().to_owned();
+    let rotated = s
+        .post(
+            "/v1/api-keys/svc-2026-11/rotate",
+            "root-secret",
+            json!({"overlap_seconds": 2, "id": "svc-2026-12"}),
+        )
+        .await;
+    assert_eq!(rotated.status, 201, "{:?}", rotated.body);
+    assert_eq!(rotated.headers["location"], "/v1/api-keys/svc-2026-12");
+    let new_secret = rotated.body["key"].as_str().unwrap().to_owned();
+    assert_eq!(rotated.body["rotated_from"], "svc-2026-11");
+    assert_eq!(rotated.body["scopes"], json!(["read"]));
+    assert_eq!(
+        (
+            &rotated.body["tenant"],
+            &rotated.body["owner"],
+            &rotated.body["description"]
+        ),
+        (&json!("t1"), &json!("o"), &json!("d"))
+    );
+    assert!(rotated.body["expires_at"].is_null(), "no window of its own");
+    assert_eq!(s.works(&old_secret).await, 200);
+    assert_eq!(s.works(&new_secret).await, 200);
+    let shortened = s.get("/v1/api-keys/svc-2026-11", "root-secret").await;
+    assert!(shortened.body["expires_at"].is_string());
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    assert_eq!(s.works(&old_secret).await, 401, "the overlap ended");
+    assert_eq!(s.works(&new_secret).await, 200);
+    assert_eq!(
+        s.get("/v1/api-keys/svc-2026-11", "root-secret").await.body["status"],
+        "expired"
+    );
+    // Never later than the expiry the old key had: a long overlap keeps it.
+    let again = s
+        .post(
+            "/v1/api-keys/svc-2026-11/rotate",
+            "root-secret",
+            json!({"overlap_seconds": 999_999}),
+        )
+        .await;
+    assert_eq!(again.status, 201);
+    assert_eq!(
+        s.get("/v1/api-keys/svc-2026-11", "root-secret").await.body["expires_at"],
+        shortened.body["expires_at"]
+    );
+    // An If-Match that is stale refuses the rotation.
+    let stale = s
+        .call(
+            "POST",
+            "/v1/api-keys/svc-2026-12/rotate",
+            Some("root-secret"),
+            None,
+            &[("if-match", "\"stale\"")],
+        )
+        .await;
+    problem(&stale, 412, "precondition-failed");
+}
+
+#[tokio::test]
+async fn each_error_is_a_problem_document() {
+    let s = server().await;
+    let unauthenticated = s.call("GET", "/v1/api-keys", None, None, &[]).await;
+    problem(&unauthenticated, 401, "unauthenticated");
+    assert!(unauthenticated.headers.contains_key("www-authenticate"));
+    problem(
+        &s.get("/v1/api-keys", "wrong").await,
+        401,
+        "unauthenticated",
+    );
+    problem(
+        &s.get("/v1/api-keys", "reader-secret").await,
+        403,
+        "forbidden",
+    );
+    problem(
+        &s.get("/v1/api-keys/nope", "root-secret").await,
+        404,
+        "not-found",
+    );
+    problem(
+        &s.get("/v1/api-keys/chan-key", "root-secret").await,
+        404,
+        "not-found",
+    );
+    problem(
+        &s.get("/v1/api-keys/root/extra/path", "root-secret").await,
+        404,
+        "not-found",
+    );
+    problem(
+        &s.call("PUT", "/v1/api-keys", Some("root-secret"), None, &[])
+            .await,
+        405,
+        "method-not-allowed",
+    );
+    problem(
+        &s.call(
+            "POST",
+            "/v1/api-keys",
+            Some("root-secret"),
+            Some(("text/plain", "{}".into())),
+            &[],
+        )
+        .await,
+        415,
+        "unsupported-media-type",
+    );
+    problem(
+        &s.call(
+            "POST",
+            "/v1/api-keys",
+            Some("root-secret"),
+            Some(("application/json", "{not json".into())),
+            &[],
+        )
+        .await,
+        400,
+        "bad-request",
+    );
+    problem(
+        &s.post("/v1/api-keys", "root-secret", json!({"color": "red"}))
+            .await,
+        422,
+        "validation",
+    );
+    problem(
+        &s.post(
+            "/v1/api-keys",
+            "root-secret",
+            json!({"expires_at": "next tuesday"}),
+        )
+        .await,
+        422,
+        "validation",
+    );
+    problem(
+        &s.post(
+            "/v1/api-keys",
+            "root-secret",
+            json!({"not_before": "2026-12-02T00:00:00Z", "expires_at": "2026-12-01T00:00:00Z"}),
+        )
+        .await,
+        422,
+        "validation",
+    );
+    problem(
+        &s.post("/v1/api-keys", "root-secret", json!({"id": "bad id"}))
+            .await,
+        422,
+        "validation",
+    );
+    problem(
+        &s.post(
+            "/v1/api-keys",
+            "root-secret",
+            json!({"prefix": "no_underscores"}),
+        )
+        .await,
+        422,
+        "validation",
+    );
+    problem(
+        &s.post("/v1/api-keys", "root-secret", json!({"id": "reader"}))
+            .await,
+        409,
+        "conflict",
+    );
+    problem(
+        &s.post("/v1/api-keys", "root-secret", json!({"id": "chan-key"}))
+            .await,
+        409,
+        "conflict",
+    );
+    let etag = etag(&s.get("/v1/api-keys/reader", "root-secret").await);
+    problem(
+        &s.patch(
+            "reader",
+            "root-secret",
+            Some(&etag),
+            json!({"id": "renamed"}),
+        )
+        .await,
+        422,
+        "validation",
+    );
+    problem(
+        &s.patch("reader", "root-secret", Some(&etag), json!({"key": "x"}))
+            .await,
+        422,
+        "validation",
+    );
+    problem(
+        &s.patch(
+            "reader",
+            "root-secret",
+            Some(&etag),
+            json!({"shoe_size": 9}),
+        )
+        .await,
+        422,
+        "validation",
+    );
+    problem(
+        &s.patch(
+            "reader",
+            "root-secret",
+            Some(&etag),
+            json!({"disabled": "yes"}),
+        )
+        .await,
+        422,
+        "validation",
+    );
+    let plain_json = s
+        .call(
+            "PATCH",
+            "/v1/api-keys/reader",
+            Some("root-secret"),
+            Some(("application/json", json!({"owner": "o"}).to_string())),
+            &[("if-match", &etag)],
+        )
+        .await;
+    assert_eq!(plain_json.status, 200, "application/json is accepted too");
+    for limit in ["0", "1001", "ten"] {
+        problem(
+            &s.get(&format!("/v1/api-keys?limit={limit}"), "root-secret")
+                .await,
+            422,
+            "validation",
+        );
+    }
+    problem(
+        &s.get("/v1/api-keys?status=sleepy", "root-secret").await,
+        422,
+        "validation",
+    );
+    problem(
+        &s.get("/v1/api-keys?cursor=zz", "root-secret").await,
+        422,
+        "validation",
+    );
+}
+
+#[tokio::test]
+async fn pages_follow_the_cursor_and_filters_apply() {
+    let s = server().await;
+    for i in 0..5 {
+        let tenant = if i % 2 == 0 { "even" } else { "odd" };
+        assert_eq!(
+            s.post(
+                "/v1/api-keys",
+                "root-secret",
+                json!({"id": format!("k{i}"), "tenant": tenant})
+            )
+            .await
+            .status,
+            201
+        );
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/api-keys?limit=3&cursor={c}"),
+            None => "/v1/api-keys?limit=3".to_owned(),
+        };
+        let page = s.get(&path, "root-secret").await;
+        seen.extend(
+            page.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["id"].as_str().unwrap().to_owned()),
+        );
+        match page.body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        ["acme-admin", "k0", "k1", "k2", "k3", "k4", "reader", "root"]
+    );
+    let odd = s.get("/v1/api-keys?tenant=odd", "root-secret").await;
+    assert_eq!(odd.body["items"].as_array().unwrap().len(), 2);
+    let etag = etag(&s.get("/v1/api-keys/k0", "root-secret").await);
+    s.patch("k0", "root-secret", Some(&etag), json!({"disabled": true}))
+        .await;
+    let disabled = s.get("/v1/api-keys?status=disabled", "root-secret").await;
+    assert_eq!(disabled.body["items"][0]["id"], "k0");
+    assert_eq!(disabled.body["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_tenant_admin_manages_only_its_tenant() {
+    let s = server().await;
+    let mine = s
+        .post(
+            "/v1/api-keys",
+            "acme-secret",
+            json!({"id": "acme-svc", "scopes": ["read"]}),
+        )
+        .await;
+    assert_eq!(
+        (mine.status, &mine.body["tenant"]),
+        (201, &json!("acme")),
+        "the caller's tenant"
+    );
+    problem(
+        &s.post("/v1/api-keys", "acme-secret", json!({"tenant": "other"}))
+            .await,
+        403,
+        "forbidden",
+    );
+    s.post(
+        "/v1/api-keys",
+        "root-secret",
+        json!({"id": "other-svc", "tenant": "other"}),
+    )
+    .await;
+    let list = s.get("/v1/api-keys", "acme-secret").await;
+    let ids: Vec<&str> = list.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["acme-admin", "acme-svc"]);
+    problem(
+        &s.get("/v1/api-keys/other-svc", "acme-secret").await,
+        404,
+        "not-found",
+    );
+    problem(
+        &s.call(
+            "DELETE",
+            "/v1/api-keys/other-svc",
+            Some("acme-secret"),
+            None,
+            &[],
+        )
+        .await,
+        404,
+        "not-found",
+    );
+    let etag = etag(&mine);
+    problem(
+        &s.patch(
+            "acme-svc",
+            "acme-secret",
+            Some(&etag),
+            json!({"tenant": "other"}),
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+    problem(
+        &s.patch(
+            "acme-svc",
+            "acme-secret",
+            Some(&etag),
+            json!({"tenant": null}),
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+}
+
+#[tokio::test]
+async fn no_caller_gives_a_scope_it_lacks() {
+    let s = server().await;
+    // acme-admin holds admin and read, not write.
+    problem(
+        &s.post("/v1/api-keys", "acme-secret", json!({"scopes": ["write"]}))
+            .await,
+        403,
+        "forbidden",
+    );
+    let made = s
+        .post(
+            "/v1/api-keys",
+            "root-secret",
+            json!({"id": "writer", "scopes": ["write"], "tenant": "acme"}),
+        )
+        .await;
+    problem(
+        &s.patch(
+            "writer",
+            "acme-secret",
+            Some(&etag(&made)),
+            json!({"owner": "o"}),
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+    problem(
+        &s.post("/v1/api-keys/writer/rotate", "acme-secret", json!({}))
+            .await,
+        403,
+        "forbidden",
+    );
+    let ok = s
+        .post("/v1/api-keys", "acme-secret", json!({"scopes": ["read"]}))
+        .await;
+    assert_eq!(ok.status, 201);
+}
+
+#[tokio::test]
+async fn every_change_survives_a_restart_and_the_file_keeps_its_comments() {
+    let s = server().await;
+    let created = s
+        .post(
+            "/v1/api-keys",
+            "root-secret",
+            json!({"id": "kept", "scopes": ["read"], "expires_at": "2099-01-01T00:00:00Z"}),
+        )
+        .await;
+    let secret = created.body["key"].as_str().unwrap().to_owned();
+    let rotated = s
+        .post(
+            "/v1/api-keys/kept/rotate",
+            "root-secret",
+            json!({"id": "kept-2"}),
+        )
+        .await;
+    let secret2 = rotated.body["key"].as_str().unwrap().to_owned();
+    let reader = s.get("/v1/api-keys/reader", "root-secret").await;
+    s.patch(
+        "reader",
+        "root-secret",
+        Some(&etag(&reader)),
+        json!({"description": "patched"}),
+    )
+    .await;
+    let file = fs::read_to_string(&s.path).unwrap();
+    // Everything the calls did not touch stays byte for byte.
+    assert!(file.starts_with("# Keys for the admin tests. This comment must survive every API call.\n\n[[keys]]\nid = \"root\""), "{file}");
+    assert!(
+        file.contains("# The acme tenant's admin.\n[[keys]]\nid = \"acme-admin\""),
+        "{file}"
+    );
+    assert!(
+        file.contains(&format!(
+            "sha256 = \"{}\"   # inline comment",
+            digest("reader-secret")
+        )),
+        "{file}"
+    );
+    assert!(
+        file.contains("rotated_from = \"kept\"") && file.contains("created_by = \"root\""),
+        "{file}"
+    );
+    // A new server on the same file: every change is there.
+    let (addr, store) = server_on(&s.path).await;
+    assert_eq!(common::get_with(addr, "/", Some(&secret)).await.0, 200);
+    assert_eq!(common::get_with(addr, "/", Some(&secret2)).await.0, 200);
+    let kept2 = store.get("kept-2").unwrap();
+    assert_eq!(
+        (kept2.rotated_from(), kept2.created_by()),
+        (Some("kept"), Some("root"))
+    );
+    assert_eq!(store.get("reader").unwrap().description(), Some("patched"));
+}
+
+#[tokio::test]
+async fn fifty_concurrent_creates_lose_none() {
+    let s = std::sync::Arc::new(server().await);
+    let calls: Vec<_> = (0..50)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.post(
+                    "/v1/api-keys",
+                    "root-secret",
+                    json!({"id": format!("c{i:02}")}),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut secrets = Vec::new();
+    for call in calls {
+        let reply = call.await.unwrap();
+        assert_eq!(reply.status, 201, "{:?}", reply.body);
+        secrets.push(reply.body["key"].as_str().unwrap().to_owned());
+    }
+    let list = s.get("/v1/api-keys?limit=1000", "root-secret").await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 53);
+    for secret in secrets.iter().step_by(7) {
+        assert_eq!(s.works(secret).await, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_hand_edit_between_two_calls_survives_both() {
+    let s = server().await;
+    assert_eq!(
+        s.post("/v1/api-keys", "root-secret", json!({"id": "api-1"}))
+            .await
+            .status,
+        201
+    );
+    // An operator appends a key by hand, with a comment, and saves.
+    let mut file = fs::read_to_string(&s.path).unwrap();
+    file.push_str("\n# added by hand\n[[keys]]\nid = \"hand\"\nsecret = \"hand-made-secret\"\n");
+    fs::write(&s.path, &file).unwrap();
+    let start = std::time::Instant::now();
+    while s.works("hand-made-secret").await != 200 {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        s.post("/v1/api-keys", "root-secret", json!({"id": "api-2"}))
+            .await
+            .status,
+        201
+    );
+    let after = fs::read_to_string(&s.path).unwrap();
+    assert!(
+        after.contains("# added by hand\n[[keys]]\nid = \"hand\"\nsecret = \"hand-made-secret\"\n"),
+        "{after}"
+    );
+    assert!(after.contains("id = \"api-1\"") && after.contains("id = \"api-2\""));
+    assert_eq!(s.works("hand-made-secret").await, 200);
+    // A file that does not parse is left alone, and the call says why.
+    fs::write(&s.path, format!("{after}\n[[keys]\nbroken")).unwrap();
+    let refused = s
+        .post("/v1/api-keys", "root-secret", json!({"id": "api-3"}))
+        .await;
+    problem(&refused, 503, "unavailable");
+    assert!(
+        refused.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("does not parse"),
+        "{:?}",
+        refused.body
+    );
+    assert!(
+        fs::read_to_string(&s.path)
+            .unwrap()
+            .ends_with("[[keys]\nbroken")
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_description_is_served_and_matches_the_router() {
+    let s = server().await;
+    let spec = s.call("GET", "/v1/openapi.json", None, None, &[]).await;
+    assert_eq!(spec.status, 200);
+    assert!(spec.body["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = spec.body["paths"].as_object().unwrap();
+    let mut routes = Vec::new();
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys() {
+            routes.push(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    routes.sort();
+    assert_eq!(
+        routes,
+        [
+            "DELETE /v1/api-keys/{id}",
+            "GET /v1/api-keys",
+            "GET /v1/api-keys/{id}",
+            "PATCH /v1/api-keys/{id}",
+            "POST /v1/api-keys",
+            "POST /v1/api-keys/{id}/rotate",
+        ]
+    );
+    // Every operation it describes is routed: none answers the router's own 404 or
+    // 405 (an existing key stands in for `{id}`).
+    // DELETE last: it removes the key standing in for `{id}`.
+    let mut ordered = routes.clone();
+    ordered.rotate_left(1);
+    for route in &ordered {
+        let (method, path) = route.split_once(' ').unwrap();
+        let path = path.replace("{id}", "reader");
+        let reply = s.call(method, &path, Some("root-secret"), None, &[]).await;
+        assert!(
+            ![404, 405].contains(&reply.status),
+            "{route}: {}",
+            reply.status
+        );
+    }
+    // Its schemas name the resource's fields.
+    let resource = &spec.body["components"]["schemas"]["KeyResource"]["properties"];
+    for field in [
+        "id",
+        "scopes",
+        "tenant",
+        "owner",
+        "description",
+        "not_before",
+        "expires_at",
+        "disabled",
+        "status",
+        "created_at",
+        "created_by",
+        "rotated_from",
+        "usage",
+    ] {
+        assert!(resource.get(field).is_some(), "KeyResource lacks {field}");
+    }
+}
+
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_change_is_an_audit_event_naming_the_caller() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let s = server().await;
+    let created = s
+        .post("/v1/api-keys", "root-secret", json!({"id": "audited"}))
+        .await;
+    let secret = created.body["key"].as_str().unwrap().to_owned();
+    s.post("/v1/api-keys/audited/rotate", "acme-secret", json!({}))
+        .await; // another tenant: 404, no event
+    s.call(
+        "DELETE",
+        "/v1/api-keys/audited",
+        Some("root-secret"),
+        None,
+        &[],
+    )
+    .await;
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let audit: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("tower_api_key::audit"))
+        .collect();
+    assert_eq!(audit.len(), 2, "{logs}");
+    assert!(
+        audit[0].contains("action=\"create\"")
+            && audit[0].contains("key_id=\"audited\"")
+            && audit[0].contains("caller=\"root\""),
+        "{}",
+        audit[0]
+    );
+    assert!(
+        audit[1].contains("action=\"delete\"") && audit[1].contains(" at="),
+        "{}",
+        audit[1]
+    );
+    assert!(!logs.contains(&secret), "no secret in any log line");
+}
