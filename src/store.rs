@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::{
-    ApiKey, Error, KeyInfo, KeySource, KeyUpdater, Rejection, ReloadReport,
+    Error, KeyInfo, KeySource, KeyUpdater, Rejection, ReloadReport,
     clock::{self, duration_ms},
     digest::KeyDigest,
     shared::{Shared, Writer},
@@ -264,7 +264,7 @@ impl KeyStore {
     /// Whether the store holds exactly `key` (digest, metadata, window, flag), from the
     /// source named `source`.
     #[cfg(feature = "admin")]
-    pub(crate) fn holds(&self, key: &ApiKey, source: &str) -> bool {
+    pub(crate) fn holds(&self, key: &crate::ApiKey, source: &str) -> bool {
         let snapshot = self.shared.current.load();
         snapshot.digest_of(&key.id) == Some(key.digest)
             && snapshot
