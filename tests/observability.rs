@@ -42,7 +42,14 @@ async fn get(layer: &ApiKeyLayer, key: Option<&str>) -> u16 {
 /// Name, labels and value of a recorded metric.
 type Metric = (String, Vec<(String, String)>, DebugValue);
 
+/// One test, run in order: the span check sets a thread-local `tracing` subscriber,
+/// which another test in the same binary could race on the callsites' cached interest.
 #[tokio::test(flavor = "current_thread")]
+async fn metrics_and_the_request_span() {
+    the_key_id_is_recorded_on_the_request_span().await;
+    requests_and_reloads_are_counted().await;
+}
+
 async fn requests_and_reloads_are_counted() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
@@ -162,7 +169,6 @@ impl Write for Captured {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
 async fn the_key_id_is_recorded_on_the_request_span() {
     let captured = Captured::default();
     let writer = captured.clone();

@@ -1,0 +1,131 @@
+//! The audit trail of the key-management API: one `tracing` event per change, naming
+//! the caller. (Its own test binary: it sets the global `tracing` subscriber, which a
+//! test running beside others cannot rely on.)
+#![allow(clippy::unwrap_used)]
+#![cfg(feature = "admin")]
+
+mod common;
+
+use std::{
+    fs,
+    io::Write,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::Router;
+use tower_api_key::{
+    ApiKeyLayer, FileSource, KeyStore,
+    admin::{AdminApi, FileBackend},
+};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn call(
+    addr: std::net::SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut req = common::client()
+        .request(method, format!("http://{addr}{path}"))
+        .header("authorization", format!("Bearer {key}"));
+    if let Some(body) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+    }
+    let res = req.send().await.unwrap();
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn every_change_is_an_audit_event_naming_the_caller() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    fs::write(
+        &path,
+        "[[keys]]\nid = \"root\"\nsecret = \"root-secret\"\nscopes = [\"admin\"]\n\n\
+         [[keys]]\nid = \"acme-admin\"\nsecret = \"acme-secret\"\nscopes = [\"admin\"]\n\
+         tenant = \"acme\"\n",
+    )
+    .unwrap();
+    let store = KeyStore::new();
+    store
+        .add_source(FileSource::new(&path).with_poll_interval(Duration::from_secs(60)))
+        .unwrap();
+    let app = Router::new()
+        .route("/", axum::routing::get(|| async { "ok" }))
+        .route_layer(ApiKeyLayer::from_store(store.clone()))
+        .merge(AdminApi::new(store, FileBackend::new(&path)).router());
+    let addr = common::serve(app).await;
+    let post = reqwest::Method::POST;
+    let (status, created) = call(
+        addr,
+        post.clone(),
+        "/v1/api-keys",
+        "root-secret",
+        Some(r#"{"id": "audited"}"#),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let created: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let secret = created["key"].as_str().unwrap().to_owned();
+    // Another tenant's admin cannot see the key: 404, and no event.
+    let (status, _) = call(
+        addr,
+        post,
+        "/v1/api-keys/audited/rotate",
+        "acme-secret",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = call(
+        addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/audited",
+        "root-secret",
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let audit: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("tower_api_key::audit"))
+        .collect();
+    assert_eq!(audit.len(), 2, "{logs}");
+    assert!(
+        audit[0].contains("action=\"create\"")
+            && audit[0].contains("key_id=\"audited\"")
+            && audit[0].contains("caller=\"root\""),
+        "{}",
+        audit[0]
+    );
+    assert!(
+        audit[1].contains("action=\"delete\"") && audit[1].contains(" at="),
+        "{}",
+        audit[1]
+    );
+    assert!(!logs.contains(&secret), "no secret in any log line");
+}
