@@ -126,6 +126,8 @@ mod key_set;
 mod layer;
 mod log;
 mod metrics;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod rejection;
 mod report;
 mod service;

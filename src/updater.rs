@@ -159,6 +159,20 @@ impl KeyUpdater {
         }
     }
 
+    /// This source's keys and their counters: id, requests, last use (Unix seconds).
+    #[cfg(feature = "redis")]
+    pub(crate) fn source_usage(&self) -> Vec<(Arc<str>, u64, u32)> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Vec::new();
+        };
+        let snapshot = shared.current.load();
+        snapshot
+            .iter()
+            .filter(|(_, e, _)| e.source() == self.source)
+            .map(|(_, e, (requests, last))| (e.id.clone(), requests, last))
+            .collect()
+    }
+
     /// The name of the source this updater publishes for.
     pub fn source_name(&self) -> &str {
         &self.name

@@ -49,6 +49,17 @@ pub trait AdminBackend: Send + Sync + 'static {
         if_match: Option<&str>,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
+    /// The usage of these keys across the fleet the backend serves, in order, if it
+    /// knows it: requests and last use. The default, `None`, shows the usage the API's
+    /// own store counted.
+    fn usage(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<Option<Vec<UsageCounts>>, BackendError>> + Send {
+        let _ = ids;
+        async { Ok(None) }
+    }
+
     /// Adds `successor` and replaces the record with `old`'s id by `old` (its shorter
     /// expiry), together, if that record's etag is `if_match` (when given).
     fn rotate(
@@ -58,6 +69,9 @@ pub trait AdminBackend: Send + Sync + 'static {
         if_match: Option<&str>,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 }
+
+/// Requests and last use of one key, as a backend counts them across a fleet.
+pub type UsageCounts = (u64, Option<std::time::SystemTime>);
 
 /// Why a backend refused or failed an operation.
 #[derive(Debug)]

@@ -2,8 +2,6 @@
 //! [`FileSource`](crate::FileSource) watches, comments and untouched entries kept.
 
 use std::{
-    fs,
-    io::Write as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
     time::SystemTime,
@@ -63,7 +61,7 @@ impl FileBackend {
             // What the file source will make of it: a change it would refuse is
             // never written.
             FileSource::parse(&path, text.as_bytes()).map_err(BackendError::Invalid)?;
-            write_atomically(&path, text.as_bytes()).map_err(unavailable)?;
+            crate::source::atomic::write_atomically(&path, text.as_bytes()).map_err(unavailable)?;
             Ok(out)
         });
         task.await.map_err(unavailable)?
@@ -201,6 +199,24 @@ fn new_table(key: &ApiKey) -> Table {
     table
 }
 
+/// A key file holding `keys` (digests only), in the format the file source reads.
+#[cfg(feature = "redis")]
+pub(crate) fn key_file_text<'a>(keys: impl IntoIterator<Item = &'a ApiKey>) -> String {
+    let mut doc = DocumentMut::new();
+    let mut tables = ArrayOfTables::new();
+    for key in keys {
+        let mut key = key.clone();
+        key.secret_problem = None;
+        tables.push(new_table(&key));
+    }
+    if tables.is_empty() {
+        doc.insert("keys", value(toml_edit::Array::new()));
+    } else {
+        doc.insert("keys", Item::ArrayOfTables(tables));
+    }
+    doc.to_string()
+}
+
 /// Checks `if_match` against the current record with this id.
 fn check(set: &KeySet, id: &str, if_match: Option<&str>) -> Result<(), BackendError> {
     let current = set.get(id).ok_or(BackendError::NotFound)?;
@@ -208,37 +224,6 @@ fn check(set: &KeySet, id: &str, if_match: Option<&str>) -> Result<(), BackendEr
         Some(tag) if tag != record_etag(current) => Err(BackendError::PreconditionFailed),
         _ => Ok(()),
     }
-}
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it, renames it over `path`
-/// and syncs the directory. The new file keeps the old one's permissions.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tower-api-key-{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        if let Ok(meta) = fs::metadata(path) {
-            let _ = file.set_permissions(meta.permissions());
-        }
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)?;
-        #[cfg(unix)]
-        fs::File::open(&dir)?.sync_all()?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 impl AdminBackend for FileBackend {

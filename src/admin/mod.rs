@@ -67,9 +67,11 @@ use axum::{
 };
 use utoipa::OpenApi as _;
 
+#[cfg(feature = "redis")]
+pub(crate) use self::file::key_file_text;
 use self::problem::Problem;
 pub use self::{
-    backend::{AdminBackend, BackendError, record_etag},
+    backend::{AdminBackend, BackendError, UsageCounts, record_etag},
     file::FileBackend,
 };
 use crate::{ApiKey, ApiKeyLayer, KeyInfo, KeyStore, Reloads, digest::KeyDigest};
@@ -258,6 +260,15 @@ impl<B: AdminBackend> Inner<B> {
             }
         }
         Err(Problem::unavailable("no free id"))
+    }
+
+    /// The fleet's usage of one key, if the backend knows it.
+    pub(crate) async fn fleet_usage(
+        &self,
+        id: &str,
+    ) -> Result<Option<(u64, Option<std::time::SystemTime>)>, Problem> {
+        let usage = self.backend.usage(&[id.to_owned()]).await?;
+        Ok(usage.and_then(|u| u.first().copied()))
     }
 
     /// Waits until `done` holds of the store, at most the timeout.

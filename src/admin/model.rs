@@ -121,8 +121,21 @@ pub(crate) fn status(key: &ApiKey, now: SystemTime) -> &'static str {
 }
 
 impl KeyResource {
-    pub(crate) fn of(key: &ApiKey, store: &KeyStore, now: SystemTime) -> Self {
-        let usage = store.usage_of(key.id());
+    /// The resource of `key` at `now`; its usage is `fleet`'s when the backend knows
+    /// it, else what `store` counted.
+    pub(crate) fn of(
+        key: &ApiKey,
+        store: &KeyStore,
+        now: SystemTime,
+        fleet: Option<(u64, Option<SystemTime>)>,
+    ) -> Self {
+        let (requests, last_used) = fleet.unwrap_or_else(|| {
+            let usage = store.usage_of(key.id());
+            (
+                usage.as_ref().map_or(0, crate::KeyUsage::requests),
+                usage.and_then(|u| u.last_used()),
+            )
+        });
         Self {
             id: key.id().to_owned(),
             scopes: key.scopes().map(str::to_owned).collect(),
@@ -137,8 +150,8 @@ impl KeyResource {
             created_by: key.created_by().map(str::to_owned),
             rotated_from: key.rotated_from().map(str::to_owned),
             usage: Usage {
-                requests: usage.as_ref().map_or(0, crate::KeyUsage::requests),
-                last_used: usage.and_then(|u| u.last_used()).map(clock::rfc3339),
+                requests,
+                last_used: last_used.map(clock::rfc3339),
             },
         }
     }

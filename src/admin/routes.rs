@@ -94,9 +94,15 @@ pub(crate) async fn list<B: AdminBackend>(
     keys.sort_by(|a, b| a.id().cmp(b.id()));
     let more = keys.len() > limit;
     keys.truncate(limit);
+    let ids: Vec<String> = keys.iter().map(|k| k.id().to_owned()).collect();
+    let fleet = api.backend.usage(&ids).await?;
     let items: Vec<KeyResource> = keys
         .iter()
-        .map(|k| KeyResource::of(k, &api.store, now))
+        .enumerate()
+        .map(|(i, k)| {
+            let usage = fleet.as_ref().and_then(|f| f.get(i).copied());
+            KeyResource::of(k, &api.store, now, usage)
+        })
         .collect();
     let next = more
         .then(|| items.last().map(|k| encode_cursor(k.id())))
@@ -175,10 +181,9 @@ pub(crate) async fn get_key<B: AdminBackend>(
     Path(id): Path<String>,
 ) -> Answer {
     let key = api.visible(&caller, &id).await?;
-    Ok(with_etag(
-        Json(KeyResource::of(&key, &api.store, SystemTime::now())).into_response(),
-        &key,
-    ))
+    let fleet = api.fleet_usage(key.id()).await?;
+    let resource = KeyResource::of(&key, &api.store, SystemTime::now(), fleet);
+    Ok(with_etag(Json(resource).into_response(), &key))
 }
 
 #[utoipa::path(
@@ -218,10 +223,9 @@ pub(crate) async fn patch_key<B: AdminBackend>(
     api.applied(reloads, |store| store.holds(&key, &api.source))
         .await?;
     api.audit("update", key.id(), &caller);
-    Ok(with_etag(
-        Json(KeyResource::of(&key, &api.store, SystemTime::now())).into_response(),
-        &key,
-    ))
+    let fleet = api.fleet_usage(key.id()).await?;
+    let resource = KeyResource::of(&key, &api.store, SystemTime::now(), fleet);
+    Ok(with_etag(Json(resource).into_response(), &key))
 }
 
 #[utoipa::path(
@@ -336,7 +340,7 @@ pub(crate) async fn method_not_allowed() -> Problem {
 
 /// The 201 for a key just issued: its resource, its secret, where it is, its ETag.
 fn created<B>(api: &Inner<B>, key: &ApiKey, secret: String, now: SystemTime) -> Response {
-    let body = CreatedKey::new(KeyResource::of(key, &api.store, now), secret);
+    let body = CreatedKey::new(KeyResource::of(key, &api.store, now, None), secret);
     let mut res = (StatusCode::CREATED, Json(body)).into_response();
     if let Ok(location) =
         HeaderValue::from_str(&format!("/v1/api-keys/{}", percent_encode(key.id())))

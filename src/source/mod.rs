@@ -1,5 +1,7 @@
 //! Where keys come from.
 
+#[cfg(feature = "admin")]
+pub(crate) mod atomic;
 mod channel;
 mod env;
 #[cfg(feature = "file")]

@@ -1,0 +1,568 @@
+//! A fleet on Redis: replicas (separate stores and servers, one in a separate OS
+//! process) follow one namespace that the key-management API of one replica writes,
+//! against a real `redis-server` started here on a free loopback port.
+//!
+//! Where `redis-server` is missing these tests print `skipped: redis-server not found
+//! (apt-get install redis-server)` and pass, except under CI (`CI=true`), where a
+//! missing server fails them.
+#![allow(clippy::unwrap_used)]
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use axum::{Router, routing::get};
+use serde_json::{Value, json};
+use tower_api_key::{
+    ApiKeyLayer, KeyStore,
+    admin::AdminApi,
+    redis::{RedisBackend, RedisSource},
+};
+
+/// A `redis-server` of this test's own, on a free port of 127.0.0.1, in a temp dir.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts one, or says why not (`None`: skip the test).
+    fn start() -> Option<Self> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var("CI").is_err(),
+                "redis-server not found under CI: .ci/run installs it"
+            );
+            println!("skipped: redis-server not found (apt-get install redis-server)");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.run();
+        Some(redis)
+    }
+
+    /// Runs the server (again), persisting to its directory so a restart keeps data.
+    fn run(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let start = Instant::now();
+        while self.cli(&["PING"]) != "PONG" {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A command through a fresh connection; its reply as text ("" on failure).
+    fn cli(&self, args: &[&str]) -> String {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return String::new();
+        };
+        let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
+            return String::new();
+        };
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        match cmd.query::<redis::Value>(&mut con) {
+            Ok(redis::Value::SimpleString(s)) => s,
+            Ok(redis::Value::Okay) => "OK".into(),
+            Ok(redis::Value::Int(n)) => n.to_string(),
+            Ok(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+            Ok(other) => format!("{other:?}"),
+            Err(_) => String::new(),
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+const SEED: &str = "[[keys]]\nid = \"root\"\nsecret = \"root-secret\"\nscopes = [\"admin\", \"read\"]\n\n\
+                    [[keys]]\nid = \"reader\"\nsecret = \"reader-secret\"\nscopes = [\"read\"]\n";
+
+/// Seeds namespace `ns` from a key file holding `root` (admin) and `reader`.
+async fn seed(redis: &Redis, ns: &str) -> PathBuf {
+    let path = redis.dir.path().join(format!("{ns}-seed.toml"));
+    fs::write(&path, SEED).unwrap();
+    let backend = RedisBackend::new(&redis.url(), ns).unwrap();
+    assert_eq!(backend.import_file(&path).await.unwrap(), 2);
+    path
+}
+
+fn source(redis: &Redis, ns: &str) -> RedisSource {
+    RedisSource::new(&redis.url(), ns)
+        .unwrap()
+        .with_version_check(Duration::from_millis(200))
+        .with_usage_flush(Duration::from_millis(100))
+        .with_max_backoff(Duration::from_millis(500))
+        .with_connect_timeout(Duration::from_millis(500))
+}
+
+struct Replica {
+    addr: SocketAddr,
+    store: KeyStore,
+}
+
+/// A replica: its own store following `ns`, its own server; with the admin API when
+/// `admin`.
+async fn replica(redis: &Redis, ns: &str, admin: bool) -> Replica {
+    let store = KeyStore::new();
+    store.add_source(source(redis, ns)).unwrap();
+    let mut app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route_layer(ApiKeyLayer::from_store(store.clone()));
+    if admin {
+        let backend = RedisBackend::new(&redis.url(), ns).unwrap();
+        app = app.merge(AdminApi::new(store.clone(), backend).router());
+    }
+    Replica {
+        addr: common::serve(app).await,
+        store,
+    }
+}
+
+async fn status(addr: SocketAddr, key: &str) -> u16 {
+    common::get_with(addr, "/", Some(key)).await.0
+}
+
+/// Waits (bounded) until `key` gets `want` at `addr`; returns how long it took.
+async fn until(addr: SocketAddr, key: &str, want: u16, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if status(addr, key).await == want {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{addr}: `{key}` never got {want}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn api(
+    addr: SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = common::client()
+        .request(method, format!("http://{addr}{path}"))
+        .header("authorization", "Bearer root-secret");
+    if let Some(body) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(body.to_string());
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    let text = res.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn a_change_on_one_replica_reaches_every_replica() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "fleet").await;
+    let writer = replica(&redis, "fleet", true).await;
+    let others = [
+        replica(&redis, "fleet", false).await,
+        replica(&redis, "fleet", false).await,
+    ];
+    assert_eq!(status(others[0].addr, "reader-secret").await, 200);
+
+    let (code, created) = api(
+        writer.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "billing", "scopes": ["read"]})),
+    )
+    .await;
+    assert_eq!(code, 201, "{created:?}");
+    let secret = created["key"].as_str().unwrap().to_owned();
+    // Enforced by the replica that took the call when it returns...
+    assert_eq!(status(writer.addr, &secret).await, 200);
+    // ...and by every other replica within the convergence bound.
+    for other in &others {
+        until(other.addr, &secret, 200, Duration::from_secs(2)).await;
+    }
+    let (code, _) = api(
+        writer.addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/billing",
+        None,
+    )
+    .await;
+    assert_eq!(code, 204);
+    assert_eq!(status(writer.addr, &secret).await, 401);
+    for other in &others {
+        until(other.addr, &secret, 401, Duration::from_secs(2)).await;
+    }
+    // The keys of the namespace only: another namespace is another fleet.
+    let (code, list) = api(writer.addr, reqwest::Method::GET, "/v1/api-keys", None).await;
+    assert_eq!(code, 200);
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn redis_down_keeps_every_replica_serving_then_they_resync() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    seed(&redis, "outage").await;
+    let replicas = [
+        replica(&redis, "outage", false).await,
+        replica(&redis, "outage", false).await,
+    ];
+    redis.stop();
+    // Every valid request still gets in while Redis is down.
+    let mut refused = 0;
+    for _ in 0..50 {
+        for r in &replicas {
+            if status(r.addr, "reader-secret").await != 200 {
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 0, "valid requests refused while Redis was down");
+    // Said once per change of state, not per retry.
+    let start = Instant::now();
+    let report = loop {
+        if let Some(r) = replicas[0].store.last_reload().filter(|r| !r.is_applied()) {
+            break r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(report.source().starts_with("redis:outage"));
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // several retries
+    assert_eq!(replicas[0].store.last_reload().unwrap().at(), report.at());
+    // Redis back (from its own persistence), with a change made meanwhile.
+    redis.run();
+    let backend = RedisBackend::new(&redis.url(), "outage").unwrap();
+    let extra = redis.dir.path().join("extra.toml");
+    fs::write(
+        &extra,
+        "[[keys]]\nid = \"late\"\nsecret = \"late-secret\"\n",
+    )
+    .unwrap();
+    backend.import_file(&extra).await.unwrap();
+    for r in &replicas {
+        until(r.addr, "late-secret", 200, Duration::from_secs(3)).await;
+        assert_eq!(status(r.addr, "reader-secret").await, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_wiped_redis_is_not_zero_keys() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "wiped").await;
+    let r = replica(&redis, "wiped", false).await;
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    let start = Instant::now();
+    loop {
+        if let Some(error) = r
+            .store
+            .last_reload()
+            .and_then(|x| x.error().map(|e| common::chain(e)))
+        {
+            assert!(error.contains("version counter"), "{error}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the wipe was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        status(r.addr, "reader-secret").await,
+        200,
+        "the last good keys stay"
+    );
+    assert_eq!(r.store.len(), 2);
+    // Only a namespace that exists with no keys denies everyone.
+    let empty = redis.dir.path().join("empty.toml");
+    fs::write(&empty, "keys = []\n").unwrap();
+    RedisBackend::new(&redis.url(), "wiped")
+        .unwrap()
+        .import_file(&empty)
+        .await
+        .unwrap();
+    until(r.addr, "reader-secret", 401, Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn a_cut_connection_converges_after_reconnecting() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "cut").await;
+    let r = replica(&redis, "cut", false).await;
+    assert!(!redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]).is_empty());
+    let extra = redis.dir.path().join("cut.toml");
+    fs::write(
+        &extra,
+        "[[keys]]\nid = \"after-cut\"\nsecret = \"after-cut-secret\"\n",
+    )
+    .unwrap();
+    RedisBackend::new(&redis.url(), "cut")
+        .unwrap()
+        .import_file(&extra)
+        .await
+        .unwrap();
+    until(r.addr, "after-cut-secret", 200, Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn a_replica_without_redis_fails_closed_unless_it_has_a_snapshot() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    seed(&redis, "snap").await;
+    let snapshot = redis.dir.path().join("snapshot.toml");
+    {
+        // A replica with a snapshot file, while Redis is up: the file follows.
+        let store = KeyStore::new();
+        store
+            .add_source(source(&redis, "snap").with_snapshot(&snapshot))
+            .unwrap();
+        let start = Instant::now();
+        while !fs::read_to_string(&snapshot).is_ok_and(|s| s.contains("reader")) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no snapshot written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let text = fs::read_to_string(&snapshot).unwrap();
+        assert!(
+            !text.contains("reader-secret") && text.contains("sha256"),
+            "{text}"
+        );
+    }
+    redis.stop();
+    // Without one: no keys, everyone refused, and still trying.
+    let store = KeyStore::new();
+    assert!(store.add_source(source(&redis, "snap")).is_err());
+    let plain = common::serve(
+        Router::new()
+            .route("/", get(|| async { "ok" }))
+            .route_layer(ApiKeyLayer::from_store(store)),
+    )
+    .await;
+    assert_eq!(status(plain, "reader-secret").await, 401);
+    // With one: the last keys, from the first request.
+    let store = KeyStore::new();
+    store
+        .add_source(source(&redis, "snap").with_snapshot(&snapshot))
+        .unwrap();
+    let snap = common::serve(
+        Router::new()
+            .route("/", get(|| async { "ok" }))
+            .route_layer(ApiKeyLayer::from_store(store)),
+    )
+    .await;
+    assert_eq!(status(snap, "reader-secret").await, 200);
+    // Redis back: the replica without a snapshot gets its keys.
+    redis.run();
+    until(plain, "reader-secret", 200, Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn a_namespace_that_does_not_exist_yet_fails_closed_until_created() {
+    let Some(redis) = Redis::start() else { return };
+    let store = KeyStore::new();
+    let err = store.add_source(source(&redis, "later")).unwrap_err();
+    assert!(common::chain(&err).contains("does not exist"), "{err}");
+    let addr = common::serve(
+        Router::new()
+            .route("/", get(|| async { "ok" }))
+            .route_layer(ApiKeyLayer::from_store(store)),
+    )
+    .await;
+    assert_eq!(status(addr, "reader-secret").await, 401);
+    seed(&redis, "later").await;
+    until(addr, "reader-secret", 200, Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn fleet_usage_adds_up_across_replicas() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "usage").await;
+    let writer = replica(&redis, "usage", true).await;
+    let other = replica(&redis, "usage", false).await;
+    for _ in 0..3 {
+        assert_eq!(status(writer.addr, "reader-secret").await, 200);
+    }
+    for _ in 0..4 {
+        assert_eq!(status(other.addr, "reader-secret").await, 200);
+    }
+    let start = Instant::now();
+    loop {
+        let (_, key) = api(
+            writer.addr,
+            reqwest::Method::GET,
+            "/v1/api-keys/reader",
+            None,
+        )
+        .await;
+        if key["usage"]["requests"] == 7 {
+            assert!(key["usage"]["last_used"].is_string());
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{key:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Counted once: more flushes add nothing.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, key) = api(
+        writer.addr,
+        reqwest::Method::GET,
+        "/v1/api-keys/reader",
+        None,
+    )
+    .await;
+    assert_eq!(key["usage"]["requests"], 7);
+}
+
+#[tokio::test]
+async fn export_writes_a_digest_only_key_file_that_imports_back() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "export").await;
+    let backend = RedisBackend::new(&redis.url(), "export").unwrap();
+    let out = redis.dir.path().join("exported.toml");
+    assert_eq!(backend.export_file(&out).await.unwrap(), 2);
+    let text = fs::read_to_string(&out).unwrap();
+    assert!(
+        !text.contains("root-secret") && text.contains("sha256"),
+        "{text}"
+    );
+    let set = tower_api_key::FileSource::parse(&out, text.as_bytes()).unwrap();
+    assert_eq!(set.len(), 2);
+    let copy = RedisBackend::new(&redis.url(), "export-copy").unwrap();
+    assert_eq!(copy.import_file(&out).await.unwrap(), 2);
+    let store = KeyStore::new();
+    store.add_source(source(&redis, "export-copy")).unwrap();
+    assert_eq!(store.verify("root-secret").unwrap().id(), "root");
+}
+
+/// Runs a replica in this process and prints its address: the other half of the
+/// separate-process test.
+#[tokio::test]
+async fn replica_process() {
+    let Ok(url) = std::env::var("TAK_TEST_REDIS_URL") else {
+        return;
+    };
+    let store = KeyStore::new();
+    let source = RedisSource::new(&url, "procs")
+        .unwrap()
+        .with_version_check(Duration::from_millis(200));
+    store.add_source(source).unwrap();
+    let addr = common::serve(
+        Router::new()
+            .route("/", get(|| async { "ok" }))
+            .route_layer(ApiKeyLayer::from_store(store)),
+    )
+    .await;
+    println!("REPLICA {addr}");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+}
+
+#[tokio::test]
+async fn a_replica_in_another_process_follows_the_admin_api() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "procs").await;
+    let writer = replica(&redis, "procs", true).await;
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "replica_process", "--nocapture"])
+        .env("TAK_TEST_REDIS_URL", redis.url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let addr: SocketAddr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if let Some(addr) = line.unwrap().strip_prefix("REPLICA ") {
+                return addr.parse().unwrap();
+            }
+        }
+        panic!("the replica process never said where it listens");
+    })
+    .await
+    .unwrap();
+    let (code, created) = api(
+        writer.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "cross"})),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let secret = created["key"].as_str().unwrap();
+    until(addr, secret, 200, Duration::from_secs(3)).await;
+    api(
+        writer.addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/cross",
+        None,
+    )
+    .await;
+    until(addr, secret, 401, Duration::from_secs(3)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
