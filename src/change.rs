@@ -209,18 +209,28 @@ pub(crate) fn plan(
         }
     }
     diff.removed.sort();
-    check_digests(old, source, &edit)?;
+    // A `KeySet` never holds one key under two ids: only changes by id need that
+    // checked among themselves.
+    let unique = matches!(update, Update::Set(_));
+    check_digests(old, source, &edit, unique)?;
     Ok((edit, diff))
 }
 
 /// Refuses an edit that would put one digest under two ids: twice among the keys that
-/// come, or once more beside a key that stays.
-fn check_digests(old: &Snapshot, source: &Source<'_>, edit: &Edit) -> Result<(), Error> {
+/// come (unless they are `unique` already), or once more beside a key that stays.
+fn check_digests(
+    old: &Snapshot,
+    source: &Source<'_>,
+    edit: &Edit,
+    unique: bool,
+) -> Result<(), Error> {
     let leaving: DigestSet = edit.remove.iter().map(|(d, _)| *d).collect();
     let mut coming: DigestMap<&str> = DigestMap::default();
-    coming.reserve(edit.insert.len());
+    if !unique {
+        coming.reserve(edit.insert.len());
+    }
     for (digest, entry, _) in &edit.insert {
-        if let Some(first) = coming.insert(*digest, &entry.id) {
+        if !unique && let Some(first) = coming.insert(*digest, &entry.id) {
             return Err(Error::DuplicateKey {
                 first: first.to_owned(),
                 second: entry.id.to_string(),

@@ -56,7 +56,13 @@ impl KeyDigest {
     /// The 64 lower-case hex digits.
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn to_hex(self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(64);
+        for b in self.0 {
+            out.push(char::from(DIGITS[usize::from(b >> 4)]));
+            out.push(char::from(DIGITS[usize::from(b & 15)]));
+        }
+        out
     }
 
     /// A short, non-reversible name for the key: the first 12 hex digits of its digest.

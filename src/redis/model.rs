@@ -13,6 +13,8 @@
 //! `tak:{ns}:requests` (key id → requests, added to by each replica) and
 //! `tak:{ns}:last_used` (key id → Unix seconds, the latest of any replica).
 
+use std::{borrow::Cow, sync::Arc};
+
 use serde::{Deserialize, Serialize};
 
 use crate::{ApiKey, Error, clock, digest::KeyDigest};
@@ -44,19 +46,23 @@ impl Keys {
 }
 
 /// A key's record: what `tak:{ns}:keys` holds for it. Instants in Unix milliseconds.
+/// Strings are borrowed from the reply where they hold no escapes: a million records
+/// are read at start-up.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Record {
-    id: String,
-    sha256: String,
+pub(crate) struct Record<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    sha256: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     scopes: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    tenant: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    owner: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    tenant: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    owner: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    description: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     not_before: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -65,28 +71,28 @@ pub(crate) struct Record {
     disabled: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     created_at: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    created_by: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    rotated_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    created_by: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    rotated_from: Option<Cow<'a, str>>,
 }
 
 /// The JSON record of `key`: the same key always gives the same bytes, which the
 /// write script compares to detect a concurrent change.
 pub(crate) fn encode(key: &ApiKey) -> String {
     let record = Record {
-        id: key.id().to_owned(),
-        sha256: key.digest.to_hex(),
+        id: key.id().into(),
+        sha256: key.digest.to_hex().into(),
         scopes: key.scopes().map(str::to_owned).collect(),
-        tenant: key.tenant().map(str::to_owned),
-        owner: key.owner().map(str::to_owned),
-        description: key.description().map(str::to_owned),
+        tenant: key.tenant().map(Cow::from),
+        owner: key.owner().map(Cow::from),
+        description: key.description().map(Cow::from),
         not_before: (key.valid_from != 0).then_some(key.valid_from),
         expires_at: (key.valid_until != u64::MAX).then_some(key.valid_until),
         disabled: key.disabled,
         created_at: key.meta.as_ref().and_then(|m| m.created_at),
-        created_by: key.created_by().map(str::to_owned),
-        rotated_from: key.rotated_from().map(str::to_owned),
+        created_by: key.created_by().map(Cow::from),
+        rotated_from: key.rotated_from().map(Cow::from),
     };
     serde_json::to_string(&record).unwrap_or_default()
 }
@@ -97,18 +103,19 @@ pub(crate) fn decode(id: &str, json: &[u8]) -> Result<ApiKey, Error> {
         .map_err(|_| Error::invalid(Some(id), "the record in Redis is not a key record"))?;
     let digest = KeyDigest::from_hex(&record.sha256)
         .ok_or_else(|| Error::invalid(Some(id), "`sha256` must be 64 hexadecimal digits"))?;
-    let mut key = ApiKey::from_digest(record.id.into(), digest).with_disabled(record.disabled);
+    let mut key =
+        ApiKey::from_digest(Arc::from(&*record.id), digest).with_disabled(record.disabled);
     if !record.scopes.is_empty() {
         key = key.with_scopes(record.scopes);
     }
     if let Some(tenant) = record.tenant {
-        key = key.with_tenant(tenant);
+        key = key.with_tenant(&*tenant);
     }
     if let Some(owner) = record.owner {
-        key = key.with_owner(owner);
+        key = key.with_owner(&*owner);
     }
     if let Some(description) = record.description {
-        key = key.with_description(description);
+        key = key.with_description(&*description);
     }
     if let Some(at) = record.not_before {
         key = key.with_not_before(clock::from_unix_ms(at));
@@ -120,10 +127,10 @@ pub(crate) fn decode(id: &str, json: &[u8]) -> Result<ApiKey, Error> {
         key = key.with_created_at(clock::from_unix_ms(at));
     }
     if let Some(by) = record.created_by {
-        key = key.with_created_by(by);
+        key = key.with_created_by(&*by);
     }
     if let Some(from) = record.rotated_from {
-        key = key.with_rotated_from(from);
+        key = key.with_rotated_from(&*from);
     }
     Ok(key)
 }

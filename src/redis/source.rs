@@ -238,10 +238,9 @@ fn read_all(
     };
     let pairs = super::pairs(records);
     let mut set = KeySet::with_capacity(pairs.len());
-    for (id, json) in pairs {
-        let id = String::from_utf8_lossy(&id);
-        let key = model::decode(&id, &json).and_then(|key| set.insert(key));
-        key.map_err(|e| redis_error(format!("{}", crate::error::Chain(&e))))?;
+    for key in decode_all(&pairs) {
+        key.and_then(|key| set.insert(key))
+            .map_err(|e| redis_error(format!("{}", crate::error::Chain(&e))))?;
     }
     let stream_id = match last {
         Value::Array(entries) => entries
@@ -255,6 +254,46 @@ fn read_all(
         _ => "0-0".to_owned(),
     };
     Ok(Some((set, Position { version, stream_id })))
+}
+
+/// The keys of `(id, record)` pairs, in order. A large namespace (a million records
+/// is most of a second of JSON) is decoded on every core: the initial load is what a
+/// replica waits for before it can serve.
+fn decode_all(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<Result<crate::ApiKey, Error>> {
+    let decode = |chunk: &[(Vec<u8>, Vec<u8>)]| -> Vec<Result<crate::ApiKey, Error>> {
+        chunk
+            .iter()
+            .map(|(id, json)| model::decode(&String::from_utf8_lossy(id), json))
+            .collect()
+    };
+    let parts = thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(4);
+    if pairs.len() < 50_000 || parts < 2 {
+        return decode(pairs);
+    }
+    let size = pairs.len().div_ceil(parts);
+    thread::scope(|scope| {
+        let handles: Vec<_> = pairs
+            .chunks(size)
+            .skip(1)
+            .map(|chunk| {
+                (
+                    chunk,
+                    thread::Builder::new().spawn_scoped(scope, move || decode(chunk)),
+                )
+            })
+            .collect();
+        let mut keys = decode(&pairs[..size.min(pairs.len())]);
+        for (chunk, handle) in handles {
+            // A thread that could not start or failed: decode its part here.
+            match handle.ok().and_then(|h| h.join().ok()) {
+                Some(part) => keys.extend(part),
+                None => keys.extend(decode(chunk)),
+            }
+        }
+        keys
+    })
 }
 
 /// The thread that follows the namespace.
