@@ -57,38 +57,41 @@ pub(crate) fn presented_key<'a>(
     headers: &'a HeaderMap,
     locations: &[KeyLocation],
 ) -> Result<Cow<'a, [u8]>, Rejection> {
-    let mut found: Option<Cow<'a, [u8]>> = None;
-    let mut offer = |key: Cow<'a, [u8]>| {
-        if key.is_empty() {
-            return Err(Rejection::Malformed);
-        }
-        match &found {
-            Some(seen) if **seen != *key => Err(Rejection::Conflicting),
-            Some(_) => Ok(()),
-            None => {
-                found = Some(key);
-                Ok(())
-            }
-        }
-    };
+    // Borrowed from the request, as every header location gives; a percent-decoded
+    // query value is the only one that needs its own bytes.
+    let mut found: Option<&'a [u8]> = None;
+    let mut decoded: Option<Vec<u8>> = None;
     for location in locations {
         match location {
             KeyLocation::Bearer => {
                 for value in headers.get_all(AUTHORIZATION) {
                     if let Some(token) = bearer_token(value.as_bytes()) {
-                        offer(Cow::Borrowed(token))?;
+                        offer(&mut found, token)?;
                     }
                 }
             }
             KeyLocation::Header(name) => {
                 for value in headers.get_all(name) {
-                    offer(Cow::Borrowed(trim(value.as_bytes())))?;
+                    offer(&mut found, trim(value.as_bytes()))?;
                 }
             }
             KeyLocation::Query(name) => {
                 for (param, value) in query_pairs(uri) {
                     if param == name.as_bytes() {
-                        offer(percent_decoded(value).ok_or(Rejection::Malformed)?)?;
+                        match percent_decoded(value).ok_or(Rejection::Malformed)? {
+                            Cow::Borrowed(value) => offer(&mut found, value)?,
+                            Cow::Owned(value) => {
+                                if value.is_empty() {
+                                    return Err(Rejection::Malformed);
+                                }
+                                match &decoded {
+                                    Some(seen) if *seen != value => {
+                                        return Err(Rejection::Conflicting);
+                                    }
+                                    _ => decoded = Some(value),
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -96,14 +99,35 @@ pub(crate) fn presented_key<'a>(
                 for value in headers.get_all(COOKIE) {
                     for (cookie, value) in cookies(value.as_bytes()) {
                         if cookie == name.as_bytes() {
-                            offer(Cow::Borrowed(value))?;
+                            offer(&mut found, value)?;
                         }
                     }
                 }
             }
         }
     }
-    found.ok_or(Rejection::Missing)
+    match (found, decoded) {
+        (Some(found), Some(decoded)) if found != decoded.as_slice() => Err(Rejection::Conflicting),
+        (_, Some(decoded)) => Ok(Cow::Owned(decoded)),
+        (Some(found), None) => Ok(Cow::Borrowed(found)),
+        (None, None) => Err(Rejection::Missing),
+    }
+}
+
+/// One more credential: refused if empty, or if it differs from one seen before.
+#[inline(always)]
+fn offer<'a>(found: &mut Option<&'a [u8]>, key: &'a [u8]) -> Result<(), Rejection> {
+    if key.is_empty() {
+        return Err(Rejection::Malformed);
+    }
+    match found {
+        Some(seen) if *seen != key => Err(Rejection::Conflicting),
+        Some(_) => Ok(()),
+        None => {
+            *found = Some(key);
+            Ok(())
+        }
+    }
 }
 
 /// The token of a `Bearer` credential (possibly empty); `None` for another scheme.

@@ -70,7 +70,8 @@ pub(crate) fn rejected(report: &ReloadReport) {
 #[inline]
 pub(crate) fn accepted(key: &crate::KeyInfo) {
     #[cfg(feature = "tracing")]
-    {
+    // Nothing to record into until some subscriber is set (one relaxed load).
+    if tracing::dispatcher::has_been_set() {
         let span = tracing::Span::current();
         if !span.is_disabled() {
             span.record("key_id", key.id());
