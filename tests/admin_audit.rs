@@ -6,32 +6,13 @@
 
 mod common;
 
-use std::{
-    fs,
-    io::Write,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{fs, time::Duration};
 
 use axum::Router;
 use tower_api_key::{
     ApiKeyLayer, FileSource, KeyStore,
     admin::{AdminApi, FileBackend},
 };
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 async fn call(
     addr: std::net::SocketAddr,
@@ -54,7 +35,7 @@ async fn call(
 
 #[tokio::test]
 async fn every_change_is_an_audit_event_naming_the_caller() {
-    let captured = Captured::default();
+    let captured = common::Captured::default();
     let writer = captured.clone();
     tracing_subscriber::fmt()
         .with_writer(move || writer.clone())
@@ -109,7 +90,7 @@ async fn every_change_is_an_audit_event_naming_the_caller() {
     )
     .await;
     assert_eq!(status, 204);
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let audit: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("tower_api_key::audit"))

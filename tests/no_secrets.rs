@@ -6,32 +6,12 @@
 
 mod common;
 
-use std::{
-    fs,
-    io::Write,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{fs, time::Duration};
 
 use common::{app, get_with, reload_where, serve};
 use tower_api_key::{
     ApiKey, ApiKeyLayer, ChannelSource, EnvSource, FileSource, KeyChange, KeySet, KeyStore,
 };
-
-/// Every line `tracing` writes, kept.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 const SECRETS: [&str; 8] = [
     "s3cr3t-file-key-0001",
@@ -46,7 +26,7 @@ const SECRETS: [&str; 8] = [
 
 #[tokio::test]
 async fn no_secret_reaches_a_log_a_debug_or_an_error() {
-    let captured = Captured::default();
+    let captured = common::Captured::default();
     let writer = captured.clone();
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
@@ -134,7 +114,7 @@ async fn no_secret_reaches_a_log_a_debug_or_an_error() {
     drop((store, layer));
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.contains("api key reload refused"),
         "the refusals were logged"

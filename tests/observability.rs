@@ -2,11 +2,9 @@
 #![allow(clippy::unwrap_used)]
 #![cfg(all(feature = "metrics", feature = "tracing"))]
 
-use std::{
-    convert::Infallible,
-    io::Write,
-    sync::{Arc, Mutex},
-};
+mod common;
+
+use std::convert::Infallible;
 
 use http::{Request, Response};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
@@ -155,22 +153,8 @@ async fn requests_and_reloads_are_counted() {
     );
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 async fn the_key_id_is_recorded_on_the_request_span() {
-    let captured = Captured::default();
+    let captured = common::Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(move || writer.clone())
@@ -179,7 +163,7 @@ async fn the_key_id_is_recorded_on_the_request_span() {
     let _guard = tracing::subscriber::set_default(subscriber);
     let layer = ApiKeyLayer::new(keys());
     assert_eq!(get(&layer, Some("k-ops")).await, 200);
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(logs.contains("request{key_id=\"ops\"}"), "{logs}");
     assert!(!logs.contains("k-ops"), "{logs}");
 }
