@@ -64,8 +64,13 @@ impl Redis {
 
     /// Runs the server (again), persisting to its directory so a restart keeps data.
     fn run(&mut self) {
+        self.run_with(&[]);
+    }
+
+    fn run_with(&mut self, extra: &[&str]) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(extra)
             .args([
                 "--save",
                 "",
@@ -82,7 +87,8 @@ impl Redis {
             .unwrap();
         self.child = Some(child);
         let start = Instant::now();
-        while self.cli(&["PING"]) != "PONG" {
+        // Ready when it answers a PING, or asks for the password first.
+        while !matches!(self.cli(&["PING"]).as_str(), "PONG" | "NOAUTH") {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "redis-server did not start"
@@ -120,6 +126,7 @@ impl Redis {
             Ok(redis::Value::Int(n)) => n.to_string(),
             Ok(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
             Ok(other) => format!("{other:?}"),
+            Err(e) if e.code() == Some("NOAUTH") => "NOAUTH".into(),
             Err(_) => String::new(),
         }
     }
@@ -565,4 +572,33 @@ async fn a_replica_in_another_process_follows_the_admin_api() {
     until(addr, secret, 401, Duration::from_secs(3)).await;
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test]
+async fn auth_through_the_url_and_no_password_in_debug() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    redis.stop();
+    redis.run_with(&["--requirepass", "s3cret-pass"]);
+    let url = format!("redis://:s3cret-pass@127.0.0.1:{}/", redis.port);
+    let backend = RedisBackend::new(&url, "auth").unwrap();
+    let path = redis.dir.path().join("auth.toml");
+    fs::write(&path, SEED).unwrap();
+    assert_eq!(backend.import_file(&path).await.unwrap(), 2);
+    let store = KeyStore::new();
+    let source = RedisSource::new(&url, "auth").unwrap();
+    let shown = format!("{source:?} {backend:?}");
+    assert!(!shown.contains("s3cret-pass"), "{shown}");
+    store.add_source(source).unwrap();
+    assert_eq!(store.verify("reader-secret").unwrap().id(), "reader");
+    // A wrong password: refused, and no keys (it fails closed), nor the password.
+    let wrong = format!("redis://:wrong-pass@127.0.0.1:{}/", redis.port);
+    let store = KeyStore::new();
+    let source = RedisSource::new(&wrong, "auth")
+        .unwrap()
+        .with_connect_timeout(Duration::from_millis(500));
+    let err = store.add_source(source).unwrap_err();
+    assert!(!common::chain(&err).contains("wrong-pass"), "{err}");
+    assert!(store.is_empty());
 }
