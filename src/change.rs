@@ -121,11 +121,13 @@ pub(crate) fn plan(
         }
     };
     // Keys that stay or come.
+    let empty = old.len() == 0;
     for &key in &keys {
         // Most keys of a large set are unchanged: found by digest in one lookup, and
-        // by id only when the digest is new.
-        let existing = match old.entry(&key.digest) {
+        // by id only when the digest is new. (A first load has nothing to look up.)
+        let existing = match (!empty).then(|| old.entry(&key.digest)).flatten() {
             Some((entry, _)) if *entry.id == *key.id => Some((key.digest, entry)),
+            _ if empty => None,
             _ => old
                 .digest_of(&key.id)
                 .and_then(|d| Some((d, old.entry(&d)?.0))),
