@@ -419,6 +419,40 @@ mod tests {
     }
 
     #[test]
+    fn a_new_definition_of_the_same_secret_is_applied() {
+        let (source, publisher) = ChannelSource::new(set(&[("a", "ka"), ("b", "kb")]));
+        let store = KeyStore::new();
+        store.add_source(source).unwrap();
+        let report = publisher
+            .publish(
+                KeySet::from_keys([
+                    ApiKey::new("a", "ka")
+                        .with_scopes(["read", "write"])
+                        .with_owner("o"),
+                    ApiKey::new("b", "kb")
+                        .with_scopes(["read"])
+                        .with_disabled(true),
+                ])
+                .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(report.changed(), ["a", "b"]);
+        let a = store.get("a").unwrap();
+        assert_eq!(
+            (a.scopes().collect::<Vec<_>>(), a.owner()),
+            (vec!["read", "write"], Some("o"))
+        );
+        assert!(matches!(store.verify("kb"), Err(Rejection::Disabled(_))));
+        // And back, by id.
+        publisher
+            .apply([KeyChange::Upsert(
+                ApiKey::new("b", "kb").with_scopes(["read"]),
+            )])
+            .unwrap();
+        assert_eq!(store.verify("kb").unwrap().id(), "b");
+    }
+
+    #[test]
     fn a_change_by_id_touches_nothing_else() {
         let keys: Vec<(String, String)> = (0..2_000)
             .map(|i| (format!("k{i}"), format!("s{i}")))
