@@ -269,6 +269,28 @@ mod tests {
     }
 
     #[test]
+    fn len_emptiness_iteration_and_a_long_debug() {
+        let empty = KeySet::new();
+        assert!(empty.is_empty());
+        assert_eq!(empty.len(), 0);
+        let set = KeySet::from_keys((0..20).map(|i| ApiKey::new(format!("k{i}"), format!("s{i}"))))
+            .unwrap();
+        assert!(!set.is_empty());
+        let ids: Vec<&str> = (&set).into_iter().map(ApiKey::id).collect();
+        assert_eq!(ids.len(), 20);
+        assert_eq!(ids[19], "k19");
+        let dbg = format!("{set:?}");
+        assert!(
+            dbg.contains("k15") && !dbg.contains("k16") && dbg.contains("… 4 more"),
+            "{dbg}"
+        );
+        let sixteen =
+            KeySet::from_keys((0..16).map(|i| ApiKey::new(format!("k{i}"), format!("s{i}"))))
+                .unwrap();
+        assert!(!format!("{sixteen:?}").contains("more"));
+    }
+
+    #[test]
     fn debug_lists_ids_not_secrets() {
         let set = KeySet::from_keys([ApiKey::new("visible-id", "hidden-secret")]).unwrap();
         let dbg = format!("{set:?}");

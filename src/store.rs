@@ -591,6 +591,14 @@ mod tests {
     }
 
     #[test]
+    fn the_expiry_notice_is_seven_days_until_set() {
+        let store = KeyStore::new();
+        assert_eq!(store.expiry_notice(), Duration::from_secs(7 * 24 * 3600));
+        store.set_expiry_notice(Duration::from_secs(90));
+        assert_eq!(store.expiry_notice(), Duration::from_secs(90));
+    }
+
+    #[test]
     fn expiring_lists_exactly_the_enabled_keys_within_the_notice() {
         let now = std::time::SystemTime::now();
         let hour = Duration::from_secs(3600);

@@ -438,3 +438,57 @@ async fn preflight_passes_only_when_allowed() {
         .unwrap();
     assert_eq!(res.status(), 401, "not allowed by default");
 }
+
+/// An inner service that is not ready: its back-pressure must reach the caller.
+#[derive(Clone, Debug)]
+struct NotReady;
+
+impl Service<Request<Body>> for NotReady {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Pending
+    }
+
+    fn call(&mut self, _: Request<Body>) -> Self::Future {
+        std::future::ready(Ok(Response::new(Body::new())))
+    }
+}
+
+#[test]
+fn back_pressure_from_the_inner_service_is_passed_on() {
+    let mut svc = tower::Layer::layer(&ApiKeyLayer::new(keys()), NotReady);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_pending());
+    assert_eq!(svc.store().len(), keys().len());
+    let shown = format!("{svc:?}");
+    assert!(
+        shown.starts_with("ApiKeyService") && shown.contains("KeyStore"),
+        "{shown}"
+    );
+    assert!(!shown.contains("plain-key"), "{shown}");
+}
+
+#[tokio::test]
+async fn require_checksum_refuses_malformed_keys_before_any_lookup() {
+    let generated = tower_api_key::generate("tak").unwrap();
+    let set = KeySet::from_keys([
+        generated.to_api_key("gen"),
+        ApiKey::new("legacy", "legacy-key"),
+    ])
+    .unwrap();
+    let layer = ApiKeyLayer::new(set).require_checksum(true);
+    let (res, calls) = call(&layer, &[("x-api-key", generated.secret())]).await;
+    assert_eq!((res.status().as_u16(), calls), (200, 1));
+    let (res, calls) = call(&layer, &[("x-api-key", "legacy-key")]).await;
+    assert_eq!((res.status().as_u16(), calls), (401, 0));
+    assert!(matches!(
+        res.extensions().get::<Rejection>(),
+        Some(Rejection::InvalidChecksum)
+    ));
+}
