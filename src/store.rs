@@ -591,6 +591,24 @@ mod tests {
     }
 
     #[test]
+    fn an_updater_knows_its_source_and_when_its_store_is_gone() {
+        let store = KeyStore::new();
+        assert!(store.is_empty());
+        store.add_source(set(&[("a", "ka")])).unwrap();
+        assert!(!store.is_empty());
+        let updater = store.updater_for_tests("mine");
+        assert_eq!(updater.source_name(), "mine");
+        assert!(format!("{updater:?}").contains("mine"));
+        assert!(!updater.is_closed());
+        drop(store);
+        assert!(updater.is_closed());
+        assert!(matches!(
+            updater.publish(KeySet::new()),
+            Err(Error::StoreClosed)
+        ));
+    }
+
+    #[test]
     fn the_expiry_notice_is_seven_days_until_set() {
         let store = KeyStore::new();
         assert_eq!(store.expiry_notice(), Duration::from_secs(7 * 24 * 3600));
