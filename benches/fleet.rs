@@ -35,6 +35,21 @@ impl Drop for Server {
     }
 }
 
+/// Creates key `id` through the API at `addr`; its secret.
+async fn create(client: &reqwest::Client, addr: SocketAddr, id: &str) -> String {
+    let res = client
+        .post(format!("http://{addr}/v1/api-keys"))
+        .header("authorization", "Bearer root-secret")
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"id": "{id}"}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let body: serde_json::Value = serde_json::from_str(&res.text().await.unwrap()).unwrap();
+    body["key"].as_str().unwrap().to_owned()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -109,17 +124,7 @@ async fn main() {
     let client = reqwest::Client::new();
     let mut times = Vec::with_capacity(CHANGES * (REPLICAS - 1));
     for c in 0..CHANGES {
-        let res = client
-            .post(format!("http://{writer}/v1/api-keys"))
-            .header("authorization", "Bearer root-secret")
-            .header("content-type", "application/json")
-            .body(format!(r#"{{"id": "k{c}"}}"#))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
-        let body: serde_json::Value = serde_json::from_str(&res.text().await.unwrap()).unwrap();
-        let secret = body["key"].as_str().unwrap().to_owned();
+        let secret = create(&client, writer, &format!("k{c}")).await;
         let returned = Instant::now();
         let mut pending: Vec<usize> = (1..REPLICAS).collect();
         while !pending.is_empty() {
@@ -200,17 +205,7 @@ async fn main() {
     .await;
     let mut times = Vec::new();
     for c in 0..50 {
-        let res = client
-            .post(format!("http://{writer}/v1/api-keys"))
-            .header("authorization", "Bearer root-secret")
-            .header("content-type", "application/json")
-            .body(format!(r#"{{"id": "big-{c}"}}"#))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
-        let body: serde_json::Value = serde_json::from_str(&res.text().await.unwrap()).unwrap();
-        let secret = body["key"].as_str().unwrap().to_owned();
+        let secret = create(&client, writer, &format!("big-{c}")).await;
         let returned = Instant::now();
         while stores[1].verify(&secret).is_err() {
             tokio::time::sleep(Duration::from_micros(200)).await;

@@ -450,48 +450,20 @@ async fn each_error_is_a_problem_document() {
         400,
         "bad-request",
     );
-    problem(
-        &s.post("/v1/api-keys", "root-secret", json!({"color": "red"}))
-            .await,
-        422,
-        "validation",
-    );
-    problem(
-        &s.post(
-            "/v1/api-keys",
-            "root-secret",
-            json!({"expires_at": "next tuesday"}),
-        )
-        .await,
-        422,
-        "validation",
-    );
-    problem(
-        &s.post(
-            "/v1/api-keys",
-            "root-secret",
-            json!({"not_before": "2026-12-02T00:00:00Z", "expires_at": "2026-12-01T00:00:00Z"}),
-        )
-        .await,
-        422,
-        "validation",
-    );
-    problem(
-        &s.post("/v1/api-keys", "root-secret", json!({"id": "bad id"}))
-            .await,
-        422,
-        "validation",
-    );
-    problem(
-        &s.post(
-            "/v1/api-keys",
-            "root-secret",
-            json!({"prefix": "no_underscores"}),
-        )
-        .await,
-        422,
-        "validation",
-    );
+    // Create bodies that are JSON but not acceptable.
+    for body in [
+        json!({"color": "red"}),
+        json!({"expires_at": "next tuesday"}),
+        json!({"not_before": "2026-12-02T00:00:00Z", "expires_at": "2026-12-01T00:00:00Z"}),
+        json!({"id": "bad id"}),
+        json!({"prefix": "no_underscores"}),
+    ] {
+        problem(
+            &s.post("/v1/api-keys", "root-secret", body).await,
+            422,
+            "validation",
+        );
+    }
     problem(
         &s.post("/v1/api-keys", "root-secret", json!({"id": "reader"}))
             .await,
@@ -505,45 +477,16 @@ async fn each_error_is_a_problem_document() {
         "conflict",
     );
     let etag = etag(&s.get("/v1/api-keys/reader", "root-secret").await);
-    problem(
-        &s.patch(
-            "reader",
-            "root-secret",
-            Some(&etag),
-            json!({"id": "renamed"}),
-        )
-        .await,
-        422,
-        "validation",
-    );
-    problem(
-        &s.patch("reader", "root-secret", Some(&etag), json!({"key": "x"}))
-            .await,
-        422,
-        "validation",
-    );
-    problem(
-        &s.patch(
-            "reader",
-            "root-secret",
-            Some(&etag),
-            json!({"shoe_size": 9}),
-        )
-        .await,
-        422,
-        "validation",
-    );
-    problem(
-        &s.patch(
-            "reader",
-            "root-secret",
-            Some(&etag),
-            json!({"disabled": "yes"}),
-        )
-        .await,
-        422,
-        "validation",
-    );
+    // Patches that name what cannot change, an unknown field, or a wrong type.
+    for patch in [
+        json!({"id": "renamed"}),
+        json!({"key": "x"}),
+        json!({"shoe_size": 9}),
+        json!({"disabled": "yes"}),
+    ] {
+        let reply = s.patch("reader", "root-secret", Some(&etag), patch).await;
+        problem(&reply, 422, "validation");
+    }
     let plain_json = s
         .call(
             "PATCH",

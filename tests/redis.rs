@@ -182,6 +182,25 @@ async fn replica(redis: &Redis, ns: &str, admin: bool) -> Replica {
     }
 }
 
+/// Serves `/` guarded by `store`, as a replica without the admin API.
+async fn serve_store(store: KeyStore) -> SocketAddr {
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route_layer(ApiKeyLayer::from_store(store));
+    common::serve(app).await
+}
+
+/// Writes `content` as a key file and imports it into namespace `ns`.
+async fn import(redis: &Redis, ns: &str, content: &str) {
+    let path = redis.dir.path().join(format!("{ns}-import.toml"));
+    fs::write(&path, content).unwrap();
+    RedisBackend::new(&redis.url(), ns)
+        .unwrap()
+        .import_file(&path)
+        .await
+        .unwrap();
+}
+
 async fn status(addr: SocketAddr, key: &str) -> u16 {
     common::get_with(addr, "/", Some(key)).await.0
 }
@@ -300,14 +319,12 @@ async fn redis_down_keeps_every_replica_serving_then_they_resync() {
     assert_eq!(replicas[0].store.last_reload().unwrap().at(), report.at());
     // Redis back (from its own persistence), with a change made meanwhile.
     redis.run();
-    let backend = RedisBackend::new(&redis.url(), "outage").unwrap();
-    let extra = redis.dir.path().join("extra.toml");
-    fs::write(
-        &extra,
+    import(
+        &redis,
+        "outage",
         "[[keys]]\nid = \"late\"\nsecret = \"late-secret\"\n",
     )
-    .unwrap();
-    backend.import_file(&extra).await.unwrap();
+    .await;
     for r in &replicas {
         until(r.addr, "late-secret", 200, Duration::from_secs(3)).await;
         assert_eq!(status(r.addr, "reader-secret").await, 200);
@@ -343,13 +360,7 @@ async fn a_wiped_redis_is_not_zero_keys() {
     );
     assert_eq!(r.store.len(), 2);
     // Only a namespace that exists with no keys denies everyone.
-    let empty = redis.dir.path().join("empty.toml");
-    fs::write(&empty, "keys = []\n").unwrap();
-    RedisBackend::new(&redis.url(), "wiped")
-        .unwrap()
-        .import_file(&empty)
-        .await
-        .unwrap();
+    import(&redis, "wiped", "keys = []\n").await;
     until(r.addr, "reader-secret", 401, Duration::from_secs(3)).await;
 }
 
@@ -359,17 +370,12 @@ async fn a_cut_connection_converges_after_reconnecting() {
     seed(&redis, "cut").await;
     let r = replica(&redis, "cut", false).await;
     assert!(!redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]).is_empty());
-    let extra = redis.dir.path().join("cut.toml");
-    fs::write(
-        &extra,
+    import(
+        &redis,
+        "cut",
         "[[keys]]\nid = \"after-cut\"\nsecret = \"after-cut-secret\"\n",
     )
-    .unwrap();
-    RedisBackend::new(&redis.url(), "cut")
-        .unwrap()
-        .import_file(&extra)
-        .await
-        .unwrap();
+    .await;
     until(r.addr, "after-cut-secret", 200, Duration::from_secs(3)).await;
 }
 
@@ -404,24 +410,14 @@ async fn a_replica_without_redis_fails_closed_unless_it_has_a_snapshot() {
     // Without one: no keys, everyone refused, and still trying.
     let store = KeyStore::new();
     assert!(store.add_source(source(&redis, "snap")).is_err());
-    let plain = common::serve(
-        Router::new()
-            .route("/", get(|| async { "ok" }))
-            .route_layer(ApiKeyLayer::from_store(store)),
-    )
-    .await;
+    let plain = serve_store(store).await;
     assert_eq!(status(plain, "reader-secret").await, 401);
     // With one: the last keys, from the first request.
     let store = KeyStore::new();
     store
         .add_source(source(&redis, "snap").with_snapshot(&snapshot))
         .unwrap();
-    let snap = common::serve(
-        Router::new()
-            .route("/", get(|| async { "ok" }))
-            .route_layer(ApiKeyLayer::from_store(store)),
-    )
-    .await;
+    let snap = serve_store(store).await;
     assert_eq!(status(snap, "reader-secret").await, 200);
     // Redis back: the replica without a snapshot gets its keys.
     redis.run();
@@ -434,12 +430,7 @@ async fn a_namespace_that_does_not_exist_yet_fails_closed_until_created() {
     let store = KeyStore::new();
     let err = store.add_source(source(&redis, "later")).unwrap_err();
     assert!(common::chain(&err).contains("does not exist"), "{err}");
-    let addr = common::serve(
-        Router::new()
-            .route("/", get(|| async { "ok" }))
-            .route_layer(ApiKeyLayer::from_store(store)),
-    )
-    .await;
+    let addr = serve_store(store).await;
     assert_eq!(status(addr, "reader-secret").await, 401);
     seed(&redis, "later").await;
     until(addr, "reader-secret", 200, Duration::from_secs(3)).await;
@@ -518,12 +509,7 @@ async fn replica_process() {
         .unwrap()
         .with_version_check(Duration::from_millis(200));
     store.add_source(source).unwrap();
-    let addr = common::serve(
-        Router::new()
-            .route("/", get(|| async { "ok" }))
-            .route_layer(ApiKeyLayer::from_store(store)),
-    )
-    .await;
+    let addr = serve_store(store).await;
     println!("REPLICA {addr}");
     tokio::time::sleep(Duration::from_secs(30)).await;
 }

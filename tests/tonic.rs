@@ -46,7 +46,10 @@ impl Health for WhoAmI {
     }
 }
 
-async fn serve(layer: ApiKeyLayer) -> SocketAddr {
+async fn serve<R>(layer: ApiKeyLayer<R>) -> SocketAddr
+where
+    R: tower_api_key::RejectionResponse<tonic::body::Body> + Send + Sync + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -57,6 +60,14 @@ async fn serve(layer: ApiKeyLayer) -> SocketAddr {
             .await
             .unwrap();
     });
+    addr
+}
+
+/// Serves an axum router on 127.0.0.1, beside the tonic server.
+async fn serve_http(app: axum::Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
 }
 
@@ -149,15 +160,12 @@ async fn one_layer_guards_axum_and_tonic_and_a_swap_reaches_both() {
     let (source, publisher) = ChannelSource::new(keys());
     let layer = ApiKeyLayer::new(source);
     let grpc = serve(layer.clone()).await;
-    let http = {
-        let app = axum::Router::new()
+    let http = serve_http(
+        axum::Router::new()
             .route("/", axum::routing::get(|| async { "ok" }))
-            .route_layer(layer.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
-    };
+            .route_layer(layer.clone()),
+    )
+    .await;
     let http_status = |key: &'static str| async move {
         reqwest::Client::new()
             .get(format!("http://{http}/"))
@@ -200,29 +208,13 @@ async fn a_custom_refusal_costs_the_grpc_side_nothing() {
         *res.status_mut() = r.status();
         res
     });
-    let grpc = {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let layer = layer.clone();
-        tokio::spawn(async move {
-            Server::builder()
-                .layer(layer)
-                .add_service(HealthServer::new(WhoAmI))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
-        addr
-    };
-    let http = {
-        let app = axum::Router::new()
+    let grpc = serve(layer.clone()).await;
+    let http = serve_http(
+        axum::Router::new()
             .route("/", axum::routing::get(|| async { "ok" }))
-            .route_layer(layer);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
-    };
+            .route_layer(layer),
+    )
+    .await;
     assert_eq!(
         check(grpc, &[("x-api-key", "wrong")]).await,
         Err(Code::Unauthenticated)

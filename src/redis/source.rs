@@ -366,6 +366,10 @@ impl Follower {
     /// Reads the whole namespace and publishes it: the store applies what differs.
     fn resync(&mut self, con: &mut redis::Connection) -> Result<(), Error> {
         let name = self.updater.source_name().to_owned();
+        // A whole namespace may take a while to arrive.
+        let long = self.options.connect_timeout.max(Duration::from_secs(30));
+        con.set_read_timeout(Some(long))
+            .map_err(|e| Error::custom(name.clone(), e))?;
         match read_all(con, &self.keys) {
             Ok(Some((set, position))) => {
                 if let Some(mirror) = &mut self.mirror {
@@ -390,6 +394,12 @@ impl Follower {
     /// stopped (`None`: the store is gone).
     fn follow(&mut self, con: &mut redis::Connection) -> Option<Error> {
         let name = self.updater.source_name().to_owned();
+        // A blocking read answers within its 500 ms: past that plus the connect
+        // timeout, the peer is gone without a word (a half-open connection).
+        let patience = Duration::from_millis(500) + self.options.connect_timeout;
+        if let Err(e) = con.set_read_timeout(Some(patience)) {
+            return Some(Error::custom(name, e));
+        }
         let (mut next_check, mut next_flush) = (
             Instant::now() + self.options.check,
             Instant::now() + self.options.usage_flush,
@@ -432,6 +442,9 @@ impl Follower {
                         // Ahead of what the log showed: a lost signal. Read it whole.
                         if let Err(e) = self.resync(con) {
                             return Some(e);
+                        }
+                        if let Err(e) = con.set_read_timeout(Some(patience)) {
+                            return Some(Error::custom(name, e));
                         }
                     }
                     Ok(Some(_)) => {}
@@ -488,7 +501,11 @@ impl Follower {
                         self.save_snapshot();
                     }
                     Err(error) => {
+                        // A record this replica cannot read: say so, and read the whole
+                        // namespace again rather than skip the change.
                         self.updater.reject(error);
+                        self.position = None;
+                        return Err(None);
                     }
                 }
             }
