@@ -110,62 +110,33 @@
 
 #[cfg(feature = "admin")]
 pub mod admin;
-#[cfg(feature = "axum")]
-mod axum;
-mod change;
 mod clock;
-mod digest;
-mod entry;
 mod error;
-mod extract;
-mod future;
-mod generate;
 mod key;
-mod key_info;
-mod key_set;
 mod layer;
 mod log;
 mod metrics;
 #[cfg(feature = "redis")]
 pub mod redis;
-mod rejection;
-mod report;
-mod service;
-mod shard;
-mod shared;
-mod snapshot;
 mod source;
 mod store;
-mod sunset;
-#[cfg(feature = "tonic")]
-mod tonic;
-mod updater;
-mod usage;
 
 pub use crate::{
-    change::KeyChange,
     error::Error,
-    extract::KeyLocation,
-    future::ResponseFuture,
-    generate::{GeneratedKey, generate, has_valid_checksum},
-    key::ApiKey,
-    key_info::KeyInfo,
-    key_set::KeySet,
-    layer::ApiKeyLayer,
-    rejection::{DefaultRejection, FromRejectionBody, Rejection, RejectionResponse},
-    report::ReloadReport,
-    service::ApiKeyService,
+    key::{ApiKey, GeneratedKey, KeyInfo, KeySet, generate, has_valid_checksum},
+    layer::{
+        ApiKeyLayer, ApiKeyService, DefaultRejection, FromRejectionBody, KeyLocation, Rejection,
+        RejectionResponse, ResponseFuture,
+    },
     source::{ChannelSource, EnvSource, KeyPublisher, KeySource},
-    store::{KeyStore, Reloads},
-    updater::KeyUpdater,
-    usage::KeyUsage,
+    store::{KeyChange, KeyStore, KeyUpdater, KeyUsage, ReloadReport, Reloads},
 };
 
 #[cfg(feature = "file")]
 pub use crate::source::FileSource;
 
 #[cfg(feature = "axum")]
-pub use crate::axum::MissingKeyInfo;
+pub use crate::layer::MissingKeyInfo;
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.
 #[cfg(all(doctest, feature = "file"))]

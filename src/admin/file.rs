@@ -190,7 +190,7 @@ fn secret_matches(table: &Table, key: &ApiKey) -> bool {
     table
         .get("secret")
         .and_then(Item::as_str)
-        .is_some_and(|s| crate::digest::KeyDigest::of(s.as_bytes()) == key.digest)
+        .is_some_and(|s| crate::key::digest::KeyDigest::of(s.as_bytes()) == key.digest)
 }
 
 fn new_table(key: &ApiKey) -> Table {

@@ -19,7 +19,7 @@
 //! # Endpoints
 //!
 //! - `POST /v1/api-keys`: a new key, its secret (generated in the crate's
-//!   [format](crate::generate)) returned once as `key`; only its SHA-256 is stored.
+//!   [format](crate::key::generate)) returned once as `key`; only its SHA-256 is stored.
 //! - `GET /v1/api-keys`: `{"items": [...], "next_cursor": ...}` ordered by id; query
 //!   `tenant`, `status`, `limit` (1 to 1000, default 100), `cursor`.
 //! - `GET /v1/api-keys/{id}`: one key, with its `ETag`.
@@ -74,7 +74,7 @@ pub use self::{
     backend::{AdminBackend, BackendError, UsageCounts, record_etag},
     file::FileBackend,
 };
-use crate::{ApiKey, ApiKeyLayer, KeyInfo, KeyStore, Reloads, digest::KeyDigest};
+use crate::{ApiKey, ApiKeyLayer, KeyInfo, KeyStore, Reloads, key::digest::KeyDigest};
 
 /// The key-management API over `store` and a backend: build it, then mount its
 /// [`router`](AdminApi::router).
@@ -221,7 +221,7 @@ impl<B: AdminBackend> Inner<B> {
                 )));
             }
             let generated =
-                crate::generate(prefix).map_err(|e| Problem::validation(e.to_string()))?;
+                crate::key::generate(prefix).map_err(|e| Problem::validation(e.to_string()))?;
             key.id = Arc::from(id.as_str());
             key.digest = KeyDigest::of(generated.secret().as_bytes());
             key.validate()
@@ -323,7 +323,7 @@ pub(crate) enum Write {
 /// A fresh key id: `key-` and 16 random base62 characters.
 pub(crate) fn fresh_id() -> String {
     let generated =
-        crate::generate("key").map_or_else(|_| String::new(), |g| g.secret().to_owned());
+        crate::key::generate("key").map_or_else(|_| String::new(), |g| g.secret().to_owned());
     generated.chars().take(4 + 16).collect()
 }
 

@@ -21,7 +21,7 @@ use super::{
     problem::Problem,
     record_etag,
 };
-use crate::{ApiKey, KeyInfo, clock, digest::KeyDigest, key::validate_id};
+use crate::{ApiKey, KeyInfo, clock, key::digest::KeyDigest, key::validate_id};
 
 type Api<B> = State<Arc<Inner<B>>>;
 type Answer = Result<Response, Problem>;

@@ -17,7 +17,7 @@ use std::{borrow::Cow, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ApiKey, Error, clock, digest::KeyDigest};
+use crate::{ApiKey, Error, clock, key::digest::KeyDigest};
 
 /// How many log entries are kept: a replica further behind than this resyncs whole.
 pub(crate) const LOG_LEN: usize = 10_000;

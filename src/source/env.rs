@@ -3,7 +3,7 @@ use std::{env, ffi::OsString, fmt, path::PathBuf};
 use zeroize::Zeroizing;
 
 use super::read::{DEFAULT_MAX_SIZE, FileBytes, Fingerprint};
-use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, digest::KeyDigest};
+use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, key::digest::KeyDigest};
 
 /// A [`KeySource`] that reads keys from an environment variable.
 ///

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use toml::{Spanned, value::Datetime};
 use zeroize::Zeroizing;
 
-use crate::{ApiKey, Error, KeySet, digest::KeyDigest};
+use crate::{ApiKey, Error, KeySet, key::digest::KeyDigest};
 
 /// Parses key-file content; `path` is only used in errors.
 pub(crate) fn parse(path: &Path, content: &[u8]) -> Result<KeySet, Error> {

@@ -15,8 +15,8 @@ use std::sync::{
 };
 
 use crate::{
-    digest::{KeyDigest, same},
-    entry::KeyEntry,
+    key::digest::{KeyDigest, same},
+    store::entry::KeyEntry,
 };
 
 /// Request count and last use (Unix seconds, 0 for never) of one key.

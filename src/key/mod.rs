@@ -1,8 +1,19 @@
 //! A configured key: what a source hands the store.
 
+pub(crate) mod digest;
+mod generate;
+mod info;
+mod set;
+
+pub use self::{
+    generate::{GeneratedKey, generate, has_valid_checksum},
+    info::KeyInfo,
+    set::KeySet,
+};
+
 use std::{fmt, sync::Arc, time::SystemTime};
 
-use crate::{Error, clock, digest::KeyDigest};
+use crate::{Error, clock, key::digest::KeyDigest};
 
 /// The longest secret accepted: no request header carries more.
 pub(crate) const MAX_SECRET_LEN: usize = 4096;

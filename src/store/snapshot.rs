@@ -9,9 +9,9 @@
 use std::{hash::BuildHasher, sync::Arc};
 
 use crate::{
-    digest::{DigestSet, KeyDigest},
-    entry::KeyEntry,
-    shard::{Shard, Slot, Usage},
+    key::digest::{DigestSet, KeyDigest},
+    store::entry::KeyEntry,
+    store::shard::{Shard, Slot, Usage},
 };
 
 /// Keys per shard that the shard count aims at.

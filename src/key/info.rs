@@ -2,7 +2,7 @@
 
 use std::{fmt, sync::Arc, time::SystemTime};
 
-use crate::{clock, entry::KeyEntry, shard::Shard};
+use crate::{clock, store::entry::KeyEntry, store::shard::Shard};
 
 /// The non-secret identity of the key a request was let in with.
 ///

@@ -8,11 +8,11 @@ use std::{
 
 use crate::{
     ApiKey, Error, KeySet,
-    digest::{DigestMap, DigestSet, KeyDigest},
-    entry::{KeyEntry, SharedMeta},
     key::Meta,
-    report::Diff,
-    snapshot::{Edit, Snapshot},
+    key::digest::{DigestMap, DigestSet, KeyDigest},
+    store::entry::{KeyEntry, SharedMeta},
+    store::report::Diff,
+    store::snapshot::{Edit, Snapshot},
 };
 
 /// One change to a source's keys, applied with [`KeyUpdater::apply`](crate::KeyUpdater::apply).

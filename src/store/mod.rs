@@ -1,5 +1,16 @@
 //! The store's front: what layers and programs read.
 
+pub(crate) mod change;
+pub(crate) mod entry;
+mod report;
+pub(crate) mod shard;
+pub(crate) mod shared;
+pub(crate) mod snapshot;
+mod updater;
+mod usage;
+
+pub use self::{change::KeyChange, report::ReloadReport, updater::KeyUpdater, usage::KeyUsage};
+
 use std::{
     fmt,
     sync::{
@@ -12,13 +23,14 @@ use std::{
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::{
-    Error, KeyInfo, KeySource, KeyUpdater, Rejection, ReloadReport,
-    clock::{self, duration_ms},
-    digest::KeyDigest,
+use self::{
     shared::{Shared, Writer},
     snapshot::Snapshot,
-    usage::KeyUsage,
+};
+use crate::{
+    Error, KeyInfo, KeySource, Rejection,
+    clock::{self, duration_ms},
+    key::digest::KeyDigest,
 };
 
 /// The shared, swappable set of keys that [`ApiKeyService`](crate::ApiKeyService) checks

@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use crate::{
     ApiKeyLayer, DefaultRejection, KeyInfo, KeyStore, Rejection, RejectionResponse, ResponseFuture,
-    extract, has_valid_checksum, layer::State, store::Accepted, sunset::Sunset,
+    has_valid_checksum, layer::State, layer::extract, layer::sunset::Sunset, store::Accepted,
 };
 
 /// Middleware that lets a request through only with a valid API key.

@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use crate::{KeyInfo, clock, shard::Usage};
+use crate::{KeyInfo, clock, store::shard::Usage};
 
 /// As JSON: `key` (a [`KeyInfo`]), `requests`, `last_used` (RFC 3339, or null): a
 /// usage endpoint is `Json(store.usage())`.

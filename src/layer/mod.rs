@@ -1,9 +1,31 @@
+//! The middleware: [`ApiKeyLayer`], the [`ApiKeyService`] it makes, where a key is read
+//! from, and why and how a request is refused.
+
+#[cfg(feature = "axum")]
+mod axum;
+pub(crate) mod extract;
+mod future;
+pub(crate) mod rejection;
+mod service;
+pub(crate) mod sunset;
+#[cfg(feature = "tonic")]
+mod tonic;
+
+#[cfg(feature = "axum")]
+pub use self::axum::MissingKeyInfo;
+pub use self::{
+    extract::KeyLocation,
+    future::ResponseFuture,
+    rejection::{DefaultRejection, FromRejectionBody, Rejection, RejectionResponse},
+    service::ApiKeyService,
+};
+
 use std::{fmt, sync::Arc};
 
 use http::HeaderName;
 use tower_layer::Layer;
 
-use crate::{ApiKeyService, DefaultRejection, Error, KeyLocation, KeySource, KeyStore, extract};
+use crate::{Error, KeySource, KeyStore};
 
 /// Layer that applies [`ApiKeyService`], which lets a request through only with a
 /// valid API key.
@@ -166,9 +188,9 @@ impl<R: Clone> ApiKeyLayer<R> {
         self
     }
 
-    /// Refuses keys without a valid [`generate`](crate::generate)d checksum before any
+    /// Refuses keys without a valid [`generate`](crate::key::generate)d checksum before any
     /// lookup ([`Rejection::InvalidChecksum`](crate::Rejection::InvalidChecksum)). Turn it on only once every key in use
-    /// was made by [`generate`](crate::generate).
+    /// was made by [`generate`](crate::key::generate).
     pub fn require_checksum(mut self, require: bool) -> Self {
         self.config_mut().require_checksum = require;
         self

@@ -7,7 +7,7 @@ use std::{
 use http::Response;
 use pin_project_lite::pin_project;
 
-use crate::sunset::Sunset;
+use crate::layer::sunset::Sunset;
 
 pin_project! {
     /// Response future for [`ApiKeyService`](crate::ApiKeyService).

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicU64};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::{KeySet, ReloadReport, snapshot::Snapshot};
+use crate::{KeySet, ReloadReport, store::snapshot::Snapshot};
 
 pub(crate) struct Shared {
     /// Unique in the process: tells this store's keys from another's.

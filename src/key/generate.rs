@@ -4,7 +4,7 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
-use crate::{ApiKey, Error, digest::KeyDigest};
+use crate::{ApiKey, Error, key::digest::KeyDigest};
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// Random base62 characters in a key: 30 × log2(62) ≈ 178 bits.

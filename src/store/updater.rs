@@ -9,11 +9,10 @@ use std::{
 };
 
 use crate::{
-    Error, KeyChange, KeySet, ReloadReport,
-    change::{self, Source, Update},
-    clock,
-    shared::{Shared, Writer},
-    snapshot::{Carried, Snapshot},
+    Error, KeyChange, KeySet, ReloadReport, clock,
+    store::change::{self, Source, Update},
+    store::shared::{Shared, Writer},
+    store::snapshot::{Carried, Snapshot},
 };
 
 /// Handle through which a [`KeySource`](crate::KeySource) changes its keys in its

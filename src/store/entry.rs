@@ -52,7 +52,7 @@ impl SharedMeta {
 /// A loaded key's identity and metadata: what a shard slot points at, and what a
 /// detached [`KeyInfo`](crate::KeyInfo) shares. Immutable: a change to a key makes a
 /// new entry. The digest, the flags and the usage counters a request needs sit in
-/// the slot itself (see [`Shard`](crate::shard::Shard)), so a lookup never comes here.
+/// the slot itself (see [`Shard`](crate::store::shard::Shard)), so a lookup never comes here.
 #[derive(Debug)]
 pub(crate) struct KeyEntry {
     /// Shared with the [`ApiKey`] it was built from and with the id index.
