@@ -39,22 +39,13 @@ pub(crate) fn duration_ms(d: Duration) -> u64 {
 /// the instant has them (`…00.250Z`). Instants before 1970 count as 1970.
 pub(crate) fn rfc3339(t: SystemTime) -> String {
     let ms = to_unix_ms(t);
-    let (secs, millis) = (ms / 1000, ms % 1000);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    let (h, m, s) = (rem / 3600, rem / 60 % 60, rem % 60);
-    match millis {
-        0 => format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z"),
-        _ => format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{millis:03}Z"),
+    let at = time::OffsetDateTime::UNIX_EPOCH + Duration::from_millis(ms);
+    let (date, clock) = (at.date(), at.time());
+    let (y, m, d) = (date.year(), u8::from(date.month()), date.day());
+    let (h, min, s) = (clock.hour(), clock.minute(), clock.second());
+    match ms % 1000 {
+        0 => format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}Z"),
+        millis => format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{millis:03}Z"),
     }
 }
 

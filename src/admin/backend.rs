@@ -87,8 +87,24 @@ pub enum BackendError {
     /// empty window).
     Invalid(crate::Error),
     /// The backend cannot serve now: I/O, a key file that does not parse, a lost
-    /// connection. Nothing was changed.
+    /// connection. Nothing was changed: the call may be retried as it is.
     Unavailable(Box<dyn std::error::Error + Send + Sync>),
+    /// The write was sent but its outcome is unknown (a time-out or a connection
+    /// lost after the request left): it may or may not have happened. Read the
+    /// record to find out before retrying a call that is not idempotent.
+    OutcomeUnknown(Box<dyn std::error::Error + Send + Sync>),
+    /// The store of record holds no key set at all (a wiped Redis, a namespace
+    /// never created): nothing was written. Writes are refused until an operator
+    /// restores it explicitly, because a wiped store is not "zero keys".
+    StoreMissing(String),
+    /// A record in the store of record cannot be read (it is not a key record, or
+    /// names another id): the fault is the store's, not the caller's.
+    Corrupt {
+        /// The id the record is stored under.
+        id: String,
+        /// What is wrong with it; never a value from it.
+        reason: String,
+    },
 }
 
 impl fmt::Display for BackendError {
@@ -99,6 +115,16 @@ impl fmt::Display for BackendError {
             Self::PreconditionFailed => f.write_str("the key changed since the given version"),
             Self::Invalid(error) => write!(f, "{error}"),
             Self::Unavailable(_) => f.write_str("the key backend is unavailable"),
+            Self::OutcomeUnknown(_) => f.write_str(
+                "the key backend did not confirm the write: it may or may not have happened",
+            ),
+            Self::StoreMissing(what) => {
+                write!(f, "{what} holds no key set (wiped, or never created)")
+            }
+            Self::Corrupt { id, reason } => write!(
+                f,
+                "the stored record of key `{id}` cannot be read: {reason}"
+            ),
         }
     }
 }
@@ -106,7 +132,7 @@ impl fmt::Display for BackendError {
 impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Unavailable(error) => Some(error.as_ref()),
+            Self::Unavailable(error) | Self::OutcomeUnknown(error) => Some(error.as_ref()),
             _ => None,
         }
     }

@@ -4,15 +4,17 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
-    time::SystemTime,
 };
 
-use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
+use toml_edit::{ArrayOfTables, DocumentMut, Item, Table};
 
 use super::{AdminBackend, BackendError, record_etag};
 use crate::{
-    ApiKey, FileSource, KeySet, KeySource as _, clock,
-    source::read::{DEFAULT_MAX_SIZE, FileBytes},
+    ApiKey, FileSource, KeySet, KeySource as _,
+    source::{
+        key_file::write,
+        read::{DEFAULT_MAX_SIZE, FileBytes},
+    },
 };
 
 /// An [`AdminBackend`] over a TOML key file: each change is a read-modify-write of
@@ -61,7 +63,7 @@ impl FileBackend {
             // What the file source will make of it: a change it would refuse is
             // never written.
             FileSource::parse(&path, text.as_bytes()).map_err(BackendError::Invalid)?;
-            crate::source::atomic::write_atomically(&path, text.as_bytes()).map_err(unavailable)?;
+            write::replace(&path, text.as_bytes()).map_err(unavailable)?;
             Ok(out)
         });
         task.await.map_err(unavailable)?
@@ -123,45 +125,29 @@ fn position(keys: &ArrayOfTables, id: &str) -> Option<usize> {
         .position(|t| t.get("id").and_then(Item::as_str) == Some(id))
 }
 
-fn datetime(at: SystemTime) -> Item {
-    match clock::rfc3339(at).parse::<toml_edit::Datetime>() {
-        Ok(dt) => value(dt),
-        Err(_) => value(clock::rfc3339(at)),
-    }
-}
-
-/// Writes `key`'s fields into `table`, keeping the table's decor and the order of the
-/// fields it already has; fields `key` lacks are removed. The key is a digest.
+/// Writes `key`'s fields into `table`, as the key file's writer renders them,
+/// keeping the table's decor and the order of the fields it already has; fields `key`
+/// lacks are removed. The key is a digest, unless the table holds a secret written by
+/// hand that is still the key's.
 fn write_fields(table: &mut Table, key: &ApiKey) {
-    put(table, "id", Some(value(key.id())));
-    // A secret written by hand stays while it is still the key's; otherwise the digest.
     let keeps_secret = secret_matches(table, key);
     if !keeps_secret {
         table.remove("secret");
     }
-    put(
-        table,
-        "sha256",
-        (!keeps_secret).then(|| value(key.digest.to_hex())),
-    );
-    let scopes: Vec<&str> = key.scopes().collect();
-    let scopes = (!scopes.is_empty()).then(|| value(toml_edit::Array::from_iter(scopes)));
-    put(table, "scopes", scopes);
-    put(table, "tenant", key.tenant().map(value));
-    put(table, "owner", key.owner().map(value));
-    put(table, "description", key.description().map(value));
-    put(table, "not_before", key.not_before().map(datetime));
-    put(table, "expires_at", key.expires_at().map(datetime));
-    put(table, "disabled", key.is_disabled().then(|| value(true)));
-    put(table, "created_at", key.created_at().map(datetime));
-    put(table, "created_by", key.created_by().map(value));
-    put(table, "rotated_from", key.rotated_from().map(value));
+    for (name, text) in write::fields(key) {
+        let text = text.filter(|_| !(name == "sha256" && keeps_secret));
+        put(
+            table,
+            name,
+            text.and_then(|t| t.parse::<toml_edit::Value>().ok()),
+        );
+    }
 }
 
 /// Sets field `name` to `item`, or removes it for `None`. An unchanged value keeps
 /// its formatting and its comments.
-fn put(table: &mut Table, name: &str, item: Option<Item>) {
-    let Some(mut new) = item.and_then(|i| i.into_value().ok()) else {
+fn put(table: &mut Table, name: &str, new: Option<toml_edit::Value>) {
+    let Some(mut new) = new else {
         table.remove(name);
         return;
     };
@@ -197,24 +183,6 @@ fn new_table(key: &ApiKey) -> Table {
     let mut table = Table::new();
     write_fields(&mut table, key);
     table
-}
-
-/// A key file holding `keys` (digests only), in the format the file source reads.
-#[cfg(feature = "redis")]
-pub(crate) fn key_file_text<'a>(keys: impl IntoIterator<Item = &'a ApiKey>) -> String {
-    let mut doc = DocumentMut::new();
-    let mut tables = ArrayOfTables::new();
-    for key in keys {
-        let mut key = key.clone();
-        key.secret_problem = None;
-        tables.push(new_table(&key));
-    }
-    if tables.is_empty() {
-        doc.insert("keys", value(toml_edit::Array::new()));
-    } else {
-        doc.insert("keys", Item::ArrayOfTables(tables));
-    }
-    doc.to_string()
 }
 
 /// Checks `if_match` against the current record with this id.

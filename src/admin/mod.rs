@@ -67,8 +67,6 @@ use axum::{
 };
 use utoipa::OpenApi as _;
 
-#[cfg(feature = "redis")]
-pub(crate) use self::file::key_file_text;
 use self::problem::Problem;
 pub use self::{
     backend::{AdminBackend, BackendError, UsageCounts, record_etag},
@@ -246,12 +244,10 @@ impl<B: AdminBackend> Inner<B> {
                 Err(error) => return Err(error.into()),
                 Ok(()) => {
                     self.applied(reloads, |store| {
-                        store.holds(&key, &self.source)
+                        self.serves(store, &key)
                             && match &write {
                                 Write::Create => true,
-                                Write::Rotate { shortened, .. } => {
-                                    store.holds(shortened, &self.source)
-                                }
+                                Write::Rotate { shortened, .. } => self.serves(store, shortened),
                             }
                     })
                     .await?;
@@ -260,6 +256,16 @@ impl<B: AdminBackend> Inner<B> {
             }
         }
         Err(Problem::unavailable("no free id"))
+    }
+
+    /// Whether `store` serves exactly `key`, from the backend's source.
+    pub(crate) fn serves(&self, store: &KeyStore, key: &ApiKey) -> bool {
+        self.serves_id(store, key.id()) && store.contains(key)
+    }
+
+    /// Whether `store` serves a key with this id from the backend's source.
+    pub(crate) fn serves_id(&self, store: &KeyStore, id: &str) -> bool {
+        store.get(id).is_some_and(|k| k.source() == self.source)
     }
 
     /// The fleet's usage of one key, if the backend knows it.

@@ -6,6 +6,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::problem::Problem;
 use crate::{ApiKey, KeyStore, clock};
 
 /// A key as the API shows it. Never a secret or a digest.
@@ -106,6 +107,25 @@ pub(crate) struct RotateRequest {
     pub(crate) id: Option<String>,
 }
 
+/// An RFC 3339 instant from a request field.
+pub(crate) fn instant(field: &str, text: &str) -> Result<SystemTime, Problem> {
+    parse_rfc3339(text).ok_or_else(|| {
+        Problem::validation(format!(
+            "`{field}` must be an RFC 3339 date and time with an offset, e.g. 2026-12-01T00:00:00Z"
+        ))
+    })
+}
+
+/// The instant an RFC 3339 date and time with an offset names
+/// (`2026-12-01T00:00:00Z`, `…T01:00:00.250+01:00`); `None` for anything else, an
+/// instant before 1970 included.
+fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+    let at = OffsetDateTime::parse(text.trim(), &Rfc3339).ok()?;
+    let nanos = u64::try_from(at.unix_timestamp_nanos()).ok()?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_nanos(nanos))
+}
+
 /// The status of `key` at `now`.
 pub(crate) fn status(key: &ApiKey, now: SystemTime) -> &'static str {
     let now = clock::to_unix_ms(now);
@@ -170,5 +190,28 @@ impl CreatedKey {
 impl KeyList {
     pub(crate) fn new(items: Vec<KeyResource>, next_cursor: Option<String>) -> Self {
         Self { items, next_cursor }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_parses_offsets_and_refuses_the_rest() {
+        let ms = |text: &str| parse_rfc3339(text).map(clock::to_unix_ms);
+        assert_eq!(ms("2026-12-01T00:00:00Z"), Some(1_796_083_200_000));
+        assert_eq!(ms("2026-12-01T01:00:00.250+01:00"), Some(1_796_083_200_250));
+        let written = clock::rfc3339(clock::from_unix_ms(951_782_400_250));
+        assert_eq!(ms(&written), Some(951_782_400_250));
+        for bad in [
+            "2026-12-01",
+            "2026-12-01T00:00:00",
+            "1969-12-31T23:59:59Z",
+            "soon",
+            "",
+        ] {
+            assert_eq!(ms(bad), None, "{bad}");
+        }
     }
 }

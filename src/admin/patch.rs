@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{problem::Problem, routes::instant};
+use super::{model::instant, problem::Problem};
 use crate::ApiKey;
 
 /// `current` with `patch` applied; `null` removes an optional field. `id` and `key`

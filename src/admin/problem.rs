@@ -25,7 +25,8 @@ pub(crate) struct ProblemDocument {
     /// `urn:tower-api-key:problem:<kind>`, kind one of `bad-request`, `not-found`,
     /// `method-not-allowed`, `unsupported-media-type`, `conflict`, `validation`,
     /// `precondition-failed`, `precondition-required`, `unauthenticated`,
-    /// `forbidden`, `unavailable`.
+    /// `forbidden`, `unavailable`, `outcome-unknown`, `store-missing`,
+    /// `corrupt-record`.
     #[serde(rename = "type")]
     kind: String,
     /// A short summary of the kind.
@@ -121,6 +122,9 @@ impl Problem {
             "precondition-required" => "Precondition required",
             "unauthenticated" => "Unauthenticated",
             "forbidden" => "Forbidden",
+            "outcome-unknown" => "Outcome unknown",
+            "store-missing" => "Key store missing",
+            "corrupt-record" => "Corrupt record",
             _ => "Unavailable",
         }
     }
@@ -161,6 +165,30 @@ impl From<BackendError> for Problem {
                 "the key backend is unavailable: {}",
                 crate::error::Chain(&*e)
             )),
+            BackendError::OutcomeUnknown(_) => Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "outcome-unknown",
+                Some(
+                    "the key backend did not confirm the write: it may or may not have happened; \
+                     GET the key to find out before retrying"
+                        .to_owned(),
+                ),
+            ),
+            BackendError::StoreMissing(what) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-missing",
+                Some(format!(
+                    "{what} holds no key set (wiped, or never created): nothing was written; \
+                     an operator must restore it (an import or a replica's snapshot) first"
+                )),
+            ),
+            BackendError::Corrupt { id, reason } => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "corrupt-record",
+                Some(format!(
+                    "the stored record of key `{id}` cannot be read: {reason}"
+                )),
+            ),
         }
     }
 }

@@ -17,7 +17,7 @@ use axum::{
 
 use super::{
     AdminBackend, Inner,
-    model::{CreateRequest, CreatedKey, KeyList, KeyResource, RotateRequest, status},
+    model::{CreateRequest, CreatedKey, KeyList, KeyResource, RotateRequest, instant, status},
     problem::Problem,
     record_etag,
 };
@@ -220,7 +220,7 @@ pub(crate) async fn patch_key<B: AdminBackend>(
         .map_err(|e| Problem::validation(e.to_string()))?;
     let reloads = api.store.subscribe();
     api.backend.update(key.clone(), Some(&if_match)).await?;
-    api.applied(reloads, |store| store.holds(&key, &api.source))
+    api.applied(reloads, |store| api.serves(store, &key))
         .await?;
     api.audit("update", key.id(), &caller);
     let fleet = api.fleet_usage(key.id()).await?;
@@ -322,7 +322,7 @@ pub(crate) async fn delete_key<B: AdminBackend>(
     let if_match = if_match(&headers)?;
     let reloads = api.store.subscribe();
     api.backend.delete(key.id(), if_match.as_deref()).await?;
-    api.applied(reloads, |store| !store.holds_id(key.id(), &api.source))
+    api.applied(reloads, |store| !api.serves_id(store, key.id()))
         .await?;
     api.audit("delete", key.id(), &caller);
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -421,15 +421,6 @@ fn if_match(headers: &HeaderMap) -> Result<Option<String>, Problem> {
             .map(|v| Some(v.trim().to_owned()))
             .map_err(|_| Problem::bad_request("If-Match is not text")),
     }
-}
-
-/// An RFC 3339 instant from a request field.
-pub(crate) fn instant(field: &str, text: &str) -> Result<SystemTime, Problem> {
-    crate::source::parse_rfc3339(text).ok_or_else(|| {
-        Problem::validation(format!(
-            "`{field}` must be an RFC 3339 date and time with an offset, e.g. 2026-12-01T00:00:00Z"
-        ))
-    })
 }
 
 /// A page cursor: the last id, hex-encoded so that it is opaque and URL-safe.

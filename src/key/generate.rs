@@ -142,11 +142,8 @@ impl GeneratedKey {
 
     /// A `[[keys]]` entry for the key file, holding the digest only.
     pub fn toml_entry(&self, id: &str) -> String {
-        format!(
-            "[[keys]]\nid = \"{}\"\nsha256 = \"{}\"\n",
-            id.escape_default(),
-            self.sha256_hex()
-        )
+        let digest = KeyDigest::of(self.secret.as_bytes());
+        crate::source::key_file::write::entry(&ApiKey::from_digest(id.into(), digest))
     }
 }
 

@@ -159,6 +159,43 @@ impl KeySet {
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &ApiKey> {
         self.inner.keys.iter()
     }
+
+    /// The set as a key file, in insertion order: one `[[keys]]` table per key,
+    /// holding its digest (`sha256`), never a secret. [`FileSource`] reads it back as
+    /// this set; an empty set is written `keys = []`.
+    ///
+    /// [`FileSource`]: https://docs.rs/tower-api-key/latest/tower_api_key/struct.FileSource.html
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_api_key::{ApiKey, KeySet};
+    ///
+    /// let set = KeySet::from_keys([ApiKey::new("o'brien", "s3cr3t").with_scopes(["read"])])?;
+    /// let text = set.to_toml();
+    /// assert!(text.starts_with("[[keys]]\nid = \"o'brien\"\nsha256 = "));
+    /// assert!(!text.contains("s3cr3t"));
+    /// # Ok::<(), tower_api_key::Error>(())
+    /// ```
+    pub fn to_toml(&self) -> String {
+        crate::source::key_file::write::file(self.iter())
+    }
+
+    /// Writes the set as a key file at `path` ([`KeySet::to_toml`]), replacing it
+    /// atomically: a new file is created beside it (readable by its owner only, or with
+    /// the permissions of the file it replaces), synced and renamed over it, so a
+    /// watching [`FileSource`](crate::FileSource) and a crash alike see the old file
+    /// or the new one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file cannot be written.
+    #[cfg(feature = "file")]
+    pub fn write_file(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
+        let path = path.as_ref();
+        crate::source::key_file::write::replace(path, self.to_toml().as_bytes())
+            .map_err(|e| Error::io(path, e))
+    }
 }
 
 impl fmt::Debug for KeySet {

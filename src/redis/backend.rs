@@ -144,8 +144,8 @@ impl RedisBackend {
             .all()
             .await
             .map_err(|e| Error::custom(self.name(), e))?;
-        let text = crate::admin::key_file_text(&keys);
-        crate::source::atomic::write_atomically(path.as_ref(), text.as_bytes())
+        let text = crate::source::key_file::write::file(&keys);
+        crate::source::key_file::write::replace(path.as_ref(), text.as_bytes())
             .map_err(|e| Error::io(path.as_ref(), e))?;
         Ok(keys.len())
     }

@@ -520,14 +520,19 @@ impl Follower {
 
     /// Adds the requests counted since the last flush to the namespace's counters.
     fn flush_usage(&mut self, con: &mut redis::Connection) -> Result<(), redis::RedisError> {
-        let usage = self.updater.source_usage();
+        let usage = self.updater.usage();
         let script = redis::Script::new(model::ADD_USAGE);
         let mut invocation = script.prepare_invoke();
         invocation
             .key(&self.keys.requests)
             .key(&self.keys.last_used);
         let mut deltas = Vec::new();
-        for (id, requests, last_used) in usage {
+        for usage in usage {
+            let id: Arc<str> = usage.key().id().into();
+            let requests = usage.requests();
+            let last_used = usage
+                .last_used()
+                .map_or(0, |at| crate::clock::to_unix_ms(at) / 1000);
             let before = self.flushed.get(&id).copied().unwrap_or(0);
             // A key removed and added again starts counting from zero.
             let delta = if requests >= before {
@@ -552,8 +557,8 @@ impl Follower {
         if let (Some(path), Some(mirror)) = (&self.options.snapshot, &self.mirror) {
             let mut keys: Vec<&crate::ApiKey> = mirror.values().collect();
             keys.sort_by(|a, b| a.id().cmp(b.id()));
-            let text = crate::admin::key_file_text(keys);
-            if let Err(error) = crate::source::atomic::write_atomically(path, text.as_bytes()) {
+            let text = crate::source::key_file::write::file(keys);
+            if let Err(error) = crate::source::key_file::write::replace(path, text.as_bytes()) {
                 #[cfg(feature = "tracing")]
                 tracing::warn!(target: "tower_api_key::reload", path = %path.display(), %error, "cannot write the Redis snapshot");
                 #[cfg(not(feature = "tracing"))]

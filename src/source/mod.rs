@@ -1,17 +1,11 @@
 //! Where keys come from.
 
-#[cfg(feature = "admin")]
-pub(crate) mod atomic;
 mod channel;
 mod env;
 #[cfg(feature = "file")]
 mod file;
-#[cfg(feature = "file")]
-mod key_file;
+pub(crate) mod key_file;
 pub(crate) mod read;
-
-#[cfg(feature = "admin")]
-pub(crate) use key_file::parse_rfc3339;
 #[cfg(feature = "file")]
 mod watch;
 

@@ -28,7 +28,7 @@ use self::{
     snapshot::Snapshot,
 };
 use crate::{
-    Error, KeyInfo, KeySource, Rejection,
+    ApiKey, Error, KeyInfo, KeySource, Rejection,
     clock::{self, duration_ms},
     key::digest::KeyDigest,
 };
@@ -273,24 +273,30 @@ impl KeyStore {
         KeyUpdater::new(Arc::downgrade(&self.shared), index, name.into())
     }
 
-    /// Whether the store holds exactly `key` (digest, metadata, window, flag), from the
-    /// source named `source`.
-    #[cfg(feature = "admin")]
-    pub(crate) fn holds(&self, key: &crate::ApiKey, source: &str) -> bool {
+    /// Whether the store serves exactly `key`: its id, its secret, and every field as
+    /// `key` has it (scopes, tenant, validity window, `disabled`, …). A program that
+    /// changes keys through a store of record (a file, a database) can wait for this
+    /// to hold before it tells anyone the change is in force.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_api_key::{ApiKey, KeySet, KeyStore};
+    ///
+    /// let store = KeyStore::new();
+    /// let key = ApiKey::new("ci", "s3cr3t").with_scopes(["read"]);
+    /// store.add_source(KeySet::from_keys([key.clone()])?)?;
+    /// assert!(store.contains(&key));
+    /// assert!(!store.contains(&key.clone().with_scopes(["write"])));
+    /// assert!(!store.contains(&ApiKey::new("ci", "another-secret").with_scopes(["read"])));
+    /// # Ok::<(), tower_api_key::Error>(())
+    /// ```
+    pub fn contains(&self, key: &ApiKey) -> bool {
         let snapshot = self.shared.current.load();
         snapshot.digest_of(&key.id) == Some(key.digest)
             && snapshot
                 .by_id(&key.id)
-                .is_some_and(|(e, _)| &*e.shared.source == source && e.shared.describes(key))
-    }
-
-    /// Whether the store holds a key with this id from the source named `source`.
-    #[cfg(feature = "admin")]
-    pub(crate) fn holds_id(&self, id: &str, source: &str) -> bool {
-        let snapshot = self.shared.current.load();
-        snapshot
-            .by_id(id)
-            .is_some_and(|(e, _)| &*e.shared.source == source)
+                .is_some_and(|(e, _)| e.shared.describes(key))
     }
 
     /// Whether `key` was let in by this store.

@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    Error, KeyChange, KeySet, ReloadReport, clock,
+    Error, KeyChange, KeyInfo, KeySet, KeyUsage, ReloadReport, clock,
     store::change::{self, Source, Update},
     store::shared::{Shared, Writer},
     store::snapshot::{Carried, Snapshot},
@@ -158,9 +158,9 @@ impl KeyUpdater {
         }
     }
 
-    /// This source's keys and their counters: id, requests, last use (Unix seconds).
-    #[cfg(feature = "redis")]
-    pub(crate) fn source_usage(&self) -> Vec<(Arc<str>, u64, u32)> {
+    /// The usage of this source's keys, in no particular order: what a source that
+    /// reports usage back to its store of record (a fleet's shared counts) sends.
+    pub fn usage(&self) -> Vec<KeyUsage> {
         let Some(shared) = self.shared.upgrade() else {
             return Vec::new();
         };
@@ -168,7 +168,7 @@ impl KeyUpdater {
         snapshot
             .iter()
             .filter(|(_, e, _)| e.source() == self.source)
-            .map(|(_, e, (requests, last))| (e.id.clone(), requests, last))
+            .map(|(_, e, usage)| KeyUsage::new(KeyInfo::detached(e.clone()), usage))
             .collect()
     }
 

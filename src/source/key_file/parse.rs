@@ -350,51 +350,48 @@ where
     }
 }
 
-/// An RFC 3339 date and time with an offset (`2026-12-01T00:00:00Z`,
-/// `…T01:00:00.250+01:00`), as the key file writes them.
-#[cfg(feature = "admin")]
-pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let dt: Datetime = text.trim().parse().ok()?;
-    instant("", "", &dt).ok()
-}
-
 /// Converts a TOML offset datetime to a `SystemTime`.
 fn instant(id: &str, field: &str, dt: &Datetime) -> Result<SystemTime, Error> {
     use toml::value::Offset;
-    let (Some(date), Some(time), Some(offset)) = (dt.date, dt.time, dt.offset) else {
+    let (Some(date), Some(clock), Some(offset)) = (dt.date, dt.time, dt.offset) else {
         return Err(Error::invalid(
             Some(id),
             format!("`{field}` needs a date, a time and a UTC offset, e.g. 2026-12-01T00:00:00Z"),
         ));
     };
-    let days = days_from_civil(i64::from(date.year), date.month.into(), date.day.into());
-    let offset_minutes = match offset {
+    let offset_seconds = match offset {
         Offset::Z => 0,
-        Offset::Custom { minutes } => i64::from(minutes),
+        Offset::Custom { minutes } => i32::from(minutes) * 60,
     };
-    let secs = days * 86_400
-        + i64::from(time.hour) * 3_600
-        + i64::from(time.minute) * 60
-        + i64::from(time.second.unwrap_or(0))
-        - offset_minutes * 60;
-    let since_epoch = Duration::new(secs.unsigned_abs(), time.nanosecond.unwrap_or(0));
-    let at = if secs >= 0 {
-        UNIX_EPOCH.checked_add(since_epoch)
-    } else {
-        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
-    };
+    let nanos = (|| {
+        let date = time::Date::from_calendar_date(
+            i32::from(date.year),
+            time::Month::try_from(date.month).ok()?,
+            date.day,
+        )
+        .ok()?;
+        let clock = time::Time::from_hms_nano(
+            clock.hour,
+            clock.minute,
+            clock.second.unwrap_or(0),
+            clock.nanosecond.unwrap_or(0),
+        )
+        .ok()?;
+        let offset = time::UtcOffset::from_whole_seconds(offset_seconds).ok()?;
+        Some(
+            time::PrimitiveDateTime::new(date, clock)
+                .assume_offset(offset)
+                .unix_timestamp_nanos(),
+        )
+    })();
+    let at = nanos.and_then(|n| {
+        let since = Duration::from_nanos(u64::try_from(n.unsigned_abs()).ok()?);
+        match n >= 0 {
+            true => UNIX_EPOCH.checked_add(since),
+            false => UNIX_EPOCH.checked_sub(since),
+        }
+    });
     at.ok_or_else(|| Error::invalid(Some(id), format!("`{field}` is out of range")))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// The line of `text` that holds byte `at`.

@@ -1,0 +1,208 @@
+//! Writing key files: the one place that turns a key into the text the reader takes
+//! back. The generator's entry, a whole file (an export, a replica's snapshot) and the
+//! key-management API's edits all use these fields, so whatever id or metadata the
+//! crate accepts round-trips through write then read.
+
+use std::fmt::Write as _;
+#[cfg(feature = "file")]
+use std::{io::Write as _, path::Path};
+
+use crate::{ApiKey, clock};
+
+/// The fields of `key`'s `[[keys]]` table, in the order the key file documents them,
+/// each as a TOML value (a string quoted and escaped, an array, a boolean, a
+/// datetime). Fields the key does not have are `None`; the key is written as its
+/// digest (`sha256`), never a secret.
+pub(crate) fn fields(key: &ApiKey) -> [(&'static str, Option<String>); 12] {
+    let text = |s: Option<&str>| s.map(basic_string);
+    let at = |t: Option<std::time::SystemTime>| t.map(clock::rfc3339);
+    let scopes: Vec<String> = key.scopes().map(basic_string).collect();
+    [
+        ("id", Some(basic_string(key.id()))),
+        ("sha256", Some(basic_string(&key.digest.to_hex()))),
+        (
+            "scopes",
+            (!scopes.is_empty()).then(|| format!("[{}]", scopes.join(", "))),
+        ),
+        ("tenant", text(key.tenant())),
+        ("owner", text(key.owner())),
+        ("description", text(key.description())),
+        ("not_before", at(key.not_before())),
+        ("expires_at", at(key.expires_at())),
+        ("disabled", key.is_disabled().then(|| "true".to_owned())),
+        ("created_at", at(key.created_at())),
+        ("created_by", text(key.created_by())),
+        ("rotated_from", text(key.rotated_from())),
+    ]
+}
+
+/// `key` as one `[[keys]]` table.
+pub(crate) fn entry(key: &ApiKey) -> String {
+    let mut out = String::from("[[keys]]\n");
+    for (name, value) in fields(key) {
+        if let Some(value) = value {
+            let _ = writeln!(out, "{name} = {value}");
+        }
+    }
+    out
+}
+
+/// A whole key file holding `keys`, digests only. An empty list is `keys = []`, a
+/// file that says "no keys" rather than one that is being written.
+pub(crate) fn file<'a>(keys: impl IntoIterator<Item = &'a ApiKey>) -> String {
+    let mut out = String::new();
+    for key in keys {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&entry(key));
+    }
+    if out.is_empty() {
+        out.push_str("keys = []\n");
+    }
+    out
+}
+
+/// `s` as a TOML basic string: quoted, with `"` and `\` escaped, and every control
+/// character TOML forbids written as an escape. Other characters, Unicode included,
+/// are written as they are.
+pub(crate) fn basic_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c < ' ' || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Replaces the file at `path` with `bytes` so that a crash at any point leaves the old
+/// file or the new one: a new file beside it, created exclusively under a unique name
+/// and readable by its owner only (or with the old file's permissions), written,
+/// synced, renamed over `path`, and the directory synced.
+#[cfg(feature = "file")]
+pub(crate) fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut file = tempfile::Builder::new()
+        .prefix(".tower-api-key-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        file.as_file().set_permissions(meta.permissions())?;
+    }
+    file.write_all(bytes)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(all(test, feature = "file"))]
+mod tests {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::KeySet;
+
+    fn read_back(text: &str) -> KeySet {
+        crate::source::key_file::parse(Path::new("keys.toml"), text.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    #[test]
+    fn ids_with_quotes_backslashes_and_accents_round_trip() {
+        for id in ["o'brien", "clé", r#"say"hi""#, r"back\slash", "日本"] {
+            let owner = format!("{id}\twith a tab");
+            let key = ApiKey::new(id, "s3cr3t")
+                .with_owner(owner.as_str())
+                .with_scopes([id]);
+            let set = read_back(&entry(&key));
+            let back = set.get(id).expect("the same id");
+            assert!(back.digest == key.digest);
+            assert_eq!(back.owner(), Some(owner.as_str()));
+            assert_eq!(back.scopes().collect::<Vec<_>>(), [id]);
+        }
+    }
+
+    #[test]
+    fn every_field_round_trips_and_no_secret_is_written() {
+        let at = clock::from_unix_ms(1_796_083_200_250);
+        let key = ApiKey::new("k", "the-secret")
+            .with_scopes(["read", "write"])
+            .with_tenant("t")
+            .with_owner("o")
+            .with_description("d")
+            .with_not_before(at)
+            .with_expires_at(clock::from_unix_ms(1_796_083_201_000))
+            .with_disabled(true)
+            .with_created_at(at)
+            .with_created_by("root")
+            .with_rotated_from("old");
+        let text = entry(&key);
+        assert!(!text.contains("the-secret"), "{text}");
+        let back = read_back(&text);
+        assert_eq!(file(back.iter()), file([&key]));
+    }
+
+    #[test]
+    fn the_generator_s_entry_reads_back() {
+        let generated = crate::generate("tak").unwrap();
+        for id in ["o'brien", "clé"] {
+            let set = read_back(&generated.toml_entry(id));
+            assert!(set.get(id).unwrap().digest == generated.to_api_key(id).digest);
+        }
+    }
+
+    #[test]
+    fn a_written_file_is_its_owner_s_alone_and_replaces_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let set = KeySet::from_keys([ApiKey::new("a", "ka")]).unwrap();
+        set.write_file(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        KeySet::new().write_file(&path).unwrap();
+        assert!(read_back(&std::fs::read_to_string(&path).unwrap()).is_empty());
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn an_empty_file_says_no_keys() {
+        assert!(read_back(&file([])).is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+        /// Any id and metadata the crate accepts is read back as written.
+        #[test]
+        fn what_the_crate_accepts_round_trips(id in "\\PC{1,24}", owner in "\\PC{0,24}") {
+            let key = ApiKey::new(id.as_str(), "s3cr3t").with_owner(owner.as_str());
+            prop_assume!(KeySet::from_keys([key.clone()]).is_ok());
+            let set = read_back(&file([&key]));
+            let back = set.get(&id).expect("the same id");
+            prop_assert_eq!(back.owner(), Some(owner.as_str()));
+            prop_assert!(back.digest == key.digest);
+        }
+    }
+}
