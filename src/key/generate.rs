@@ -128,11 +128,7 @@ impl GeneratedKey {
 
     /// The SHA-256 of the key, as 64 hex digits: what the key file's `sha256` holds.
     pub fn sha256_hex(&self) -> String {
-        KeyDigest::of(self.secret.as_bytes())
-            .0
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        KeyDigest::of(self.secret.as_bytes()).to_hex()
     }
 
     /// The key as an [`ApiKey`] with this id.

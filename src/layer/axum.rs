@@ -1,4 +1,27 @@
-//! `KeyInfo` as an axum extractor (the `axum` feature).
+//! The axum glue (feature `axum`): [`KeyInfo`] as an extractor, [`Rejection`](crate::Rejection) as a
+//! response, and custom refusals with any body an axum router takes.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{Router, body::Body, routing::get};
+//! use http::{Request, StatusCode};
+//! use tower::ServiceExt as _;
+//! use tower_api_key::{ApiKey, ApiKeyLayer, KeyInfo, KeySet};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let keys = ApiKeyLayer::new(KeySet::from_keys([ApiKey::new("ci", "k-1")])?);
+//! let app: Router = Router::new()
+//!     .route("/", get(|key: KeyInfo| async move { format!("hello, {}", key.id()) }))
+//!     .route_layer(keys);
+//!
+//! let res = app.clone().oneshot(Request::get("/").header("x-api-key", "k-1").body(Body::empty())?).await?;
+//! assert_eq!(res.status(), StatusCode::OK);
+//! // route_layer: an unknown path stays 404, whatever the key.
+//! let res = app.oneshot(Request::get("/nope").body(Body::empty())?).await?;
+//! assert_eq!(res.status(), StatusCode::NOT_FOUND);
+//! # Ok(()) }
+//! ```
 
 use axum_core::{
     extract::{FromRequestParts, OptionalFromRequestParts},

@@ -1,3 +1,38 @@
+//! Where a request's key is read from, and how: every value of every configured
+//! location is looked at, and a request that presents no key, an unusable one, or two
+//! different ones is refused before any lookup.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//!
+//! use http::{Request, Response, StatusCode};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_api_key::{ApiKey, ApiKeyLayer, KeyLocation, KeySet, Rejection};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let layer = ApiKeyLayer::new(KeySet::from_keys([ApiKey::new("ws", "k-1")])?)
+//!     .with_key_locations([KeyLocation::Bearer, KeyLocation::query("api_key")]);
+//! let svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+//!
+//! let by_query = Request::get("/socket?api_key=k-1").body(())?;
+//! assert_eq!(svc.clone().oneshot(by_query).await?.status(), StatusCode::OK);
+//!
+//! // X-API-Key is no longer a location: the key there is not seen.
+//! let by_header = Request::get("/").header("x-api-key", "k-1").body(())?;
+//! let res = svc.clone().oneshot(by_header).await?;
+//! assert!(matches!(res.extensions().get::<Rejection>(), Some(Rejection::Missing)));
+//!
+//! // Two different keys in one request are refused, whichever would match.
+//! let two = Request::get("/?api_key=k-1").header("authorization", "Bearer other").body(())?;
+//! let res = svc.oneshot(two).await?;
+//! assert!(matches!(res.extensions().get::<Rejection>(), Some(Rejection::Conflicting)));
+//! # Ok(()) }
+//! ```
+
 use std::borrow::Cow;
 
 use http::{
@@ -21,7 +56,7 @@ pub enum KeyLocation {
     /// The whole value of this header, e.g. `X-API-Key: <key>`.
     Header(HeaderName),
     /// The query parameter with this name, e.g. `?api_key=<key>`, percent-decoded
-    /// (`+` is taken as it is). Query strings end up in access logs, proxies and
+    /// (`+` is taken as it is, and so is a `%` without two hex digits after it). Query strings end up in access logs, proxies and
     /// browser history: prefer a header where clients can send one.
     Query(Cow<'static, str>),
     /// The cookie with this name, e.g. `Cookie: api_key=<key>`.
@@ -78,7 +113,7 @@ pub(crate) fn presented_key<'a>(
             KeyLocation::Query(name) => {
                 for (param, value) in query_pairs(uri) {
                     if param == name.as_bytes() {
-                        match percent_decoded(value).ok_or(Rejection::Malformed)? {
+                        match Cow::from(percent_encoding::percent_decode(value)) {
                             Cow::Borrowed(value) => offer(&mut found, value)?,
                             Cow::Owned(value) => {
                                 if value.is_empty() {
@@ -158,25 +193,6 @@ fn query_pairs(uri: &Uri) -> impl Iterator<Item = (&[u8], &[u8])> {
             Some(at) => (&pair[..at], &pair[at + 1..]),
             None => (pair, &pair[pair.len()..]),
         })
-}
-
-/// `%XX` sequences decoded; `None` for a malformed one.
-fn percent_decoded(value: &[u8]) -> Option<Cow<'_, [u8]>> {
-    if !value.contains(&b'%') {
-        return Some(Cow::Borrowed(value));
-    }
-    let mut out = Vec::with_capacity(value.len());
-    let mut bytes = value.iter();
-    while let Some(&b) = bytes.next() {
-        if b == b'%' {
-            let hi = (*bytes.next()? as char).to_digit(16)?;
-            let lo = (*bytes.next()? as char).to_digit(16)?;
-            out.push(u8::try_from(hi * 16 + lo).ok()?);
-        } else {
-            out.push(b);
-        }
-    }
-    Some(Cow::Owned(out))
 }
 
 /// The `name=value` pairs of one `Cookie` header (RFC 6265: `; `-separated, a value
@@ -394,7 +410,9 @@ mod tests {
         assert_eq!(read("/x?a=1&api_key=abc&b=2", None), Ok(b"abc".to_vec()));
         assert_eq!(read("/x?api_key=a%2Bb%20c", None), Ok(b"a+b c".to_vec()));
         assert_eq!(read("/x?api_key=a+b", None), Ok(b"a+b".to_vec()));
-        assert_eq!(read("/x?api_key=%zz", None), Err("Malformed".into()));
+        // A `%` without two hex digits is kept as written, as URL parsers do.
+        assert_eq!(read("/x?api_key=%zz", None), Ok(b"%zz".to_vec()));
+        assert_eq!(read("/x?api_key=%00", None), Ok(b"\0".to_vec()));
         assert_eq!(read("/x?api_key=", None), Err("Malformed".into()));
         assert_eq!(read("/x?other=abc", None), Err("Missing".into()));
         assert_eq!(

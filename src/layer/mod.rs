@@ -1,5 +1,46 @@
-//! The middleware: [`ApiKeyLayer`], the [`ApiKeyService`] it makes, where a key is read
-//! from, and why and how a request is refused.
+//! Middleware that lets a request through only with a valid API key.
+//!
+//! [`ApiKeyLayer`] wraps a service in an [`ApiKeyService`]: a request is checked against
+//! the layer's [`KeyStore`] before the inner service runs, synchronously in `call`,
+//! with one lock-free load of the store and one lookup by the key's SHA-256 digest. An
+//! accepted request reaches the inner service with the key's [`KeyInfo`](crate::KeyInfo)
+//! in its extensions; a refused one never does, and is answered by the layer with a
+//! 401 or 403 (an HTTP challenge, or a gRPC status for gRPC calls) that carries the
+//! [`Rejection`] in its extensions. [`ResponseFuture`] is the inner service's future,
+//! or the ready refusal.
+//!
+//! - [`extract`]: where a key is read from ([`KeyLocation`]);
+//! - [`rejection`]: why a request is refused and the response for it;
+//! - `sunset`: the `Sunset`/`Deprecation` headers of a key close to its expiry;
+//! - `axum`, `tonic`: the glue for each framework (features of the same names).
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//!
+//! use http::{Request, Response, StatusCode};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_api_key::{ApiKey, ApiKeyLayer, KeySet, Rejection};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let layer = ApiKeyLayer::new(KeySet::from_keys([
+//!     ApiKey::new("reader", "k-read").with_scopes(["read"]),
+//! ])?);
+//! let handler = |_req: Request<String>| async { Ok::<_, Infallible>(Response::new(String::new())) };
+//! let open = ServiceBuilder::new().layer(layer.clone()).service_fn(handler);
+//! let admin = ServiceBuilder::new().layer(layer.require_scope("admin")).service_fn(handler);
+//!
+//! let req = || Request::get("/").header("x-api-key", "k-read").body(String::new());
+//! assert_eq!(open.oneshot(req()?).await?.status(), StatusCode::OK);
+//! let refused = admin.oneshot(req()?).await?;
+//! assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+//! assert!(matches!(
+//!     refused.extensions().get::<Rejection>(),
+//!     Some(Rejection::InsufficientScope { .. })
+//! ));
+//! # Ok(()) }
+//! ```
 
 #[cfg(feature = "axum")]
 mod axum;

@@ -1,3 +1,34 @@
+//! Why a request is refused ([`Rejection`]) and the response for it: an RFC 6750
+//! `WWW-Authenticate: Bearer` challenge over HTTP, a trailers-only gRPC status for gRPC
+//! calls, or a response of your own ([`RejectionResponse`], with
+//! [`ApiKeyLayer::with_rejection`](crate::ApiKeyLayer::with_rejection)).
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//!
+//! use http::{Request, Response, StatusCode};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_api_key::{ApiKey, ApiKeyLayer, KeySet, Rejection};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let layer = ApiKeyLayer::new(KeySet::from_keys([ApiKey::new("ci", "k-1")])?)
+//!     .with_rejection(|rejection: &Rejection| {
+//!         let mut res = Response::new(format!("{{\"error\":\"{}\"}}", rejection.reason()));
+//!         *res.status_mut() = rejection.status();
+//!         res
+//!     });
+//! let svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service_fn(|_req: Request<String>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+//!
+//! let res = svc.oneshot(Request::get("/").header("x-api-key", "guess").body(String::new())?).await?;
+//! assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+//! assert_eq!(res.into_body(), r#"{"error":"unknown"}"#);
+//! # Ok(()) }
+//! ```
+
 use std::{fmt, sync::Arc};
 
 use http::{HeaderValue, Response, StatusCode, header};

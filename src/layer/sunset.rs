@@ -1,5 +1,34 @@
 //! RFC 8594 `Sunset` and RFC 9745 `Deprecation` headers for a key close to its
-//! `expires_at`.
+//! `expires_at`, added to the responses of requests made with it when the layer has
+//! [`deprecation_headers(true)`](crate::ApiKeyLayer::deprecation_headers): the
+//! clients still using a key that is being rotated out are told when it stops.
+//!
+//! # Example
+//!
+//! ```
+//! use std::{convert::Infallible, time::{Duration, SystemTime}};
+//!
+//! use http::{Request, Response};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_api_key::{ApiKey, ApiKeyLayer, KeySet};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let soon = SystemTime::now() + Duration::from_secs(3600);
+//! let layer = ApiKeyLayer::new(KeySet::from_keys([
+//!     ApiKey::new("old", "k-old").with_expires_at(soon),
+//!     ApiKey::new("new", "k-new"),
+//! ])?)
+//! .deprecation_headers(true);
+//! let svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+//!
+//! let old = svc.clone().oneshot(Request::get("/").header("x-api-key", "k-old").body(())?).await?;
+//! assert!(old.headers().contains_key("sunset") && old.headers().contains_key("deprecation"));
+//! let new = svc.oneshot(Request::get("/").header("x-api-key", "k-new").body(())?).await?;
+//! assert!(!new.headers().contains_key("sunset"));
+//! # Ok(()) }
+//! ```
 
 use http::{HeaderValue, Response};
 

@@ -1,4 +1,8 @@
-//! tonic integration (the `tonic` feature).
+//! The tonic glue (feature `tonic`): a service wrapped by the layer keeps its gRPC
+//! name ([`NamedService`](tonic::server::NamedService)), so a scope can guard one
+//! service of a server while others (health checks) stay open. A gRPC call (HTTP/2
+//! with a `application/grpc` content type) is refused with a gRPC status:
+//! `UNAUTHENTICATED`, or `PERMISSION_DENIED` for a missing scope.
 
 use crate::ApiKeyService;
 
