@@ -6,7 +6,8 @@ use std::{
 
 use super::{
     key_file,
-    read::{FileBytes, Fingerprint},
+    link::{Link, Seen},
+    read::FileBytes,
     watch::{self, Options},
 };
 use crate::{Error, KeySet, KeySource, KeyUpdater};
@@ -77,7 +78,7 @@ use crate::{Error, KeySet, KeySource, KeyUpdater};
 pub struct FileSource {
     path: PathBuf,
     options: Options,
-    loaded: Option<Fingerprint>,
+    loaded: Option<Seen>,
 }
 
 impl FileSource {
@@ -160,17 +161,27 @@ impl KeySource for FileSource {
             }
             .in_file(&self.path, None));
         }
-        self.loaded = Some(bytes.fingerprint());
+        self.loaded = Some(Seen {
+            fingerprint: bytes.fingerprint(),
+            stamp: bytes
+                .stamp()
+                .filter(|s| !s.racy(std::time::SystemTime::now())),
+        });
         Self::parse(&self.path, &bytes)
     }
 
     fn watch(self: Box<Self>, updater: KeyUpdater) {
-        watch::spawn_with(
+        // Writers of the same file in this process (the key-management API's
+        // `FileBackend`) find this store through the link, and apply what they write
+        // to it before they answer.
+        let link = Link::of(&self.path);
+        watch::spawn_linked(
             self.path,
             self.options,
             Box::new(|path: &Path, bytes: &[u8]| Self::parse(path, bytes)),
             updater,
             self.loaded,
+            link,
         );
     }
 }

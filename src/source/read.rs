@@ -18,11 +18,73 @@ use zeroize::Zeroize as _;
 /// The default size limit of a key file: a million keys fit in about 140 MB.
 pub(crate) const DEFAULT_MAX_SIZE: u64 = 256 << 20;
 
-/// What [`FileBytes::fingerprint`] gives.
+/// What [`FileBytes::fingerprint`] gives: the length and a seeded 64-bit hash.
 pub(crate) type Fingerprint = (usize, u64);
 
 /// A file's content, wiped when dropped: it may hold secrets.
-pub(crate) struct FileBytes(Vec<u8>);
+pub(crate) struct FileBytes(Vec<u8>, Option<Stamp>);
+
+/// What a file's metadata says about its content: device, inode, size, and the
+/// modification and change times (nanoseconds). A different stamp means the file may
+/// have changed; the same stamp means it has not, unless it was rewritten in place to
+/// the same size within one tick of the file system's clock (see [`Stamp::racy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: i128,
+    changed: i128,
+}
+
+impl Stamp {
+    /// The stamp of a file's metadata.
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+            Self {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                len: meta.len(),
+                modified: ns(meta.mtime(), meta.mtime_nsec()),
+                changed: ns(meta.ctime(), meta.ctime_nsec()),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let ns = |t: io::Result<std::time::SystemTime>| {
+                t.ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos() as i128)
+            };
+            Self {
+                dev: 0,
+                ino: 0,
+                len: meta.len(),
+                modified: ns(meta.modified()),
+                changed: ns(meta.created()),
+            }
+        }
+    }
+
+    /// The stamp of whatever is at `path` now (following symlinks).
+    pub(crate) fn at(path: &Path) -> io::Result<Self> {
+        std::fs::metadata(path).map(|m| Self::of(&m))
+    }
+
+    /// Whether the file was modified so recently (within two seconds of `now`, the
+    /// coarsest timestamp tick of common file systems) that a same-size rewrite could
+    /// still leave this very stamp: such a stamp proves nothing yet, and the content
+    /// is read again at the next look.
+    pub(crate) fn racy(&self, now: std::time::SystemTime) -> bool {
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        now - self.modified.max(self.changed) < 2_000_000_000
+    }
+}
 
 impl FileBytes {
     /// Reads the regular file at `path`, if it holds at most `limit` bytes.
@@ -45,7 +107,10 @@ impl FileBytes {
             return Err(too_large(limit));
         }
         let capacity = usize::try_from(meta.len()).unwrap_or(0);
-        let mut bytes = Self(Vec::with_capacity(capacity.saturating_add(1)));
+        let mut bytes = Self(
+            Vec::with_capacity(capacity.saturating_add(1)),
+            Some(Stamp::of(&meta)),
+        );
         // One byte past the limit tells a file that grew while it was read.
         file.take(limit.saturating_add(1))
             .read_to_end(&mut bytes.0)?;
@@ -53,6 +118,12 @@ impl FileBytes {
             return Err(too_large(limit));
         }
         Ok(bytes)
+    }
+
+    /// The stamp of the file as it was opened, before its content was read: a writer
+    /// that changes it during the read leaves a different stamp behind.
+    pub(crate) fn stamp(&self) -> Option<Stamp> {
+        self.1
     }
 
     /// A fingerprint of the content: how a watcher tells new content from old. A
