@@ -71,7 +71,8 @@ async fn every_change_is_an_audit_event_naming_the_caller() {
     assert_eq!(status, 201);
     let created: serde_json::Value = serde_json::from_str(&created).unwrap();
     let secret = created["key"].as_str().unwrap().to_owned();
-    // Another tenant's admin cannot see the key: 404, and no event.
+    // Another tenant's admin cannot see the key: 404, and an event saying it was
+    // refused.
     let (status, _) = call(
         addr,
         post,
@@ -95,18 +96,28 @@ async fn every_change_is_an_audit_event_naming_the_caller() {
         .lines()
         .filter(|l| l.contains("tower_api_key::audit"))
         .collect();
-    assert_eq!(audit.len(), 2, "{logs}");
+    assert_eq!(audit.len(), 3, "{logs}");
     assert!(
         audit[0].contains("action=\"create\"")
             && audit[0].contains("key_id=\"audited\"")
-            && audit[0].contains("caller=\"root\""),
+            && audit[0].contains("caller=\"root\"")
+            && audit[0].contains("outcome=\"enforced\""),
         "{}",
         audit[0]
     );
     assert!(
-        audit[1].contains("action=\"delete\"") && audit[1].contains(" at="),
+        audit[1].contains("WARN")
+            && audit[1].contains("action=\"rotate\"")
+            && audit[1].contains("caller=\"acme-admin\"")
+            && audit[1].contains("outcome=\"refused\"")
+            && audit[1].contains("another tenant"),
         "{}",
         audit[1]
+    );
+    assert!(
+        audit[2].contains("action=\"delete\"") && audit[2].contains(" at="),
+        "{}",
+        audit[2]
     );
     assert!(!logs.contains(&secret), "no secret in any log line");
 }

@@ -138,6 +138,45 @@ impl std::error::Error for BackendError {
     }
 }
 
+/// A reason a backend of this crate gives for a failure that is safe to tell the
+/// caller (it names no path, host or script), over the error that caused it, which
+/// is only logged.
+#[derive(Debug)]
+pub(crate) struct Said {
+    pub(crate) said: &'static str,
+    pub(crate) cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Said {
+    pub(crate) fn new(
+        said: &'static str,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Box<Self> {
+        Box::new(Self {
+            said,
+            cause: Some(cause.into()),
+        })
+    }
+
+    pub(crate) fn only(said: &'static str) -> Box<Self> {
+        Box::new(Self { said, cause: None })
+    }
+}
+
+impl fmt::Display for Said {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.said)
+    }
+}
+
+impl std::error::Error for Said {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
 /// The version of a stored record, as an HTTP entity tag (quoted): the SHA-256 of
 /// everything the record holds, so it changes when, and only when, the record does
 /// (usage and status, which move with traffic and time, are not part of it). The

@@ -2,103 +2,847 @@
 //! [`FileSource`](crate::FileSource) watches, comments and untouched entries kept.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
+use tokio::sync::oneshot;
 use toml_edit::{ArrayOfTables, DocumentMut, Item, Table};
 
-use super::{AdminBackend, BackendError, record_etag};
+use super::{AdminBackend, BackendError, backend::Said, record_etag};
 use crate::{
-    ApiKey, FileSource, KeySet, KeySource as _,
+    ApiKey, FileSource, KeyChange, KeySet, KeySource as _,
+    key::digest::KeyDigest,
     source::{
         key_file::write,
-        read::{DEFAULT_MAX_SIZE, FileBytes},
+        link::{Gate, Link, Seen},
+        read::{DEFAULT_MAX_SIZE, FileBytes, Fingerprint, Stamp, fingerprint},
     },
 };
 
-/// An [`AdminBackend`] over a TOML key file: each change is a read-modify-write of
-/// the file's current content under one lock, edited with `toml_edit` so that
-/// comments, order and every entry the change does not touch stay byte for byte,
-/// then written to a temporary file, synced, renamed over the key file and the
-/// directory synced: a crash at any point leaves the old file or the new one.
+/// An [`AdminBackend`] over a TOML key file, edited with `toml_edit` so that comments,
+/// order and every entry a change does not touch stay byte for byte. New keys are
+/// written as `sha256` entries: the file never holds a secret the API made.
 ///
-/// Operators can keep editing the same file by hand: a change made by the API never
-/// overwrites a hand edit saved before it. (An editor holding a stale buffer can
-/// still overwrite the API's changes when it saves: reload the file first.) A file
-/// that does not parse is left alone, and the call fails saying why.
+/// Give it the path the store's [`FileSource`] watches.
 ///
-/// New keys are written as `sha256` entries: the file never holds a secret the API
-/// made.
+/// # How a change is written
 ///
-/// Give it the path the store's [`FileSource`] watches, written the same way.
+/// Calls that arrive while a write is under way are **batched into the next write**
+/// (group commit): one read, one edit, one check, one write for all of them, each
+/// call answered for its own change. A write:
+///
+/// 1. reads the file as it is. A file that is empty, still being written in place
+///    (its watcher saw it opened for writing and not closed), changing between two
+///    reads a moment apart, or that does not parse, is not written over: the calls
+///    wait for it to settle (about a second), then fail with
+///    [`BackendError::Unavailable`], having written nothing;
+/// 2. applies the changes to it, and checks the result as the file source will;
+/// 3. writes it to a new file beside the key file, synced, and swaps it in. On
+///    Linux the swap is an exchange (`renameat2` with `RENAME_EXCHANGE`), which
+///    hands back the file it replaced: if that is not the file read in step 1 (an
+///    editor saved the file in between), the changes are applied again on top of what
+///    the editor saved and swapped in again, so **no hand edit is ever reverted**.
+///    Elsewhere the file is read again just before a plain rename, which narrows the
+///    window to that instant without closing it;
+/// 4. syncs the directory, and applies the changes to every store in the process
+///    whose [`FileSource`] watches the file, before it answers: by id when the store
+///    holds the file that was read, as a whole set when it holds something older. A
+///    store with no watcher in this process learns of the change from its own watcher
+///    (the API then answers 202 if that takes longer than its timeout).
+///
+/// Writers and watchers of the same file meet at a gate (in the process, and on
+/// Linux across processes through an advisory `flock` on the file's directory): no
+/// watcher publishes a read older than a file a writer has applied, and two
+/// processes writing the same file take turns. A person editing the file by hand can
+/// take the same lock, `flock /path/to/dir vi keys.toml`, to keep the API from
+/// writing meanwhile; an editor holding a stale buffer without it can still overwrite
+/// the API's changes when it saves: reload the file before editing it.
+///
+/// A crash leaves the old file or the new one. A crash between an exchange and the
+/// write that re-applies the changes on top of a hand edit (a window of a few
+/// milliseconds, only when an editor saved during the write) leaves the hand edit in
+/// a `.tower-api-key-*.tmp` file beside the key file.
 #[derive(Clone)]
 pub struct FileBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     path: PathBuf,
-    lock: Arc<Mutex<()>>,
+    link: Arc<Link>,
+    queue: Mutex<Queue>,
+    /// The file as this backend last read or wrote it, so that it is not parsed again.
+    cache: Mutex<Option<Arc<Base>>>,
+}
+
+/// Calls waiting for the next write.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    /// Whether a writer is draining the queue.
+    running: bool,
+}
+
+struct Pending {
+    op: Op,
+    reply: oneshot::Sender<Result<(), BackendError>>,
+}
+
+/// One call's change.
+enum Op {
+    Create(ApiKey),
+    Update(ApiKey, Option<String>),
+    Delete(String, Option<String>),
+    Rotate {
+        successor: ApiKey,
+        old: ApiKey,
+        if_match: Option<String>,
+    },
+}
+
+/// A parsed key file: its text, its keys by id, and where each key's table is.
+struct Base {
+    fingerprint: Fingerprint,
+    text: String,
+    keys: HashMap<Arc<str>, ApiKey>,
+    /// Which id each digest is under: a change must not give a key a second id.
+    digests: HashMap<KeyDigest, Arc<str>>,
+    /// Each `[[keys]]` table's bytes (with the comments and blank lines before it),
+    /// in file order, when the file can be edited as text: only `[[keys]]` tables,
+    /// no multi-line strings. `None`: it is edited as a TOML document.
+    tables: Option<Vec<Span>>,
+}
+
+/// Where a key's table is in the file.
+#[derive(Clone)]
+struct Span {
+    id: Arc<str>,
+    start: usize,
+    end: usize,
+}
+
+/// How long a change waits for a file that is being written by someone else.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(1);
+/// How far apart two reads must agree for new content to count as written.
+const SETTLE: Duration = Duration::from_millis(20);
+/// The most changes written at once.
+const MAX_BATCH: usize = 1024;
+/// How often a change is applied again on top of a hand edit that raced it.
+const MAX_REDO: usize = 16;
+
+/// Why a whole write failed: what to tell every call in it.
+struct Failure {
+    outcome_unknown: bool,
+    said: &'static str,
+    cause: Option<String>,
+}
+
+impl Failure {
+    fn unavailable(said: &'static str, cause: impl std::fmt::Display) -> Self {
+        Self {
+            outcome_unknown: false,
+            said,
+            cause: Some(cause.to_string()),
+        }
+    }
+
+    fn said(said: &'static str) -> Self {
+        Self {
+            outcome_unknown: false,
+            said,
+            cause: None,
+        }
+    }
+
+    fn error(&self) -> BackendError {
+        let said = match &self.cause {
+            Some(cause) => Said::new(self.said, cause.clone()),
+            None => Said::only(self.said),
+        };
+        match self.outcome_unknown {
+            true => BackendError::OutcomeUnknown(said),
+            false => BackendError::Unavailable(said),
+        }
+    }
 }
 
 impl FileBackend {
     /// A backend over the key file at `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
         Self {
-            path: path.into(),
-            lock: Arc::new(Mutex::new(())),
+            shared: Arc::new(Shared {
+                link: Link::of(&path),
+                path,
+                queue: Mutex::new(Queue::default()),
+                cache: Mutex::new(None),
+            }),
         }
     }
 
-    /// Reads and checks the current file, lets `edit` change it, checks the result as
-    /// the file source will, and writes it atomically. All under the lock, off the
-    /// async runtime's threads.
-    async fn change<T: Send + 'static>(
+    /// Queues `op` for the next write and waits for its outcome. The first call to
+    /// find no writer running starts one, off the async runtime's threads; it writes
+    /// batch after batch until the queue is empty.
+    async fn submit(&self, op: Op) -> Result<(), BackendError> {
+        let (reply, outcome) = oneshot::channel();
+        let start = {
+            let mut queue = self
+                .shared
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            queue.pending.push(Pending { op, reply });
+            !std::mem::replace(&mut queue.running, true)
+        };
+        if start {
+            let shared = self.shared.clone();
+            tokio::task::spawn_blocking(move || shared.drain());
+        }
+        outcome.await.unwrap_or_else(|_| {
+            Err(BackendError::OutcomeUnknown(Said::only(
+                "the key file's writer stopped mid-way; the change may or may not be written",
+            )))
+        })
+    }
+
+    /// Reads the file (settled, as a write would) and looks at its keys.
+    async fn read<T: Send + 'static>(
         &self,
-        edit: impl FnOnce(&KeySet, &mut DocumentMut) -> Result<T, BackendError> + Send + 'static,
+        look: impl FnOnce(&Base) -> T + Send + 'static,
     ) -> Result<T, BackendError> {
-        let (path, lock) = (self.path.clone(), self.lock.clone());
-        let task = tokio::task::spawn_blocking(move || {
-            let _held = lock.lock().unwrap_or_else(PoisonError::into_inner);
-            let (set, mut doc) = read(&path)?;
-            let out = edit(&set, &mut doc)?;
-            let text = doc.to_string();
-            // What the file source will make of it: a change it would refuse is
-            // never written.
-            FileSource::parse(&path, text.as_bytes()).map_err(BackendError::Invalid)?;
-            write::replace(&path, text.as_bytes()).map_err(unavailable)?;
-            Ok(out)
-        });
-        task.await.map_err(unavailable)?
-    }
-
-    async fn read_set(&self) -> Result<KeySet, BackendError> {
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || read(&path).map(|(set, _)| set))
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.current().map(|base| look(&base)))
             .await
-            .map_err(unavailable)?
+            .map_err(|e| BackendError::Unavailable(Box::new(e)))?
+            .map_err(|f| f.error())
     }
 }
 
-fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> BackendError {
-    BackendError::Unavailable(Box::new(e))
+/// Resets `running` even if a write panics, so that the next call starts a writer.
+struct Running<'a>(&'a Shared);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.0.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.running = false;
+        // Calls left waiting are answered by their dropped reply: outcome unknown.
+        queue.pending.clear();
+    }
 }
 
-/// The file's keys and its editable document; the file must parse as a key file.
-fn read(path: &Path) -> Result<(KeySet, DocumentMut), BackendError> {
-    let bytes = FileBytes::read(path, DEFAULT_MAX_SIZE)
-        .map_err(|e| BackendError::Unavailable(Box::new(crate::Error::io(path, e))))?;
-    let set = FileSource::parse(path, &bytes).map_err(|e| {
-        BackendError::Unavailable(
-            format!(
-                "the key file does not parse, so it is left alone: {}",
-                crate::error::Chain(&e)
-            )
-            .into(),
+impl Shared {
+    /// Writes batch after batch until no call is waiting.
+    fn drain(&self) {
+        let _running = Running(self);
+        loop {
+            let batch: Vec<Pending> = {
+                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                if queue.pending.is_empty() {
+                    queue.running = false;
+                    return;
+                }
+                let n = queue.pending.len().min(MAX_BATCH);
+                queue.pending.drain(..n).collect()
+            };
+            let (ops, replies): (Vec<Op>, Vec<_>) =
+                batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+            for (reply, outcome) in replies.into_iter().zip(self.commit(&ops)) {
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    /// Writes `ops` in one write, or, if their file would not parse together, one by
+    /// one (so that only the faulty one fails).
+    fn commit(&self, ops: &[Op]) -> Vec<Result<(), BackendError>> {
+        let outcomes = match self.write(ops) {
+            Ok(Some(outcomes)) => Ok(outcomes),
+            Ok(None) => Ok(ops
+                .iter()
+                .map(|op| match self.write(std::slice::from_ref(op)) {
+                    Ok(Some(mut one)) => one.pop().unwrap_or(Ok(())),
+                    Ok(None) => Err(BackendError::Unavailable(Said::only(
+                        "the key file would not parse with this change",
+                    ))),
+                    Err(failure) => Err(self.failed(&failure)),
+                })
+                .collect()),
+            Err(failure) => Err(failure),
+        };
+        match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(failure) => {
+                let _ = self.failed(&failure);
+                ops.iter().map(|_| Err(failure.error())).collect()
+            }
+        }
+    }
+
+    /// Logs a failed write, with its cause (which may name the path).
+    fn failed(&self, failure: &Failure) -> BackendError {
+        #[cfg(feature = "tracing")]
+        tracing::warn!(
+            target: "tower_api_key::admin",
+            path = %self.path.display(),
+            cause = failure.cause.as_deref().unwrap_or(""),
+            "key file not written: {}", failure.said
+        );
+        failure.error()
+    }
+
+    /// The file as it is now, settled: read, checked and parsed (or taken from the
+    /// cache when it is the file this backend last saw). Waits a bounded time for a
+    /// file someone is writing.
+    fn current(&self) -> Result<Arc<Base>, Failure> {
+        let deadline = Instant::now() + SETTLE_PATIENCE;
+        loop {
+            match self.try_current()? {
+                Ok(base) => return Ok(base),
+                Err(not_yet) if Instant::now() >= deadline => return Err(not_yet),
+                Err(_) => std::thread::sleep(SETTLE),
+            }
+        }
+    }
+
+    /// One look at the file: `Ok(Ok)` settled, `Ok(Err)` not settled yet (empty,
+    /// being written, or not parsing: perhaps half written), `Err` a failure waiting
+    /// will not fix.
+    fn try_current(&self) -> Result<Result<Arc<Base>, Failure>, Failure> {
+        let bytes = read(&self.path)?;
+        if bytes.is_empty() {
+            return Ok(Err(Failure::said(
+                "the key file is empty (a write in progress?), so it is left alone",
+            )));
+        }
+        let fingerprint = bytes.fingerprint();
+        if let Some(base) = self.cached(fingerprint) {
+            return Ok(Ok(base));
+        }
+        // New to this backend: written by someone else. Taken only once two reads a
+        // moment apart agree and no write in place is open.
+        drop(bytes);
+        std::thread::sleep(SETTLE);
+        let again = read(&self.path)?;
+        if again.fingerprint() != fingerprint || self.link.write_open() {
+            return Ok(Err(Failure::said(
+                "the key file is being written by someone else, so it is left alone",
+            )));
+        }
+        Ok(parse(&self.path, &again).map(|base| {
+            let base = Arc::new(base);
+            *self.cache.lock().unwrap_or_else(PoisonError::into_inner) = Some(base.clone());
+            base
+        }))
+    }
+
+    fn cached(&self, fingerprint: Fingerprint) -> Option<Arc<Base>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|b| b.fingerprint == fingerprint)
+            .cloned()
+    }
+
+    /// The settled file, read holding the write gate.
+    fn gated(&self) -> Result<(Gate<'_>, Arc<Base>), Failure> {
+        let gate = || {
+            self.link
+                .write_gate()
+                .map_err(|e| Failure::unavailable("another process is writing the key file", e))
+        };
+        for _ in 0..3 {
+            let held = gate()?;
+            let now = read(&self.path)?;
+            if let Some(base) = self.cached(now.fingerprint()) {
+                return Ok((held, base));
+            }
+            // Someone else's file: wait for it to settle without holding the gate
+            // (the watchers read it meanwhile), then make sure it is still that file.
+            drop((held, now));
+            let base = self.current()?;
+            let held = gate()?;
+            if read(&self.path)?.fingerprint() == base.fingerprint {
+                return Ok((held, base));
+            }
+        }
+        Err(Failure::said(
+            "the key file keeps changing under the API; nothing was written",
+        ))
+    }
+
+    /// One write of `ops` (see [`FileBackend`]): each op's outcome, or `None` if the
+    /// edited file would not parse and the ops must be written one by one.
+    fn write(&self, ops: &[Op]) -> Result<Option<Vec<Result<(), BackendError>>>, Failure> {
+        let (mut gate, mut base) = self.gated()?;
+        // What the file at the path is expected to hold when the new one is swapped
+        // in: the file read, and after a redo, the file written.
+        let mut expected = base.fingerprint;
+        for _ in 0..MAX_REDO {
+            let mut batch = Batch::new(&base);
+            let outcomes: Vec<Result<(), BackendError>> =
+                ops.iter().map(|op| batch.apply(op)).collect();
+            if batch.changed.is_empty() {
+                return Ok(Some(outcomes));
+            }
+            let Some(next) = batch.render(&self.path) else {
+                return Ok(match ops.len() {
+                    1 => Some(vec![Err(BackendError::Unavailable(Said::only(
+                        "the key file would not parse with this change",
+                    )))]),
+                    _ => None,
+                });
+            };
+            let changes = batch.changes();
+            let staged = write::staged(&self.path, next.text.as_bytes())
+                .map_err(|e| Failure::unavailable("the key file cannot be written", e))?;
+            match swap(&self.path, staged, expected)? {
+                Swapped::Done(stamp) => {
+                    let sync = write::sync_dir(&self.path);
+                    self.written(&mut gate, &base, next, &changes, stamp);
+                    if let Err(e) = sync {
+                        return Err(Failure {
+                            outcome_unknown: true,
+                            said: "the key file was replaced but its directory could not be \
+                                   synced: the change may not survive a crash",
+                            cause: Some(e.to_string()),
+                        });
+                    }
+                    return Ok(Some(outcomes));
+                }
+                // An editor saved the file meanwhile: the changes again, on top of it.
+                Swapped::Raced { theirs } => {
+                    expected = next.fingerprint;
+                    base = Arc::new(theirs);
+                }
+                Swapped::NotYet => {
+                    drop(gate);
+                    (gate, base) = self.gated()?;
+                    expected = base.fingerprint;
+                }
+            }
+        }
+        Err(Failure::said(
+            "the key file keeps changing under the API; nothing was written",
+        ))
+    }
+
+    /// After a write: every watching store of the process gets the changes, by id
+    /// if it holds `base`, else as the whole set; the cache holds the file written.
+    fn written(
+        &self,
+        gate: &mut Gate<'_>,
+        base: &Base,
+        next: Base,
+        changes: &[KeyChange],
+        stamp: Option<Stamp>,
+    ) {
+        let seen = Seen {
+            fingerprint: next.fingerprint,
+            stamp: stamp.filter(|s| !s.racy(std::time::SystemTime::now())),
+        };
+        let mut whole = None;
+        for watcher in gate.watchers() {
+            let by_id = watcher
+                .seen
+                .is_some_and(|s| s.fingerprint == base.fingerprint)
+                && watcher.updater.apply(changes.iter().cloned()).is_ok();
+            if !by_id {
+                let set = whole.get_or_insert_with(|| next.set());
+                if let Ok(set) = set {
+                    let _ = watcher.updater.publish(set.clone());
+                }
+            }
+            watcher.seen = Some(seen);
+        }
+        *self.cache.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(next));
+    }
+}
+
+/// How a swap went.
+enum Swapped {
+    /// The new file is in place; the stamp of the file written.
+    Done(Option<Stamp>),
+    /// The new file is in place, but the file it replaced was not the one expected:
+    /// that file (an editor's), parsed, to apply the changes on again.
+    Raced { theirs: Base },
+    /// Nothing was swapped: the file changed before it could be (the portable path),
+    /// or what was swapped out is still being written (and was put back).
+    NotYet,
+}
+
+/// Puts `staged` at `path` if what `path` holds is `expected` (see [`FileBackend`]).
+fn swap(
+    path: &Path,
+    staged: tempfile::NamedTempFile,
+    expected: Fingerprint,
+) -> Result<Swapped, Failure> {
+    let cannot = |e: std::io::Error| Failure::unavailable("the key file cannot be replaced", e);
+    let stamp = |file: &std::fs::File| file.metadata().ok().map(|m| Stamp::of(&m));
+    if write::exchange(staged.path(), path).map_err(cannot)? {
+        // `staged` now names the file that was at `path`.
+        let ours = stamp(staged.as_file());
+        let theirs = read(staged.path())?;
+        if theirs.fingerprint() == expected {
+            return Ok(Swapped::Done(ours));
+        }
+        // Someone saved the file between the read and the swap. If they are done,
+        // their file is the new base; if not, theirs goes back where it was.
+        std::thread::sleep(SETTLE);
+        let again = read(staged.path())?;
+        let settled = !again.is_empty() && again.fingerprint() == theirs.fingerprint();
+        if let (true, Ok(base)) = (settled, parse(path, &again)) {
+            return Ok(Swapped::Raced { theirs: base });
+        }
+        write::exchange(staged.path(), path).map_err(|e| Failure {
+            outcome_unknown: true,
+            said: "the key file changed while the API wrote it, and could not be put back",
+            cause: Some(e.to_string()),
+        })?;
+        return Ok(Swapped::NotYet);
+    }
+    // No exchange here: compare just before a plain rename.
+    if read(path)?.fingerprint() != expected {
+        return Ok(Swapped::NotYet);
+    }
+    let file = staged.persist(path).map_err(|e| cannot(e.error))?;
+    Ok(Swapped::Done(stamp(&file)))
+}
+
+fn read(path: &Path) -> Result<FileBytes, Failure> {
+    FileBytes::read(path, DEFAULT_MAX_SIZE)
+        .map_err(|e| Failure::unavailable("the key file cannot be read", crate::Error::io(path, e)))
+}
+
+/// A whole key file, checked as the file source reads it.
+fn parse(path: &Path, bytes: &[u8]) -> Result<Base, Failure> {
+    let set = FileSource::parse(path, bytes).map_err(|e| {
+        Failure::unavailable(
+            "the key file does not parse, so it is left alone",
+            crate::error::Chain(&e),
         )
     })?;
-    let text = std::str::from_utf8(&bytes).map_err(unavailable)?;
-    let doc: DocumentMut = text
-        .parse()
-        .map_err(|_| BackendError::Unavailable("the key file cannot be edited as TOML".into()))?;
-    Ok((set, doc))
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Failure::unavailable("the key file does not parse, so it is left alone", e))?
+        .to_owned();
+    let tables = spans(&text, &set);
+    let keys: HashMap<Arc<str>, ApiKey> = set.iter().map(|k| (k.id.clone(), k.clone())).collect();
+    let digests = set.iter().map(|k| (k.digest, k.id.clone())).collect();
+    Ok(Base {
+        fingerprint: fingerprint(text.as_bytes()),
+        text,
+        keys,
+        digests,
+        tables,
+    })
+}
+
+/// Where each key's `[[keys]]` table is in `text`, if the file can be edited as text:
+/// nothing but comments, blank lines and `[[keys]]` tables, one per key of `set` in
+/// order, and no multi-line string (whose lines could look like anything). A table
+/// begins with the comments and blank lines just before its header (as a TOML
+/// document attaches them) and ends where the next one begins.
+fn spans(text: &str, set: &KeySet) -> Option<Vec<Span>> {
+    if text.contains("\"\"\"") || text.contains("'''") {
+        return None;
+    }
+    let mut headers = Vec::new();
+    // The start of the run of comment and blank lines the current line ends.
+    let mut trivia: Option<usize> = Some(0);
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim();
+        if bare.is_empty() || bare.starts_with('#') {
+            trivia.get_or_insert(at);
+        } else if is_header(bare) {
+            headers.push(trivia.unwrap_or(at));
+            trivia = None;
+        } else if bare.starts_with('[') || headers.is_empty() {
+            // Another table, or a value outside any table (`keys = []`).
+            return None;
+        } else {
+            trivia = None;
+        }
+        at += line.len();
+    }
+    if headers.len() != set.len() {
+        return None;
+    }
+    let ends = headers.iter().skip(1).copied().chain([text.len()]);
+    Some(
+        set.iter()
+            .zip(headers.iter().copied().zip(ends))
+            .map(|(key, (start, end))| Span {
+                id: key.id.clone(),
+                start,
+                end,
+            })
+            .collect(),
+    )
+}
+
+/// Whether a trimmed line is a `[[keys]]` header (with an optional comment).
+fn is_header(bare: &str) -> bool {
+    let Some(rest) = bare.strip_prefix("[[") else {
+        return false;
+    };
+    let Some((name, after)) = rest.split_once("]]") else {
+        return false;
+    };
+    name.trim() == "keys" && {
+        let after = after.trim();
+        after.is_empty() || after.starts_with('#')
+    }
+}
+
+impl Base {
+    /// The keys as a set (for a store that holds an older file).
+    fn set(&self) -> Result<KeySet, crate::Error> {
+        let order: Vec<&ApiKey> = match &self.tables {
+            Some(tables) => tables.iter().filter_map(|t| self.keys.get(&t.id)).collect(),
+            None => self.keys.values().collect(),
+        };
+        KeySet::from_keys(order.into_iter().cloned())
+    }
+}
+
+/// A batch's changes to one base file.
+struct Batch<'a> {
+    base: &'a Base,
+    /// The ids changed so far, and each one's record now (`None`: removed).
+    changed: HashMap<Arc<str>, Option<ApiKey>>,
+    /// Ids of new keys, in the order they were added.
+    added: Vec<Arc<str>>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(base: &'a Base) -> Self {
+        Self {
+            base,
+            changed: HashMap::new(),
+            added: Vec::new(),
+        }
+    }
+
+    /// The record with this id, as the batch has it so far.
+    fn get(&self, id: &str) -> Option<&ApiKey> {
+        match self.changed.get(id) {
+            Some(now) => now.as_ref(),
+            None => self.base.keys.get(id),
+        }
+    }
+
+    /// Checks `if_match` against the current record with this id.
+    fn check(&self, id: &str, if_match: Option<&str>) -> Result<&ApiKey, BackendError> {
+        let current = self.get(id).ok_or(BackendError::NotFound)?;
+        match if_match {
+            Some(tag) if tag != record_etag(current) => Err(BackendError::PreconditionFailed),
+            _ => Ok(current),
+        }
+    }
+
+    /// Refuses `key` if its digest is another id's.
+    fn unique(&self, key: &ApiKey) -> Result<(), BackendError> {
+        // Among the changed keys, and among the base's keys left as they were.
+        let taken = self
+            .changed
+            .iter()
+            .any(|(id, k)| *id != key.id && k.as_ref().is_some_and(|k| k.digest == key.digest))
+            || self
+                .base
+                .digests
+                .get(&key.digest)
+                .is_some_and(|id| *id != key.id && !self.changed.contains_key(id));
+        match taken {
+            true => Err(BackendError::Invalid(crate::Error::invalid(
+                Some(key.id()),
+                "the same secret is another key's",
+            ))),
+            false => Ok(()),
+        }
+    }
+
+    /// One op: checked whole, then applied.
+    fn apply(&mut self, op: &Op) -> Result<(), BackendError> {
+        match op {
+            Op::Create(key) => {
+                if self.get(key.id()).is_some() {
+                    return Err(BackendError::Conflict(key.id().to_owned()));
+                }
+                key.validate().map_err(BackendError::Invalid)?;
+                self.unique(key)?;
+                self.put(key.clone());
+            }
+            Op::Update(key, if_match) => {
+                self.check(key.id(), if_match.as_deref())?;
+                key.validate().map_err(BackendError::Invalid)?;
+                self.unique(key)?;
+                self.put(key.clone());
+            }
+            Op::Delete(id, if_match) => {
+                self.check(id, if_match.as_deref())?;
+                self.changed.insert(Arc::from(id.as_str()), None);
+            }
+            Op::Rotate {
+                successor,
+                old,
+                if_match,
+            } => {
+                self.check(old.id(), if_match.as_deref())?;
+                if self.get(successor.id()).is_some() {
+                    return Err(BackendError::Conflict(successor.id().to_owned()));
+                }
+                successor.validate().map_err(BackendError::Invalid)?;
+                old.validate().map_err(BackendError::Invalid)?;
+                self.unique(successor)?;
+                self.put(old.clone());
+                self.put(successor.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn put(&mut self, key: ApiKey) {
+        let id = key.id.clone();
+        if !self.base.keys.contains_key(&id) && !self.added.contains(&id) {
+            self.added.push(id.clone());
+        }
+        self.changed.insert(id, Some(key));
+    }
+
+    /// The changes by id.
+    fn changes(&self) -> Vec<KeyChange> {
+        self.changed
+            .iter()
+            .filter(|(id, key)| key.is_some() || self.base.keys.contains_key(*id))
+            .map(|(id, key)| match key {
+                Some(key) => KeyChange::Upsert(key.clone()),
+                None => KeyChange::Remove(id.clone()),
+            })
+            .collect()
+    }
+
+    /// The new file, or `None` if it would not read back as intended.
+    fn render(&self, path: &Path) -> Option<Base> {
+        match &self.base.tables {
+            Some(tables) => self.splice(path, tables),
+            None => self.edit(path),
+        }
+    }
+
+    /// The new file made from the old one's bytes: tables not changed copied as
+    /// they are, changed ones edited alone, new ones appended. Each table written is
+    /// read back and must give exactly its key.
+    fn splice(&self, path: &Path, tables: &[Span]) -> Option<Base> {
+        let text = &self.base.text;
+        let mut out = String::with_capacity(text.len() + 512 * self.added.len());
+        let mut spans = Vec::with_capacity(tables.len() + self.added.len());
+        let mut keys = self.base.keys.clone();
+        let mut digests = self.base.digests.clone();
+        for table in tables {
+            let start = out.len();
+            match self.changed.get(&table.id) {
+                None => out.push_str(text.get(table.start..table.end)?),
+                Some(None) => {
+                    if let Some(old) = keys.remove(&table.id) {
+                        digests.remove(&old.digest);
+                    }
+                    continue;
+                }
+                Some(Some(key)) => {
+                    let mut doc: DocumentMut = text.get(table.start..table.end)?.parse().ok()?;
+                    let one = doc.get_mut("keys")?.as_array_of_tables_mut()?.get_mut(0)?;
+                    write_fields(one, key);
+                    let edited = doc.to_string();
+                    same(path, &edited, key)?;
+                    out.push_str(&edited);
+                    if let Some(old) = keys.insert(key.id.clone(), key.clone()) {
+                        digests.remove(&old.digest);
+                    }
+                    digests.insert(key.digest, key.id.clone());
+                }
+            }
+            if !out.ends_with('\n') {
+                out.push('\n');
+            }
+            spans.push(Span {
+                id: table.id.clone(),
+                start,
+                end: out.len(),
+            });
+        }
+        for id in &self.added {
+            let Some(Some(key)) = self.changed.get(id) else {
+                continue;
+            };
+            let start = out.len();
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            let entry = write::entry(key);
+            same(path, &entry, key)?;
+            out.push_str(&entry);
+            keys.insert(key.id.clone(), key.clone());
+            digests.insert(key.digest, key.id.clone());
+            spans.push(Span {
+                id: key.id.clone(),
+                start,
+                end: out.len(),
+            });
+        }
+        // Read back as a whole only when it is small enough to cost nothing.
+        if out.len() <= 64 << 10 {
+            let set = FileSource::parse(path, out.as_bytes()).ok()?;
+            if set.len() != keys.len() {
+                return None;
+            }
+        }
+        Some(Base {
+            fingerprint: fingerprint(out.as_bytes()),
+            text: out,
+            keys,
+            digests,
+            tables: Some(spans),
+        })
+    }
+
+    /// The new file made by editing the old one as a TOML document, then read back
+    /// whole as the file source will.
+    fn edit(&self, path: &Path) -> Option<Base> {
+        let mut doc: DocumentMut = self.base.text.parse().ok()?;
+        let keys = keys_mut(&mut doc).ok()?;
+        let mut gone = Vec::new();
+        for (at, table) in keys.iter_mut().enumerate() {
+            let Some(id) = table.get("id").and_then(Item::as_str) else {
+                continue;
+            };
+            match self.changed.get(id) {
+                Some(Some(key)) => write_fields(table, key),
+                Some(None) => gone.push(at),
+                None => {}
+            }
+        }
+        for at in gone.into_iter().rev() {
+            keys.remove(at);
+        }
+        for id in &self.added {
+            if let Some(Some(key)) = self.changed.get(id) {
+                keys.push(new_table(key));
+            }
+        }
+        let text = doc.to_string();
+        parse(path, text.as_bytes()).ok()
+    }
+}
+
+/// Whether `text`, read as a key file alone, holds exactly `key`.
+fn same(path: &Path, text: &str, key: &ApiKey) -> Option<()> {
+    let set = FileSource::parse(path, text.as_bytes()).ok()?;
+    let back = set.iter().next()?;
+    (set.len() == 1 && record_etag(back) == record_etag(key)).then_some(())
 }
 
 /// The document's `[[keys]]` tables; a file holding `keys = []` (or nothing) gets an
@@ -114,15 +858,10 @@ fn keys_mut(doc: &mut DocumentMut) -> Result<&mut ArrayOfTables, BackendError> {
     doc.get_mut("keys")
         .and_then(Item::as_array_of_tables_mut)
         .ok_or_else(|| {
-            BackendError::Unavailable(
-                "the key file writes `keys` inline; use [[keys]] tables".into(),
-            )
+            BackendError::Unavailable(Said::only(
+                "the key file writes `keys` inline; use [[keys]] tables",
+            ))
         })
-}
-
-fn position(keys: &ArrayOfTables, id: &str) -> Option<usize> {
-    keys.iter()
-        .position(|t| t.get("id").and_then(Item::as_str) == Some(id))
 }
 
 /// Writes `key`'s fields into `table`, as the key file's writer renders them,
@@ -185,63 +924,34 @@ fn new_table(key: &ApiKey) -> Table {
     table
 }
 
-/// Checks `if_match` against the current record with this id.
-fn check(set: &KeySet, id: &str, if_match: Option<&str>) -> Result<(), BackendError> {
-    let current = set.get(id).ok_or(BackendError::NotFound)?;
-    match if_match {
-        Some(tag) if tag != record_etag(current) => Err(BackendError::PreconditionFailed),
-        _ => Ok(()),
-    }
-}
-
 impl AdminBackend for FileBackend {
     fn source_name(&self) -> String {
-        FileSource::new(&self.path).name()
+        FileSource::new(&self.shared.path).name()
     }
 
     async fn list(&self) -> Result<Vec<ApiKey>, BackendError> {
-        Ok(self.read_set().await?.iter().cloned().collect())
+        self.read(|base| base.keys.values().cloned().collect())
+            .await
     }
 
     async fn get(&self, id: &str) -> Result<Option<ApiKey>, BackendError> {
-        Ok(self.read_set().await?.get(id).cloned())
+        let id = id.to_owned();
+        self.read(move |base| base.keys.get(id.as_str()).cloned())
+            .await
     }
 
     async fn create(&self, key: ApiKey) -> Result<(), BackendError> {
-        self.change(move |set, doc| {
-            if set.get(key.id()).is_some() {
-                return Err(BackendError::Conflict(key.id().to_owned()));
-            }
-            keys_mut(doc)?.push(new_table(&key));
-            Ok(())
-        })
-        .await
+        self.submit(Op::Create(key)).await
     }
 
     async fn update(&self, key: ApiKey, if_match: Option<&str>) -> Result<(), BackendError> {
-        let if_match = if_match.map(str::to_owned);
-        self.change(move |set, doc| {
-            check(set, key.id(), if_match.as_deref())?;
-            let keys = keys_mut(doc)?;
-            let at = position(keys, key.id()).ok_or(BackendError::NotFound)?;
-            if let Some(table) = keys.get_mut(at) {
-                write_fields(table, &key);
-            }
-            Ok(())
-        })
-        .await
+        self.submit(Op::Update(key, if_match.map(str::to_owned)))
+            .await
     }
 
     async fn delete(&self, id: &str, if_match: Option<&str>) -> Result<(), BackendError> {
-        let (id, if_match) = (id.to_owned(), if_match.map(str::to_owned));
-        self.change(move |set, doc| {
-            check(set, &id, if_match.as_deref())?;
-            let keys = keys_mut(doc)?;
-            let at = position(keys, &id).ok_or(BackendError::NotFound)?;
-            keys.remove(at);
-            Ok(())
-        })
-        .await
+        self.submit(Op::Delete(id.to_owned(), if_match.map(str::to_owned)))
+            .await
     }
 
     async fn rotate(
@@ -250,19 +960,10 @@ impl AdminBackend for FileBackend {
         old: ApiKey,
         if_match: Option<&str>,
     ) -> Result<(), BackendError> {
-        let if_match = if_match.map(str::to_owned);
-        self.change(move |set, doc| {
-            check(set, old.id(), if_match.as_deref())?;
-            if set.get(successor.id()).is_some() {
-                return Err(BackendError::Conflict(successor.id().to_owned()));
-            }
-            let keys = keys_mut(doc)?;
-            let at = position(keys, old.id()).ok_or(BackendError::NotFound)?;
-            if let Some(table) = keys.get_mut(at) {
-                write_fields(table, &old);
-            }
-            keys.push(new_table(&successor));
-            Ok(())
+        self.submit(Op::Rotate {
+            successor,
+            old,
+            if_match: if_match.map(str::to_owned),
         })
         .await
     }
@@ -271,7 +972,7 @@ impl AdminBackend for FileBackend {
 impl std::fmt::Debug for FileBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileBackend")
-            .field("path", &self.path)
+            .field("path", &self.shared.path)
             .finish_non_exhaustive()
     }
 }

@@ -50,6 +50,7 @@ pub(crate) struct State {
 /// A watching store, as the link knows it.
 pub(crate) struct Watcher {
     id: u64,
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) updater: Arc<KeyUpdater>,
     /// The content its store was last handed (applied, or refused), if any.
     pub(crate) seen: Option<Seen>,
@@ -76,6 +77,7 @@ const WRITER_PATIENCE: Duration = Duration::from_secs(5);
 const WATCHER_PATIENCE: Duration = Duration::from_secs(1);
 /// How long an open write in place is believed without news: a writer that never
 /// closes is given up on, as the watcher gives up on it.
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
 const OPEN_WRITE_TRUST: Duration = Duration::from_secs(2);
 
 type Table = Mutex<HashMap<PathBuf, Weak<Link>>>;
@@ -145,6 +147,7 @@ impl Link {
     /// # Errors
     ///
     /// Another process held the directory lock for five seconds.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn write_gate(&self) -> std::io::Result<Gate<'_>> {
         let state = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(Gate {
@@ -206,7 +209,10 @@ impl Link {
     /// Notes that a writer opened the file in place and may still be writing
     /// (`Some`), or that it closed it or the file was replaced whole (`None`).
     pub(crate) fn note_open_write(&self, open: bool) {
-        let mut slot = self.open_write.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self
+            .open_write
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         *slot = match open {
             true => Some(*slot.get_or_insert_with(Instant::now)),
             false => None,
@@ -215,6 +221,7 @@ impl Link {
 
     /// Whether the watchers' file events say a write in place is open (for at most
     /// two seconds without news).
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn write_open(&self) -> bool {
         self.open_write
             .lock()
@@ -225,6 +232,7 @@ impl Link {
 
 impl Gate<'_> {
     /// The watching stores.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn watchers(&mut self) -> &mut [Watcher] {
         &mut self.state.watchers
     }
@@ -243,13 +251,19 @@ pub(crate) struct Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
-        let mut state = self.link.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self
+            .link
+            .gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         state.watchers.retain(|w| w.id != self.id);
     }
 }
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Link")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }

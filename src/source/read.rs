@@ -22,6 +22,7 @@ pub(crate) const DEFAULT_MAX_SIZE: u64 = 256 << 20;
 pub(crate) type Fingerprint = (usize, u64);
 
 /// A file's content, wiped when dropped: it may hold secrets.
+#[cfg_attr(not(feature = "file"), allow(dead_code))]
 pub(crate) struct FileBytes(Vec<u8>, Option<Stamp>);
 
 /// What a file's metadata says about its content: device, inode, size, and the
@@ -29,6 +30,7 @@ pub(crate) struct FileBytes(Vec<u8>, Option<Stamp>);
 /// have changed; the same stamp means it has not, unless it was rewritten in place to
 /// the same size within one tick of the file system's clock (see [`Stamp::racy`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "file"), allow(dead_code))]
 pub(crate) struct Stamp {
     dev: u64,
     ino: u64,
@@ -37,6 +39,7 @@ pub(crate) struct Stamp {
     changed: i128,
 }
 
+#[cfg_attr(not(feature = "file"), allow(dead_code))]
 impl Stamp {
     /// The stamp of a file's metadata.
     pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
@@ -122,6 +125,7 @@ impl FileBytes {
 
     /// The stamp of the file as it was opened, before its content was read: a writer
     /// that changes it during the read leaves a different stamp behind.
+    #[cfg_attr(not(feature = "file"), allow(dead_code))]
     pub(crate) fn stamp(&self) -> Option<Stamp> {
         self.1
     }
@@ -130,10 +134,15 @@ impl FileBytes {
     /// 64-bit hash seeded once per process, and the length: gigabytes a second, where
     /// SHA-256 took a quarter of a second of a million-key file's load.
     pub(crate) fn fingerprint(&self) -> Fingerprint {
-        static SEED: OnceLock<foldhash::quality::RandomState> = OnceLock::new();
-        let hash = SEED.get_or_init(Default::default).hash_one(&*self.0);
-        (self.0.len(), hash)
+        fingerprint(&self.0)
     }
+}
+
+/// The [`FileBytes::fingerprint`] of `bytes`.
+pub(crate) fn fingerprint(bytes: &[u8]) -> Fingerprint {
+    static SEED: OnceLock<foldhash::quality::RandomState> = OnceLock::new();
+    let hash = SEED.get_or_init(Default::default).hash_one(bytes);
+    (bytes.len(), hash)
 }
 
 fn too_large(limit: u64) -> io::Error {
