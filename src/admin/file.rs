@@ -74,8 +74,10 @@ struct Shared {
     path: PathBuf,
     link: Arc<Link>,
     queue: Mutex<Queue>,
-    /// The file as this backend last read or wrote it, so that it is not parsed again.
-    cache: Mutex<Option<Arc<Base>>>,
+    /// The files this backend last read or wrote (the newest last, two at most), so
+    /// that they are not parsed again: a reader that finds the file just written, or
+    /// the one it replaces, takes it from here.
+    cache: Mutex<Vec<Arc<Base>>>,
 }
 
 /// Calls waiting for the next write.
@@ -107,13 +109,88 @@ enum Op {
 struct Base {
     fingerprint: Fingerprint,
     text: String,
-    keys: HashMap<Arc<str>, ApiKey>,
-    /// Which id each digest is under: a change must not give a key a second id.
-    digests: HashMap<KeyDigest, Arc<str>>,
+    keys: Keys,
     /// Each `[[keys]]` table's bytes (with the comments and blank lines before it),
     /// in file order, when the file can be edited as text: only `[[keys]]` tables,
     /// no multi-line strings. `None`: it is edited as a TOML document.
     tables: Option<Vec<Span>>,
+}
+
+/// A file's keys by id, and which id each digest is under (a change must not give a
+/// key a second id): the maps as parsed, shared from write to write, and the changes
+/// made since, until there are enough of them to fold in.
+#[derive(Clone)]
+struct Keys {
+    all: Arc<HashMap<Arc<str>, ApiKey>>,
+    digests: Arc<HashMap<KeyDigest, Arc<str>>>,
+    /// Changed since `all` was made: the record now, `None` if removed.
+    delta: HashMap<Arc<str>, Option<ApiKey>>,
+}
+
+/// How many changes are kept aside before they are folded into the maps.
+const FOLD: usize = 512;
+
+impl Keys {
+    fn of(set: &KeySet) -> Self {
+        Self {
+            all: Arc::new(set.iter().map(|k| (k.id.clone(), k.clone())).collect()),
+            digests: Arc::new(set.iter().map(|k| (k.digest, k.id.clone())).collect()),
+            delta: HashMap::new(),
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<&ApiKey> {
+        match self.delta.get(id) {
+            Some(now) => now.as_ref(),
+            None => self.all.get(id),
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// The id the digest is under, if any.
+    fn owner(&self, digest: &KeyDigest) -> Option<&Arc<str>> {
+        self.delta
+            .iter()
+            .find(|(_, k)| k.as_ref().is_some_and(|k| k.digest == *digest))
+            .map(|(id, _)| id)
+            .or_else(|| {
+                self.digests
+                    .get(digest)
+                    .filter(|id| !self.delta.contains_key(*id))
+            })
+    }
+
+    fn values(&self) -> impl Iterator<Item = &ApiKey> {
+        self.all
+            .values()
+            .filter(|k| !self.delta.contains_key(&k.id))
+            .chain(self.delta.values().flatten())
+    }
+
+    /// These keys with `changes` made.
+    fn with(&self, changes: &HashMap<Arc<str>, Option<ApiKey>>) -> Self {
+        let mut next = self.clone();
+        next.delta
+            .extend(changes.iter().map(|(id, k)| (id.clone(), k.clone())));
+        if next.delta.len() > FOLD {
+            let (mut all, mut digests) = ((*next.all).clone(), (*next.digests).clone());
+            for (id, key) in next.delta.drain() {
+                if let Some(old) = all.remove(&id) {
+                    digests.remove(&old.digest);
+                }
+                if let Some(key) = key {
+                    digests.insert(key.digest, id.clone());
+                    all.insert(id, key);
+                }
+            }
+            next.all = Arc::new(all);
+            next.digests = Arc::new(digests);
+        }
+        next
+    }
 }
 
 /// Where a key's table is in the file.
@@ -178,7 +255,7 @@ impl FileBackend {
                 link: Link::of(&path),
                 path,
                 queue: Mutex::new(Queue::default()),
-                cache: Mutex::new(None),
+                cache: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -331,20 +408,28 @@ impl Shared {
                 "the key file is being written by someone else, so it is left alone",
             )));
         }
-        Ok(parse(&self.path, &again).map(|base| {
-            let base = Arc::new(base);
-            *self.cache.lock().unwrap_or_else(PoisonError::into_inner) = Some(base.clone());
-            base
-        }))
+        Ok(parse(&self.path, &again).map(|base| self.remember(base)))
     }
 
     fn cached(&self, fingerprint: Fingerprint) -> Option<Arc<Base>> {
         self.cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .filter(|b| b.fingerprint == fingerprint)
+            .iter()
+            .find(|b| b.fingerprint == fingerprint)
             .cloned()
+    }
+
+    /// Keeps `base` as the newest file seen.
+    fn remember(&self, base: Base) -> Arc<Base> {
+        let base = Arc::new(base);
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.retain(|b| b.fingerprint != base.fingerprint);
+        if cache.len() >= 2 {
+            cache.remove(0);
+        }
+        cache.push(base.clone());
+        base
     }
 
     /// The settled file, read holding the write gate.
@@ -397,12 +482,15 @@ impl Shared {
                 });
             };
             let changes = batch.changes();
+            // Known before it is in place: a reader that finds it there need not
+            // parse it.
+            let next = self.remember(next);
             let staged = write::staged(&self.path, next.text.as_bytes())
                 .map_err(|e| Failure::unavailable("the key file cannot be written", e))?;
             match swap(&self.path, staged, expected)? {
                 Swapped::Done(stamp) => {
                     let sync = write::sync_dir(&self.path);
-                    self.written(&mut gate, &base, next, &changes, stamp);
+                    self.written(&mut gate, &base, &next, &changes, stamp);
                     if let Err(e) = sync {
                         return Err(Failure {
                             outcome_unknown: true,
@@ -431,12 +519,12 @@ impl Shared {
     }
 
     /// After a write: every watching store of the process gets the changes, by id
-    /// if it holds `base`, else as the whole set; the cache holds the file written.
+    /// if it holds `base`, else as the whole set.
     fn written(
         &self,
         gate: &mut Gate<'_>,
         base: &Base,
-        next: Base,
+        next: &Base,
         changes: &[KeyChange],
         stamp: Option<Stamp>,
     ) {
@@ -458,7 +546,6 @@ impl Shared {
             }
             watcher.seen = Some(seen);
         }
-        *self.cache.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(next));
     }
 }
 
@@ -529,13 +616,10 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Base, Failure> {
         .map_err(|e| Failure::unavailable("the key file does not parse, so it is left alone", e))?
         .to_owned();
     let tables = spans(&text, &set);
-    let keys: HashMap<Arc<str>, ApiKey> = set.iter().map(|k| (k.id.clone(), k.clone())).collect();
-    let digests = set.iter().map(|k| (k.digest, k.id.clone())).collect();
     Ok(Base {
         fingerprint: fingerprint(text.as_bytes()),
         text,
-        keys,
-        digests,
+        keys: Keys::of(&set),
         tables,
     })
 }
@@ -653,8 +737,8 @@ impl<'a> Batch<'a> {
             .any(|(id, k)| *id != key.id && k.as_ref().is_some_and(|k| k.digest == key.digest))
             || self
                 .base
-                .digests
-                .get(&key.digest)
+                .keys
+                .owner(&key.digest)
                 .is_some_and(|id| *id != key.id && !self.changed.contains_key(id));
         match taken {
             true => Err(BackendError::Invalid(crate::Error::invalid(
@@ -707,7 +791,7 @@ impl<'a> Batch<'a> {
 
     fn put(&mut self, key: ApiKey) {
         let id = key.id.clone();
-        if !self.base.keys.contains_key(&id) && !self.added.contains(&id) {
+        if !self.base.keys.contains(&id) && !self.added.contains(&id) {
             self.added.push(id.clone());
         }
         self.changed.insert(id, Some(key));
@@ -717,7 +801,7 @@ impl<'a> Batch<'a> {
     fn changes(&self) -> Vec<KeyChange> {
         self.changed
             .iter()
-            .filter(|(id, key)| key.is_some() || self.base.keys.contains_key(*id))
+            .filter(|(id, key)| key.is_some() || self.base.keys.contains(id))
             .map(|(id, key)| match key {
                 Some(key) => KeyChange::Upsert(key.clone()),
                 None => KeyChange::Remove(id.clone()),
@@ -740,18 +824,11 @@ impl<'a> Batch<'a> {
         let text = &self.base.text;
         let mut out = String::with_capacity(text.len() + 512 * self.added.len());
         let mut spans = Vec::with_capacity(tables.len() + self.added.len());
-        let mut keys = self.base.keys.clone();
-        let mut digests = self.base.digests.clone();
         for table in tables {
             let start = out.len();
             match self.changed.get(&table.id) {
                 None => out.push_str(text.get(table.start..table.end)?),
-                Some(None) => {
-                    if let Some(old) = keys.remove(&table.id) {
-                        digests.remove(&old.digest);
-                    }
-                    continue;
-                }
+                Some(None) => continue,
                 Some(Some(key)) => {
                     let mut doc: DocumentMut = text.get(table.start..table.end)?.parse().ok()?;
                     let one = doc.get_mut("keys")?.as_array_of_tables_mut()?.get_mut(0)?;
@@ -759,10 +836,6 @@ impl<'a> Batch<'a> {
                     let edited = doc.to_string();
                     same(path, &edited, key)?;
                     out.push_str(&edited);
-                    if let Some(old) = keys.insert(key.id.clone(), key.clone()) {
-                        digests.remove(&old.digest);
-                    }
-                    digests.insert(key.digest, key.id.clone());
                 }
             }
             if !out.ends_with('\n') {
@@ -785,18 +858,17 @@ impl<'a> Batch<'a> {
             let entry = write::entry(key);
             same(path, &entry, key)?;
             out.push_str(&entry);
-            keys.insert(key.id.clone(), key.clone());
-            digests.insert(key.digest, key.id.clone());
             spans.push(Span {
                 id: key.id.clone(),
                 start,
                 end: out.len(),
             });
         }
+        let keys = self.base.keys.with(&self.changed);
         // Read back as a whole only when it is small enough to cost nothing.
         if out.len() <= 64 << 10 {
             let set = FileSource::parse(path, out.as_bytes()).ok()?;
-            if set.len() != keys.len() {
+            if set.len() != keys.values().count() {
                 return None;
             }
         }
@@ -804,7 +876,6 @@ impl<'a> Batch<'a> {
             fingerprint: fingerprint(out.as_bytes()),
             text: out,
             keys,
-            digests,
             tables: Some(spans),
         })
     }
@@ -936,8 +1007,7 @@ impl AdminBackend for FileBackend {
 
     async fn get(&self, id: &str) -> Result<Option<ApiKey>, BackendError> {
         let id = id.to_owned();
-        self.read(move |base| base.keys.get(id.as_str()).cloned())
-            .await
+        self.read(move |base| base.keys.get(&id).cloned()).await
     }
 
     async fn create(&self, key: ApiKey) -> Result<(), BackendError> {
