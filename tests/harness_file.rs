@@ -340,6 +340,16 @@ impl World {
         self.failures.lock().unwrap().push(what);
     }
 
+    /// A replica's name in messages.
+    fn name(&self, addr: SocketAddr) -> String {
+        let replicas = self.replicas.lock().unwrap();
+        match replicas.iter().position(|r| *r == Some(addr)) {
+            Some(2) => format!("the child replica ({addr})"),
+            Some(i) => format!("in-process replica {i} ({addr})"),
+            None => format!("replica {addr}"),
+        }
+    }
+
     fn endpoints(&self) -> Vec<SocketAddr> {
         self.replicas
             .lock()
@@ -843,7 +853,7 @@ async fn probe(world: Arc<World>) {
         };
         for addr in world.endpoints() {
             if world.accepts(addr, "sentinel-secret").await == Some(false) {
-                world.fail(format!("replica {addr} refused the sentinel key"));
+                world.fail(format!("{} refused the sentinel key", world.name(addr)));
             }
             for (id, secret) in live.iter().skip((round as usize) % 7).step_by(7) {
                 // Revoked meanwhile by its worker? Then it is no longer live.
@@ -853,13 +863,13 @@ async fn probe(world: Arc<World>) {
                             m.revoked.is_none() && m.calls.iter().all(|c| c.1 < now)
                         });
                     if still_live {
-                        world.fail(format!("replica {addr} refused live key {id}"));
+                        world.fail(format!("{} refused live key {id}", world.name(addr)));
                     }
                 }
             }
             for (id, secret) in &revoked {
                 if world.accepts(addr, secret).await == Some(true) {
-                    world.fail(format!("replica {addr} accepted revoked key {id}"));
+                    world.fail(format!("{} accepted revoked key {id}", world.name(addr)));
                 }
             }
         }

@@ -326,7 +326,18 @@ impl Shared {
             };
             let (ops, replies): (Vec<Op>, Vec<_>) =
                 batch.into_iter().map(|p| (p.op, p.reply)).unzip();
-            for (reply, outcome) in replies.into_iter().zip(self.commit(&ops)) {
+            // A write that panics answers its calls "outcome unknown" (the panic may
+            // have come after the swap) and leaves the writer to the next batch.
+            let outcomes =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit(&ops)));
+            let Ok(outcomes) = outcomes else {
+                self.cache
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clear();
+                continue;
+            };
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome);
             }
         }

@@ -103,6 +103,9 @@ pub(crate) struct Inner<B> {
     /// The store source the backend's keys arrive through.
     pub(crate) source: String,
     timeout: Duration,
+    /// Ids this API revoked lately (the last 4,096): a successor's derived id skips
+    /// them, so that an id does not come back as another key.
+    revoked: std::sync::Mutex<std::collections::VecDeque<String>>,
 }
 
 impl<B: AdminBackend> AdminApi<B> {
@@ -143,6 +146,7 @@ impl<B: AdminBackend> AdminApi<B> {
             store: self.store,
             backend: self.backend,
             timeout: self.timeout,
+            revoked: std::sync::Mutex::default(),
         });
         let keys = Router::new()
             .route(
@@ -335,6 +339,10 @@ impl<B: AdminBackend> Inner<B> {
             IdChoice::After(old) => (successor_id(old, 2), false),
         };
         for attempt in 2..32 {
+            if !chosen && self.was_revoked(&id) {
+                id = next_id(&id, attempt);
+                continue;
+            }
             if self
                 .store
                 .get(&id)
@@ -389,6 +397,26 @@ impl<B: AdminBackend> Inner<B> {
             }
         }
         Err(Problem::conflict("no free key id after 30 tries; give one"))
+    }
+
+    /// Notes that this API revoked the key with this id.
+    pub(crate) fn note_revoked(&self, id: &str) {
+        let mut revoked = self
+            .revoked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if revoked.len() >= 4096 {
+            revoked.pop_front();
+        }
+        revoked.push_back(id.to_owned());
+    }
+
+    fn was_revoked(&self, id: &str) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|r| r == id)
     }
 
     /// Whether `store` serves exactly `key`, from the backend's source.

@@ -122,8 +122,9 @@ pub(crate) struct PatchRequest {
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RotateRequest {
-    /// How long the old key keeps working (default 86400, a day); never past the
-    /// expiry it already had.
+    /// How long the old key keeps working (default 86400, a day; at most about a
+    /// century); never past the expiry it already had.
+    #[schema(minimum = 0, maximum = 3_153_600_000_u64)]
     pub(crate) overlap_seconds: Option<u64>,
     /// The successor's id; when absent, derived from the old key's (`billing` →
     /// `billing-r2`, `billing-r2` → `billing-r3`).

@@ -34,6 +34,9 @@ type Answer = Result<Response, Problem>;
 const MAX_LIMIT: usize = 1000;
 const DEFAULT_LIMIT: usize = 100;
 const DEFAULT_OVERLAP: Duration = Duration::from_secs(86_400);
+/// The longest overlap a rotation takes: an instant past it would not be written as
+/// an RFC 3339 date.
+const MAX_OVERLAP_SECONDS: u64 = 3_153_600_000;
 
 #[utoipa::path(
     get, path = "/v1/api-keys", tag = "api-keys",
@@ -242,8 +245,10 @@ pub(crate) async fn patch_key<B: AdminBackend>(
     let body = body_bytes(body)?;
     let patch: serde_json::Map<String, serde_json::Value> = json_body(&headers, &body, true)?;
     let current = api.writable(&caller, &id, "update").await?;
-    let if_match = precondition(&headers, &current)?.ok_or_else(Problem::precondition_required)?;
+    // The patch is checked before the precondition: a malformed patch is 422
+    // whatever the ETag.
     let key = super::patch::apply(&current, &patch)?;
+    let if_match = precondition(&headers, &current)?.ok_or_else(Problem::precondition_required)?;
     may_write(&api, &caller, &key, "update", &id)?;
     key.validate()
         .map_err(|e| Problem::validation(e.to_string()))?;
@@ -269,7 +274,7 @@ pub(crate) async fn patch_key<B: AdminBackend>(
         ("id" = String, Path, min_length = 1, max_length = 256),
         ("If-Match" = Option<String>, Header, description = "The key's current ETag (or `*`, or a list of them): makes a retry safe"),
     ),
-    request_body(content = RotateRequest, content_type = "application/json"),
+    request_body(content = Option<RotateRequest>, content_type = "application/json", description = "Optional: no body rotates with the defaults"),
     responses(
         (status = 201, description = "The successor, enforced; the secret is in `key`, shown this once", body = CreatedKey,
             headers(("Location" = String), ("ETag" = String))),
@@ -303,12 +308,23 @@ pub(crate) async fn rotate_key<B: AdminBackend>(
     } else {
         json_body(&headers, &body, false)?
     };
+    // The body is checked before the precondition: a malformed request is 422
+    // whatever the ETag.
+    let overlap = match request.overlap_seconds {
+        None => DEFAULT_OVERLAP,
+        Some(seconds @ 0..=MAX_OVERLAP_SECONDS) => Duration::from_secs(seconds),
+        Some(_) => {
+            return Err(Problem::validation(
+                "`overlap_seconds` must be at most 3153600000 (about a century)",
+            ));
+        }
+    };
+    if let Some(id) = &request.id {
+        checked_id(id)?;
+    }
     let old = api.writable(&caller, &id, "rotate").await?;
     let if_match = precondition(&headers, &old)?;
     let now = SystemTime::now();
-    let overlap = request
-        .overlap_seconds
-        .map_or(DEFAULT_OVERLAP, Duration::from_secs);
     let until = clock::to_unix_ms(now).saturating_add(clock::duration_ms(overlap));
     let mut shortened = old.clone();
     shortened.valid_until = shortened.valid_until.min(until);
@@ -387,6 +403,7 @@ pub(crate) async fn delete_key<B: AdminBackend>(
         .delete(key.id(), if_match.as_deref())
         .await
         .map_err(|e| Problem::of(e, &id))?;
+    api.note_revoked(key.id());
     let enforced = api
         .applied(reloads, |store| !api.serves_id(store, key.id()))
         .await;
@@ -535,10 +552,17 @@ fn json_body<T: serde::de::DeserializeOwned>(
             "application/json"
         }));
     }
-    serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Problem::validation(e.to_string()),
-        _ => Problem::bad_request(format!("the body is not JSON: {e}")),
-    })
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => Problem::validation(e.to_string()),
+            _ => Problem::bad_request(format!("the body is not JSON: {e}")),
+        })?;
+    // An object, as the schema says: serde would also take a struct's fields as an
+    // array.
+    if !value.is_object() {
+        return Err(Problem::validation("the body must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| Problem::validation(e.to_string()))
 }
 
 /// A page cursor: the last id, hex-encoded so that it is opaque and URL-safe.
@@ -547,7 +571,7 @@ fn encode_cursor(id: &str) -> String {
 }
 
 fn decode_cursor(cursor: &str) -> Option<String> {
-    if !cursor.len().is_multiple_of(2) {
+    if cursor.is_empty() || !cursor.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..cursor.len())

@@ -77,7 +77,6 @@ const WRITER_PATIENCE: Duration = Duration::from_secs(5);
 const WATCHER_PATIENCE: Duration = Duration::from_secs(1);
 /// How long an open write in place is believed without news: a writer that never
 /// closes is given up on, as the watcher gives up on it.
-#[cfg_attr(not(feature = "admin"), allow(dead_code))]
 const OPEN_WRITE_TRUST: Duration = Duration::from_secs(2);
 
 type Table = Mutex<HashMap<PathBuf, Weak<Link>>>;
@@ -221,7 +220,6 @@ impl Link {
 
     /// Whether the watchers' file events say a write in place is open (for at most
     /// two seconds without news).
-    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn write_open(&self) -> bool {
         self.open_write
             .lock()

@@ -98,6 +98,8 @@ impl FileBytes {
     /// ([`io::ErrorKind::InvalidInput`]); the file is larger than `limit`
     /// ([`io::ErrorKind::FileTooLarge`]).
     pub(crate) fn read(path: &Path, limit: u64) -> io::Result<Self> {
+        #[cfg(test)]
+        reads::note(path);
         let file = open(path)?;
         let meta = file.metadata()?;
         if !meta.is_file() {
@@ -179,6 +181,40 @@ impl std::ops::Deref for FileBytes {
 impl Drop for FileBytes {
     fn drop(&mut self) {
         self.0.zeroize();
+    }
+}
+
+/// How often each path was read, for tests that check a file is not read in vain.
+#[cfg(test)]
+pub(crate) mod reads {
+    use std::{
+        collections::HashMap,
+        path::{Path, PathBuf},
+        sync::Mutex,
+    };
+
+    static READS: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
+
+    pub(crate) fn note(path: &Path) {
+        let mut reads = READS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *reads
+            .get_or_insert_with(HashMap::new)
+            .entry(path.to_owned())
+            .or_default() += 1;
+    }
+
+    /// How many times `path` was read so far.
+    pub(crate) fn of(path: &Path) -> usize {
+        let reads = READS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        reads
+            .as_ref()
+            .and_then(|r| r.get(path))
+            .copied()
+            .unwrap_or(0)
     }
 }
 

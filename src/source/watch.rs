@@ -384,9 +384,12 @@ impl Watch {
             me.seen = Some(Seen { fingerprint, stamp });
             return;
         }
-        if first.is_some_and(|f| f != fingerprint) {
-            // Still being written: look again soon.
-            self.writing = Some(Instant::now());
+        // Still being written (two reads differ), or written in place by a writer
+        // that has not closed the file, as the file events said meanwhile (a burst
+        // that ended with the file complete can be followed by such a write before
+        // this read): look again soon.
+        if first.is_some_and(|f| f != fingerprint) || link.write_open() {
+            self.writing.get_or_insert_with(Instant::now);
             return;
         }
         me.seen = Some(Seen { fingerprint, stamp });
@@ -449,6 +452,48 @@ impl Watch {
                 }
                 None
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::{FileSource, KeyStore, source::read::reads};
+
+    /// The safety-net poll looks at the file's stamp and reads nothing while the file
+    /// is unchanged (it read the whole file at every poll); a change is still seen.
+    #[test]
+    fn an_unchanged_file_is_not_read_at_every_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, "[[keys]]\nid = \"a\"\nsecret = \"key-a\"\n").unwrap();
+        // A stamp taken within two seconds of a change proves nothing yet.
+        std::thread::sleep(Duration::from_millis(2100));
+        let store = KeyStore::new();
+        store
+            .add_source(
+                FileSource::new(&path)
+                    .with_file_events(false)
+                    .with_poll_interval(Duration::from_millis(20)),
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let before = reads::of(&path);
+        // About 40 polls.
+        std::thread::sleep(Duration::from_millis(800));
+        let polled = reads::of(&path) - before;
+        assert!(polled <= 1, "{polled} reads of an unchanged file");
+        // A change moves the stamp: read and applied.
+        std::fs::write(&path, "[[keys]]\nid = \"b\"\nsecret = \"key-b\"\n").unwrap();
+        let start = std::time::Instant::now();
+        while store.get("b").is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the change was not seen"
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
