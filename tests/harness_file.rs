@@ -294,6 +294,8 @@ struct Made {
     calls: Vec<(Instant, Instant)>,
     /// A call on it had an unknown outcome.
     unsure: bool,
+    /// Calls on it sent and not answered yet.
+    in_flight: u32,
 }
 
 #[derive(Default)]
@@ -456,6 +458,7 @@ async fn worker(world: Arc<World>, mut rng: Rng, me: usize) {
                                 description: None,
                                 calls: vec![(sent, answered)],
                                 unsure: false,
+                                in_flight: 0,
                             },
                         );
                         mine.push(id);
@@ -474,12 +477,19 @@ async fn worker(world: Arc<World>, mut rng: Rng, me: usize) {
             let id = mine[rng.below(mine.len() as u64) as usize].clone();
             let path = format!("/v1/api-keys/{id}");
             let sent = Instant::now();
+            // In flight from now: what the key is may change before the answer.
+            if let Some(made) = world.model.lock().unwrap().made.get_mut(&id) {
+                made.in_flight += 1;
+            }
             if choice < 65 {
                 // Patch the description, conditionally.
                 let Some((200, _, Some(etag))) = world
                     .call(addr, reqwest::Method::GET, &path, None, None)
                     .await
                 else {
+                    if let Some(made) = world.model.lock().unwrap().made.get_mut(&id) {
+                        made.in_flight -= 1;
+                    }
                     continue;
                 };
                 let description = format!("d{}", rng.next());
@@ -524,6 +534,7 @@ async fn worker(world: Arc<World>, mut rng: Rng, me: usize) {
                             description: None,
                             calls: vec![(sent, answered)],
                             unsure: false,
+                            in_flight: 0,
                         },
                     );
                     mine.push(successor);
@@ -553,6 +564,7 @@ fn note(world: &World, id: &str, sent: Instant, status: Option<u16>, done: impl 
         return;
     };
     made.calls.push((sent, Instant::now()));
+    made.in_flight -= 1;
     match status {
         Some(status) if ok(status) => done(made),
         // Refused, with nothing written (a stale ETag, gone by hand-race, 503).
@@ -842,6 +854,7 @@ async fn probe(world: Arc<World>) {
                         revoked.push((id.clone(), made.secret.clone()))
                     }
                     None if now.duration_since(made.at) > BOUND
+                        && made.in_flight == 0
                         && !made.calls.iter().any(|c| c.1 > now - BOUND) =>
                     {
                         live.push((id.clone(), made.secret.clone()))
