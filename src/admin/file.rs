@@ -47,9 +47,9 @@ use crate::{
 ///    the editor saved and swapped in again, so **no hand edit is ever reverted**.
 ///    Elsewhere the file is read again just before a plain rename, which narrows the
 ///    window to that instant without closing it;
-/// 4. syncs the directory, and applies the changes to every store in the process
-///    whose [`FileSource`] watches the file, before it answers: by id when the store
-///    holds the file that was read, as a whole set when it holds something older. A
+/// 4. applies the changes to every store in the process whose [`FileSource`] watches
+///    the file (by id when the store holds the file that was read, as a whole set
+///    when it holds something older), syncs the directory, and only then answers. A
 ///    store with no watcher in this process learns of the change from its own watcher
 ///    (the API then answers 202 if that takes longer than its timeout).
 ///
@@ -78,6 +78,11 @@ struct Shared {
     /// that they are not parsed again: a reader that finds the file just written, or
     /// the one it replaces, takes it from here.
     cache: Mutex<Vec<Arc<Base>>>,
+    /// The file at the path as last seen, by its stamp: a read (`get`, `list`) that
+    /// finds the same stamp takes it without reading the file. (A write always reads
+    /// the file: a same-size rewrite within one tick of the file system's clock keeps
+    /// the stamp, and a read may miss it for that long; a write may not.)
+    seen: Mutex<Option<(Stamp, Arc<Base>)>>,
 }
 
 /// Calls waiting for the next write.
@@ -256,6 +261,7 @@ impl FileBackend {
                 path,
                 queue: Mutex::new(Queue::default()),
                 cache: Mutex::new(Vec::new()),
+                seen: Mutex::new(None),
             }),
         }
     }
@@ -291,6 +297,17 @@ impl FileBackend {
         look: impl FnOnce(&Base) -> T + Send + 'static,
     ) -> Result<T, BackendError> {
         let shared = self.shared.clone();
+        let now = Stamp::at(&shared.path).ok();
+        let known = shared
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|(stamp, _)| Some(*stamp) == now)
+            .map(|(_, base)| base.clone());
+        if let Some(base) = known {
+            return Ok(look(&base));
+        }
         tokio::task::spawn_blocking(move || shared.current().map(|base| look(&base)))
             .await
             .map_err(|e| BackendError::Unavailable(Box::new(e)))?
@@ -407,6 +424,7 @@ impl Shared {
         }
         let fingerprint = bytes.fingerprint();
         if let Some(base) = self.cached(fingerprint) {
+            self.saw(bytes.stamp(), &base);
             return Ok(Ok(base));
         }
         // New to this backend: written by someone else. Taken only once two reads a
@@ -419,7 +437,17 @@ impl Shared {
                 "the key file is being written by someone else, so it is left alone",
             )));
         }
-        Ok(parse(&self.path, &again).map(|base| self.remember(base)))
+        Ok(parse(&self.path, &again).map(|base| {
+            let base = self.remember(base);
+            self.saw(again.stamp(), &base);
+            base
+        }))
+    }
+
+    /// Notes that the file with this stamp holds `base`.
+    fn saw(&self, stamp: Option<Stamp>, base: &Arc<Base>) {
+        *self.seen.lock().unwrap_or_else(PoisonError::into_inner) =
+            stamp.map(|stamp| (stamp, base.clone()));
     }
 
     fn cached(&self, fingerprint: Fingerprint) -> Option<Arc<Base>> {
@@ -500,9 +528,11 @@ impl Shared {
                 .map_err(|e| Failure::unavailable("the key file cannot be written", e))?;
             match swap(&self.path, staged, expected)? {
                 Swapped::Done(stamp) => {
-                    let sync = write::sync_dir(&self.path);
+                    // Enforced as soon as the file is in place (a reader of the
+                    // file would see it now); answered once the rename is durable.
                     self.written(&mut gate, &base, &next, &changes, stamp);
-                    if let Err(e) = sync {
+                    self.saw(stamp, &next);
+                    if let Err(e) = write::sync_dir(&self.path) {
                         return Err(Failure {
                             outcome_unknown: true,
                             said: "the key file was replaced but its directory could not be \
