@@ -40,13 +40,14 @@ use crate::{
 ///    wait for it to settle (about a second), then fail with
 ///    [`BackendError::Unavailable`], having written nothing;
 /// 2. applies the changes to it, and checks the result as the file source will;
-/// 3. writes it to a new file beside the key file, synced, and swaps it in. On
-///    Linux the swap is an exchange (`renameat2` with `RENAME_EXCHANGE`), which
-///    hands back the file it replaced: if that is not the file read in step 1 (an
-///    editor saved the file in between), the changes are applied again on top of what
-///    the editor saved and swapped in again, so **no hand edit is ever reverted**.
-///    Elsewhere the file is read again just before a plain rename, which narrows the
-///    window to that instant without closing it;
+/// 3. writes it to a new file beside the key file, synced, compares the key file
+///    with the one read in step 1 once more, and swaps the new one in. On Linux the
+///    swap is an exchange (`renameat2` with `RENAME_EXCHANGE`), which hands back the
+///    file it replaced: if that is not the file read in step 1 (an editor saved in the
+///    instant between), the editor's file is swapped straight back and the changes
+///    are made again on top of it, so **no hand edit is ever reverted**. Elsewhere
+///    (a portable fallback) the comparison just before a plain rename is all there
+///    is: an editor's save in the instant between it and the rename is lost;
 /// 4. applies the changes to every store in the process whose [`FileSource`] watches
 ///    the file (by id when the store holds the file that was read, as a whole set
 ///    when it holds something older), syncs the directory, and only then answers. A
@@ -61,10 +62,11 @@ use crate::{
 /// writing meanwhile; an editor holding a stale buffer without it can still overwrite
 /// the API's changes when it saves: reload the file before editing it.
 ///
-/// A crash leaves the old file or the new one. A crash between an exchange and the
-/// write that re-applies the changes on top of a hand edit (a window of a few
-/// milliseconds, only when an editor saved during the write) leaves the hand edit in
-/// a `.tower-api-key-*.tmp` file beside the key file.
+/// A crash leaves the old file or the new one. A crash in the instant between an
+/// exchange that handed back an editor's file and the exchange that puts it back
+/// leaves the editor's file in a `.tower-api-key-*.tmp` beside the key file. A
+/// reader that takes neither the gate nor the lock (an editor loading the file) can
+/// see the API's file during that instant.
 #[derive(Clone)]
 pub struct FileBackend {
     shared: Arc<Shared>,
@@ -422,6 +424,13 @@ impl Shared {
                 "the key file is empty (a write in progress?), so it is left alone",
             )));
         }
+        // A write in place still open (as this process's watchers' file events
+        // say): even content known from before may be a prefix of what is coming.
+        if self.link.write_open() {
+            return Ok(Err(Failure::said(
+                "the key file is being written by someone else, so it is left alone",
+            )));
+        }
         let fingerprint = bytes.fingerprint();
         if let Some(base) = self.cached(fingerprint) {
             self.saw(bytes.stamp(), &base);
@@ -481,7 +490,9 @@ impl Shared {
         for _ in 0..3 {
             let held = gate()?;
             let now = read(&self.path)?;
-            if let Some(base) = self.cached(now.fingerprint()) {
+            if !self.link.write_open()
+                && let Some(base) = self.cached(now.fingerprint())
+            {
                 return Ok((held, base));
             }
             // Someone else's file: wait for it to settle without holding the gate
@@ -502,9 +513,6 @@ impl Shared {
     /// edited file would not parse and the ops must be written one by one.
     fn write(&self, ops: &[Op]) -> Result<Option<Vec<Result<(), BackendError>>>, Failure> {
         let (mut gate, mut base) = self.gated()?;
-        // What the file at the path is expected to hold when the new one is swapped
-        // in: the file read, and after a redo, the file written.
-        let mut expected = base.fingerprint;
         for _ in 0..MAX_REDO {
             let mut batch = Batch::new(&base);
             let outcomes: Vec<Result<(), BackendError>> =
@@ -526,7 +534,7 @@ impl Shared {
             let next = self.remember(next);
             let staged = write::staged(&self.path, next.text.as_bytes())
                 .map_err(|e| Failure::unavailable("the key file cannot be written", e))?;
-            match swap(&self.path, staged, expected)? {
+            match swap(&self.path, staged, next.fingerprint, base.fingerprint)? {
                 Swapped::Done(stamp) => {
                     // Enforced as soon as the file is in place (a reader of the
                     // file would see it now); answered once the rename is durable.
@@ -542,15 +550,11 @@ impl Shared {
                     }
                     return Ok(Some(outcomes));
                 }
-                // An editor saved the file meanwhile: the changes again, on top of it.
-                Swapped::Raced { theirs } => {
-                    expected = next.fingerprint;
-                    base = Arc::new(theirs);
-                }
+                // An editor saved the file meanwhile: the change again, on top of
+                // what they saved, once it has settled.
                 Swapped::NotYet => {
                     drop(gate);
                     (gate, base) = self.gated()?;
-                    expected = base.fingerprint;
                 }
             }
         }
@@ -594,48 +598,51 @@ impl Shared {
 enum Swapped {
     /// The new file is in place; the stamp of the file written.
     Done(Option<Stamp>),
-    /// The new file is in place, but the file it replaced was not the one expected:
-    /// that file (an editor's), parsed, to apply the changes on again.
-    Raced { theirs: Base },
-    /// Nothing was swapped: the file changed before it could be (the portable path),
-    /// or what was swapped out is still being written (and was put back).
+    /// Nothing is swapped: the file is not the one expected (an editor saved it
+    /// meanwhile). The change is to be made again on top of it.
     NotYet,
 }
 
-/// Puts `staged` at `path` if what `path` holds is `expected` (see [`FileBackend`]).
+/// Puts `staged` (whose content has fingerprint `ours`) at `path` if what `path`
+/// holds is `expected` (see [`FileBackend`]).
+///
+/// The file is compared just before the exchange, and what the exchange hands back
+/// is compared again: if an editor saved in the instant between, their file goes
+/// straight back (our file was at the path only while its replacement was read),
+/// and the caller makes the change again on top of it.
 fn swap(
     path: &Path,
     staged: tempfile::NamedTempFile,
+    ours: Fingerprint,
     expected: Fingerprint,
 ) -> Result<Swapped, Failure> {
     let cannot = |e: std::io::Error| Failure::unavailable("the key file cannot be replaced", e);
     let stamp = |file: &std::fs::File| file.metadata().ok().map(|m| Stamp::of(&m));
-    if write::exchange(staged.path(), path).map_err(cannot)? {
-        // `staged` now names the file that was at `path`.
-        let ours = stamp(staged.as_file());
-        let theirs = read(staged.path())?;
-        if theirs.fingerprint() == expected {
-            return Ok(Swapped::Done(ours));
-        }
-        // Someone saved the file between the read and the swap. If they are done,
-        // their file is the new base; if not, theirs goes back where it was.
-        std::thread::sleep(SETTLE);
-        let again = read(staged.path())?;
-        let settled = !again.is_empty() && again.fingerprint() == theirs.fingerprint();
-        if let (true, Ok(base)) = (settled, parse(path, &again)) {
-            return Ok(Swapped::Raced { theirs: base });
-        }
-        write::exchange(staged.path(), path).map_err(|e| Failure {
-            outcome_unknown: true,
-            said: "the key file changed while the API wrote it, and could not be put back",
-            cause: Some(e.to_string()),
-        })?;
-        return Ok(Swapped::NotYet);
-    }
-    // No exchange here: compare just before a plain rename.
     if read(path)?.fingerprint() != expected {
         return Ok(Swapped::NotYet);
     }
+    #[cfg(test)]
+    tests::between();
+    if write::exchange(staged.path(), path).map_err(cannot)? {
+        // `staged` now names the file that was at `path`.
+        let written = stamp(staged.as_file());
+        if read(staged.path())?.fingerprint() == expected {
+            return Ok(Swapped::Done(written));
+        }
+        let lost = |e: std::io::Error| Failure {
+            outcome_unknown: true,
+            said: "the key file changed while the API wrote it, and could not be put back",
+            cause: Some(e.to_string()),
+        };
+        write::exchange(staged.path(), path).map_err(lost)?;
+        // Had yet another save replaced ours meanwhile, that one is the newest:
+        // it goes back in place of the one before it.
+        if read(staged.path())?.fingerprint() != ours {
+            write::exchange(staged.path(), path).map_err(lost)?;
+        }
+        return Ok(Swapped::NotYet);
+    }
+    // No exchange here: the comparison just before the rename is all there is.
     let file = staged.persist(path).map_err(|e| cannot(e.error))?;
     Ok(Swapped::Done(stamp(&file)))
 }
@@ -1085,5 +1092,51 @@ impl std::fmt::Debug for FileBackend {
         f.debug_struct("FileBackend")
             .field("path", &self.shared.path)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, fs};
+
+    use super::*;
+
+    thread_local! {
+        /// Run by `swap` between its last comparison and the exchange.
+        static BETWEEN: RefCell<Option<Box<dyn FnOnce()>>> = RefCell::new(None);
+    }
+
+    pub(super) fn between() {
+        if let Some(f) = BETWEEN.with(|b| b.borrow_mut().take()) {
+            f();
+        }
+    }
+
+    /// An editor's save that lands between the last comparison and the exchange is
+    /// handed back by the exchange and put straight back: the API's file does not
+    /// stay, and the caller is told to make its change again.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[test]
+    fn a_save_in_the_last_instant_is_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        fs::write(&path, "keys = []\n").unwrap();
+        let read_first = fingerprint(b"keys = []\n");
+        let ours = "[[keys]]\nid = \"api\"\nsecret = \"s-api\"\n";
+        let staged = write::staged(&path, ours.as_bytes()).unwrap();
+        let editor = "[[keys]]\nid = \"hand\"\nsecret = \"s-hand\"\n";
+        let (at, tmp) = (path.clone(), dir.path().join("swp"));
+        BETWEEN.with(|b| {
+            *b.borrow_mut() = Some(Box::new(move || {
+                fs::write(&tmp, editor).unwrap();
+                fs::rename(&tmp, &at).unwrap();
+            }))
+        });
+        let swapped = swap(&path, staged, fingerprint(ours.as_bytes()), read_first);
+        assert!(matches!(swapped, Ok(Swapped::NotYet)));
+        assert_eq!(fs::read_to_string(&path).unwrap(), editor);
+        // Nothing left beside it: the API's file went with the staged name.
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1);
     }
 }
