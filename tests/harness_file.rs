@@ -518,6 +518,19 @@ async fn worker(world: Arc<World>, mut rng: Rng, me: usize) {
                 let answered = Instant::now();
                 let status = reply.as_ref().map(|r| r.0);
                 note(&world, &id, sent, status, |_| {});
+                if !matches!(status, Some(200..=299 | 400..=499 | 503)) {
+                    // It may have made a successor, under the id derived from this
+                    // key's, which may be the id of one revoked before (the API
+                    // skips only the ids it revoked itself): none of those ids has a
+                    // known fate any more.
+                    let base = id.rsplit_once("-r").map_or(id.as_str(), |(b, _)| b);
+                    let derived = format!("{base}-r");
+                    for (other, made) in &mut world.model.lock().unwrap().made {
+                        if other.starts_with(&derived) {
+                            made.unsure = true;
+                        }
+                    }
+                }
                 if let Some((status, body, _)) = reply
                     && ok(status)
                 {
