@@ -173,6 +173,7 @@ impl KeySource for FileSource {
             stamp: bytes
                 .stamp()
                 .filter(|s| !s.racy(std::time::SystemTime::now())),
+            file: bytes.stamp().and_then(|s| s.file()),
         });
         Self::parse(&self.path, &bytes)
     }

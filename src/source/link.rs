@@ -61,7 +61,11 @@ pub(crate) struct Watcher {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Seen {
     pub(crate) fingerprint: Fingerprint,
+    /// The file's stamp, if it proves anything (see [`Stamp::racy`]).
     pub(crate) stamp: Option<Stamp>,
+    /// The file (device and inode) the content was in: new content in the same
+    /// file was written in place.
+    pub(crate) file: Option<(u64, u64)>,
 }
 
 /// The gate, held: the state, and the lock on the directory.

@@ -72,6 +72,11 @@ impl Stamp {
         }
     }
 
+    /// The file: its device and inode (`None` where the platform has no inodes).
+    pub(crate) fn file(&self) -> Option<(u64, u64)> {
+        (self.ino != 0).then_some((self.dev, self.ino))
+    }
+
     /// The stamp of whatever is at `path` now (following symlinks).
     pub(crate) fn at(path: &Path) -> io::Result<Self> {
         std::fs::metadata(path).map(|m| Self::of(&m))

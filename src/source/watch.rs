@@ -73,6 +73,7 @@ pub(crate) fn spawn_with(
     let seen = loaded.map(|fingerprint| Seen {
         fingerprint,
         stamp: None,
+        file: None,
     });
     spawn_linked(path, options, parse, updater, seen, link);
 }
@@ -380,9 +381,21 @@ impl Watch {
         self.empty = None;
         let fingerprint = bytes.fingerprint();
         let stamp = bytes.stamp().filter(|s| !s.racy(SystemTime::now()));
+        let file = bytes.stamp().and_then(|s| s.file());
         if me.seen.is_some_and(|s| s.fingerprint == fingerprint) {
-            me.seen = Some(Seen { fingerprint, stamp });
+            me.seen = Some(Seen {
+                fingerprint,
+                stamp,
+                file,
+            });
             return;
+        }
+        // New content in the file the last content was in: written in place, and
+        // perhaps still being written (the writer's own events may not have arrived
+        // yet). Taken only once two reads a moment apart agree.
+        if first.is_none() && file.is_some() && me.seen.and_then(|s| s.file) == file {
+            drop((bytes, gate));
+            return self.check(true);
         }
         // Still being written (two reads differ), or written in place by a writer
         // that has not closed the file, as the file events said meanwhile (a burst
@@ -392,7 +405,11 @@ impl Watch {
             self.writing.get_or_insert_with(Instant::now);
             return;
         }
-        me.seen = Some(Seen { fingerprint, stamp });
+        me.seen = Some(Seen {
+            fingerprint,
+            stamp,
+            file,
+        });
         match (self.parse)(&self.path, &bytes) {
             // A refused publish (a conflict with another source) is recorded by the
             // store itself.
@@ -411,6 +428,7 @@ impl Watch {
             me.seen = Some(Seen {
                 fingerprint,
                 stamp: stamp.filter(|s| !s.racy(SystemTime::now())),
+                file: stamp.and_then(|s| s.file()),
             });
         }
     }

@@ -208,6 +208,7 @@ impl Shared {
         let seen = Seen {
             fingerprint: next.fingerprint,
             stamp: stamp.filter(|s| !s.racy(std::time::SystemTime::now())),
+            file: stamp.and_then(|s| s.file()),
         };
         let mut whole = None;
         for watcher in gate.watchers() {
