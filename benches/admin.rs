@@ -186,7 +186,7 @@ async fn main() {
     }
     concurrent.sort();
     println!(
-        "revoke to enforced, {CLIENTS} clients at once: p50 {:.2?}, p99 {:.2?}, max {:.2?} ({} revocations)",
+        "revoke to answered (durable), {CLIENTS} clients at once: p50 {:.2?}, p99 {:.2?}, max {:.2?} ({} revocations)",
         percentile(&concurrent, 0.5),
         percentile(&concurrent, 0.99),
         concurrent[concurrent.len() - 1],
