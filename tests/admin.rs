@@ -1274,6 +1274,28 @@ async fn rotation_names_the_successor_after_the_old_key() {
         .post("/v1/api-keys/reader/rotate", "root-secret", json!({}))
         .await;
     assert_eq!(taken.body["id"], "reader-r3");
+    // A revoked id does not come back naming another key: derived ids skip it, a
+    // given one is refused.
+    let deleted = s
+        .call(
+            "DELETE",
+            "/v1/api-keys/billing-r3",
+            Some("root-secret"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(deleted.status, 204);
+    let after = s
+        .post("/v1/api-keys/billing-r2/rotate", "root-secret", json!({}))
+        .await;
+    assert_eq!(after.body["id"], "billing-r4");
+    problem(
+        &s.post("/v1/api-keys", "root-secret", json!({"id": "billing-r3"}))
+            .await,
+        409,
+        "conflict",
+    );
     // An explicit id is used as it is.
     let named = s
         .post(

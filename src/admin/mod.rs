@@ -48,7 +48,9 @@
 //!   or would have. `If-Match` takes `*`, a list, and never matches a weak tag
 //!   (RFC 9110 § 13.1.1).
 //! - A rotation names the successor after the old key (`billing` → `billing-r2`),
-//!   unless the request gives an `id`.
+//!   unless the request gives an `id`. An id this API revoked lately (its last
+//!   4,096 revocations) is not given to a new key: a derived one skips it, a given
+//!   one is refused with 409, so that one id does not name two keys in a row.
 //! - Only keys with the admin scope get in. An admin key with a tenant sees and
 //!   manages only its tenant's keys and creates keys only in it. No caller can give a
 //!   key a scope it lacks itself.
@@ -104,7 +106,8 @@ pub(crate) struct Inner<B> {
     pub(crate) source: String,
     timeout: Duration,
     /// Ids this API revoked lately (the last 4,096): a successor's derived id skips
-    /// them, so that an id does not come back as another key.
+    /// them and a given one is refused (409), so that an id does not come back
+    /// naming another key.
     revoked: std::sync::Mutex<std::collections::VecDeque<String>>,
 }
 
@@ -334,7 +337,15 @@ impl<B: AdminBackend> Inner<B> {
         write: Write,
     ) -> Result<(ApiKey, String, Enforced), Problem> {
         let (mut id, chosen) = match &id {
-            IdChoice::Given(id) => (routes::checked_id(id)?, true),
+            IdChoice::Given(id) => {
+                let id = routes::checked_id(id)?;
+                if self.was_revoked(&id) {
+                    return Err(Problem::conflict(format!(
+                        "key id `{id}` named a key revoked lately; give the new key another id"
+                    )));
+                }
+                (id, true)
+            }
             IdChoice::Fresh => (fresh_id(), false),
             IdChoice::After(old) => (successor_id(old, 2), false),
         };
