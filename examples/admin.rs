@@ -5,7 +5,7 @@
 //!
 //! It works on a copy of `examples/keys.toml` (the `ops-admin` key, secret
 //! `ops-admin-key`, has the `admin` scope); pass a path to use your own file. `PORT`
-//! picks the port (default 3001).
+//! picks the port (default 3001; `PORT=0` a free one, printed on the first line).
 
 use std::{error::Error, net::SocketAddr, path::PathBuf};
 
@@ -62,7 +62,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e} (set PORT to use another port)"))?;
-    let url = format!("http://{addr}");
+    // PORT=0 picks a free port; the line below says which.
+    let url = format!("http://{}", listener.local_addr()?);
     let admin = "-H 'authorization: Bearer ops-admin-key'";
     println!(
         "listening on {url}, keys in {} (managed by the API)\n",

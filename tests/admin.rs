@@ -882,3 +882,488 @@ async fn the_openapi_description_is_served_and_matches_the_router() {
         assert!(resource.get(field).is_some(), "KeyResource lacks {field}");
     }
 }
+
+// ---- Issue 16: nothing lost, nothing resurrected (the API's contract) ----
+
+/// A server whose store reads the key file through a symlink in another directory,
+/// polled once a minute: it sees the file as it was at the start, and no change the
+/// API writes until its next poll.
+#[cfg(unix)]
+async fn lagging_server(timeout: Duration) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    fs::write(&path, initial_file()).unwrap();
+    let view = dir.path().join("view");
+    fs::create_dir(&view).unwrap();
+    std::os::unix::fs::symlink(&path, view.join("keys.toml")).unwrap();
+    let store = KeyStore::new();
+    let source =
+        FileSource::new(view.join("keys.toml")).with_poll_interval(Duration::from_secs(60));
+    let name = tower_api_key::KeySource::name(&source);
+    store.add_source(source).unwrap();
+    let app = Router::new()
+        .route(
+            "/",
+            get(|Extension(k): Extension<KeyInfo>| async move { k.id().to_owned() }),
+        )
+        .route_layer(ApiKeyLayer::from_store(store.clone()))
+        .merge(
+            AdminApi::new(store.clone(), Named(FileBackend::new(&path), name))
+                .with_apply_timeout(timeout)
+                .router(),
+        );
+    Server {
+        _dir: dir,
+        path,
+        addr: common::serve(app).await,
+        store,
+    }
+}
+
+#[tokio::test]
+#[cfg(unix)]
+async fn a_change_written_but_not_yet_enforced_is_202_with_the_whole_body() {
+    let s = lagging_server(Duration::from_millis(300)).await;
+    let created = s
+        .post(
+            "/v1/api-keys",
+            "root-secret",
+            json!({"id": "late", "scopes": ["read"]}),
+        )
+        .await;
+    assert_eq!(created.status, 202, "{:?}", created.body);
+    let secret = created.body["key"]
+        .as_str()
+        .expect("the secret is not lost");
+    assert_eq!(created.body["id"], "late");
+    assert_eq!(created.headers["location"], "/v1/api-keys/late");
+    let file = fs::read_to_string(&s.path).unwrap();
+    assert!(file.contains(&digest(secret)), "written: {file}");
+    // Rotation, patch and delete alike: written, answered 202.
+    let rotated = s
+        .post("/v1/api-keys/late/rotate", "root-secret", json!({}))
+        .await;
+    assert_eq!(rotated.status, 202, "{:?}", rotated.body);
+    assert!(rotated.body["key"].is_string());
+    let got = s.get("/v1/api-keys/reader", "root-secret").await;
+    let patched = s
+        .patch(
+            "reader",
+            "root-secret",
+            Some(&etag(&got)),
+            json!({"owner": "o"}),
+        )
+        .await;
+    assert_eq!(patched.status, 202, "{:?}", patched.body);
+    assert_eq!(patched.body["owner"], "o");
+    // The store still serves `reader` when the DELETE answers.
+    let deleted = s
+        .call(
+            "DELETE",
+            "/v1/api-keys/reader",
+            Some("root-secret"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(deleted.status, 202);
+    assert!(s.store.get("reader").is_some());
+    assert!(
+        !fs::read_to_string(&s.path)
+            .unwrap()
+            .contains("id = \"reader\"")
+    );
+}
+
+/// The file backend, saying its keys reach the store through the source `.1`.
+struct Named(FileBackend, String);
+
+impl tower_api_key::admin::AdminBackend for Named {
+    fn source_name(&self) -> String {
+        self.1.clone()
+    }
+    async fn list(&self) -> Result<Vec<ApiKey>, tower_api_key::admin::BackendError> {
+        self.0.list().await
+    }
+    async fn get(&self, id: &str) -> Result<Option<ApiKey>, tower_api_key::admin::BackendError> {
+        self.0.get(id).await
+    }
+    async fn create(&self, key: ApiKey) -> Result<(), tower_api_key::admin::BackendError> {
+        self.0.create(key).await
+    }
+    async fn update(
+        &self,
+        key: ApiKey,
+        if_match: Option<&str>,
+    ) -> Result<(), tower_api_key::admin::BackendError> {
+        self.0.update(key, if_match).await
+    }
+    async fn delete(
+        &self,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> Result<(), tower_api_key::admin::BackendError> {
+        self.0.delete(id, if_match).await
+    }
+    async fn rotate(
+        &self,
+        successor: ApiKey,
+        old: ApiKey,
+        if_match: Option<&str>,
+    ) -> Result<(), tower_api_key::admin::BackendError> {
+        self.0.rotate(successor, old, if_match).await
+    }
+}
+
+/// A backend that writes through the file backend, then reports the outcome as
+/// unknown (as a store of record that timed out after the write went out would).
+#[derive(Clone)]
+struct Unsure(FileBackend);
+
+impl tower_api_key::admin::AdminBackend for Unsure {
+    fn source_name(&self) -> String {
+        self.0.source_name()
+    }
+    async fn list(&self) -> Result<Vec<ApiKey>, tower_api_key::admin::BackendError> {
+        self.0.list().await
+    }
+    async fn get(&self, id: &str) -> Result<Option<ApiKey>, tower_api_key::admin::BackendError> {
+        self.0.get(id).await
+    }
+    async fn create(&self, key: ApiKey) -> Result<(), tower_api_key::admin::BackendError> {
+        self.0.create(key).await?;
+        Err(tower_api_key::admin::BackendError::OutcomeUnknown(
+            "timed out after EVALSHA 0123abcd at /secret/path".into(),
+        ))
+    }
+    async fn update(
+        &self,
+        key: ApiKey,
+        if_match: Option<&str>,
+    ) -> Result<(), tower_api_key::admin::BackendError> {
+        self.0.update(key, if_match).await
+    }
+    async fn delete(
+        &self,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> Result<(), tower_api_key::admin::BackendError> {
+        self.0.delete(id, if_match).await?;
+        Err(tower_api_key::admin::BackendError::Unavailable(
+            "broken pipe at /secret/path".into(),
+        ))
+    }
+    async fn rotate(
+        &self,
+        successor: ApiKey,
+        old: ApiKey,
+        if_match: Option<&str>,
+    ) -> Result<(), tower_api_key::admin::BackendError> {
+        self.0.rotate(successor, old, if_match).await
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_outcome_is_504_naming_the_key_to_look_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    fs::write(&path, initial_file()).unwrap();
+    let store = KeyStore::new();
+    store.add_source(FileSource::new(&path)).unwrap();
+    let app = AdminApi::new(store.clone(), Unsure(FileBackend::new(&path))).router();
+    let s = Server {
+        _dir: dir,
+        path,
+        addr: common::serve(app).await,
+        store,
+    };
+    let reply = s.post("/v1/api-keys", "root-secret", json!({})).await;
+    problem(&reply, 504, "outcome-unknown");
+    let id = reply.body["key_id"].as_str().expect("the id to look up");
+    let detail = reply.body["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("/v1/api-keys/{id}")), "{detail}");
+    // What the backend said (a path, a script hash) is logged, never sent.
+    assert!(
+        !detail.contains("/secret/path") && !detail.contains("0123abcd"),
+        "{detail}"
+    );
+    let unavailable = s
+        .call(
+            "DELETE",
+            "/v1/api-keys/reader",
+            Some("root-secret"),
+            None,
+            &[],
+        )
+        .await;
+    problem(&unavailable, 503, "unavailable");
+    let detail = unavailable.body["detail"].as_str().unwrap();
+    assert!(!detail.contains("/secret/path"), "{detail}");
+}
+
+#[tokio::test]
+async fn a_tenant_admin_cannot_delete_or_rotate_a_key_with_scopes_it_lacks() {
+    let s = server().await;
+    // acme-admin holds admin and read; this acme key holds write.
+    let made = s
+        .post(
+            "/v1/api-keys",
+            "root-secret",
+            json!({"id": "acme-writer", "scopes": ["write"], "tenant": "acme"}),
+        )
+        .await;
+    assert_eq!(made.status, 201);
+    problem(
+        &s.call(
+            "DELETE",
+            "/v1/api-keys/acme-writer",
+            Some("acme-secret"),
+            None,
+            &[],
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+    problem(
+        &s.post("/v1/api-keys/acme-writer/rotate", "acme-secret", json!({}))
+            .await,
+        403,
+        "forbidden",
+    );
+    assert!(s.store.get("acme-writer").is_some(), "still there");
+    assert_eq!(
+        s.get("/v1/api-keys/acme-writer", "root-secret")
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn problem_details_name_no_file_path() {
+    let s = server().await;
+    fs::write(&s.path, "[[keys]\nbroken").unwrap();
+    let refused = s.post("/v1/api-keys", "root-secret", json!({})).await;
+    problem(&refused, 503, "unavailable");
+    let detail = refused.body["detail"].as_str().unwrap();
+    let dir = s.path.parent().unwrap().to_str().unwrap();
+    assert!(!detail.contains(dir), "{detail}");
+    assert!(detail.contains("does not parse"), "{detail}");
+}
+
+#[tokio::test]
+async fn odd_paths_answer_problem_documents() {
+    let s = server().await;
+    for path in [
+        "/v1/api-keys/%FF",
+        "/v1/api-keys/%FF/rotate",
+        "/v1/api-keys//rotate",
+        "/v1/api-keys/",
+        "/v1/api-keys//",
+    ] {
+        for method in ["GET", "DELETE", "PATCH", "POST"] {
+            let reply = s.call(method, path, Some("root-secret"), None, &[]).await;
+            assert!(
+                [400, 404, 405, 415].contains(&reply.status),
+                "{method} {path}: {}",
+                reply.status
+            );
+            assert_eq!(
+                reply.headers["content-type"], "application/problem+json",
+                "{method} {path}: {:?}",
+                reply.body
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn if_match_follows_rfc_9110() {
+    let s = server().await;
+    let current = etag(&s.get("/v1/api-keys/reader", "root-secret").await);
+    // `*` matches any current representation.
+    let star = s
+        .patch("reader", "root-secret", Some("*"), json!({"owner": "a"}))
+        .await;
+    assert_eq!(star.status, 200, "{:?}", star.body);
+    let current = {
+        assert_ne!(etag(&star), current);
+        etag(&star)
+    };
+    // A weak tag never matches under strong comparison.
+    let weak = format!("W/{current}");
+    problem(
+        &s.patch("reader", "root-secret", Some(&weak), json!({"owner": "b"}))
+            .await,
+        412,
+        "precondition-failed",
+    );
+    // A list matches if any member does.
+    let list = format!("\"nope\", {current}");
+    let listed = s
+        .patch("reader", "root-secret", Some(&list), json!({"owner": "c"}))
+        .await;
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+    problem(
+        &s.patch(
+            "reader",
+            "root-secret",
+            Some("\"a\", \"b\""),
+            json!({"owner": "d"}),
+        )
+        .await,
+        412,
+        "precondition-failed",
+    );
+    // Delete and rotate take the same header.
+    let now = etag(&s.get("/v1/api-keys/reader", "root-secret").await);
+    let rotated = s
+        .call(
+            "POST",
+            "/v1/api-keys/reader/rotate",
+            Some("root-secret"),
+            None,
+            &[("if-match", &format!("W/\"x\", {now}"))],
+        )
+        .await;
+    assert_eq!(rotated.status, 201, "{:?}", rotated.body);
+    let deleted = s
+        .call(
+            "DELETE",
+            "/v1/api-keys/reader",
+            Some("root-secret"),
+            None,
+            &[("if-match", "*")],
+        )
+        .await;
+    assert_eq!(deleted.status, 204);
+    // `*` with no current representation fails.
+    problem(
+        &s.call(
+            "DELETE",
+            "/v1/api-keys/reader",
+            Some("root-secret"),
+            None,
+            &[("if-match", "*")],
+        )
+        .await,
+        404,
+        "not-found",
+    );
+}
+
+#[tokio::test]
+async fn rotation_names_the_successor_after_the_old_key() {
+    let s = server().await;
+    s.post("/v1/api-keys", "root-secret", json!({"id": "billing"}))
+        .await;
+    let first = s
+        .post("/v1/api-keys/billing/rotate", "root-secret", json!({}))
+        .await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    assert_eq!(first.body["id"], "billing-r2");
+    let second = s
+        .post("/v1/api-keys/billing-r2/rotate", "root-secret", json!({}))
+        .await;
+    assert_eq!(second.body["id"], "billing-r3");
+    // Taken: the next free one.
+    s.post("/v1/api-keys", "root-secret", json!({"id": "reader-r2"}))
+        .await;
+    let taken = s
+        .post("/v1/api-keys/reader/rotate", "root-secret", json!({}))
+        .await;
+    assert_eq!(taken.body["id"], "reader-r3");
+    // A revoked id does not come back naming another key: derived ids skip it, a
+    // given one is refused.
+    let deleted = s
+        .call(
+            "DELETE",
+            "/v1/api-keys/billing-r3",
+            Some("root-secret"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(deleted.status, 204);
+    let after = s
+        .post("/v1/api-keys/billing-r2/rotate", "root-secret", json!({}))
+        .await;
+    assert_eq!(after.body["id"], "billing-r4");
+    problem(
+        &s.post("/v1/api-keys", "root-secret", json!({"id": "billing-r3"}))
+            .await,
+        409,
+        "conflict",
+    );
+    // An explicit id is used as it is.
+    let named = s
+        .post(
+            "/v1/api-keys/reader-r3/rotate",
+            "root-secret",
+            json!({"id": "reader-2027"}),
+        )
+        .await;
+    assert_eq!(named.body["id"], "reader-2027");
+}
+
+#[tokio::test]
+async fn the_openapi_document_says_what_the_server_does() {
+    let s = server().await;
+    let spec = s
+        .call("GET", "/v1/openapi.json", None, None, &[])
+        .await
+        .body;
+    // Every error is a problem document.
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for (status, response) in op["responses"].as_object().unwrap() {
+                if status.starts_with('4') || status.starts_with('5') {
+                    let content = response["content"].as_object().unwrap();
+                    assert_eq!(
+                        content.keys().collect::<Vec<_>>(),
+                        ["application/problem+json"],
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+        }
+    }
+    let list = &spec["paths"]["/v1/api-keys"]["get"]["parameters"];
+    let resolve = |schema: &Value| match schema["$ref"].as_str() {
+        Some(at) => spec["components"]["schemas"][at.rsplit('/').next().unwrap()].clone(),
+        None => schema.clone(),
+    };
+    let param = |name: &str| {
+        let schema = &list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["schema"];
+        // An optional parameter's schema may be `oneOf: [null, $ref]`.
+        match schema["oneOf"].as_array() {
+            Some(options) => resolve(options.iter().find(|o| o.get("$ref").is_some()).unwrap()),
+            None => resolve(schema),
+        }
+    };
+    assert_eq!(param("limit")["minimum"], 1);
+    assert_eq!(param("limit")["maximum"], 1000);
+    assert_eq!(
+        param("status")["enum"],
+        json!(["active", "expired", "not_yet_valid", "disabled"])
+    );
+    let create = &spec["components"]["schemas"]["CreateRequest"]["properties"];
+    assert!(create["prefix"]["pattern"].is_string(), "{create}");
+    assert!(create["id"]["maxLength"].is_number(), "{create}");
+    assert_eq!(create["expires_at"]["format"], "date-time");
+    // The ETag of a created key leads to the PATCH that needs it.
+    let links = &spec["paths"]["/v1/api-keys"]["post"]["responses"]["201"]["links"];
+    let patch = links
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|l| l["operationId"] == "patch_key")
+        .expect("a link to patch_key");
+    assert_eq!(patch["parameters"]["If-Match"], "$response.header.ETag");
+}

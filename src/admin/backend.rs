@@ -17,8 +17,14 @@ use crate::ApiKey;
 /// A backend checks a change against the rules its store source applies before
 /// writing it (a key file must still parse), so that a written change is never
 /// refused on reload. The API waits, after each change, until the store it was built
-/// with has applied it: the backend's keys must reach that store through the source
-/// named by [`source_name`](AdminBackend::source_name).
+/// with has applied it (at most its timeout; then it answers 202, written but not yet
+/// enforced): the backend's keys must reach that store through the source named by
+/// [`source_name`](AdminBackend::source_name).
+///
+/// The errors are a contract with the caller: [`BackendError::Unavailable`] only
+/// when nothing was written, [`BackendError::OutcomeUnknown`] when a write may have
+/// happened. What an error says is logged; the caller is told its kind, not the
+/// error's text (which may name a path, a host or a script).
 pub trait AdminBackend: Send + Sync + 'static {
     /// The name of the store source its keys arrive through (a
     /// [`KeySource::name`](crate::KeySource::name)): the API manages those keys and no
@@ -135,6 +141,45 @@ impl std::error::Error for BackendError {
             Self::Unavailable(error) | Self::OutcomeUnknown(error) => Some(error.as_ref()),
             _ => None,
         }
+    }
+}
+
+/// A reason a backend of this crate gives for a failure that is safe to tell the
+/// caller (it names no path, host or script), over the error that caused it, which
+/// is only logged.
+#[derive(Debug)]
+pub(crate) struct Said {
+    pub(crate) said: &'static str,
+    pub(crate) cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Said {
+    pub(crate) fn new(
+        said: &'static str,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Box<Self> {
+        Box::new(Self {
+            said,
+            cause: Some(cause.into()),
+        })
+    }
+
+    pub(crate) fn only(said: &'static str) -> Box<Self> {
+        Box::new(Self { said, cause: None })
+    }
+}
+
+impl fmt::Display for Said {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.said)
+    }
+}
+
+impl std::error::Error for Said {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 

@@ -37,16 +37,30 @@
 //! # Rules
 //!
 //! - When a change returns 2xx, the store the router was built with already enforces
-//!   it; if the store has not applied it within the timeout (default 5 s), the answer
-//!   is 503 `unavailable` and the change, written, applies when it can.
+//!   it. If it is written but the store has not applied it within the timeout
+//!   (default 5 s), the answer is **202 Accepted** with the same body (a new key's
+//!   secret included): the change applies when the store catches up.
+//! - 503 `unavailable` means nothing was written: the call may be retried as it is.
+//!   504 `outcome-unknown` means the backend did not confirm a write that may have
+//!   happened: the problem's `key_id` names the key to `GET` before retrying.
+//! - Every write (create, update, rotate, delete) follows one rule: the caller must
+//!   see the key (its tenant, for a tenant's admin key) and hold every scope it has
+//!   or would have. `If-Match` takes `*`, a list, and never matches a weak tag
+//!   (RFC 9110 § 13.1.1).
+//! - A rotation names the successor after the old key (`billing` → `billing-r2`),
+//!   unless the request gives an `id`. An id this API revoked lately (its last
+//!   4,096 revocations) is not given to a new key: a derived one skips it, a given
+//!   one is refused with 409, so that one id does not name two keys in a row.
 //! - Only keys with the admin scope get in. An admin key with a tenant sees and
 //!   manages only its tenant's keys and creates keys only in it. No caller can give a
 //!   key a scope it lacks itself.
 //! - The API manages the keys its backend holds; keys of the store's other sources
 //!   are not listed and are 404 to it.
 //! - Every change emits a `tracing` event on target `tower_api_key::audit` (action,
-//!   key id, the caller's key id, time), and is recorded in the key itself
-//!   (`created_at`, `created_by`, `rotated_from`).
+//!   key id, the caller's key id, outcome `enforced` or `written`, time), and is
+//!   recorded in the key itself (`created_at`, `created_by`, `rotated_from`). A write
+//!   refused because of who the caller is (another tenant's key, a scope it lacks) is
+//!   an event too, at `warn`, with outcome `refused` and the reason.
 
 mod backend;
 mod file;
@@ -91,6 +105,10 @@ pub(crate) struct Inner<B> {
     /// The store source the backend's keys arrive through.
     pub(crate) source: String,
     timeout: Duration,
+    /// Ids this API revoked lately (the last 4,096): a successor's derived id skips
+    /// them and a given one is refused (409), so that an id does not come back
+    /// naming another key.
+    revoked: std::sync::Mutex<std::collections::VecDeque<String>>,
 }
 
 impl<B: AdminBackend> AdminApi<B> {
@@ -113,7 +131,7 @@ impl<B: AdminBackend> AdminApi<B> {
     }
 
     /// How long a change may take to be enforced by the store before the call
-    /// answers 503 (default 5 s).
+    /// answers 202 Accepted, written but not yet enforced (default 5 s).
     pub fn with_apply_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -131,6 +149,7 @@ impl<B: AdminBackend> AdminApi<B> {
             store: self.store,
             backend: self.backend,
             timeout: self.timeout,
+            revoked: std::sync::Mutex::default(),
         });
         let keys = Router::new()
             .route(
@@ -144,7 +163,12 @@ impl<B: AdminBackend> AdminApi<B> {
                     .delete(routes::delete_key::<B>),
             )
             .route("/v1/api-keys/{id}/rotate", post(routes::rotate_key::<B>))
+            // Paths under the API's own that name nothing answer problem documents
+            // too, not the application's fallback.
             .route("/v1/api-keys/{id}/{*rest}", any(routes::not_found))
+            .route("/v1/api-keys/", any(routes::not_found))
+            .route("/v1/api-keys//", any(routes::not_found))
+            .route("/v1/api-keys//{*rest}", any(routes::not_found))
             .method_not_allowed_fallback(routes::method_not_allowed)
             .route_layer(guard)
             .with_state(inner);
@@ -154,16 +178,51 @@ impl<B: AdminBackend> AdminApi<B> {
     }
 }
 
-/// The OpenAPI 3.1 description of the API, generated from its handlers and types.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    Doc::openapi()
+/// The OpenAPI 3.1 description of the API, generated from its handlers and types,
+/// as `GET /v1/openapi.json` serves it.
+pub fn openapi() -> serde_json::Value {
+    let mut doc = serde_json::to_value(Doc::openapi()).unwrap_or_default();
+    // The generator writes a link's fields in snake case; OpenAPI spells them in
+    // camel case.
+    if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        for operation in paths
+            .values_mut()
+            .filter_map(|i| i.as_object_mut())
+            .flat_map(|i| i.values_mut())
+        {
+            let Some(responses) = operation
+                .get_mut("responses")
+                .and_then(|r| r.as_object_mut())
+            else {
+                continue;
+            };
+            for links in responses
+                .values_mut()
+                .filter_map(|r| r.get_mut("links"))
+                .filter_map(|l| l.as_object_mut())
+            {
+                for link in links.values_mut().filter_map(|l| l.as_object_mut()) {
+                    for (snake, camel) in [
+                        ("operation_id", "operationId"),
+                        ("operation_ref", "operationRef"),
+                        ("request_body", "requestBody"),
+                    ] {
+                        if let Some(value) = link.remove(snake) {
+                            link.insert(camel.to_owned(), value);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    doc
 }
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "tower-api-key key management", description = "Create, list, update, rotate and revoke API keys."),
     paths(routes::list, routes::create, routes::get_key, routes::patch_key, routes::rotate_key, routes::delete_key),
-    modifiers(&Security),
+    modifiers(&Security, &Links),
     security(("bearer" = []), ("x_api_key" = [])),
 )]
 struct Doc;
@@ -188,6 +247,57 @@ impl utoipa::Modify for Security {
     }
 }
 
+/// The links from a response that names a key (its id in the body, its version in
+/// the `ETag`) to the operations that take them: how a client, or a stateful
+/// fuzzer, gets from a created key to a conditional update.
+struct Links;
+
+impl utoipa::Modify for Links {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{RefOr, link::LinkBuilder};
+        let link = |operation: &str, etag: bool| {
+            let mut link = LinkBuilder::new()
+                .operation_id(operation)
+                .parameter("id", "$response.body#/id");
+            if etag {
+                link = link.parameter("If-Match", "$response.header.ETag");
+            }
+            link.build()
+        };
+        let from = [
+            ("/v1/api-keys", "201"),
+            ("/v1/api-keys", "202"),
+            ("/v1/api-keys/{id}/rotate", "201"),
+            ("/v1/api-keys/{id}/rotate", "202"),
+            ("/v1/api-keys/{id}", "200"),
+        ];
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let operations = [item.get.as_mut(), item.post.as_mut(), item.patch.as_mut()];
+            for operation in operations.into_iter().flatten() {
+                for (status, response) in operation.responses.responses.iter_mut() {
+                    if !from.contains(&(path.as_str(), status.as_str())) {
+                        continue;
+                    }
+                    if let RefOr::T(response) = response {
+                        response
+                            .links
+                            .insert("GetKey".into(), link("get_key", false).into());
+                        response
+                            .links
+                            .insert("UpdateKey".into(), link("patch_key", true).into());
+                        response
+                            .links
+                            .insert("RotateKey".into(), link("rotate_key", true).into());
+                        response
+                            .links
+                            .insert("DeleteKey".into(), link("delete_key", true).into());
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl<B: AdminBackend> Inner<B> {
     /// The backend's key with this id, if the caller may see it.
     pub(crate) async fn visible(&self, caller: &KeyInfo, id: &str) -> Result<ApiKey, Problem> {
@@ -197,23 +307,62 @@ impl<B: AdminBackend> Inner<B> {
         }
     }
 
+    /// The backend's key with this id, for a write by `caller` (see
+    /// `routes::may_write`): 404 if it does not exist or belongs to another tenant
+    /// (audited as refused: the caller is not told it exists), 403 if it holds a scope
+    /// the caller lacks.
+    pub(crate) async fn writable(
+        &self,
+        caller: &KeyInfo,
+        id: &str,
+        action: &str,
+    ) -> Result<ApiKey, Problem> {
+        let key = self.backend.get(id).await?.ok_or_else(Problem::not_found)?;
+        if !routes::visible(caller, &key) {
+            self.audit_refused(action, id, caller, "another tenant's key");
+            return Err(Problem::not_found());
+        }
+        routes::may_write(self, caller, &key, action, id)?;
+        Ok(key)
+    }
+
     /// Gives `key` an id and a fresh secret, hands it to `write` (one backend
-    /// operation), and waits until the store enforces it. A generated id that turns
-    /// out taken is drawn again.
+    /// operation), and waits until the store enforces it. A generated or derived id
+    /// that turns out taken is drawn again (the next one).
     pub(crate) async fn issue(
         &self,
         mut key: ApiKey,
-        id: Option<String>,
+        id: IdChoice,
         prefix: &str,
         write: Write,
-    ) -> Result<(ApiKey, String), Problem> {
-        let (mut id, chosen) = routes::checked_id(id)?;
-        for attempt in 0.. {
+    ) -> Result<(ApiKey, String, Enforced), Problem> {
+        let (mut id, chosen) = match &id {
+            IdChoice::Given(id) => {
+                let id = routes::checked_id(id)?;
+                if self.was_revoked(&id) {
+                    return Err(Problem::conflict(format!(
+                        "key id `{id}` named a key revoked lately; give the new key another id"
+                    )));
+                }
+                (id, true)
+            }
+            IdChoice::Fresh => (fresh_id(), false),
+            IdChoice::After(old) => (successor_id(old, 2), false),
+        };
+        for attempt in 2..32 {
+            if !chosen && self.was_revoked(&id) {
+                id = next_id(&id, attempt);
+                continue;
+            }
             if self
                 .store
                 .get(&id)
                 .is_some_and(|k| k.source() != self.source)
             {
+                if !chosen {
+                    id = next_id(&id, attempt);
+                    continue;
+                }
                 return Err(Problem::conflict(format!(
                     "key id `{id}` is taken by another key source"
                 )));
@@ -238,24 +387,47 @@ impl<B: AdminBackend> Inner<B> {
                 }
             };
             match written {
-                Err(BackendError::Conflict(_)) if !chosen && attempt < 3 => {
-                    id = fresh_id();
+                Err(BackendError::Conflict(taken)) if !chosen && taken == id => {
+                    id = next_id(&id, attempt);
                 }
-                Err(error) => return Err(error.into()),
+                Err(error) => return Err(Problem::of(error, &id)),
                 Ok(()) => {
-                    self.applied(reloads, |store| {
-                        self.serves(store, &key)
-                            && match &write {
-                                Write::Create => true,
-                                Write::Rotate { shortened, .. } => self.serves(store, shortened),
-                            }
-                    })
-                    .await?;
-                    return Ok((key, generated.secret().to_owned()));
+                    let enforced = self
+                        .applied(reloads, |store| {
+                            self.serves(store, &key)
+                                && match &write {
+                                    Write::Create => true,
+                                    Write::Rotate { shortened, .. } => {
+                                        self.serves(store, shortened)
+                                    }
+                                }
+                        })
+                        .await;
+                    return Ok((key, generated.secret().to_owned(), enforced));
                 }
             }
         }
-        Err(Problem::unavailable("no free id"))
+        Err(Problem::conflict("no free key id after 30 tries; give one"))
+    }
+
+    /// Notes that this API revoked the key with this id.
+    pub(crate) fn note_revoked(&self, id: &str) {
+        let mut revoked = self
+            .revoked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if revoked.len() >= 4096 {
+            revoked.pop_front();
+        }
+        revoked.push_back(id.to_owned());
+    }
+
+    fn was_revoked(&self, id: &str) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|r| r == id)
     }
 
     /// Whether `store` serves exactly `key`, from the backend's source.
@@ -277,43 +449,86 @@ impl<B: AdminBackend> Inner<B> {
         Ok(usage.and_then(|u| u.first().copied()))
     }
 
-    /// Waits until `done` holds of the store, at most the timeout.
+    /// Waits until `done` holds of the store, at most the timeout: whether the
+    /// change is enforced, or written and not yet enforced.
     pub(crate) async fn applied(
         &self,
         mut reloads: Reloads,
         done: impl Fn(&KeyStore) -> bool,
-    ) -> Result<(), Problem> {
+    ) -> Enforced {
         let deadline = Instant::now() + self.timeout;
         loop {
             if done(&self.store) {
-                return Ok(());
+                return Enforced::Yes;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Problem::unavailable(
-                    "the change is written but the store has not applied it yet; it applies when it can",
-                ));
+                return Enforced::NotYet;
             }
+            // The store is gone: it never will.
             if let Ok(None) = tokio::time::timeout(left, reloads.next()).await {
-                return Err(Problem::unavailable("the key store is gone"));
+                return Enforced::NotYet;
             }
         }
     }
 
-    /// The audit event of a change.
-    pub(crate) fn audit(&self, action: &str, key_id: &str, caller: &KeyInfo) {
+    /// The audit event of a change: `outcome` is `enforced` (2xx), `written` (202:
+    /// written, not yet enforced by this server's store).
+    pub(crate) fn audit(&self, action: &str, key_id: &str, caller: &KeyInfo, enforced: Enforced) {
+        let outcome = match enforced {
+            Enforced::Yes => "enforced",
+            Enforced::NotYet => "written",
+        };
         #[cfg(feature = "tracing")]
         tracing::info!(
             target: "tower_api_key::audit",
             action,
             key_id,
             caller = caller.id(),
+            outcome,
             at = %crate::clock::rfc3339(std::time::SystemTime::now()),
             "api key {action}"
         );
         #[cfg(not(feature = "tracing"))]
-        let _ = (action, key_id, caller);
+        let _ = (action, key_id, caller, outcome);
     }
+
+    /// The audit event of an attempt the API refused because of who the caller is
+    /// (another tenant's key, a scope it lacks): outcome `refused`, at `warn`.
+    pub(crate) fn audit_refused(&self, action: &str, key_id: &str, caller: &KeyInfo, reason: &str) {
+        #[cfg(feature = "tracing")]
+        tracing::warn!(
+            target: "tower_api_key::audit",
+            action,
+            key_id,
+            caller = caller.id(),
+            outcome = "refused",
+            reason,
+            at = %crate::clock::rfc3339(std::time::SystemTime::now()),
+            "api key {action} refused"
+        );
+        #[cfg(not(feature = "tracing"))]
+        let _ = (action, key_id, caller, reason);
+    }
+}
+
+/// Whether a written change is enforced by the API's store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Enforced {
+    /// Enforced: 2xx.
+    Yes,
+    /// Written, not enforced within the timeout: 202.
+    NotYet,
+}
+
+/// Where an issued key's id comes from.
+pub(crate) enum IdChoice {
+    /// The caller's.
+    Given(String),
+    /// Generated.
+    Fresh,
+    /// Derived from the id of the key it replaces: `old-r2`, `old-r3`, ….
+    After(String),
 }
 
 /// The one backend operation that issues a key.
@@ -324,6 +539,43 @@ pub(crate) enum Write {
         shortened: ApiKey,
         if_match: Option<String>,
     },
+}
+
+/// The id of the successor of key `old` in the `n`th generation: `old` without a
+/// trailing `-r<digits>`, then `-r<n>` (`billing` → `billing-r2` → `billing-r3`),
+/// shortened to fit 256 bytes.
+pub(crate) fn successor_id(old: &str, n: u64) -> String {
+    let (base, generation) = match old.rsplit_once("-r") {
+        Some((base, digits))
+            if !base.is_empty()
+                && !digits.is_empty()
+                && digits.len() <= 9
+                && digits.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            (base, digits.parse::<u64>().unwrap_or(1))
+        }
+        _ => (old, 1),
+    };
+    let suffix = format!("-r{}", n.max(generation + 1));
+    let mut end = base.len().min(256 - suffix.len());
+    while !base.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{suffix}", &base[..end])
+}
+
+/// The id to try after `id` turned out taken: the next generation of a derived id,
+/// or a fresh one.
+fn next_id(id: &str, attempt: u64) -> String {
+    match id.rsplit_once("-r") {
+        Some((_, digits)) if digits.bytes().all(|b| b.is_ascii_digit()) && !digits.is_empty() => {
+            successor_id(id, 0)
+        }
+        _ => {
+            let _ = attempt;
+            fresh_id()
+        }
+    }
 }
 
 /// A fresh key id: `key-` and 16 random base62 characters.

@@ -18,13 +18,17 @@ pub(crate) struct KeyResource {
     owner: Option<String>,
     description: Option<String>,
     /// RFC 3339.
+    #[schema(format = DateTime)]
     not_before: Option<String>,
     /// RFC 3339.
+    #[schema(format = DateTime)]
     expires_at: Option<String>,
     disabled: bool,
-    /// `active`, `expired`, `not_yet_valid` or `disabled`, as of the response.
+    /// As of the response.
+    #[schema(value_type = KeyStatus)]
     status: &'static str,
     /// RFC 3339.
+    #[schema(format = DateTime)]
     created_at: Option<String>,
     /// The key id of the caller that created it.
     created_by: Option<String>,
@@ -39,6 +43,7 @@ pub(crate) struct KeyResource {
 pub(crate) struct Usage {
     requests: u64,
     /// RFC 3339, to the second.
+    #[schema(format = DateTime)]
     last_used: Option<String>,
 }
 
@@ -59,13 +64,26 @@ pub(crate) struct KeyList {
     next_cursor: Option<String>,
 }
 
+/// The status of a key at an instant.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // the schema of the `status` query parameter and field
+pub(crate) enum KeyStatus {
+    Active,
+    Expired,
+    NotYetValid,
+    Disabled,
+}
+
 /// `POST /v1/api-keys`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateRequest {
     /// Generated when absent.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._~-]+$")]
     pub(crate) id: Option<String>,
     /// The secret's prefix, 1 to 16 ASCII letters and digits (default `tak`).
+    #[schema(pattern = "^[A-Za-z0-9]{1,16}$")]
     pub(crate) prefix: Option<String>,
     #[serde(default)]
     pub(crate) scopes: Vec<String>,
@@ -73,9 +91,11 @@ pub(crate) struct CreateRequest {
     pub(crate) tenant: Option<String>,
     pub(crate) owner: Option<String>,
     pub(crate) description: Option<String>,
-    /// RFC 3339.
+    /// RFC 3339, from 1970 on.
+    #[schema(format = DateTime)]
     pub(crate) not_before: Option<String>,
-    /// RFC 3339.
+    /// RFC 3339, from 1970 on; after `not_before`.
+    #[schema(format = DateTime)]
     pub(crate) expires_at: Option<String>,
 }
 
@@ -89,9 +109,11 @@ pub(crate) struct PatchRequest {
     tenant: Option<String>,
     owner: Option<String>,
     description: Option<String>,
-    /// RFC 3339.
+    /// RFC 3339, from 1970 on.
+    #[schema(format = DateTime)]
     not_before: Option<String>,
-    /// RFC 3339.
+    /// RFC 3339, from 1970 on.
+    #[schema(format = DateTime)]
     expires_at: Option<String>,
     disabled: Option<bool>,
 }
@@ -100,10 +122,13 @@ pub(crate) struct PatchRequest {
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RotateRequest {
-    /// How long the old key keeps working (default 86400, a day); never past the
-    /// expiry it already had.
+    /// How long the old key keeps working (default 86400, a day; at most about a
+    /// century); never past the expiry it already had.
+    #[schema(minimum = 0, maximum = 3_153_600_000_u64)]
     pub(crate) overlap_seconds: Option<u64>,
-    /// The successor's id; generated when absent.
+    /// The successor's id; when absent, derived from the old key's (`billing` →
+    /// `billing-r2`, `billing-r2` → `billing-r3`).
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._~-]+$")]
     pub(crate) id: Option<String>,
 }
 
@@ -121,7 +146,7 @@ pub(crate) fn instant(field: &str, text: &str) -> Result<SystemTime, Problem> {
 /// instant before 1970 included.
 fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     use time::{OffsetDateTime, format_description::well_known::Rfc3339};
-    let at = OffsetDateTime::parse(text.trim(), &Rfc3339).ok()?;
+    let at = OffsetDateTime::parse(text, &Rfc3339).ok()?;
     let nanos = u64::try_from(at.unix_timestamp_nanos()).ok()?;
     std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_nanos(nanos))
 }

@@ -7,7 +7,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use super::BackendError;
+use super::{BackendError, backend::Said};
 use crate::Rejection;
 
 /// An error answered as `application/problem+json`, `type` being
@@ -17,13 +17,14 @@ pub(crate) struct Problem {
     status: StatusCode,
     kind: &'static str,
     detail: Option<String>,
+    key_id: Option<String>,
 }
 
 /// The JSON of a problem (RFC 9457).
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ProblemDocument {
     /// `urn:tower-api-key:problem:<kind>`, kind one of `bad-request`, `not-found`,
-    /// `method-not-allowed`, `unsupported-media-type`, `conflict`, `validation`,
+    /// `method-not-allowed`, `unsupported-media-type`, `payload-too-large`, `conflict`, `validation`,
     /// `precondition-failed`, `precondition-required`, `unauthenticated`,
     /// `forbidden`, `unavailable`, `outcome-unknown`, `store-missing`,
     /// `corrupt-record`.
@@ -36,6 +37,11 @@ pub(crate) struct ProblemDocument {
     /// What happened, for a person.
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
+    /// The key the request was about, where the caller may not know it (an
+    /// `outcome-unknown` create of a generated id): `GET /v1/api-keys/{key_id}` tells
+    /// whether the change was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
 }
 
 impl Problem {
@@ -44,7 +50,44 @@ impl Problem {
             status,
             kind,
             detail,
+            key_id: None,
         }
+    }
+
+    /// 504 `outcome-unknown`: the write of key `id` may or may not have happened.
+    pub(crate) fn outcome_unknown(id: &str) -> Self {
+        let mut problem = Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "outcome-unknown",
+            Some(format!(
+                "the key backend did not confirm the write: it may or may not have happened. \
+                 GET /v1/api-keys/{} to find out before retrying (a retry of a rotation makes \
+                 a second successor unless it sends If-Match)",
+                super::routes::percent_encode(id)
+            )),
+        );
+        problem.key_id = Some(id.to_owned());
+        problem
+    }
+
+    /// The problem of a backend error about key `id`.
+    pub(crate) fn of(error: BackendError, id: &str) -> Self {
+        match error {
+            BackendError::OutcomeUnknown(cause) => {
+                log_cause("outcome unknown", &*cause);
+                Self::outcome_unknown(id)
+            }
+            other => other.into(),
+        }
+    }
+
+    /// 413: the body is too large.
+    pub(crate) fn too_large(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            Some(detail.into()),
+        )
     }
 
     pub(crate) fn bad_request(detail: impl Into<String>) -> Self {
@@ -125,6 +168,7 @@ impl Problem {
             "outcome-unknown" => "Outcome unknown",
             "store-missing" => "Key store missing",
             "corrupt-record" => "Corrupt record",
+            "payload-too-large" => "Payload too large",
             _ => "Unavailable",
         }
     }
@@ -135,6 +179,7 @@ impl Problem {
             title: self.title(),
             status: self.status.as_u16(),
             detail: self.detail.clone(),
+            key_id: self.key_id.clone(),
         }
     }
 }
@@ -154,26 +199,56 @@ impl IntoResponse for Problem {
     }
 }
 
+/// Logs what a backend said about a failure: it may name a path, a host or a script,
+/// which the caller is not told.
+fn log_cause(what: &str, cause: &(dyn std::error::Error + 'static)) {
+    #[cfg(feature = "tracing")]
+    tracing::warn!(
+        target: "tower_api_key::admin",
+        cause = %crate::error::Chain(cause),
+        "key backend: {what}"
+    );
+    #[cfg(not(feature = "tracing"))]
+    let _ = (what, cause);
+}
+
+/// What a backend of this crate said that the caller may be told, if anything.
+fn said(cause: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    cause.downcast_ref::<Said>().map(|s| s.said)
+}
+
 impl From<BackendError> for Problem {
     fn from(error: BackendError) -> Self {
         match error {
             BackendError::NotFound => Self::not_found(),
             BackendError::Conflict(id) => Self::conflict(format!("key id `{id}` is taken")),
             BackendError::PreconditionFailed => Self::precondition_failed(),
-            BackendError::Invalid(e) => Self::validation(crate::error::Chain(&e).to_string()),
-            BackendError::Unavailable(e) => Self::unavailable(format!(
-                "the key backend is unavailable: {}",
-                crate::error::Chain(&*e)
-            )),
-            BackendError::OutcomeUnknown(_) => Self::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "outcome-unknown",
-                Some(
-                    "the key backend did not confirm the write: it may or may not have happened; \
-                     GET the key to find out before retrying"
-                        .to_owned(),
-                ),
-            ),
+            BackendError::Invalid(e) => {
+                // A file's name and line are the server's business; what is wrong is
+                // the caller's.
+                let e = match e {
+                    crate::Error::File { error, .. } => *error,
+                    e => e,
+                };
+                Self::validation(crate::error::Chain(&e).to_string())
+            }
+            BackendError::Unavailable(cause) => {
+                log_cause("unavailable", &*cause);
+                let why = said(&*cause).unwrap_or("the key backend is unavailable");
+                Self::unavailable(format!("{why}; nothing was written: retry later"))
+            }
+            BackendError::OutcomeUnknown(cause) => {
+                log_cause("outcome unknown", &*cause);
+                Self::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "outcome-unknown",
+                    Some(
+                        "the key backend did not confirm the write: it may or may not have \
+                         happened; GET the key to find out before retrying"
+                            .to_owned(),
+                    ),
+                )
+            }
             BackendError::StoreMissing(what) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store-missing",

@@ -10,13 +10,17 @@ use std::{
 use axum::{
     Extension, Json,
     body::Bytes,
-    extract::{Path, Query, State, rejection::QueryRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{BytesRejection, PathRejection, QueryRejection},
+    },
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 
+use super::problem::ProblemDocument as Problem_;
 use super::{
-    AdminBackend, Inner,
+    AdminBackend, Enforced, Inner,
     model::{CreateRequest, CreatedKey, KeyList, KeyResource, RotateRequest, instant, status},
     problem::Problem,
     record_etag,
@@ -30,19 +34,26 @@ type Answer = Result<Response, Problem>;
 const MAX_LIMIT: usize = 1000;
 const DEFAULT_LIMIT: usize = 100;
 const DEFAULT_OVERLAP: Duration = Duration::from_secs(86_400);
+/// The longest overlap a rotation takes: an instant past it would not be written as
+/// an RFC 3339 date.
+const MAX_OVERLAP_SECONDS: u64 = 3_153_600_000;
 
 #[utoipa::path(
     get, path = "/v1/api-keys", tag = "api-keys",
     params(
         ("tenant" = Option<String>, Query, description = "Only this tenant's keys"),
-        ("status" = Option<String>, Query, description = "`active`, `expired`, `not_yet_valid` or `disabled`"),
-        ("limit" = Option<usize>, Query, description = "1 to 1000, default 100"),
-        ("cursor" = Option<String>, Query, description = "From the previous page's `next_cursor`"),
+        ("status" = Option<super::model::KeyStatus>, Query, description = "Only keys with this status"),
+        ("limit" = Option<u32>, Query, description = "1 to 1000, default 100", minimum = 1, maximum = 1000),
+        ("cursor" = Option<String>, Query, description = "From the previous page's `next_cursor`", pattern = "^([0-9a-fA-F]{2})+$"),
     ),
     responses(
         (status = 200, description = "A page of keys, ordered by id", body = KeyList),
-        (status = 401, body = super::problem::ProblemDocument), (status = 403, body = super::problem::ProblemDocument),
-        (status = 422, body = super::problem::ProblemDocument),
+        (status = 400, body = Problem_, content_type = "application/problem+json"),
+        (status = 401, body = Problem_, content_type = "application/problem+json"),
+        (status = 403, body = Problem_, content_type = "application/problem+json"),
+        (status = 422, body = Problem_, content_type = "application/problem+json"),
+        (status = 500, description = "A record in the store of record cannot be read", body = Problem_, content_type = "application/problem+json"),
+        (status = 503, body = Problem_, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list<B: AdminBackend>(
@@ -114,30 +125,34 @@ pub(crate) async fn list<B: AdminBackend>(
     post, path = "/v1/api-keys", tag = "api-keys",
     request_body(content = CreateRequest, content_type = "application/json"),
     responses(
-        (status = 201, description = "Created; the secret is in `key`, shown this once", body = CreatedKey,
+        (status = 201, description = "Created and enforced; the secret is in `key`, shown this once", body = CreatedKey,
             headers(("Location" = String), ("ETag" = String))),
-        (status = 400, body = super::problem::ProblemDocument), (status = 401, body = super::problem::ProblemDocument),
-        (status = 403, body = super::problem::ProblemDocument), (status = 409, body = super::problem::ProblemDocument),
-        (status = 415, body = super::problem::ProblemDocument), (status = 422, body = super::problem::ProblemDocument),
-        (status = 503, body = super::problem::ProblemDocument),
+        (status = 202, description = "Written, not yet enforced by this server's store within its timeout; the secret is in `key`, shown this once", body = CreatedKey,
+            headers(("Location" = String), ("ETag" = String))),
+        (status = 400, body = Problem_, content_type = "application/problem+json"),
+        (status = 401, body = Problem_, content_type = "application/problem+json"),
+        (status = 403, body = Problem_, content_type = "application/problem+json"),
+        (status = 409, body = Problem_, content_type = "application/problem+json"),
+        (status = 413, body = Problem_, content_type = "application/problem+json"),
+        (status = 415, body = Problem_, content_type = "application/problem+json"),
+        (status = 422, body = Problem_, content_type = "application/problem+json"),
+        (status = 500, body = Problem_, content_type = "application/problem+json"),
+        (status = 503, description = "Nothing was written", body = Problem_, content_type = "application/problem+json"),
+        (status = 504, description = "The write may or may not have happened: GET the problem's `key_id`", body = Problem_, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn create<B: AdminBackend>(
     State(api): Api<B>,
     Extension(caller): Extension<KeyInfo>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Answer {
+    let body = body_bytes(body)?;
     let request: CreateRequest = json_body(&headers, &body, false)?;
-    let tenant = match (caller.tenant(), request.tenant) {
-        (Some(mine), Some(asked)) if asked != mine => {
-            return Err(Problem::forbidden(
-                "a tenant's admin key creates keys in its own tenant only",
-            ));
-        }
-        (mine, asked) => asked.or(mine.map(str::to_owned)),
-    };
-    allowed_scopes(&caller, request.scopes.iter().map(String::as_str))?;
+    let tenant = request
+        .tenant
+        .clone()
+        .or(caller.tenant().map(str::to_owned));
     let now = SystemTime::now();
     let mut key = ApiKey::from_digest(Arc::from(""), KeyDigest([0; 32]))
         .with_scopes(request.scopes.clone())
@@ -158,28 +173,37 @@ pub(crate) async fn create<B: AdminBackend>(
     if let Some(at) = request.expires_at {
         key = key.with_expires_at(instant("expires_at", &at)?);
     }
+    let named = request.id.as_deref().unwrap_or("(generated)");
+    may_write(&api, &caller, &key, "create", named)?;
     let prefix = request.prefix.as_deref().unwrap_or("tak");
-    let (key, secret) = api
-        .issue(key, request.id, prefix, super::Write::Create)
-        .await?;
-    api.audit("create", key.id(), &caller);
-    Ok(created(&api, &key, secret, now))
+    let id = match request.id {
+        Some(id) => super::IdChoice::Given(id),
+        None => super::IdChoice::Fresh,
+    };
+    let (key, secret, enforced) = api.issue(key, id, prefix, super::Write::Create).await?;
+    api.audit("create", key.id(), &caller, enforced);
+    Ok(created(&api, &key, secret, now, enforced))
 }
 
 #[utoipa::path(
     get, path = "/v1/api-keys/{id}", tag = "api-keys",
-    params(("id" = String, Path)),
+    params(("id" = String, Path, min_length = 1, max_length = 256)),
     responses(
         (status = 200, body = KeyResource, headers(("ETag" = String))),
-        (status = 401, body = super::problem::ProblemDocument), (status = 403, body = super::problem::ProblemDocument),
-        (status = 404, body = super::problem::ProblemDocument),
+        (status = 400, body = Problem_, content_type = "application/problem+json"),
+        (status = 401, body = Problem_, content_type = "application/problem+json"),
+        (status = 403, body = Problem_, content_type = "application/problem+json"),
+        (status = 404, body = Problem_, content_type = "application/problem+json"),
+        (status = 500, body = Problem_, content_type = "application/problem+json"),
+        (status = 503, body = Problem_, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_key<B: AdminBackend>(
     State(api): Api<B>,
     Extension(caller): Extension<KeyInfo>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Answer {
+    let id = key_path(id)?;
     let key = api.visible(&caller, &id).await?;
     let fleet = api.fleet_usage(key.id()).await?;
     let resource = KeyResource::of(&key, &api.store, SystemTime::now(), fleet);
@@ -188,79 +212,119 @@ pub(crate) async fn get_key<B: AdminBackend>(
 
 #[utoipa::path(
     patch, path = "/v1/api-keys/{id}", tag = "api-keys",
-    params(("id" = String, Path), ("If-Match" = String, Header, description = "The key's current ETag")),
+    params(
+        ("id" = String, Path, min_length = 1, max_length = 256),
+        ("If-Match" = String, Header, description = "The key's current ETag (or `*`, or a list of them)"),
+    ),
     request_body(content = super::model::PatchRequest, content_type = "application/merge-patch+json"),
     responses(
-        (status = 200, body = KeyResource, headers(("ETag" = String))),
-        (status = 400, body = super::problem::ProblemDocument), (status = 401, body = super::problem::ProblemDocument),
-        (status = 403, body = super::problem::ProblemDocument), (status = 404, body = super::problem::ProblemDocument),
-        (status = 412, body = super::problem::ProblemDocument), (status = 415, body = super::problem::ProblemDocument),
-        (status = 422, body = super::problem::ProblemDocument), (status = 428, body = super::problem::ProblemDocument),
-        (status = 503, body = super::problem::ProblemDocument),
+        (status = 200, description = "Updated and enforced", body = KeyResource, headers(("ETag" = String))),
+        (status = 202, description = "Written, not yet enforced by this server's store within its timeout", body = KeyResource, headers(("ETag" = String))),
+        (status = 400, body = Problem_, content_type = "application/problem+json"),
+        (status = 401, body = Problem_, content_type = "application/problem+json"),
+        (status = 403, body = Problem_, content_type = "application/problem+json"),
+        (status = 404, body = Problem_, content_type = "application/problem+json"),
+        (status = 412, body = Problem_, content_type = "application/problem+json"),
+        (status = 413, body = Problem_, content_type = "application/problem+json"),
+        (status = 415, body = Problem_, content_type = "application/problem+json"),
+        (status = 422, body = Problem_, content_type = "application/problem+json"),
+        (status = 428, body = Problem_, content_type = "application/problem+json"),
+        (status = 500, body = Problem_, content_type = "application/problem+json"),
+        (status = 503, description = "Nothing was written", body = Problem_, content_type = "application/problem+json"),
+        (status = 504, description = "The write may or may not have happened", body = Problem_, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn patch_key<B: AdminBackend>(
     State(api): Api<B>,
     Extension(caller): Extension<KeyInfo>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Answer {
+    let id = key_path(id)?;
+    let body = body_bytes(body)?;
     let patch: serde_json::Map<String, serde_json::Value> = json_body(&headers, &body, true)?;
-    let current = api.visible(&caller, &id).await?;
-    let if_match = if_match(&headers)?.ok_or_else(Problem::precondition_required)?;
+    let current = api.writable(&caller, &id, "update").await?;
+    // The patch is checked before the precondition: a malformed patch is 422
+    // whatever the ETag.
     let key = super::patch::apply(&current, &patch)?;
-    if caller.tenant().is_some() && key.tenant() != caller.tenant() {
-        return Err(Problem::forbidden(
-            "a tenant's admin key cannot move a key to another tenant",
-        ));
-    }
-    allowed_scopes(&caller, key.scopes())?;
+    let if_match = precondition(&headers, &current)?.ok_or_else(Problem::precondition_required)?;
+    may_write(&api, &caller, &key, "update", &id)?;
     key.validate()
         .map_err(|e| Problem::validation(e.to_string()))?;
     let reloads = api.store.subscribe();
-    api.backend.update(key.clone(), Some(&if_match)).await?;
-    api.applied(reloads, |store| api.serves(store, &key))
-        .await?;
-    api.audit("update", key.id(), &caller);
+    api.backend
+        .update(key.clone(), Some(&if_match))
+        .await
+        .map_err(|e| Problem::of(e, &id))?;
+    let enforced = api.applied(reloads, |store| api.serves(store, &key)).await;
+    api.audit("update", key.id(), &caller, enforced);
     let fleet = api.fleet_usage(key.id()).await?;
     let resource = KeyResource::of(&key, &api.store, SystemTime::now(), fleet);
-    Ok(with_etag(Json(resource).into_response(), &key))
+    let status = match enforced {
+        Enforced::Yes => StatusCode::OK,
+        Enforced::NotYet => StatusCode::ACCEPTED,
+    };
+    Ok(with_etag((status, Json(resource)).into_response(), &key))
 }
 
 #[utoipa::path(
     post, path = "/v1/api-keys/{id}/rotate", tag = "api-keys",
-    params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
-    request_body(content = RotateRequest, content_type = "application/json"),
+    params(
+        ("id" = String, Path, min_length = 1, max_length = 256),
+        ("If-Match" = Option<String>, Header, description = "The key's current ETag (or `*`, or a list of them): makes a retry safe"),
+    ),
+    request_body(content = Option<RotateRequest>, content_type = "application/json", description = "Optional: no body rotates with the defaults"),
     responses(
-        (status = 201, description = "The successor; the secret is in `key`, shown this once", body = CreatedKey,
+        (status = 201, description = "The successor, enforced; the secret is in `key`, shown this once", body = CreatedKey,
             headers(("Location" = String), ("ETag" = String))),
-        (status = 400, body = super::problem::ProblemDocument), (status = 401, body = super::problem::ProblemDocument),
-        (status = 403, body = super::problem::ProblemDocument), (status = 404, body = super::problem::ProblemDocument),
-        (status = 409, body = super::problem::ProblemDocument), (status = 412, body = super::problem::ProblemDocument),
-        (status = 415, body = super::problem::ProblemDocument), (status = 422, body = super::problem::ProblemDocument),
-        (status = 503, body = super::problem::ProblemDocument),
+        (status = 202, description = "Written, not yet enforced by this server's store within its timeout; the secret is in `key`, shown this once", body = CreatedKey,
+            headers(("Location" = String), ("ETag" = String))),
+        (status = 400, body = Problem_, content_type = "application/problem+json"),
+        (status = 401, body = Problem_, content_type = "application/problem+json"),
+        (status = 403, body = Problem_, content_type = "application/problem+json"),
+        (status = 404, body = Problem_, content_type = "application/problem+json"),
+        (status = 409, body = Problem_, content_type = "application/problem+json"),
+        (status = 412, body = Problem_, content_type = "application/problem+json"),
+        (status = 413, body = Problem_, content_type = "application/problem+json"),
+        (status = 415, body = Problem_, content_type = "application/problem+json"),
+        (status = 422, body = Problem_, content_type = "application/problem+json"),
+        (status = 500, body = Problem_, content_type = "application/problem+json"),
+        (status = 503, description = "Nothing was written", body = Problem_, content_type = "application/problem+json"),
+        (status = 504, description = "The write may or may not have happened: GET the problem's `key_id`", body = Problem_, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn rotate_key<B: AdminBackend>(
     State(api): Api<B>,
     Extension(caller): Extension<KeyInfo>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Answer {
+    let id = key_path(id)?;
+    let body = body_bytes(body)?;
     let request: RotateRequest = if body.is_empty() {
         RotateRequest::default()
     } else {
         json_body(&headers, &body, false)?
     };
-    let old = api.visible(&caller, &id).await?;
-    let if_match = if_match(&headers)?;
-    allowed_scopes(&caller, old.scopes())?;
+    // The body is checked before the precondition: a malformed request is 422
+    // whatever the ETag.
+    let overlap = match request.overlap_seconds {
+        None => DEFAULT_OVERLAP,
+        Some(seconds @ 0..=MAX_OVERLAP_SECONDS) => Duration::from_secs(seconds),
+        Some(_) => {
+            return Err(Problem::validation(
+                "`overlap_seconds` must be at most 3153600000 (about a century)",
+            ));
+        }
+    };
+    if let Some(id) = &request.id {
+        checked_id(id)?;
+    }
+    let old = api.writable(&caller, &id, "rotate").await?;
+    let if_match = precondition(&headers, &old)?;
     let now = SystemTime::now();
-    let overlap = request
-        .overlap_seconds
-        .map_or(DEFAULT_OVERLAP, Duration::from_secs);
     let until = clock::to_unix_ms(now).saturating_add(clock::duration_ms(overlap));
     let mut shortened = old.clone();
     shortened.valid_until = shortened.valid_until.min(until);
@@ -286,10 +350,14 @@ pub(crate) async fn rotate_key<B: AdminBackend>(
             successor = set(successor, value.into());
         }
     }
-    let (key, secret) = api
+    let choice = match request.id {
+        Some(id) => super::IdChoice::Given(id),
+        None => super::IdChoice::After(old.id().to_owned()),
+    };
+    let (key, secret, enforced) = api
         .issue(
             successor,
-            request.id,
+            choice,
             "tak",
             super::Write::Rotate {
                 shortened,
@@ -298,34 +366,53 @@ pub(crate) async fn rotate_key<B: AdminBackend>(
         )
         .await?;
     // Issued: the successor is enforced; the old key's shorter expiry too.
-    api.audit("rotate", old.id(), &caller);
-    Ok(created(&api, &key, secret, now))
+    api.audit("rotate", old.id(), &caller, enforced);
+    Ok(created(&api, &key, secret, now, enforced))
 }
 
 #[utoipa::path(
     delete, path = "/v1/api-keys/{id}", tag = "api-keys",
-    params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    params(
+        ("id" = String, Path, min_length = 1, max_length = 256),
+        ("If-Match" = Option<String>, Header, description = "The key's current ETag (or `*`, or a list of them)"),
+    ),
     responses(
         (status = 204, description = "Revoked: the next request with the key is refused"),
-        (status = 401, body = super::problem::ProblemDocument), (status = 403, body = super::problem::ProblemDocument),
-        (status = 404, body = super::problem::ProblemDocument), (status = 412, body = super::problem::ProblemDocument),
-        (status = 503, body = super::problem::ProblemDocument),
+        (status = 202, description = "Revoked in the store of record, not yet enforced by this server's store within its timeout"),
+        (status = 400, body = Problem_, content_type = "application/problem+json"),
+        (status = 401, body = Problem_, content_type = "application/problem+json"),
+        (status = 403, body = Problem_, content_type = "application/problem+json"),
+        (status = 404, body = Problem_, content_type = "application/problem+json"),
+        (status = 412, body = Problem_, content_type = "application/problem+json"),
+        (status = 500, body = Problem_, content_type = "application/problem+json"),
+        (status = 503, description = "Nothing was written", body = Problem_, content_type = "application/problem+json"),
+        (status = 504, description = "The write may or may not have happened", body = Problem_, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn delete_key<B: AdminBackend>(
     State(api): Api<B>,
     Extension(caller): Extension<KeyInfo>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Answer {
-    let key = api.visible(&caller, &id).await?;
-    let if_match = if_match(&headers)?;
+    let id = key_path(id)?;
+    let key = api.writable(&caller, &id, "delete").await?;
+    let if_match = precondition(&headers, &key)?;
     let reloads = api.store.subscribe();
-    api.backend.delete(key.id(), if_match.as_deref()).await?;
-    api.applied(reloads, |store| !api.serves_id(store, key.id()))
-        .await?;
-    api.audit("delete", key.id(), &caller);
-    Ok(StatusCode::NO_CONTENT.into_response())
+    api.backend
+        .delete(key.id(), if_match.as_deref())
+        .await
+        .map_err(|e| Problem::of(e, &id))?;
+    api.note_revoked(key.id());
+    let enforced = api
+        .applied(reloads, |store| !api.serves_id(store, key.id()))
+        .await;
+    api.audit("delete", key.id(), &caller, enforced);
+    Ok(match enforced {
+        Enforced::Yes => StatusCode::NO_CONTENT,
+        Enforced::NotYet => StatusCode::ACCEPTED,
+    }
+    .into_response())
 }
 
 /// A path under `/v1/api-keys` that names nothing.
@@ -338,10 +425,84 @@ pub(crate) async fn method_not_allowed() -> Problem {
     Problem::method_not_allowed()
 }
 
-/// The 201 for a key just issued: its resource, its secret, where it is, its ETag.
-fn created<B>(api: &Inner<B>, key: &ApiKey, secret: String, now: SystemTime) -> Response {
+/// The key id in the path; 400 for one that is not UTF-8 once decoded.
+fn key_path(id: Result<Path<String>, PathRejection>) -> Result<String, Problem> {
+    id.map(|Path(id)| id)
+        .map_err(|_| Problem::bad_request("the key id in the path is not valid UTF-8"))
+}
+
+/// The request body; 413 past the size limit, 400 for a body that could not be read.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Problem> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Problem::too_large("the body is larger than allowed"),
+        _ => Problem::bad_request("the body could not be read"),
+    })
+}
+
+/// One rule for every write: the caller must see the key (its tenant) and hold
+/// every scope the key has. A refusal is audited.
+pub(crate) fn may_write<B: AdminBackend>(
+    api: &Inner<B>,
+    caller: &KeyInfo,
+    key: &ApiKey,
+    action: &str,
+    id: &str,
+) -> Result<(), Problem> {
+    if !visible(caller, key) {
+        api.audit_refused(action, id, caller, "another tenant's key");
+        return Err(Problem::forbidden(
+            "a tenant's admin key manages keys of its own tenant only",
+        ));
+    }
+    if let Some(scope) = key.scopes().find(|s| !caller.has_scope(s)) {
+        api.audit_refused(action, id, caller, "a scope the caller lacks");
+        return Err(Problem::forbidden(format!(
+            "the caller cannot manage a key with scope `{scope}`, which it does not hold"
+        )));
+    }
+    Ok(())
+}
+
+/// The `If-Match` precondition (RFC 9110 § 13.1.1) evaluated against `current`:
+/// `Ok(Some(its etag))` if it matches, 412 if not, `Ok(None)` without the header. `*`
+/// matches the current record; a weak tag never matches (strong comparison); a list
+/// matches if any member does.
+fn precondition(headers: &HeaderMap, current: &ApiKey) -> Result<Option<String>, Problem> {
+    let mut values = headers.get_all(header::IF_MATCH).iter().peekable();
+    if values.peek().is_none() {
+        return Ok(None);
+    }
+    let etag = record_etag(current);
+    let mut matched = false;
+    for value in values {
+        let value = value
+            .to_str()
+            .map_err(|_| Problem::bad_request("If-Match is not text"))?;
+        for member in value.split(',').map(str::trim) {
+            matched |= member == "*" || member == etag;
+        }
+    }
+    match matched {
+        true => Ok(Some(etag)),
+        false => Err(Problem::precondition_failed()),
+    }
+}
+
+/// The 201 (or 202, written but not yet enforced) for a key just issued: its
+/// resource, its secret, where it is, its ETag.
+fn created<B>(
+    api: &Inner<B>,
+    key: &ApiKey,
+    secret: String,
+    now: SystemTime,
+    enforced: Enforced,
+) -> Response {
     let body = CreatedKey::new(KeyResource::of(key, &api.store, now, None), secret);
-    let mut res = (StatusCode::CREATED, Json(body)).into_response();
+    let status = match enforced {
+        Enforced::Yes => StatusCode::CREATED,
+        Enforced::NotYet => StatusCode::ACCEPTED,
+    };
+    let mut res = (status, Json(body)).into_response();
     if let Ok(location) =
         HeaderValue::from_str(&format!("/v1/api-keys/{}", percent_encode(key.id())))
     {
@@ -360,21 +521,6 @@ fn with_etag(mut res: Response, key: &ApiKey) -> Response {
 /// Whether the caller may see `key`: an admin key with a tenant sees its tenant's.
 pub(crate) fn visible(caller: &KeyInfo, key: &ApiKey) -> bool {
     caller.tenant().is_none() || key.tenant() == caller.tenant()
-}
-
-/// Refuses scopes the caller does not hold itself.
-fn allowed_scopes<'a>(
-    caller: &KeyInfo,
-    scopes: impl IntoIterator<Item = &'a str>,
-) -> Result<(), Problem> {
-    for scope in scopes {
-        if !caller.has_scope(scope) {
-            return Err(Problem::forbidden(format!(
-                "the caller cannot give scope `{scope}`, which it does not hold"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Parses a JSON body: 415 for another content type, 400 for bad JSON, 422 for an
@@ -406,21 +552,17 @@ fn json_body<T: serde::de::DeserializeOwned>(
             "application/json"
         }));
     }
-    serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Problem::validation(e.to_string()),
-        _ => Problem::bad_request(format!("the body is not JSON: {e}")),
-    })
-}
-
-/// The `If-Match` header, if any.
-fn if_match(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    match headers.get(header::IF_MATCH) {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .map(|v| Some(v.trim().to_owned()))
-            .map_err(|_| Problem::bad_request("If-Match is not text")),
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => Problem::validation(e.to_string()),
+            _ => Problem::bad_request(format!("the body is not JSON: {e}")),
+        })?;
+    // An object, as the schema says: serde would also take a struct's fields as an
+    // array.
+    if !value.is_object() {
+        return Err(Problem::validation("the body must be a JSON object"));
     }
+    serde_json::from_value(value).map_err(|e| Problem::validation(e.to_string()))
 }
 
 /// A page cursor: the last id, hex-encoded so that it is opaque and URL-safe.
@@ -429,7 +571,7 @@ fn encode_cursor(id: &str) -> String {
 }
 
 fn decode_cursor(cursor: &str) -> Option<String> {
-    if !cursor.len().is_multiple_of(2) {
+    if cursor.is_empty() || !cursor.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..cursor.len())
@@ -440,7 +582,7 @@ fn decode_cursor(cursor: &str) -> Option<String> {
 }
 
 /// An id in a path segment: characters outside the unreserved set percent-encoded.
-fn percent_encode(id: &str) -> String {
+pub(crate) fn percent_encode(id: &str) -> String {
     id.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -451,13 +593,16 @@ fn percent_encode(id: &str) -> String {
         .collect()
 }
 
-/// A checked id: the request's, or a fresh one.
-pub(crate) fn checked_id(id: Option<String>) -> Result<(String, bool), Problem> {
-    match id {
-        Some(id) => {
-            validate_id(&id).map_err(|e| Problem::validation(e.to_string()))?;
-            Ok((id, true))
-        }
-        None => Ok((super::fresh_id(), false)),
+/// The request's id, checked: 1 to 64 ASCII letters, digits and `.`, `_`, `~`, `-`
+/// (the characters a URL path carries as they are). A key file may hold other ids;
+/// the API gives only these.
+pub(crate) fn checked_id(id: &str) -> Result<String, Problem> {
+    validate_id(id).map_err(|e| Problem::validation(e.to_string()))?;
+    let url_safe = |b: u8| b.is_ascii_alphanumeric() || b"._~-".contains(&b);
+    if id.len() > 64 || !id.bytes().all(url_safe) {
+        return Err(Problem::validation(
+            "`id` must be 1 to 64 ASCII letters, digits, `.`, `_`, `~` or `-`",
+        ));
     }
+    Ok(id.to_owned())
 }

@@ -6,7 +6,8 @@ use std::{
 
 use super::{
     key_file,
-    read::{FileBytes, Fingerprint},
+    link::{Link, Seen},
+    read::FileBytes,
     watch::{self, Options},
 };
 use crate::{Error, KeySet, KeySource, KeyUpdater};
@@ -52,7 +53,14 @@ use crate::{Error, KeySet, KeySource, KeyUpdater};
 /// - A file that disappears leaves the last good keys in place until it returns.
 ///
 /// Watching runs on its own thread (no async runtime needed) and stops once the store
-/// is dropped.
+/// is dropped. The poll looks at the file's metadata (device, inode, size, times)
+/// and reads the file only when they moved (and whole every 60th poll, as a last
+/// net), so an unchanged million-key file costs a `stat` per poll, not a 90 MB read.
+///
+/// A key-management `FileBackend` (feature `admin`) writing the same path in the same
+/// process applies each change it writes to this store directly, before it answers;
+/// the watcher and the writer take turns at a gate, so the watcher never publishes a
+/// read older than a change already applied.
 ///
 /// # Example
 ///
@@ -77,7 +85,7 @@ use crate::{Error, KeySet, KeySource, KeyUpdater};
 pub struct FileSource {
     path: PathBuf,
     options: Options,
-    loaded: Option<Fingerprint>,
+    loaded: Option<Seen>,
 }
 
 impl FileSource {
@@ -160,17 +168,28 @@ impl KeySource for FileSource {
             }
             .in_file(&self.path, None));
         }
-        self.loaded = Some(bytes.fingerprint());
+        self.loaded = Some(Seen {
+            fingerprint: bytes.fingerprint(),
+            stamp: bytes
+                .stamp()
+                .filter(|s| !s.racy(std::time::SystemTime::now())),
+            file: bytes.stamp().and_then(|s| s.file()),
+        });
         Self::parse(&self.path, &bytes)
     }
 
     fn watch(self: Box<Self>, updater: KeyUpdater) {
-        watch::spawn_with(
+        // Writers of the same file in this process (the key-management API's
+        // `FileBackend`) find this store through the link, and apply what they write
+        // to it before they answer.
+        let link = Link::of(&self.path);
+        watch::spawn_linked(
             self.path,
             self.options,
             Box::new(|path: &Path, bytes: &[u8]| Self::parse(path, bytes)),
             updater,
             self.loaded,
+            link,
         );
     }
 }

@@ -5,6 +5,8 @@ mod env;
 #[cfg(feature = "file")]
 mod file;
 pub(crate) mod key_file;
+#[cfg(feature = "file")]
+pub(crate) mod link;
 pub(crate) mod read;
 #[cfg(feature = "file")]
 mod watch;

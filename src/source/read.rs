@@ -18,11 +18,81 @@ use zeroize::Zeroize as _;
 /// The default size limit of a key file: a million keys fit in about 140 MB.
 pub(crate) const DEFAULT_MAX_SIZE: u64 = 256 << 20;
 
-/// What [`FileBytes::fingerprint`] gives.
+/// What [`FileBytes::fingerprint`] gives: the length and a seeded 64-bit hash.
 pub(crate) type Fingerprint = (usize, u64);
 
 /// A file's content, wiped when dropped: it may hold secrets.
-pub(crate) struct FileBytes(Vec<u8>);
+#[cfg_attr(not(feature = "file"), allow(dead_code))]
+pub(crate) struct FileBytes(Vec<u8>, Option<Stamp>);
+
+/// What a file's metadata says about its content: device, inode, size, and the
+/// modification and change times (nanoseconds). A different stamp means the file may
+/// have changed; the same stamp means it has not, unless it was rewritten in place to
+/// the same size within one tick of the file system's clock (see [`Stamp::racy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "file"), allow(dead_code))]
+pub(crate) struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: i128,
+    changed: i128,
+}
+
+#[cfg_attr(not(feature = "file"), allow(dead_code))]
+impl Stamp {
+    /// The stamp of a file's metadata.
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+            Self {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                len: meta.len(),
+                modified: ns(meta.mtime(), meta.mtime_nsec()),
+                changed: ns(meta.ctime(), meta.ctime_nsec()),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let ns = |t: io::Result<std::time::SystemTime>| {
+                t.ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos() as i128)
+            };
+            Self {
+                dev: 0,
+                ino: 0,
+                len: meta.len(),
+                modified: ns(meta.modified()),
+                changed: ns(meta.created()),
+            }
+        }
+    }
+
+    /// The file: its device and inode (`None` where the platform has no inodes).
+    pub(crate) fn file(&self) -> Option<(u64, u64)> {
+        (self.ino != 0).then_some((self.dev, self.ino))
+    }
+
+    /// The stamp of whatever is at `path` now (following symlinks).
+    pub(crate) fn at(path: &Path) -> io::Result<Self> {
+        std::fs::metadata(path).map(|m| Self::of(&m))
+    }
+
+    /// Whether the file was modified so recently (within two seconds of `now`, the
+    /// coarsest timestamp tick of common file systems) that a same-size rewrite could
+    /// still leave this very stamp: such a stamp proves nothing yet, and the content
+    /// is read again at the next look.
+    pub(crate) fn racy(&self, now: std::time::SystemTime) -> bool {
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        now - self.modified.max(self.changed) < 2_000_000_000
+    }
+}
 
 impl FileBytes {
     /// Reads the regular file at `path`, if it holds at most `limit` bytes.
@@ -33,6 +103,8 @@ impl FileBytes {
     /// ([`io::ErrorKind::InvalidInput`]); the file is larger than `limit`
     /// ([`io::ErrorKind::FileTooLarge`]).
     pub(crate) fn read(path: &Path, limit: u64) -> io::Result<Self> {
+        #[cfg(test)]
+        reads::note(path);
         let file = open(path)?;
         let meta = file.metadata()?;
         if !meta.is_file() {
@@ -45,7 +117,10 @@ impl FileBytes {
             return Err(too_large(limit));
         }
         let capacity = usize::try_from(meta.len()).unwrap_or(0);
-        let mut bytes = Self(Vec::with_capacity(capacity.saturating_add(1)));
+        let mut bytes = Self(
+            Vec::with_capacity(capacity.saturating_add(1)),
+            Some(Stamp::of(&meta)),
+        );
         // One byte past the limit tells a file that grew while it was read.
         file.take(limit.saturating_add(1))
             .read_to_end(&mut bytes.0)?;
@@ -55,14 +130,26 @@ impl FileBytes {
         Ok(bytes)
     }
 
+    /// The stamp of the file as it was opened, before its content was read: a writer
+    /// that changes it during the read leaves a different stamp behind.
+    #[cfg_attr(not(feature = "file"), allow(dead_code))]
+    pub(crate) fn stamp(&self) -> Option<Stamp> {
+        self.1
+    }
+
     /// A fingerprint of the content: how a watcher tells new content from old. A
     /// 64-bit hash seeded once per process, and the length: gigabytes a second, where
     /// SHA-256 took a quarter of a second of a million-key file's load.
     pub(crate) fn fingerprint(&self) -> Fingerprint {
-        static SEED: OnceLock<foldhash::quality::RandomState> = OnceLock::new();
-        let hash = SEED.get_or_init(Default::default).hash_one(&*self.0);
-        (self.0.len(), hash)
+        fingerprint(&self.0)
     }
+}
+
+/// The [`FileBytes::fingerprint`] of `bytes`.
+pub(crate) fn fingerprint(bytes: &[u8]) -> Fingerprint {
+    static SEED: OnceLock<foldhash::quality::RandomState> = OnceLock::new();
+    let hash = SEED.get_or_init(Default::default).hash_one(bytes);
+    (bytes.len(), hash)
 }
 
 fn too_large(limit: u64) -> io::Error {
@@ -99,6 +186,40 @@ impl std::ops::Deref for FileBytes {
 impl Drop for FileBytes {
     fn drop(&mut self) {
         self.0.zeroize();
+    }
+}
+
+/// How often each path was read, for tests that check a file is not read in vain.
+#[cfg(test)]
+pub(crate) mod reads {
+    use std::{
+        collections::HashMap,
+        path::{Path, PathBuf},
+        sync::Mutex,
+    };
+
+    static READS: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
+
+    pub(crate) fn note(path: &Path) {
+        let mut reads = READS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *reads
+            .get_or_insert_with(HashMap::new)
+            .entry(path.to_owned())
+            .or_default() += 1;
+    }
+
+    /// How many times `path` was read so far.
+    pub(crate) fn of(path: &Path) -> usize {
+        let reads = READS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        reads
+            .as_ref()
+            .and_then(|r| r.get(path))
+            .copied()
+            .unwrap_or(0)
     }
 }
 

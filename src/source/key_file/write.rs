@@ -92,23 +92,76 @@ pub(crate) fn basic_string(s: &str) -> String {
 /// synced, renamed over `path`, and the directory synced.
 #[cfg(feature = "file")]
 pub(crate) fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
+    let file = staged(path, bytes)?;
+    file.persist(path).map_err(|e| e.error)?;
+    sync_dir(path)
+}
+
+/// A new file beside `path` holding `bytes`, created exclusively under a unique name,
+/// readable by its owner only (or with the permissions of the file at `path`),
+/// written and synced: ready to be renamed over `path` or exchanged with it. It is
+/// removed when dropped, unless persisted.
+#[cfg(feature = "file")]
+pub(crate) fn staged(path: &Path, bytes: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
     let mut file = tempfile::Builder::new()
         .prefix(".tower-api-key-")
         .suffix(".tmp")
-        .tempfile_in(dir)?;
+        .tempfile_in(dir_of(path))?;
     if let Ok(meta) = std::fs::metadata(path) {
         file.as_file().set_permissions(meta.permissions())?;
     }
     file.write_all(bytes)?;
     file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
+    Ok(file)
+}
+
+/// Syncs the directory of `path`, so that a rename in it survives a crash.
+#[cfg(feature = "file")]
+pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
-    std::fs::File::open(dir)?.sync_all()?;
+    std::fs::File::open(dir_of(path))?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = path;
     Ok(())
+}
+
+#[cfg(feature = "file")]
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Swaps the files at `a` and `b` in one step (`renameat2` with `RENAME_EXCHANGE`):
+/// each name then holds what the other held, and no reader ever finds either name
+/// missing. `Ok(false)` where the platform or the file system cannot (then nothing
+/// changed).
+///
+/// # Errors
+///
+/// The exchange failed for another reason (one of the names is missing, say);
+/// nothing changed.
+#[cfg(feature = "file")]
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
+pub(crate) fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use rustix::{
+            fs::{CWD, RenameFlags, renameat_with},
+            io::Errno,
+        };
+        match renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE) {
+            Ok(()) => Ok(true),
+            Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = (a, b);
+        Ok(false)
+    }
 }
 
 #[cfg(all(test, feature = "file"))]

@@ -1,0 +1,348 @@
+//! The key-file backend: changes written into the same TOML file a
+//! [`FileSource`](crate::FileSource) watches, comments and untouched entries kept.
+
+mod commit;
+mod edit;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use tokio::sync::oneshot;
+
+use self::edit::Base;
+use super::{AdminBackend, BackendError, backend::Said};
+use crate::{
+    ApiKey, FileSource, KeySource as _,
+    source::{link::Link, read::Stamp},
+};
+
+/// An [`AdminBackend`] over a TOML key file, edited with `toml_edit` so that comments,
+/// order and every entry a change does not touch stay byte for byte. New keys are
+/// written as `sha256` entries: the file never holds a secret the API made.
+///
+/// Give it the path the store's [`FileSource`] watches.
+///
+/// # How a change is written
+///
+/// Calls that arrive while a write is under way are **batched into the next write**
+/// (group commit): one read, one edit, one check, one write for all of them, each
+/// call answered for its own change. A write:
+///
+/// 1. reads the file as it is. A file that is empty, still being written in place
+///    (its watcher saw it opened for writing and not closed), changing between two
+///    reads a moment apart, or that does not parse, is not written over: the calls
+///    wait for it to settle (about a second), then fail with
+///    [`BackendError::Unavailable`], having written nothing;
+/// 2. applies the changes to it, and checks the result as the file source will;
+/// 3. writes it to a new file beside the key file, synced, compares the key file
+///    with the one read in step 1 once more, and swaps the new one in. On Linux the
+///    swap is an exchange (`renameat2` with `RENAME_EXCHANGE`), which hands back the
+///    file it replaced: if that is not the file read in step 1 (an editor saved in the
+///    instant between), the editor's file is swapped straight back and the changes
+///    are made again on top of it, so **no hand edit is ever reverted**. Elsewhere
+///    (a portable fallback) the comparison just before a plain rename is all there
+///    is: an editor's save in the instant between it and the rename is lost;
+/// 4. applies the changes to every store in the process whose [`FileSource`] watches
+///    the file (by id when the store holds the file that was read, as a whole set
+///    when it holds something older), syncs the directory, and only then answers. A
+///    store with no watcher in this process learns of the change from its own watcher
+///    (the API then answers 202 if that takes longer than its timeout).
+///
+/// Writers and watchers of the same file meet at a gate (in the process, and on
+/// Linux across processes through an advisory `flock` on the file's directory): no
+/// watcher publishes a read older than a file a writer has applied, and two
+/// processes writing the same file take turns. A person editing the file by hand can
+/// take the same lock, `flock /path/to/dir vi keys.toml`, to keep the API from
+/// writing meanwhile; an editor holding a stale buffer without it can still overwrite
+/// the API's changes when it saves: reload the file before editing it.
+///
+/// A crash leaves the old file or the new one. A crash in the instant between an
+/// exchange that handed back an editor's file and the exchange that puts it back
+/// leaves the editor's file in a `.tower-api-key-*.tmp` beside the key file. A
+/// reader that takes neither the gate nor the lock (an editor loading the file) can
+/// see the API's file during that instant.
+#[derive(Clone)]
+pub struct FileBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    link: Arc<Link>,
+    queue: Mutex<Queue>,
+    /// The files this backend last read or wrote (the newest last, two at most), so
+    /// that they are not parsed again: a reader that finds the file just written, or
+    /// the one it replaces, takes it from here.
+    cache: Mutex<Vec<Arc<Base>>>,
+    /// The file at the path as last seen, by its stamp: a read (`get`, `list`) that
+    /// finds the same stamp takes it without reading the file. (A write always reads
+    /// the file: a same-size rewrite within one tick of the file system's clock keeps
+    /// the stamp, and a read may miss it for that long; a write may not.)
+    seen: Mutex<Option<(Stamp, Arc<Base>)>>,
+}
+
+/// Calls waiting for the next write.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    /// Whether a writer is draining the queue.
+    running: bool,
+}
+
+struct Pending {
+    op: Op,
+    reply: oneshot::Sender<Result<(), BackendError>>,
+}
+
+/// One call's change.
+enum Op {
+    Create(ApiKey),
+    Update(ApiKey, Option<String>),
+    Delete(String, Option<String>),
+    Rotate {
+        successor: ApiKey,
+        old: ApiKey,
+        if_match: Option<String>,
+    },
+}
+
+/// The most changes written at once.
+const MAX_BATCH: usize = 1024;
+
+/// Why a whole write failed: what to tell every call in it.
+struct Failure {
+    outcome_unknown: bool,
+    said: &'static str,
+    cause: Option<String>,
+}
+
+impl Failure {
+    fn unavailable(said: &'static str, cause: impl std::fmt::Display) -> Self {
+        Self {
+            outcome_unknown: false,
+            said,
+            cause: Some(cause.to_string()),
+        }
+    }
+
+    fn said(said: &'static str) -> Self {
+        Self {
+            outcome_unknown: false,
+            said,
+            cause: None,
+        }
+    }
+
+    fn error(&self) -> BackendError {
+        let said = match &self.cause {
+            Some(cause) => Said::new(self.said, cause.clone()),
+            None => Said::only(self.said),
+        };
+        match self.outcome_unknown {
+            true => BackendError::OutcomeUnknown(said),
+            false => BackendError::Unavailable(said),
+        }
+    }
+}
+
+impl FileBackend {
+    /// A backend over the key file at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        Self {
+            shared: Arc::new(Shared {
+                link: Link::of(&path),
+                path,
+                queue: Mutex::new(Queue::default()),
+                cache: Mutex::new(Vec::new()),
+                seen: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Queues `op` for the next write and waits for its outcome. The first call to
+    /// find no writer running starts one, off the async runtime's threads; it writes
+    /// batch after batch until the queue is empty.
+    async fn submit(&self, op: Op) -> Result<(), BackendError> {
+        let (reply, outcome) = oneshot::channel();
+        let start = {
+            let mut queue = self
+                .shared
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            queue.pending.push(Pending { op, reply });
+            !std::mem::replace(&mut queue.running, true)
+        };
+        if start {
+            let shared = self.shared.clone();
+            tokio::task::spawn_blocking(move || shared.drain());
+        }
+        outcome.await.unwrap_or_else(|_| {
+            Err(BackendError::OutcomeUnknown(Said::only(
+                "the key file's writer stopped mid-way; the change may or may not be written",
+            )))
+        })
+    }
+
+    /// Reads the file (settled, as a write would) and looks at its keys.
+    async fn read<T: Send + 'static>(
+        &self,
+        look: impl FnOnce(&Base) -> T + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let shared = self.shared.clone();
+        let now = Stamp::at(&shared.path).ok();
+        let known = shared
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|(stamp, _)| Some(*stamp) == now)
+            .map(|(_, base)| base.clone());
+        if let Some(base) = known {
+            return Ok(look(&base));
+        }
+        tokio::task::spawn_blocking(move || shared.current().map(|base| look(&base)))
+            .await
+            .map_err(|e| BackendError::Unavailable(Box::new(e)))?
+            .map_err(|f| f.error())
+    }
+}
+
+/// Resets `running` even if a write panics, so that the next call starts a writer.
+struct Running<'a>(&'a Shared);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.0.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.running = false;
+        // Calls left waiting are answered by their dropped reply: outcome unknown.
+        queue.pending.clear();
+    }
+}
+
+impl Shared {
+    /// Writes batch after batch until no call is waiting.
+    fn drain(&self) {
+        let _running = Running(self);
+        loop {
+            let batch: Vec<Pending> = {
+                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                if queue.pending.is_empty() {
+                    queue.running = false;
+                    return;
+                }
+                let n = queue.pending.len().min(MAX_BATCH);
+                queue.pending.drain(..n).collect()
+            };
+            let (ops, replies): (Vec<Op>, Vec<_>) =
+                batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+            // A write that panics answers its calls "outcome unknown" (the panic may
+            // have come after the swap) and leaves the writer to the next batch.
+            let outcomes =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit(&ops)));
+            let Ok(outcomes) = outcomes else {
+                self.cache
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clear();
+                continue;
+            };
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    /// Writes `ops` in one write, or, if their file would not parse together, one by
+    /// one (so that only the faulty one fails).
+    fn commit(&self, ops: &[Op]) -> Vec<Result<(), BackendError>> {
+        let outcomes = match self.write(ops) {
+            Ok(Some(outcomes)) => Ok(outcomes),
+            Ok(None) => Ok(ops
+                .iter()
+                .map(|op| match self.write(std::slice::from_ref(op)) {
+                    Ok(Some(mut one)) => one.pop().unwrap_or(Ok(())),
+                    Ok(None) => Err(BackendError::Unavailable(Said::only(
+                        "the key file would not parse with this change",
+                    ))),
+                    Err(failure) => Err(self.failed(&failure)),
+                })
+                .collect()),
+            Err(failure) => Err(failure),
+        };
+        match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(failure) => {
+                let _ = self.failed(&failure);
+                ops.iter().map(|_| Err(failure.error())).collect()
+            }
+        }
+    }
+
+    /// Logs a failed write, with its cause (which may name the path).
+    fn failed(&self, failure: &Failure) -> BackendError {
+        #[cfg(feature = "tracing")]
+        tracing::warn!(
+            target: "tower_api_key::admin",
+            path = %self.path.display(),
+            cause = failure.cause.as_deref().unwrap_or(""),
+            "key file not written: {}", failure.said
+        );
+        failure.error()
+    }
+}
+
+impl AdminBackend for FileBackend {
+    fn source_name(&self) -> String {
+        FileSource::new(&self.shared.path).name()
+    }
+
+    async fn list(&self) -> Result<Vec<ApiKey>, BackendError> {
+        self.read(|base| base.keys.values().cloned().collect())
+            .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<ApiKey>, BackendError> {
+        let id = id.to_owned();
+        self.read(move |base| base.keys.get(&id).cloned()).await
+    }
+
+    async fn create(&self, key: ApiKey) -> Result<(), BackendError> {
+        self.submit(Op::Create(key)).await
+    }
+
+    async fn update(&self, key: ApiKey, if_match: Option<&str>) -> Result<(), BackendError> {
+        self.submit(Op::Update(key, if_match.map(str::to_owned)))
+            .await
+    }
+
+    async fn delete(&self, id: &str, if_match: Option<&str>) -> Result<(), BackendError> {
+        self.submit(Op::Delete(id.to_owned(), if_match.map(str::to_owned)))
+            .await
+    }
+
+    async fn rotate(
+        &self,
+        successor: ApiKey,
+        old: ApiKey,
+        if_match: Option<&str>,
+    ) -> Result<(), BackendError> {
+        self.submit(Op::Rotate {
+            successor,
+            old,
+            if_match: if_match.map(str::to_owned),
+        })
+        .await
+    }
+}
+
+impl std::fmt::Debug for FileBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileBackend")
+            .field("path", &self.shared.path)
+            .finish_non_exhaustive()
+    }
+}

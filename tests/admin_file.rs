@@ -1,0 +1,205 @@
+//! The key-management API's file backend against the ways a key file is really
+//! edited while it writes: emptied, half written, replaced by rename. A real axum
+//! server on 127.0.0.1, a real key file, a real `FileSource`.
+#![allow(clippy::unwrap_used)]
+#![cfg(all(feature = "admin", unix))]
+
+mod common;
+
+use std::{
+    fs,
+    io::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{Extension, Router, routing::get};
+use serde_json::{Value, json};
+use tower_api_key::{
+    ApiKeyLayer, FileSource, KeyInfo, KeyStore,
+    admin::{AdminApi, FileBackend},
+};
+
+const ROOT: &str = "[[keys]]\nid = \"root\"\nsecret = \"root-secret\"\nscopes = [\"admin\"]\n\n";
+
+fn hand_key(i: usize) -> String {
+    format!("[[keys]]\nid = \"hand-{i}\"\nsecret = \"hand-secret-{i}\"\n\n")
+}
+
+struct Server {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    path: PathBuf,
+    addr: SocketAddr,
+    store: KeyStore,
+}
+
+async fn server(content: &str) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    fs::write(&path, content).unwrap();
+    let store = KeyStore::new();
+    store.add_source(FileSource::new(&path)).unwrap();
+    let app = Router::new()
+        .route(
+            "/",
+            get(|Extension(k): Extension<KeyInfo>| async move { k.id().to_owned() }),
+        )
+        .route_layer(ApiKeyLayer::from_store(store.clone()))
+        .merge(AdminApi::new(store.clone(), FileBackend::new(&path)).router());
+    Server {
+        dir: dir.path().to_owned(),
+        _dir: dir,
+        path,
+        addr: common::serve(app).await,
+        store,
+    }
+}
+
+impl Server {
+    async fn create(&self, id: &str) -> (u16, Value) {
+        let res = common::client()
+            .post(format!("http://{}/v1/api-keys", self.addr))
+            .header("authorization", "Bearer root-secret")
+            .header("content-type", "application/json")
+            .body(json!({"id": id}).to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&res.text().await.unwrap()).unwrap(),
+        )
+    }
+
+    async fn works(&self, key: &str) -> bool {
+        common::get_with(self.addr, "/", Some(key)).await.0 == 200
+    }
+}
+
+#[tokio::test]
+async fn an_emptied_key_file_is_not_written_over() {
+    let s = server(&(ROOT.to_owned() + &hand_key(1))).await;
+    // `: > keys.toml`, as a careless script starts a rewrite.
+    fs::File::create(&s.path).unwrap();
+    let (status, body) = s.create("new").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["type"], "urn:tower-api-key:problem:unavailable");
+    assert!(body["detail"].as_str().unwrap().contains("empty"), "{body}");
+    assert_eq!(fs::read_to_string(&s.path).unwrap(), "", "left alone");
+    // The last good keys still work; the finished write is applied; then the API
+    // writes on top of it.
+    assert!(s.works("hand-secret-1").await);
+    fs::write(&s.path, ROOT.to_owned() + &hand_key(1) + &hand_key(2)).unwrap();
+    let start = Instant::now();
+    while !s.works("hand-secret-2").await {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.create("new").await.0, 201);
+    let file = fs::read_to_string(&s.path).unwrap();
+    assert!(file.contains("hand-1") && file.contains("hand-2") && file.contains("\"new\""));
+}
+
+#[tokio::test]
+async fn a_half_written_key_file_is_not_written_over() {
+    let full = ROOT.to_owned() + &hand_key(1) + &hand_key(2);
+    let s = server(&full).await;
+    // An in-place writer: truncate, write a prefix that parses on its own (the root
+    // key only), pause, write the rest.
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&s.path)
+        .unwrap();
+    file.write_all(ROOT.as_bytes()).unwrap();
+    file.flush().unwrap();
+    let (status, body) = s.create("new").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["type"], "urn:tower-api-key:problem:unavailable");
+    file.write_all((hand_key(1) + &hand_key(2)).as_bytes())
+        .unwrap();
+    drop(file);
+    // Nothing lost: the writer's keys and the next change alike.
+    let start = Instant::now();
+    loop {
+        let (status, _) = s.create("after").await;
+        if status == 201 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = fs::read_to_string(&s.path).unwrap();
+    assert!(text.contains("hand-1") && text.contains("hand-2"), "{text}");
+    assert!(s.works("hand-secret-2").await);
+}
+
+/// An editor removes 300 keys one by one, each time writing the file elsewhere and
+/// renaming it over, while the API creates keys as fast as it can: no key the editor
+/// removed comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_removals_by_rename_are_never_reverted_by_the_api() {
+    const HAND: usize = 300;
+    let mut content = ROOT.to_owned();
+    for i in 0..HAND {
+        content.push_str(&hand_key(i));
+    }
+    let s = Arc::new(server(&content).await);
+    let done = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (s, done) = (s.clone(), done.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !done.load(Ordering::SeqCst) {
+                let _ = s.create(&format!("api-{w}-{n}")).await;
+                n += 1;
+            }
+        }));
+    }
+    let editor = {
+        let (path, dir) = (s.path.clone(), s.dir.clone());
+        std::thread::spawn(move || {
+            for i in 0..HAND {
+                let text = fs::read_to_string(&path).unwrap();
+                let without = text.replace(&hand_key(i), "");
+                let tmp = dir.join(".keys.toml.swp");
+                fs::write(&tmp, without).unwrap();
+                fs::rename(&tmp, &path).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    tokio::task::spawn_blocking(move || editor.join().unwrap())
+        .await
+        .unwrap();
+    done.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Settled: the file and the store agree, and no removed key is back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = fs::read_to_string(&s.path).unwrap();
+    let back: Vec<usize> = (0..HAND)
+        .filter(|i| text.contains(&format!("id = \"hand-{i}\"")))
+        .collect();
+    assert!(
+        back.is_empty(),
+        "{} removed keys came back: {back:?}",
+        back.len()
+    );
+    for i in (0..HAND).step_by(10) {
+        assert!(
+            !s.works(&format!("hand-secret-{i}")).await,
+            "hand-{i} works"
+        );
+    }
+    assert!(s.store.get("hand-0").is_none());
+}
