@@ -420,7 +420,11 @@ async fn a_wiped_namespace_is_restored_from_a_replica_snapshot() {
     assert!(!backend.exists().await.unwrap());
     for r in [&first, &other] {
         until(r.addr, &secret, 200, Duration::from_secs(3)).await;
-        assert_eq!(status(r.addr, "reader-secret").await, 401, "revoked stays revoked");
+        assert_eq!(
+            status(r.addr, "reader-secret").await,
+            401,
+            "revoked stays revoked"
+        );
     }
     // Nothing but the restore brings it back.
     assert_eq!(backend.restore_file(&snapshot).await.unwrap(), 2);
