@@ -1,7 +1,13 @@
 //! `RedisBackend`: the key-management API's backend on a Redis namespace, and the
 //! explicit ways a namespace is created, restored and exported.
 
-use std::{fmt, future::Future, path::Path, time::Duration};
+use std::{
+    fmt,
+    future::Future,
+    path::Path,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use redis::{Value, aio::MultiplexedConnection};
 use tokio::sync::Mutex;
@@ -53,7 +59,16 @@ pub struct RedisBackend {
     timeout: Duration,
     con: Mutex<Slot>,
     scripts: Scripts,
+    /// When the backend was made, and when Redis last answered (ms after that): a
+    /// connection idle for a while is probed before a write is sent on it.
+    born: Instant,
+    answered: AtomicU64,
 }
+
+/// How long a connection may sit idle before a write checks it is still open: a
+/// write sent on a connection that is already closed would be a write whose fate is
+/// unknown, where a probe makes it one that certainly was not sent.
+const PROBE_AFTER: Duration = Duration::from_millis(100);
 
 /// The shared connection, and which one it is (so that a failure drops only the
 /// connection that failed, not one another call made since).
@@ -121,6 +136,8 @@ impl RedisBackend {
                 head: redis::Script::new(model::HEAD),
                 swap: redis::Script::new(model::SWAP),
             },
+            born: Instant::now(),
+            answered: AtomicU64::new(0),
         })
     }
 
@@ -287,7 +304,7 @@ impl RedisBackend {
         }
         for _ in 0..2 {
             let (mut con, generation) = self
-                .connection()
+                .live_connection()
                 .await
                 .map_err(|e| self.error(self.unavailable(&e)))?;
             let nonce = model::random_id();
@@ -396,6 +413,39 @@ impl RedisBackend {
         Ok((con, slot.generation))
     }
 
+    /// Notes that Redis answered.
+    fn touch(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.answered.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// The shared connection, checked with a `PING` if it has been idle: a
+    /// connection Redis closed is found closed before a write is sent on it, and
+    /// made again.
+    async fn live_connection(&self) -> Result<(MultiplexedConnection, u64), redis::RedisError> {
+        let (mut con, generation) = self.connection().await?;
+        let idle = self
+            .born
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.answered.load(Ordering::Relaxed)));
+        if idle < PROBE_AFTER {
+            return Ok((con, generation));
+        }
+        match redis::cmd("PING").query_async::<()>(&mut con).await {
+            Ok(()) => {
+                self.touch();
+                Ok((con, generation))
+            }
+            Err(e) if answered(&e) => Err(e),
+            Err(_) => {
+                self.drop_connection(generation).await;
+                let fresh = self.connection().await?;
+                self.touch();
+                Ok(fresh)
+            }
+        }
+    }
+
     /// Forgets connection `generation`: the next call makes a new one.
     async fn drop_connection(&self, generation: u64) {
         let mut slot = self.con.lock().await;
@@ -416,7 +466,10 @@ impl RedisBackend {
         loop {
             let (con, generation) = self.connection().await.map_err(|e| self.unavailable(&e))?;
             match f(con).await {
-                Ok(out) => return Ok(out),
+                Ok(out) => {
+                    self.touch();
+                    return Ok(out);
+                }
                 Err(e) if answered(&e) => return Err(self.unavailable(&e)),
                 Err(e) => {
                     self.drop_connection(generation).await;
@@ -530,8 +583,10 @@ impl RedisBackend {
     /// happened, or it never will and is tried once more.
     async fn write(&self, puts: &[Put<'_>]) -> Result<Written, BackendError> {
         for _ in 0..2 {
-            let (mut con, generation) =
-                self.connection().await.map_err(|e| self.unavailable(&e))?;
+            let (mut con, generation) = self
+                .live_connection()
+                .await
+                .map_err(|e| self.unavailable(&e))?;
             let nonce = model::random_id();
             let marker = self.keys.marker(&nonce);
             let mut invocation = self.scripts.apply.prepare_invoke();
@@ -553,7 +608,10 @@ impl RedisBackend {
                 invocation.arg(put.record.as_deref().unwrap_or(""));
             }
             match invocation.invoke_async::<Value>(&mut con).await {
-                Ok(reply) => return Ok(written(reply)),
+                Ok(reply) => {
+                    self.touch();
+                    return Ok(written(reply));
+                }
                 // Redis answered with an error: the script wrote nothing (it checks
                 // everything before its first write).
                 Err(e) if answered(&e) => return Err(self.unavailable(&e)),
@@ -585,7 +643,9 @@ impl RedisBackend {
         if reply.as_ref().is_err_and(|e| !answered(e)) {
             self.drop_connection(generation).await;
         }
-        Ok(reply? == 1)
+        let ran = reply? == 1;
+        self.touch();
+        Ok(ran)
     }
 
     /// Replaces or removes the record with `id` (and adds `also`, which must be new),

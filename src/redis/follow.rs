@@ -49,6 +49,8 @@ pub(super) struct Follower {
     /// source): changes are then taken by reading the namespace whole again, never
     /// applied by id over a set the store does not hold.
     pending: bool,
+    /// How many keys the initial load read (to tell whether the store took them).
+    loaded: usize,
     /// What was said last; `None` while all is well.
     failure: Option<Failure>,
     /// A failure right after things went well is retried at once, quietly: a cut
@@ -81,7 +83,7 @@ impl Follower {
         options: Options,
         updater: KeyUpdater,
         cursor: Option<Cursor>,
-        pending: bool,
+        loaded: usize,
         failure: Option<Failure>,
     ) -> Self {
         let snapshots = options
@@ -95,7 +97,8 @@ impl Follower {
             cursor: if snapshots.is_some() { None } else { cursor },
             options,
             updater,
-            pending,
+            pending: false,
+            loaded,
             failure,
             quiet_retry: false,
             backoff: FIRST_BACKOFF,
@@ -111,6 +114,10 @@ impl Follower {
     }
 
     pub(super) fn run(mut self) {
+        // A whole set refused at the load (it clashed with another source) is kept
+        // pending by the store: follow by whole sets until it is applied. (Looked at
+        // here, not in `watch`, which the store's `add_source` waits for.)
+        self.pending = self.cursor.is_some() && self.loaded > 0 && self.updater.usage().is_empty();
         while !self.updater.is_closed() {
             let result = source::connect(&self.client, self.options.connect_timeout)
                 .map_err(Fault::Redis)

@@ -154,9 +154,15 @@ pub(crate) fn encode(key: &ApiKey) -> String {
 }
 
 /// The key the record stored under `id` stands for (not yet checked as a key set
-/// would check it: [`ApiKey::validate`] does that). Errors name the id and what is wrong, never a value from the record (not even
-/// the JSON parser's message, which can quote one).
+/// would check it: [`ApiKey::validate`] does that). Errors name the id and what is
+/// wrong, never a value from the record (not even the JSON parser's message, which
+/// can quote one).
 pub(crate) fn decode(id: &str, json: &[u8]) -> Result<ApiKey, Error> {
+    // Most records of a large namespace are a bare id and digest, as `encode` writes
+    // them: read those without the general parser (a million are read at start-up).
+    if let Some(key) = decode_plain(id, json) {
+        return Ok(key);
+    }
     let record: Record = serde_json::from_slice(json).map_err(|e| {
         Error::invalid(
             Some(id),
@@ -207,6 +213,56 @@ pub(crate) fn decode(id: &str, json: &[u8]) -> Result<ApiKey, Error> {
         key = key.with_rotated_from(&*from);
     }
     Ok(key)
+}
+
+/// The key of a record that is exactly `{"id":"<id>","sha256":"<64 hex digits>"}`,
+/// the id written without escapes and equal to `id`; `None` for anything else, which
+/// the general parser then reads (and refuses with the right error).
+fn decode_plain(id: &str, json: &[u8]) -> Option<ApiKey> {
+    let rest = json.strip_prefix(br#"{"id":""#)?;
+    let named = rest.get(..id.len())?;
+    if named != id.as_bytes() || id.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        return None;
+    }
+    let rest = rest[id.len()..].strip_prefix(br#"","sha256":""#)?;
+    let (hex, end) = (rest.get(..64)?, rest.get(64..)?);
+    if end != br#""}"# {
+        return None;
+    }
+    Some(ApiKey::from_digest(Arc::from(id), digest_of_hex(hex)?))
+}
+
+/// 64 hexadecimal digits (either case) as a digest, by table: a million are read at
+/// start-up.
+fn digest_of_hex(hex: &[u8]) -> Option<KeyDigest> {
+    const INVALID: u8 = 0xff;
+    const TABLE: [u8; 256] = {
+        let mut table = [INVALID; 256];
+        let mut i = 0;
+        while i < 10 {
+            table[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            table[b'a' as usize + i] = 10 + i as u8;
+            table[b'A' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        table
+    };
+    let hex: &[u8; 64] = hex.try_into().ok()?;
+    let mut out = [0u8; 32];
+    let mut bad = 0u8;
+    for i in 0..32 {
+        let (high, low) = (
+            TABLE[usize::from(hex[2 * i])],
+            TABLE[usize::from(hex[2 * i + 1])],
+        );
+        bad |= high | low;
+        out[i] = (high << 4) | (low & 0x0f);
+    }
+    (bad & 0xf0 == 0).then_some(KeyDigest(out))
 }
 
 /// What [`APPLY`] answers in its first element when it wrote nothing.
@@ -390,6 +446,32 @@ mod tests {
         assert_eq!(Keys::of("payments").records, "tak:{payments}:keys");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn the_hex_table_agrees_with_the_digest_parser(
+            hex in "[0-9a-fA-F]{63,65}",
+            spoil in proptest::option::of((0usize..64, "[gG_ z/:@`]")),
+        ) {
+            let mut hex = hex;
+            if let Some((at, with)) = spoil && at < hex.len() {
+                hex.replace_range(at..=at, &with);
+            }
+            let table = digest_of_hex(hex.as_bytes()).map(|d| d.0);
+            let general = KeyDigest::from_hex(&hex).map(|d| d.0);
+            proptest::prop_assert_eq!(table, general);
+        }
+    }
+
+    #[test]
+    fn a_plain_record_takes_the_fast_path() {
+        let key = ApiKey::new("key-1", "s");
+        let fast = decode_plain("key-1", encode(&key).as_bytes()).expect("plain");
+        assert!(fast.digest == key.digest);
+        let scoped = key.with_scopes(["read"]);
+        assert!(decode_plain("key-1", encode(&scoped).as_bytes()).is_none());
+        assert!(decode("key-1", encode(&scoped).as_bytes()).is_ok());
+    }
+
     #[test]
     fn a_record_must_name_the_id_it_is_stored_under() {
         let json = encode(&ApiKey::new("phantom", "s"));
@@ -410,6 +492,32 @@ mod tests {
             let text = crate::error::Chain(&err).to_string();
             assert!(!text.contains("plain-secret-value"), "{text}");
             assert!(text.contains("`k`"), "{text}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The plain-record fast path reads what the general parser reads, and
+        /// leaves anything else to it.
+        #[test]
+        fn the_fast_path_agrees_with_the_parser(
+            stored in r#"[a-z"\\\u{1}é-]{0,8}"#,
+            named in r#"[a-z"\\\u{1}é-]{0,8}"#,
+            hex in "[0-9a-fA-FgG]{63,65}",
+            tail in proptest::sample::select(vec![r#""}"#, r#"" }"#, r#"","disabled":true}"#, r#""}x"#, ""]),
+            same in proptest::bool::weighted(0.8),
+        ) {
+            let named = if same { stored.clone() } else { named };
+            let json = format!(r#"{{"id":"{named}","sha256":"{hex}{tail}"#);
+            let general = serde_json::from_slice::<Record>(json.as_bytes())
+                .ok()
+                .filter(|r| r.id == stored)
+                .and_then(|r| Some((KeyDigest::from_hex(&r.sha256)?, r.disabled, r.scopes.is_empty())));
+            if let Some(fast) = decode_plain(&stored, json.as_bytes()) {
+                let (digest, disabled, no_scopes) = general.expect("the parser reads it too");
+                proptest::prop_assert!(fast.digest == digest && !disabled && no_scopes);
+                proptest::prop_assert_eq!(fast.id(), stored.as_str());
+            }
+            proptest::prop_assert_eq!(decode(&stored, json.as_bytes()).is_ok(), general.is_some());
         }
     }
 

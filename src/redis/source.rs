@@ -1,7 +1,7 @@
 //! `RedisSource`: a replica's view of a namespace, loaded whole, then followed
 //! version by version (the follower is in `follow.rs`).
 
-use std::{fmt, path::PathBuf, thread, time::Duration};
+use std::{fmt, path::PathBuf, sync::mpsc, thread, time::Duration};
 
 use redis::Value;
 
@@ -218,16 +218,13 @@ impl KeySource for RedisSource {
             Some((cursor, n)) => (Some(cursor), n),
             None => (None, 0),
         };
-        // A whole set refused at the load (it clashed with another source) is kept
-        // pending by the store: follow it by whole sets until it is applied.
-        let pending = cursor.is_some() && loaded > 0 && updater.usage().is_empty();
         let follower = Follower::new(
             this.client,
             this.keys,
             this.options,
             updater,
             cursor,
-            pending,
+            loaded,
             this.failed,
         );
         let spawned = thread::Builder::new()
@@ -343,7 +340,16 @@ pub(super) fn read_all(
     let (Some(epoch), Some(version)) = meta else {
         return Ok(Read::Missing);
     };
-    let set = key_set(decode_all(&super::pairs(records)), source);
+    let items = match records {
+        Value::Array(items) => items,
+        Value::Map(map) => map.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        _ => Vec::new(),
+    };
+    let set = key_set(&items, source);
+    // Two million small buffers: freed off the path to serving.
+    if let Err(error) = thread::Builder::new().spawn(move || drop(items)) {
+        drop(error);
+    }
     let last = match last {
         Value::Array(entries) => entries
             .into_iter()
@@ -359,19 +365,62 @@ pub(super) fn read_all(
     Ok(Read::Whole(set, Cursor::new(epoch, version, last)))
 }
 
-/// The set of the readable keys. A record that cannot be read, or that shares its
-/// digest with another (one secret under two ids: which is meant?), is left out, so
-/// that its key is refused; each is logged at `error` with its id.
-fn key_set(keys: Vec<(String, Result<ApiKey, Error>)>, source: &str) -> KeySet {
-    let mut set = KeySet::with_capacity(keys.len());
+/// The set of the readable keys of an `HGETALL` reply (ids and records, flat). A
+/// record that cannot be read, or that shares its digest with another (one secret
+/// under two ids: which is meant?), is left out, so that its key is refused; each is
+/// logged at `error` with its id.
+///
+/// A large namespace (a million records is most of a second of JSON) is decoded by
+/// worker threads, chunk by chunk, while this thread builds the set from the chunks
+/// already decoded: the initial load is what a replica waits for before it serves.
+fn key_set(items: &[Value], source: &str) -> KeySet {
+    /// Records per chunk handed to a worker.
+    const CHUNK: usize = 16_384;
+    let mut set = KeySet::with_capacity(items.len() / 2);
     let mut shared = Vec::new();
-    for (id, key) in keys {
-        if let Err(error) = key.and_then(|key| set.insert(key)) {
-            refused(source, &id, &error);
-            if let Error::DuplicateKey { first, .. } = error {
-                shared.push(first);
+    let mut insert = |chunk: &[Value], keys: Vec<Result<ApiKey, Error>>| {
+        for (at, key) in keys.into_iter().enumerate() {
+            if let Err(error) = key.and_then(|key| set.insert(key)) {
+                let id = String::from_utf8_lossy(bytes(&chunk[2 * at])).into_owned();
+                refused(source, &id, &error);
+                if let Error::DuplicateKey { first, .. } = error {
+                    shared.push(first);
+                }
             }
         }
+    };
+    let workers = thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(4);
+    if items.len() < 4 * CHUNK || workers < 2 {
+        insert(items, decode_all(items));
+    } else {
+        let chunks: Vec<&[Value]> = items.chunks(2 * CHUNK).collect();
+        thread::scope(|scope| {
+            let receivers: Vec<_> = (0..workers)
+                .map(|w| {
+                    let (tx, rx) = mpsc::sync_channel::<Vec<Result<ApiKey, Error>>>(2);
+                    let mine: Vec<&[Value]> =
+                        chunks.iter().skip(w).step_by(workers).copied().collect();
+                    let spawned = thread::Builder::new().spawn_scoped(scope, move || {
+                        for chunk in mine {
+                            if tx.send(decode_all(chunk)).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    // A worker that could not start: its chunks are decoded here.
+                    spawned.ok().map(|_| rx)
+                })
+                .collect();
+            for (at, chunk) in chunks.iter().enumerate() {
+                let keys = receivers[at % workers]
+                    .as_ref()
+                    .and_then(|rx| rx.recv().ok())
+                    .unwrap_or_else(|| decode_all(chunk));
+                insert(chunk, keys);
+            }
+        });
     }
     if shared.is_empty() {
         return set;
@@ -392,6 +441,15 @@ fn key_set(keys: Vec<(String, Result<ApiKey, Error>)>, source: &str) -> KeySet {
     kept
 }
 
+/// A reply's bytes (a field or a value of a hash).
+fn bytes(value: &Value) -> &[u8] {
+    match value {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.as_bytes(),
+        _ => &[],
+    }
+}
+
 /// Says that the key with this id is refused because its record cannot be applied.
 pub(super) fn refused(source: &str, id: &str, error: &Error) {
     #[cfg(feature = "tracing")]
@@ -406,48 +464,12 @@ pub(super) fn refused(source: &str, id: &str, error: &Error) {
     let _ = (source, id, error);
 }
 
-/// The keys of `(id, record)` pairs, in order, with their ids. A large namespace (a
-/// million records is most of a second of JSON) is decoded on every core: the
-/// initial load is what a replica waits for before it can serve.
-fn decode_all(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<(String, Result<ApiKey, Error>)> {
-    let decode = |chunk: &[(Vec<u8>, Vec<u8>)]| -> Vec<(String, Result<ApiKey, Error>)> {
-        chunk
-            .iter()
-            .map(|(id, json)| {
-                let id = String::from_utf8_lossy(id).into_owned();
-                let key = model::decode(&id, json);
-                (id, key)
-            })
-            .collect()
-    };
-    let parts = thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(4);
-    if pairs.len() < 50_000 || parts < 2 {
-        return decode(pairs);
-    }
-    let size = pairs.len().div_ceil(parts);
-    thread::scope(|scope| {
-        let handles: Vec<_> = pairs
-            .chunks(size)
-            .skip(1)
-            .map(|chunk| {
-                (
-                    chunk,
-                    thread::Builder::new().spawn_scoped(scope, move || decode(chunk)),
-                )
-            })
-            .collect();
-        let mut keys = decode(&pairs[..size.min(pairs.len())]);
-        for (chunk, handle) in handles {
-            // A thread that could not start or failed: decode its part here.
-            match handle.ok().and_then(|h| h.join().ok()) {
-                Some(part) => keys.extend(part),
-                None => keys.extend(decode(chunk)),
-            }
-        }
-        keys
-    })
+/// The keys of a flat list of ids and records, in order.
+fn decode_all(items: &[Value]) -> Vec<Result<ApiKey, Error>> {
+    items
+        .chunks_exact(2)
+        .map(|pair| model::decode(&String::from_utf8_lossy(bytes(&pair[0])), bytes(&pair[1])))
+        .collect()
 }
 
 impl fmt::Debug for RedisSource {
