@@ -355,7 +355,7 @@ return 0
 /// KEYS: version, records, log. Returns `{state, epoch, version, last log id}`:
 /// state 0 the namespace exists, 1 it is missing (no epoch or version), 2 one of its
 /// keys has the wrong type.
-pub(crate) const HEAD: &str = r"#!lua flags=no-writes
+pub(crate) const HEAD: &str = r"
 local state, epoch, v, last = 1, false, false, false
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'hash' then

@@ -347,9 +347,9 @@ pub(super) fn read_all(
     };
     let set = key_set(&items, source);
     // Two million small buffers: freed off the path to serving.
-    if let Err(error) = thread::Builder::new().spawn(move || drop(items)) {
-        drop(error);
-    }
+    let _ = thread::Builder::new()
+        .name("tower-api-key-free".into())
+        .spawn(move || drop(items));
     let last = match last {
         Value::Array(entries) => entries
             .into_iter()
@@ -402,13 +402,15 @@ fn key_set(items: &[Value], source: &str) -> KeySet {
                     let (tx, rx) = mpsc::sync_channel::<Vec<Result<ApiKey, Error>>>(2);
                     let mine: Vec<&[Value]> =
                         chunks.iter().skip(w).step_by(workers).copied().collect();
-                    let spawned = thread::Builder::new().spawn_scoped(scope, move || {
-                        for chunk in mine {
-                            if tx.send(decode_all(chunk)).is_err() {
-                                return;
+                    let spawned = thread::Builder::new()
+                        .name("tower-api-key-decode".into())
+                        .spawn_scoped(scope, move || {
+                            for chunk in mine {
+                                if tx.send(decode_all(chunk)).is_err() {
+                                    return;
+                                }
                             }
-                        }
-                    });
+                        });
                     // A worker that could not start: its chunks are decoded here.
                     spawned.ok().map(|_| rx)
                 })

@@ -93,7 +93,12 @@ impl Redis {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(extra)
-            .args(["--save", "", "--enable-debug-command", "local"]);
+            .args(["--save", ""]);
+        // `DEBUG` (the tests' `DEBUG SLEEP`) is off by default from Redis 7 on, and
+        // the option unknown before.
+        if major_version() >= 7 {
+            cmd.args(["--enable-debug-command", "local"]);
+        }
         if persist {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -211,6 +216,23 @@ impl Redis {
             _ => Vec::new(),
         }
     }
+}
+
+/// The major version of the installed `redis-server` (0 if unknown).
+fn major_version() -> u32 {
+    static VERSION: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let out = Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix("v="))
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 impl Drop for Redis {
