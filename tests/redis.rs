@@ -474,3 +474,33 @@ async fn a_restore_replaces_a_namespace_whole() {
     let left = redis.cli(&["KEYS", "tak:{replace}:staging:*"]);
     assert!(!left.contains("staging"), "{left}");
 }
+
+/// A namespace whose keys have the wrong type (an integer version, as an earlier
+/// build wrote it; something else's data) is damaged: replicas keep their keys and
+/// say so, an import does not write over it, a restore replaces it.
+#[tokio::test]
+async fn a_damaged_namespace_is_replaced_only_by_a_restore() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "damaged").await;
+    let r = replica(&redis, "damaged", false).await;
+    redis.cli(&["DEL", "tak:{damaged}:version"]);
+    redis.cli(&["SET", "tak:{damaged}:version", "7"]);
+    eventually("the damage reported", Duration::from_secs(3), || {
+        r.store
+            .last_reload()
+            .and_then(|x| x.error().map(|e| common::chain(e)))
+            .is_some_and(|e| e.contains("wrong type"))
+    })
+    .await;
+    assert_eq!(status(r.addr, "reader-secret").await, 200);
+    let backend = RedisBackend::new(&redis.url(), "damaged").unwrap();
+    assert!(!backend.exists().await.unwrap());
+    let path = redis.dir.path().join("late.toml");
+    fs::write(&path, "[[keys]]\nid = \"late\"\nsecret = \"late-secret\"\n").unwrap();
+    let err = backend.import_file(&path).await.unwrap_err();
+    assert!(common::chain(&err).contains("wrong type"), "{err}");
+    assert_eq!(redis.cli(&["GET", "tak:{damaged}:version"]), "7");
+    assert_eq!(backend.restore_file(&path).await.unwrap(), 1);
+    until(r.addr, "late-secret", 200, Duration::from_secs(3)).await;
+    assert_eq!(status(r.addr, "reader-secret").await, 401);
+}

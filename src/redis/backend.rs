@@ -185,8 +185,8 @@ impl RedisBackend {
     ///
     /// # Errors
     ///
-    /// The file cannot be read or does not parse; Redis does not answer; the
-    /// namespace went missing during the import.
+    /// The file cannot be read or does not parse; otherwise as
+    /// [`import`](RedisBackend::import).
     ///
     /// # Example
     ///
@@ -211,10 +211,15 @@ impl RedisBackend {
     ///
     /// # Errors
     ///
-    /// Redis does not answer; the namespace went missing during the import.
+    /// Redis does not answer; the namespace went missing during the import; one of
+    /// its keys has the wrong type (only [`restore`](RedisBackend::restore) replaces
+    /// such a namespace).
     pub async fn import(&self, set: &KeySet) -> Result<usize, Error> {
-        if !self.exists().await? {
-            return self.restore(set).await;
+        match self.head().await.map_err(|e| self.error(e))? {
+            0 => {}
+            1 => return self.restore(set).await,
+            // Keys of the wrong type: not created by an import over them.
+            _ => return Err(self.error(refusal(refused::DAMAGED))),
         }
         let keys: Vec<&ApiKey> = set.iter().collect();
         for chunk in keys.chunks(CHUNK) {
