@@ -1,18 +1,14 @@
 //! `RedisBackend`: the key-management API's backend on a Redis namespace, and the
 //! explicit ways a namespace is created, restored and exported.
 
-use std::{
-    fmt,
-    future::Future,
-    path::Path,
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
+use std::{fmt, path::Path, time::Duration};
+
+use redis::Value;
+
+use super::{
+    link::{Link, Sent},
+    model::{self, CHUNK, Keys, LOG_LEN, STAGING_TTL, refused},
 };
-
-use redis::{Value, aio::MultiplexedConnection};
-use tokio::sync::Mutex;
-
-use super::model::{self, CHUNK, FENCE_TTL, Keys, LOG_LEN, STAGING_TTL, refused};
 use crate::{
     ApiKey, Error, KeySet,
     admin::{AdminBackend, BackendError, UsageCounts, record_etag},
@@ -56,31 +52,12 @@ pub struct RedisBackend {
     client: redis::Client,
     namespace: String,
     keys: Keys,
-    timeout: Duration,
-    con: Mutex<Slot>,
+    link: Link,
     scripts: Scripts,
-    /// When the backend was made, and when Redis last answered (ms after that): a
-    /// connection idle for a while is probed before a write is sent on it.
-    born: Instant,
-    answered: AtomicU64,
-}
-
-/// How long a connection may sit idle before a write checks it is still open: a
-/// write sent on a connection that is already closed would be a write whose fate is
-/// unknown, where a probe makes it one that certainly was not sent.
-const PROBE_AFTER: Duration = Duration::from_millis(100);
-
-/// The shared connection, and which one it is (so that a failure drops only the
-/// connection that failed, not one another call made since).
-#[derive(Default)]
-struct Slot {
-    con: Option<MultiplexedConnection>,
-    generation: u64,
 }
 
 struct Scripts {
     apply: redis::Script,
-    check: redis::Script,
     head: redis::Script,
     swap: redis::Script,
 }
@@ -124,20 +101,17 @@ impl RedisBackend {
     /// [`Error::Source`] if `url` is not a Redis URL or `namespace` is empty.
     pub fn new(url: &str, namespace: impl Into<String>) -> Result<Self, Error> {
         let namespace = namespace.into();
+        let client = super::client(url, &namespace)?;
         Ok(Self {
-            client: super::client(url, &namespace)?,
+            link: Link::new(client.clone(), format!("redis:{namespace}")),
+            client,
             keys: Keys::of(&namespace),
             namespace,
-            timeout: Duration::from_secs(2),
-            con: Mutex::new(Slot::default()),
             scripts: Scripts {
                 apply: redis::Script::new(model::APPLY),
-                check: redis::Script::new(model::CHECK_WRITE),
                 head: redis::Script::new(model::HEAD),
                 swap: redis::Script::new(model::SWAP),
             },
-            born: Instant::now(),
-            answered: AtomicU64::new(0),
         })
     }
 
@@ -146,7 +120,7 @@ impl RedisBackend {
     /// again.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.link.set_timeout(timeout);
         self
     }
 
@@ -303,55 +277,41 @@ impl RedisBackend {
                 .ignore();
             // Staging is written again as it is: safe to retry.
             let pipe = &pipe;
-            self.read(|mut con| async move { pipe.query_async::<()>(&mut con).await })
+            self.link
+                .read(|mut con| async move { pipe.query_async::<()>(&mut con).await })
                 .await
                 .map_err(|e| Error::custom(self.name(), e))?;
         }
-        for _ in 0..2 {
-            let (mut con, generation) = self
-                .live_connection()
-                .await
-                .map_err(|e| self.error(self.unavailable(&e)))?;
-            let nonce = model::random_id();
-            let marker = self.keys.marker(&nonce);
-            let reply = self
-                .scripts
-                .swap
-                .key(&self.keys.records)
-                .key(&self.keys.version)
-                .key(&self.keys.log)
-                .key(&staging)
-                .key(&marker)
-                .arg(&epoch)
-                .arg(keys.len())
-                .arg(LOG_LEN)
-                .arg(self.marker_ttl())
-                .invoke_async::<i64>(&mut con)
-                .await;
-            match reply {
-                Ok(v) if v > 0 => return Ok(keys.len()),
-                Ok(_) => {
-                    return Err(Error::custom(
-                        self.name(),
-                        "Redis lost the staged keys during the restore (wiped meanwhile?); \
-                         nothing was restored",
-                    ));
+        let swapped = self
+            .link
+            .write(&self.keys, |mut con, marker| {
+                let (epoch, staging, n) = (&epoch, &staging, keys.len());
+                async move {
+                    self.scripts
+                        .swap
+                        .key(&self.keys.records)
+                        .key(&self.keys.version)
+                        .key(&self.keys.log)
+                        .key(staging)
+                        .key(&marker)
+                        .arg(epoch)
+                        .arg(n)
+                        .arg(LOG_LEN)
+                        .arg(self.link.marker_ttl())
+                        .invoke_async::<i64>(&mut con)
+                        .await
                 }
-                Err(e) if answered(&e) => return Err(self.error(self.unavailable(&e))),
-                Err(e) => {
-                    self.drop_connection(generation).await;
-                    match self.settle(&marker).await {
-                        Ok(true) => return Ok(keys.len()),
-                        Ok(false) => {}
-                        Err(_) => return Err(self.error(self.outcome_unknown(&e))),
-                    }
-                }
-            }
+            })
+            .await
+            .map_err(|e| self.error(e))?;
+        match swapped {
+            Sent::Answered(v) if v > 0 => Ok(keys.len()),
+            Sent::Happened => Ok(keys.len()),
+            Sent::Answered(_) => Err(self.error(
+                "Redis lost the staged keys during the restore (wiped meanwhile?); nothing \
+                 was restored",
+            )),
         }
-        Err(Error::custom(
-            self.name(),
-            "Redis did not answer the restore; nothing was restored",
-        ))
     }
 
     /// Writes the namespace's keys to a key file at `path`, digests only, atomically:
@@ -396,120 +356,11 @@ impl RedisBackend {
         BackendError::StoreMissing(format!("Redis namespace `{}`", self.namespace))
     }
 
-    /// How long a `done` marker is kept: longer than a write can take to be settled.
-    fn marker_ttl(&self) -> u64 {
-        (self.timeout * 10).max(Duration::from_secs(60)).as_millis() as u64
-    }
-
-    /// The shared connection, made (or made again after a failure) on demand.
-    async fn connection(&self) -> Result<(MultiplexedConnection, u64), redis::RedisError> {
-        let mut slot = self.con.lock().await;
-        if let Some(con) = &slot.con {
-            return Ok((con.clone(), slot.generation));
-        }
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        let con = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        slot.con = Some(con.clone());
-        Ok((con, slot.generation))
-    }
-
-    /// Notes that Redis answered.
-    fn touch(&self) {
-        let ms = self.born.elapsed().as_millis() as u64;
-        self.answered.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    /// The shared connection, checked with a `PING` if it has been idle: a
-    /// connection Redis closed is found closed before a write is sent on it, and
-    /// made again.
-    async fn live_connection(&self) -> Result<(MultiplexedConnection, u64), redis::RedisError> {
-        let (mut con, generation) = self.connection().await?;
-        let idle = self
-            .born
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.answered.load(Ordering::Relaxed)));
-        if idle < PROBE_AFTER {
-            return Ok((con, generation));
-        }
-        match redis::cmd("PING").query_async::<()>(&mut con).await {
-            Ok(()) => {
-                self.touch();
-                Ok((con, generation))
-            }
-            Err(e) if answered(&e) => Err(e),
-            Err(_) => {
-                self.drop_connection(generation).await;
-                let fresh = self.connection().await?;
-                self.touch();
-                Ok(fresh)
-            }
-        }
-    }
-
-    /// Forgets connection `generation`: the next call makes a new one.
-    async fn drop_connection(&self, generation: u64) {
-        let mut slot = self.con.lock().await;
-        if slot.generation == generation {
-            slot.con = None;
-            slot.generation += 1;
-        }
-    }
-
-    /// Runs a command that changes nothing (or that can be repeated as it is). A
-    /// connection found broken is made again and the command tried once more; a
-    /// Redis that does not answer in time is not asked twice.
-    async fn read<T, F>(&self, f: impl Fn(MultiplexedConnection) -> F) -> Result<T, BackendError>
-    where
-        F: Future<Output = Result<T, redis::RedisError>>,
-    {
-        let mut attempt = 0;
-        loop {
-            let (con, generation) = self.connection().await.map_err(|e| self.unavailable(&e))?;
-            match f(con).await {
-                Ok(out) => {
-                    self.touch();
-                    return Ok(out);
-                }
-                Err(e) if answered(&e) => return Err(self.unavailable(&e)),
-                Err(e) => {
-                    self.drop_connection(generation).await;
-                    attempt += 1;
-                    if e.is_timeout() || attempt > 1 {
-                        return Err(self.unavailable(&e));
-                    }
-                }
-            }
-        }
-    }
-
-    /// A failure that changed nothing. Redis's own text is logged, not passed on.
-    fn unavailable(&self, e: &redis::RedisError) -> BackendError {
-        self.log(e, "nothing was written");
-        BackendError::Unavailable(Box::new(self.error(super::describe(e))))
-    }
-
-    /// A write whose answer was lost, and that could not be settled.
-    fn outcome_unknown(&self, e: &redis::RedisError) -> BackendError {
-        self.log(e, "the write may or may not have happened");
-        BackendError::OutcomeUnknown(Box::new(self.error(super::describe(e))))
-    }
-
-    fn log(&self, e: &redis::RedisError, what: &str) {
-        #[cfg(feature = "tracing")]
-        tracing::warn!(target: "tower_api_key::redis", source = %self.name(), error = %e, "a Redis command failed; {what}");
-        #[cfg(not(feature = "tracing"))]
-        let _ = (e, what);
-    }
-
     /// Where the namespace is: 0 it exists, 1 it is missing, 2 a key has the wrong
     /// type.
     async fn head(&self) -> Result<i64, BackendError> {
         let reply: Vec<Value> = self
+            .link
             .read(|mut con| async move {
                 self.scripts
                     .head
@@ -529,6 +380,7 @@ impl RedisBackend {
     /// Every record, as stored. The namespace must exist.
     async fn all_raw(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, BackendError> {
         let (meta, records): (Meta, Value) = self
+            .link
             .read(|mut con| async move {
                 redis::pipe()
                     .atomic()
@@ -563,6 +415,7 @@ impl RedisBackend {
     /// The record with this id, as stored, if any. The namespace must exist.
     async fn current(&self, id: &str) -> Result<Option<Stored>, BackendError> {
         let (meta, raw): (Meta, Option<Vec<u8>>) = self
+            .link
             .read(|mut con| async move {
                 redis::pipe()
                     .atomic()
@@ -584,73 +437,36 @@ impl RedisBackend {
         }))
     }
 
-    /// Runs the write script once for `puts`, settling a lost answer: the write
-    /// happened, or it never will and is tried once more.
+    /// Runs the write script for `puts` (see [`Link::write`] for a lost answer).
     async fn write(&self, puts: &[Put<'_>]) -> Result<Written, BackendError> {
-        for _ in 0..2 {
-            let (mut con, generation) = self
-                .live_connection()
-                .await
-                .map_err(|e| self.unavailable(&e))?;
-            let nonce = model::random_id();
-            let marker = self.keys.marker(&nonce);
-            let mut invocation = self.scripts.apply.prepare_invoke();
-            invocation
-                .key(&self.keys.records)
-                .key(&self.keys.version)
-                .key(&self.keys.log)
-                .key(&marker)
-                .arg(LOG_LEN)
-                .arg(self.marker_ttl());
-            for put in puts {
-                invocation.arg(if put.record.is_some() { "put" } else { "del" });
-                invocation.arg(put.id);
-                match put.expect {
-                    Expect::Absent => invocation.arg("-"),
-                    Expect::Any => invocation.arg("*"),
-                    Expect::Exactly(raw) => invocation.arg(raw),
-                };
-                invocation.arg(put.record.as_deref().unwrap_or(""));
-            }
-            match invocation.invoke_async::<Value>(&mut con).await {
-                Ok(reply) => {
-                    self.touch();
-                    return Ok(written(reply));
+        let sent = self
+            .link
+            .write(&self.keys, |mut con, marker| async move {
+                let mut invocation = self.scripts.apply.prepare_invoke();
+                invocation
+                    .key(&self.keys.records)
+                    .key(&self.keys.version)
+                    .key(&self.keys.log)
+                    .key(&marker)
+                    .arg(LOG_LEN)
+                    .arg(self.link.marker_ttl());
+                for put in puts {
+                    invocation.arg(if put.record.is_some() { "put" } else { "del" });
+                    invocation.arg(put.id);
+                    match put.expect {
+                        Expect::Absent => invocation.arg("-"),
+                        Expect::Any => invocation.arg("*"),
+                        Expect::Exactly(raw) => invocation.arg(raw),
+                    };
+                    invocation.arg(put.record.as_deref().unwrap_or(""));
                 }
-                // Redis answered with an error: the script wrote nothing (it checks
-                // everything before its first write).
-                Err(e) if answered(&e) => return Err(self.unavailable(&e)),
-                Err(e) => {
-                    self.drop_connection(generation).await;
-                    match self.settle(&marker).await {
-                        Ok(true) => return Ok(Written::Done),
-                        Ok(false) => self.log(&e, "it never will: trying once more"),
-                        Err(_) => return Err(self.outcome_unknown(&e)),
-                    }
-                }
-            }
-        }
-        Err(BackendError::Unavailable(Box::new(self.error(
-            "Redis did not answer the write twice; nothing was written",
-        ))))
-    }
-
-    /// Whether the write with this marker happened; if it did not, it never will.
-    async fn settle(&self, marker: &str) -> Result<bool, redis::RedisError> {
-        let (mut con, generation) = self.connection().await?;
-        let reply = self
-            .scripts
-            .check
-            .key(marker)
-            .arg(FENCE_TTL.as_millis() as u64)
-            .invoke_async::<i64>(&mut con)
-            .await;
-        if reply.as_ref().is_err_and(|e| !answered(e)) {
-            self.drop_connection(generation).await;
-        }
-        let ran = reply? == 1;
-        self.touch();
-        Ok(ran)
+                invocation.invoke_async::<Value>(&mut con).await
+            })
+            .await?;
+        Ok(match sent {
+            Sent::Answered(reply) => written(reply),
+            Sent::Happened => Written::Done,
+        })
     }
 
     /// Replaces or removes the record with `id` (and adds `also`, which must be new),
@@ -752,12 +568,6 @@ fn written(reply: Value) -> Written {
     }
 }
 
-/// Whether Redis answered (with an error), as opposed to not at all.
-fn answered(e: &redis::RedisError) -> bool {
-    matches!(e.kind(), redis::ErrorKind::Server(_))
-        || e.kind() == redis::ErrorKind::AuthenticationFailed
-}
-
 /// The key a stored record stands for, or the store's fault, named.
 fn checked(id: &str, json: &[u8]) -> Result<ApiKey, BackendError> {
     model::decode(id, json)
@@ -836,6 +646,7 @@ impl AdminBackend for RedisBackend {
             return Ok(Some(Vec::new()));
         }
         let (requests, last_used): (Vec<Option<u64>>, Vec<Option<u64>>) = self
+            .link
             .read(|mut con| async move {
                 redis::pipe()
                     .cmd("HMGET")
@@ -868,7 +679,7 @@ impl fmt::Debug for RedisBackend {
         f.debug_struct("RedisBackend")
             .field("namespace", &self.namespace)
             .field("server", &super::server(&self.client))
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.link.timeout())
             .finish_non_exhaustive()
     }
 }

@@ -59,6 +59,7 @@
 
 mod backend;
 mod follow;
+mod link;
 mod log;
 mod model;
 mod snapshot;
