@@ -1,12 +1,23 @@
-//! A replica of a fleet on Redis: seeds the namespace from a key file (the first admin
-//! key), follows it, serves the key-management API, and exports the namespace to a key
-//! file (digests only) for inspection. Run several, on different ports, against one
-//! Redis: a key created through one is enforced by all.
+//! A replica of a fleet on Redis: follows namespace `example`, serves the
+//! key-management API, and keeps a snapshot of its last keys. Run several, on
+//! different ports, against one Redis: a key created through one is enforced by all.
 //!
-//! `REDIS_URL=redis://127.0.0.1:6379/ PORT=3002 cargo run --example fleet --features redis`
-//! (`REDIS_URL` defaults to that; start one with `redis-server --port 6379`).
+//! ```text
+//! # The fleet's first start, once: seed the namespace (sample admin key `ops-admin`,
+//! # secret `ops-admin-key`). Ignored when the namespace exists.
+//! SEED=examples/keys.toml PORT=3002 cargo run --example fleet --features redis
+//! # More replicas: they only follow.
+//! PORT=3003 cargo run --example fleet --features redis
+//! # Redis lost the namespace: put the last keys a replica kept back.
+//! RESTORE=/tmp/tower-api-key-fleet-3002.toml PORT=3002 cargo run --example fleet --features redis
+//! ```
+//!
+//! `REDIS_URL` defaults to `redis://127.0.0.1:6379/` (start one with
+//! `redis-server --port 6379`); `SNAPSHOT` defaults to a file per port in the temp
+//! directory. Restarting a replica never writes the sample keys again: a key revoked
+//! through the API (the sample admin key included) stays revoked.
 
-use std::{error::Error, net::SocketAddr, time::Duration};
+use std::{error::Error, net::SocketAddr, path::PathBuf, time::Duration};
 
 use axum::{Router, routing::get};
 use tower_api_key::{
@@ -14,6 +25,93 @@ use tower_api_key::{
     admin::AdminApi,
     redis::{RedisBackend, RedisSource},
 };
+
+/// The namespace the example's replicas share.
+const NAMESPACE: &str = "example";
+
+/// How one replica starts.
+pub(crate) struct Config {
+    pub(crate) url: String,
+    pub(crate) port: u16,
+    /// A key file to create the namespace from, if it does not exist.
+    pub(crate) seed: Option<PathBuf>,
+    /// A key file (a replica's snapshot, an export) to replace the namespace with.
+    pub(crate) restore: Option<PathBuf>,
+    /// Where this replica keeps its last keys: one file per replica.
+    pub(crate) snapshot: PathBuf,
+}
+
+impl Config {
+    fn from_env() -> Result<Self, String> {
+        let port = match std::env::var("PORT") {
+            Ok(port) => port
+                .parse()
+                .map_err(|_| format!("PORT={port} is not a port number"))?,
+            Err(_) => 3002,
+        };
+        let path = |var: &str| std::env::var_os(var).map(PathBuf::from);
+        Ok(Self {
+            url: std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into()),
+            port,
+            seed: path("SEED"),
+            restore: path("RESTORE"),
+            snapshot: path("SNAPSHOT").unwrap_or_else(|| default_snapshot(port)),
+        })
+    }
+}
+
+/// The default snapshot of the replica on `port`: replicas on one machine never share
+/// one.
+pub(crate) fn default_snapshot(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("tower-api-key-fleet-{port}.toml"))
+}
+
+/// Prepares the namespace as asked (restore, or a first seed), then the replica: its
+/// store following the namespace, and its app (a guarded `/` and the API).
+pub(crate) async fn replica(config: &Config) -> Result<(Router, KeyStore), Box<dyn Error>> {
+    let backend = RedisBackend::new(&config.url, NAMESPACE)?;
+    if let Some(path) = &config.restore {
+        let n = backend.restore_file(path).await?;
+        println!(
+            "restored namespace `{NAMESPACE}` from {} ({n} keys)",
+            path.display()
+        );
+    } else if !backend.exists().await? {
+        match &config.seed {
+            Some(path) => {
+                let n = backend.import_file(path).await?;
+                println!(
+                    "created namespace `{NAMESPACE}` from {} ({n} keys)",
+                    path.display()
+                );
+            }
+            None => println!(
+                "namespace `{NAMESPACE}` does not exist in Redis: every key is refused until \
+                 it is created (SEED=examples/keys.toml on the fleet's first start) or \
+                 restored (RESTORE=<a replica's snapshot>)"
+            ),
+        }
+    } else if config.seed.is_some() {
+        println!("namespace `{NAMESPACE}` exists: SEED ignored (it is for the first start)");
+    }
+
+    let store = KeyStore::new();
+    let source = RedisSource::new(&config.url, NAMESPACE)?
+        .with_usage_flush(Duration::from_secs(2))
+        .with_snapshot(&config.snapshot);
+    if let Err(e) = store.add_source(source) {
+        println!("no keys from Redis yet, still trying: {e}");
+    }
+    println!(
+        "snapshot of this replica's keys: {}",
+        config.snapshot.display()
+    );
+    let app = Router::new()
+        .route("/", get(|| async { "hello from the fleet\n" }))
+        .route_layer(ApiKeyLayer::from_store(store.clone()))
+        .merge(AdminApi::new(store.clone(), backend).router());
+    Ok((app, store))
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
@@ -23,40 +121,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 .unwrap_or_else(|_| "info,tower_api_key=info".into()),
         )
         .init();
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
-    let backend = RedisBackend::new(&url, "example")?;
-    // The namespace comes into being with its first write: seed it with the sample
-    // keys (`ops-admin`, secret `ops-admin-key`, has the `admin` scope).
-    let seeded = backend
-        .import_file(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/keys.toml"))
-        .await?;
-    println!("seeded namespace `example` with {seeded} keys");
-
-    let store = KeyStore::new();
-    let snapshot = std::env::temp_dir().join("tower-api-key-fleet-example.toml");
-    store.add_source(
-        RedisSource::new(&url, "example")?
-            .with_usage_flush(Duration::from_secs(2))
-            .with_snapshot(&snapshot),
-    )?;
-    let app = Router::new()
-        .route("/", get(|| async { "hello from the fleet\n" }))
-        .route_layer(ApiKeyLayer::from_store(store.clone()))
-        .merge(AdminApi::new(store, backend).router());
-
-    let exported = std::env::temp_dir().join("tower-api-key-fleet-export.toml");
-    let n = RedisBackend::new(&url, "example")?
-        .export_file(&exported)
-        .await?;
-    println!("exported {n} keys to {} (digests only)", exported.display());
-
-    let port = match std::env::var("PORT") {
-        Ok(port) => port
-            .parse()
-            .map_err(|_| format!("PORT={port} is not a port number"))?,
-        Err(_) => 3002,
-    };
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let config = Config::from_env()?;
+    let (app, _store) = replica(&config).await?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], config.port));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e} (set PORT to use another port)"))?;

@@ -1,244 +1,26 @@
 //! A fleet on Redis: replicas (separate stores and servers, one in a separate OS
 //! process) follow one namespace that the key-management API of one replica writes,
-//! against a real `redis-server` started here on a free loopback port.
-//!
-//! Where `redis-server` is missing these tests print `skipped: redis-server not found
-//! (apt-get install redis-server)` and pass, except under CI (`CI=true`), where a
-//! missing server fails them.
+//! against a real `redis-server` started here on a free loopback port (see
+//! `redis_support` for the helpers and what happens without `redis-server`).
 #![allow(clippy::unwrap_used)]
 #![cfg(feature = "redis")]
 
 mod common;
+mod redis_support;
 
 use std::{
     fs,
-    net::{SocketAddr, TcpListener},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    net::SocketAddr,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use axum::{Router, routing::get};
-use serde_json::{Value, json};
+use redis_support::*;
+use serde_json::json;
 use tower_api_key::{
-    ApiKeyLayer, KeyStore,
-    admin::AdminApi,
+    KeyStore,
     redis::{RedisBackend, RedisSource},
 };
-
-/// A `redis-server` of this test's own, on a free port of 127.0.0.1, in a temp dir.
-struct Redis {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Redis {
-    /// Starts one, or says why not (`None`: skip the test).
-    fn start() -> Option<Self> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var("CI").is_err(),
-                "redis-server not found under CI: .ci/run installs it"
-            );
-            println!("skipped: redis-server not found (apt-get install redis-server)");
-            return None;
-        }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self {
-            child: None,
-            port,
-            dir: tempfile::tempdir().unwrap(),
-        };
-        redis.run();
-        Some(redis)
-    }
-
-    /// Runs the server (again), persisting to its directory so a restart keeps data.
-    fn run(&mut self) {
-        self.run_with(&[]);
-    }
-
-    fn run_with(&mut self, extra: &[&str]) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(extra)
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let start = Instant::now();
-        // Ready when it answers a PING, or asks for the password first.
-        while !matches!(self.cli(&["PING"]).as_str(), "PONG" | "NOAUTH") {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// A command through a fresh connection; its reply as text ("" on failure).
-    fn cli(&self, args: &[&str]) -> String {
-        let Ok(client) = redis::Client::open(self.url()) else {
-            return String::new();
-        };
-        let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
-            return String::new();
-        };
-        let mut cmd = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            cmd.arg(*arg);
-        }
-        match cmd.query::<redis::Value>(&mut con) {
-            Ok(redis::Value::SimpleString(s)) => s,
-            Ok(redis::Value::Okay) => "OK".into(),
-            Ok(redis::Value::Int(n)) => n.to_string(),
-            Ok(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
-            Ok(other) => format!("{other:?}"),
-            Err(e) if e.code() == Some("NOAUTH") => "NOAUTH".into(),
-            Err(_) => String::new(),
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-const SEED: &str = "[[keys]]\nid = \"root\"\nsecret = \"root-secret\"\nscopes = [\"admin\", \"read\"]\n\n\
-                    [[keys]]\nid = \"reader\"\nsecret = \"reader-secret\"\nscopes = [\"read\"]\n";
-
-/// Seeds namespace `ns` from a key file holding `root` (admin) and `reader`.
-async fn seed(redis: &Redis, ns: &str) -> PathBuf {
-    let path = redis.dir.path().join(format!("{ns}-seed.toml"));
-    fs::write(&path, SEED).unwrap();
-    let backend = RedisBackend::new(&redis.url(), ns).unwrap();
-    assert_eq!(backend.import_file(&path).await.unwrap(), 2);
-    path
-}
-
-fn source(redis: &Redis, ns: &str) -> RedisSource {
-    RedisSource::new(&redis.url(), ns)
-        .unwrap()
-        .with_version_check(Duration::from_millis(200))
-        .with_usage_flush(Duration::from_millis(100))
-        .with_max_backoff(Duration::from_millis(500))
-        .with_connect_timeout(Duration::from_millis(500))
-}
-
-struct Replica {
-    addr: SocketAddr,
-    store: KeyStore,
-}
-
-/// A replica: its own store following `ns`, its own server; with the admin API when
-/// `admin`.
-async fn replica(redis: &Redis, ns: &str, admin: bool) -> Replica {
-    let store = KeyStore::new();
-    store.add_source(source(redis, ns)).unwrap();
-    let mut app = Router::new()
-        .route("/", get(|| async { "ok" }))
-        .route_layer(ApiKeyLayer::from_store(store.clone()));
-    if admin {
-        let backend = RedisBackend::new(&redis.url(), ns).unwrap();
-        app = app.merge(AdminApi::new(store.clone(), backend).router());
-    }
-    Replica {
-        addr: common::serve(app).await,
-        store,
-    }
-}
-
-/// Serves `/` guarded by `store`, as a replica without the admin API.
-async fn serve_store(store: KeyStore) -> SocketAddr {
-    let app = Router::new()
-        .route("/", get(|| async { "ok" }))
-        .route_layer(ApiKeyLayer::from_store(store));
-    common::serve(app).await
-}
-
-/// Writes `content` as a key file and imports it into namespace `ns`.
-async fn import(redis: &Redis, ns: &str, content: &str) {
-    let path = redis.dir.path().join(format!("{ns}-import.toml"));
-    fs::write(&path, content).unwrap();
-    RedisBackend::new(&redis.url(), ns)
-        .unwrap()
-        .import_file(&path)
-        .await
-        .unwrap();
-}
-
-async fn status(addr: SocketAddr, key: &str) -> u16 {
-    common::get_with(addr, "/", Some(key)).await.0
-}
-
-/// Waits (bounded) until `key` gets `want` at `addr`; returns how long it took.
-async fn until(addr: SocketAddr, key: &str, want: u16, limit: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        if status(addr, key).await == want {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < limit, "{addr}: `{key}` never got {want}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-async fn api(
-    addr: SocketAddr,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = common::client()
-        .request(method, format!("http://{addr}{path}"))
-        .header("authorization", "Bearer root-secret");
-    if let Some(body) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(body.to_string());
-    }
-    let res = req.send().await.unwrap();
-    let status = res.status().as_u16();
-    let text = res.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
 
 #[tokio::test]
 async fn a_change_on_one_replica_reaches_every_replica() {
@@ -587,4 +369,138 @@ async fn auth_through_the_url_and_no_password_in_debug() {
     let err = store.add_source(source).unwrap_err();
     assert!(!common::chain(&err).contains("wrong-pass"), "{err}");
     assert!(store.is_empty());
+}
+
+/// A wiped namespace comes back only when an operator restores it: from a replica's
+/// snapshot, whole, with a new epoch every replica reads.
+#[tokio::test]
+async fn a_wiped_namespace_is_restored_from_a_replica_snapshot() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    seed(&redis, "restore").await;
+    let snapshot = redis.dir.path().join("replica-1.toml");
+    let store = KeyStore::new();
+    store
+        .add_source(
+            source(&redis, "restore")
+                .with_snapshot(&snapshot)
+                .with_snapshot_interval(Duration::from_millis(50)),
+        )
+        .unwrap();
+    let first = replica_of(&redis, "restore", store, true).await;
+    let other = replica(&redis, "restore", false).await;
+    let (code, created) = api(
+        first.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "billing"})),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let secret = created["key"].as_str().unwrap().to_owned();
+    let (code, _) = api(
+        first.addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/reader",
+        None,
+    )
+    .await;
+    assert_eq!(code, 204);
+    eventually("the snapshot follows", Duration::from_secs(3), || {
+        fs::read_to_string(&snapshot).is_ok_and(|s| s.contains("billing") && !s.contains("reader"))
+    })
+    .await;
+    let backend = RedisBackend::new(&redis.url(), "restore").unwrap();
+    assert!(backend.exists().await.unwrap());
+
+    // Redis restarts empty.
+    redis.stop();
+    redis.run_empty();
+    assert!(!backend.exists().await.unwrap());
+    for r in [&first, &other] {
+        until(r.addr, &secret, 200, Duration::from_secs(3)).await;
+        assert_eq!(
+            status(r.addr, "reader-secret").await,
+            401,
+            "revoked stays revoked"
+        );
+    }
+    // Nothing but the restore brings it back.
+    assert_eq!(backend.restore_file(&snapshot).await.unwrap(), 2);
+    assert!(backend.exists().await.unwrap());
+    let (code, list) = api(first.addr, reqwest::Method::GET, "/v1/api-keys", None).await;
+    assert_eq!(code, 200, "{list}");
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+    // Writes work again, and reach every replica.
+    let (code, created) = api(
+        first.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "after"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    let after = created["key"].as_str().unwrap();
+    for r in [&first, &other] {
+        until(r.addr, after, 200, Duration::from_secs(3)).await;
+        assert_eq!(status(r.addr, &secret).await, 200);
+        assert_eq!(status(r.addr, "reader-secret").await, 401);
+    }
+}
+
+/// A restore replaces the namespace whole, even one that exists: replicas go from
+/// the old set to the restored one in one step.
+#[tokio::test]
+async fn a_restore_replaces_a_namespace_whole() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "replace").await;
+    let r = replica(&redis, "replace", false).await;
+    let path = redis.dir.path().join("replacement.toml");
+    fs::write(
+        &path,
+        "[[keys]]\nid = \"root\"\nsecret = \"root-secret\"\nscopes = [\"admin\"]\n\n\
+         [[keys]]\nid = \"new\"\nsecret = \"new-secret\"\n",
+    )
+    .unwrap();
+    let backend = RedisBackend::new(&redis.url(), "replace").unwrap();
+    let epoch = redis.epoch("replace");
+    assert_eq!(backend.restore_file(&path).await.unwrap(), 2);
+    assert_ne!(redis.epoch("replace"), epoch, "a new epoch");
+    until(r.addr, "new-secret", 200, Duration::from_secs(3)).await;
+    assert_eq!(status(r.addr, "reader-secret").await, 401);
+    assert_eq!(redis.ids("replace"), ["new", "root"]);
+    // No staging left behind.
+    let left = redis.cli(&["KEYS", "tak:{replace}:staging:*"]);
+    assert!(!left.contains("staging"), "{left}");
+}
+
+/// A namespace whose keys have the wrong type (an integer version, as an earlier
+/// build wrote it; something else's data) is damaged: replicas keep their keys and
+/// say so, an import does not write over it, a restore replaces it.
+#[tokio::test]
+async fn a_damaged_namespace_is_replaced_only_by_a_restore() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "damaged").await;
+    let r = replica(&redis, "damaged", false).await;
+    redis.cli(&["DEL", "tak:{damaged}:version"]);
+    redis.cli(&["SET", "tak:{damaged}:version", "7"]);
+    eventually("the damage reported", Duration::from_secs(3), || {
+        r.store
+            .last_reload()
+            .and_then(|x| x.error().map(|e| common::chain(e)))
+            .is_some_and(|e| e.contains("wrong type"))
+    })
+    .await;
+    assert_eq!(status(r.addr, "reader-secret").await, 200);
+    let backend = RedisBackend::new(&redis.url(), "damaged").unwrap();
+    assert!(!backend.exists().await.unwrap());
+    let path = redis.dir.path().join("late.toml");
+    fs::write(&path, "[[keys]]\nid = \"late\"\nsecret = \"late-secret\"\n").unwrap();
+    let err = backend.import_file(&path).await.unwrap_err();
+    assert!(common::chain(&err).contains("wrong type"), "{err}");
+    assert_eq!(redis.cli(&["GET", "tak:{damaged}:version"]), "7");
+    assert_eq!(backend.restore_file(&path).await.unwrap(), 1);
+    until(r.addr, "late-secret", 200, Duration::from_secs(3)).await;
+    assert_eq!(status(r.addr, "reader-secret").await, 401);
 }

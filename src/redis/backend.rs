@@ -1,20 +1,36 @@
-//! `RedisBackend`: the key-management API's backend on a Redis namespace.
+//! `RedisBackend`: the key-management API's backend on a Redis namespace, and the
+//! explicit ways a namespace is created, restored and exported.
 
 use std::{fmt, path::Path, time::Duration};
 
-use redis::{AsyncCommands as _, Value, aio::MultiplexedConnection};
-use tokio::sync::Mutex;
+use redis::Value;
 
-use super::model::{self, Keys, LOG_LEN};
+use super::{
+    link::{Link, Sent},
+    model::{self, CHUNK, Keys, LOG_LEN, STAGING_TTL, refused},
+};
 use crate::{
-    ApiKey, Error,
+    ApiKey, Error, KeySet,
     admin::{AdminBackend, BackendError, UsageCounts, record_etag},
 };
 
 /// An [`AdminBackend`] on a Redis namespace: each call is one atomic Lua script that
 /// writes the key's record, bumps the namespace's version and appends to its change
-/// log, which every replica's [`RedisSource`](super::RedisSource) follows. A namespace
-/// comes into being with its first write.
+/// log, which every replica's [`RedisSource`](super::RedisSource) follows.
+///
+/// A namespace is created, or re-created after Redis lost it, only explicitly: by
+/// [`import_file`](RedisBackend::import_file) (the first seed) or
+/// [`restore_file`](RedisBackend::restore_file) (a replica's snapshot, or an export).
+/// The API's writes into a namespace that does not exist are refused
+/// ([`BackendError::StoreMissing`]), so a wiped Redis plus one create never becomes a
+/// fleet that knows one key.
+///
+/// What a call answers is what happened: [`BackendError::Unavailable`] only when
+/// nothing was written. A write whose answer was lost (a time-out, a dropped
+/// connection) is settled on a fresh connection: it either happened (the call
+/// succeeds) or is made certain never to happen and is tried once more; only when
+/// Redis cannot be asked is the answer [`BackendError::OutcomeUnknown`]. A connection
+/// Redis dropped is made again by the next call.
 ///
 /// # Example
 ///
@@ -24,7 +40,10 @@ use crate::{
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = KeyStore::new();
 /// let backend = RedisBackend::new("redis://127.0.0.1:6379/", "payments")?;
-/// backend.import_file("keys.toml").await?; // seed the namespace and its first admin key
+/// if !backend.exists().await? {
+///     // The first start of the fleet: seed the namespace and its first admin key.
+///     backend.import_file("keys.toml").await?;
+/// }
 /// store.add_source(RedisSource::new("redis://127.0.0.1:6379/", "payments")?)?;
 /// let api: axum::Router = AdminApi::new(store.clone(), backend).router();
 /// # Ok(()) }
@@ -33,14 +52,22 @@ pub struct RedisBackend {
     client: redis::Client,
     namespace: String,
     keys: Keys,
-    timeout: Duration,
-    con: Mutex<Option<MultiplexedConnection>>,
+    link: Link,
+    scripts: Scripts,
+}
+
+struct Scripts {
+    apply: redis::Script,
+    head: redis::Script,
+    swap: redis::Script,
 }
 
 /// What a script's condition on one key is.
 enum Expect<'a> {
     /// The id must be free.
     Absent,
+    /// Whatever it holds.
+    Any,
     /// The record must be exactly this (read just before).
     Exactly(&'a [u8]),
 }
@@ -53,13 +80,17 @@ struct Put<'a> {
     record: Option<String>,
 }
 
-/// How a script run went.
-enum Outcome {
+/// How a write went: done, or refused with a code of [`refused`].
+enum Written {
     Done,
-    Exists,
-    Absent,
-    Changed,
+    Refused(i64),
 }
+
+/// A record as stored, and the key it stands for (or why it stands for none).
+type Stored = (Vec<u8>, Result<ApiKey, Error>);
+
+/// The namespace's epoch and version, as `HMGET` gives them.
+type Meta = (Option<String>, Option<String>);
 
 impl RedisBackend {
     /// A backend on namespace `namespace` of the Redis server at `url` (`redis://` or
@@ -70,80 +101,243 @@ impl RedisBackend {
     /// [`Error::Source`] if `url` is not a Redis URL or `namespace` is empty.
     pub fn new(url: &str, namespace: impl Into<String>) -> Result<Self, Error> {
         let namespace = namespace.into();
+        let client = super::client(url, &namespace)?;
         Ok(Self {
-            client: super::client(url, &namespace)?,
+            link: Link::new(client.clone(), format!("redis:{namespace}")),
+            client,
             keys: Keys::of(&namespace),
             namespace,
-            timeout: Duration::from_secs(2),
-            con: Mutex::new(None),
+            scripts: Scripts {
+                apply: redis::Script::new(model::APPLY),
+                head: redis::Script::new(model::HEAD),
+                swap: redis::Script::new(model::SWAP),
+            },
         })
     }
 
-    /// How long a connection or a command may take before the call fails with
-    /// 503 (default 2 s).
+    /// How long a connection or a command may take before the call gives up
+    /// (default 2 s). A write that times out is then settled, which may take as long
+    /// again.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.link.set_timeout(timeout);
         self
     }
 
-    /// Writes every key of the key file at `path` into the namespace (creating it), as
-    /// one atomic step per 1,000 keys; keys already there are replaced. How a fleet's
-    /// namespace gets its first admin key. Returns how many keys were written.
+    /// Whether the namespace exists: it has an epoch and a version. A wiped Redis, or
+    /// a namespace never created, does not.
     ///
     /// # Errors
     ///
-    /// The file cannot be read or does not parse; Redis does not answer.
+    /// Redis does not answer.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use tower_api_key::redis::RedisBackend;
+    ///
+    /// # async fn run() -> Result<(), tower_api_key::Error> {
+    /// let backend = RedisBackend::new("redis://127.0.0.1:6379/", "payments")?;
+    /// if !backend.exists().await? {
+    ///     eprintln!("the namespace is missing: restore it from a replica's snapshot");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn exists(&self) -> Result<bool, Error> {
+        Ok(self.head().await.map_err(|e| self.error(e))? == 0)
+    }
+
+    /// Writes every key of the key file at `path` into the namespace; keys already
+    /// there are replaced, others stay. Returns how many keys were written.
+    ///
+    /// If the namespace does not exist, this **creates** it, holding the file's keys
+    /// and nothing else, as [`restore_file`](RedisBackend::restore_file) does: how a
+    /// fleet's namespace gets its first admin key. Call it when you mean that (not on
+    /// every start of a replica: after a wipe, it would bring back the file's keys,
+    /// revoked ones included, and lose every other). Into an existing namespace, it
+    /// writes one version per 1,000 keys, each applied by replicas whole.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read or does not parse; otherwise as
+    /// [`import`](RedisBackend::import).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use tower_api_key::redis::RedisBackend;
+    ///
+    /// # async fn run() -> Result<(), tower_api_key::Error> {
+    /// let backend = RedisBackend::new("redis://127.0.0.1:6379/", "payments")?;
+    /// if !backend.exists().await? {
+    ///     let n = backend.import_file("keys.toml").await?;
+    ///     println!("created the namespace with {n} keys");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn import_file(&self, path: impl AsRef<Path>) -> Result<usize, Error> {
-        let path = path.as_ref();
-        let bytes =
-            crate::source::read::FileBytes::read(path, crate::source::read::DEFAULT_MAX_SIZE)
-                .map_err(|e| Error::io(path, e))?;
-        let set = crate::FileSource::parse(path, &bytes)?;
-        let keys: Vec<&ApiKey> = set.iter().collect();
-        if keys.is_empty() {
-            // An empty namespace still exists: it denies everyone.
-            let mut con = self.connection().await.map_err(|e| self.error(e))?;
-            let _: () = con
-                .incr(&self.keys.version, 0)
-                .await
-                .map_err(|e| self.error(e))?;
+        self.import(&read_key_file(path.as_ref())?).await
+    }
+
+    /// Writes every key of `set` into the namespace, as
+    /// [`import_file`](RedisBackend::import_file) does (creating the namespace, with
+    /// these keys only, if it does not exist). Returns how many keys were written.
+    ///
+    /// # Errors
+    ///
+    /// Redis does not answer; the namespace went missing during the import; one of
+    /// its keys has the wrong type (only [`restore`](RedisBackend::restore) replaces
+    /// such a namespace).
+    pub async fn import(&self, set: &KeySet) -> Result<usize, Error> {
+        match self.head().await.map_err(|e| self.error(e))? {
+            0 => {}
+            1 => return self.restore(set).await,
+            // Keys of the wrong type: not created by an import over them.
+            _ => return Err(self.error(refusal(refused::DAMAGED))),
         }
-        for chunk in keys.chunks(1000) {
-            let mut con = self.connection().await.map_err(|e| self.error(e))?;
-            let apply = redis::Script::new(model::APPLY);
-            let mut script = apply.prepare_invoke();
-            script
-                .key(&self.keys.records)
-                .key(&self.keys.version)
-                .key(&self.keys.log)
-                .arg(LOG_LEN);
-            for key in chunk {
-                script
-                    .arg("put")
-                    .arg(key.id())
-                    .arg("*")
-                    .arg(model::encode(key));
+        let keys: Vec<&ApiKey> = set.iter().collect();
+        for chunk in keys.chunks(CHUNK) {
+            let records: Vec<String> = chunk.iter().map(|k| model::encode(k)).collect();
+            let puts: Vec<Put<'_>> = chunk
+                .iter()
+                .zip(records)
+                .map(|(key, record)| Put {
+                    id: key.id(),
+                    expect: Expect::Any,
+                    record: Some(record),
+                })
+                .collect();
+            match self.write(&puts).await {
+                Ok(Written::Done) => {}
+                Ok(Written::Refused(code)) => {
+                    return Err(Error::custom(self.name(), refusal(code)));
+                }
+                Err(e) => return Err(Error::custom(self.name(), e)),
             }
-            let _: Value = script
-                .invoke_async(&mut con)
-                .await
-                .map_err(|e| self.error(e))?;
         }
         Ok(keys.len())
     }
 
-    /// Writes the namespace's keys to a key file at `path`, digests only, atomically:
-    /// to inspect a namespace, or keep a copy. Returns how many keys were written.
+    /// Replaces the namespace, whole, by the keys of the key file at `path`, and gives
+    /// it a new epoch: how an operator brings back a namespace Redis lost (flushed,
+    /// restarted without persistence, its version evicted), from a replica's
+    /// snapshot ([`RedisSource::with_snapshot`](super::RedisSource::with_snapshot)) or
+    /// an [`export_file`](RedisBackend::export_file). Returns how many keys the
+    /// namespace holds.
+    ///
+    /// The keys are staged beside the namespace and swapped in by one script, so
+    /// replicas go from the old set (their last good one, for a wiped namespace) to
+    /// the restored one in one step, and read it whole. Whatever the namespace held
+    /// is replaced, changes made since the file was written included.
     ///
     /// # Errors
     ///
-    /// Redis does not answer, or the file cannot be written.
-    pub async fn export_file(&self, path: impl AsRef<Path>) -> Result<usize, Error> {
-        let keys = self
-            .all()
+    /// The file cannot be read or does not parse; Redis does not answer (nothing is
+    /// restored); Redis lost the staged keys meanwhile; or the swap's answer was lost
+    /// and could not be settled (see [`exists`](RedisBackend::exists)).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use tower_api_key::redis::RedisBackend;
+    ///
+    /// # async fn run() -> Result<(), tower_api_key::Error> {
+    /// let backend = RedisBackend::new("redis://127.0.0.1:6379/", "payments")?;
+    /// // Redis restarted empty: every replica still serves its last good keys, the
+    /// // API refuses writes with 503 `store-missing`. Put the keys back:
+    /// let n = backend.restore_file("/var/lib/replica-1/keys.snapshot.toml").await?;
+    /// println!("restored {n} keys");
+    /// # Ok(()) }
+    /// ```
+    pub async fn restore_file(&self, path: impl AsRef<Path>) -> Result<usize, Error> {
+        self.restore(&read_key_file(path.as_ref())?).await
+    }
+
+    /// Replaces the namespace, whole, by `set`, as
+    /// [`restore_file`](RedisBackend::restore_file) does. Returns how many keys the
+    /// namespace holds.
+    ///
+    /// # Errors
+    ///
+    /// As [`restore_file`](RedisBackend::restore_file), the file aside.
+    pub async fn restore(&self, set: &KeySet) -> Result<usize, Error> {
+        let epoch = model::random_id();
+        let staging = self.keys.staging(&epoch);
+        let keys: Vec<&ApiKey> = set.iter().collect();
+        for chunk in keys.chunks(CHUNK) {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HSET").arg(&staging);
+            for key in chunk {
+                pipe.arg(key.id()).arg(model::encode(key));
+            }
+            pipe.ignore()
+                .cmd("PEXPIRE")
+                .arg(&staging)
+                .arg(STAGING_TTL.as_millis() as u64)
+                .ignore();
+            // Staging is written again as it is: safe to retry.
+            let pipe = &pipe;
+            self.link
+                .read(|mut con| async move { pipe.query_async::<()>(&mut con).await })
+                .await
+                .map_err(|e| Error::custom(self.name(), e))?;
+        }
+        let swapped = self
+            .link
+            .write(&self.keys, |mut con, marker| {
+                let (epoch, staging, n) = (&epoch, &staging, keys.len());
+                async move {
+                    self.scripts
+                        .swap
+                        .key(&self.keys.records)
+                        .key(&self.keys.version)
+                        .key(&self.keys.log)
+                        .key(staging)
+                        .key(&marker)
+                        .arg(epoch)
+                        .arg(n)
+                        .arg(LOG_LEN)
+                        .arg(self.link.marker_ttl())
+                        .invoke_async::<i64>(&mut con)
+                        .await
+                }
+            })
             .await
-            .map_err(|e| Error::custom(self.name(), e))?;
+            .map_err(|e| self.error(e))?;
+        match swapped {
+            Sent::Answered(v) if v > 0 => Ok(keys.len()),
+            Sent::Happened => Ok(keys.len()),
+            Sent::Answered(_) => Err(self.error(
+                "Redis lost the staged keys during the restore (wiped meanwhile?); nothing \
+                 was restored",
+            )),
+        }
+    }
+
+    /// Writes the namespace's keys to a key file at `path`, digests only, atomically:
+    /// to inspect a namespace, or keep a copy to restore from. Returns how many keys
+    /// were written.
+    ///
+    /// # Errors
+    ///
+    /// Redis does not answer; the namespace does not exist; a record cannot be read;
+    /// or the file cannot be written.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use tower_api_key::redis::RedisBackend;
+    ///
+    /// # async fn run() -> Result<(), tower_api_key::Error> {
+    /// let backend = RedisBackend::new("redis://127.0.0.1:6379/", "payments")?;
+    /// backend.export_file("payments-backup.toml").await?;
+    /// // ...and later, if Redis loses it:
+    /// backend.restore_file("payments-backup.toml").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn export_file(&self, path: impl AsRef<Path>) -> Result<usize, Error> {
+        let mut keys = self.all().await.map_err(|e| self.error(e))?;
+        keys.sort_by(|a, b| a.id().cmp(b.id()));
         let text = crate::source::key_file::write::file(&keys);
         crate::source::key_file::write::replace(path.as_ref(), text.as_bytes())
             .map_err(|e| Error::io(path.as_ref(), e))?;
@@ -154,107 +348,131 @@ impl RedisBackend {
         format!("redis:{}", self.namespace)
     }
 
-    fn error(&self, e: redis::RedisError) -> Error {
+    fn error(&self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
         Error::custom(self.name(), e)
     }
 
-    /// The shared connection, made (or made again after a failure) on demand.
-    async fn connection(&self) -> Result<MultiplexedConnection, redis::RedisError> {
-        let mut slot = self.con.lock().await;
-        if let Some(con) = &*slot {
-            return Ok(con.clone());
-        }
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        let con = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
+    fn missing(&self) -> BackendError {
+        BackendError::StoreMissing(format!("Redis namespace `{}`", self.namespace))
+    }
+
+    /// Where the namespace is: 0 it exists, 1 it is missing, 2 a key has the wrong
+    /// type.
+    async fn head(&self) -> Result<i64, BackendError> {
+        let reply: Vec<Value> = self
+            .link
+            .read(|mut con| async move {
+                self.scripts
+                    .head
+                    .key(&self.keys.version)
+                    .key(&self.keys.records)
+                    .key(&self.keys.log)
+                    .invoke_async(&mut con)
+                    .await
+            })
             .await?;
-        *slot = Some(con.clone());
-        Ok(con)
+        Ok(match reply.first() {
+            Some(Value::Int(n)) => *n,
+            _ => 2,
+        })
     }
 
-    /// Runs a command; a failure drops the connection so the next call makes a new one.
-    async fn run<T>(
-        &self,
-        f: impl AsyncFnOnce(&mut MultiplexedConnection) -> Result<T, redis::RedisError>,
-    ) -> Result<T, BackendError> {
-        let mut con = self.connection().await.map_err(|e| self.unavailable(e))?;
-        match f(&mut con).await {
-            Ok(out) => Ok(out),
-            Err(e) => {
-                if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
-                    *self.con.lock().await = None;
-                }
-                Err(self.unavailable(e))
-            }
+    /// Every record, as stored. The namespace must exist.
+    async fn all_raw(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, BackendError> {
+        let (meta, records): (Meta, Value) = self
+            .link
+            .read(|mut con| async move {
+                redis::pipe()
+                    .atomic()
+                    .cmd("HMGET")
+                    .arg(&self.keys.version)
+                    .arg("epoch")
+                    .arg("version")
+                    .hgetall(&self.keys.records)
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        if meta.0.is_none() || meta.1.is_none() {
+            return Err(self.missing());
         }
+        Ok(super::pairs(records))
     }
 
-    fn unavailable(&self, e: redis::RedisError) -> BackendError {
-        BackendError::Unavailable(Box::new(self.error(e)))
-    }
-
+    /// Every key. A record that cannot be read is the store's fault, named.
     async fn all(&self) -> Result<Vec<ApiKey>, BackendError> {
-        let records: Value = self
-            .run(async |con| con.hgetall(&self.keys.records).await)
-            .await?;
-        let mut keys = Vec::new();
-        for (id, json) in super::pairs(records) {
-            let id = String::from_utf8_lossy(&id);
-            keys.push(model::decode(&id, &json).map_err(BackendError::Invalid)?);
-        }
-        Ok(keys)
+        let mut records = self.all_raw().await?;
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        records
+            .into_iter()
+            .map(|(id, json)| {
+                let id = String::from_utf8_lossy(&id);
+                checked(&id, &json)
+            })
+            .collect()
     }
 
-    /// The record with this id, as stored (bytes) and as a key.
-    async fn current(&self, id: &str) -> Result<Option<(Vec<u8>, ApiKey)>, BackendError> {
-        let raw: Option<Vec<u8>> = self
-            .run(async |con| con.hget(&self.keys.records, id).await)
+    /// The record with this id, as stored, if any. The namespace must exist.
+    async fn current(&self, id: &str) -> Result<Option<Stored>, BackendError> {
+        let (meta, raw): (Meta, Option<Vec<u8>>) = self
+            .link
+            .read(|mut con| async move {
+                redis::pipe()
+                    .atomic()
+                    .cmd("HMGET")
+                    .arg(&self.keys.version)
+                    .arg("epoch")
+                    .arg("version")
+                    .hget(&self.keys.records, id)
+                    .query_async(&mut con)
+                    .await
+            })
             .await?;
-        match raw {
-            None => Ok(None),
-            Some(raw) => {
-                let key = model::decode(id, &raw).map_err(BackendError::Invalid)?;
-                Ok(Some((raw, key)))
-            }
+        if meta.0.is_none() || meta.1.is_none() {
+            return Err(self.missing());
         }
+        Ok(raw.map(|raw| {
+            let key = model::decode(id, &raw).and_then(|k| k.validate().map(|()| k));
+            (raw, key)
+        }))
     }
 
-    async fn script(&self, puts: &[Put<'_>]) -> Result<Outcome, BackendError> {
-        let reply: Vec<i64> = self
-            .run(async |con| {
-                let script = redis::Script::new(model::APPLY);
-                let mut invocation = script.prepare_invoke();
+    /// Runs the write script for `puts` (see [`Link::write`] for a lost answer).
+    async fn write(&self, puts: &[Put<'_>]) -> Result<Written, BackendError> {
+        let sent = self
+            .link
+            .write(&self.keys, |mut con, marker| async move {
+                let mut invocation = self.scripts.apply.prepare_invoke();
                 invocation
                     .key(&self.keys.records)
                     .key(&self.keys.version)
                     .key(&self.keys.log)
-                    .arg(LOG_LEN);
+                    .key(&marker)
+                    .arg(LOG_LEN)
+                    .arg(self.link.marker_ttl());
                 for put in puts {
                     invocation.arg(if put.record.is_some() { "put" } else { "del" });
                     invocation.arg(put.id);
                     match put.expect {
                         Expect::Absent => invocation.arg("-"),
+                        Expect::Any => invocation.arg("*"),
                         Expect::Exactly(raw) => invocation.arg(raw),
                     };
                     invocation.arg(put.record.as_deref().unwrap_or(""));
                 }
-                invocation.invoke_async(con).await
+                invocation.invoke_async::<Value>(&mut con).await
             })
             .await?;
-        Ok(match reply.first() {
-            Some(-1) => Outcome::Exists,
-            Some(-2) => Outcome::Absent,
-            Some(-3) => Outcome::Changed,
-            _ => Outcome::Done,
+        Ok(match sent {
+            Sent::Answered(reply) => written(reply),
+            Sent::Happened => Written::Done,
         })
     }
 
     /// Replaces or removes the record with `id` (and adds `also`, which must be new),
     /// if its ETag is `if_match`: read, check, and write if nothing changed in between
-    /// (a few tries, then the change wins or loses on the ETag).
+    /// (a few tries, then the change wins or loses on the ETag). A record that cannot
+    /// be read can be removed (without `If-Match`), nothing else.
     async fn change(
         &self,
         id: &str,
@@ -264,8 +482,15 @@ impl RedisBackend {
     ) -> Result<(), BackendError> {
         for _ in 0..5 {
             let (raw, key) = self.current(id).await?.ok_or(BackendError::NotFound)?;
-            if if_match.is_some_and(|tag| tag != record_etag(&key)) {
-                return Err(BackendError::PreconditionFailed);
+            match (&key, if_match) {
+                (Ok(key), Some(tag)) if tag != record_etag(key) => {
+                    return Err(BackendError::PreconditionFailed);
+                }
+                (Err(_), _) if record.is_some() || also.is_some() => {
+                    return Err(corrupt(id, key.err()));
+                }
+                (Err(_), Some(_)) => return Err(BackendError::PreconditionFailed),
+                _ => {}
             }
             let mut puts = Vec::new();
             if let Some(new) = also {
@@ -280,18 +505,85 @@ impl RedisBackend {
                 expect: Expect::Exactly(&raw),
                 record: record.clone(),
             });
-            match self.script(&puts).await? {
-                Outcome::Done => return Ok(()),
-                Outcome::Exists => {
+            match self.write(&puts).await? {
+                Written::Done => return Ok(()),
+                Written::Refused(refused::EXISTS) => {
                     let taken = also.map_or(id, ApiKey::id);
                     return Err(BackendError::Conflict(taken.to_owned()));
                 }
-                Outcome::Absent => return Err(BackendError::NotFound),
+                Written::Refused(refused::ABSENT) => return Err(BackendError::NotFound),
                 // Changed under us: look again.
-                Outcome::Changed => {}
+                Written::Refused(refused::CHANGED) => {}
+                Written::Refused(code) => return Err(self.refused(code)),
             }
         }
         Err(BackendError::PreconditionFailed)
+    }
+
+    /// The error of a write refused for the namespace itself.
+    fn refused(&self, code: i64) -> BackendError {
+        match code {
+            refused::MISSING => self.missing(),
+            _ => BackendError::Unavailable(Box::new(self.error(refusal(code)))),
+        }
+    }
+}
+
+/// Reads and parses a key file.
+fn read_key_file(path: &Path) -> Result<KeySet, Error> {
+    let bytes = crate::source::read::FileBytes::read(path, crate::source::read::DEFAULT_MAX_SIZE)
+        .map_err(|e| Error::io(path, e))?;
+    crate::FileSource::parse(path, &bytes)
+}
+
+/// What a refusal code of a write means, for a person.
+fn refusal(code: i64) -> &'static str {
+    match code {
+        refused::MISSING => {
+            "the namespace does not exist in Redis (wiped, or never created): nothing was \
+             written; restore it first"
+        }
+        refused::DAMAGED => {
+            "a key of the namespace has the wrong type in Redis (written by something else \
+             than this crate?): nothing was written"
+        }
+        refused::FENCED => "the write was given up on: nothing was written",
+        _ => "Redis refused the write: nothing was written",
+    }
+}
+
+/// A script's reply as a write's outcome.
+fn written(reply: Value) -> Written {
+    let code = match reply {
+        Value::Array(items) => match items.first() {
+            Some(Value::Int(n)) => *n,
+            _ => 0,
+        },
+        _ => 0,
+    };
+    if code < 0 {
+        Written::Refused(code)
+    } else {
+        Written::Done
+    }
+}
+
+/// The key a stored record stands for, or the store's fault, named.
+fn checked(id: &str, json: &[u8]) -> Result<ApiKey, BackendError> {
+    model::decode(id, json)
+        .and_then(|k| k.validate().map(|()| k))
+        .map_err(|e| corrupt(id, Some(e)))
+}
+
+fn corrupt(id: &str, error: Option<Error>) -> BackendError {
+    let reason = match error {
+        Some(Error::InvalidKey { reason, .. }) => reason,
+        Some(other) => other.to_string(),
+        None => "it is not a key record".to_owned(),
+    };
+    BackendError::Corrupt {
+        id: id.to_owned(),
+        reason,
     }
 }
 
@@ -305,7 +597,11 @@ impl AdminBackend for RedisBackend {
     }
 
     async fn get(&self, id: &str) -> Result<Option<ApiKey>, BackendError> {
-        Ok(self.current(id).await?.map(|(_, key)| key))
+        match self.current(id).await? {
+            None => Ok(None),
+            Some((_, Ok(key))) => Ok(Some(key)),
+            Some((_, Err(e))) => Err(corrupt(id, Some(e))),
+        }
     }
 
     async fn create(&self, key: ApiKey) -> Result<(), BackendError> {
@@ -314,9 +610,10 @@ impl AdminBackend for RedisBackend {
             expect: Expect::Absent,
             record: Some(model::encode(&key)),
         };
-        match self.script(&[put]).await? {
-            Outcome::Exists => Err(BackendError::Conflict(key.id().to_owned())),
-            _ => Ok(()),
+        match self.write(&[put]).await? {
+            Written::Done => Ok(()),
+            Written::Refused(refused::EXISTS) => Err(BackendError::Conflict(key.id().to_owned())),
+            Written::Refused(code) => Err(self.refused(code)),
         }
     }
 
@@ -349,7 +646,8 @@ impl AdminBackend for RedisBackend {
             return Ok(Some(Vec::new()));
         }
         let (requests, last_used): (Vec<Option<u64>>, Vec<Option<u64>>) = self
-            .run(async |con| {
+            .link
+            .read(|mut con| async move {
                 redis::pipe()
                     .cmd("HMGET")
                     .arg(&self.keys.requests)
@@ -357,7 +655,7 @@ impl AdminBackend for RedisBackend {
                     .cmd("HMGET")
                     .arg(&self.keys.last_used)
                     .arg(ids)
-                    .query_async(con)
+                    .query_async(&mut con)
                     .await
             })
             .await?;
@@ -381,7 +679,7 @@ impl fmt::Debug for RedisBackend {
         f.debug_struct("RedisBackend")
             .field("namespace", &self.namespace)
             .field("server", &super::server(&self.client))
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.link.timeout())
             .finish_non_exhaustive()
     }
 }

@@ -1,19 +1,34 @@
-//! What is stored under which Redis key, in one place.
+//! What is stored under which Redis key, and the scripts that change it, in one place.
 //!
-//! A namespace `ns` is three keys, with `{ns}` as the cluster hash tag:
+//! A namespace `ns` is these keys, all with `{ns}` as the cluster hash tag:
 //!
 //! - `tak:{ns}:keys`, a hash: key id → the key's record, as JSON (its SHA-256 and its
-//!   metadata; never a secret);
-//! - `tak:{ns}:version`, an integer: one more at every change. The namespace exists
-//!   while it does: a Redis without it is wiped or new, never "no keys";
-//! - `tak:{ns}:log`, a stream capped at about 10,000 entries: one per key changed,
-//!   `v` (the version), `op` (`put` or `del`), `id`, and for `put` the `record`.
+//!   metadata; never a secret). A record names its own id: one stored under another
+//!   id is refused.
+//! - `tak:{ns}:version`, a hash: `epoch` → the namespace's identity, new at every
+//!   explicit (re)creation ([`RedisBackend::import_file`] into a missing namespace,
+//!   [`RedisBackend::restore_file`]); `version` → one more at every change. The
+//!   namespace exists while both fields do: a Redis without them is wiped, partly
+//!   wiped or new, never "no keys", and nothing but an explicit re-creation writes
+//!   to it again.
+//! - `tak:{ns}:log`, a stream capped at about [`LOG_LEN`] entries: one per key
+//!   changed, each naming what it belongs to: `e` (the epoch), `v` (the version),
+//!   `i` and `n` (its index in the version, and how many entries the version has),
+//!   `op` (`put`, `del`, or `reset` for a re-creation), `id`, and for `put` the
+//!   `record`. A follower applies a version when it holds all `n` of its entries.
+//! - `tak:{ns}:requests` and `tak:{ns}:last_used`, hashes: key id → requests, added to
+//!   by each replica, and the Unix second of the fleet's latest use.
+//! - `tak:{ns}:write:<nonce>`, a short-lived string per write: `done` once the write
+//!   happened, `fenced` once a writer that lost its answer has made sure it never
+//!   will. This is how a write whose answer was lost is settled (see
+//!   [`CHECK_WRITE`]).
+//! - `tak:{ns}:staging:<epoch>`, a hash: a re-creation being written, swapped in
+//!   whole by [`SWAP`]; it expires if abandoned.
 //!
-//! Every change writes all three in one Lua script, atomically. Fleet usage lives in
-//! `tak:{ns}:requests` (key id → requests, added to by each replica) and
-//! `tak:{ns}:last_used` (key id → Unix seconds, the latest of any replica).
+//! [`RedisBackend::import_file`]: super::RedisBackend::import_file
+//! [`RedisBackend::restore_file`]: super::RedisBackend::restore_file
 
-use std::{borrow::Cow, sync::Arc};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +36,20 @@ use crate::{ApiKey, Error, clock, key::digest::KeyDigest};
 
 /// How many log entries are kept: a replica further behind than this resyncs whole.
 pub(crate) const LOG_LEN: usize = 10_000;
+
+/// How many keys one version of an import holds (one script run each).
+pub(crate) const CHUNK: usize = 1000;
+
+/// The most entries a version may have. One claiming more could not be held whole in
+/// a log this long; a follower resyncs instead of waiting for it.
+pub(crate) const MAX_VERSION_ENTRIES: u64 = (LOG_LEN / 2) as u64;
+
+/// How long an abandoned re-creation's staging hash is kept.
+pub(crate) const STAGING_TTL: Duration = Duration::from_secs(3600);
+
+/// How long a `fenced` write marker is kept: longer than any request can wait in
+/// Redis before it runs.
+pub(crate) const FENCE_TTL: Duration = Duration::from_secs(3600);
 
 /// The Redis keys of one namespace.
 #[derive(Clone, Debug)]
@@ -30,19 +59,46 @@ pub(crate) struct Keys {
     pub(crate) log: String,
     pub(crate) requests: String,
     pub(crate) last_used: String,
+    prefix: String,
 }
 
 impl Keys {
     pub(crate) fn of(namespace: &str) -> Self {
-        let key = |part: &str| format!("tak:{{{namespace}}}:{part}");
+        let prefix = format!("tak:{{{namespace}}}:");
+        let key = |part: &str| format!("{prefix}{part}");
         Self {
             records: key("keys"),
             version: key("version"),
             log: key("log"),
             requests: key("requests"),
             last_used: key("last_used"),
+            prefix,
         }
     }
+
+    /// The marker of the write with this nonce.
+    pub(crate) fn marker(&self, nonce: &str) -> String {
+        format!("{}write:{nonce}", self.prefix)
+    }
+
+    /// The staging hash of a re-creation as `epoch`.
+    pub(crate) fn staging(&self, epoch: &str) -> String {
+        format!("{}staging:{epoch}", self.prefix)
+    }
+}
+
+/// 16 random hexadecimal digits: an epoch, or a write's nonce.
+pub(crate) fn random_id() -> String {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // No system randomness: the clock's nanoseconds are unique enough for a
+        // name that only has to differ from the last few.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        b = (nanos as u64).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// A key's record: what `tak:{ns}:keys` holds for it. Instants in Unix milliseconds.
@@ -97,10 +153,34 @@ pub(crate) fn encode(key: &ApiKey) -> String {
     serde_json::to_string(&record).unwrap_or_default()
 }
 
-/// The key a record stands for. Errors name the id, never a value.
+/// The key the record stored under `id` stands for (not yet checked as a key set
+/// would check it: [`ApiKey::validate`] does that). Errors name the id and what is
+/// wrong, never a value from the record (not even the JSON parser's message, which
+/// can quote one).
 pub(crate) fn decode(id: &str, json: &[u8]) -> Result<ApiKey, Error> {
-    let record: Record = serde_json::from_slice(json)
-        .map_err(|_| Error::invalid(Some(id), "the record in Redis is not a key record"))?;
+    // Most records of a large namespace are a bare id and digest, as `encode` writes
+    // them: read those without the general parser (a million are read at start-up).
+    if let Some(key) = decode_plain(id, json) {
+        return Ok(key);
+    }
+    let record: Record = serde_json::from_slice(json).map_err(|e| {
+        Error::invalid(
+            Some(id),
+            match e.classify() {
+                serde_json::error::Category::Data => {
+                    "the record in Redis is not a key record (a field this crate does not \
+                     know, a missing `id` or `sha256`, or a value of the wrong type)"
+                }
+                _ => "the record in Redis is not JSON",
+            },
+        )
+    })?;
+    if record.id != id {
+        return Err(Error::invalid(
+            Some(id),
+            "the record in Redis names another id than the one it is stored under",
+        ));
+    }
     let digest = KeyDigest::from_hex(&record.sha256)
         .ok_or_else(|| Error::invalid(Some(id), "`sha256` must be 64 hexadecimal digits"))?;
     let mut key =
@@ -135,19 +215,100 @@ pub(crate) fn decode(id: &str, json: &[u8]) -> Result<ApiKey, Error> {
     Ok(key)
 }
 
-/// Applies a batch of changes atomically, if every condition holds; one version for
-/// the batch, one log entry per key.
+/// The key of a record that is exactly `{"id":"<id>","sha256":"<64 hex digits>"}`,
+/// the id written without escapes and equal to `id`; `None` for anything else, which
+/// the general parser then reads (and refuses with the right error).
+fn decode_plain(id: &str, json: &[u8]) -> Option<ApiKey> {
+    let rest = json.strip_prefix(br#"{"id":""#)?;
+    let named = rest.get(..id.len())?;
+    if named != id.as_bytes() || id.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        return None;
+    }
+    let rest = rest[id.len()..].strip_prefix(br#"","sha256":""#)?;
+    let (hex, end) = (rest.get(..64)?, rest.get(64..)?);
+    if end != br#""}"# {
+        return None;
+    }
+    Some(ApiKey::from_digest(Arc::from(id), digest_of_hex(hex)?))
+}
+
+/// 64 hexadecimal digits (either case) as a digest, by table: a million are read at
+/// start-up.
+fn digest_of_hex(hex: &[u8]) -> Option<KeyDigest> {
+    const INVALID: u8 = 0xff;
+    const TABLE: [u8; 256] = {
+        let mut table = [INVALID; 256];
+        let mut i = 0;
+        while i < 10 {
+            table[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            table[b'a' as usize + i] = 10 + i as u8;
+            table[b'A' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        table
+    };
+    let hex: &[u8; 64] = hex.try_into().ok()?;
+    let mut out = [0u8; 32];
+    let mut bad = 0u8;
+    for i in 0..32 {
+        let (high, low) = (
+            TABLE[usize::from(hex[2 * i])],
+            TABLE[usize::from(hex[2 * i + 1])],
+        );
+        bad |= high | low;
+        out[i] = (high << 4) | (low & 0x0f);
+    }
+    (bad & 0xf0 == 0).then_some(KeyDigest(out))
+}
+
+/// What [`APPLY`] answers in its first element when it wrote nothing.
+pub(crate) mod refused {
+    /// Change `i`'s id exists (it had to be free).
+    pub(crate) const EXISTS: i64 = -1;
+    /// Change `i`'s id is absent.
+    pub(crate) const ABSENT: i64 = -2;
+    /// Change `i`'s record changed since it was read.
+    pub(crate) const CHANGED: i64 = -3;
+    /// The namespace does not exist (no epoch or version).
+    pub(crate) const MISSING: i64 = -4;
+    /// This write's marker is `fenced`: its writer gave up on it.
+    pub(crate) const FENCED: i64 = -5;
+    /// A key of the namespace has the wrong type (not written by this crate).
+    pub(crate) const DAMAGED: i64 = -6;
+}
+
+/// Applies a batch of changes atomically, if the namespace exists and every
+/// condition holds: one version for the batch, one log entry per key, each naming
+/// the epoch, the version, its index and the batch's size.
 ///
-/// KEYS: records, version, log. ARGV: the log's length, then per change: `put` or
-/// `del`, the id, the condition (`-` absent, `*` anything, else the exact current
-/// record), the new record (empty for `del`).
+/// Everything that could fail is checked before the first write (the marker), so a
+/// run that answers an error wrote nothing.
 ///
-/// Returns `{version, n}`, or `{-1, i}` (change i's id exists), `{-2, i}` (absent),
-/// `{-3, i}` (changed since read).
+/// KEYS: records, version, log, this write's marker. ARGV: the log's length, the
+/// marker's lifetime (ms), then per change: `put` or `del`, the id, the condition
+/// (`-` absent, `*` anything, else the exact current record), the new record (empty
+/// for `del`).
+///
+/// Returns `{version, n}`, or `{code, i}` with a code of [`refused`].
 pub(crate) const APPLY: &str = r"
-local n = (#ARGV - 1) / 4
+if redis.call('TYPE', KEYS[2]).ok ~= 'hash' then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return {-6, 2} end
+  return {-4, 0}
+end
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+local v = tonumber(redis.call('HGET', KEYS[2], 'version'))
+if not epoch or not v then return {-4, 0} end
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'hash' and t ~= 'none' then return {-6, 1} end
+t = redis.call('TYPE', KEYS[3]).ok
+if t ~= 'stream' and t ~= 'none' then return {-6, 3} end
+local n = (#ARGV - 2) / 4
 for i = 0, n - 1 do
-  local id, expect = ARGV[3 + i * 4], ARGV[4 + i * 4]
+  local id, expect = ARGV[4 + i * 4], ARGV[5 + i * 4]
   local cur = redis.call('HGET', KEYS[1], id)
   if expect == '-' then
     if cur then return {-1, i} end
@@ -156,18 +317,95 @@ for i = 0, n - 1 do
     if cur ~= expect then return {-3, i} end
   end
 end
-local v = redis.call('INCR', KEYS[2])
+if not redis.call('SET', KEYS[4], 'done', 'NX', 'PX', ARGV[2]) then return {-5, 0} end
+v = v + 1
+redis.call('HSET', KEYS[2], 'version', v)
 for i = 0, n - 1 do
-  local kind, id, record = ARGV[2 + i * 4], ARGV[3 + i * 4], ARGV[5 + i * 4]
+  local kind, id, record = ARGV[3 + i * 4], ARGV[4 + i * 4], ARGV[6 + i * 4]
   if kind == 'put' then
     redis.call('HSET', KEYS[1], id, record)
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'v', v, 'op', 'put', 'id', id, 'record', record)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*',
+      'e', epoch, 'v', v, 'i', i, 'n', n, 'op', 'put', 'id', id, 'record', record)
   else
     redis.call('HDEL', KEYS[1], id)
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'v', v, 'op', 'del', 'id', id)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*',
+      'e', epoch, 'v', v, 'i', i, 'n', n, 'op', 'del', 'id', id)
   end
 end
 return {v, n}
+";
+
+/// Settles a write whose answer was lost: marks it `fenced` if it has not run (it
+/// then never will: [`APPLY`] refuses a fenced marker), and says whether it ran.
+///
+/// Redis runs scripts one at a time, so exactly one of the write and this check
+/// finds the marker free: the answer is final.
+///
+/// KEYS: the write's marker. ARGV: how long a fence is kept (ms). Returns 1 if the
+/// write happened, 0 if it did not and never will.
+pub(crate) const CHECK_WRITE: &str = r"
+if redis.call('SET', KEYS[1], 'fenced', 'NX', 'PX', ARGV[1]) then return 0 end
+if redis.call('GET', KEYS[1]) == 'done' then return 1 end
+return 0
+";
+
+/// Where a namespace is, read atomically and without failing on keys of the wrong
+/// type.
+///
+/// KEYS: version, records, log. Returns `{state, epoch, version, last log id}`:
+/// state 0 the namespace exists, 1 it is missing (no epoch or version), 2 one of its
+/// keys has the wrong type.
+pub(crate) const HEAD: &str = r"
+local state, epoch, v, last = 1, false, false, false
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'hash' then
+  epoch = redis.call('HGET', KEYS[1], 'epoch')
+  v = redis.call('HGET', KEYS[1], 'version')
+  if epoch and tonumber(v) then state = 0 end
+elseif t ~= 'none' then
+  state = 2
+end
+t = redis.call('TYPE', KEYS[2]).ok
+if t ~= 'hash' and t ~= 'none' then state = 2 end
+t = redis.call('TYPE', KEYS[3]).ok
+if t == 'stream' then
+  local e = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+  if e[1] then last = e[1][1] end
+elseif t ~= 'none' then
+  state = 2
+end
+return {state, epoch, v, last}
+";
+
+/// Swaps a staged re-creation in whole: the staging hash becomes the namespace's
+/// records, with a new epoch and one more version, and a `reset` entry tells
+/// followers to read it whole. Whatever the namespace held before is replaced.
+///
+/// KEYS: records, version, log, staging, this write's marker. ARGV: the new epoch,
+/// how many records were staged, the log's length, the marker's lifetime (ms).
+/// Returns the new version, -1 if the staging hash does not hold as many records as
+/// were staged (it expired, or was wiped meanwhile), or -5 if the marker is fenced.
+pub(crate) const SWAP: &str = r"
+local staged = 0
+if redis.call('TYPE', KEYS[4]).ok == 'hash' then staged = redis.call('HLEN', KEYS[4]) end
+if staged ~= tonumber(ARGV[2]) then return -1 end
+if not redis.call('SET', KEYS[5], 'done', 'NX', 'PX', ARGV[4]) then return -5 end
+local v = 0
+if redis.call('TYPE', KEYS[2]).ok == 'hash' then
+  v = tonumber(redis.call('HGET', KEYS[2], 'version')) or 0
+end
+redis.call('UNLINK', KEYS[1], KEYS[2])
+if staged > 0 then
+  redis.call('RENAME', KEYS[4], KEYS[1])
+  redis.call('PERSIST', KEYS[1])
+end
+v = v + 1
+redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'version', v)
+local t = redis.call('TYPE', KEYS[3]).ok
+if t ~= 'stream' and t ~= 'none' then redis.call('UNLINK', KEYS[3]) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
+  'e', ARGV[1], 'v', v, 'i', 0, 'n', 1, 'op', 'reset')
+return v
 ";
 
 /// Adds a replica's counts: KEYS: requests, last_used; ARGV: pairs of id and
@@ -206,5 +444,90 @@ mod tests {
             .to_string();
         assert!(!err.contains("not-hex-secret"), "{err}");
         assert_eq!(Keys::of("payments").records, "tak:{payments}:keys");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_hex_table_agrees_with_the_digest_parser(
+            hex in "[0-9a-fA-F]{63,65}",
+            spoil in proptest::option::of((0usize..64, "[gG_ z/:@`]")),
+        ) {
+            let mut hex = hex;
+            if let Some((at, with)) = spoil && at < hex.len() {
+                hex.replace_range(at..=at, &with);
+            }
+            let table = digest_of_hex(hex.as_bytes()).map(|d| d.0);
+            let general = KeyDigest::from_hex(&hex).map(|d| d.0);
+            proptest::prop_assert_eq!(table, general);
+        }
+    }
+
+    #[test]
+    fn a_plain_record_takes_the_fast_path() {
+        let key = ApiKey::new("key-1", "s");
+        let fast = decode_plain("key-1", encode(&key).as_bytes()).expect("plain");
+        assert!(fast.digest == key.digest);
+        let scoped = key.with_scopes(["read"]);
+        assert!(decode_plain("key-1", encode(&scoped).as_bytes()).is_none());
+        assert!(decode("key-1", encode(&scoped).as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_record_must_name_the_id_it_is_stored_under() {
+        let json = encode(&ApiKey::new("phantom", "s"));
+        let err = decode("ghost", json.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("ghost") && err.contains("another id"), "{err}");
+    }
+
+    #[test]
+    fn no_error_quotes_a_value_from_the_record() {
+        for json in [
+            &br#"{"id":"k","secret":"plain-secret-value"}"#[..],
+            br#"{"id":"k","sha256":"00","plain-secret-value":1}"#,
+            br#"{"id":"k","sha256":["plain-secret-value"]}"#,
+            br#"plain-secret-value"#,
+            br#"{"id":"k","sha256":"plain-secret-value"#,
+        ] {
+            let err = decode("k", json).unwrap_err();
+            let text = crate::error::Chain(&err).to_string();
+            assert!(!text.contains("plain-secret-value"), "{text}");
+            assert!(text.contains("`k`"), "{text}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The plain-record fast path reads what the general parser reads, and
+        /// leaves anything else to it.
+        #[test]
+        fn the_fast_path_agrees_with_the_parser(
+            stored in r#"[a-z"\\\u{1}é-]{0,8}"#,
+            named in r#"[a-z"\\\u{1}é-]{0,8}"#,
+            hex in "[0-9a-fA-FgG]{63,65}",
+            tail in proptest::sample::select(vec![r#""}"#, r#"" }"#, r#"","disabled":true}"#, r#""}x"#, ""]),
+            same in proptest::bool::weighted(0.8),
+        ) {
+            let named = if same { stored.clone() } else { named };
+            let json = format!(r#"{{"id":"{named}","sha256":"{hex}{tail}"#);
+            let general = serde_json::from_slice::<Record>(json.as_bytes())
+                .ok()
+                .filter(|r| r.id == stored)
+                .and_then(|r| Some((KeyDigest::from_hex(&r.sha256)?, r.disabled, r.scopes.is_empty())));
+            if let Some(fast) = decode_plain(&stored, json.as_bytes()) {
+                let (digest, disabled, no_scopes) = general.expect("the parser reads it too");
+                proptest::prop_assert!(fast.digest == digest && !disabled && no_scopes);
+                proptest::prop_assert_eq!(fast.id(), stored.as_str());
+            }
+            proptest::prop_assert_eq!(decode(&stored, json.as_bytes()).is_ok(), general.is_some());
+        }
+    }
+
+    #[test]
+    fn markers_and_staging_share_the_namespace_hash_tag() {
+        let keys = Keys::of("ns");
+        assert!(keys.marker("ab").starts_with("tak:{ns}:"));
+        assert!(keys.staging("cd").starts_with("tak:{ns}:"));
+        let (a, b) = (random_id(), random_id());
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
     }
 }

@@ -1,44 +1,44 @@
-//! `RedisSource`: a replica's view of a namespace, loaded whole, then followed change
-//! by change.
+//! `RedisSource`: a replica's view of a namespace, loaded whole, then followed
+//! version by version (the follower is in `follow.rs`).
 
-use std::{
-    collections::HashMap,
-    fmt,
-    path::PathBuf,
-    sync::Arc,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{fmt, path::PathBuf, sync::mpsc, thread, time::Duration};
 
-use redis::{Value, cmd};
+use redis::Value;
 
 use super::{
+    follow::{self, Failure, Follower},
+    log::{Cursor, StreamId},
     model::{self, Keys},
-    redis_error,
 };
-use crate::{Error, KeyChange, KeySet, KeySource, KeyUpdater};
+use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater};
 
 /// A [`KeySource`] that follows a namespace in Redis, which
 /// [`RedisBackend`](super::RedisBackend) (and so the key-management API of any
 /// replica) writes: every replica of a fleet enforces the same keys.
 ///
-/// It loads the whole set when added, then follows the namespace's change log, each
-/// change applied by id (a one-key change to a million-key set copies a few hundred
-/// keys); a gap in the log or a reconnection means a full resync, and a version check
-/// every few seconds catches a lost signal. Its work runs on one thread, which ends
-/// within a second of the store being dropped.
+/// It loads the whole set when added, then follows the namespace's change log,
+/// applying each version by id once it holds all of it (a one-key change to a
+/// million-key set copies a few hundred keys). Anything the log cannot explain (a
+/// gap, a version trimmed or cut short, a version number used twice, an operation
+/// it does not know, a new epoch) makes it read the namespace whole again, and a
+/// check every few seconds catches a change whose log entries never came.
 ///
 /// When Redis misbehaves the replica keeps serving its last good keys: a stopped
-/// server, a cut connection, a wiped namespace (its version counter gone is never
-/// read as "no keys"). It says so once per change of state (a `warn` and
+/// server, a cut connection, a wiped or partly wiped namespace (its version counter
+/// gone is never read as "no keys"; the replica waits for an operator to restore it
+/// with [`RedisBackend::restore_file`](super::RedisBackend::restore_file) or
+/// [`import_file`](super::RedisBackend::import_file), and follows the new epoch
+/// then). It says so once per new cause (a `warn` and
 /// [`KeyStore::last_reload`](crate::KeyStore::last_reload)), retries with jittered
-/// backoff, and resyncs when Redis answers again. A replica that starts while Redis is
-/// unreachable, or before the namespace exists, has no keys from it (it fails closed),
-/// unless [`with_snapshot`](RedisSource::with_snapshot) gave it a file of its last
-/// keys.
+/// backoff, and catches up when Redis answers again. A record it cannot read (not a
+/// key record, or stored under another id than its own) is that one key refused,
+/// logged at `error` with its id. A replica that starts while Redis is unreachable,
+/// or before the namespace exists, has no keys from it (it fails closed), unless
+/// [`with_snapshot`](RedisSource::with_snapshot) gave it a file of its last keys.
 ///
-/// Each replica also adds the request counts of its keys to the namespace, in
-/// batches, so the key-management API shows the fleet's usage.
+/// Its work runs on one thread, which ends within a second of the store being
+/// dropped. Each replica also adds the request counts of its keys to the namespace,
+/// in batches, so the key-management API shows the fleet's usage.
 ///
 /// # Example
 ///
@@ -58,24 +58,21 @@ pub struct RedisSource {
     namespace: String,
     keys: Keys,
     options: Options,
-    /// Where the initial load left off, for the thread to follow from.
-    loaded: Option<Position>,
+    /// Where the initial load left off, and how many keys it had, for the thread to
+    /// follow from.
+    loaded: Option<(Cursor, usize)>,
+    /// What the initial load failed for (said already), when it served nothing.
+    failed: Option<Failure>,
 }
 
 #[derive(Clone, Debug)]
-struct Options {
-    connect_timeout: Duration,
-    max_backoff: Duration,
-    check: Duration,
-    usage_flush: Duration,
-    snapshot: Option<PathBuf>,
-}
-
-/// A version of the namespace, and the log entry that made it.
-#[derive(Clone, Debug)]
-struct Position {
-    version: u64,
-    stream_id: String,
+pub(super) struct Options {
+    pub(super) connect_timeout: Duration,
+    pub(super) max_backoff: Duration,
+    pub(super) check: Duration,
+    pub(super) usage_flush: Duration,
+    pub(super) snapshot: Option<PathBuf>,
+    pub(super) snapshot_every: Duration,
 }
 
 impl RedisSource {
@@ -99,8 +96,10 @@ impl RedisSource {
                 check: Duration::from_secs(5),
                 usage_flush: Duration::from_secs(10),
                 snapshot: None,
+                snapshot_every: Duration::from_secs(1),
             },
             loaded: None,
+            failed: None,
         })
     }
 
@@ -119,8 +118,9 @@ impl RedisSource {
         self
     }
 
-    /// How often the namespace's version is checked, the safety net for a lost
-    /// change signal (default 5 s).
+    /// How often the namespace's epoch and version are checked against what the
+    /// replica applied: the safety net for log entries that never came, and how a
+    /// wiped namespace is noticed when nothing else happens (default 5 s).
     #[must_use]
     pub fn with_version_check(mut self, every: Duration) -> Self {
         self.options.check = every;
@@ -135,12 +135,26 @@ impl RedisSource {
         self
     }
 
-    /// Keeps the last keys applied in the key file at `path` (digests only, written
-    /// atomically after changes), and serves them from the first request when the
-    /// replica starts while Redis is unreachable.
+    /// Keeps the last keys applied in the key file at `path` (digests only), and
+    /// serves them from the first request when the replica starts while Redis is
+    /// unreachable or its namespace is missing. The file is also what an operator
+    /// restores a wiped namespace from
+    /// ([`RedisBackend::restore_file`](super::RedisBackend::restore_file)).
+    ///
+    /// It is written atomically by a thread of its own, at most once per
+    /// [`with_snapshot_interval`](RedisSource::with_snapshot_interval) and always
+    /// after the last change, so a change costs the replica nothing more. Give each
+    /// replica its own path.
     #[must_use]
     pub fn with_snapshot(mut self, path: impl Into<PathBuf>) -> Self {
         self.options.snapshot = Some(path.into());
+        self
+    }
+
+    /// The shortest time between two writes of the snapshot file (default 1 s).
+    #[must_use]
+    pub fn with_snapshot_interval(mut self, every: Duration) -> Self {
+        self.options.snapshot_every = every;
         self
     }
 }
@@ -153,19 +167,37 @@ impl KeySource for RedisSource {
     fn load(&mut self) -> Result<KeySet, Error> {
         let name = self.name();
         let read = connect(&self.client, self.options.connect_timeout)
-            .and_then(|mut con| read_all(&mut con, &self.keys));
-        let failure = match read {
-            Ok(Some((set, position))) => {
-                self.loaded = Some(position);
+            .and_then(|mut con| read_all(&mut con, &self.keys, &name));
+        let (kind, failure) = match read {
+            Ok(Read::Whole(set, cursor)) => {
+                self.loaded = Some((cursor, set.len()));
                 return Ok(set);
             }
-            Ok(None) => Error::custom(
-                name.clone(),
-                format!("namespace `{}` does not exist in Redis yet", self.namespace),
+            Ok(Read::Missing) => (
+                Failure::Missing,
+                Error::custom(
+                    name.clone(),
+                    format!(
+                        "namespace `{}` does not exist in Redis (no version counter: not created \
+                     yet, or wiped)",
+                        self.namespace
+                    ),
+                ),
             ),
-            Err(e) => Error::custom(name.clone(), e),
+            Ok(Read::Damaged) => (
+                Failure::Damaged,
+                Error::custom(name.clone(), super::DAMAGED),
+            ),
+            Err(e) => (
+                if follow::is_refusal(&e) {
+                    Failure::Refused
+                } else {
+                    Failure::Unreachable
+                },
+                Error::custom(name.clone(), super::describe(&e)),
+            ),
         };
-        // Redis does not answer: the keys saved last time, if any.
+        // Redis cannot give the keys: the ones saved last time, if any.
         if let Some(path) = &self.options.snapshot
             && let Ok(bytes) =
                 crate::source::read::FileBytes::read(path, crate::source::read::DEFAULT_MAX_SIZE)
@@ -175,24 +207,26 @@ impl KeySource for RedisSource {
             tracing::warn!(target: "tower_api_key::reload", source = %name, error = %crate::error::Chain(&failure), "serving the snapshot until Redis answers");
             return Ok(set);
         }
+        // Said by the store, which records the failed load.
+        self.failed = Some(kind);
         Err(failure)
     }
 
     fn watch(self: Box<Self>, updater: KeyUpdater) {
-        let follower = Follower {
-            client: self.client,
-            keys: self.keys,
-            options: self.options,
-            position: self.loaded,
-            updater,
-            down: false,
-            flushed: HashMap::new(),
-            mirror: None,
+        let this = *self;
+        let (cursor, loaded) = match this.loaded {
+            Some((cursor, n)) => (Some(cursor), n),
+            None => (None, 0),
         };
-        let mut follower = follower;
-        if follower.options.snapshot.is_some() {
-            follower.mirror = Some(HashMap::new());
-        }
+        let follower = Follower::new(
+            this.client,
+            this.keys,
+            this.options,
+            updater,
+            cursor,
+            loaded,
+            this.failed,
+        );
         let spawned = thread::Builder::new()
             .name("tower-api-key-redis".into())
             .spawn(move || follower.run());
@@ -205,7 +239,7 @@ impl KeySource for RedisSource {
     }
 }
 
-fn connect(
+pub(super) fn connect(
     client: &redis::Client,
     timeout: Duration,
 ) -> Result<redis::Connection, redis::RedisError> {
@@ -216,15 +250,85 @@ fn connect(
     Ok(con)
 }
 
-/// The whole namespace, read atomically with its version and the last log entry;
-/// `None` if the namespace does not exist.
-fn read_all(
+/// Where a namespace is.
+pub(super) enum Head {
+    /// It exists: its epoch, version and last log entry.
+    At {
+        epoch: String,
+        version: u64,
+        last: StreamId,
+    },
+    /// No epoch or no version: wiped, partly wiped, or never created.
+    Missing,
+    /// One of its keys has the wrong type.
+    Damaged,
+}
+
+/// Where the namespace is, in one atomic step that fails on nothing it finds.
+pub(super) fn head(
     con: &mut redis::Connection,
     keys: &Keys,
-) -> Result<Option<(KeySet, Position)>, redis::RedisError> {
-    let (version, records, last): (Option<u64>, Value, Value) = redis::pipe()
+    script: &redis::Script,
+) -> Result<Head, redis::RedisError> {
+    let reply: Vec<Value> = script
+        .key(&keys.version)
+        .key(&keys.records)
+        .key(&keys.log)
+        .invoke(con)?;
+    let mut reply = reply.into_iter();
+    let state = match reply.next() {
+        Some(Value::Int(n)) => n,
+        _ => 2,
+    };
+    let epoch = reply.next().and_then(super::text);
+    let version = reply
+        .next()
+        .and_then(super::text)
+        .and_then(|v| v.parse::<u64>().ok());
+    let last = reply
+        .next()
+        .and_then(super::text)
+        .and_then(|v| StreamId::parse(&v))
+        .unwrap_or_default();
+    Ok(match (state, epoch, version) {
+        (0, Some(epoch), Some(version)) => Head::At {
+            epoch,
+            version,
+            last,
+        },
+        (1, ..) => Head::Missing,
+        _ => Head::Damaged,
+    })
+}
+
+/// What a whole read found.
+pub(super) enum Read {
+    /// The readable keys, and where they leave the follower.
+    Whole(KeySet, Cursor),
+    Missing,
+    Damaged,
+}
+
+/// The whole namespace, read atomically with its epoch, version and last log entry.
+/// A record that cannot be read is left out (its key refused), logged at `error`
+/// with its id.
+pub(super) fn read_all(
+    con: &mut redis::Connection,
+    keys: &Keys,
+    source: &str,
+) -> Result<Read, redis::RedisError> {
+    // Look first: a missing or damaged namespace is not read whole.
+    match head(con, keys, &redis::Script::new(model::HEAD))? {
+        Head::At { .. } => {}
+        Head::Missing => return Ok(Read::Missing),
+        Head::Damaged => return Ok(Read::Damaged),
+    }
+    let (meta, records, last): ((Option<String>, Option<u64>), Value, Value) = redis::pipe()
         .atomic()
-        .get(&keys.version)
+        .cmd("HMGET")
+        .arg(&keys.version)
+        .arg("epoch")
+        .arg("version")
         .hgetall(&keys.records)
         .cmd("XREVRANGE")
         .arg(&keys.log)
@@ -233,16 +337,20 @@ fn read_all(
         .arg("COUNT")
         .arg(1)
         .query(con)?;
-    let Some(version) = version else {
-        return Ok(None);
+    let (Some(epoch), Some(version)) = meta else {
+        return Ok(Read::Missing);
     };
-    let pairs = super::pairs(records);
-    let mut set = KeySet::with_capacity(pairs.len());
-    for key in decode_all(&pairs) {
-        key.and_then(|key| set.insert(key))
-            .map_err(|e| redis_error(format!("{}", crate::error::Chain(&e))))?;
-    }
-    let stream_id = match last {
+    let items = match records {
+        Value::Array(items) => items,
+        Value::Map(map) => map.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        _ => Vec::new(),
+    };
+    let set = key_set(&items, source);
+    // Two million small buffers: freed off the path to serving.
+    let _ = thread::Builder::new()
+        .name("tower-api-key-free".into())
+        .spawn(move || drop(items));
+    let last = match last {
         Value::Array(entries) => entries
             .into_iter()
             .next()
@@ -250,384 +358,120 @@ fn read_all(
                 Value::Array(mut parts) if !parts.is_empty() => super::text(parts.swap_remove(0)),
                 _ => None,
             })
-            .unwrap_or_else(|| "0-0".to_owned()),
-        _ => "0-0".to_owned(),
+            .and_then(|id| StreamId::parse(&id))
+            .unwrap_or_default(),
+        _ => StreamId::default(),
     };
-    Ok(Some((set, Position { version, stream_id })))
+    Ok(Read::Whole(set, Cursor::new(epoch, version, last)))
 }
 
-/// The keys of `(id, record)` pairs, in order. A large namespace (a million records
-/// is most of a second of JSON) is decoded on every core: the initial load is what a
-/// replica waits for before it can serve.
-fn decode_all(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<Result<crate::ApiKey, Error>> {
-    let decode = |chunk: &[(Vec<u8>, Vec<u8>)]| -> Vec<Result<crate::ApiKey, Error>> {
-        chunk
-            .iter()
-            .map(|(id, json)| model::decode(&String::from_utf8_lossy(id), json))
-            .collect()
+/// The set of the readable keys of an `HGETALL` reply (ids and records, flat). A
+/// record that cannot be read, or that shares its digest with another (one secret
+/// under two ids: which is meant?), is left out, so that its key is refused; each is
+/// logged at `error` with its id.
+///
+/// A large namespace (a million records is most of a second of JSON) is decoded by
+/// worker threads, chunk by chunk, while this thread builds the set from the chunks
+/// already decoded: the initial load is what a replica waits for before it serves.
+fn key_set(items: &[Value], source: &str) -> KeySet {
+    /// Records per chunk handed to a worker.
+    const CHUNK: usize = 16_384;
+    let mut set = KeySet::with_capacity(items.len() / 2);
+    let mut shared = Vec::new();
+    let mut insert = |chunk: &[Value], keys: Vec<Result<ApiKey, Error>>| {
+        for (at, key) in keys.into_iter().enumerate() {
+            if let Err(error) = key.and_then(|key| set.insert(key)) {
+                let id = String::from_utf8_lossy(bytes(&chunk[2 * at])).into_owned();
+                refused(source, &id, &error);
+                if let Error::DuplicateKey { first, .. } = error {
+                    shared.push(first);
+                }
+            }
+        }
     };
-    let parts = thread::available_parallelism()
+    let workers = thread::available_parallelism()
         .map_or(1, usize::from)
         .min(4);
-    if pairs.len() < 50_000 || parts < 2 {
-        return decode(pairs);
-    }
-    let size = pairs.len().div_ceil(parts);
-    thread::scope(|scope| {
-        let handles: Vec<_> = pairs
-            .chunks(size)
-            .skip(1)
-            .map(|chunk| {
-                (
-                    chunk,
-                    thread::Builder::new().spawn_scoped(scope, move || decode(chunk)),
-                )
-            })
-            .collect();
-        let mut keys = decode(&pairs[..size.min(pairs.len())]);
-        for (chunk, handle) in handles {
-            // A thread that could not start or failed: decode its part here.
-            match handle.ok().and_then(|h| h.join().ok()) {
-                Some(part) => keys.extend(part),
-                None => keys.extend(decode(chunk)),
-            }
-        }
-        keys
-    })
-}
-
-/// The thread that follows the namespace.
-struct Follower {
-    client: redis::Client,
-    keys: Keys,
-    options: Options,
-    /// Where the store is; `None` before the first full read.
-    position: Option<Position>,
-    updater: KeyUpdater,
-    /// Whether the last attempt failed (so a failure is said once, not per retry).
-    down: bool,
-    /// The request counts already added to Redis, by key id.
-    flushed: HashMap<Arc<str>, u64>,
-    /// The keys applied, kept only to write the snapshot.
-    mirror: Option<HashMap<String, crate::ApiKey>>,
-}
-
-/// One entry of the change log.
-struct Entry {
-    stream_id: String,
-    version: u64,
-    change: Result<KeyChange, Error>,
-}
-
-impl Follower {
-    fn run(mut self) {
-        let mut backoff = Duration::from_millis(100);
-        // A store that loaded a snapshot starts with a resync; one that read Redis
-        // starts following from where the load left off.
-        // (A snapshot needs the whole set in hand: read it once more.)
-        let mut resync = self.position.is_none() || self.mirror.is_some();
-        while !self.updater.is_closed() {
-            let mut con = match connect(&self.client, self.options.connect_timeout) {
-                Ok(con) => con,
-                Err(e) => {
-                    self.failed(Error::custom(self.updater.source_name(), e));
-                    thread::sleep(jittered(backoff));
-                    backoff = (backoff * 2).min(self.options.max_backoff);
-                    resync = true;
-                    continue;
-                }
-            };
-            if resync && let Err(e) = self.resync(&mut con) {
-                self.failed(e);
-                thread::sleep(jittered(backoff));
-                backoff = (backoff * 2).min(self.options.max_backoff);
-                continue;
-            }
-            backoff = Duration::from_millis(100);
-            // A broken connection (or a wiped namespace) ends the loop: reconnect and
-            // resync.
-            let error = self.follow(&mut con);
-            resync = true;
-            if let Some(error) = error {
-                self.failed(error);
-            }
-        }
-        // The store is gone: a last usage flush is pointless without it.
-    }
-
-    /// Says once that Redis misbehaves; the keys stay.
-    fn failed(&mut self, error: Error) {
-        if !self.down {
-            self.down = true;
-            self.updater.reject(error);
-        }
-    }
-
-    /// Reads the whole namespace and publishes it: the store applies what differs.
-    fn resync(&mut self, con: &mut redis::Connection) -> Result<(), Error> {
-        let name = self.updater.source_name().to_owned();
-        // A whole namespace may take a while to arrive.
-        let long = self.options.connect_timeout.max(Duration::from_secs(30));
-        con.set_read_timeout(Some(long))
-            .map_err(|e| Error::custom(name.clone(), e))?;
-        match read_all(con, &self.keys) {
-            Ok(Some((set, position))) => {
-                if let Some(mirror) = &mut self.mirror {
-                    mirror.clear();
-                    mirror.extend(set.iter().map(|k| (k.id().to_owned(), k.clone())));
-                }
-                self.updater.publish(set)?;
-                self.position = Some(position);
-                self.down = false;
-                self.save_snapshot();
-                Ok(())
-            }
-            Ok(None) => Err(Error::custom(
-                name,
-                "the namespace has no version counter (wiped, or not created yet); keeping the last good keys",
-            )),
-            Err(e) => Err(Error::custom(name, e)),
-        }
-    }
-
-    /// Applies the log as it grows, checks the version, flushes usage. Returns why it
-    /// stopped (`None`: the store is gone).
-    fn follow(&mut self, con: &mut redis::Connection) -> Option<Error> {
-        let name = self.updater.source_name().to_owned();
-        // A blocking read answers within its 500 ms: past that plus the connect
-        // timeout, the peer is gone without a word (a half-open connection).
-        let patience = Duration::from_millis(500) + self.options.connect_timeout;
-        if let Err(e) = con.set_read_timeout(Some(patience)) {
-            return Some(Error::custom(name, e));
-        }
-        let (mut next_check, mut next_flush) = (
-            Instant::now() + self.options.check,
-            Instant::now() + self.options.usage_flush,
-        );
-        while !self.updater.is_closed() {
-            let from = self
-                .position
-                .as_ref()
-                .map_or_else(|| "0-0".to_owned(), |p| p.stream_id.clone());
-            let reply: Result<Value, _> = cmd("XREAD")
-                .arg("COUNT")
-                .arg(1000)
-                .arg("BLOCK")
-                .arg(500)
-                .arg("STREAMS")
-                .arg(&self.keys.log)
-                .arg(&from)
-                .query(con);
-            let entries = match reply {
-                Ok(reply) => entries(reply),
-                Err(e) => return Some(Error::custom(name, e)),
-            };
-            if !entries.is_empty()
-                && let Err(gap) = self.apply(entries)
-            {
-                return gap;
-            }
-            let now = Instant::now();
-            if now >= next_check {
-                next_check = now + self.options.check;
-                match cmd("GET").arg(&self.keys.version).query::<Option<u64>>(con) {
-                    Err(e) => return Some(Error::custom(name, e)),
-                    Ok(None) => {
-                        return Some(Error::custom(
-                            name,
-                            "the namespace has no version counter (wiped?); keeping the last good keys",
-                        ));
-                    }
-                    Ok(Some(v)) if self.position.as_ref().is_none_or(|p| v > p.version) => {
-                        // Ahead of what the log showed: a lost signal. Read it whole.
-                        if let Err(e) = self.resync(con) {
-                            return Some(e);
-                        }
-                        if let Err(e) = con.set_read_timeout(Some(patience)) {
-                            return Some(Error::custom(name, e));
-                        }
-                    }
-                    Ok(Some(_)) => {}
-                }
-            }
-            if now >= next_flush {
-                next_flush = now + self.options.usage_flush;
-                if let Err(e) = self.flush_usage(con) {
-                    return Some(Error::custom(name, e));
-                }
-            }
-        }
-        None
-    }
-
-    /// Applies log entries in order, a version's changes together. `Err` when the log
-    /// has a gap (resync): `Err(None)` to resync quietly.
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), Option<Error>> {
-        let mut i = 0;
-        while i < entries.len() {
-            let version = entries[i].version;
-            let end = entries[i..]
-                .iter()
-                .position(|e| e.version != version)
-                .map_or(entries.len(), |n| i + n);
-            let batch = &entries[i..end];
-            let current = self.position.as_ref().map_or(0, |p| p.version);
-            if version > current + 1 {
-                // Entries were lost (trimmed while this replica was behind): whole.
-                self.position = None;
-                return Err(None);
-            }
-            if version == current + 1 {
-                let changes: Result<Vec<KeyChange>, Error> =
-                    batch.iter().map(|e| e.change.clone()).collect();
-                match changes {
-                    Ok(changes) => {
-                        if let Some(mirror) = &mut self.mirror {
-                            for change in &changes {
-                                match change {
-                                    KeyChange::Upsert(key) => {
-                                        drop(mirror.insert(key.id().to_owned(), key.clone()))
-                                    }
-                                    KeyChange::Remove(id) => drop(mirror.remove(&**id)),
+    if items.len() < 4 * CHUNK || workers < 2 {
+        insert(items, decode_all(items));
+    } else {
+        let chunks: Vec<&[Value]> = items.chunks(2 * CHUNK).collect();
+        thread::scope(|scope| {
+            let receivers: Vec<_> = (0..workers)
+                .map(|w| {
+                    let (tx, rx) = mpsc::sync_channel::<Vec<Result<ApiKey, Error>>>(2);
+                    let mine: Vec<&[Value]> =
+                        chunks.iter().skip(w).step_by(workers).copied().collect();
+                    let spawned = thread::Builder::new()
+                        .name("tower-api-key-decode".into())
+                        .spawn_scoped(scope, move || {
+                            for chunk in mine {
+                                if tx.send(decode_all(chunk)).is_err() {
+                                    return;
                                 }
                             }
-                        }
-                        if self.updater.apply(changes).is_err() {
-                            // Refused (recorded by the store): the next resync
-                            // publishes the whole set, which waits until it fits.
-                            self.position = None;
-                            return Err(None);
-                        }
-                        self.save_snapshot();
-                    }
-                    Err(error) => {
-                        // A record this replica cannot read: say so, and read the whole
-                        // namespace again rather than skip the change.
-                        self.updater.reject(error);
-                        self.position = None;
-                        return Err(None);
-                    }
-                }
+                        });
+                    // A worker that could not start: its chunks are decoded here.
+                    spawned.ok().map(|_| rx)
+                })
+                .collect();
+            for (at, chunk) in chunks.iter().enumerate() {
+                let keys = receivers[at % workers]
+                    .as_ref()
+                    .and_then(|rx| rx.recv().ok())
+                    .unwrap_or_else(|| decode_all(chunk));
+                insert(chunk, keys);
             }
-            self.position = Some(Position {
-                version: version.max(current),
-                stream_id: batch[batch.len() - 1].stream_id.clone(),
-            });
-            i = end;
-        }
-        Ok(())
+        });
     }
-
-    /// Adds the requests counted since the last flush to the namespace's counters.
-    fn flush_usage(&mut self, con: &mut redis::Connection) -> Result<(), redis::RedisError> {
-        let usage = self.updater.usage();
-        let script = redis::Script::new(model::ADD_USAGE);
-        let mut invocation = script.prepare_invoke();
-        invocation
-            .key(&self.keys.requests)
-            .key(&self.keys.last_used);
-        let mut deltas = Vec::new();
-        for usage in usage {
-            let id: Arc<str> = usage.key().id().into();
-            let requests = usage.requests();
-            let last_used = usage
-                .last_used()
-                .map_or(0, |at| crate::clock::to_unix_ms(at) / 1000);
-            let before = self.flushed.get(&id).copied().unwrap_or(0);
-            // A key removed and added again starts counting from zero.
-            let delta = if requests >= before {
-                requests - before
-            } else {
-                requests
-            };
-            if delta > 0 {
-                invocation.arg(&*id).arg(format!("{delta}:{last_used}"));
-                deltas.push((id, requests));
-            }
-        }
-        if deltas.is_empty() {
-            return Ok(());
-        }
-        invocation.invoke::<i64>(con)?;
-        self.flushed.extend(deltas);
-        Ok(())
+    if shared.is_empty() {
+        return set;
     }
-
-    fn save_snapshot(&self) {
-        if let (Some(path), Some(mirror)) = (&self.options.snapshot, &self.mirror) {
-            let mut keys: Vec<&crate::ApiKey> = mirror.values().collect();
-            keys.sort_by(|a, b| a.id().cmp(b.id()));
-            let text = crate::source::key_file::write::file(keys);
-            if let Err(error) = crate::source::key_file::write::replace(path, text.as_bytes()) {
-                #[cfg(feature = "tracing")]
-                tracing::warn!(target: "tower_api_key::reload", path = %path.display(), %error, "cannot write the Redis snapshot");
-                #[cfg(not(feature = "tracing"))]
-                let _ = error;
-            }
+    // Rare: rebuild without the first holders of a shared digest.
+    shared.sort();
+    shared.dedup();
+    let mut kept = KeySet::with_capacity(set.len());
+    for key in set.iter() {
+        if shared
+            .binary_search_by(|id| id.as_str().cmp(key.id()))
+            .is_ok()
+        {
+            continue;
         }
+        let _ = kept.insert(key.clone());
+    }
+    kept
+}
+
+/// A reply's bytes (a field or a value of a hash).
+fn bytes(value: &Value) -> &[u8] {
+    match value {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.as_bytes(),
+        _ => &[],
     }
 }
 
-/// The entries of an `XREAD` reply, in order.
-fn entries(reply: Value) -> Vec<Entry> {
-    let mut out = Vec::new();
-    let streams = match reply {
-        Value::Array(streams) => streams,
-        Value::Map(streams) => streams.into_iter().flat_map(|(k, v)| [k, v]).collect(),
-        _ => return out,
-    };
-    for stream in streams {
-        let items = match stream {
-            Value::Array(mut parts) if parts.len() == 2 => parts.swap_remove(1),
-            other => other,
-        };
-        let Value::Array(items) = items else { continue };
-        for item in items {
-            let Value::Array(mut parts) = item else {
-                continue;
-            };
-            if parts.len() != 2 {
-                continue;
-            }
-            let fields = parts.swap_remove(1);
-            let Some(stream_id) = super::text(parts.swap_remove(0)) else {
-                continue;
-            };
-            let mut map: HashMap<String, Vec<u8>> = HashMap::new();
-            for (k, v) in super::pairs(fields) {
-                map.insert(String::from_utf8_lossy(&k).into_owned(), v);
-            }
-            let version = map
-                .get("v")
-                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-                .unwrap_or(0);
-            let id = map
-                .get("id")
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default();
-            let change = match map.get("op").map(Vec::as_slice) {
-                Some(b"put") => match map.get("record") {
-                    Some(record) => model::decode(&id, record).map(KeyChange::Upsert),
-                    None => Err(Error::invalid(Some(&id), "a log entry without its record")),
-                },
-                _ => Ok(KeyChange::remove(id)),
-            };
-            out.push(Entry {
-                stream_id,
-                version,
-                change,
-            });
-        }
-    }
-    out
+/// Says that the key with this id is refused because its record cannot be applied.
+pub(super) fn refused(source: &str, id: &str, error: &Error) {
+    #[cfg(feature = "tracing")]
+    tracing::error!(
+        target: "tower_api_key::reload",
+        source,
+        key_id = id,
+        error = %crate::error::Chain(error),
+        "a key record in Redis cannot be applied; the key is refused until it is fixed"
+    );
+    #[cfg(not(feature = "tracing"))]
+    let _ = (source, id, error);
 }
 
-/// `d`, give or take half, at random: replicas do not retry in step.
-fn jittered(d: Duration) -> Duration {
-    let mut b = [0u8; 8];
-    let _ = getrandom::fill(&mut b);
-    let half = d / 2;
-    half + half.mul_f64((u64::from_le_bytes(b) % 1000) as f64 / 1000.0)
+/// The keys of a flat list of ids and records, in order.
+fn decode_all(items: &[Value]) -> Vec<Result<ApiKey, Error>> {
+    items
+        .chunks_exact(2)
+        .map(|pair| model::decode(&String::from_utf8_lossy(bytes(&pair[0])), bytes(&pair[1])))
+        .collect()
 }
 
 impl fmt::Debug for RedisSource {

@@ -1,0 +1,541 @@
+//! Issue 16, "nothing lost, nothing resurrected", on Redis: each finding made by
+//! attacking the fleet becomes a test here, against a real `redis-server` (see
+//! `redis_support`). Replicas must apply every change whole, never apply one twice or
+//! out of order, never read a wiped namespace as "zero keys", and a record they cannot
+//! read is one refused key, never a frozen replica.
+#![allow(clippy::unwrap_used)]
+#![cfg(feature = "redis")]
+
+mod common;
+mod redis_support;
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use redis_support::*;
+use serde_json::json;
+use tower_api_key::{
+    ApiKey, ChannelSource, KeyPublisher, KeySet, KeyStore,
+    admin::{AdminBackend, BackendError},
+    redis::RedisBackend,
+};
+
+const BOUND: Duration = Duration::from_secs(3);
+
+/// A store following `ns` beside a channel source, whose publisher can hold the
+/// store's writer (a large publish) so that the Redis follower cannot apply anything
+/// meanwhile: how a replica falls behind the log on demand.
+fn held_store(redis: &Redis, ns: &str) -> (KeyStore, KeyPublisher) {
+    let store = KeyStore::new();
+    let (channel, publisher) = ChannelSource::new(KeySet::new());
+    store.add_source(channel.with_name("bulk")).unwrap();
+    // No version check during the test: what the log shows must be enough.
+    store
+        .add_source(source(redis, ns).with_version_check(Duration::from_secs(60)))
+        .unwrap();
+    (store, publisher)
+}
+
+/// A large set for the channel source: publishing it holds the store's writer for a
+/// few hundred milliseconds.
+fn bulk(n: usize, round: usize) -> KeySet {
+    KeySet::from_keys(
+        (0..n).map(|i| ApiKey::new(format!("bulk-{round}-{i}"), format!("bulk-{round}-{i}-s"))),
+    )
+    .unwrap()
+}
+
+/// Publishes `set` on a thread of its own; returns when it finished.
+fn hold(publisher: KeyPublisher, set: KeySet) -> thread::JoinHandle<Instant> {
+    let handle = thread::spawn(move || {
+        publisher.publish(set).unwrap();
+        Instant::now()
+    });
+    // Let it take the writer.
+    thread::sleep(Duration::from_millis(30));
+    handle
+}
+
+/// Whether `store` has every id of the namespace's hash from Redis, and `others` keys
+/// besides (the other source's).
+fn equals_redis(store: &KeyStore, redis: &Redis, ns: &str, others: usize) -> bool {
+    let name = format!("redis:{ns}");
+    let ids = redis.ids(ns);
+    store.len() == ids.len() + others
+        && ids
+            .iter()
+            .all(|id| store.get(id).is_some_and(|k| k.source() == name))
+}
+
+/// Finding 1: one 1-entry version then a 1,000-entry one, read by a follower that
+/// was behind: `XREAD COUNT 1000` returns the first and 999 of the second, and the
+/// follower must not treat the second as applied until it holds all of it.
+#[tokio::test]
+async fn a_version_split_across_two_log_reads_is_applied_whole() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "split").await;
+    let (store, publisher) = held_store(&redis, "split");
+    let set = bulk(300_000, 0);
+    let held = hold(publisher, set);
+    // The follower reads this, then waits for the writer...
+    import(&redis, "split", &keys_file("c", 1)).await;
+    // ...while these two versions are written behind it.
+    import(&redis, "split", &keys_file("a", 1)).await;
+    import(&redis, "split", &keys_file("b", 1000)).await;
+    let written = Instant::now();
+    let released = tokio::task::spawn_blocking(move || held.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        released > written,
+        "the writer was released before the versions were written: inconclusive"
+    );
+    eventually("the replica holds every key of Redis", BOUND, || {
+        equals_redis(&store, &redis, "split", 300_000)
+    })
+    .await;
+    assert!(store.verify("b-999-secret").is_ok());
+}
+
+/// Finding 1: `MAXLEN ~` (or `XTRIM`) removing the start of a version a follower has
+/// not read: what is left of it is not the version.
+#[tokio::test]
+async fn a_version_whose_start_was_trimmed_makes_a_resync() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "trim").await;
+    let (store, publisher) = held_store(&redis, "trim");
+    let held = hold(publisher, bulk(300_000, 0));
+    import(&redis, "trim", &keys_file("c", 1)).await;
+    import(&redis, "trim", &keys_file("b", 1000)).await;
+    // Trim the log up to the 11th entry of the 1,000-entry version.
+    let log = "tak:{trim}:log";
+    let redis::Value::Array(entries) = redis.query(&["XRANGE", log, "-", "+"]).unwrap() else {
+        panic!("no log")
+    };
+    let ids: Vec<String> = entries
+        .into_iter()
+        .filter_map(|e| match e {
+            redis::Value::Array(mut parts) => match parts.swap_remove(0) {
+                redis::Value::BulkString(b) => String::from_utf8(b).ok(),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let eleventh = &ids[ids.len() - 1000 + 10];
+    assert!(
+        !redis
+            .cli(&["XTRIM", log, "MINID", "=", eleventh])
+            .is_empty()
+    );
+    let written = Instant::now();
+    let released = tokio::task::spawn_blocking(move || held.join().unwrap())
+        .await
+        .unwrap();
+    assert!(released > written, "inconclusive: released too early");
+    eventually("the replica holds every key of Redis", BOUND, || {
+        equals_redis(&store, &redis, "trim", 300_000)
+    })
+    .await;
+    assert!(store.verify("b-0-secret").is_ok());
+}
+
+/// Finding 2: the version counter deleted (or evicted): writes are refused, not
+/// written behind the replicas' backs, and an explicit re-creation is followed.
+#[tokio::test]
+async fn a_missing_version_counter_refuses_writes_and_replicas_follow_a_recreation() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "nover").await;
+    let writer = replica(&redis, "nover", true).await;
+    let other = replica(&redis, "nover", false).await;
+    assert_eq!(redis.cli(&["DEL", "tak:{nover}:version"]), "1");
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/reader",
+        None,
+    )
+    .await;
+    assert_eq!((code, problem(&body)), (503, "store-missing"), "{body}");
+    assert!(
+        redis.ids("nover").contains(&"reader".to_owned()),
+        "nothing written"
+    );
+    for r in [&writer, &other] {
+        assert_eq!(status(r.addr, "reader-secret").await, 200);
+    }
+    // Recreated explicitly, with one more key.
+    import(
+        &redis,
+        "nover",
+        &format!("{SEED}\n[[keys]]\nid = \"late\"\nsecret = \"late-secret\"\n"),
+    )
+    .await;
+    for r in [&writer, &other] {
+        until(r.addr, "late-secret", 200, BOUND).await;
+    }
+    // And a revocation afterwards is enforced everywhere.
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/reader",
+        None,
+    )
+    .await;
+    assert_eq!(code, 204, "{body}");
+    for r in [&writer, &other] {
+        until(r.addr, "reader-secret", 401, BOUND).await;
+    }
+}
+
+/// Finding 3: after a wipe, one create through the API must not become the whole
+/// namespace every replica applies.
+#[tokio::test]
+async fn a_wiped_namespace_refuses_api_writes_and_lists() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "wipe1").await;
+    let writer = replica(&redis, "wipe1", true).await;
+    let other = replica(&redis, "wipe1", false).await;
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "solo"})),
+    )
+    .await;
+    assert_eq!((code, problem(&body)), (503, "store-missing"), "{body}");
+    assert!(redis.ids("wipe1").is_empty(), "nothing written");
+    assert_eq!(redis.cli(&["EXISTS", "tak:{wipe1}:version"]), "0");
+    let (code, body) = api(writer.addr, reqwest::Method::GET, "/v1/api-keys", None).await;
+    assert_eq!((code, problem(&body)), (503, "store-missing"), "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for r in [&writer, &other] {
+        assert_eq!(status(r.addr, "reader-secret").await, 200);
+        assert_eq!(status(r.addr, "root-secret").await, 200);
+    }
+}
+
+/// Finding 4: a record that is not a key record (not JSON, or a `secret` where the
+/// digest belongs) is that one key refused, not every replica frozen.
+#[tokio::test]
+async fn an_unreadable_record_is_one_refused_key_not_a_frozen_replica() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "bad").await;
+    let writer = replica(&redis, "bad", true).await;
+    let other = replica(&redis, "bad", false).await;
+    let keys = "tak:{bad}:keys";
+    redis.cli(&["HSET", keys, "bad1", "not json"]);
+    redis.cli(&[
+        "HSET",
+        keys,
+        "bad2",
+        r#"{"id":"bad2","secret":"plain-secret"}"#,
+    ]);
+    // Every connection cut: a replica reconnects (and may read everything again).
+    redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/reader",
+        None,
+    )
+    .await;
+    assert_eq!(code, 204, "{body}");
+    for r in [&writer, &other] {
+        until(r.addr, "reader-secret", 401, BOUND).await;
+        assert_eq!(status(r.addr, "plain-secret").await, 401);
+    }
+    // A replica starting now gets every readable key.
+    let fresh = replica(&redis, "bad", false).await;
+    assert_eq!(status(fresh.addr, "root-secret").await, 200);
+    assert_eq!(status(fresh.addr, "plain-secret").await, 401);
+    // The API says which record is broken: the store's fault, not the caller's.
+    let (code, body) = api(writer.addr, reqwest::Method::GET, "/v1/api-keys", None).await;
+    assert_eq!((code, problem(&body)), (500, "corrupt-record"), "{body}");
+    assert!(!body.to_string().contains("plain-secret"), "{body}");
+}
+
+/// Finding 5: a record stored under one id that names another is refused, and can be
+/// removed by the id it is stored under.
+#[tokio::test]
+async fn a_record_naming_another_id_is_refused_and_removable() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "alias").await;
+    let record = format!(
+        r#"{{"id":"phantom","sha256":"{}"}}"#,
+        sha256_hex("ghost-secret")
+    );
+    redis.cli(&["HSET", "tak:{alias}:keys", "ghost", &record]);
+    let r = replica(&redis, "alias", false).await;
+    assert_eq!(status(r.addr, "root-secret").await, 200);
+    assert_eq!(status(r.addr, "ghost-secret").await, 401, "a live alias");
+    let backend = RedisBackend::new(&redis.url(), "alias").unwrap();
+    match backend.get("ghost").await {
+        Err(BackendError::Corrupt { id, .. }) => assert_eq!(id, "ghost"),
+        other => panic!("{other:?}"),
+    }
+    backend.delete("ghost", None).await.unwrap();
+    assert!(!redis.ids("alias").contains(&"ghost".to_owned()));
+    assert_eq!(status(r.addr, "root-secret").await, 200);
+}
+
+/// Finding 6: a log entry reusing the next version must not make replicas skip the
+/// real change that has it.
+#[tokio::test]
+async fn a_log_entry_reusing_the_next_version_does_not_hide_the_real_one() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "reuse").await;
+    let writer = replica(&redis, "reuse", true).await;
+    let other = replica(&redis, "reuse", false).await;
+    let next = (redis.version("reuse") + 1).to_string();
+    let epoch = redis.epoch("reuse");
+    redis.xadd(
+        "reuse",
+        &[
+            ("e", &epoch),
+            ("v", &next),
+            ("i", "0"),
+            ("n", "1"),
+            ("op", "del"),
+            ("id", "nobody"),
+        ],
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (code, created) = api(
+        writer.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "real"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    let secret = created["key"].as_str().unwrap();
+    until(other.addr, secret, 200, BOUND).await;
+}
+
+/// Finding 6: an entry with an operation this crate does not know is not a removal.
+#[tokio::test]
+async fn an_unknown_log_operation_is_not_a_removal() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "unknown").await;
+    let r = replica(&redis, "unknown", false).await;
+    let next = (redis.version("unknown") + 1).to_string();
+    let epoch = redis.epoch("unknown");
+    redis.xadd(
+        "unknown",
+        &[
+            ("e", &epoch),
+            ("v", &next),
+            ("i", "0"),
+            ("n", "1"),
+            ("op", "frobnicate"),
+            ("id", "reader"),
+        ],
+    );
+    for _ in 0..20 {
+        assert_eq!(status(r.addr, "reader-secret").await, 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    import(
+        &redis,
+        "unknown",
+        "[[keys]]\nid = \"late\"\nsecret = \"late-secret\"\n",
+    )
+    .await;
+    until(r.addr, "late-secret", 200, BOUND).await;
+    assert_eq!(status(r.addr, "reader-secret").await, 200);
+}
+
+/// Finding 7: a change that clashes with another source of the store: the store
+/// keeps the namespace's set pending, and the follower keeps following the log,
+/// without reconnecting and reading the whole namespace again and again.
+#[tokio::test]
+async fn a_conflict_with_another_source_does_not_loop() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "clash").await;
+    let store = KeyStore::new();
+    let (channel, publisher) =
+        ChannelSource::new(KeySet::from_keys([ApiKey::new("dup", "local-secret")]).unwrap());
+    store.add_source(channel.with_name("local")).unwrap();
+    store.add_source(source(&redis, "clash")).unwrap();
+    // Redis gets a key with the id the other source has.
+    import(
+        &redis,
+        "clash",
+        "[[keys]]\nid = \"dup\"\nsecret = \"dup-secret\"\n",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = redis.calls("hgetall");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reads = redis.calls("hgetall") - before;
+    assert!(reads <= 1, "the namespace was read {reads} times in 2 s");
+    assert_eq!(store.verify("reader-secret").unwrap().id(), "reader");
+    // Changes made meanwhile are part of the set the store applies once the clash is
+    // gone.
+    import(
+        &redis,
+        "clash",
+        "[[keys]]\nid = \"late\"\nsecret = \"late-secret\"\n",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publisher.publish(KeySet::new()).unwrap();
+    eventually("the pending set applied", BOUND, || {
+        store.verify("late-secret").is_ok() && store.verify("dup-secret").is_ok()
+    })
+    .await;
+    assert!(store.verify("local-secret").is_err());
+    assert!(equals_redis(&store, &redis, "clash", 0));
+}
+
+/// Finding 7: a namespace refused whole at the first load (a clash) stays whole: a
+/// later change by id must not replace the set the store keeps pending.
+#[tokio::test]
+async fn a_set_pending_for_a_conflict_is_not_cut_down_by_a_later_change() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "pending").await;
+    let store = KeyStore::new();
+    let (channel, publisher) =
+        ChannelSource::new(KeySet::from_keys([ApiKey::new("reader", "other-secret")]).unwrap());
+    store.add_source(channel.with_name("local")).unwrap();
+    assert!(store.add_source(source(&redis, "pending")).is_err());
+    import(
+        &redis,
+        "pending",
+        "[[keys]]\nid = \"late\"\nsecret = \"late-secret\"\n",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publisher.publish(KeySet::new()).unwrap();
+    eventually("the whole namespace applied", BOUND, || {
+        equals_redis(&store, &redis, "pending", 0)
+    })
+    .await;
+    assert_eq!(store.verify("root-secret").unwrap().id(), "root");
+}
+
+/// Finding 11: a Redis that answers after the backend gave up: the write happened,
+/// so the backend must not say "nothing changed".
+#[tokio::test]
+async fn a_write_that_timed_out_is_never_reported_as_not_written() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "slow").await;
+    let backend = RedisBackend::new(&redis.url(), "slow")
+        .unwrap()
+        .with_timeout(Duration::from_millis(300));
+    assert!(backend.get("root").await.unwrap().is_some());
+    for (round, sleep) in ["0.6", "2"].into_iter().enumerate() {
+        let url = redis.url();
+        let sleeper = thread::spawn(move || {
+            let client = redis::Client::open(url).unwrap();
+            let mut con = client.get_connection().unwrap();
+            let _: redis::Value = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(sleep)
+                .query(&mut con)
+                .unwrap();
+        });
+        thread::sleep(Duration::from_millis(50));
+        let id = format!("slow-{round}");
+        let result = backend
+            .create(ApiKey::new(id.as_str(), format!("{id}-secret")))
+            .await;
+        sleeper.join().unwrap();
+        let written = redis.ids("slow").contains(&id);
+        match result {
+            Ok(()) => assert!(written, "Ok but not written"),
+            Err(BackendError::OutcomeUnknown(_)) => {}
+            Err(BackendError::Unavailable(e)) => {
+                assert!(!written, "`Unavailable` for a write that happened: {e}")
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Finding 13: a connection Redis dropped is made again by the next call, which
+/// succeeds.
+#[tokio::test]
+async fn the_backend_reconnects_after_a_dropped_connection() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "drop").await;
+    let backend = RedisBackend::new(&redis.url(), "drop").unwrap();
+    assert!(backend.get("root").await.unwrap().is_some());
+    redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    assert!(backend.get("root").await.unwrap().is_some());
+    redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    backend
+        .create(ApiKey::new("after-drop", "after-drop-secret"))
+        .await
+        .unwrap();
+    redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    backend.delete("after-drop", None).await.unwrap();
+    assert!(!redis.ids("drop").contains(&"after-drop".to_owned()));
+}
+
+/// Finding 13: a replica says what is wrong now, not only the first failure of an
+/// outage: Redis down, then back but wiped.
+#[tokio::test]
+async fn a_replica_reports_each_new_cause() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    seed(&redis, "cause").await;
+    let r = replica(&redis, "cause", false).await;
+    redis.stop();
+    let error = |r: &Replica| {
+        r.store
+            .last_reload()
+            .and_then(|x| x.error().map(|e| common::chain(e)))
+            .unwrap_or_default()
+    };
+    eventually("the outage reported", BOUND, || !error(&r).is_empty()).await;
+    assert!(!error(&r).contains("version counter"), "{}", error(&r));
+    redis.run_empty();
+    eventually("the wipe reported", Duration::from_secs(5), || {
+        error(&r).contains("version counter")
+    })
+    .await;
+    assert_eq!(status(r.addr, "reader-secret").await, 200);
+}
+
+/// Finding 13: Redis's own error text (which names the script by its hash) stays in
+/// the logs; the API's answer says what failed without it.
+#[tokio::test]
+async fn script_hashes_never_reach_the_caller() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "hash").await;
+    let writer = replica(&redis, "hash", true).await;
+    redis.cli(&["DEL", "tak:{hash}:log"]);
+    redis.cli(&["SET", "tak:{hash}:log", "not a stream"]);
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "h1"})),
+    )
+    .await;
+    assert!(code >= 500, "{code} {body}");
+    assert!(!has_hex_run(&body.to_string(), 40), "{body}");
+    assert!(
+        !redis.ids("hash").contains(&"h1".to_owned()),
+        "nothing written"
+    );
+    redis.cli(&["DEL", "tak:{hash}:log"]);
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1"]);
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "h2"})),
+    )
+    .await;
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    assert!(code >= 500, "{code} {body}");
+    assert!(!has_hex_run(&body.to_string(), 40), "{body}");
+}
