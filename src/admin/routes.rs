@@ -20,7 +20,7 @@ use axum::{
 
 use super::problem::ProblemDocument as Problem_;
 use super::{
-    AdminBackend, Enforced, Inner,
+    AdminBackend, BackendError, Enforced, Inner,
     model::{CreateRequest, CreatedKey, KeyList, KeyResource, RotateRequest, instant, status},
     problem::Problem,
     record_etag,
@@ -396,6 +396,9 @@ pub(crate) async fn delete_key<B: AdminBackend>(
     headers: HeaderMap,
 ) -> Answer {
     let id = key_path(id)?;
+    if let Err(BackendError::Corrupt { .. }) = api.backend.get(&id).await {
+        return delete_corrupt(&api, &caller, &id, &headers).await;
+    }
     let key = api.writable(&caller, &id, "delete").await?;
     let if_match = precondition(&headers, &key)?;
     let reloads = api.store.subscribe();
@@ -408,6 +411,50 @@ pub(crate) async fn delete_key<B: AdminBackend>(
         .applied(reloads, |store| !api.serves_id(store, key.id()))
         .await;
     api.audit("delete", key.id(), &caller, enforced);
+    Ok(match enforced {
+        Enforced::Yes => StatusCode::NO_CONTENT,
+        Enforced::NotYet => StatusCode::ACCEPTED,
+    }
+    .into_response())
+}
+
+/// Deletes a record the store of record holds under `id` but that cannot be read (not
+/// a key record, or naming another id): the way an operator clears it. Its tenant and
+/// scopes are unknown, so only an admin key without a tenant may, and an `If-Match`
+/// can only be `*` (the record has no ETag). Replicas refuse such a key already.
+async fn delete_corrupt<B: AdminBackend>(
+    api: &Inner<B>,
+    caller: &KeyInfo,
+    id: &str,
+    headers: &HeaderMap,
+) -> Answer {
+    if caller.tenant().is_some() {
+        api.audit_refused(
+            "delete",
+            id,
+            caller,
+            "an unreadable record, whose tenant is unknown",
+        );
+        return Err(Problem::not_found());
+    }
+    for value in headers.get_all(header::IF_MATCH) {
+        let value = value
+            .to_str()
+            .map_err(|_| Problem::bad_request("If-Match is not text"))?;
+        if value.split(',').any(|member| member.trim() != "*") {
+            return Err(Problem::precondition_failed());
+        }
+    }
+    let reloads = api.store.subscribe();
+    api.backend
+        .delete(id, None)
+        .await
+        .map_err(|e| Problem::of(e, id))?;
+    api.note_revoked(id);
+    let enforced = api
+        .applied(reloads, |store| !api.serves_id(store, id))
+        .await;
+    api.audit("delete", id, caller, enforced);
     Ok(match enforced {
         Enforced::Yes => StatusCode::NO_CONTENT,
         Enforced::NotYet => StatusCode::ACCEPTED,
