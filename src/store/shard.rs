@@ -5,22 +5,17 @@
 //! a shard, more digest bits place the key directly (a SHA-256 digest is uniform and
 //! cannot be steered by an attacker). Each slot is one 64-byte cache line holding
 //! everything a request needs: the whole digest to compare, the flags to check and
-//! the usage counters to update, so a lookup in a large, cold set makes one trip to
+//! where its usage is counted, so a lookup in a large, cold set makes one trip to
 //! memory. The entry a slot points at (id, metadata) is read only when someone asks.
-//! A shard is built whole and never changed after, but for its counters.
+//! A shard is built whole and never changed after: the counts live outside it (see
+//! [`Counters`](crate::store::counters::Counters)), so no request writes to it.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU32, AtomicU64, Ordering},
-};
+use std::sync::Arc;
 
 use crate::{
     key::digest::{KeyDigest, same},
-    store::entry::KeyEntry,
+    store::{counters::Counter, entry::KeyEntry},
 };
-
-/// Request count and last use (Unix seconds, 0 for never) of one key.
-pub(crate) type Usage = (u64, u32);
 
 #[derive(Default)]
 pub(crate) struct Shard {
@@ -33,9 +28,8 @@ pub(crate) struct Shard {
 #[derive(Default)]
 pub(crate) struct Slot {
     digest: [u8; 32],
-    requests: AtomicU64,
-    /// Unix seconds of the last use; 0 for never.
-    last_used: AtomicU32,
+    /// The key's usage cell, carried from version to version while its id stays.
+    counter: Counter,
     disabled: bool,
     /// Whether the key has a validity window (in its entry's metadata).
     windowed: bool,
@@ -55,29 +49,9 @@ impl Slot {
         self.windowed
     }
 
-    pub(crate) fn usage(&self) -> Usage {
-        (
-            self.requests.load(Ordering::Relaxed),
-            self.last_used.load(Ordering::Relaxed),
-        )
-    }
-
-    /// Adds requests counted elsewhere (by requests still reading a replaced shard).
-    pub(crate) fn add_usage(&self, requests: u64, last_used: u32) {
-        if requests > 0 {
-            self.requests.fetch_add(requests, Ordering::Relaxed);
-        }
-        self.last_used.fetch_max(last_used, Ordering::Relaxed);
-    }
-
-    /// Counts one request at `now_secs` (Unix seconds).
     #[inline]
-    pub(crate) fn touch(&self, now_secs: u32) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        // Write the stamp only when the second changes: a hot key's line stays shared.
-        if self.last_used.load(Ordering::Relaxed) != now_secs {
-            self.last_used.store(now_secs, Ordering::Relaxed);
-        }
+    pub(crate) fn counter(&self) -> Counter {
+        self.counter
     }
 }
 
@@ -106,13 +80,13 @@ impl Shard {
         ((u128::from(digest.bits(8)) * self.slots.len() as u128) >> 64) as usize
     }
 
-    /// Puts `entry` under `digest` with these usage counters, and returns its slot;
-    /// if the digest is taken, returns the slot that has it.
+    /// Puts `entry` under `digest`, counted in `counter`, and returns its slot; if the
+    /// digest is taken, returns the slot that has it.
     pub(crate) fn insert(
         &mut self,
         digest: KeyDigest,
         entry: Arc<KeyEntry>,
-        (requests, last_used): Usage,
+        counter: Counter,
     ) -> Result<usize, usize> {
         let len = self.slots.len();
         debug_assert!(self.len + 1 < len, "shard sized for fewer keys");
@@ -123,8 +97,7 @@ impl Shard {
                 None => {
                     *slot = Slot {
                         digest: digest.0,
-                        requests: AtomicU64::new(requests),
-                        last_used: AtomicU32::new(last_used),
+                        counter,
                         disabled: entry.disabled(),
                         windowed: entry.windowed(),
                         entry: Some(entry),
@@ -187,22 +160,23 @@ mod tests {
     fn finds_every_key_and_nothing_else() {
         let keys: Vec<_> = (0..5_000).map(|i| entry(&format!("k{i}"))).collect();
         let mut shard = Shard::with_capacity(keys.len());
-        for (digest, entry) in &keys {
-            assert!(shard.insert(*digest, entry.clone(), (7, 1)).is_ok());
+        for (i, (digest, entry)) in keys.iter().enumerate() {
+            let counter = Counter::for_tests(i as u32, 1);
+            assert!(shard.insert(*digest, entry.clone(), counter).is_ok());
         }
         let (digest, entry) = &keys[42];
-        let taken = shard.insert(*digest, entry.clone(), (0, 0)).unwrap_err();
+        let taken = (shard.insert(*digest, entry.clone(), Counter::default())).unwrap_err();
         assert_eq!(
             &*shard.entry_at(taken).unwrap().id,
             "k42",
             "duplicates refused"
         );
         assert_eq!(shard.len(), 5_000);
-        for (digest, entry) in &keys {
+        for (n, (digest, entry)) in keys.iter().enumerate() {
             let i = shard.find(digest).unwrap();
             assert_eq!(shard.entry_at(i).unwrap().id, entry.id);
             assert_eq!(shard.slot(i).digest(), *digest);
-            assert_eq!(shard.slot(i).usage(), (7, 1), "carried counters kept");
+            assert_eq!(shard.slot(i).counter(), Counter::for_tests(n as u32, 1));
         }
         for i in 0..5_000 {
             let absent = KeyDigest::of(format!("absent{i}").as_bytes());
@@ -216,18 +190,5 @@ mod tests {
     fn a_slot_is_one_cache_line() {
         assert_eq!(std::mem::size_of::<Slot>(), 64);
         assert_eq!(std::mem::align_of::<Slot>(), 64);
-    }
-
-    #[test]
-    fn usage_counts_and_merges() {
-        let (digest, entry) = entry("k");
-        let mut shard = Shard::with_capacity(1);
-        let i = shard.insert(digest, entry, (0, 0)).unwrap();
-        let slot = shard.slot(i);
-        slot.touch(5);
-        slot.touch(6);
-        assert_eq!(slot.usage(), (2, 6));
-        slot.add_usage(3, 4);
-        assert_eq!(slot.usage(), (5, 6), "the later stamp wins");
     }
 }

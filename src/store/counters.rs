@@ -1,0 +1,463 @@
+//! Usage counters: one pair per key id (requests, last use), kept outside the
+//! snapshots and shared by all of them.
+//!
+//! A key's slot holds a [`Counter`]: the index of its cell here, and the cell's
+//! generation. A new version of the key set hands each key that keeps its id the same
+//! `Counter`, so a request that still reads a replaced version counts into the same
+//! cell as one that reads the new version, and a writer never waits for readers. A
+//! cell whose key is removed gets a new generation and goes back to be reused: a count
+//! made late with the old generation is dropped, never given to the next key.
+//!
+//! A request does not write the cell itself. Each thread keeps, for each store, a
+//! *tally*: the counters of its last requests, all made within one second, which it
+//! adds to the cells when the tally is full or the second changes. A hot key used from
+//! many cores then writes no cache line another core reads (a shared counter would
+//! bounce between them on every request), and a cold lookup in a large set does not
+//! stop for a second cache miss: the tally adds its cells in one go, after loading
+//! them all at once. Readers ([`Counters::usage`]) add what the tallies hold, so counts
+//! are exact once requests return; while a tally is being added, a count can be
+//! missing for a moment, never counted twice.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    hint::black_box,
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak,
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+/// Request count and last use (Unix seconds, 0 for never) of one key.
+pub(crate) type Usage = (u64, u32);
+
+/// Where a key's counts go: a cell, and the generation of the cell the key owns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Counter {
+    index: u32,
+    generation: u32,
+}
+
+impl Counter {
+    /// As a tally holds it: never 0, which marks an empty place.
+    fn packed(self) -> u64 {
+        (u64::from(self.generation) << 32) | (u64::from(self.index) + 1)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(index: u32, generation: u32) -> Self {
+        Self { index, generation }
+    }
+
+    fn unpacked(packed: u64) -> Self {
+        Self {
+            index: (packed as u32).wrapping_sub(1),
+            generation: (packed >> 32) as u32,
+        }
+    }
+}
+
+/// The cells of the first chunk; chunk `k` has `FIRST << k`, so that 23 chunks cover
+/// every `u32` index and a small store allocates 24 KiB.
+const FIRST: u32 = 1 << 10;
+const CHUNKS: usize = 23;
+
+/// How many requests a tally holds before it adds them to their cells.
+const TALLY: usize = 64;
+
+/// The request count's word: generation (low 16 bits) and count (high 48 bits). The
+/// last use's word: generation (32 bits) and Unix seconds (32 bits). Each word is
+/// changed only by a compare-and-swap that checks its generation.
+const COUNT_SHIFT: u32 = 16;
+
+/// A store's usage counters.
+pub(crate) struct Counters {
+    chunks: [OnceLock<Chunk>; CHUNKS],
+    /// Indices of cells whose key was removed (with a new generation), to reuse.
+    free: Mutex<Vec<u32>>,
+    /// The next index never used.
+    next: AtomicU32,
+    /// The tallies of the threads that counted requests for this store.
+    tallies: Mutex<Vec<Arc<Tally>>>,
+}
+
+struct Chunk {
+    counts: Box<[AtomicU64]>,
+    stamps: Box<[AtomicU64]>,
+}
+
+impl Chunk {
+    fn new(len: usize) -> Self {
+        let zeros = || (0..len).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            counts: zeros(),
+            stamps: zeros(),
+        }
+    }
+}
+
+/// Chunk and offset of cell `index`.
+fn place(index: u32) -> (usize, usize) {
+    let i = u64::from(index) + u64::from(FIRST);
+    let k = 63 - i.leading_zeros() - FIRST.trailing_zeros();
+    (k as usize, (i - (u64::from(FIRST) << k)) as usize)
+}
+
+impl Counters {
+    pub(crate) fn new() -> Self {
+        Self {
+            chunks: Default::default(),
+            free: Mutex::new(Vec::new()),
+            next: AtomicU32::new(0),
+            tallies: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The two words of the cell `counter` names, if it was ever handed out.
+    #[inline]
+    fn cell(&self, counter: Counter) -> Option<(&AtomicU64, &AtomicU64)> {
+        let (k, at) = place(counter.index);
+        let chunk = self.chunks.get(k)?.get()?;
+        Some((chunk.counts.get(at)?, chunk.stamps.get(at)?))
+    }
+
+    /// A fresh cell for a new key id: the writer's, one at a time.
+    ///
+    /// # Panics
+    ///
+    /// Never in practice: only if more than 4,294,967,295 key ids were live at once.
+    pub(crate) fn assign(&self) -> Counter {
+        let reused = lock(&self.free).pop();
+        let index = reused.unwrap_or_else(|| {
+            let index = self.next.fetch_add(1, Ordering::Relaxed);
+            assert!(index != u32::MAX, "at most u32::MAX - 1 key ids");
+            index
+        });
+        let (k, _) = place(index);
+        self.chunks[k].get_or_init(|| Chunk::new((FIRST as usize) << k));
+        let (_, stamp) = self
+            .cell(Counter {
+                index,
+                generation: 0,
+            })
+            .unwrap_or_else(|| unreachable!("the chunk was just made"));
+        Counter {
+            index,
+            generation: (stamp.load(Ordering::Relaxed) >> 32) as u32,
+        }
+    }
+
+    /// Gives the cell of a removed key id back: counts made with it from now on are
+    /// dropped, and its next owner starts from zero.
+    pub(crate) fn release(&self, counter: Counter) {
+        if let Some((count, stamp)) = self.cell(counter) {
+            let next = counter.generation.wrapping_add(1);
+            stamp.store(u64::from(next) << 32, Ordering::Release);
+            count.store(u64::from(next as u16), Ordering::Release);
+            lock(&self.free).push(counter.index);
+        }
+    }
+
+    /// Counts one request at `now_secs` (Unix seconds): the request path. No lock and
+    /// no allocation, but for a thread's first request to this store.
+    #[inline]
+    pub(crate) fn record(self: &Arc<Self>, counter: Counter, now_secs: u32) {
+        let recorded = TALLIES.try_with(|tallies| {
+            let mut tallies = tallies.borrow_mut();
+            let tally = match tallies.first() {
+                Some((counters, tally)) if counters.as_ptr() == Arc::as_ptr(self) => tally,
+                _ => self.tally_of_this_thread(&mut tallies),
+            };
+            tally.record(counter, now_secs, self);
+        });
+        // The thread is exiting and its tallies are gone: count at once.
+        if recorded.is_err() {
+            self.add(counter, 1, now_secs);
+        }
+    }
+
+    /// This thread's tally for this store, found or made, moved first in `tallies`.
+    #[cold]
+    fn tally_of_this_thread<'t>(
+        self: &Arc<Self>,
+        tallies: &'t mut Vec<(Weak<Self>, Arc<Tally>)>,
+    ) -> &'t Tally {
+        // Tallies of stores that are gone go with them.
+        tallies.retain(|(counters, _)| counters.strong_count() > 0);
+        let at = match tallies
+            .iter()
+            .position(|(counters, _)| counters.as_ptr() == Arc::as_ptr(self))
+        {
+            Some(at) => at,
+            None => {
+                let tally = Arc::new(Tally::default());
+                let mut all = lock(&self.tallies);
+                self.fold_orphans(&mut all);
+                all.push(tally.clone());
+                drop(all);
+                tallies.push((Arc::downgrade(self), tally));
+                tallies.len() - 1
+            }
+        };
+        tallies.swap(0, at);
+        &tallies[0].1
+    }
+
+    /// Adds `n` requests at `second` to the cell of `counter`, if the key still owns it.
+    fn add(&self, counter: Counter, n: u64, second: u32) {
+        let Some((count, stamp)) = self.cell(counter) else {
+            return;
+        };
+        let generation = u64::from(counter.generation);
+        let mut s = stamp.load(Ordering::Acquire);
+        if s >> 32 != generation {
+            return;
+        }
+        let short = u64::from(counter.generation as u16);
+        let mut c = count.load(Ordering::Relaxed);
+        loop {
+            if c & 0xffff != short {
+                return;
+            }
+            match count.compare_exchange_weak(
+                c,
+                c.wrapping_add(n << COUNT_SHIFT),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => c = now,
+            }
+        }
+        while s >> 32 == generation && (s as u32) < second {
+            match stamp.compare_exchange_weak(
+                s,
+                (generation << 32) | u64::from(second),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => s = now,
+            }
+        }
+    }
+
+    /// Adds a tally's requests to their cells: those of one key in one go, and, for
+    /// many keys, every cell loaded first, so that their cache misses overlap.
+    fn add_all(&self, taken: &[u64], second: u32) {
+        if taken.len() > 8 {
+            for &packed in taken {
+                if let Some((count, _)) = self.cell(Counter::unpacked(packed)) {
+                    black_box(count.load(Ordering::Relaxed));
+                }
+            }
+        }
+        let mut rest = taken;
+        while let Some((&first, _)) = rest.split_first() {
+            let run = rest.iter().take_while(|&&p| p == first).count();
+            self.add(Counter::unpacked(first), run as u64, second);
+            rest = &rest[run..];
+        }
+    }
+
+    /// Adds the tallies of threads that have exited, and forgets them.
+    fn fold_orphans(&self, all: &mut Vec<Arc<Tally>>) {
+        all.retain(|tally| {
+            // Only the list holds it: no thread can add to it any more.
+            if Arc::strong_count(tally) > 1 {
+                return true;
+            }
+            let len = tally.len.load(Ordering::Acquire);
+            let taken: Vec<u64> = (tally.entries[..len].iter())
+                .map(|e| e.load(Ordering::Relaxed))
+                .collect();
+            self.add_all(&taken, tally.second.load(Ordering::Acquire));
+            false
+        });
+    }
+
+    /// The usage of each of `counters`, in order, with what the threads' tallies hold.
+    pub(crate) fn usage(&self, counters: impl IntoIterator<Item = Counter>) -> Vec<Usage> {
+        let mut all = lock(&self.tallies);
+        self.fold_orphans(&mut all);
+        // The cells first, then the tallies: a tally is emptied before its requests
+        // reach the cells, so in this order none is counted twice.
+        let counters: Vec<Counter> = counters.into_iter().collect();
+        let mut usage: Vec<Option<Usage>> = counters.iter().map(|&c| self.read(c)).collect();
+        let mut held: HashMap<Counter, Usage, foldhash::fast::RandomState> = HashMap::default();
+        for tally in all.iter() {
+            let len = tally.len.load(Ordering::Acquire);
+            let entries = &tally.entries[..len.min(TALLY)];
+            let second = tally.second.load(Ordering::Acquire);
+            for entry in entries {
+                let packed = entry.load(Ordering::Relaxed);
+                if packed != 0 {
+                    let (n, last) = held.entry(Counter::unpacked(packed)).or_default();
+                    *n += 1;
+                    *last = (*last).max(second);
+                }
+            }
+        }
+        drop(all);
+        if !held.is_empty() {
+            for (counter, usage) in counters.iter().zip(&mut usage) {
+                // Held for a key that still owns its cell (not one removed meanwhile).
+                if let (Some((n, last)), Some((more, at))) = (usage, held.get(counter)) {
+                    *n += more;
+                    *last = (*last).max(*at);
+                }
+            }
+        }
+        usage.into_iter().map(Option::unwrap_or_default).collect()
+    }
+
+    /// The counts in the cell of `counter`, if the key owns it.
+    fn read(&self, counter: Counter) -> Option<Usage> {
+        let (count, stamp) = self.cell(counter)?;
+        let s = stamp.load(Ordering::Acquire);
+        let c = count.load(Ordering::Acquire);
+        let owned = s >> 32 == u64::from(counter.generation)
+            && c & 0xffff == u64::from(counter.generation as u16);
+        owned.then_some((c >> COUNT_SHIFT, s as u32))
+    }
+}
+
+/// One thread's requests to one store not yet added to their cells: written by that
+/// thread only, read by anyone.
+struct Tally {
+    /// Packed counters; the first `len` are this round's.
+    entries: [AtomicU64; TALLY],
+    len: AtomicUsize,
+    /// The second (Unix) in which all of this round's requests were made.
+    second: AtomicU32,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            entries: std::array::from_fn(|_| AtomicU64::new(0)),
+            len: AtomicUsize::new(0),
+            second: AtomicU32::new(0),
+        }
+    }
+}
+
+impl Tally {
+    /// The owning thread counts one request.
+    #[inline]
+    fn record(&self, counter: Counter, now_secs: u32, counters: &Counters) {
+        let mut len = self.len.load(Ordering::Relaxed);
+        if len == TALLY || self.second.load(Ordering::Relaxed) != now_secs {
+            self.flush(len, counters);
+            self.second.store(now_secs, Ordering::Relaxed);
+            len = 0;
+        }
+        self.entries[len].store(counter.packed(), Ordering::Relaxed);
+        self.len.store(len + 1, Ordering::Release);
+    }
+
+    /// The owning thread adds this round's requests to their cells.
+    #[cold]
+    fn flush(&self, len: usize, counters: &Counters) {
+        let mut taken = [0u64; TALLY];
+        for (to, from) in taken.iter_mut().zip(&self.entries[..len]) {
+            *to = from.load(Ordering::Relaxed);
+        }
+        // Emptied before the cells are written (`add` releases): a reader that sees a
+        // cell with these requests sees them gone from here.
+        self.len.store(0, Ordering::Release);
+        counters.add_all(&taken[..len], self.second.load(Ordering::Relaxed));
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its data consistent at each step.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+thread_local! {
+    /// This thread's tallies, the one it used last first.
+    static TALLIES: RefCell<Vec<(Weak<Counters>, Arc<Tally>)>> = const { RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_are_placed_in_growing_chunks() {
+        assert_eq!(place(0), (0, 0));
+        assert_eq!(place(FIRST - 1), (0, FIRST as usize - 1));
+        assert_eq!(place(FIRST), (1, 0));
+        assert_eq!(place(3 * FIRST - 1), (1, 2 * FIRST as usize - 1));
+        assert_eq!(place(3 * FIRST), (2, 0));
+        assert_eq!(place(u32::MAX - 1).0, CHUNKS - 1);
+        for packed in [
+            Counter::default(),
+            Counter::for_tests(u32::MAX - 1, u32::MAX),
+        ] {
+            assert_ne!(packed.packed(), 0);
+            assert_eq!(Counter::unpacked(packed.packed()), packed);
+        }
+    }
+
+    #[test]
+    fn a_released_cell_drops_late_counts_and_starts_afresh() {
+        let counters = Arc::new(Counters::new());
+        let old = counters.assign();
+        counters.record(old, 100);
+        counters.add(old, 2, 101);
+        assert_eq!(counters.usage([old]), [(3, 101)]);
+        counters.release(old);
+        // A count made late, by a request that read the key before it went.
+        counters.record(old, 102);
+        counters.add(old, 5, 102);
+        let new = counters.assign();
+        assert_eq!(new.index, old.index, "reused");
+        assert_ne!(new, old);
+        assert_eq!(counters.usage([old, new]), [(0, 0), (0, 0)]);
+        counters.record(new, 103);
+        assert_eq!(counters.usage([new]), [(1, 103)]);
+    }
+
+    #[test]
+    fn concurrent_counts_are_never_read_twice_and_all_arrive() {
+        let counters = Arc::new(Counters::new());
+        let hot = counters.assign();
+        let cold: Vec<Counter> = (0..500).map(|_| counters.assign()).collect();
+        let made = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..3)
+            .map(|t| {
+                let (counters, made, cold) = (counters.clone(), made.clone(), cold.clone());
+                std::thread::spawn(move || {
+                    for i in 0..20_000u32 {
+                        // Made before it is recorded: a reader never sees more.
+                        made.fetch_add(1, Ordering::SeqCst);
+                        let counter = if (i + t) % 3 == 0 {
+                            cold[i as usize % 500]
+                        } else {
+                            hot
+                        };
+                        // Seconds that change now and then, as a clock's do.
+                        counters.record(counter, 1_000 + i / 5_000);
+                    }
+                })
+            })
+            .collect();
+        let all: Vec<Counter> = std::iter::once(hot).chain(cold.iter().copied()).collect();
+        while threads.iter().any(|t| !t.is_finished()) {
+            let seen: u64 = counters
+                .usage(all.iter().copied())
+                .iter()
+                .map(|u| u.0)
+                .sum();
+            assert!(seen <= made.load(Ordering::SeqCst), "counted twice");
+        }
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let usage = counters.usage(all.iter().copied());
+        assert_eq!(usage.iter().map(|u| u.0).sum::<u64>(), 60_000);
+        assert!(usage.iter().all(|u| u.1 == 1_003), "{usage:?}");
+    }
+}
