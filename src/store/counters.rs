@@ -38,15 +38,28 @@ pub(crate) struct Counter {
     generation: u32,
 }
 
+/// Generations have 30 bits: a slot keeps two flags beside them.
+const GENERATIONS: u32 = (1 << 30) - 1;
+
 impl Counter {
+    pub(crate) fn new(index: u32, generation: u32) -> Self {
+        Self {
+            index,
+            generation: generation & GENERATIONS,
+        }
+    }
+
+    pub(crate) fn index(self) -> u32 {
+        self.index
+    }
+
+    pub(crate) fn generation(self) -> u32 {
+        self.generation
+    }
+
     /// As a tally holds it: never 0, which marks an empty place.
     fn packed(self) -> u64 {
         (u64::from(self.generation) << 32) | (u64::from(self.index) + 1)
-    }
-
-    #[cfg(test)]
-    pub(crate) fn for_tests(index: u32, generation: u32) -> Self {
-        Self { index, generation }
     }
 
     fn unpacked(packed: u64) -> Self {
@@ -58,43 +71,45 @@ impl Counter {
 }
 
 /// The cells of the first chunk; chunk `k` has `FIRST << k`, so that 23 chunks cover
-/// every `u32` index and a small store allocates 24 KiB.
+/// every `u32` index and a small store allocates 16 KiB.
 const FIRST: u32 = 1 << 10;
 const CHUNKS: usize = 23;
 
 /// How many requests a tally holds before it adds them to their cells.
 const TALLY: usize = 64;
 
-/// The request count's word: generation (low 16 bits) and count (high 48 bits). The
-/// last use's word: generation (32 bits) and Unix seconds (32 bits). Each word is
-/// changed only by a compare-and-swap that checks its generation.
+/// The request count's word: generation (its low 16 bits) and count (high 48 bits).
+/// The last use's word: generation (high 32 bits) and Unix seconds (low 32 bits). Each
+/// word is changed only by a compare-and-swap that checks its generation.
 const COUNT_SHIFT: u32 = 16;
 
 /// A store's usage counters.
 pub(crate) struct Counters {
     chunks: [OnceLock<Chunk>; CHUNKS],
-    /// Indices of cells whose key was removed (with a new generation), to reuse.
-    free: Mutex<Vec<u32>>,
-    /// The next index never used.
-    next: AtomicU32,
+    /// The cells no key id has.
+    free: Mutex<Free>,
     /// The tallies of the threads that counted requests for this store.
     tallies: Mutex<Vec<Arc<Tally>>>,
 }
 
-struct Chunk {
-    counts: Box<[AtomicU64]>,
-    stamps: Box<[AtomicU64]>,
+/// Cells no key id has: those taken back (with a new generation), to reuse first, and
+/// from `next` on, those never used.
+#[derive(Default)]
+struct Free {
+    taken_back: Vec<u32>,
+    next: u32,
 }
 
-impl Chunk {
-    fn new(len: usize) -> Self {
-        let zeros = || (0..len).map(|_| AtomicU64::new(0)).collect();
-        Self {
-            counts: zeros(),
-            stamps: zeros(),
-        }
-    }
+/// One key id's counts: both words in one cache line, so that adding a tally's
+/// requests to it costs one trip to memory.
+#[derive(Default)]
+#[repr(align(16))]
+struct Cell {
+    count: AtomicU64,
+    stamp: AtomicU64,
 }
+
+type Chunk = Box<[Cell]>;
 
 /// Chunk and offset of cell `index`.
 fn place(index: u32) -> (usize, usize) {
@@ -107,54 +122,23 @@ impl Counters {
     pub(crate) fn new() -> Self {
         Self {
             chunks: Default::default(),
-            free: Mutex::new(Vec::new()),
-            next: AtomicU32::new(0),
+            free: Mutex::default(),
             tallies: Mutex::new(Vec::new()),
         }
     }
 
     /// The two words of the cell `counter` names, if it was ever handed out.
     #[inline]
-    fn cell(&self, counter: Counter) -> Option<(&AtomicU64, &AtomicU64)> {
+    fn cell(&self, counter: Counter) -> Option<&Cell> {
         let (k, at) = place(counter.index);
-        let chunk = self.chunks.get(k)?.get()?;
-        Some((chunk.counts.get(at)?, chunk.stamps.get(at)?))
+        self.chunks.get(k)?.get()?.get(at)
     }
 
-    /// A fresh cell for a new key id: the writer's, one at a time.
-    ///
-    /// # Panics
-    ///
-    /// Never in practice: only if more than 4,294,967,295 key ids were live at once.
-    pub(crate) fn assign(&self) -> Counter {
-        let reused = lock(&self.free).pop();
-        let index = reused.unwrap_or_else(|| {
-            let index = self.next.fetch_add(1, Ordering::Relaxed);
-            assert!(index != u32::MAX, "at most u32::MAX - 1 key ids");
-            index
-        });
-        let (k, _) = place(index);
-        self.chunks[k].get_or_init(|| Chunk::new((FIRST as usize) << k));
-        let (_, stamp) = self
-            .cell(Counter {
-                index,
-                generation: 0,
-            })
-            .unwrap_or_else(|| unreachable!("the chunk was just made"));
-        Counter {
-            index,
-            generation: (stamp.load(Ordering::Relaxed) >> 32) as u32,
-        }
-    }
-
-    /// Gives the cell of a removed key id back: counts made with it from now on are
-    /// dropped, and its next owner starts from zero.
-    pub(crate) fn release(&self, counter: Counter) {
-        if let Some((count, stamp)) = self.cell(counter) {
-            let next = counter.generation.wrapping_add(1);
-            stamp.store(u64::from(next) << 32, Ordering::Release);
-            count.store(u64::from(next as u16), Ordering::Release);
-            lock(&self.free).push(counter.index);
+    /// The cells to hand out and take back, for the writer making a new version.
+    pub(crate) fn cells(&self) -> Cells<'_> {
+        Cells {
+            counters: self,
+            free: lock(&self.free),
         }
     }
 
@@ -205,7 +189,7 @@ impl Counters {
 
     /// Adds `n` requests at `second` to the cell of `counter`, if the key still owns it.
     fn add(&self, counter: Counter, n: u64, second: u32) {
-        let Some((count, stamp)) = self.cell(counter) else {
+        let Some(Cell { count, stamp }) = self.cell(counter) else {
             return;
         };
         let generation = u64::from(counter.generation);
@@ -247,8 +231,8 @@ impl Counters {
     fn add_all(&self, taken: &[u64], second: u32) {
         if taken.len() > 8 {
             for &packed in taken {
-                if let Some((count, _)) = self.cell(Counter::unpacked(packed)) {
-                    black_box(count.load(Ordering::Relaxed));
+                if let Some(cell) = self.cell(Counter::unpacked(packed)) {
+                    black_box(cell.count.load(Ordering::Relaxed));
                 }
             }
         }
@@ -313,7 +297,7 @@ impl Counters {
 
     /// The counts in the cell of `counter`, if the key owns it.
     fn read(&self, counter: Counter) -> Option<Usage> {
-        let (count, stamp) = self.cell(counter)?;
+        let Cell { count, stamp } = self.cell(counter)?;
         let s = stamp.load(Ordering::Acquire);
         let c = count.load(Ordering::Acquire);
         let owned = s >> 32 == u64::from(counter.generation)
@@ -322,8 +306,51 @@ impl Counters {
     }
 }
 
+/// The writer's hold on the cells: it hands them to new key ids and takes them back
+/// from removed ones.
+pub(crate) struct Cells<'a> {
+    counters: &'a Counters,
+    free: MutexGuard<'a, Free>,
+}
+
+impl Cells<'_> {
+    /// A cell for a new key id, counting from zero.
+    ///
+    /// # Panics
+    ///
+    /// Never in practice: only if more than 4,294,967,294 key ids were live at once.
+    pub(crate) fn assign(&mut self) -> Counter {
+        let counters = self.counters;
+        let free = &mut *self.free;
+        let index = free.taken_back.pop().unwrap_or_else(|| {
+            assert!(free.next != u32::MAX, "at most u32::MAX - 1 key ids");
+            free.next += 1;
+            free.next - 1
+        });
+        let (k, _) = place(index);
+        counters.chunks[k].get_or_init(|| (0..FIRST << k).map(|_| Cell::default()).collect());
+        let generation = counters
+            .cell(Counter::new(index, 0))
+            .map_or(0, |c| (c.stamp.load(Ordering::Relaxed) >> 32) as u32);
+        Counter::new(index, generation)
+    }
+
+    /// Takes back the cell of a removed key id: counts made with it from now on are
+    /// dropped, and its next owner starts from zero.
+    pub(crate) fn release(&mut self, counter: Counter) {
+        if let Some(cell) = self.counters.cell(counter) {
+            let next = counter.generation.wrapping_add(1) & GENERATIONS;
+            cell.stamp.store(u64::from(next) << 32, Ordering::Release);
+            cell.count.store(u64::from(next as u16), Ordering::Release);
+            self.free.taken_back.push(counter.index);
+        }
+    }
+}
+
 /// One thread's requests to one store not yet added to their cells: written by that
-/// thread only, read by anyone.
+/// thread only, read by anyone. Aligned so that it shares no cache line with what
+/// other threads write.
+#[repr(align(64))]
 struct Tally {
     /// Packed counters; the first `len` are this round's.
     entries: [AtomicU64; TALLY],
@@ -392,10 +419,7 @@ mod tests {
         assert_eq!(place(3 * FIRST - 1), (1, 2 * FIRST as usize - 1));
         assert_eq!(place(3 * FIRST), (2, 0));
         assert_eq!(place(u32::MAX - 1).0, CHUNKS - 1);
-        for packed in [
-            Counter::default(),
-            Counter::for_tests(u32::MAX - 1, u32::MAX),
-        ] {
+        for packed in [Counter::default(), Counter::new(u32::MAX - 1, u32::MAX)] {
             assert_ne!(packed.packed(), 0);
             assert_eq!(Counter::unpacked(packed.packed()), packed);
         }
@@ -404,15 +428,15 @@ mod tests {
     #[test]
     fn a_released_cell_drops_late_counts_and_starts_afresh() {
         let counters = Arc::new(Counters::new());
-        let old = counters.assign();
+        let old = counters.cells().assign();
         counters.record(old, 100);
         counters.add(old, 2, 101);
         assert_eq!(counters.usage([old]), [(3, 101)]);
-        counters.release(old);
+        counters.cells().release(old);
         // A count made late, by a request that read the key before it went.
         counters.record(old, 102);
         counters.add(old, 5, 102);
-        let new = counters.assign();
+        let new = counters.cells().assign();
         assert_eq!(new.index, old.index, "reused");
         assert_ne!(new, old);
         assert_eq!(counters.usage([old, new]), [(0, 0), (0, 0)]);
@@ -423,8 +447,10 @@ mod tests {
     #[test]
     fn concurrent_counts_are_never_read_twice_and_all_arrive() {
         let counters = Arc::new(Counters::new());
-        let hot = counters.assign();
-        let cold: Vec<Counter> = (0..500).map(|_| counters.assign()).collect();
+        let mut cells = counters.cells();
+        let hot = cells.assign();
+        let cold: Vec<Counter> = (0..500).map(|_| cells.assign()).collect();
+        drop(cells);
         let made = Arc::new(AtomicU64::new(0));
         let threads: Vec<_> = (0..3)
             .map(|t| {

@@ -334,11 +334,11 @@ impl KeyStore {
     ) -> Result<Accepted, Rejection> {
         let digest = KeyDigest::of(presented);
         let snapshot = self.shared.current.load();
-        let Some((shard, i)) = snapshot.find(&digest) else {
+        let Some((shard, i, handle)) = snapshot.lookup(&digest, shard::group()) else {
             return Err(Rejection::Unknown);
         };
         let slot = shard.slot(i);
-        let key = || KeyInfo::in_shard(shard.clone(), i);
+        let key = || KeyInfo::in_shard(handle.clone(), i);
         // The slot has the flags: the entry is read only for a key with a window or a
         // flag set, or when a scope is required.
         let mut expires_at = None;

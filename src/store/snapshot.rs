@@ -12,7 +12,7 @@ use crate::{
     key::digest::{DigestSet, KeyDigest},
     store::counters::{Counter, Counters},
     store::entry::KeyEntry,
-    store::shard::Shard,
+    store::shard::{GROUPS, Handle, Shard},
 };
 
 /// Keys per shard that the shard count aims at.
@@ -33,6 +33,9 @@ pub(crate) struct Snapshot {
     /// log2 of the shard count.
     bits: u32,
     shards: Box<[Arc<Shard>]>,
+    /// Each shard's handles, one per group of threads: what a request's `KeyInfo`
+    /// holds (see [`Handle`]).
+    handles: Box<[[Arc<Handle>; GROUPS]]>,
     ids: Box<[Arc<IdShard>]>,
     /// Places ids in id shards; the same for every version of one store.
     id_hasher: IdHasher,
@@ -48,11 +51,13 @@ pub(crate) struct Edit {
 
 impl Default for Snapshot {
     fn default() -> Self {
+        let shard = Arc::new(Shard::with_capacity(0));
         Self {
             version: 0,
             len: 0,
             bits: 0,
-            shards: Box::new([Arc::new(Shard::with_capacity(0))]),
+            handles: Box::new([Handle::all(&shard)]),
+            shards: Box::new([shard]),
             ids: Box::new([Arc::new(IdShard::new())]),
             id_hasher: IdHasher::default(),
         }
@@ -87,11 +92,25 @@ impl Snapshot {
         self.id_hasher.hash_one(id)
     }
 
-    /// The shard and slot holding this digest: the request path.
+    /// The shard and slot holding this digest.
     #[inline]
     pub(crate) fn find(&self, digest: &KeyDigest) -> Option<(&Arc<Shard>, usize)> {
         let shard = &self.shards[self.shard_of(digest)];
         shard.find(digest).map(|i| (shard, i))
+    }
+
+    /// The shard and slot holding this digest, and the shard's handle for `group`:
+    /// the request path.
+    #[inline]
+    pub(crate) fn lookup(
+        &self,
+        digest: &KeyDigest,
+        group: usize,
+    ) -> Option<(&Shard, usize, &Arc<Handle>)> {
+        let s = self.shard_of(digest);
+        let shard = &self.shards[s];
+        let i = shard.find(digest)?;
+        Some((shard, i, &self.handles[s][group % GROUPS]))
     }
 
     /// The digest of the key with this id.
@@ -143,6 +162,7 @@ impl Snapshot {
             len,
             bits,
             shards: Box::new([]),
+            handles: Box::new([]),
             ids: Box::new([]),
             id_hasher: self.id_hasher.clone(),
         };
@@ -150,11 +170,12 @@ impl Snapshot {
         // Counters of keys that leave with no successor under their id: given back
         // first, so that the keys that come can have them.
         let succeeded: DigestSet = edit.insert.iter().filter_map(|(_, _, d)| *d).collect();
+        let mut cells = counters.cells();
         for (digest, _) in &edit.remove {
             if !succeeded.contains(digest)
                 && let Some((_, counter)) = self.entry(digest)
             {
-                counters.release(counter);
+                cells.release(counter);
             }
         }
         let resharded = bits != self.bits;
@@ -204,17 +225,22 @@ impl Snapshot {
             put(
                 *digest,
                 entry.clone(),
-                carried.unwrap_or_else(|| counters.assign()),
+                carried.unwrap_or_else(|| cells.assign()),
             );
         }
-        next.shards = built
+        let (shards, handles): (Vec<_>, Vec<_>) = built
             .into_iter()
             .enumerate()
             .map(|(s, shard)| match shard {
-                Some(shard) => Arc::new(shard),
-                None => self.shards[s].clone(),
+                Some(shard) => {
+                    let shard = Arc::new(shard);
+                    let handles = Handle::all(&shard);
+                    (shard, handles)
+                }
+                None => (self.shards[s].clone(), self.handles[s].clone()),
             })
-            .collect();
+            .unzip();
+        (next.shards, next.handles) = (shards.into(), handles.into());
         next.ids = self.edited_ids(&next, &edit, &removed);
         next
     }

@@ -23,9 +23,24 @@ use crate::{
 /// usage counts. Each applied update is a new [`version`](crate::KeyStore::version),
 /// reported in [`KeyStore::last_reload`](crate::KeyStore::last_reload) and logged.
 ///
+/// A store makes one update at a time. A set another source's keys clash with waits,
+/// and is applied once that source lets go of them (see [`publish`](Self::publish)).
+///
+/// # Blocking
+///
+/// [`publish`](Self::publish) and [`apply`](Self::apply) run on the calling thread and
+/// block it until the update is made: they never wait for requests, but they do wait
+/// for an update of another source of the same store to finish, and the work grows
+/// with what they are given. A change by id takes well under a millisecond (a few at
+/// a million keys); a complete set takes time in proportion to its size (about a
+/// second for a million keys). From async code, apply small changes directly, and
+/// publish large sets from [`tokio::task::spawn_blocking`] or a thread of their own.
+///
 /// It holds the store weakly: once every layer and store clone is gone,
 /// [`KeyUpdater::is_closed`] turns true and updates return [`Error::StoreClosed`],
 /// which tells a watching source to stop.
+///
+/// [`tokio::task::spawn_blocking`]: https://docs.rs/tokio/latest/tokio/task/fn.spawn_blocking.html
 pub struct KeyUpdater {
     shared: Weak<Shared>,
     source: u16,
@@ -45,6 +60,11 @@ impl KeyUpdater {
     /// adds or changes is applied, and what it leaves as it was keeps its entry and
     /// counters. Returns the report.
     ///
+    /// A set refused because another source holds one of its ids or secrets waits:
+    /// it is applied, unasked, once that source lets go of them, and changes by id this
+    /// source [`apply`](Self::apply)s meanwhile are made to it too. A newer set, or a
+    /// failure [`reject`](Self::reject)ed, replaces it.
+    ///
     /// # Errors
     ///
     /// [`Error::Conflict`] if another source of the store has one of the ids or keys,
@@ -63,7 +83,9 @@ impl KeyUpdater {
     /// [`Error::InvalidKey`] for a key no [`KeySet`] would take, [`Error::DuplicateId`]
     /// for an id named twice, [`Error::DuplicateKey`] for one key under two ids,
     /// [`Error::Conflict`] for an id or key of another source, [`Error::StoreClosed`]
-    /// if the store is gone. The store keeps its keys, and the refusal is recorded
+    /// if the store is gone; [`Error::DuplicateKey`] too if this source has a set
+    /// waiting (see [`publish`](Self::publish)) that the changes would leave with one
+    /// secret under two ids. The store keeps its keys, and the refusal is recorded
     /// and logged.
     pub fn apply(
         &self,
