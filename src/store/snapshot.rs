@@ -24,6 +24,9 @@ const MAX_BITS: u32 = 16;
 /// (hash of the id, digest of the key), sorted by hash.
 type IdShard = Vec<(u64, KeyDigest)>;
 
+/// The handles of one shard.
+type Handles = [Arc<Handle>; GROUPS];
+
 /// Hashes ids: fast on short strings, seeded per store.
 type IdHasher = foldhash::fast::RandomState;
 
@@ -34,8 +37,9 @@ pub(crate) struct Snapshot {
     bits: u32,
     shards: Box<[Arc<Shard>]>,
     /// Each shard's handles, one per group of threads: what a request's `KeyInfo`
-    /// holds (see [`Handle`]).
-    handles: Box<[[Arc<Handle>; GROUPS]]>,
+    /// holds (see [`Handle`]). Shared, as the shards are, by the versions that have
+    /// the shard.
+    handles: Box<[Arc<Handles>]>,
     ids: Box<[Arc<IdShard>]>,
     /// Places ids in id shards; the same for every version of one store.
     id_hasher: IdHasher,
@@ -56,7 +60,7 @@ impl Default for Snapshot {
             version: 0,
             len: 0,
             bits: 0,
-            handles: Box::new([Handle::all(&shard)]),
+            handles: Box::new([Arc::new(Handle::all(&shard))]),
             shards: Box::new([shard]),
             ids: Box::new([Arc::new(IdShard::new())]),
             id_hasher: IdHasher::default(),
@@ -234,7 +238,7 @@ impl Snapshot {
             .map(|(s, shard)| match shard {
                 Some(shard) => {
                     let shard = Arc::new(shard);
-                    let handles = Handle::all(&shard);
+                    let handles = Arc::new(Handle::all(&shard));
                     (shard, handles)
                 }
                 None => (self.shards[s].clone(), self.handles[s].clone()),
