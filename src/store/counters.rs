@@ -9,14 +9,14 @@
 //! made late with the old generation is dropped, never given to the next key.
 //!
 //! A request does not write the cell itself. Each thread keeps, for each store, a
-//! *tally*: the counters of its last requests, all made within one second, which it
-//! adds to the cells when the tally is full or the second changes. A hot key used from
-//! many cores then writes no cache line another core reads (a shared counter would
-//! bounce between them on every request), and a cold lookup in a large set does not
-//! stop for a second cache miss: the tally adds its cells in one go, after loading
-//! them all at once. Readers ([`Counters::usage`]) add what the tallies hold, so counts
-//! are exact once requests return; while a tally is being added, a count can be
-//! missing for a moment, never counted twice.
+//! *tally*: a small table of the keys it let in within the current second and how
+//! many times, which it adds to the cells when the second changes or a key finds no
+//! place in it. A hot key used from many cores then writes no cache line another core
+//! reads (a shared counter would bounce between them on every request), and a cold
+//! lookup in a large set does not stop for a second cache miss: the tally adds its
+//! cells in one go, after loading them all at once. Readers ([`Counters::usage`]) add
+//! what the tallies hold, so counts are exact once requests return; while a tally is
+//! being added, a count can be missing for a moment, never counted twice.
 
 use std::{
     cell::RefCell,
@@ -24,7 +24,7 @@ use std::{
     hint::black_box,
     sync::{
         Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak,
-        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
 };
 
@@ -75,7 +75,7 @@ impl Counter {
 const FIRST: u32 = 1 << 10;
 const CHUNKS: usize = 23;
 
-/// How many requests a tally holds before it adds them to their cells.
+/// How many keys a tally holds.
 const TALLY: usize = 64;
 
 /// The request count's word: generation (its low 16 bits) and count (high 48 bits).
@@ -226,21 +226,18 @@ impl Counters {
         }
     }
 
-    /// Adds a tally's requests to their cells: those of one key in one go, and, for
-    /// many keys, every cell loaded first, so that their cache misses overlap.
-    fn add_all(&self, taken: &[u64], second: u32) {
-        if taken.len() > 8 {
-            for &packed in taken {
+    /// Adds a tally's counts (packed counter, requests) to their cells, every cell
+    /// loaded first when there are many, so that their cache misses overlap.
+    fn add_all(&self, taken: &[(u64, u64)], second: u32) {
+        if taken.len() > 4 {
+            for &(packed, _) in taken {
                 if let Some(cell) = self.cell(Counter::unpacked(packed)) {
                     black_box(cell.count.load(Ordering::Relaxed));
                 }
             }
         }
-        let mut rest = taken;
-        while let Some((&first, _)) = rest.split_first() {
-            let run = rest.iter().take_while(|&&p| p == first).count();
-            self.add(Counter::unpacked(first), run as u64, second);
-            rest = &rest[run..];
+        for &(packed, n) in taken {
+            self.add(Counter::unpacked(packed), n, second);
         }
     }
 
@@ -251,11 +248,9 @@ impl Counters {
             if Arc::strong_count(tally) > 1 {
                 return true;
             }
-            let len = tally.len.load(Ordering::Acquire);
-            let taken: Vec<u64> = (tally.entries[..len].iter())
-                .map(|e| e.load(Ordering::Relaxed))
-                .collect();
-            self.add_all(&taken, tally.second.load(Ordering::Acquire));
+            let mut taken = [(0, 0); TALLY];
+            let n = tally.take(&mut taken);
+            self.add_all(&taken[..n], tally.second.load(Ordering::Acquire));
             false
         });
     }
@@ -270,16 +265,13 @@ impl Counters {
         let mut usage: Vec<Option<Usage>> = counters.iter().map(|&c| self.read(c)).collect();
         let mut held: HashMap<Counter, Usage, foldhash::fast::RandomState> = HashMap::default();
         for tally in all.iter() {
-            let len = tally.len.load(Ordering::Acquire);
-            let entries = &tally.entries[..len.min(TALLY)];
+            let mut read = [(0, 0); TALLY];
             let second = tally.second.load(Ordering::Acquire);
-            for entry in entries {
-                let packed = entry.load(Ordering::Relaxed);
-                if packed != 0 {
-                    let (n, last) = held.entry(Counter::unpacked(packed)).or_default();
-                    *n += 1;
-                    *last = (*last).max(second);
-                }
+            let held_keys = tally.read(&mut read);
+            for &(packed, n) in &read[..held_keys] {
+                let (requests, last) = held.entry(Counter::unpacked(packed)).or_default();
+                *requests += n;
+                *last = (*last).max(second);
             }
         }
         drop(all);
@@ -347,53 +339,119 @@ impl Cells<'_> {
     }
 }
 
-/// One thread's requests to one store not yet added to their cells: written by that
-/// thread only, read by anyone. Aligned so that it shares no cache line with what
-/// other threads write.
+/// One thread's requests to one store not yet added to their cells: the keys it let in
+/// within one second, each with how many times. Written by that thread only, read by
+/// anyone. Aligned so that it shares no cache line with what other threads write.
 #[repr(align(64))]
 struct Tally {
-    /// Packed counters; the first `len` are this round's.
-    entries: [AtomicU64; TALLY],
-    len: AtomicUsize,
-    /// The second (Unix) in which all of this round's requests were made.
+    /// Packed counters, 0 for an empty place. A key has two places it may take (see
+    /// [`Tally::places`]).
+    keys: [AtomicU64; TALLY],
+    /// The requests counted for the key in the same place.
+    counts: [AtomicU64; TALLY],
+    /// Bumped each time the tally is emptied, before its counts reach their cells: a
+    /// reader that sees it change while it reads drops what it read.
+    round: AtomicU64,
+    /// The second (Unix) in which this round's requests were made.
     second: AtomicU32,
 }
 
 impl Default for Tally {
     fn default() -> Self {
         Self {
-            entries: std::array::from_fn(|_| AtomicU64::new(0)),
-            len: AtomicUsize::new(0),
+            keys: std::array::from_fn(|_| AtomicU64::new(0)),
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            round: AtomicU64::new(0),
             second: AtomicU32::new(0),
         }
     }
 }
 
 impl Tally {
+    /// The two places `counter` may take: from its index's low bits and the next ones,
+    /// so that two keys that share one rarely share both.
+    #[inline]
+    fn places(counter: Counter) -> [usize; 2] {
+        let index = counter.index as usize;
+        [index % TALLY, (index / TALLY) % TALLY]
+    }
+
     /// The owning thread counts one request.
     #[inline]
     fn record(&self, counter: Counter, now_secs: u32, counters: &Counters) {
-        let mut len = self.len.load(Ordering::Relaxed);
-        if len == TALLY || self.second.load(Ordering::Relaxed) != now_secs {
-            self.flush(len, counters);
+        if self.second.load(Ordering::Relaxed) != now_secs {
+            self.flush(counters);
             self.second.store(now_secs, Ordering::Relaxed);
-            len = 0;
         }
-        self.entries[len].store(counter.packed(), Ordering::Relaxed);
-        self.len.store(len + 1, Ordering::Release);
+        let packed = counter.packed();
+        let places = Self::places(counter);
+        for at in places {
+            if self.keys[at].load(Ordering::Relaxed) == packed {
+                let n = self.counts[at].load(Ordering::Relaxed);
+                self.counts[at].store(n + 1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let at = match places
+            .into_iter()
+            .find(|&at| self.keys[at].load(Ordering::Relaxed) == 0)
+        {
+            Some(at) => at,
+            // Both places taken by other keys: empty the tally.
+            None => {
+                self.flush(counters);
+                places[0]
+            }
+        };
+        self.counts[at].store(1, Ordering::Relaxed);
+        // After its count: a reader that sees the key sees the count with it.
+        self.keys[at].store(packed, Ordering::Release);
     }
 
-    /// The owning thread adds this round's requests to their cells.
+    /// The owning thread adds this round's counts to their cells.
     #[cold]
-    fn flush(&self, len: usize, counters: &Counters) {
-        let mut taken = [0u64; TALLY];
-        for (to, from) in taken.iter_mut().zip(&self.entries[..len]) {
-            *to = from.load(Ordering::Relaxed);
+    fn flush(&self, counters: &Counters) {
+        let mut taken = [(0, 0); TALLY];
+        let n = self.take(&mut taken);
+        counters.add_all(&taken[..n], self.second.load(Ordering::Relaxed));
+    }
+
+    /// Empties the tally into `taken` and returns how many keys it held: by the
+    /// owning thread, or by anyone once it is gone. The round changes first, then the
+    /// places are emptied, and only then may the counts reach their cells (`add`
+    /// releases): a reader that sees a cell with them sees the new round here.
+    fn take(&self, taken: &mut [(u64, u64); TALLY]) -> usize {
+        let round = self.round.load(Ordering::Relaxed);
+        self.round.store(round.wrapping_add(1), Ordering::Release);
+        let mut n = 0;
+        for (key, count) in self.keys.iter().zip(&self.counts) {
+            let packed = key.load(Ordering::Relaxed);
+            if packed != 0 {
+                taken[n] = (packed, count.load(Ordering::Relaxed));
+                n += 1;
+                key.store(0, Ordering::Relaxed);
+            }
         }
-        // Emptied before the cells are written (`add` releases): a reader that sees a
-        // cell with these requests sees them gone from here.
-        self.len.store(0, Ordering::Release);
-        counters.add_all(&taken[..len], self.second.load(Ordering::Relaxed));
+        n
+    }
+
+    /// Reads the tally into `read` without changing it, and returns how many keys it
+    /// holds; none if it was emptied meanwhile (its counts are then in their cells, or
+    /// about to be).
+    fn read(&self, read: &mut [(u64, u64); TALLY]) -> usize {
+        let round = self.round.load(Ordering::Acquire);
+        let mut n = 0;
+        for (key, count) in self.keys.iter().zip(&self.counts) {
+            let packed = key.load(Ordering::Acquire);
+            if packed != 0 {
+                read[n] = (packed, count.load(Ordering::Relaxed));
+                n += 1;
+            }
+        }
+        match self.round.load(Ordering::Acquire) == round {
+            true => n,
+            false => 0,
+        }
     }
 }
 
@@ -456,7 +514,7 @@ mod tests {
             .map(|t| {
                 let (counters, made, cold) = (counters.clone(), made.clone(), cold.clone());
                 std::thread::spawn(move || {
-                    for i in 0..20_000u32 {
+                    for i in 0..100_000u32 {
                         // Made before it is recorded: a reader never sees more.
                         made.fetch_add(1, Ordering::SeqCst);
                         let counter = if (i + t) % 3 == 0 {
@@ -465,7 +523,7 @@ mod tests {
                             hot
                         };
                         // Seconds that change now and then, as a clock's do.
-                        counters.record(counter, 1_000 + i / 5_000);
+                        counters.record(counter, 1_000 + i / 25_000);
                     }
                 })
             })
@@ -483,7 +541,7 @@ mod tests {
             thread.join().unwrap();
         }
         let usage = counters.usage(all.iter().copied());
-        assert_eq!(usage.iter().map(|u| u.0).sum::<u64>(), 60_000);
+        assert_eq!(usage.iter().map(|u| u.0).sum::<u64>(), 300_000);
         assert!(usage.iter().all(|u| u.1 == 1_003), "{usage:?}");
     }
 }
