@@ -150,17 +150,6 @@ mod tests {
     }
 
     #[test]
-    fn the_one_block_path_matches_sha2_at_every_length() {
-        let data: Vec<u8> = (0..200u8)
-            .map(|i| i.wrapping_mul(31).wrapping_add(7))
-            .collect();
-        for len in 0..data.len() {
-            let expected: [u8; 32] = Sha256::digest(&data[..len]).into();
-            assert_eq!(KeyDigest::of(&data[..len]).0, expected, "length {len}");
-        }
-    }
-
-    #[test]
     fn debug_shows_a_fingerprint_only() {
         let d = KeyDigest::of(b"s3cr3t");
         let dbg = format!("{d:?}");

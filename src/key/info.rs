@@ -2,7 +2,7 @@
 
 use std::{fmt, sync::Arc, time::SystemTime};
 
-use crate::{clock, store::entry::KeyEntry, store::shard::Shard};
+use crate::{clock, store::entry::KeyEntry, store::shard::Handle};
 
 /// The non-secret identity of the key a request was let in with.
 ///
@@ -21,7 +21,7 @@ pub struct KeyInfo(Repr);
 
 enum Repr {
     /// Slot `.1` of the shard: made by a lookup.
-    InShard(Arc<Shard>, usize),
+    InShard(Arc<Handle>, usize),
     /// The entry itself: a clone, or a key listed by the store.
     Entry(Arc<KeyEntry>),
 }
@@ -34,8 +34,8 @@ impl Clone for KeyInfo {
 
 impl KeyInfo {
     /// The key in slot `slot` of `shard`, which holds one.
-    pub(crate) fn in_shard(shard: Arc<Shard>, slot: usize) -> Self {
-        debug_assert!(shard.entry_at(slot).is_some());
+    pub(crate) fn in_shard(shard: Arc<Handle>, slot: usize) -> Self {
+        debug_assert!(shard.shard.entry_at(slot).is_some());
         Self(Repr::InShard(shard, slot))
     }
 
@@ -45,7 +45,7 @@ impl KeyInfo {
 
     fn entry_arc(&self) -> &Arc<KeyEntry> {
         match &self.0 {
-            Repr::InShard(shard, slot) => shard
+            Repr::InShard(handle, slot) => (handle.shard)
                 .entry_at(*slot)
                 .expect("a KeyInfo is only made for a slot that holds a key"),
             Repr::Entry(entry) => entry,

@@ -48,7 +48,7 @@ impl KeyChange {
         Self::Remove(id.into())
     }
 
-    fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         match self {
             Self::Upsert(key) => &key.id,
             Self::Remove(id) => id,

@@ -1,7 +1,9 @@
 //! The store's front: what layers and programs read.
 
 pub(crate) mod change;
+pub(crate) mod counters;
 pub(crate) mod entry;
+mod pending;
 mod report;
 pub(crate) mod shard;
 pub(crate) mod shared;
@@ -24,6 +26,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use self::{
+    counters::Counters,
     shared::{Shared, Writer},
     snapshot::Snapshot,
 };
@@ -84,6 +87,7 @@ impl KeyStore {
                     NEXT.fetch_add(1, Ordering::Relaxed)
                 },
                 current: ArcSwap::from_pointee(Snapshot::default()),
+                counters: Arc::new(Counters::new()),
                 writer: Mutex::new(Writer::default()),
                 reloads: watch::Sender::new(None),
                 expiry_notice: AtomicU64::new(duration_ms(DEFAULT_EXPIRY_NOTICE)),
@@ -180,8 +184,10 @@ impl KeyStore {
     ///
     /// Counts survive updates that keep a key's id.
     pub fn usage(&self) -> Vec<KeyUsage> {
-        let mut usage: Vec<_> = (self.shared.current.load().iter())
-            .map(|(_, e, u)| KeyUsage::new(KeyInfo::detached(e.clone()), u))
+        let snapshot = self.shared.current.load_full();
+        let counts = (self.shared.counters).usage(snapshot.iter().map(|(_, _, c)| c));
+        let mut usage: Vec<_> = (snapshot.iter().zip(counts))
+            .map(|((_, e, _), u)| KeyUsage::new(KeyInfo::detached(e.clone()), u))
             .collect();
         usage.sort_by(|a, b| a.key().id().cmp(b.key().id()));
         usage
@@ -200,9 +206,18 @@ impl KeyStore {
     /// # Ok::<(), tower_api_key::Error>(())
     /// ```
     pub fn usage_of(&self, id: &str) -> Option<KeyUsage> {
-        let snapshot = self.shared.current.load();
-        let (entry, usage) = snapshot.by_id(id)?;
-        Some(KeyUsage::new(KeyInfo::detached(entry.clone()), usage))
+        let (entry, counter) = {
+            let snapshot = self.shared.current.load();
+            let (entry, counter) = snapshot.by_id(id)?;
+            (entry.clone(), counter)
+        };
+        let usage = self
+            .shared
+            .counters
+            .usage([counter])
+            .pop()
+            .unwrap_or_default();
+        Some(KeyUsage::new(KeyInfo::detached(entry), usage))
     }
 
     /// Checks a key outside an HTTP request (a WebSocket message, a queue consumer, a
@@ -319,11 +334,11 @@ impl KeyStore {
     ) -> Result<Accepted, Rejection> {
         let digest = KeyDigest::of(presented);
         let snapshot = self.shared.current.load();
-        let Some((shard, i)) = snapshot.find(&digest) else {
+        let Some((shard, i, handle)) = snapshot.lookup(&digest, shard::group()) else {
             return Err(Rejection::Unknown);
         };
         let slot = shard.slot(i);
-        let key = || KeyInfo::in_shard(shard.clone(), i);
+        let key = || KeyInfo::in_shard(handle.clone(), i);
         // The slot has the flags: the entry is read only for a key with a window or a
         // flag set, or when a scope is required.
         let mut expires_at = None;
@@ -352,7 +367,9 @@ impl KeyStore {
             });
         }
         if track_usage {
-            slot.touch(clock::now_secs());
+            self.shared
+                .counters
+                .record(slot.counter(), clock::now_secs());
         }
         Ok(Accepted {
             key: key(),
@@ -590,22 +607,96 @@ mod tests {
 
     #[test]
     fn counts_made_in_a_replaced_version_reach_the_next() {
-        let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
+        let (source, publisher) = ChannelSource::new(set(&[("a", "ka"), ("gone", "kg")]));
         let store = KeyStore::new();
         store.add_source(source).unwrap();
         store.verify("ka").unwrap();
-        // A request that loaded the version before the swap and counts after the
-        // copy: the writer waits for it, then carries its count over.
+        // A request that loaded the version before the swap, and counts after it (here
+        // on the writer's own thread: a writer that waited for it would never return).
         let before = store.shared.current.load_full();
-        let writer = std::thread::spawn(move || {
-            publisher.publish(set(&[("a", "ka"), ("b", "kb")])).unwrap();
-        });
-        std::thread::sleep(Duration::from_millis(100));
-        let (shard, i) = before.find(&KeyDigest::of(b"ka")).unwrap();
-        shard.slot(i).touch(clock::now_secs());
+        publisher.publish(set(&[("a", "ka"), ("b", "kb")])).unwrap();
+        let counter = |secret: &[u8]| {
+            let (shard, i) = before.find(&KeyDigest::of(secret)).unwrap();
+            shard.slot(i).counter()
+        };
+        store
+            .shared
+            .counters
+            .record(counter(b"ka"), clock::now_secs());
+        // A key the swap removed: its late count goes nowhere.
+        store
+            .shared
+            .counters
+            .record(counter(b"kg"), clock::now_secs());
         drop(before);
-        writer.join().unwrap();
         assert_eq!(store.usage_of("a").unwrap().requests(), 2);
+        assert_eq!(store.usage_of("b").unwrap().requests(), 0);
+        // And then a new key takes the removed one's counter, from zero.
+        publisher
+            .publish(set(&[("a", "ka"), ("b", "kb"), ("c", "kc")]))
+            .unwrap();
+        assert_eq!(store.usage_of("c").unwrap().requests(), 0);
+        assert!(store.usage_of("c").unwrap().last_used().is_none());
+    }
+
+    #[test]
+    fn usage_counted_on_other_threads_is_read_exactly() {
+        use std::sync::mpsc;
+        let keys: Vec<(String, String)> = (0..300)
+            .map(|i| (format!("k{i}"), format!("s{i}")))
+            .collect();
+        let store = KeyStore::new();
+        store
+            .add_source(
+                KeySet::from_keys(keys.iter().map(|(id, s)| ApiKey::new(&**id, s))).unwrap(),
+            )
+            .unwrap();
+        // Which keys thread `t` presents, and how often.
+        let presented = |t: usize| (0..50).flat_map(move |round| (t..300).step_by(4 + round % 3));
+        // Threads 0 and 1 count and exit; 2 and 3 count and stay, their last requests
+        // still in their tallies.
+        let (done, finished) = mpsc::channel();
+        let mut stays = Vec::new();
+        let mut threads = Vec::new();
+        for t in 0..4 {
+            let (store, keys, done) = (store.clone(), keys.clone(), done.clone());
+            let (stay, until) = mpsc::channel::<()>();
+            stays.push(stay);
+            threads.push(std::thread::spawn(move || {
+                for k in presented(t) {
+                    store.verify(&keys[k].1).unwrap();
+                }
+                done.send(()).unwrap();
+                if t >= 2 {
+                    let _ = until.recv();
+                }
+            }));
+        }
+        for _ in 0..4 {
+            finished
+                .recv_timeout(Duration::from_secs(60))
+                .expect("every thread counts its requests");
+        }
+        let mut expected = std::collections::HashMap::new();
+        for k in (0..4).flat_map(presented) {
+            *expected.entry(keys[k].0.clone()).or_insert(0u64) += 1;
+        }
+        let check = || {
+            let usage = store.usage();
+            assert_eq!(usage.len(), 300);
+            for u in &usage {
+                let want = expected.get(u.key().id()).copied().unwrap_or(0);
+                assert_eq!(u.requests(), want, "{}", u.key().id());
+                assert_eq!(u.last_used().is_some(), want > 0, "{}", u.key().id());
+            }
+            assert_eq!(store.usage_of("k0").unwrap().requests(), expected["k0"]);
+        };
+        check();
+        drop(stays);
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        check();
     }
 
     #[test]
@@ -698,14 +789,24 @@ mod tests {
     }
 
     #[test]
-    fn a_request_s_key_info_outlives_its_shard_s_replacement() {
+    fn a_kept_key_info_does_not_keep_a_replaced_shard() {
         let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
         let store = KeyStore::new();
         store.add_source(source).unwrap();
         let in_request = store.check(b"ka", None, true).unwrap().key;
+        let shard = {
+            let snapshot = store.shared.current.load();
+            Arc::downgrade(snapshot.find(&KeyDigest::of(b"ka")).unwrap().0)
+        };
         let kept = in_request.clone();
         publisher.publish(set(&[("b", "kb")])).unwrap();
-        assert_eq!((in_request.id(), kept.id()), ("a", "a"));
+        assert!(
+            shard.upgrade().is_some(),
+            "the request's own points into it"
+        );
+        drop(in_request);
+        assert!(shard.upgrade().is_none(), "a clone holds its entry only");
+        assert_eq!(kept.id(), "a");
         assert_eq!(kept.scopes().collect::<Vec<_>>(), ["read"]);
     }
 }

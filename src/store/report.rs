@@ -85,10 +85,22 @@ impl ReloadReport {
     }
 
     fn ids(&self, list: impl Fn(&Diff) -> &[Arc<str>]) -> Vec<&str> {
+        self.list(list).iter().map(|id| &**id).collect()
+    }
+
+    /// One list of ids as the report holds it: for a log line that prints twenty of a
+    /// million, or a serializer, without a copy of the list.
+    pub(crate) fn list(&self, list: impl Fn(&Diff) -> &[Arc<str>]) -> &[Arc<str>] {
         match &self.outcome {
-            Ok(change) => list(&change.diff).iter().map(|id| &**id).collect(),
-            Err(_) => Vec::new(),
+            Ok(change) => list(&change.diff),
+            Err(_) => &[],
         }
+    }
+
+    /// The ids the update let go of, which other sources' waiting sets may want: those
+    /// it removed, and those whose key it changed (perhaps their secret).
+    pub(crate) fn released(&self) -> impl Iterator<Item = &Arc<str>> {
+        (self.list(|d| &d.removed).iter()).chain(self.list(|d| &d.changed))
     }
 
     /// Ids of this source's keys that the update added, in the order given.
@@ -134,14 +146,23 @@ impl serde::Serialize for ReloadReport {
         s.serialize_field("at", &crate::clock::rfc3339(self.at))?;
         s.serialize_field("applied", &self.is_applied())?;
         s.serialize_field("version", &self.version())?;
-        s.serialize_field("added", &self.added())?;
-        s.serialize_field("changed", &self.changed())?;
-        s.serialize_field("removed", &self.removed())?;
-        s.serialize_field("kept", &self.kept())?;
-        s.serialize_field("expiring", &self.expiring())?;
+        s.serialize_field("added", &Ids(self.list(|d| &d.added)))?;
+        s.serialize_field("changed", &Ids(self.list(|d| &d.changed)))?;
+        s.serialize_field("removed", &Ids(self.list(|d| &d.removed)))?;
+        s.serialize_field("kept", &Ids(self.list(|d| &d.kept)))?;
+        s.serialize_field("expiring", &Ids(self.list(|d| &d.expiring)))?;
         let error = self.error().map(|e| crate::error::Chain(e).to_string());
         s.serialize_field("error", &error)?;
         s.end()
+    }
+}
+
+/// A list of ids, serialized as it is held.
+struct Ids<'a>(&'a [Arc<str>]);
+
+impl serde::Serialize for Ids<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|id| &**id))
     }
 }
 

@@ -3,81 +3,128 @@
 //! A key set is cut into shards by the top bits of each key's digest, so that a
 //! change to one key copies one shard (a few hundred keys), not the whole set. Within
 //! a shard, more digest bits place the key directly (a SHA-256 digest is uniform and
-//! cannot be steered by an attacker). Each slot is one 64-byte cache line holding
-//! everything a request needs: the whole digest to compare, the flags to check and
-//! the usage counters to update, so a lookup in a large, cold set makes one trip to
-//! memory. The entry a slot points at (id, metadata) is read only when someone asks.
-//! A shard is built whole and never changed after, but for its counters.
+//! cannot be steered by an attacker). Each slot is 48 bytes holding everything a
+//! request needs: the whole digest to compare, the flags to check and where its usage
+//! is counted, so a lookup in a large, cold set makes one trip to memory (one cache
+//! line, or two adjacent ones). The entry a slot points at (id, metadata) is read only
+//! when someone asks. A shard is built whole and never changed after: the counts live
+//! outside it (see [`Counters`](crate::store::counters::Counters)), so no request
+//! writes to it.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU32, AtomicU64, Ordering},
-};
+use std::sync::Arc;
 
 use crate::{
     key::digest::{KeyDigest, same},
-    store::entry::KeyEntry,
+    store::{counters::Counter, entry::KeyEntry},
 };
-
-/// Request count and last use (Unix seconds, 0 for never) of one key.
-pub(crate) type Usage = (u64, u32);
 
 #[derive(Default)]
 pub(crate) struct Shard {
     slots: Box<[Slot]>,
+    /// One byte of each slot's digest (never 0), or 0 for an empty slot: a lookup
+    /// walks these, a few bytes in one cache line, and reads only the slot whose
+    /// byte matches, instead of every slot from where the digest's walk starts (three
+    /// on average, four-fifths full).
+    tags: Box<[u8]>,
     len: usize,
 }
 
-/// One key, in one cache line.
-#[repr(C, align(64))]
+/// The byte of `digest` kept in a shard's tags: neither its shard's bits nor its
+/// place's, and never 0.
+#[inline]
+fn tag(digest: &KeyDigest) -> u8 {
+    digest.0[16].max(1)
+}
+
+/// How many handles each shard has: threads take them in turn (see [`group`]).
+pub(crate) const GROUPS: usize = 8;
+
+/// A reference-counted handle on a shard, one of [`GROUPS`] per shard: what the
+/// [`KeyInfo`](crate::KeyInfo) of a request holds. A request clones it and drops it
+/// again, writing its reference count: were there one count per shard, two cores
+/// serving the same key would bounce its cache line on every request. Each thread
+/// uses the handle of its group, whose count no thread of another group writes.
+pub(crate) struct Handle {
+    pub(crate) shard: Arc<Shard>,
+    /// Makes the allocation 64 bytes (with the reference counts), so that no two
+    /// handles' counts share a cache line.
+    _pad: [usize; 5],
+}
+
+impl Handle {
+    /// The handles of `shard`, one per group.
+    pub(crate) fn all(shard: &Arc<Shard>) -> [Arc<Self>; GROUPS] {
+        std::array::from_fn(|_| {
+            Arc::new(Self {
+                shard: shard.clone(),
+                _pad: [0; 5],
+            })
+        })
+    }
+}
+
+/// This thread's group: handed out in turn as threads first look a key up.
+#[inline]
+pub(crate) fn group() -> usize {
+    use std::{
+        cell::Cell,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+    thread_local! {
+        static GROUP: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    GROUP.with(|group| match group.get() {
+        usize::MAX => {
+            let next = NEXT.fetch_add(1, Ordering::Relaxed) % GROUPS;
+            group.set(next);
+            next
+        }
+        known => known,
+    })
+}
+
+/// One key, in 48 bytes.
 #[derive(Default)]
 pub(crate) struct Slot {
     digest: [u8; 32],
-    requests: AtomicU64,
-    /// Unix seconds of the last use; 0 for never.
-    last_used: AtomicU32,
-    disabled: bool,
-    /// Whether the key has a validity window (in its entry's metadata).
-    windowed: bool,
     entry: Option<Arc<KeyEntry>>,
+    /// The key's usage cell, carried from version to version while its id stays.
+    index: u32,
+    /// The cell's generation (the high 30 bits), whether the key is disabled (bit
+    /// 0) and whether it has a validity window, in its entry (bit 1).
+    tag: u32,
 }
 
+const DISABLED: u32 = 1;
+const WINDOWED: u32 = 2;
+
 impl Slot {
+    fn new(digest: KeyDigest, entry: Arc<KeyEntry>, counter: Counter) -> Self {
+        let flags = u32::from(entry.disabled()) * DISABLED + u32::from(entry.windowed()) * WINDOWED;
+        Self {
+            digest: digest.0,
+            entry: Some(entry),
+            index: counter.index(),
+            tag: (counter.generation() << 2) | flags,
+        }
+    }
+
     pub(crate) fn digest(&self) -> KeyDigest {
         KeyDigest(self.digest)
     }
 
     pub(crate) fn is_disabled(&self) -> bool {
-        self.disabled
+        self.tag & DISABLED != 0
     }
 
     pub(crate) fn is_windowed(&self) -> bool {
-        self.windowed
+        self.tag & WINDOWED != 0
     }
 
-    pub(crate) fn usage(&self) -> Usage {
-        (
-            self.requests.load(Ordering::Relaxed),
-            self.last_used.load(Ordering::Relaxed),
-        )
-    }
-
-    /// Adds requests counted elsewhere (by requests still reading a replaced shard).
-    pub(crate) fn add_usage(&self, requests: u64, last_used: u32) {
-        if requests > 0 {
-            self.requests.fetch_add(requests, Ordering::Relaxed);
-        }
-        self.last_used.fetch_max(last_used, Ordering::Relaxed);
-    }
-
-    /// Counts one request at `now_secs` (Unix seconds).
     #[inline]
-    pub(crate) fn touch(&self, now_secs: u32) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        // Write the stamp only when the second changes: a hot key's line stays shared.
-        if self.last_used.load(Ordering::Relaxed) != now_secs {
-            self.last_used.store(now_secs, Ordering::Relaxed);
-        }
+    pub(crate) fn counter(&self) -> Counter {
+        Counter::new(self.index, self.tag >> 2)
     }
 }
 
@@ -89,6 +136,7 @@ impl Shard {
         slots.resize_with(len, Slot::default);
         Self {
             slots: slots.into_boxed_slice(),
+            tags: vec![0; len].into_boxed_slice(),
             len: 0,
         }
     }
@@ -103,37 +151,31 @@ impl Shard {
     fn home(&self, digest: &KeyDigest) -> usize {
         // Multiply-shift maps 64 bits onto 0..len without a power-of-two size. The
         // shard was chosen by the digest's first bytes: use the next ones.
-        ((u128::from(digest.bits(8)) * self.slots.len() as u128) >> 64) as usize
+        ((u128::from(digest.bits(8)) * self.tags.len() as u128) >> 64) as usize
     }
 
-    /// Puts `entry` under `digest` with these usage counters, and returns its slot;
-    /// if the digest is taken, returns the slot that has it.
+    /// Puts `entry` under `digest`, counted in `counter`, and returns its slot; if the
+    /// digest is taken, returns the slot that has it.
     pub(crate) fn insert(
         &mut self,
         digest: KeyDigest,
         entry: Arc<KeyEntry>,
-        (requests, last_used): Usage,
+        counter: Counter,
     ) -> Result<usize, usize> {
-        let len = self.slots.len();
+        let len = self.tags.len();
         debug_assert!(self.len + 1 < len, "shard sized for fewer keys");
+        let want = tag(&digest);
         let mut i = self.home(&digest);
         loop {
-            let slot = &mut self.slots[i];
-            match &slot.entry {
-                None => {
-                    *slot = Slot {
-                        digest: digest.0,
-                        requests: AtomicU64::new(requests),
-                        last_used: AtomicU32::new(last_used),
-                        disabled: entry.disabled(),
-                        windowed: entry.windowed(),
-                        entry: Some(entry),
-                    };
+            match self.tags[i] {
+                0 => {
+                    self.slots[i] = Slot::new(digest, entry, counter);
+                    self.tags[i] = want;
                     self.len += 1;
                     return Ok(i);
                 }
-                Some(_) if same(&slot.digest, &digest.0) => return Err(i),
-                Some(_) => i = if i + 1 == len { 0 } else { i + 1 },
+                t if t == want && same(&self.slots[i].digest, &digest.0) => return Err(i),
+                _ => i = if i + 1 == len { 0 } else { i + 1 },
             }
         }
     }
@@ -141,15 +183,15 @@ impl Shard {
     /// The slot holding this digest.
     #[inline]
     pub(crate) fn find(&self, digest: &KeyDigest) -> Option<usize> {
-        let len = self.slots.len();
+        let len = self.tags.len();
+        let want = tag(digest);
         let mut i = self.home(digest);
         loop {
-            let slot = &self.slots[i];
-            slot.entry.as_ref()?;
-            if same(&slot.digest, &digest.0) {
-                return Some(i);
+            match self.tags[i] {
+                0 => return None,
+                t if t == want && same(&self.slots[i].digest, &digest.0) => return Some(i),
+                _ => i = if i + 1 == len { 0 } else { i + 1 },
             }
-            i = if i + 1 == len { 0 } else { i + 1 };
         }
     }
 
@@ -187,22 +229,25 @@ mod tests {
     fn finds_every_key_and_nothing_else() {
         let keys: Vec<_> = (0..5_000).map(|i| entry(&format!("k{i}"))).collect();
         let mut shard = Shard::with_capacity(keys.len());
-        for (digest, entry) in &keys {
-            assert!(shard.insert(*digest, entry.clone(), (7, 1)).is_ok());
+        for (i, (digest, entry)) in keys.iter().enumerate() {
+            let counter = Counter::new(i as u32, 1 << 29 | i as u32);
+            assert!(shard.insert(*digest, entry.clone(), counter).is_ok());
         }
         let (digest, entry) = &keys[42];
-        let taken = shard.insert(*digest, entry.clone(), (0, 0)).unwrap_err();
+        let taken = (shard.insert(*digest, entry.clone(), Counter::default())).unwrap_err();
         assert_eq!(
             &*shard.entry_at(taken).unwrap().id,
             "k42",
             "duplicates refused"
         );
         assert_eq!(shard.len(), 5_000);
-        for (digest, entry) in &keys {
+        for (n, (digest, entry)) in keys.iter().enumerate() {
             let i = shard.find(digest).unwrap();
             assert_eq!(shard.entry_at(i).unwrap().id, entry.id);
             assert_eq!(shard.slot(i).digest(), *digest);
-            assert_eq!(shard.slot(i).usage(), (7, 1), "carried counters kept");
+            let counter = shard.slot(i).counter();
+            assert_eq!(counter, Counter::new(n as u32, 1 << 29 | n as u32));
+            assert!(!shard.slot(i).is_disabled() && !shard.slot(i).is_windowed());
         }
         for i in 0..5_000 {
             let absent = KeyDigest::of(format!("absent{i}").as_bytes());
@@ -213,21 +258,10 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_is_one_cache_line() {
-        assert_eq!(std::mem::size_of::<Slot>(), 64);
-        assert_eq!(std::mem::align_of::<Slot>(), 64);
-    }
-
-    #[test]
-    fn usage_counts_and_merges() {
-        let (digest, entry) = entry("k");
-        let mut shard = Shard::with_capacity(1);
-        let i = shard.insert(digest, entry, (0, 0)).unwrap();
-        let slot = shard.slot(i);
-        slot.touch(5);
-        slot.touch(6);
-        assert_eq!(slot.usage(), (2, 6));
-        slot.add_usage(3, 4);
-        assert_eq!(slot.usage(), (5, 6), "the later stamp wins");
+    fn a_slot_is_48_bytes_and_a_handle_s_counts_have_a_cache_line_of_their_own() {
+        // A million keys' memory depends on it: 60 bytes a key at four-fifths load.
+        assert_eq!(std::mem::size_of::<Slot>(), 48);
+        // With the two reference counts before it: 64 bytes.
+        assert_eq!(std::mem::size_of::<Handle>() + 16, 64);
     }
 }

@@ -5,13 +5,18 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicU64};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::{KeySet, ReloadReport, store::snapshot::Snapshot};
+use crate::{
+    ReloadReport,
+    store::{counters::Counters, pending::Pending, snapshot::Snapshot},
+};
 
 pub(crate) struct Shared {
     /// Unique in the process: tells this store's keys from another's.
     pub(crate) id: u64,
     /// The live version, loaded once per request.
     pub(crate) current: ArcSwap<Snapshot>,
+    /// The keys' usage counts, which every version shares.
+    pub(crate) counters: Arc<Counters>,
     /// Held by whoever makes the next version: one at a time.
     pub(crate) writer: Mutex<Writer>,
     /// The latest reload attempt, sent while the writer is held, so that it always
@@ -30,8 +35,12 @@ pub(crate) struct Writer {
     pub(crate) sources: Vec<Arc<str>>,
     pub(crate) counts: Vec<usize>,
     /// A complete set each source published that was refused for a key or id another
-    /// source held: tried again after every change.
-    pub(crate) pending: Vec<Option<KeySet>>,
+    /// source held: tried again once one of those is let go.
+    pub(crate) pending: Vec<Option<Pending>>,
+    /// How many updates have been planned, for the tests that check a waiting set is
+    /// not planned again for nothing.
+    #[cfg(test)]
+    pub(crate) plans: usize,
 }
 
 impl Shared {

@@ -10,8 +10,9 @@ use std::{hash::BuildHasher, sync::Arc};
 
 use crate::{
     key::digest::{DigestSet, KeyDigest},
+    store::counters::{Counter, Counters},
     store::entry::KeyEntry,
-    store::shard::{Shard, Slot, Usage},
+    store::shard::{GROUPS, Handle, Shard},
 };
 
 /// Keys per shard that the shard count aims at.
@@ -23,6 +24,9 @@ const MAX_BITS: u32 = 16;
 /// (hash of the id, digest of the key), sorted by hash.
 type IdShard = Vec<(u64, KeyDigest)>;
 
+/// The handles of one shard.
+type Handles = [Arc<Handle>; GROUPS];
+
 /// Hashes ids: fast on short strings, seeded per store.
 type IdHasher = foldhash::fast::RandomState;
 
@@ -32,37 +36,32 @@ pub(crate) struct Snapshot {
     /// log2 of the shard count.
     bits: u32,
     shards: Box<[Arc<Shard>]>,
+    /// Each shard's handles, one per group of threads: what a request's `KeyInfo`
+    /// holds (see [`Handle`]). Shared, as the shards are, by the versions that have
+    /// the shard.
+    handles: Box<[Arc<Handles>]>,
     ids: Box<[Arc<IdShard>]>,
     /// Places ids in id shards; the same for every version of one store.
     id_hasher: IdHasher,
 }
 
-/// Where a key is: shard and slot.
-pub(crate) type Place = (usize, usize);
-
 /// What an edit changes: keys that leave (by digest and id), and keys that come,
-/// each with the digest of the key whose usage counters it takes over, if any.
+/// each with the digest of the key whose usage counter it takes over, if any.
 #[derive(Default)]
 pub(crate) struct Edit {
     pub(crate) remove: Vec<(KeyDigest, Arc<str>)>,
     pub(crate) insert: Vec<(KeyDigest, Arc<KeyEntry>, Option<KeyDigest>)>,
 }
 
-/// A key whose usage counters were copied into the new version.
-pub(crate) struct Carried {
-    pub(crate) old: Place,
-    pub(crate) new: Place,
-    /// The old slot's request count when it was copied.
-    pub(crate) copied: u64,
-}
-
 impl Default for Snapshot {
     fn default() -> Self {
+        let shard = Arc::new(Shard::with_capacity(0));
         Self {
             version: 0,
             len: 0,
             bits: 0,
-            shards: Box::new([Arc::new(Shard::with_capacity(0))]),
+            handles: Box::new([Arc::new(Handle::all(&shard))]),
+            shards: Box::new([shard]),
             ids: Box::new([Arc::new(IdShard::new())]),
             id_hasher: IdHasher::default(),
         }
@@ -97,21 +96,25 @@ impl Snapshot {
         self.id_hasher.hash_one(id)
     }
 
-    /// The shard and slot holding this digest: the request path.
+    /// The shard and slot holding this digest.
     #[inline]
     pub(crate) fn find(&self, digest: &KeyDigest) -> Option<(&Arc<Shard>, usize)> {
         let shard = &self.shards[self.shard_of(digest)];
         shard.find(digest).map(|i| (shard, i))
     }
 
-    pub(crate) fn slot(&self, (shard, slot): Place) -> &Slot {
-        self.shards[shard].slot(slot)
-    }
-
-    /// Where the key with this digest is.
-    fn place(&self, digest: &KeyDigest) -> Option<Place> {
+    /// The shard and slot holding this digest, and the shard's handle for `group`:
+    /// the request path.
+    #[inline]
+    pub(crate) fn lookup(
+        &self,
+        digest: &KeyDigest,
+        group: usize,
+    ) -> Option<(&Shard, usize, &Arc<Handle>)> {
         let s = self.shard_of(digest);
-        self.shards[s].find(digest).map(|i| (s, i))
+        let shard = &self.shards[s];
+        let i = shard.find(digest)?;
+        Some((shard, i, &self.handles[s][group % GROUPS]))
     }
 
     /// The digest of the key with this id.
@@ -126,29 +129,31 @@ impl Snapshot {
             .find(|d| self.entry(d).is_some_and(|(e, _)| &*e.id == id))
     }
 
-    /// The entry and counters of the key with this digest.
-    pub(crate) fn entry(&self, digest: &KeyDigest) -> Option<(&Arc<KeyEntry>, Usage)> {
+    /// The entry and usage counter of the key with this digest.
+    pub(crate) fn entry(&self, digest: &KeyDigest) -> Option<(&Arc<KeyEntry>, Counter)> {
         let (shard, i) = self.find(digest)?;
-        Some((shard.entry_at(i)?, shard.slot(i).usage()))
+        Some((shard.entry_at(i)?, shard.slot(i).counter()))
     }
 
-    /// The entry and counters of the key with this id.
-    pub(crate) fn by_id(&self, id: &str) -> Option<(&Arc<KeyEntry>, Usage)> {
+    /// The entry and usage counter of the key with this id.
+    pub(crate) fn by_id(&self, id: &str) -> Option<(&Arc<KeyEntry>, Counter)> {
         self.entry(&self.digest_of(id)?)
     }
 
-    /// Every key: its digest, entry and counters, in no particular order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (KeyDigest, &Arc<KeyEntry>, Usage)> {
+    /// Every key: its digest, entry and usage counter, in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (KeyDigest, &Arc<KeyEntry>, Counter)> {
         self.shards
             .iter()
             .flat_map(|shard| shard.iter())
-            .map(|(_, slot, entry)| (slot.digest(), entry, slot.usage()))
+            .map(|(_, slot, entry)| (slot.digest(), entry, slot.counter()))
     }
 
-    /// The next version: this one with `edit` made, and the counters it copied. Every
-    /// digest removed must be here, and every digest inserted must be free once the
-    /// removals are made (the caller has checked).
-    pub(crate) fn edited(&self, edit: Edit) -> (Self, Vec<Carried>) {
+    /// The next version: this one with `edit` made. Every digest removed must be here,
+    /// and every digest inserted must be free once the removals are made (the caller
+    /// has checked). A key that stays, or comes in place of one with its id, keeps
+    /// its usage counter; a key that leaves for good gives its counter back to
+    /// `counters`, and a new id gets a fresh one.
+    pub(crate) fn edited(&self, edit: Edit, counters: &Counters) -> Self {
         let len = self.len - edit.remove.len() + edit.insert.len();
         let ideal = bits_for(len);
         let bits = if ideal > self.bits + 1 || ideal + 2 < self.bits {
@@ -161,10 +166,22 @@ impl Snapshot {
             len,
             bits,
             shards: Box::new([]),
+            handles: Box::new([]),
             ids: Box::new([]),
             id_hasher: self.id_hasher.clone(),
         };
         let removed: DigestSet = edit.remove.iter().map(|(d, _)| *d).collect();
+        // Counters of keys that leave with no successor under their id: given back
+        // first, so that the keys that come can have them.
+        let succeeded: DigestSet = edit.insert.iter().filter_map(|(_, _, d)| *d).collect();
+        let mut cells = counters.cells();
+        for (digest, _) in &edit.remove {
+            if !succeeded.contains(digest)
+                && let Some((_, counter)) = self.entry(digest)
+            {
+                cells.release(counter);
+            }
+        }
         let resharded = bits != self.bits;
         // The shards to build: every one when the count changes, else those touched.
         let mut touched = vec![resharded; 1 << bits];
@@ -179,10 +196,10 @@ impl Snapshot {
                 .iter()
                 .enumerate()
                 .filter(|&(s, _)| resharded || touched[s])
-                .flat_map(|(s, shard)| {
+                .flat_map(|(_, shard)| {
                     shard
                         .iter()
-                        .map(move |(i, slot, e)| (slot.digest(), e, (s, i)))
+                        .map(move |(_, slot, e)| (slot.digest(), e, slot.counter()))
                 })
                 .filter(|(d, _, _)| !removed.contains(d))
         };
@@ -198,38 +215,38 @@ impl Snapshot {
         let mut built: Vec<Option<Shard>> = (0..1 << bits)
             .map(|s| touched[s].then(|| Shard::with_capacity(counts[s])))
             .collect();
-        let mut carried = Vec::new();
-        let mut put = |digest: KeyDigest, entry: Arc<KeyEntry>, from: Option<Place>| {
-            let s = next.shard_of(&digest);
-            let usage = from.map_or((0, 0), |p| self.slot(p).usage());
+        let mut put = |digest: KeyDigest, entry: Arc<KeyEntry>, counter: Counter| {
             // Free by the caller's checks; a clash would only drop a duplicate.
-            if let Some(shard) = &mut built[s]
-                && let Ok(i) = shard.insert(digest, entry, usage)
-                && let Some(old) = from
-            {
-                carried.push(Carried {
-                    old,
-                    new: (s, i),
-                    copied: usage.0,
-                });
+            if let Some(shard) = &mut built[next.shard_of(&digest)] {
+                let _ = shard.insert(digest, entry, counter);
             }
         };
-        for (digest, entry, from) in staying() {
-            put(digest, entry.clone(), Some(from));
+        for (digest, entry, counter) in staying() {
+            put(digest, entry.clone(), counter);
         }
         for (digest, entry, from) in &edit.insert {
-            put(*digest, entry.clone(), from.and_then(|d| self.place(&d)));
+            let carried = from.and_then(|d| self.entry(&d)).map(|(_, c)| c);
+            put(
+                *digest,
+                entry.clone(),
+                carried.unwrap_or_else(|| cells.assign()),
+            );
         }
-        next.shards = built
+        let (shards, handles): (Vec<_>, Vec<_>) = built
             .into_iter()
             .enumerate()
             .map(|(s, shard)| match shard {
-                Some(shard) => Arc::new(shard),
-                None => self.shards[s].clone(),
+                Some(shard) => {
+                    let shard = Arc::new(shard);
+                    let handles = Arc::new(Handle::all(&shard));
+                    (shard, handles)
+                }
+                None => (self.shards[s].clone(), self.handles[s].clone()),
             })
-            .collect();
+            .unzip();
+        (next.shards, next.handles) = (shards.into(), handles.into());
         next.ids = self.edited_ids(&next, &edit, &removed);
-        (next, carried)
+        next
     }
 
     /// The id index of `next`, which has this one's id hasher.
@@ -320,25 +337,44 @@ mod tests {
         assert_eq!(snapshot.iter().count(), live.count());
     }
 
+    /// Each key's id and counter.
+    fn counters_of(snapshot: &Snapshot) -> std::collections::HashMap<String, Counter> {
+        (snapshot.iter())
+            .map(|(_, e, c)| (e.id.to_string(), c))
+            .collect()
+    }
+
     #[test]
-    fn grows_shrinks_and_reshards_keeping_every_key() {
+    fn grows_shrinks_and_reshards_keeping_every_key_and_its_counter() {
+        let counters = Counters::new();
         let empty = Snapshot::default();
-        let (big, _) = empty.edited(insert(0..5_000));
+        let big = empty.edited(insert(0..5_000), &counters);
         assert!(big.bits >= 3, "{} bits for 5,000 keys", big.bits);
         check(&big, 0..5_000, &[]);
+        let before = counters_of(&big);
+        assert_eq!(
+            before
+                .values()
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            5_000,
+            "one counter per id"
+        );
         // One key out, one in: only their shards are new.
         let gone = ApiKey::new("k7", "s7");
-        let (next, carried) = big.edited(Edit {
-            remove: vec![(gone.digest, gone.id.clone())],
-            insert: insert(5_000..5_001).insert,
-        });
+        let next = big.edited(
+            Edit {
+                remove: vec![(gone.digest, gone.id.clone())],
+                insert: insert(5_000..5_001).insert,
+            },
+            &counters,
+        );
         check(&next, (0..5_001).filter(|&i| i != 7), &[7]);
         let shared = (0..big.shards.len())
             .filter(|&s| Arc::ptr_eq(&big.shards[s], &next.shards[s]))
             .count();
         assert!(shared + 2 >= big.shards.len(), "only touched shards copied");
-        assert!(carried.len() < 2 * 5_000 / (1 << big.bits) + 50);
-        // Down to a few keys: fewer shards.
+        // Down to a few keys: fewer shards, the same counters.
         let remove = (10..5_001)
             .filter(|&i| i != 7)
             .map(|i| {
@@ -346,30 +382,50 @@ mod tests {
                 (key.digest, key.id.clone())
             })
             .collect();
-        let (small, _) = next.edited(Edit {
-            remove,
-            insert: Vec::new(),
-        });
+        let small = next.edited(
+            Edit {
+                remove,
+                insert: Vec::new(),
+            },
+            &counters,
+        );
         assert_eq!(small.bits, 0);
         check(&small, (0..10).filter(|&i| i != 7), &[7, 11, 5_000]);
+        for (id, counter) in counters_of(&small) {
+            assert_eq!(before[&id], counter, "{id}");
+        }
     }
 
     #[test]
-    fn counters_follow_a_key_into_the_next_version() {
-        let (first, _) = Snapshot::default().edited(insert(0..3));
-        let digest = KeyDigest::of(b"s1");
-        let (shard, i) = first.find(&digest).unwrap();
-        shard.slot(i).touch(9);
+    fn a_key_keeps_its_counter_under_its_id_and_a_removed_one_is_reused_afresh() {
+        let counters = Counters::new();
+        let first = Snapshot::default().edited(insert(0..3), &counters);
+        let old = counters_of(&first);
         let replacement = ApiKey::new("k1", "new-secret");
-        let (next, carried) = first.edited(Edit {
-            remove: vec![(digest, replacement.id.clone())],
-            insert: vec![(
-                replacement.digest,
-                KeyEntry::for_tests(&replacement),
-                Some(digest),
-            )],
-        });
-        assert_eq!(next.by_id("k1").unwrap().1, (1, 9));
-        assert!(carried.iter().any(|c| c.copied == 1));
+        let gone = ApiKey::new("k2", "s2");
+        let next = first.edited(
+            Edit {
+                remove: vec![
+                    (KeyDigest::of(b"s1"), replacement.id.clone()),
+                    (gone.digest, gone.id.clone()),
+                ],
+                insert: vec![
+                    (
+                        replacement.digest,
+                        KeyEntry::for_tests(&replacement),
+                        Some(KeyDigest::of(b"s1")),
+                    ),
+                    insert(9..10).insert.remove(0),
+                ],
+            },
+            &counters,
+        );
+        let new = counters_of(&next);
+        assert_eq!(new["k1"], old["k1"], "carried under its id");
+        assert_eq!(new["k0"], old["k0"]);
+        // `k9` takes the cell `k2` gave back, in a new generation.
+        assert_ne!(new["k9"], old["k2"]);
+        assert_eq!(new.len(), 3);
+        assert!(!new.values().any(|c| *c == old["k2"]));
     }
 }

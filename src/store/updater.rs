@@ -4,15 +4,13 @@
 use std::{
     fmt,
     sync::{Arc, Weak, atomic::Ordering},
-    thread,
-    time::{Duration, Instant},
 };
 
 use crate::{
     Error, KeyChange, KeyInfo, KeySet, KeyUsage, ReloadReport, clock,
     store::change::{self, Source, Update},
+    store::pending::Pending,
     store::shared::{Shared, Writer},
-    store::snapshot::{Carried, Snapshot},
 };
 
 /// Handle through which a [`KeySource`](crate::KeySource) changes its keys in its
@@ -25,18 +23,29 @@ use crate::{
 /// usage counts. Each applied update is a new [`version`](crate::KeyStore::version),
 /// reported in [`KeyStore::last_reload`](crate::KeyStore::last_reload) and logged.
 ///
+/// A store makes one update at a time. A set another source's keys clash with waits,
+/// and is applied once that source lets go of them (see [`publish`](Self::publish)).
+///
+/// # Blocking
+///
+/// [`publish`](Self::publish) and [`apply`](Self::apply) run on the calling thread and
+/// block it until the update is made: they never wait for requests, but they do wait
+/// for an update of another source of the same store to finish, and the work grows
+/// with what they are given. A change by id takes well under a millisecond (a few at
+/// a million keys); a complete set takes time in proportion to its size (about a
+/// second for a million keys). From async code, apply small changes directly, and
+/// publish large sets from [`tokio::task::spawn_blocking`] or a thread of their own.
+///
 /// It holds the store weakly: once every layer and store clone is gone,
 /// [`KeyUpdater::is_closed`] turns true and updates return [`Error::StoreClosed`],
 /// which tells a watching source to stop.
+///
+/// [`tokio::task::spawn_blocking`]: https://docs.rs/tokio/latest/tokio/task/fn.spawn_blocking.html
 pub struct KeyUpdater {
     shared: Weak<Shared>,
     source: u16,
     name: Arc<str>,
 }
-
-/// How long a writer waits for requests still reading a replaced version before it
-/// gives up on the few counts they might add. They hold it for one lookup.
-const PATIENCE: Duration = Duration::from_secs(1);
 
 impl KeyUpdater {
     pub(crate) fn new(shared: Weak<Shared>, source: u16, name: Arc<str>) -> Self {
@@ -50,6 +59,11 @@ impl KeyUpdater {
     /// Replaces this source's keys with `set`: what `set` lacks is removed, what it
     /// adds or changes is applied, and what it leaves as it was keeps its entry and
     /// counters. Returns the report.
+    ///
+    /// A set refused because another source holds one of its ids or secrets waits:
+    /// it is applied, unasked, once that source lets go of them, and changes by id this
+    /// source [`apply`](Self::apply)s meanwhile are made to it too. A newer set, or a
+    /// failure [`reject`](Self::reject)ed, replaces it.
     ///
     /// # Errors
     ///
@@ -69,7 +83,9 @@ impl KeyUpdater {
     /// [`Error::InvalidKey`] for a key no [`KeySet`] would take, [`Error::DuplicateId`]
     /// for an id named twice, [`Error::DuplicateKey`] for one key under two ids,
     /// [`Error::Conflict`] for an id or key of another source, [`Error::StoreClosed`]
-    /// if the store is gone. The store keeps its keys, and the refusal is recorded
+    /// if the store is gone; [`Error::DuplicateKey`] too if this source has a set
+    /// waiting (see [`publish`](Self::publish)) that the changes would leave with one
+    /// secret under two ids. The store keeps its keys, and the refusal is recorded
     /// and logged.
     pub fn apply(
         &self,
@@ -82,28 +98,9 @@ impl KeyUpdater {
     fn update(&self, update: Update<'_>) -> Result<ReloadReport, Error> {
         let shared = self.shared.upgrade().ok_or(Error::StoreClosed)?;
         let mut writer = shared.lock();
-        let index = usize::from(self.source);
-        let result = make(&shared, &mut writer, self.source, update);
         // Each report, with how many keys its source has after it.
-        let mut reports = vec![(
-            match &result {
-                Ok(report) => report.clone(),
-                Err(error) => ReloadReport::rejected(self.name.clone(), error.clone()),
-            },
-            writer.counts[index],
-        )];
-        match (&result, update) {
-            (Ok(_), _) => {
-                // A newer state of this source: what it had waiting is stale.
-                writer.pending[index] = None;
-                retry_pending(&shared, &mut writer, &mut reports);
-            }
-            // Refused for a key another source holds: tried again once that changes.
-            (Err(Error::Conflict { .. }), Update::Set(set)) => {
-                writer.pending[index] = Some(set.clone());
-            }
-            (Err(_), _) => {}
-        }
+        let mut reports = Vec::new();
+        let result = self.update_locked(&shared, &mut writer, update, &mut reports);
         drop(writer);
         for (report, keys) in &reports {
             match report.is_applied() {
@@ -111,6 +108,61 @@ impl KeyUpdater {
                 false => crate::log::rejected(report),
             }
             crate::metrics::reloaded(report, *keys);
+        }
+        result
+    }
+
+    /// Makes `update` with the writer held, then applies what it lets in of the sets
+    /// that wait.
+    fn update_locked(
+        &self,
+        shared: &Shared,
+        writer: &mut Writer,
+        update: Update<'_>,
+        reports: &mut Vec<(ReloadReport, usize)>,
+    ) -> Result<ReloadReport, Error> {
+        let at = usize::from(self.source);
+        // A change by id to a source whose set waits is made to that set too: it must
+        // fit there as well, or it is refused whole.
+        let waiting = match (update, &writer.pending[at]) {
+            (Update::Changes(changes), Some(pending)) => match pending.with_changes(changes) {
+                Ok(changed) => Some((changed, pending.clashes_with(changes))),
+                Err(error) => {
+                    let report = ReloadReport::rejected(self.name.clone(), error.clone());
+                    shared.reloads.send_replace(Some(report.clone()));
+                    reports.push((report, writer.counts[at]));
+                    return Err(error);
+                }
+            },
+            _ => None,
+        };
+        let result = make(shared, writer, self.source, update, Refusal::Reported);
+        reports.push((
+            match &result {
+                Ok(report) => report.clone(),
+                Err(error) => ReloadReport::rejected(self.name.clone(), error.clone()),
+            },
+            writer.counts[at],
+        ));
+        let mut due = None;
+        match (&result, update) {
+            // A newer complete state of this source: what it had waiting is stale.
+            (Ok(_), Update::Set(_)) => writer.pending[at] = None,
+            (Ok(_), Update::Changes(_)) => {
+                if let Some((changed, clashed)) = waiting {
+                    writer.pending[at] = Some(changed);
+                    due = clashed.then_some(at);
+                }
+            }
+            // Refused for a key another source holds: tried again once it is let go.
+            (Err(Error::Conflict { .. }), Update::Set(set)) => {
+                let live = shared.current.load();
+                writer.pending[at] = Some(Pending::new(set.clone(), &live, self.source));
+            }
+            (Err(_), _) => {}
+        }
+        if let Ok(report) = &result {
+            retry_pending(shared, writer, reports, report, due);
         }
         result
     }
@@ -164,11 +216,15 @@ impl KeyUpdater {
         let Some(shared) = self.shared.upgrade() else {
             return Vec::new();
         };
-        let snapshot = shared.current.load();
-        snapshot
-            .iter()
-            .filter(|(_, e, _)| e.source() == self.source)
-            .map(|(_, e, usage)| KeyUsage::new(KeyInfo::detached(e.clone()), usage))
+        let snapshot = shared.current.load_full();
+        let own = || {
+            snapshot
+                .iter()
+                .filter(|(_, e, _)| e.source() == self.source)
+        };
+        let counts = shared.counters.usage(own().map(|(_, _, c)| c));
+        (own().zip(counts))
+            .map(|((_, e, _), usage)| KeyUsage::new(KeyInfo::detached(e.clone()), usage))
             .collect()
     }
 
@@ -186,7 +242,12 @@ fn make(
     writer: &mut Writer,
     index: u16,
     update: Update<'_>,
+    refusal: Refusal,
 ) -> Result<ReloadReport, Error> {
+    #[cfg(test)]
+    {
+        writer.plans += 1;
+    }
     let old = shared.current.load_full();
     let at = usize::from(index);
     let name = writer.sources[at].clone();
@@ -203,81 +264,89 @@ fn make(
     {
         Ok(plan) => plan,
         Err(error) => {
-            let report = ReloadReport::rejected(name, error.clone());
-            shared.reloads.send_replace(Some(report));
+            if let Refusal::Reported = refusal {
+                let report = ReloadReport::rejected(name, error.clone());
+                shared.reloads.send_replace(Some(report));
+            }
             return Err(error);
         }
     };
-    let (mut next, carried) = old.edited(edit);
+    let mut next = old.edited(edit, &shared.counters);
     next.version = old.version + 1;
     writer.counts[at] = writer.counts[at]
         .saturating_add(diff.added.len())
         .saturating_sub(diff.removed.len());
     let next = Arc::new(next);
+    // Requests still reading the old version count into the same counters: nothing
+    // to wait for. The old version is freed by whoever lets go of it last.
     drop(old);
-    let replaced = shared.current.swap(next.clone());
-    settle(replaced, &next, carried);
+    shared.current.store(next.clone());
     let report = ReloadReport::applied(name, next.version, diff);
     shared.reloads.send_replace(Some(report.clone()));
     Ok(report)
 }
 
-/// Applies the sets other sources had refused for a conflict, now that the keys
-/// changed: a store converges to what its sources hold without anyone editing a
-/// file again. Each success can free another, so this runs until none moves.
-fn retry_pending(shared: &Shared, writer: &mut Writer, reports: &mut Vec<(ReloadReport, usize)>) {
+/// Whether a refused update is reported (sent to subscribers and kept as the last
+/// reload): a source's own update is, the quiet retry of a set that waits is not (it
+/// was reported when it was refused).
+#[derive(Clone, Copy)]
+enum Refusal {
+    Reported,
+    Quiet,
+}
+
+/// Plans again the sets that wait for an id `applied` let go of (and the set of source
+/// `due`, whose own change touched a clashing key), and applies those that now fit: a
+/// store converges to what its sources hold without anyone editing a file again. Each
+/// one applied can let another in, so this runs until none moves. A set whose ids are
+/// all still held is not planned at all.
+fn retry_pending(
+    shared: &Shared,
+    writer: &mut Writer,
+    reports: &mut Vec<(ReloadReport, usize)>,
+    applied: &ReloadReport,
+    mut due: Option<usize>,
+) {
+    if writer.pending.iter().all(Option::is_none) {
+        return;
+    }
+    let mut released: Vec<Arc<str>> = applied.released().cloned().collect();
     loop {
-        let mut moved = false;
-        for at in 0..writer.pending.len() {
-            let Some(set) = writer.pending[at].take() else {
+        let ready: Vec<usize> = (0..writer.pending.len())
+            .filter(|&at| {
+                due == Some(at)
+                    || (writer.pending[at].as_ref())
+                        .is_some_and(|p| p.waits_for_any(released.iter()))
+            })
+            .collect();
+        if ready.is_empty() {
+            return;
+        }
+        due = None;
+        released.clear();
+        for at in ready {
+            let Some(pending) = writer.pending[at].take() else {
                 continue;
             };
             let index = u16::try_from(at).unwrap_or(u16::MAX);
-            match make(shared, writer, index, Update::Set(&set)) {
+            match make(
+                shared,
+                writer,
+                index,
+                Update::Set(&pending.set),
+                Refusal::Quiet,
+            ) {
                 Ok(report) => {
+                    released.extend(report.released().cloned());
                     reports.push((report, writer.counts[at]));
-                    moved = true;
                 }
-                // Still held elsewhere: keep waiting, quietly (it was reported once).
-                Err(_) => writer.pending[at] = Some(set),
+                // Still held elsewhere, perhaps by another id now: keep waiting, quietly.
+                Err(_) => {
+                    let live = shared.current.load();
+                    writer.pending[at] = Some(Pending::new(pending.set, &live, index));
+                }
             }
         }
-        if !moved {
-            return;
-        }
-    }
-}
-
-/// Waits until no request reads `replaced` any more, then adds what requests counted
-/// in it after its counters were copied into `next`. The old version is then freed
-/// here, by the writer, unless a request's [`KeyInfo`](crate::KeyInfo) still points
-/// into one of its shards (which that request then frees: a few hundred keys).
-fn settle(mut replaced: Arc<Snapshot>, next: &Snapshot, carried: Vec<Carried>) {
-    // Requests read a version through an `arc_swap` guard, which the swap turned into
-    // a reference count. `Arc::try_unwrap` succeeds once ours is the last one, and
-    // synchronises with the readers' release of theirs, so every count they made
-    // before letting go is visible here.
-    let start = Instant::now();
-    let old = loop {
-        match Arc::try_unwrap(replaced) {
-            Ok(old) => break old,
-            Err(still_read) if start.elapsed() < PATIENCE => {
-                replaced = still_read;
-                thread::yield_now();
-            }
-            // A reader stuck for a second: its counts are lost, nothing else.
-            Err(_) => return,
-        }
-    };
-    for Carried {
-        old: from,
-        new,
-        copied,
-    } in carried
-    {
-        let (requests, last_used) = old.slot(from).usage();
-        next.slot(new)
-            .add_usage(requests.saturating_sub(copied), last_used);
     }
 }
 
@@ -287,5 +356,165 @@ impl fmt::Debug for KeyUpdater {
             .field("source", &self.name)
             .field("closed", &self.is_closed())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{ApiKey, ChannelSource, Error, KeyChange, KeyPublisher, KeySet, KeyStore};
+
+    fn set(keys: &[(&str, &str)]) -> KeySet {
+        KeySet::from_keys(keys.iter().map(|(id, secret)| ApiKey::new(*id, *secret))).unwrap()
+    }
+
+    /// A store with a source "first" holding `first`, and a source "second" whose
+    /// initial set `second` is refused for a clash with it, and so waits.
+    fn waiting(
+        first: &[(&str, &str)],
+        second: &[(&str, &str)],
+    ) -> (KeyStore, KeyPublisher, KeyPublisher) {
+        let store = KeyStore::new();
+        let (source, first) = ChannelSource::new(set(first));
+        store.add_source(source.with_name("first")).unwrap();
+        let (source, second) = ChannelSource::new(set(second));
+        let err = store.add_source(source.with_name("second")).unwrap_err();
+        assert!(matches!(err, Error::Conflict { .. }), "{err}");
+        (store, first, second)
+    }
+
+    fn plans(store: &KeyStore) -> usize {
+        store.shared.lock().plans
+    }
+
+    fn id_of(store: &KeyStore, secret: &str) -> Option<String> {
+        store.verify(secret).ok().map(|k| k.id().to_owned())
+    }
+
+    #[test]
+    fn a_change_by_id_is_made_to_the_set_that_waits_too() {
+        let (store, first, second) = waiting(
+            &[("shared", "k-1")],
+            &[("shared", "k-2"), ("a", "ka"), ("b", "kb")],
+        );
+        // Changes by id while the set waits: applied to the live keys at once...
+        second
+            .apply([
+                KeyChange::Upsert(ApiKey::new("c", "kc")),
+                KeyChange::remove("b"),
+                KeyChange::Upsert(ApiKey::new("a", "ka2")),
+            ])
+            .unwrap();
+        assert_eq!(id_of(&store, "kc").as_deref(), Some("c"));
+        assert_eq!(id_of(&store, "k-2"), None, "still held by the first source");
+        // ...and to the waiting set, which arrives whole once the id is let go.
+        first.publish(set(&[("other", "k-3")])).unwrap();
+        assert_eq!(id_of(&store, "k-2").as_deref(), Some("shared"));
+        assert_eq!(id_of(&store, "ka2").as_deref(), Some("a"));
+        assert_eq!(id_of(&store, "kc").as_deref(), Some("c"));
+        assert_eq!(id_of(&store, "ka"), None, "the change to `a` came later");
+        assert_eq!(id_of(&store, "kb"), None, "`b` was removed while it waited");
+        assert_eq!(store.len(), 4);
+    }
+
+    #[test]
+    fn a_change_by_id_that_does_not_fit_the_set_that_waits_is_refused_whole() {
+        let (store, _first, second) =
+            waiting(&[("shared", "k-1")], &[("shared", "k-2"), ("a", "ka")]);
+        let version = store.version();
+        // `ka` is free in the live keys, but the waiting set has it under `a`.
+        let err = second
+            .apply([KeyChange::Upsert(ApiKey::new("b", "ka"))])
+            .unwrap_err();
+        assert!(matches!(err, Error::DuplicateKey { .. }), "{err}");
+        assert_eq!(store.version(), version);
+        assert!(!store.last_reload().unwrap().is_applied());
+        assert_eq!(id_of(&store, "ka"), None);
+    }
+
+    #[test]
+    fn the_retry_of_a_set_that_waits_is_quiet() {
+        let (store, first, _second) = waiting(&[("shared", "k-1")], &[("shared", "k-2")]);
+        let mut reloads = store.subscribe();
+        // Another update of the first source that does not let go of `shared`.
+        let report = first
+            .publish(set(&[("shared", "k-1"), ("more", "k-m")]))
+            .unwrap();
+        let last = store.last_reload().unwrap();
+        assert_eq!((last.source(), last.version()), ("first", report.version()));
+        let seen = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(reloads.next())
+            .unwrap();
+        assert_eq!((seen.source(), seen.is_applied()), ("first", true));
+        // One that lets go of it but changes the secret of another id of it: the
+        // retry is still refused, still quietly.
+        first
+            .publish(set(&[("shared", "k-1b"), ("more", "k-m")]))
+            .unwrap();
+        assert_eq!(store.last_reload().unwrap().source(), "first");
+        assert_eq!(id_of(&store, "k-2"), None);
+    }
+
+    #[test]
+    fn a_set_that_waits_is_planned_again_only_when_an_id_it_waits_for_is_let_go() {
+        let (store, first, second) = waiting(
+            &[("shared", "k-1"), ("holder", "k-held"), ("x", "kx")],
+            // Waits for `shared` (its id) and `holder` (its secret).
+            &[("shared", "k-2"), ("mine", "k-held"), ("free", "k-free")],
+        );
+        let mut expected = plans(&store);
+        // Updates that let go of nothing it waits for: only their own plan.
+        first
+            .apply([KeyChange::Upsert(ApiKey::new("y", "ky"))])
+            .unwrap();
+        first.apply([KeyChange::remove("x")]).unwrap();
+        first
+            .publish(set(&[("shared", "k-1"), ("holder", "k-held"), ("z", "kz")]))
+            .unwrap();
+        expected += 3;
+        assert_eq!(plans(&store), expected, "no retry for unrelated updates");
+        // Its own change by id to a key that does not clash: no retry either.
+        second
+            .apply([KeyChange::Upsert(ApiKey::new("late", "k-late"))])
+            .unwrap();
+        expected += 1;
+        assert_eq!(plans(&store), expected);
+        // `shared` let go, `holder` still holds its secret: one quiet retry, refused.
+        first
+            .publish(set(&[("holder", "k-held"), ("z", "kz")]))
+            .unwrap();
+        expected += 2;
+        assert_eq!(plans(&store), expected);
+        assert_eq!(id_of(&store, "k-2"), None);
+        // Now it waits for `holder` only: letting go of `z` plans nothing more.
+        first.apply([KeyChange::remove("z")]).unwrap();
+        expected += 1;
+        assert_eq!(plans(&store), expected);
+        // `holder` gets a new secret: the set is let in.
+        first
+            .apply([KeyChange::Upsert(ApiKey::new("holder", "k-new"))])
+            .unwrap();
+        expected += 2;
+        assert_eq!(plans(&store), expected);
+        assert_eq!(id_of(&store, "k-2").as_deref(), Some("shared"));
+        assert_eq!(id_of(&store, "k-held").as_deref(), Some("mine"));
+        assert_eq!(id_of(&store, "k-late").as_deref(), Some("late"));
+        assert_eq!(store.last_reload().unwrap().source(), "second");
+    }
+
+    #[test]
+    fn a_change_by_id_to_a_clashing_key_lets_the_set_that_waits_in() {
+        let (store, _first, second) =
+            waiting(&[("theirs", "k-1")], &[("mine", "k-1"), ("other", "k-o")]);
+        let before = plans(&store);
+        // The clashing key gets a secret of its own: the waiting set now fits.
+        second
+            .apply([KeyChange::Upsert(ApiKey::new("mine", "k-mine"))])
+            .unwrap();
+        assert_eq!(plans(&store), before + 2);
+        assert_eq!(id_of(&store, "k-o").as_deref(), Some("other"));
+        assert_eq!(id_of(&store, "k-mine").as_deref(), Some("mine"));
+        assert_eq!(id_of(&store, "k-1").as_deref(), Some("theirs"));
     }
 }

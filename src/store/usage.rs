@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use crate::{KeyInfo, clock, store::shard::Usage};
+use crate::{KeyInfo, clock, store::counters::Usage};
 
 /// As JSON: `key` (a [`KeyInfo`]), `requests`, `last_used` (RFC 3339, or null): a
 /// usage endpoint is `Json(store.usage())`.
@@ -26,7 +26,7 @@ pub struct KeyUsage {
 }
 
 impl KeyUsage {
-    /// `key`'s counters as read from its slot: requests, and the last use in Unix
+    /// `key`'s counters as read from its cell: requests, and the last use in Unix
     /// seconds (0 for never).
     pub(crate) fn new(key: KeyInfo, (requests, last_used): Usage) -> Self {
         let secs = u64::from(last_used);
