@@ -3,6 +3,8 @@
 pub(crate) mod digest;
 mod generate;
 mod info;
+#[cfg(feature = "redis")]
+pub(crate) mod record;
 mod set;
 
 pub use self::{

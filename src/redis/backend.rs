@@ -9,6 +9,7 @@ use super::{
     link::{Link, Sent},
     model::{self, CHUNK, Keys, LOG_LEN, STAGING_TTL, refused},
 };
+use crate::key::record;
 use crate::{
     ApiKey, Error, KeySet,
     admin::{AdminBackend, BackendError, UsageCounts, record_etag},
@@ -197,7 +198,7 @@ impl RedisBackend {
         }
         let keys: Vec<&ApiKey> = set.iter().collect();
         for chunk in keys.chunks(CHUNK) {
-            let records: Vec<String> = chunk.iter().map(|k| model::encode(k)).collect();
+            let records: Vec<String> = chunk.iter().map(|k| record::encode(k)).collect();
             let puts: Vec<Put<'_>> = chunk
                 .iter()
                 .zip(records)
@@ -268,7 +269,7 @@ impl RedisBackend {
             let mut pipe = redis::pipe();
             pipe.cmd("HSET").arg(&staging);
             for key in chunk {
-                pipe.arg(key.id()).arg(model::encode(key));
+                pipe.arg(key.id()).arg(record::encode(key));
             }
             pipe.ignore()
                 .cmd("PEXPIRE")
@@ -432,7 +433,7 @@ impl RedisBackend {
             return Err(self.missing());
         }
         Ok(raw.map(|raw| {
-            let key = model::decode(id, &raw).and_then(|k| k.validate().map(|()| k));
+            let key = record::decode(id, &raw).and_then(|k| k.validate().map(|()| k));
             (raw, key)
         }))
     }
@@ -497,7 +498,7 @@ impl RedisBackend {
                 puts.push(Put {
                     id: new.id(),
                     expect: Expect::Absent,
-                    record: Some(model::encode(new)),
+                    record: Some(record::encode(new)),
                 });
             }
             puts.push(Put {
@@ -570,7 +571,7 @@ fn written(reply: Value) -> Written {
 
 /// The key a stored record stands for, or the store's fault, named.
 fn checked(id: &str, json: &[u8]) -> Result<ApiKey, BackendError> {
-    model::decode(id, json)
+    record::decode(id, json)
         .and_then(|k| k.validate().map(|()| k))
         .map_err(|e| corrupt(id, Some(e)))
 }
@@ -608,7 +609,7 @@ impl AdminBackend for RedisBackend {
         let put = Put {
             id: key.id(),
             expect: Expect::Absent,
-            record: Some(model::encode(&key)),
+            record: Some(record::encode(&key)),
         };
         match self.write(&[put]).await? {
             Written::Done => Ok(()),
@@ -618,7 +619,7 @@ impl AdminBackend for RedisBackend {
     }
 
     async fn update(&self, key: ApiKey, if_match: Option<&str>) -> Result<(), BackendError> {
-        self.change(key.id(), if_match, Some(model::encode(&key)), None)
+        self.change(key.id(), if_match, Some(record::encode(&key)), None)
             .await
     }
 
@@ -635,7 +636,7 @@ impl AdminBackend for RedisBackend {
         self.change(
             old.id(),
             if_match,
-            Some(model::encode(&old)),
+            Some(record::encode(&old)),
             Some(&successor),
         )
         .await

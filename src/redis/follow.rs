@@ -17,7 +17,7 @@ use super::{
     snapshot::Snapshots,
     source::{self, Head, Options, Read},
 };
-use crate::{Error, KeyChange, KeyUpdater};
+use crate::{Error, KeyChange, KeyUpdater, key::record};
 
 /// The first wait after a failure; it doubles up to the source's maximum.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -421,7 +421,8 @@ impl Batch {
             .into_iter()
             .map(|change| match change {
                 Change::Put { id, record } => {
-                    match model::decode(&id, &record).and_then(|key| key.validate().map(|()| key)) {
+                    match record::decode(&id, &record).and_then(|key| key.validate().map(|()| key))
+                    {
                         Ok(key) => KeyChange::Upsert(key),
                         Err(error) => {
                             source::refused(source, &id, &error);
@@ -510,7 +511,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_record_in_a_batch_is_its_key_removed() {
-        let good = model::encode(&crate::ApiKey::new("good", "s"));
+        let good = record::encode(&crate::ApiKey::new("good", "s"));
         let mut batch = Batch::default();
         batch.add(vec![
             Change::Put {

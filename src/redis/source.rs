@@ -10,7 +10,7 @@ use super::{
     log::{Cursor, StreamId},
     model::{self, Keys},
 };
-use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater};
+use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, key::record};
 
 /// A [`KeySource`] that follows a namespace in Redis, which
 /// [`RedisBackend`](super::RedisBackend) (and so the key-management API of any
@@ -470,7 +470,7 @@ pub(super) fn refused(source: &str, id: &str, error: &Error) {
 fn decode_all(items: &[Value]) -> Vec<Result<ApiKey, Error>> {
     items
         .chunks_exact(2)
-        .map(|pair| model::decode(&String::from_utf8_lossy(bytes(&pair[0])), bytes(&pair[1])))
+        .map(|pair| record::decode(&String::from_utf8_lossy(bytes(&pair[0])), bytes(&pair[1])))
         .collect()
 }
 

@@ -1,0 +1,271 @@
+//! A key as a fleet engine stores it: one JSON record per key id, holding its SHA-256
+//! and its metadata, never a secret. The Redis engine keeps these in a hash; any other
+//! engine keeps the same record, so a namespace moves between engines unchanged.
+
+use std::{borrow::Cow, sync::Arc};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ApiKey, Error, clock, key::digest::KeyDigest};
+
+/// A key's record, as a fleet engine stores it. Instants in Unix milliseconds.
+/// Strings are borrowed from the reply where they hold no escapes: a million records
+/// are read at start-up.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    sha256: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    tenant: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    owner: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    description: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    not_before: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    disabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    created_by: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    rotated_from: Option<Cow<'a, str>>,
+}
+
+/// The JSON record of `key`: the same key always gives the same bytes, which the
+/// write script compares to detect a concurrent change.
+pub(crate) fn encode(key: &ApiKey) -> String {
+    let record = Record {
+        id: key.id().into(),
+        sha256: key.digest.to_hex().into(),
+        scopes: key.scopes().map(str::to_owned).collect(),
+        tenant: key.tenant().map(Cow::from),
+        owner: key.owner().map(Cow::from),
+        description: key.description().map(Cow::from),
+        not_before: (key.valid_from != 0).then_some(key.valid_from),
+        expires_at: (key.valid_until != u64::MAX).then_some(key.valid_until),
+        disabled: key.disabled,
+        created_at: key.meta.as_ref().and_then(|m| m.created_at),
+        created_by: key.created_by().map(Cow::from),
+        rotated_from: key.rotated_from().map(Cow::from),
+    };
+    serde_json::to_string(&record).unwrap_or_default()
+}
+
+/// The key the record stored under `id` stands for (not yet checked as a key set
+/// would check it: [`ApiKey::validate`] does that). Errors name the id and what is
+/// wrong, never a value from the record (not even the JSON parser's message, which
+/// can quote one).
+pub(crate) fn decode(id: &str, json: &[u8]) -> Result<ApiKey, Error> {
+    // Most records of a large namespace are a bare id and digest, as `encode` writes
+    // them: read those without the general parser (a million are read at start-up).
+    if let Some(key) = decode_plain(id, json) {
+        return Ok(key);
+    }
+    let record: Record = serde_json::from_slice(json).map_err(|e| {
+        Error::invalid(
+            Some(id),
+            match e.classify() {
+                serde_json::error::Category::Data => {
+                    "the stored record is not a key record (a field this crate does not \
+                     know, a missing `id` or `sha256`, or a value of the wrong type)"
+                }
+                _ => "the stored record is not JSON",
+            },
+        )
+    })?;
+    if record.id != id {
+        return Err(Error::invalid(
+            Some(id),
+            "the stored record names another id than the one it is stored under",
+        ));
+    }
+    let digest = KeyDigest::from_hex(&record.sha256)
+        .ok_or_else(|| Error::invalid(Some(id), "`sha256` must be 64 hexadecimal digits"))?;
+    let mut key =
+        ApiKey::from_digest(Arc::from(&*record.id), digest).with_disabled(record.disabled);
+    if !record.scopes.is_empty() {
+        key = key.with_scopes(record.scopes);
+    }
+    if let Some(tenant) = record.tenant {
+        key = key.with_tenant(&*tenant);
+    }
+    if let Some(owner) = record.owner {
+        key = key.with_owner(&*owner);
+    }
+    if let Some(description) = record.description {
+        key = key.with_description(&*description);
+    }
+    if let Some(at) = record.not_before {
+        key = key.with_not_before(clock::from_unix_ms(at));
+    }
+    if let Some(at) = record.expires_at {
+        key = key.with_expires_at(clock::from_unix_ms(at));
+    }
+    if let Some(at) = record.created_at {
+        key = key.with_created_at(clock::from_unix_ms(at));
+    }
+    if let Some(by) = record.created_by {
+        key = key.with_created_by(&*by);
+    }
+    if let Some(from) = record.rotated_from {
+        key = key.with_rotated_from(&*from);
+    }
+    Ok(key)
+}
+
+/// The key of a record that is exactly `{"id":"<id>","sha256":"<64 hex digits>"}`,
+/// the id written without escapes and equal to `id`; `None` for anything else, which
+/// the general parser then reads (and refuses with the right error).
+fn decode_plain(id: &str, json: &[u8]) -> Option<ApiKey> {
+    let rest = json.strip_prefix(br#"{"id":""#)?;
+    let named = rest.get(..id.len())?;
+    if named != id.as_bytes() || id.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        return None;
+    }
+    let rest = rest[id.len()..].strip_prefix(br#"","sha256":""#)?;
+    let (hex, end) = (rest.get(..64)?, rest.get(64..)?);
+    if end != br#""}"# {
+        return None;
+    }
+    Some(ApiKey::from_digest(Arc::from(id), digest_of_hex(hex)?))
+}
+
+/// 64 hexadecimal digits (either case) as a digest, by table: a million are read at
+/// start-up.
+fn digest_of_hex(hex: &[u8]) -> Option<KeyDigest> {
+    const INVALID: u8 = 0xff;
+    const TABLE: [u8; 256] = {
+        let mut table = [INVALID; 256];
+        let mut i = 0;
+        while i < 10 {
+            table[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            table[b'a' as usize + i] = 10 + i as u8;
+            table[b'A' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        table
+    };
+    let hex: &[u8; 64] = hex.try_into().ok()?;
+    let mut out = [0u8; 32];
+    let mut bad = 0u8;
+    for i in 0..32 {
+        let (high, low) = (
+            TABLE[usize::from(hex[2 * i])],
+            TABLE[usize::from(hex[2 * i + 1])],
+        );
+        bad |= high | low;
+        out[i] = (high << 4) | (low & 0x0f);
+    }
+    (bad & 0xf0 == 0).then_some(KeyDigest(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_hold_no_secret() {
+        let key = ApiKey::new("billing", "the-secret")
+            .with_scopes(["read"])
+            .with_tenant("t")
+            .with_created_by("root")
+            .with_expires_at(clock::from_unix_ms(1_800_000_000_123));
+        let json = encode(&key);
+        assert!(!json.contains("the-secret"), "{json}");
+        let back = decode("billing", json.as_bytes()).unwrap();
+        assert_eq!(encode(&back), json, "the same bytes again");
+        assert!(back.digest == key.digest);
+        let err = decode("x", br#"{"id":"x","sha256":"not-hex-secret"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("not-hex-secret"), "{err}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_hex_table_agrees_with_the_digest_parser(
+            hex in "[0-9a-fA-F]{63,65}",
+            spoil in proptest::option::of((0usize..64, "[gG_ z/:@`]")),
+        ) {
+            let mut hex = hex;
+            if let Some((at, with)) = spoil && at < hex.len() {
+                hex.replace_range(at..=at, &with);
+            }
+            let table = digest_of_hex(hex.as_bytes()).map(|d| d.0);
+            let general = KeyDigest::from_hex(&hex).map(|d| d.0);
+            proptest::prop_assert_eq!(table, general);
+        }
+    }
+
+    #[test]
+    fn a_plain_record_takes_the_fast_path() {
+        let key = ApiKey::new("key-1", "s");
+        let fast = decode_plain("key-1", encode(&key).as_bytes()).expect("plain");
+        assert!(fast.digest == key.digest);
+        let scoped = key.with_scopes(["read"]);
+        assert!(decode_plain("key-1", encode(&scoped).as_bytes()).is_none());
+        assert!(decode("key-1", encode(&scoped).as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_record_must_name_the_id_it_is_stored_under() {
+        let json = encode(&ApiKey::new("phantom", "s"));
+        let err = decode("ghost", json.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("ghost") && err.contains("another id"), "{err}");
+    }
+
+    #[test]
+    fn no_error_quotes_a_value_from_the_record() {
+        for json in [
+            &br#"{"id":"k","secret":"plain-secret-value"}"#[..],
+            br#"{"id":"k","sha256":"00","plain-secret-value":1}"#,
+            br#"{"id":"k","sha256":["plain-secret-value"]}"#,
+            br#"plain-secret-value"#,
+            br#"{"id":"k","sha256":"plain-secret-value"#,
+        ] {
+            let err = decode("k", json).unwrap_err();
+            let text = crate::error::Chain(&err).to_string();
+            assert!(!text.contains("plain-secret-value"), "{text}");
+            assert!(text.contains("`k`"), "{text}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The plain-record fast path reads what the general parser reads, and
+        /// leaves anything else to it.
+        #[test]
+        fn the_fast_path_agrees_with_the_parser(
+            stored in r#"[a-z"\\\u{1}é-]{0,8}"#,
+            named in r#"[a-z"\\\u{1}é-]{0,8}"#,
+            hex in "[0-9a-fA-FgG]{63,65}",
+            tail in proptest::sample::select(vec![r#""}"#, r#"" }"#, r#"","disabled":true}"#, r#""}x"#, ""]),
+            same in proptest::bool::weighted(0.8),
+        ) {
+            let named = if same { stored.clone() } else { named };
+            let json = format!(r#"{{"id":"{named}","sha256":"{hex}{tail}"#);
+            let general = serde_json::from_slice::<Record>(json.as_bytes())
+                .ok()
+                .filter(|r| r.id == stored)
+                .and_then(|r| Some((KeyDigest::from_hex(&r.sha256)?, r.disabled, r.scopes.is_empty())));
+            if let Some(fast) = decode_plain(&stored, json.as_bytes()) {
+                let (digest, disabled, no_scopes) = general.expect("the parser reads it too");
+                proptest::prop_assert!(fast.digest == digest && !disabled && no_scopes);
+                proptest::prop_assert_eq!(fast.id(), stored.as_str());
+            }
+            proptest::prop_assert_eq!(decode(&stored, json.as_bytes()).is_ok(), general.is_some());
+        }
+    }
+}
