@@ -218,8 +218,7 @@ pub fn record_etag(key: &ApiKey) -> String {
     field("created_by", key.created_by().map(str::as_bytes));
     field("rotated_from", key.rotated_from().map(str::as_bytes));
     let digest = h.finalize();
-    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("\"{hex}\"")
+    format!("\"{}\"", hex::encode(&digest[..8]))
 }
 
 #[cfg(test)]

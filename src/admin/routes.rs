@@ -614,30 +614,24 @@ fn json_body<T: serde::de::DeserializeOwned>(
 
 /// A page cursor: the last id, hex-encoded so that it is opaque and URL-safe.
 fn encode_cursor(id: &str) -> String {
-    id.bytes().map(|b| format!("{b:02x}")).collect()
+    hex::encode(id)
 }
 
 fn decode_cursor(cursor: &str) -> Option<String> {
-    if cursor.is_empty() || !cursor.len().is_multiple_of(2) {
+    if cursor.is_empty() {
         return None;
     }
-    let bytes: Option<Vec<u8>> = (0..cursor.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(cursor.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
+    String::from_utf8(hex::decode(cursor).ok()?).ok()
 }
 
 /// An id in a path segment: characters outside the unreserved set percent-encoded.
 pub(crate) fn percent_encode(id: &str) -> String {
-    id.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(id, RESERVED).to_string()
 }
 
 /// The request's id, checked: 1 to 64 ASCII letters, digits and `.`, `_`, `~`, `-`

@@ -41,33 +41,21 @@ impl KeyDigest {
     }
 
     /// Parses 64 hex digits (either case).
-    pub(crate) fn from_hex(hex: &str) -> Option<Self> {
-        let hex = hex.as_bytes();
-        if hex.len() != 64 {
-            return None;
-        }
+    pub(crate) fn from_hex(hex: impl AsRef<[u8]>) -> Option<Self> {
         let mut out = [0u8; 32];
-        for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-            *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
-        }
+        hex::decode_to_slice(hex, &mut out).ok()?;
         Some(Self(out))
     }
 
     /// The 64 lower-case hex digits.
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn to_hex(self) -> String {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut out = String::with_capacity(64);
-        for b in self.0 {
-            out.push(char::from(DIGITS[usize::from(b >> 4)]));
-            out.push(char::from(DIGITS[usize::from(b & 15)]));
-        }
-        out
+        hex::encode(self.0)
     }
 
     /// A short, non-reversible name for the key: the first 12 hex digits of its digest.
     pub(crate) fn fingerprint(&self) -> String {
-        self.0[..6].iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(&self.0[..6])
     }
 
     /// 64 bits of the digest starting at byte `at` (0, 8, 16 or 24). A SHA-256 digest is
@@ -115,15 +103,6 @@ pub(crate) type DigestMap<V> = HashMap<KeyDigest, V, BuildHasherDefault<DigestHa
 /// A set of digests, hashed by their own bits.
 pub(crate) type DigestSet = HashSet<KeyDigest, BuildHasherDefault<DigestHasher>>;
 
-fn nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
 impl fmt::Debug for KeyDigest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "KeyDigest({}…)", self.fingerprint())
@@ -143,9 +122,9 @@ mod tests {
             "4e738ca5563c06cfd0018299933d58db1dd8bf97f6973dc99bf6cdc64b5550bd"
         );
         assert_eq!(KeyDigest::from_hex(&hex), Some(d));
-        assert_eq!(KeyDigest::from_hex(&hex.to_uppercase()), Some(d));
+        assert_eq!(KeyDigest::from_hex(hex.to_uppercase()), Some(d));
         assert_eq!(KeyDigest::from_hex(&hex[..63]), None);
-        assert_eq!(KeyDigest::from_hex(&format!("{}g", &hex[..63])), None);
+        assert_eq!(KeyDigest::from_hex(format!("{}g", &hex[..63])), None);
         assert_eq!(KeyDigest::from_hex("é"), None);
     }
 

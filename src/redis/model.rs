@@ -94,7 +94,7 @@ pub(crate) fn random_id() -> String {
             .map_or(0, |d| d.as_nanos());
         b = (nanos as u64).to_le_bytes();
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex::encode(b)
 }
 
 /// What [`APPLY`] answers in its first element when it wrote nothing.
