@@ -190,3 +190,128 @@ impl<S: fmt::Debug, R> fmt::Debug for ApiKeyService<S, R> {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        convert::Infallible,
+        future::{Ready, ready},
+    };
+
+    use http::{StatusCode, header::ACCESS_CONTROL_REQUEST_METHOD};
+    use tower::{Layer as _, ServiceExt as _};
+
+    use super::*;
+    use crate::{ApiKey, KeySet};
+
+    fn request(method: Method, version: Version, headers: &[(&str, &str)]) -> Request<()> {
+        let mut req = Request::builder().method(method).version(version).uri("/");
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.body(()).unwrap()
+    }
+
+    #[test]
+    fn a_preflight_is_options_asking_for_a_method() {
+        let options = |headers: &[(&str, &str)]| {
+            is_preflight(&request(Method::OPTIONS, Version::HTTP_11, headers))
+        };
+        assert!(options(&[(ACCESS_CONTROL_REQUEST_METHOD.as_str(), "POST")]));
+        assert!(!options(&[]), "OPTIONS alone is an ordinary request");
+        let get = request(
+            Method::GET,
+            Version::HTTP_11,
+            &[(ACCESS_CONTROL_REQUEST_METHOD.as_str(), "POST")],
+        );
+        assert!(!is_preflight(&get), "only OPTIONS is a preflight");
+    }
+
+    #[test]
+    fn only_http_2_with_a_grpc_content_type_is_grpc() {
+        let grpc = |version, content_type: &str| {
+            is_grpc(&request(
+                Method::POST,
+                version,
+                &[("content-type", content_type)],
+            ))
+        };
+        assert!(grpc(Version::HTTP_2, "application/grpc"));
+        assert!(grpc(Version::HTTP_2, "application/grpc+proto"));
+        assert!(!grpc(Version::HTTP_2, "application/grpc-web"));
+        assert!(!grpc(Version::HTTP_2, "application/grpcfoo"));
+        assert!(!grpc(Version::HTTP_2, "application/json"));
+        assert!(!grpc(Version::HTTP_11, "application/grpc"));
+        assert!(!is_grpc(&request(Method::POST, Version::HTTP_2, &[])));
+    }
+
+    /// Answers 200, and says which key the request carried.
+    #[derive(Clone)]
+    struct Echo;
+
+    impl Service<Request<()>> for Echo {
+        type Response = Response<String>;
+        type Error = Infallible;
+        type Future = Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request<()>) -> Self::Future {
+            let id = req
+                .extensions()
+                .get::<KeyInfo>()
+                .map_or_else(String::new, |k| k.id().to_owned());
+            ready(Ok(Response::new(id)))
+        }
+    }
+
+    fn store(keys: impl IntoIterator<Item = ApiKey>) -> KeyStore {
+        let store = KeyStore::new();
+        store.add_source(KeySet::from_keys(keys).unwrap()).unwrap();
+        store
+    }
+
+    async fn status(
+        svc: impl Service<Request<()>, Response = Response<String>, Error = Infallible>,
+        key: &str,
+    ) -> StatusCode {
+        let req = request(
+            Method::GET,
+            Version::HTTP_11,
+            &[("authorization", &format!("Bearer {key}"))],
+        );
+        svc.oneshot(req).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn a_scope_check_behind_a_layer_of_the_same_store_neither_hashes_nor_counts_again() {
+        let keys = store([
+            ApiKey::new("reader", "k-read").with_scopes(["read"]),
+            ApiKey::new("writer", "k-write").with_scopes(["read", "write"]),
+        ]);
+        let outer = ApiKeyLayer::from_store(keys.clone());
+        let svc = || outer.layer(outer.require_scope("write").layer(Echo));
+        assert_eq!(status(svc(), "k-write").await, StatusCode::OK);
+        assert_eq!(status(svc(), "k-read").await, StatusCode::FORBIDDEN);
+        assert_eq!(status(svc(), "nope").await, StatusCode::UNAUTHORIZED);
+        let requests = |id| keys.usage_of(id).map(|u| u.requests());
+        assert_eq!(
+            requests("writer"),
+            Some(1),
+            "counted once, by the outer layer"
+        );
+        assert_eq!(requests("reader"), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_key_let_in_by_another_store_is_not_taken_for_one_of_this_store() {
+        let other = store([ApiKey::new("other-admin", "k-other").with_scopes(["admin"])]);
+        let this = store([ApiKey::new("mine", "k-mine").with_scopes(["admin"])]);
+        let inner = ApiKeyLayer::from_store(this.clone()).require_scope("admin");
+        let svc = ApiKeyLayer::from_store(other).layer(inner.layer(Echo));
+        // The outer layer lets `k-other` in; this store does not hold it.
+        assert_eq!(status(svc, "k-other").await, StatusCode::UNAUTHORIZED);
+    }
+}
