@@ -356,8 +356,24 @@ async fn rotation_gives_two_working_keys_until_the_overlap_ends() {
     assert_eq!(s.works(&new_secret).await, 200);
     let shortened = s.get("/v1/api-keys/svc-2026-11", "root-secret").await;
     assert!(shortened.body["expires_at"].is_string());
-    tokio::time::sleep(Duration::from_millis(2_300)).await;
-    assert_eq!(s.works(&old_secret).await, 401, "the overlap ended");
+    // The overlap ends at the old key's new expiry, and not before it.
+    let ends = time::OffsetDateTime::parse(
+        shortened.body["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while s.works(&old_secret).await == 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the overlap never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        time::OffsetDateTime::now_utc() >= ends,
+        "refused before its expiry"
+    );
     assert_eq!(s.works(&new_secret).await, 200);
     assert_eq!(
         s.get("/v1/api-keys/svc-2026-11", "root-secret").await.body["status"],

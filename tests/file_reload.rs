@@ -208,8 +208,18 @@ async fn a_zero_byte_file_is_a_write_in_progress() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(f.store.last_reload().unwrap().at(), before.at());
     // Still empty a poll interval later: said once, and the last good keys stay.
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    let after = f.store.last_reload().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let report = f.store.last_reload().unwrap();
+        if report.at() != before.at() {
+            break report;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an empty file was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let error = after.error().expect("reported").to_string();
     assert!(error.contains("empty"), "{error}");
     tokio::time::sleep(Duration::from_millis(300)).await;
