@@ -541,3 +541,48 @@ async fn script_hashes_never_reach_the_caller() {
     assert!(code >= 500, "{code} {body}");
     assert!(!has_hex_run(&body.to_string(), 40), "{body}");
 }
+
+/// Review of issue 16: the records hash alone gone (`DEL tak:{ns}:keys`, or evicted
+/// under `allkeys-lru`: it is the namespace's largest key and replicas never read it
+/// while they follow the log) while the version counter stays. That is a partly
+/// wiped namespace, not "zero keys": a replica that reads it whole (here made to by
+/// an entry it cannot follow) keeps its last good keys, and the API writes nothing
+/// into it (a create would make it a namespace of one key).
+#[tokio::test]
+async fn a_namespace_whose_records_are_gone_is_not_zero_keys() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "nokeys").await;
+    let writer = replica(&redis, "nokeys", true).await;
+    let other = replica(&redis, "nokeys", false).await;
+    assert_eq!(redis.cli(&["DEL", "tak:{nokeys}:keys"]), "1");
+    // An entry no follower can apply: each reads the namespace whole.
+    let epoch = redis.epoch("nokeys");
+    redis.xadd("nokeys", &[("e", &epoch), ("op", "frobnicate")]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for r in [&writer, &other] {
+        assert_eq!(status(r.addr, "root-secret").await, 200);
+        assert_eq!(status(r.addr, "reader-secret").await, 200);
+    }
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "solo"})),
+    )
+    .await;
+    assert_eq!((code, problem(&body)), (503, "store-missing"), "{body}");
+    assert!(redis.ids("nokeys").is_empty(), "nothing written");
+    let (code, body) = api(writer.addr, reqwest::Method::GET, "/v1/api-keys", None).await;
+    assert_eq!((code, problem(&body)), (503, "store-missing"), "{body}");
+    // Restored explicitly: followed again.
+    import(
+        &redis,
+        "nokeys",
+        &format!("{SEED}\n[[keys]]\nid = \"late\"\nsecret = \"late-secret\"\n"),
+    )
+    .await;
+    for r in [&writer, &other] {
+        until(r.addr, "late-secret", 200, BOUND).await;
+        assert_eq!(status(r.addr, "root-secret").await, 200);
+    }
+}

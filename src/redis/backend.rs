@@ -90,8 +90,15 @@ enum Written {
 /// A record as stored, and the key it stands for (or why it stands for none).
 type Stored = (Vec<u8>, Result<ApiKey, Error>);
 
-/// The namespace's epoch and version, as `HMGET` gives them.
-type Meta = (Option<String>, Option<String>);
+/// The namespace's epoch, version and record count, as `HMGET` gives them.
+type Meta = (Option<String>, Option<String>, Option<String>);
+
+/// Whether the namespace is missing: no epoch or version, or its records gone
+/// (`held`: whether the hash exists) while the count says there are some.
+fn absent(meta: &Meta, held: bool) -> bool {
+    let count = meta.2.as_deref().and_then(|n| n.parse::<u64>().ok());
+    meta.0.is_none() || meta.1.is_none() || (!held && count.is_some_and(|n| n > 0))
+}
 
 impl RedisBackend {
     /// A backend on namespace `namespace` of the Redis server at `url` (`redis://` or
@@ -389,15 +396,17 @@ impl RedisBackend {
                     .arg(&self.keys.version)
                     .arg("epoch")
                     .arg("version")
+                    .arg("records")
                     .hgetall(&self.keys.records)
                     .query_async(&mut con)
                     .await
             })
             .await?;
-        if meta.0.is_none() || meta.1.is_none() {
+        let records = super::pairs(records);
+        if absent(&meta, !records.is_empty()) {
             return Err(self.missing());
         }
-        Ok(super::pairs(records))
+        Ok(records)
     }
 
     /// Every key. A record that cannot be read is the store's fault, named.
@@ -415,7 +424,7 @@ impl RedisBackend {
 
     /// The record with this id, as stored, if any. The namespace must exist.
     async fn current(&self, id: &str) -> Result<Option<Stored>, BackendError> {
-        let (meta, raw): (Meta, Option<Vec<u8>>) = self
+        let (meta, held, raw): (Meta, bool, Option<Vec<u8>>) = self
             .link
             .read(|mut con| async move {
                 redis::pipe()
@@ -424,12 +433,14 @@ impl RedisBackend {
                     .arg(&self.keys.version)
                     .arg("epoch")
                     .arg("version")
+                    .arg("records")
+                    .exists(&self.keys.records)
                     .hget(&self.keys.records, id)
                     .query_async(&mut con)
                     .await
             })
             .await?;
-        if meta.0.is_none() || meta.1.is_none() {
+        if absent(&meta, held) {
             return Err(self.missing());
         }
         Ok(raw.map(|raw| {

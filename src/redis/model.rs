@@ -7,10 +7,12 @@
 //!   id is refused.
 //! - `tak:{ns}:version`, a hash: `epoch` → the namespace's identity, new at every
 //!   explicit (re)creation ([`RedisBackend::import_file`] into a missing namespace,
-//!   [`RedisBackend::restore_file`]); `version` → one more at every change. The
-//!   namespace exists while both fields do: a Redis without them is wiped, partly
-//!   wiped or new, never "no keys", and nothing but an explicit re-creation writes
-//!   to it again.
+//!   [`RedisBackend::restore_file`]); `version` → one more at every change;
+//!   `records` → how many records the hash held after the last change. The
+//!   namespace exists while `epoch` and `version` do, and while the hash does if
+//!   `records` says it holds any: a Redis without them is wiped, partly wiped (the
+//!   hash deleted or evicted alone) or new, never "no keys", and nothing but an
+//!   explicit re-creation writes to it again.
 //! - `tak:{ns}:log`, a stream capped at about [`LOG_LEN`] entries: one per key
 //!   changed, each naming what it belongs to: `e` (the epoch), `v` (the version),
 //!   `i` and `n` (its index in the version, and how many entries the version has),
@@ -105,7 +107,7 @@ pub(crate) mod refused {
     pub(crate) const ABSENT: i64 = -2;
     /// Change `i`'s record changed since it was read.
     pub(crate) const CHANGED: i64 = -3;
-    /// The namespace does not exist (no epoch or version).
+    /// The namespace does not exist (no epoch or version), or its records are gone.
     pub(crate) const MISSING: i64 = -4;
     /// This write's marker is `fenced`: its writer gave up on it.
     pub(crate) const FENCED: i64 = -5;
@@ -136,6 +138,8 @@ local v = tonumber(redis.call('HGET', KEYS[2], 'version'))
 if not epoch or not v then return {-4, 0} end
 local t = redis.call('TYPE', KEYS[1]).ok
 if t ~= 'hash' and t ~= 'none' then return {-6, 1} end
+local held = tonumber(redis.call('HGET', KEYS[2], 'records'))
+if t == 'none' and held and held > 0 then return {-4, 1} end
 t = redis.call('TYPE', KEYS[3]).ok
 if t ~= 'stream' and t ~= 'none' then return {-6, 3} end
 local n = (#ARGV - 2) / 4
@@ -164,6 +168,7 @@ for i = 0, n - 1 do
       'e', epoch, 'v', v, 'i', i, 'n', n, 'op', 'del', 'id', id)
   end
 end
+redis.call('HSET', KEYS[2], 'records', redis.call('HLEN', KEYS[1]))
 return {v, n}
 ";
 
@@ -185,8 +190,9 @@ return 0
 /// type.
 ///
 /// KEYS: version, records, log. Returns `{state, epoch, version, last log id}`:
-/// state 0 the namespace exists, 1 it is missing (no epoch or version), 2 one of its
-/// keys has the wrong type.
+/// state 0 the namespace exists, 1 it is missing (no epoch or version, or its
+/// records gone while `records` says it holds some), 2 one of its keys has the
+/// wrong type.
 pub(crate) const HEAD: &str = r"
 local state, epoch, v, last = 1, false, false, false
 local t = redis.call('TYPE', KEYS[1]).ok
@@ -199,6 +205,10 @@ elseif t ~= 'none' then
 end
 t = redis.call('TYPE', KEYS[2]).ok
 if t ~= 'hash' and t ~= 'none' then state = 2 end
+if t == 'none' and state == 0 then
+  local held = tonumber(redis.call('HGET', KEYS[1], 'records'))
+  if held and held > 0 then state = 1 end
+end
 t = redis.call('TYPE', KEYS[3]).ok
 if t == 'stream' then
   local e = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
@@ -232,7 +242,7 @@ if staged > 0 then
   redis.call('PERSIST', KEYS[1])
 end
 v = v + 1
-redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'version', v)
+redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'version', v, 'records', staged)
 local t = redis.call('TYPE', KEYS[3]).ok
 if t ~= 'stream' and t ~= 'none' then redis.call('UNLINK', KEYS[3]) end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',

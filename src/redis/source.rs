@@ -323,21 +323,23 @@ pub(super) fn read_all(
         Head::Missing => return Ok(Read::Missing),
         Head::Damaged => return Ok(Read::Damaged),
     }
-    let (meta, records, last): ((Option<String>, Option<u64>), Value, Value) = redis::pipe()
-        .atomic()
-        .cmd("HMGET")
-        .arg(&keys.version)
-        .arg("epoch")
-        .arg("version")
-        .hgetall(&keys.records)
-        .cmd("XREVRANGE")
-        .arg(&keys.log)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query(con)?;
-    let (Some(epoch), Some(version)) = meta else {
+    let (meta, records, last): ((Option<String>, Option<u64>, Option<String>), Value, Value) =
+        redis::pipe()
+            .atomic()
+            .cmd("HMGET")
+            .arg(&keys.version)
+            .arg("epoch")
+            .arg("version")
+            .arg("records")
+            .hgetall(&keys.records)
+            .cmd("XREVRANGE")
+            .arg(&keys.log)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query(con)?;
+    let (Some(epoch), Some(version), held) = meta else {
         return Ok(Read::Missing);
     };
     let items = match records {
@@ -345,6 +347,15 @@ pub(super) fn read_all(
         Value::Map(map) => map.into_iter().flat_map(|(k, v)| [k, v]).collect(),
         _ => Vec::new(),
     };
+    // The hash gone alone (deleted, evicted) while it held records: partly wiped,
+    // not zero keys.
+    if items.is_empty()
+        && held
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+    {
+        return Ok(Read::Missing);
+    }
     let set = key_set(&items, source);
     // Two million small buffers: freed off the path to serving.
     let _ = thread::Builder::new()
