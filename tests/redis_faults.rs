@@ -680,3 +680,55 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Review of issue 16: a log entry with the largest stream id there is
+/// (`XADD tak:{ns}:log 18446744073709551615-18446744073709551615 ...`, by a hostile
+/// hand) makes every later `XADD *` fail. The write script failed there, after it had
+/// written the record and the version: Redis scripts keep what they wrote before an
+/// error, so a call answered 503 "nothing written" had written its change. A write is
+/// now refused before its first write, and a restore replaces such a log.
+#[tokio::test]
+async fn a_log_that_cannot_grow_refuses_writes_before_writing() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "full").await;
+    let writer = replica(&redis, "full", true).await;
+    let version = redis.version("full");
+    redis.cli(&[
+        "XADD",
+        "tak:{full}:log",
+        "18446744073709551615-18446744073709551615",
+        "op",
+        "frobnicate",
+    ]);
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/reader",
+        None,
+    )
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        redis.ids("full").contains(&"reader".to_owned()),
+        "503 for a revocation written: {body}"
+    );
+    assert_eq!(redis.version("full"), version, "a version used, unlogged");
+    // Restored explicitly: the log is made again and the namespace followed.
+    let keys = tower_api_key::KeySet::from_keys([
+        ApiKey::new("root", "root-secret").with_scopes(["admin", "read"]),
+        ApiKey::new("late", "late-secret"),
+    ])
+    .unwrap();
+    let backend = RedisBackend::new(&redis.url(), "full").unwrap();
+    assert_eq!(backend.restore(&keys).await.unwrap(), 2);
+    until(writer.addr, "late-secret", 200, BOUND).await;
+    until(writer.addr, "reader-secret", 401, BOUND).await;
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/late",
+        None,
+    )
+    .await;
+    assert_eq!(code, 204, "{body}");
+}

@@ -120,7 +120,9 @@ pub(crate) mod refused {
 /// the epoch, the version, its index and the batch's size.
 ///
 /// Everything that could fail is checked before the first write (the marker), so a
-/// run that answers an error wrote nothing.
+/// run that answers an error wrote nothing: Redis keeps what a script wrote before an
+/// error. That includes a log that cannot grow (an entry at the largest
+/// millisecond a stream id has, where `XADD *` fails): the namespace is then damaged.
 ///
 /// KEYS: records, version, log, this write's marker. ARGV: the log's length, the
 /// marker's lifetime (ms), then per change: `put` or `del`, the id, the condition
@@ -142,6 +144,10 @@ local held = tonumber(redis.call('HGET', KEYS[2], 'records'))
 if t == 'none' and held and held > 0 then return {-4, 1} end
 t = redis.call('TYPE', KEYS[3]).ok
 if t ~= 'stream' and t ~= 'none' then return {-6, 3} end
+if t == 'stream' then
+  local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)[1]
+  if top and string.sub(top[1], 1, 21) == '18446744073709551615-' then return {-6, 3} end
+end
 local n = (#ARGV - 2) / 4
 for i = 0, n - 1 do
   local id, expect = ARGV[4 + i * 4], ARGV[5 + i * 4]
@@ -221,7 +227,8 @@ return {state, epoch, v, last}
 
 /// Swaps a staged re-creation in whole: the staging hash becomes the namespace's
 /// records, with a new epoch and one more version, and a `reset` entry tells
-/// followers to read it whole. Whatever the namespace held before is replaced.
+/// followers to read it whole. Whatever the namespace held before is replaced, a log
+/// that cannot grow (see [`APPLY`]) included.
 ///
 /// KEYS: records, version, log, staging, this write's marker. ARGV: the new epoch,
 /// how many records were staged, the log's length, the marker's lifetime (ms).
@@ -245,6 +252,12 @@ v = v + 1
 redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'version', v, 'records', staged)
 local t = redis.call('TYPE', KEYS[3]).ok
 if t ~= 'stream' and t ~= 'none' then redis.call('UNLINK', KEYS[3]) end
+if t == 'stream' then
+  local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)[1]
+  if top and string.sub(top[1], 1, 21) == '18446744073709551615-' then
+    redis.call('UNLINK', KEYS[3])
+  end
+end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
   'e', ARGV[1], 'v', v, 'i', 0, 'n', 1, 'op', 'reset')
 return v
