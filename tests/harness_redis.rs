@@ -1067,7 +1067,7 @@ async fn fault_step(
             // The version counter deleted, or the records hash alone (as an
             // eviction takes it): every other draw of the step, with no draw of its
             // own, so that each seed's sequence of faults stays what it was.
-            let records = n == 4 && model.next % 2 == 0;
+            let records = n == 4 && model.next.is_multiple_of(2);
             if n == 3 {
                 fleet.redis.cli(&["FLUSHALL"]);
             } else if records {

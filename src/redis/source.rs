@@ -323,22 +323,23 @@ pub(super) fn read_all(
         Head::Missing => return Ok(Read::Missing),
         Head::Damaged => return Ok(Read::Damaged),
     }
-    let (meta, records, last): ((Option<String>, Option<u64>, Option<String>), Value, Value) =
-        redis::pipe()
-            .atomic()
-            .cmd("HMGET")
-            .arg(&keys.version)
-            .arg("epoch")
-            .arg("version")
-            .arg("records")
-            .hgetall(&keys.records)
-            .cmd("XREVRANGE")
-            .arg(&keys.log)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query(con)?;
+    /// The namespace's epoch, version and record count.
+    type Meta = (Option<String>, Option<u64>, Option<String>);
+    let (meta, records, last): (Meta, Value, Value) = redis::pipe()
+        .atomic()
+        .cmd("HMGET")
+        .arg(&keys.version)
+        .arg("epoch")
+        .arg("version")
+        .arg("records")
+        .hgetall(&keys.records)
+        .cmd("XREVRANGE")
+        .arg(&keys.log)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(con)?;
     let (Some(epoch), Some(version), held) = meta else {
         return Ok(Read::Missing);
     };
