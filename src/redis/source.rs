@@ -28,7 +28,8 @@ use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, key::record};
 /// gone is never read as "no keys"; the replica waits for an operator to restore it
 /// with [`RedisBackend::restore_file`](super::RedisBackend::restore_file) or
 /// [`import_file`](super::RedisBackend::import_file), and follows the new epoch
-/// then). It says so once per new cause (a `warn` and
+/// then), a namespace gone back to an earlier version (Redis restarted from an older
+/// save, having lost writes: it waits for a restore likewise). It says so once per new cause (a `warn` and
 /// [`KeyStore::last_reload`](crate::KeyStore::last_reload)), retries with jittered
 /// backoff, and catches up when Redis answers again. A record it cannot read (not a
 /// key record, or stored under another id than its own) is that one key refused,
