@@ -653,6 +653,17 @@ async fn a_namespace_gone_back_to_an_older_save_does_not_bring_revoked_keys_back
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The API that saw the later version writes nothing into the older one: a
+    // restore would replace what it wrote.
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "meanwhile"})),
+    )
+    .await;
+    assert_eq!((code, problem(&body)), (503, "store-missing"), "{body}");
+    assert!(!redis.ids("older").contains(&"meanwhile".to_owned()));
     // Restored explicitly (from a replica's keys): followed again.
     let keys = tower_api_key::KeySet::from_keys([
         ApiKey::new("root", "root-secret").with_scopes(["admin", "read"]),
@@ -665,6 +676,14 @@ async fn a_namespace_gone_back_to_an_older_save_does_not_bring_revoked_keys_back
         until(r.addr, "late-secret", 200, BOUND).await;
         assert_eq!(status(r.addr, "reader-secret").await, 401);
     }
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/late",
+        None,
+    )
+    .await;
+    assert_eq!(code, 204, "{body}");
 }
 
 /// Copies the files of directory `from` (and its subdirectories) into `to`.

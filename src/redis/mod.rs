@@ -56,8 +56,9 @@
 //! save: RDB snapshots, `appendfsync everysec`, a backup) lost writes, revocations
 //! among them. A replica that saw a later version, or applied one whose log entry is
 //! gone, does not take it: it keeps its last good keys, says so, and follows the
-//! namespace again once it is restored as above. (The API still writes into it:
-//! replicas answer such writes only after the restore, so the API answers 202.)
+//! namespace again once it is restored as above. An API whose backend saw the later
+//! version refuses writes into it (503 `store-missing`: a restore would replace
+//! them); one that never saw it cannot tell.
 //!
 //! A record a replica cannot read (not a key record, or one stored under another id
 //! than the one it names) is that one key refused, logged at `error` with its id; the

@@ -113,6 +113,9 @@ pub(crate) mod refused {
     pub(crate) const FENCED: i64 = -5;
     /// A key of the namespace has the wrong type (not written by this crate).
     pub(crate) const DAMAGED: i64 = -6;
+    /// The namespace is at a version below one the writer saw in the same epoch:
+    /// Redis came back from an older save and lost writes.
+    pub(crate) const WENT_BACK: i64 = -7;
 }
 
 /// Applies a batch of changes atomically, if the namespace exists and every
@@ -125,11 +128,12 @@ pub(crate) mod refused {
 /// millisecond a stream id has, where `XADD *` fails): the namespace is then damaged.
 ///
 /// KEYS: records, version, log, this write's marker. ARGV: the log's length, the
-/// marker's lifetime (ms), then per change: `put` or `del`, the id, the condition
-/// (`-` absent, `*` anything, else the exact current record), the new record (empty
-/// for `del`).
+/// marker's lifetime (ms), the epoch and version the writer last saw (empty and 0
+/// for none: a namespace of that epoch below that version went back, and is not
+/// written), then per change: `put` or `del`, the id, the condition (`-` absent, `*`
+/// anything, else the exact current record), the new record (empty for `del`).
 ///
-/// Returns `{version, n}`, or `{code, i}` with a code of [`refused`].
+/// Returns `{version, n, epoch}`, or `{code, i}` with a code of [`refused`].
 pub(crate) const APPLY: &str = r"
 if redis.call('TYPE', KEYS[2]).ok ~= 'hash' then
   if redis.call('EXISTS', KEYS[2]) == 1 then return {-6, 2} end
@@ -138,6 +142,7 @@ end
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 local v = tonumber(redis.call('HGET', KEYS[2], 'version'))
 if not epoch or not v then return {-4, 0} end
+if epoch == ARGV[3] and v < tonumber(ARGV[4]) then return {-7, 0} end
 local t = redis.call('TYPE', KEYS[1]).ok
 if t ~= 'hash' and t ~= 'none' then return {-6, 1} end
 local held = tonumber(redis.call('HGET', KEYS[2], 'records'))
@@ -148,9 +153,9 @@ if t == 'stream' then
   local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)[1]
   if top and string.sub(top[1], 1, 21) == '18446744073709551615-' then return {-6, 3} end
 end
-local n = (#ARGV - 2) / 4
+local n = (#ARGV - 4) / 4
 for i = 0, n - 1 do
-  local id, expect = ARGV[4 + i * 4], ARGV[5 + i * 4]
+  local id, expect = ARGV[6 + i * 4], ARGV[7 + i * 4]
   local cur = redis.call('HGET', KEYS[1], id)
   if expect == '-' then
     if cur then return {-1, i} end
@@ -163,7 +168,7 @@ if not redis.call('SET', KEYS[4], 'done', 'NX', 'PX', ARGV[2]) then return {-5, 
 v = v + 1
 redis.call('HSET', KEYS[2], 'version', v)
 for i = 0, n - 1 do
-  local kind, id, record = ARGV[3 + i * 4], ARGV[4 + i * 4], ARGV[6 + i * 4]
+  local kind, id, record = ARGV[5 + i * 4], ARGV[6 + i * 4], ARGV[8 + i * 4]
   if kind == 'put' then
     redis.call('HSET', KEYS[1], id, record)
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*',
@@ -175,7 +180,7 @@ for i = 0, n - 1 do
   end
 end
 redis.call('HSET', KEYS[2], 'records', redis.call('HLEN', KEYS[1]))
-return {v, n}
+return {v, n, epoch}
 ";
 
 /// Settles a write whose answer was lost: marks it `fenced` if it has not run (it
