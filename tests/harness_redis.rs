@@ -7,7 +7,8 @@
 //! `harness_replica_process`, serving HTTP on 127.0.0.1). A seeded random mix of API
 //! calls (create, patch, rotate, revoke) and imports runs against faults: every
 //! connection killed, Redis restarted with and without persistence, `FLUSHALL` and
-//! `DEL` of the version followed by an explicit restore from `W`'s snapshot,
+//! `DEL` of the version or of the records hash followed by an explicit restore from
+//! `W`'s snapshot,
 //! `DEBUG SLEEP`, `XTRIM` of the log, unreadable records, unknown operations,
 //! reused versions, and versions split across two log reads.
 //!
@@ -1063,8 +1064,14 @@ async fn fault_step(
         }
         n @ (3 | 4) => {
             let good = fleet.good_set(model).await;
+            // The version counter deleted, or the records hash alone (as an
+            // eviction takes it): every other draw of the step, with no draw of its
+            // own, so that each seed's sequence of faults stays what it was.
+            let records = n == 4 && model.next.is_multiple_of(2);
             if n == 3 {
                 fleet.redis.cli(&["FLUSHALL"]);
+            } else if records {
+                fleet.redis.cli(&["DEL", "tak:{harness}:keys"]);
             } else {
                 fleet.redis.cli(&["DEL", "tak:{harness}:version"]);
             }
@@ -1072,6 +1079,8 @@ async fn fault_step(
             wiped(fleet, model, rng, &good).await;
             (if n == 3 {
                 "flushall, restore"
+            } else if records {
+                "del records, restore"
             } else {
                 "del version, restore"
             })

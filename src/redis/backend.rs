@@ -55,6 +55,10 @@ pub struct RedisBackend {
     keys: Keys,
     link: Link,
     scripts: Scripts,
+    /// The highest version this backend saw the namespace at, and its epoch: within
+    /// an epoch versions only grow, so a namespace found below it went back (Redis
+    /// came back from an older save and lost writes) and is not written.
+    seen: std::sync::Mutex<Option<(String, u64)>>,
 }
 
 struct Scripts {
@@ -90,8 +94,15 @@ enum Written {
 /// A record as stored, and the key it stands for (or why it stands for none).
 type Stored = (Vec<u8>, Result<ApiKey, Error>);
 
-/// The namespace's epoch and version, as `HMGET` gives them.
-type Meta = (Option<String>, Option<String>);
+/// The namespace's epoch, version and record count, as `HMGET` gives them.
+type Meta = (Option<String>, Option<String>, Option<String>);
+
+/// Whether the namespace is missing: no epoch or version, or its records gone
+/// (`held`: whether the hash exists) while the count says there are some.
+fn absent(meta: &Meta, held: bool) -> bool {
+    let count = meta.2.as_deref().and_then(|n| n.parse::<u64>().ok());
+    meta.0.is_none() || meta.1.is_none() || (!held && count.is_some_and(|n| n > 0))
+}
 
 impl RedisBackend {
     /// A backend on namespace `namespace` of the Redis server at `url` (`redis://` or
@@ -108,6 +119,7 @@ impl RedisBackend {
             client,
             keys: Keys::of(&namespace),
             namespace,
+            seen: std::sync::Mutex::new(None),
             scripts: Scripts {
                 apply: redis::Script::new(model::APPLY),
                 head: redis::Script::new(model::HEAD),
@@ -389,15 +401,18 @@ impl RedisBackend {
                     .arg(&self.keys.version)
                     .arg("epoch")
                     .arg("version")
+                    .arg("records")
                     .hgetall(&self.keys.records)
                     .query_async(&mut con)
                     .await
             })
             .await?;
-        if meta.0.is_none() || meta.1.is_none() {
+        let records = super::pairs(records);
+        if absent(&meta, !records.is_empty()) {
             return Err(self.missing());
         }
-        Ok(super::pairs(records))
+        self.saw(&meta);
+        Ok(records)
     }
 
     /// Every key. A record that cannot be read is the store's fault, named.
@@ -415,7 +430,7 @@ impl RedisBackend {
 
     /// The record with this id, as stored, if any. The namespace must exist.
     async fn current(&self, id: &str) -> Result<Option<Stored>, BackendError> {
-        let (meta, raw): (Meta, Option<Vec<u8>>) = self
+        let (meta, held, raw): (Meta, bool, Option<Vec<u8>>) = self
             .link
             .read(|mut con| async move {
                 redis::pipe()
@@ -424,22 +439,61 @@ impl RedisBackend {
                     .arg(&self.keys.version)
                     .arg("epoch")
                     .arg("version")
+                    .arg("records")
+                    .exists(&self.keys.records)
                     .hget(&self.keys.records, id)
                     .query_async(&mut con)
                     .await
             })
             .await?;
-        if meta.0.is_none() || meta.1.is_none() {
+        if absent(&meta, held) {
             return Err(self.missing());
         }
+        self.saw(&meta);
         Ok(raw.map(|raw| {
             let key = record::decode(id, &raw).and_then(|k| k.validate().map(|()| k));
             (raw, key)
         }))
     }
 
+    /// Notes the epoch and version a read found (the highest one is kept: replies
+    /// of calls made at the same time may be noted in any order). Whether the
+    /// namespace went back below it is decided by the write script, atomically.
+    fn saw(&self, meta: &Meta) {
+        if let (Some(epoch), Some(version)) =
+            (&meta.0, meta.1.as_deref().and_then(|v| v.parse().ok()))
+        {
+            self.note(epoch, version);
+        }
+    }
+
+    fn note(&self, epoch: &str, version: u64) {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &mut *seen {
+            Some((e, v)) if e == epoch => *v = (*v).max(version),
+            _ => *seen = Some((epoch.to_owned(), version)),
+        }
+    }
+
+    fn went_back(&self) -> BackendError {
+        BackendError::StoreMissing(format!(
+            "Redis namespace `{}`, gone back to an older save (Redis lost writes),",
+            self.namespace
+        ))
+    }
+
     /// Runs the write script for `puts` (see [`Link::write`] for a lost answer).
     async fn write(&self, puts: &[Put<'_>]) -> Result<Written, BackendError> {
+        let seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .unwrap_or_default();
+        let seen = &seen;
         let sent = self
             .link
             .write(&self.keys, |mut con, marker| async move {
@@ -450,7 +504,9 @@ impl RedisBackend {
                     .key(&self.keys.log)
                     .key(&marker)
                     .arg(LOG_LEN)
-                    .arg(self.link.marker_ttl());
+                    .arg(self.link.marker_ttl())
+                    .arg(&seen.0)
+                    .arg(seen.1);
                 for put in puts {
                     invocation.arg(if put.record.is_some() { "put" } else { "del" });
                     invocation.arg(put.id);
@@ -465,7 +521,15 @@ impl RedisBackend {
             })
             .await?;
         Ok(match sent {
-            Sent::Answered(reply) => written(reply),
+            Sent::Answered(reply) => {
+                if let Value::Array(items) = &reply
+                    && let [Value::Int(v), _, epoch] = items.as_slice()
+                    && let (Some(epoch), Ok(v)) = (super::text(epoch.clone()), u64::try_from(*v))
+                {
+                    self.note(&epoch, v);
+                }
+                written(reply)
+            }
             Sent::Happened => Written::Done,
         })
     }
@@ -525,6 +589,7 @@ impl RedisBackend {
     fn refused(&self, code: i64) -> BackendError {
         match code {
             refused::MISSING => self.missing(),
+            refused::WENT_BACK => self.went_back(),
             _ => BackendError::Unavailable(Box::new(self.error(refusal(code)))),
         }
     }
@@ -549,6 +614,10 @@ fn refusal(code: i64) -> &'static str {
              than this crate?): nothing was written"
         }
         refused::FENCED => "the write was given up on: nothing was written",
+        refused::WENT_BACK => {
+            "the namespace went back to an older save in Redis (it lost writes): nothing was \
+             written; restore it first"
+        }
         _ => "Redis refused the write: nothing was written",
     }
 }

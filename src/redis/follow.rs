@@ -12,7 +12,7 @@ use std::{
 use redis::Value;
 
 use super::{
-    log::{self, Change, Cursor},
+    log::{self, Change, Cursor, StreamId},
     model::{self, Keys},
     snapshot::Snapshots,
     source::{self, Head, Options, Read},
@@ -36,6 +36,8 @@ pub(super) enum Failure {
     Missing,
     /// One of the namespace's keys has the wrong type.
     Damaged,
+    /// The namespace's version went back within its epoch: Redis lost writes.
+    WentBack,
 }
 
 pub(super) struct Follower {
@@ -53,6 +55,18 @@ pub(super) struct Follower {
     loaded: usize,
     /// What was said last; `None` while all is well.
     failure: Option<Failure>,
+    /// The highest version the namespace's counter was seen at, and its epoch.
+    /// Within an epoch the counter only grows: seen lower, Redis lost writes (it
+    /// came back from an older save), and its keys are not taken.
+    seen: Option<(String, u64)>,
+    /// The highest version the store took from the namespace, its epoch, and the
+    /// log entry it was taken at. Redis below it, with that entry gone from the log,
+    /// lost writes too (a log entry reusing the next version, which Redis's counter
+    /// never reached, is still in the log).
+    applied: Option<(String, u64, StreamId)>,
+    /// The epoch found gone back: not followed until the namespace is created
+    /// again (a restore gives it a new epoch).
+    gone_back: Option<String>,
     /// A failure right after things went well is retried at once, quietly: a cut
     /// connection is made again without a word.
     quiet_retry: bool,
@@ -86,6 +100,8 @@ impl Follower {
         loaded: usize,
         failure: Option<Failure>,
     ) -> Self {
+        let seen = cursor.as_ref().map(|c| (c.epoch.clone(), c.version));
+        let applied = cursor.as_ref().map(|c| (c.epoch.clone(), c.version, c.at));
         let snapshots = options
             .snapshot
             .clone()
@@ -100,6 +116,9 @@ impl Follower {
             pending: false,
             loaded,
             failure,
+            seen,
+            applied,
+            gone_back: None,
             quiet_retry: false,
             backoff: FIRST_BACKOFF,
             flushed: HashMap::new(),
@@ -192,6 +211,13 @@ impl Follower {
         let mut next_check = Instant::now() + self.options.check;
         let mut next_flush = Instant::now() + self.options.usage_flush;
         while !self.updater.is_closed() {
+            if self.gone_back.is_some() {
+                // Nothing of this epoch is taken: look again at the next check.
+                self.nap(next_check.saturating_duration_since(Instant::now()));
+                next_check = Instant::now() + self.options.check;
+                self.check(con)?;
+                continue;
+            }
             if self.cursor.is_none() && !self.resync(con)? {
                 // Missing or damaged: said; look again at the next check.
                 self.nap(next_check.saturating_duration_since(Instant::now()));
@@ -231,6 +257,11 @@ impl Follower {
                 return Ok(false);
             }
         };
+        if self.went_back(con, &cursor.epoch, cursor.version)? {
+            return Ok(false);
+        }
+        self.seen = Some((cursor.epoch.clone(), cursor.version));
+        self.applied = Some((cursor.epoch.clone(), cursor.version, cursor.at));
         if let Some(snapshots) = &self.snapshots {
             snapshots.set(set.clone());
         }
@@ -260,6 +291,23 @@ impl Follower {
                 version,
                 last,
             } => {
+                if let Some(gone) = &self.gone_back {
+                    if *gone == epoch {
+                        return Ok(());
+                    }
+                    // Created again: read it whole.
+                    self.resyncing("the namespace was created again (a new epoch)");
+                    self.gone_back = None;
+                    self.cursor = None;
+                }
+                if self.went_back(con, &epoch, version)? {
+                    return Ok(());
+                }
+                if let Some((seen, at)) = &mut self.seen
+                    && *seen == epoch
+                {
+                    *at = (*at).max(version);
+                }
                 if let Some(cursor) = &self.cursor {
                     let behind = version > cursor.version || cursor.holds_part();
                     let why = if epoch != cursor.epoch {
@@ -280,6 +328,48 @@ impl Follower {
             }
         }
         Ok(())
+    }
+
+    /// Whether the namespace went back to an earlier version within the epoch it
+    /// was seen at (said, and remembered until a new epoch).
+    fn went_back(
+        &mut self,
+        con: &mut redis::Connection,
+        epoch: &str,
+        version: u64,
+    ) -> Result<bool, Fault> {
+        let mut at = 0;
+        if let Some((seen, v)) = &self.seen
+            && seen == epoch
+            && version < *v
+        {
+            at = *v;
+        }
+        if let Some((applied, v, entry)) = &self.applied
+            && applied == epoch
+            && version < *v
+            && *v > at
+        {
+            let still: Value = redis::cmd("XRANGE")
+                .arg(&self.keys.log)
+                .arg(entry.to_string())
+                .arg(entry.to_string())
+                .query(con)?;
+            if !matches!(&still, Value::Array(entries) if !entries.is_empty()) {
+                at = *v;
+            }
+        }
+        if at == 0 {
+            return Ok(false);
+        }
+        let message = format!(
+            "the namespace went back from version {at} to {version} (Redis came back from \
+             an older save and lost writes: revocations among them); keeping the last good \
+             keys until it is restored (`restore_file` from a replica's snapshot)"
+        );
+        self.gone_back = Some(epoch.to_owned());
+        self.failed(Failure::WentBack, message);
+        Ok(true)
     }
 
     fn resyncing(&self, why: &str) {
@@ -319,6 +409,7 @@ impl Follower {
         if batch.is_empty() {
             return Ok(());
         }
+        let mark = (cursor.epoch.clone(), cursor.version, cursor.at);
         if self.pending {
             // The store holds an older set than the log's: send the whole set again.
             self.cursor = None;
@@ -329,6 +420,7 @@ impl Follower {
         let copy = self.snapshots.as_ref().map(|_| changes.clone());
         match self.updater.apply(changes) {
             Ok(_) => {
+                self.applied = Some(mark);
                 if let (Some(snapshots), Some(copy)) = (&self.snapshots, copy) {
                     snapshots.changes(copy);
                 }

@@ -39,7 +39,9 @@
 //! # When Redis is wiped
 //!
 //! A namespace without its epoch or version (Redis flushed, restarted without
-//! persistence, the key evicted or deleted) is **not** "zero keys":
+//! persistence, the key evicted or deleted), or without its records while its
+//! version hash says it holds some (the records hash evicted or deleted alone), is
+//! **not** "zero keys":
 //!
 //! - replicas keep their last good keys and say so (a `warn`, and
 //!   [`KeyStore::last_reload`](crate::KeyStore::last_reload));
@@ -49,6 +51,14 @@
 //!   replica's snapshot ([`RedisSource::with_snapshot`]) or an export, or
 //!   [`RedisBackend::import_file`] from a key file. Either gives the namespace a new
 //!   epoch, and every replica reads it whole.
+//!
+//! A namespace that **went back** within its epoch (Redis restarted from an older
+//! save: RDB snapshots, `appendfsync everysec`, a backup) lost writes, revocations
+//! among them. A replica that saw a later version, or applied one whose log entry is
+//! gone, does not take it: it keeps its last good keys, says so, and follows the
+//! namespace again once it is restored as above. An API whose backend saw the later
+//! version refuses writes into it (503 `store-missing`: a restore would replace
+//! them); one that never saw it cannot tell.
 //!
 //! A record a replica cannot read (not a key record, or one stored under another id
 //! than the one it names) is that one key refused, logged at `error` with its id; the

@@ -7,10 +7,12 @@
 //!   id is refused.
 //! - `tak:{ns}:version`, a hash: `epoch` → the namespace's identity, new at every
 //!   explicit (re)creation ([`RedisBackend::import_file`] into a missing namespace,
-//!   [`RedisBackend::restore_file`]); `version` → one more at every change. The
-//!   namespace exists while both fields do: a Redis without them is wiped, partly
-//!   wiped or new, never "no keys", and nothing but an explicit re-creation writes
-//!   to it again.
+//!   [`RedisBackend::restore_file`]); `version` → one more at every change;
+//!   `records` → how many records the hash held after the last change. The
+//!   namespace exists while `epoch` and `version` do, and while the hash does if
+//!   `records` says it holds any: a Redis without them is wiped, partly wiped (the
+//!   hash deleted or evicted alone) or new, never "no keys", and nothing but an
+//!   explicit re-creation writes to it again.
 //! - `tak:{ns}:log`, a stream capped at about [`LOG_LEN`] entries: one per key
 //!   changed, each naming what it belongs to: `e` (the epoch), `v` (the version),
 //!   `i` and `n` (its index in the version, and how many entries the version has),
@@ -105,12 +107,15 @@ pub(crate) mod refused {
     pub(crate) const ABSENT: i64 = -2;
     /// Change `i`'s record changed since it was read.
     pub(crate) const CHANGED: i64 = -3;
-    /// The namespace does not exist (no epoch or version).
+    /// The namespace does not exist (no epoch or version), or its records are gone.
     pub(crate) const MISSING: i64 = -4;
     /// This write's marker is `fenced`: its writer gave up on it.
     pub(crate) const FENCED: i64 = -5;
     /// A key of the namespace has the wrong type (not written by this crate).
     pub(crate) const DAMAGED: i64 = -6;
+    /// The namespace is at a version below one the writer saw in the same epoch:
+    /// Redis came back from an older save and lost writes.
+    pub(crate) const WENT_BACK: i64 = -7;
 }
 
 /// Applies a batch of changes atomically, if the namespace exists and every
@@ -118,14 +123,17 @@ pub(crate) mod refused {
 /// the epoch, the version, its index and the batch's size.
 ///
 /// Everything that could fail is checked before the first write (the marker), so a
-/// run that answers an error wrote nothing.
+/// run that answers an error wrote nothing: Redis keeps what a script wrote before an
+/// error. That includes a log that cannot grow (an entry at the largest
+/// millisecond a stream id has, where `XADD *` fails): the namespace is then damaged.
 ///
 /// KEYS: records, version, log, this write's marker. ARGV: the log's length, the
-/// marker's lifetime (ms), then per change: `put` or `del`, the id, the condition
-/// (`-` absent, `*` anything, else the exact current record), the new record (empty
-/// for `del`).
+/// marker's lifetime (ms), the epoch and version the writer last saw (empty and 0
+/// for none: a namespace of that epoch below that version went back, and is not
+/// written), then per change: `put` or `del`, the id, the condition (`-` absent, `*`
+/// anything, else the exact current record), the new record (empty for `del`).
 ///
-/// Returns `{version, n}`, or `{code, i}` with a code of [`refused`].
+/// Returns `{version, n, epoch}`, or `{code, i}` with a code of [`refused`].
 pub(crate) const APPLY: &str = r"
 if redis.call('TYPE', KEYS[2]).ok ~= 'hash' then
   if redis.call('EXISTS', KEYS[2]) == 1 then return {-6, 2} end
@@ -134,13 +142,20 @@ end
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 local v = tonumber(redis.call('HGET', KEYS[2], 'version'))
 if not epoch or not v then return {-4, 0} end
+if epoch == ARGV[3] and v < tonumber(ARGV[4]) then return {-7, 0} end
 local t = redis.call('TYPE', KEYS[1]).ok
 if t ~= 'hash' and t ~= 'none' then return {-6, 1} end
+local held = tonumber(redis.call('HGET', KEYS[2], 'records'))
+if t == 'none' and held and held > 0 then return {-4, 1} end
 t = redis.call('TYPE', KEYS[3]).ok
 if t ~= 'stream' and t ~= 'none' then return {-6, 3} end
-local n = (#ARGV - 2) / 4
+if t == 'stream' then
+  local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)[1]
+  if top and string.sub(top[1], 1, 21) == '18446744073709551615-' then return {-6, 3} end
+end
+local n = (#ARGV - 4) / 4
 for i = 0, n - 1 do
-  local id, expect = ARGV[4 + i * 4], ARGV[5 + i * 4]
+  local id, expect = ARGV[6 + i * 4], ARGV[7 + i * 4]
   local cur = redis.call('HGET', KEYS[1], id)
   if expect == '-' then
     if cur then return {-1, i} end
@@ -153,7 +168,7 @@ if not redis.call('SET', KEYS[4], 'done', 'NX', 'PX', ARGV[2]) then return {-5, 
 v = v + 1
 redis.call('HSET', KEYS[2], 'version', v)
 for i = 0, n - 1 do
-  local kind, id, record = ARGV[3 + i * 4], ARGV[4 + i * 4], ARGV[6 + i * 4]
+  local kind, id, record = ARGV[5 + i * 4], ARGV[6 + i * 4], ARGV[8 + i * 4]
   if kind == 'put' then
     redis.call('HSET', KEYS[1], id, record)
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*',
@@ -164,7 +179,8 @@ for i = 0, n - 1 do
       'e', epoch, 'v', v, 'i', i, 'n', n, 'op', 'del', 'id', id)
   end
 end
-return {v, n}
+redis.call('HSET', KEYS[2], 'records', redis.call('HLEN', KEYS[1]))
+return {v, n, epoch}
 ";
 
 /// Settles a write whose answer was lost: marks it `fenced` if it has not run (it
@@ -185,8 +201,9 @@ return 0
 /// type.
 ///
 /// KEYS: version, records, log. Returns `{state, epoch, version, last log id}`:
-/// state 0 the namespace exists, 1 it is missing (no epoch or version), 2 one of its
-/// keys has the wrong type.
+/// state 0 the namespace exists, 1 it is missing (no epoch or version, or its
+/// records gone while `records` says it holds some), 2 one of its keys has the
+/// wrong type.
 pub(crate) const HEAD: &str = r"
 local state, epoch, v, last = 1, false, false, false
 local t = redis.call('TYPE', KEYS[1]).ok
@@ -199,6 +216,10 @@ elseif t ~= 'none' then
 end
 t = redis.call('TYPE', KEYS[2]).ok
 if t ~= 'hash' and t ~= 'none' then state = 2 end
+if t == 'none' and state == 0 then
+  local held = tonumber(redis.call('HGET', KEYS[1], 'records'))
+  if held and held > 0 then state = 1 end
+end
 t = redis.call('TYPE', KEYS[3]).ok
 if t == 'stream' then
   local e = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
@@ -211,7 +232,8 @@ return {state, epoch, v, last}
 
 /// Swaps a staged re-creation in whole: the staging hash becomes the namespace's
 /// records, with a new epoch and one more version, and a `reset` entry tells
-/// followers to read it whole. Whatever the namespace held before is replaced.
+/// followers to read it whole. Whatever the namespace held before is replaced, a log
+/// that cannot grow (see [`APPLY`]) included.
 ///
 /// KEYS: records, version, log, staging, this write's marker. ARGV: the new epoch,
 /// how many records were staged, the log's length, the marker's lifetime (ms).
@@ -232,9 +254,15 @@ if staged > 0 then
   redis.call('PERSIST', KEYS[1])
 end
 v = v + 1
-redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'version', v)
+redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'version', v, 'records', staged)
 local t = redis.call('TYPE', KEYS[3]).ok
 if t ~= 'stream' and t ~= 'none' then redis.call('UNLINK', KEYS[3]) end
+if t == 'stream' then
+  local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)[1]
+  if top and string.sub(top[1], 1, 21) == '18446744073709551615-' then
+    redis.call('UNLINK', KEYS[3])
+  end
+end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
   'e', ARGV[1], 'v', v, 'i', 0, 'n', 1, 'op', 'reset')
 return v

@@ -28,7 +28,8 @@ use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, key::record};
 /// gone is never read as "no keys"; the replica waits for an operator to restore it
 /// with [`RedisBackend::restore_file`](super::RedisBackend::restore_file) or
 /// [`import_file`](super::RedisBackend::import_file), and follows the new epoch
-/// then). It says so once per new cause (a `warn` and
+/// then), a namespace gone back to an earlier version (Redis restarted from an older
+/// save, having lost writes: it waits for a restore likewise). It says so once per new cause (a `warn` and
 /// [`KeyStore::last_reload`](crate::KeyStore::last_reload)), retries with jittered
 /// backoff, and catches up when Redis answers again. A record it cannot read (not a
 /// key record, or stored under another id than its own) is that one key refused,
@@ -323,12 +324,15 @@ pub(super) fn read_all(
         Head::Missing => return Ok(Read::Missing),
         Head::Damaged => return Ok(Read::Damaged),
     }
-    let (meta, records, last): ((Option<String>, Option<u64>), Value, Value) = redis::pipe()
+    /// The namespace's epoch, version and record count.
+    type Meta = (Option<String>, Option<u64>, Option<String>);
+    let (meta, records, last): (Meta, Value, Value) = redis::pipe()
         .atomic()
         .cmd("HMGET")
         .arg(&keys.version)
         .arg("epoch")
         .arg("version")
+        .arg("records")
         .hgetall(&keys.records)
         .cmd("XREVRANGE")
         .arg(&keys.log)
@@ -337,7 +341,7 @@ pub(super) fn read_all(
         .arg("COUNT")
         .arg(1)
         .query(con)?;
-    let (Some(epoch), Some(version)) = meta else {
+    let (Some(epoch), Some(version), held) = meta else {
         return Ok(Read::Missing);
     };
     let items = match records {
@@ -345,6 +349,15 @@ pub(super) fn read_all(
         Value::Map(map) => map.into_iter().flat_map(|(k, v)| [k, v]).collect(),
         _ => Vec::new(),
     };
+    // The hash gone alone (deleted, evicted) while it held records: partly wiped,
+    // not zero keys.
+    if items.is_empty()
+        && held
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+    {
+        return Ok(Read::Missing);
+    }
     let set = key_set(&items, source);
     // Two million small buffers: freed off the path to serving.
     let _ = thread::Builder::new()

@@ -257,9 +257,12 @@ fn swap(
     #[cfg(test)]
     tests::between();
     if write::exchange(staged.path(), path).map_err(cannot)? {
-        // `staged` now names the file that was at `path`.
+        // `staged` now names the file that was at `path`. Whatever it is, ours is
+        // in place now: anything but the file expected (one that cannot even be
+        // read included) goes back, so that a failure means nothing was written.
         let written = stamp(staged.as_file());
-        if read(staged.path())?.fingerprint() == expected {
+        let fingerprint = |p: &Path| read(p).ok().map(|b| b.fingerprint());
+        if fingerprint(staged.path()) == Some(expected) {
             return Ok(Swapped::Done(written));
         }
         let lost = |e: std::io::Error| Failure {
@@ -270,7 +273,7 @@ fn swap(
         write::exchange(staged.path(), path).map_err(lost)?;
         // Had yet another save replaced ours meanwhile, that one is the newest:
         // it goes back in place of the one before it.
-        if read(staged.path())?.fingerprint() != ours {
+        if fingerprint(staged.path()) != Some(ours) {
             write::exchange(staged.path(), path).map_err(lost)?;
         }
         return Ok(Swapped::NotYet);
@@ -327,6 +330,37 @@ mod tests {
         assert!(matches!(swapped, Ok(Swapped::NotYet)));
         assert_eq!(fs::read_to_string(&path).unwrap(), editor);
         // Nothing left beside it: the API's file went with the staged name.
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1);
+    }
+
+    /// A key file replaced by something that cannot be read (here a directory) in
+    /// the instant before the exchange: the exchange hands it back, it is put back,
+    /// and the write is made again (and then refused, the file being unreadable).
+    /// Nothing of the API's stays at the path, so "not written" is the truth.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[test]
+    fn an_unreadable_file_swapped_in_the_last_instant_is_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        fs::write(&path, "keys = []\n").unwrap();
+        let read_first = fingerprint(b"keys = []\n");
+        let ours = "[[keys]]\nid = \"api\"\nsecret = \"s-api\"\n";
+        let staged = write::staged(&path, ours.as_bytes()).unwrap();
+        let at = path.clone();
+        BETWEEN.with(|b| {
+            *b.borrow_mut() = Some(Box::new(move || {
+                fs::remove_file(&at).unwrap();
+                fs::create_dir(&at).unwrap();
+            }))
+        });
+        let swapped = swap(&path, staged, fingerprint(ours.as_bytes()), read_first);
+        assert!(
+            matches!(swapped, Ok(Swapped::NotYet)),
+            "{:?}",
+            swapped.err().map(|f| (f.said, f.outcome_unknown))
+        );
+        assert!(path.is_dir(), "the API's file stayed in place");
         let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 1);
     }

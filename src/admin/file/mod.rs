@@ -166,16 +166,7 @@ impl FileBackend {
     /// find no writer running starts one, off the async runtime's threads; it writes
     /// batch after batch until the queue is empty.
     async fn submit(&self, op: Op) -> Result<(), BackendError> {
-        let (reply, outcome) = oneshot::channel();
-        let start = {
-            let mut queue = self
-                .shared
-                .queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            queue.pending.push(Pending { op, reply });
-            !std::mem::replace(&mut queue.running, true)
-        };
+        let (outcome, start) = self.shared.enqueue(op);
         if start {
             let shared = self.shared.clone();
             tokio::task::spawn_blocking(move || shared.drain());
@@ -211,11 +202,18 @@ impl FileBackend {
     }
 }
 
-/// Resets `running` even if a write panics, so that the next call starts a writer.
+/// Resets `running` if the writer panics, so that the next call starts a writer.
+///
+/// Only on a panic: a writer that stops normally has already said so under the
+/// queue's lock, and a call queued since then has started a writer of its own,
+/// whose calls and `running` this must not touch.
 struct Running<'a>(&'a Shared);
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
         let mut queue = self.0.queue.lock().unwrap_or_else(PoisonError::into_inner);
         queue.running = false;
         // Calls left waiting are answered by their dropped reply: outcome unknown.
@@ -224,6 +222,15 @@ impl Drop for Running<'_> {
 }
 
 impl Shared {
+    /// Queues `op` for the next write: its outcome to come, and whether the caller
+    /// must start a writer (none is running).
+    fn enqueue(&self, op: Op) -> (oneshot::Receiver<Result<(), BackendError>>, bool) {
+        let (reply, outcome) = oneshot::channel();
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.pending.push(Pending { op, reply });
+        (outcome, !std::mem::replace(&mut queue.running, true))
+    }
+
     /// Writes batch after batch until no call is waiting.
     fn drain(&self) {
         let _running = Running(self);
@@ -232,6 +239,9 @@ impl Shared {
                 let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
                 if queue.pending.is_empty() {
                     queue.running = false;
+                    drop(queue);
+                    #[cfg(test)]
+                    tests::finished();
                     return;
                 }
                 let n = queue.pending.len().min(MAX_BATCH);
@@ -344,5 +354,64 @@ impl std::fmt::Debug for FileBackend {
         f.debug_struct("FileBackend")
             .field("path", &self.shared.path)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, fs};
+
+    use super::*;
+
+    thread_local! {
+        /// Run by `drain` once it has found the queue empty and let go of it.
+        static FINISHED: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn finished() {
+        if let Some(f) = FINISHED.with(|b| b.borrow_mut().take()) {
+            f();
+        }
+    }
+
+    /// A call queued in the instant a writer finds the queue empty and stops starts
+    /// a writer of its own, and is written by it: the stopping writer neither drops
+    /// it (an "outcome unknown" for a change never written) nor marks the new writer
+    /// as stopped.
+    #[test]
+    fn a_call_queued_as_the_writer_stops_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        fs::write(&path, "[[keys]]\nid = \"a\"\nsecret = \"s-a\"\n").unwrap();
+        let backend = FileBackend::new(&path);
+        let shared = backend.shared.clone();
+        let late: Arc<Mutex<Option<(oneshot::Receiver<_>, bool)>>> = Arc::default();
+        let (queue_it, slot) = (shared.clone(), late.clone());
+        FINISHED.with(|f| {
+            *f.borrow_mut() = Some(Box::new(move || {
+                let op = Op::Create(ApiKey::new("late", "s-late"));
+                *slot.lock().unwrap() = Some(queue_it.enqueue(op));
+            }))
+        });
+        // The first writer: one call, then the queue is empty and it stops.
+        let (first, start) = shared.enqueue(Op::Create(ApiKey::new("b", "s-b")));
+        assert!(start);
+        shared.drain();
+        assert!(matches!(first.blocking_recv(), Ok(Ok(()))));
+        let (mut outcome, start) = late.lock().unwrap().take().unwrap();
+        assert!(start, "no writer was running: the late call starts one");
+        assert!(
+            shared.queue.lock().unwrap().running,
+            "the late call's writer is running"
+        );
+        // Its writer (as `submit` would spawn it) writes it.
+        assert!(
+            outcome
+                .try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)
+        );
+        shared.drain();
+        assert!(matches!(outcome.blocking_recv(), Ok(Ok(()))));
+        assert!(fs::read_to_string(&path).unwrap().contains("id = \"late\""));
     }
 }
