@@ -218,7 +218,7 @@ pub fn record_etag(key: &ApiKey) -> String {
     field("created_by", key.created_by().map(str::as_bytes));
     field("rotated_from", key.rotated_from().map(str::as_bytes));
     let digest = h.finalize();
-    format!("\"{}\"", hex::encode(&digest[..8]))
+    format!("\"{}\"", faster_hex::hex_string(&digest[..8]))
 }
 
 #[cfg(test)]

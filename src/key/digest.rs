@@ -42,20 +42,22 @@ impl KeyDigest {
 
     /// Parses 64 hex digits (either case).
     pub(crate) fn from_hex(hex: impl AsRef<[u8]>) -> Option<Self> {
+        // A million are read when a fleet replica starts: faster-hex decodes one in a
+        // quarter of the instructions of the `hex` crate.
+        let hex = hex.as_ref();
         let mut out = [0u8; 32];
-        hex::decode_to_slice(hex, &mut out).ok()?;
-        Some(Self(out))
+        (hex.len() == 64 && faster_hex::hex_decode(hex, &mut out).is_ok()).then_some(Self(out))
     }
 
     /// The 64 lower-case hex digits.
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn to_hex(self) -> String {
-        hex::encode(self.0)
+        faster_hex::hex_string(&self.0)
     }
 
     /// A short, non-reversible name for the key: the first 12 hex digits of its digest.
     pub(crate) fn fingerprint(&self) -> String {
-        hex::encode(&self.0[..6])
+        faster_hex::hex_string(&self.0[..6])
     }
 
     /// 64 bits of the digest starting at byte `at` (0, 8, 16 or 24). A SHA-256 digest is

@@ -96,7 +96,7 @@ pub(crate) fn random_id() -> String {
             .map_or(0, |d| d.as_nanos());
         b = (nanos as u64).to_le_bytes();
     }
-    hex::encode(b)
+    faster_hex::hex_string(&b)
 }
 
 /// What [`APPLY`] answers in its first element when it wrote nothing.
