@@ -103,7 +103,8 @@ impl RateLimit {
     ///
     /// Anything else, a zero duration, or one longer than 366 days.
     pub fn parse_per(text: &str) -> Result<Duration, String> {
-        const HELP: &str = "must be a whole number and a unit, `s`, `m`, `h` or `d` (e.g. \"1s\", \"15m\", \"1d\")";
+        const HELP: &str =
+            "a whole number and a unit, `s`, `m`, `h` or `d` (e.g. \"1s\", \"15m\", \"1d\")";
         let split = text.len().saturating_sub(1);
         let (number, unit) = (
             text.get(..split).unwrap_or(""),
