@@ -146,10 +146,11 @@ async fn several_limits_are_all_or_nothing_and_headers_can_be_turned_off() {
     );
     let info = store.get("partner").unwrap();
     assert_eq!(info.refused(), 1);
+    let usage = store.usage_of("partner").unwrap();
     assert_eq!(
-        store.usage_of("partner").unwrap().requests(),
-        2,
-        "usage counts those let in"
+        (usage.requests(), usage.refused()),
+        (2, 1),
+        "admitted and refused apart"
     );
 }
 

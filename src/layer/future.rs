@@ -75,6 +75,7 @@ where
 {
     type Output = F::Output;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Inner {
@@ -87,13 +88,7 @@ where
                     sunset.apply(res);
                 }
                 if let (Some(fields), Ok(res)) = (ratelimit.take(), &mut output) {
-                    let (policy, state) = *fields;
-                    let headers = res.headers_mut();
-                    // A handler's own fields stand.
-                    if !headers.contains_key(crate::layer::ratelimit::STATE) {
-                        headers.insert(crate::layer::ratelimit::POLICY, policy);
-                        headers.insert(crate::layer::ratelimit::STATE, state);
-                    }
+                    add_fields(res, *fields);
                 }
                 Poll::Ready(output)
             }
@@ -103,6 +98,18 @@ where
                     .expect("ResponseFuture polled after completion"),
             ),
         }
+    }
+}
+
+/// Adds a limited key's `RateLimit` fields to the response, unless the handler set
+/// its own.
+#[cold]
+#[inline(never)]
+fn add_fields<B>(res: &mut Response<B>, (policy, state): (HeaderValue, HeaderValue)) {
+    let headers = res.headers_mut();
+    if !headers.contains_key(crate::layer::ratelimit::STATE) {
+        headers.insert(crate::layer::ratelimit::POLICY, policy);
+        headers.insert(crate::layer::ratelimit::STATE, state);
     }
 }
 

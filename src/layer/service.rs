@@ -125,9 +125,10 @@ where
                 }
                 crate::log::accepted(&key);
                 crate::metrics::accepted(&key, config.per_key_metrics);
-                let ratelimit = (limited && config.rate_limit_headers)
-                    .then(|| crate::layer::ratelimit::fields(&key.limits()).map(Box::new))
-                    .flatten();
+                let ratelimit = match limited && config.rate_limit_headers {
+                    true => limit_fields(&key),
+                    false => None,
+                };
                 req.extensions_mut().insert(key);
                 ResponseFuture::limited(self.inner.call(req), sunset, ratelimit)
             }
@@ -167,6 +168,14 @@ impl<S, R> ApiKeyService<S, R> {
         res.extensions_mut().insert(rejection);
         ResponseFuture::rejected(Ok(res))
     }
+}
+
+/// The `RateLimit` fields for a response to a request let in with `key`: out of
+/// line, so that a key without limits does not carry its code.
+#[cold]
+#[inline(never)]
+fn limit_fields(key: &KeyInfo) -> Option<Box<(http::HeaderValue, http::HeaderValue)>> {
+    crate::layer::ratelimit::fields(&key.limits()).map(Box::new)
 }
 
 /// A CORS preflight: `OPTIONS` with `Access-Control-Request-Method`.

@@ -378,15 +378,7 @@ impl KeyStore {
         }
         // Limits last: a request refused for another reason is counted by none.
         if let Some(limiter) = limiter {
-            if let Err(address) = limiter.allows(client) {
-                return Err(Rejection::AddressNotAllowed {
-                    key: key(),
-                    address,
-                });
-            }
-            if let Err(refusal) = limiter.admit(limit::state::now_ns(), clock::exact_now_ms) {
-                return Err(Rejection::limited(key(), refusal));
-            }
+            decide_limits(limiter, client).map_err(|refuse| refuse(key()))?;
         }
         if track_usage {
             self.shared
@@ -399,6 +391,26 @@ impl KeyStore {
             limited: limiter.is_some(),
         })
     }
+}
+
+/// Decides a limited key's request: its address, then its limits. Out of line, so
+/// that the lookup of a key without limits stays small; on refusal, what makes the
+/// rejection from the key.
+#[inline(never)]
+fn decide_limits(
+    limiter: &limit::state::Limiter,
+    client: impl FnOnce() -> Option<std::net::IpAddr>,
+) -> Result<(), Box<dyn FnOnce(KeyInfo) -> Rejection>> {
+    if let Err(address) = limiter.allows(client) {
+        return Err(Box::new(move |key| Rejection::AddressNotAllowed {
+            key,
+            address,
+        }));
+    }
+    if let Err(refusal) = limiter.admit(limit::state::now_ns(), clock::coarse_now_ms) {
+        return Err(Box::new(move |key| Rejection::limited(key, refusal)));
+    }
+    Ok(())
 }
 
 impl Default for KeyStore {
