@@ -12,7 +12,7 @@ use std::{fmt::Write as _, time::Duration};
 
 use http::{HeaderName, HeaderValue};
 
-use crate::limit::LimitStatus;
+use crate::limit::{LimitStatus, state::Limiter};
 
 /// `RateLimit-Policy`.
 pub(crate) const POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -22,6 +22,42 @@ pub(crate) const STATE: HeaderName = HeaderName::from_static("ratelimit");
 /// Whole seconds, rounded up.
 fn secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The two fields for an allowed response of a key with `limiter`, at `now`: the
+/// policy made once and shared, the state written straight from the limiter, one
+/// allocation in all.
+pub(crate) fn allowed_fields(
+    limiter: &Limiter,
+    now: u64,
+    unix_ms: u64,
+) -> Option<(HeaderValue, HeaderValue)> {
+    let quota = limiter.quota_status(unix_ms);
+    let policy = limiter.policy_field(|| {
+        let mut all: Vec<LimitStatus> = limiter.status(now, unix_ms);
+        all.retain(|s| s.kind() == crate::limit::LimitKind::Rate);
+        all.extend(quota.clone());
+        fields(&all).map(|(policy, _)| policy)
+    })?;
+    let mut state = String::with_capacity(48);
+    for (name, remaining, ahead) in limiter.rate_states(now) {
+        let sep = if state.is_empty() { "" } else { ", " };
+        let _ = write!(
+            state,
+            "{sep}\"{name}\";r={remaining};t={}",
+            ahead.div_ceil(1_000_000_000)
+        );
+    }
+    if let Some(quota) = quota {
+        let sep = if state.is_empty() { "" } else { ", " };
+        let _ = write!(
+            state,
+            "{sep}\"quota\";r={};t={}",
+            quota.remaining(),
+            secs(quota.reset())
+        );
+    }
+    Some((policy, HeaderValue::try_from(state).ok()?))
 }
 
 /// The two fields for `limits`, if there are any. Names are checked to be letters,

@@ -175,7 +175,10 @@ impl<S, R> ApiKeyService<S, R> {
 #[cold]
 #[inline(never)]
 fn limit_fields(key: &KeyInfo) -> Option<Box<(http::HeaderValue, http::HeaderValue)>> {
-    crate::layer::ratelimit::fields(&key.limits()).map(Box::new)
+    let limiter = key.entry().limiter.as_deref()?;
+    let now = crate::limit::state::now_ns();
+    crate::layer::ratelimit::allowed_fields(limiter, now, crate::clock::coarse_now_ms())
+        .map(Box::new)
 }
 
 /// A CORS preflight: `OPTIONS` with `Access-Control-Request-Method`.

@@ -109,6 +109,8 @@ pub(crate) struct Limiter {
     lock: Option<Mutex<()>>,
     /// Requests refused by these limits (address rules included).
     refused: AtomicU64,
+    /// The layer's cache of the `RateLimit-Policy` field (see [`Limiter::policy_field`]).
+    policy: OnceLock<Option<http::HeaderValue>>,
 }
 
 /// Nanoseconds on the monotonic clock: on Linux, since boot, read straight from the
@@ -151,6 +153,7 @@ impl Limiter {
             quota: Cell::default(),
             lock: (counting > 1).then(Mutex::default),
             refused: AtomicU64::new(0),
+            policy: OnceLock::new(),
         }
     }
 
@@ -269,7 +272,26 @@ impl Limiter {
                 reset: Duration::from_nanos(ahead),
             });
         }
-        if let Some(quota) = &self.limits.quota {
+        all.extend(self.quota_status(unix_ms));
+        all
+    }
+
+    /// Each rate limit's remaining requests and nanoseconds until its whole burst is
+    /// back, in order, without allocating: what an allowed response's `RateLimit`
+    /// field says.
+    pub(crate) fn rate_states(&self, now: u64) -> impl Iterator<Item = (&str, u64, u64)> {
+        (self.limits.rates.iter().zip(&*self.gcras).zip(&*self.tats)).map(
+            move |((rate, gcra), tat)| {
+                let (remaining, ahead) = gcra.status(tat.0.load(Ordering::Acquire), now);
+                (&*rate.name, remaining.min(rate.requests), ahead)
+            },
+        )
+    }
+
+    /// The quota's status at `unix_ms`, if the key has one.
+    pub(crate) fn quota_status(&self, unix_ms: u64) -> Option<LimitStatus> {
+        let quota = self.limits.quota.as_ref()?;
+        {
             let period = quota.period.index(unix_ms);
             let word = self.quota.0.load(Ordering::Acquire);
             let used = if word >> COUNT_BITS == u64::from(period) + 1 {
@@ -282,16 +304,28 @@ impl Limiter {
                 quota.period.start(period.saturating_add(1)),
             );
             static QUOTA: OnceLock<Arc<str>> = OnceLock::new();
-            all.push(LimitStatus {
+            Some(LimitStatus {
                 kind: LimitKind::Quota,
                 name: QUOTA.get_or_init(|| Arc::from("quota")).clone(),
                 limit: quota.requests,
                 window: Duration::from_millis(next - start),
                 remaining: quota.requests.saturating_sub(used),
                 reset: Duration::from_millis(next.saturating_sub(unix_ms)),
-            });
+            })
         }
-        all
+    }
+
+    /// The `RateLimit-Policy` field of a key with rate limits and no quota, which
+    /// never changes: made once, by the layer, and cloned (a reference count) for
+    /// each response. A quota's window is the month's length: not cached.
+    pub(crate) fn policy_field(
+        &self,
+        make: impl FnOnce() -> Option<http::HeaderValue>,
+    ) -> Option<http::HeaderValue> {
+        if self.limits.quota.is_some() {
+            return make();
+        }
+        self.policy.get_or_init(make).clone()
     }
 
     /// Requests these limits refused.
