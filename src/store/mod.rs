@@ -225,7 +225,9 @@ impl KeyStore {
 
     /// Checks a key outside an HTTP request (a WebSocket message, a queue consumer, a
     /// command-line tool): the same lookup and checks the layer makes, counted in
-    /// [`usage`](KeyStore::usage) like a request.
+    /// [`usage`](KeyStore::usage) like a request. A key's rate limits and quota count
+    /// it too; a key with `allowed_ips` is refused, since no client address is known
+    /// here.
     ///
     /// # Errors
     ///
