@@ -11,7 +11,8 @@
 //! ```text
 //! cargo bench --bench misses --no-run
 //! B=$(ls -t target/release/deps/misses-* | grep -v '\.d$' | head -1)
-//! for v in floor hand-written api-key-layer floor-hot hand-written-hot api-key-layer-hot; do
+//! for v in floor hand-written api-key-layer floor-hot hand-written-hot api-key-layer-hot \
+//!          api-key-layer-hot-limited api-key-layer-hot-limited-headers; do
 //!   valgrind --tool=callgrind --cache-sim=yes --LL=33554432,16,64 \
 //!     --toggle-collect='misses::common::call*' --callgrind-out-file=cg.$v $B $v 20000
 //! done
@@ -30,7 +31,7 @@ mod common;
 
 use std::hint::black_box;
 
-use common::{Floor, build, call, hand_written, key, key_set, request};
+use common::{Floor, build, call, hand_written, key, key_set, limited_key_set, request};
 use http::{HeaderValue, header};
 use tower::Layer;
 use tower_api_key::ApiKeyLayer;
@@ -70,6 +71,17 @@ fn main() {
         }
         "api-key-layer-hot" => {
             let mut svc = ApiKeyLayer::new(key_set(1_000)).layer(Floor);
+            (0..n).for_each(|_| drop(black_box(call(&mut svc, hot()))));
+        }
+        // The same key with one rate limit: what deciding it costs (no `RateLimit`
+        // fields), and with them.
+        "api-key-layer-hot-limited" => {
+            let layer = ApiKeyLayer::new(limited_key_set(1_000, &[7])).rate_limit_headers(false);
+            let mut svc = layer.layer(Floor);
+            (0..n).for_each(|_| drop(black_box(call(&mut svc, hot()))));
+        }
+        "api-key-layer-hot-limited-headers" => {
+            let mut svc = ApiKeyLayer::new(limited_key_set(1_000, &[7])).layer(Floor);
             (0..n).for_each(|_| drop(black_box(call(&mut svc, hot()))));
         }
         "hand-written" => {

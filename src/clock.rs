@@ -21,6 +21,22 @@ pub(crate) fn now_secs() -> u32 {
     u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
+/// Now in Unix milliseconds from the kernel's coarse clock on Linux (a few
+/// milliseconds behind at most, a few nanoseconds to read); elsewhere the system
+/// clock. For what counts calendar days and months, not instants.
+#[inline]
+pub(crate) fn coarse_now_ms() -> u64 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+        let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+        let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+        secs.saturating_mul(1_000).saturating_add(nanos / 1_000_000)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    exact_now_ms()
+}
+
 /// Milliseconds since the Unix epoch; instants before it count as 0.
 pub(crate) fn to_unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)

@@ -114,6 +114,7 @@ mod clock;
 mod error;
 mod key;
 mod layer;
+pub mod limit;
 mod log;
 mod metrics;
 #[cfg(feature = "redis")]
@@ -125,8 +126,8 @@ pub use crate::{
     error::Error,
     key::{ApiKey, GeneratedKey, KeyInfo, KeySet, generate, has_valid_checksum},
     layer::{
-        ApiKeyLayer, ApiKeyService, DefaultRejection, FromRejectionBody, KeyLocation, Rejection,
-        RejectionResponse, ResponseFuture,
+        ApiKeyLayer, ApiKeyService, ClientIp, DefaultRejection, FromRejectionBody, KeyLocation,
+        Rejection, RejectionResponse, ResponseFuture,
     },
     source::{ChannelSource, EnvSource, KeyPublisher, KeySource},
     store::{KeyChange, KeyStore, KeyUpdater, KeyUsage, ReloadReport, Reloads},

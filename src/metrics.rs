@@ -4,7 +4,8 @@
 //! - `tower_api_key_requests_total{outcome, reason}`: every request the layer decides
 //!   on; `outcome` is `accepted` or `refused`, `reason` is `valid` or the refusal
 //!   (`missing`, `malformed`, `conflicting`, `unknown`, `invalid_checksum`,
-//!   `disabled`, `expired`, `not_yet_valid`, `insufficient_scope`);
+//!   `disabled`, `expired`, `not_yet_valid`, `insufficient_scope`, `rate_limited`,
+//!   `quota_exceeded`, `address_not_allowed`);
 //! - `tower_api_key_key_requests_total{key_id}`: per key, only with
 //!   [`ApiKeyLayer::per_key_metrics`](crate::ApiKeyLayer::per_key_metrics) (a million
 //!   keys must not become a million series by default);

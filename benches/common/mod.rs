@@ -170,6 +170,23 @@ pub fn key_set(n: usize) -> KeySet {
         .unwrap()
 }
 
+/// [`key_set`], with keys `limited` given one rate limit no benchmark reaches (a
+/// billion a second): what deciding it costs, never a refusal.
+pub fn limited_key_set(n: usize, limited: &[usize]) -> KeySet {
+    KeySet::from_keys((0..n).map(|i| {
+        let key = ApiKey::new(format!("key-{i}"), key(i)).with_scopes(["read"]);
+        match limited.contains(&i) {
+            true => key.with_rate_limit(tower_api_key::limit::RateLimit::new(
+                "burst",
+                1_000_000_000,
+                std::time::Duration::from_secs(1),
+            )),
+            false => key,
+        }
+    }))
+    .unwrap()
+}
+
 pub fn hand_written(n: usize) -> HandWritten<Floor> {
     let map: HashMap<[u8; 32], Arc<Meta>> = (0..n)
         .map(|i| {

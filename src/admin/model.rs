@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::problem::Problem;
-use crate::{ApiKey, KeyStore, clock};
+use crate::{
+    ApiKey, KeyStore, clock,
+    limit::{IpNet, LimitKind, LimitStatus, Quota, RateLimit},
+};
 
 /// A key as the API shows it. Never a secret or a digest.
 #[derive(Serialize, ToSchema)]
@@ -35,6 +38,131 @@ pub(crate) struct KeyResource {
     /// The key this one replaced in a rotation.
     rotated_from: Option<String>,
     usage: Usage,
+    /// The key's rate limits, each with what it allows now in the store the API
+    /// serves.
+    rate_limits: Vec<RateLimitStatus>,
+    /// The key's calendar quota (UTC), with what was used this period.
+    quota: Option<QuotaStatus>,
+    /// The networks the key is let in from; null for any address.
+    allowed_ips: Option<Vec<String>>,
+}
+
+/// A rate limit and where it stands.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct RateLimitStatus {
+    name: String,
+    requests: u64,
+    /// `1s`, `15m`, `1h`, `1d`.
+    per: String,
+    /// Requests it would let in now.
+    remaining: u64,
+    /// Seconds until its whole burst is back (rounded up).
+    reset_seconds: u64,
+}
+
+/// A quota and what was used this period.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct QuotaStatus {
+    requests: u64,
+    #[schema(value_type = QuotaPer)]
+    per: &'static str,
+    /// Requests let in this period.
+    used: u64,
+    remaining: u64,
+    /// RFC 3339: when the next period starts.
+    #[schema(format = DateTime)]
+    resets_at: String,
+}
+
+/// A quota's period.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // the schema of a quota's `per`
+pub(crate) enum QuotaPer {
+    Day,
+    Month,
+}
+
+/// A rate limit in a request: `{"name": "burst", "requests": 100, "per": "1s"}`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RateLimitSpec {
+    /// 1 to 64 letters, digits, `-`, `_` or `.`; unique among the key's limits.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
+    name: String,
+    /// At least 1.
+    #[schema(minimum = 1)]
+    requests: u64,
+    /// A whole number and `s`, `m`, `h` or `d`: `1s`, `15m`, `1d`.
+    #[schema(pattern = "^[0-9]+[smhd]$")]
+    per: String,
+}
+
+/// A quota in a request: `{"requests": 1000000, "per": "month"}`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct QuotaSpec {
+    #[schema(minimum = 1, maximum = 1_099_511_627_775_u64)]
+    requests: u64,
+    #[schema(value_type = QuotaPer)]
+    per: String,
+}
+
+/// `key` with these limits in place of its own (`None`: left as they are; a
+/// `Some(None)`: removed). Every limit is checked as a key file's would be.
+pub(crate) fn with_limits(
+    mut key: ApiKey,
+    rate_limits: Option<Vec<RateLimitSpec>>,
+    quota: Option<Option<QuotaSpec>>,
+    allowed_ips: Option<Option<Vec<String>>>,
+) -> Result<ApiKey, Problem> {
+    let mut limits = key
+        .meta
+        .as_ref()
+        .map(|m| m.limits.clone())
+        .unwrap_or_default();
+    if let Some(specs) = rate_limits {
+        limits.rates = specs
+            .into_iter()
+            .map(|spec| {
+                let per = RateLimit::parse_per(&spec.per).map_err(|e| {
+                    Problem::validation(format!("`rate_limits` `{}`: `per`: {e}", spec.name))
+                })?;
+                Ok(RateLimit::new(spec.name, spec.requests, per))
+            })
+            .collect::<Result<_, Problem>>()?;
+    }
+    if let Some(quota) = quota {
+        limits.quota = quota
+            .map(|q| {
+                Ok::<_, Problem>(Quota::new(
+                    q.requests,
+                    q.per.parse().map_err(Problem::validation)?,
+                ))
+            })
+            .transpose()?;
+    }
+    if let Some(nets) = allowed_ips {
+        limits.allowed_ips = nets
+            .map(|nets| {
+                nets.iter()
+                    .map(|n| {
+                        n.parse::<IpNet>().map_err(|e| {
+                            Problem::validation(format!(
+                                "`allowed_ips`: `{}`: {e}",
+                                n.escape_debug()
+                            ))
+                        })
+                    })
+                    .collect::<Result<Box<[_]>, _>>()
+            })
+            .transpose()?;
+    }
+    limits.check().map_err(Problem::validation)?;
+    if key.meta.is_some() || !limits.is_empty() {
+        key.meta.get_or_insert_with(Box::default).limits = limits;
+    }
+    Ok(key)
 }
 
 /// Requests let in with the key through the store the API serves, since it was
@@ -97,6 +225,12 @@ pub(crate) struct CreateRequest {
     /// RFC 3339, from 1970 on; after `not_before`.
     #[schema(format = DateTime)]
     pub(crate) expires_at: Option<String>,
+    /// Named rate limits, all-or-nothing: a request over one gets 429.
+    pub(crate) rate_limits: Option<Vec<RateLimitSpec>>,
+    /// A calendar quota (UTC).
+    pub(crate) quota: Option<QuotaSpec>,
+    /// Networks (CIDR) the key is let in from; absent for any address.
+    pub(crate) allowed_ips: Option<Vec<String>>,
 }
 
 /// `PATCH /v1/api-keys/{id}`: a JSON merge patch (RFC 7396); `null` removes an
@@ -116,6 +250,12 @@ pub(crate) struct PatchRequest {
     #[schema(format = DateTime)]
     expires_at: Option<String>,
     disabled: Option<bool>,
+    /// Replaces the key's rate limits; null or `[]` removes them.
+    rate_limits: Option<Vec<RateLimitSpec>>,
+    /// Replaces the key's quota; null removes it.
+    quota: Option<QuotaSpec>,
+    /// Replaces the key's networks; null lets it in from any address.
+    allowed_ips: Option<Vec<String>>,
 }
 
 /// `POST /v1/api-keys/{id}/rotate`.
@@ -198,7 +338,62 @@ impl KeyResource {
                 requests,
                 last_used: last_used.map(clock::rfc3339),
             },
+            rate_limits: Vec::new(),
+            quota: None,
+            allowed_ips: key
+                .allowed_ips()
+                .map(|nets| nets.iter().map(ToString::to_string).collect()),
         }
+        .with_limit_status(key, store, now)
+    }
+
+    /// The key's limits with where they stand in `store`: as the store's copy of the
+    /// key counted them, if it has the key with the same limits; else untouched.
+    fn with_limit_status(mut self, key: &ApiKey, store: &KeyStore, now: SystemTime) -> Self {
+        let live = store
+            .get(key.id())
+            .filter(|k| {
+                k.entry()
+                    .limiter
+                    .as_ref()
+                    .is_some_and(|l| key.meta.as_ref().is_some_and(|m| m.limits == l.limits))
+            })
+            .map(|k| k.limits())
+            .unwrap_or_default();
+        let found = |kind: LimitKind, name: &str| {
+            live.iter().find(|s| s.kind() == kind && s.name() == name)
+        };
+        self.rate_limits = key
+            .rate_limits()
+            .iter()
+            .map(|r| {
+                let status = found(LimitKind::Rate, r.name());
+                RateLimitStatus {
+                    name: r.name().to_owned(),
+                    requests: r.requests(),
+                    per: RateLimit::format_per(r.per()),
+                    remaining: status.map_or(r.requests(), LimitStatus::remaining),
+                    reset_seconds: status.map_or(0, |s| {
+                        s.reset().as_secs() + u64::from(s.reset().subsec_nanos() > 0)
+                    }),
+                }
+            })
+            .collect();
+        self.quota = key.quota().map(|q| {
+            let now_ms = clock::to_unix_ms(now);
+            let period = q.period().index(now_ms);
+            let used = found(LimitKind::Quota, "quota").map_or(0, LimitStatus::used);
+            QuotaStatus {
+                requests: q.requests(),
+                per: q.period().as_str(),
+                used,
+                remaining: q.requests().saturating_sub(used),
+                resets_at: clock::rfc3339(clock::from_unix_ms(
+                    q.period().start(period.saturating_add(1)),
+                )),
+            }
+        });
+        self
     }
 
     pub(crate) fn id(&self) -> &str {

@@ -2,7 +2,10 @@
 
 use serde_json::{Map, Value};
 
-use super::{model::instant, problem::Problem};
+use super::{
+    model::{instant, with_limits},
+    problem::Problem,
+};
 use crate::ApiKey;
 
 /// `current` with `patch` applied; `null` removes an optional field. `id` and `key`
@@ -70,6 +73,35 @@ pub(crate) fn apply(current: &ApiKey, patch: &Map<String, Value>) -> Result<ApiK
                         ));
                     }
                 };
+            }
+            "rate_limits" => {
+                let specs = match value {
+                    Value::Null => Vec::new(),
+                    other => serde_json::from_value(other.clone()).map_err(|_| {
+                        Problem::validation(
+                            "`rate_limits` must be an array of {\"name\", \"requests\", \"per\"} or null",
+                        )
+                    })?,
+                };
+                key = with_limits(key, Some(specs), None, None)?;
+            }
+            "quota" => {
+                let quota = match value {
+                    Value::Null => None,
+                    other => Some(serde_json::from_value(other.clone()).map_err(|_| {
+                        Problem::validation("`quota` must be {\"requests\", \"per\"} or null")
+                    })?),
+                };
+                key = with_limits(key, None, Some(quota), None)?;
+            }
+            "allowed_ips" => {
+                let nets = match value {
+                    Value::Null => None,
+                    other => Some(serde_json::from_value(other.clone()).map_err(|_| {
+                        Problem::validation("`allowed_ips` must be an array of strings or null")
+                    })?),
+                };
+                key = with_limits(key, None, None, Some(nets))?;
             }
             other => return Err(Problem::validation(format!("unknown field `{other}`"))),
         }

@@ -173,6 +173,12 @@ pub(crate) async fn create<B: AdminBackend>(
     if let Some(at) = request.expires_at {
         key = key.with_expires_at(instant("expires_at", &at)?);
     }
+    key = super::model::with_limits(
+        key,
+        request.rate_limits,
+        request.quota.map(Some),
+        request.allowed_ips.map(Some),
+    )?;
     let named = request.id.as_deref().unwrap_or("(generated)");
     may_write(&api, &caller, &key, "create", named)?;
     let prefix = request.prefix.as_deref().unwrap_or("tak");

@@ -2,7 +2,7 @@
 
 use std::{fmt, sync::Arc, time::SystemTime};
 
-use crate::{clock, store::entry::KeyEntry, store::shard::Handle};
+use crate::{clock, limit::LimitStatus, store::entry::KeyEntry, store::shard::Handle};
 
 /// The non-secret identity of the key a request was let in with.
 ///
@@ -121,6 +121,36 @@ impl KeyInfo {
     /// Whether the key is disabled.
     pub fn is_disabled(&self) -> bool {
         self.entry().disabled()
+    }
+
+    /// Where each of the key's limits stands now (rate limits in order, then the
+    /// quota): how many more requests each would let in and when it resets. Empty
+    /// for a key without limits.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_api_key::{ApiKey, KeySet, KeyStore, limit::RateLimit};
+    ///
+    /// let store = KeyStore::new();
+    /// store.add_source(KeySet::from_keys([ApiKey::new("ci", "s3cr3t")
+    ///     .with_rate_limit(RateLimit::new("burst", 10, Duration::from_secs(1)))])?)?;
+    /// let limits = store.get("ci").unwrap().limits();
+    /// assert_eq!((limits[0].name(), limits[0].remaining()), ("burst", 10));
+    /// # Ok::<(), tower_api_key::Error>(())
+    /// ```
+    pub fn limits(&self) -> Vec<LimitStatus> {
+        match &self.entry().limiter {
+            Some(limiter) => limiter.status(crate::limit::state::now_ns(), clock::exact_now_ms()),
+            None => Vec::new(),
+        }
+    }
+
+    /// How many requests the key's limits (rate limits, quota, address rules) have
+    /// refused while they stayed as they are.
+    pub fn refused(&self) -> u64 {
+        self.entry().limiter.as_ref().map_or(0, |l| l.refused())
     }
 
     /// Whether both are the same loaded entry (not merely equal).

@@ -15,7 +15,11 @@ pub use self::{
 
 use std::{fmt, sync::Arc, time::SystemTime};
 
-use crate::{Error, clock, key::digest::KeyDigest};
+use crate::{
+    Error, clock,
+    key::digest::KeyDigest,
+    limit::{IpNet, Limits, Quota, RateLimit},
+};
 
 /// The longest secret accepted: no request header carries more.
 pub(crate) const MAX_SECRET_LEN: usize = 4096;
@@ -35,6 +39,8 @@ pub(crate) struct Meta {
     pub(crate) created_at: Option<u64>,
     pub(crate) created_by: Option<Box<str>>,
     pub(crate) rotated_from: Option<Box<str>>,
+    /// Rate limits, quota and address rules: none by default.
+    pub(crate) limits: Limits,
 }
 
 /// One API key to put in a [`KeySet`](crate::KeySet): its id, its digest and its
@@ -255,6 +261,64 @@ impl ApiKey {
         self
     }
 
+    /// Adds a named rate limit (see [`limit`](crate::limit)): a request over it gets
+    /// `429 Too Many Requests`. A key may have several, all-or-nothing.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_api_key::{ApiKey, limit::{Quota, QuotaPeriod, RateLimit}};
+    ///
+    /// let key = ApiKey::new("partner", "s3cr3t")
+    ///     .with_rate_limit(RateLimit::new("burst", 100, Duration::from_secs(1)))
+    ///     .with_rate_limit(RateLimit::new("daily", 100_000, Duration::from_secs(86_400)))
+    ///     .with_quota(Quota::new(1_000_000, QuotaPeriod::Month))
+    ///     .with_allowed_ips(["203.0.113.0/24".parse()?, "2001:db8::/32".parse()?]);
+    /// assert_eq!(key.rate_limits().len(), 2);
+    /// assert_eq!(key.allowed_ips().map(<[_]>::len), Some(2));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        let limits = &mut self.meta_mut().limits;
+        let mut rates = std::mem::take(&mut limits.rates).into_vec();
+        rates.push(limit);
+        limits.rates = rates.into();
+        self
+    }
+
+    /// Sets the key's calendar quota: requests over it get `429` until the next day
+    /// or month (UTC).
+    #[must_use]
+    pub fn with_quota(mut self, quota: Quota) -> Self {
+        self.meta_mut().limits.quota = Some(quota);
+        self
+    }
+
+    /// Lets the key in only from these networks: a request from another address, or
+    /// from an unknown one, gets `403`. An empty list makes the key invalid.
+    #[must_use]
+    pub fn with_allowed_ips(mut self, nets: impl IntoIterator<Item = IpNet>) -> Self {
+        self.meta_mut().limits.allowed_ips = Some(nets.into_iter().collect());
+        self
+    }
+
+    /// The key's rate limits.
+    pub fn rate_limits(&self) -> &[RateLimit] {
+        self.meta.as_ref().map_or(&[], |m| &m.limits.rates)
+    }
+
+    /// The key's quota, if any.
+    pub fn quota(&self) -> Option<Quota> {
+        self.meta.as_ref()?.limits.quota
+    }
+
+    /// The networks the key is let in from, if restricted.
+    pub fn allowed_ips(&self) -> Option<&[IpNet]> {
+        self.meta.as_ref()?.limits.allowed_ips.as_deref()
+    }
+
     fn meta_mut(&mut self) -> &mut Meta {
         self.meta.get_or_insert_with(Box::default)
     }
@@ -274,6 +338,11 @@ impl ApiKey {
                 Some(&self.id),
                 "`not_before` must be earlier than `expires_at`",
             ));
+        }
+        if let Some(meta) = &self.meta {
+            meta.limits
+                .check()
+                .map_err(|reason| Error::invalid(Some(&self.id), reason))?;
         }
         Ok(())
     }

@@ -6,7 +6,11 @@ use std::{borrow::Cow, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ApiKey, Error, clock, key::digest::KeyDigest};
+use crate::{
+    ApiKey, Error, clock,
+    key::digest::KeyDigest,
+    limit::{IpNet, Quota, RateLimit},
+};
 
 /// A key's record, as a fleet engine stores it. Instants in Unix milliseconds.
 /// Strings are borrowed from the reply where they hold no escapes: a million records
@@ -38,6 +42,30 @@ struct Record<'a> {
     created_by: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
     rotated_from: Option<Cow<'a, str>>,
+    /// As in the key file: `[{"name":"burst","requests":100,"per":"1s"}]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rate_limits: Vec<RateRecord>,
+    /// `{"requests":1000000,"per":"month"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quota: Option<QuotaRecord>,
+    /// `["203.0.113.0/24"]`; absent for any address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    allowed_ips: Option<Vec<String>>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateRecord {
+    name: String,
+    requests: u64,
+    per: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaRecord {
+    requests: u64,
+    per: String,
 }
 
 /// The JSON record of `key`: the same key always gives the same bytes, which the
@@ -56,6 +84,20 @@ pub(crate) fn encode(key: &ApiKey) -> String {
         created_at: key.meta.as_ref().and_then(|m| m.created_at),
         created_by: key.created_by().map(Cow::from),
         rotated_from: key.rotated_from().map(Cow::from),
+        rate_limits: (key.rate_limits().iter())
+            .map(|r| RateRecord {
+                name: r.name().to_owned(),
+                requests: r.requests(),
+                per: RateLimit::format_per(r.per()),
+            })
+            .collect(),
+        quota: key.quota().map(|q| QuotaRecord {
+            requests: q.requests(),
+            per: q.period().as_str().to_owned(),
+        }),
+        allowed_ips: key
+            .allowed_ips()
+            .map(|nets| nets.iter().map(ToString::to_string).collect()),
     };
     serde_json::to_string(&record).unwrap_or_default()
 }
@@ -119,6 +161,29 @@ pub(crate) fn decode(id: &str, json: &[u8]) -> Result<ApiKey, Error> {
     if let Some(from) = record.rotated_from {
         key = key.with_rotated_from(&*from);
     }
+    for rate in record.rate_limits {
+        let per = RateLimit::parse_per(&rate.per).map_err(|e| {
+            Error::invalid(
+                Some(id),
+                format!("`rate_limits` `{}`: `per`: {e}", rate.name.escape_debug()),
+            )
+        })?;
+        key = key.with_rate_limit(RateLimit::new(rate.name, rate.requests, per));
+    }
+    if let Some(quota) = record.quota {
+        let period = quota.per.parse().map_err(|e| Error::invalid(Some(id), e))?;
+        key = key.with_quota(Quota::new(quota.requests, period));
+    }
+    if let Some(nets) = record.allowed_ips {
+        let nets = nets
+            .iter()
+            .map(|n| {
+                n.parse::<IpNet>()
+                    .map_err(|e| Error::invalid(Some(id), format!("`allowed_ips`: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        key = key.with_allowed_ips(nets);
+    }
     Ok(key)
 }
 
@@ -162,6 +227,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("not-hex-secret"), "{err}");
+    }
+
+    #[test]
+    fn limits_round_trip_and_old_records_still_read() {
+        let key = ApiKey::new("partner", "s")
+            .with_rate_limit(RateLimit::new(
+                "burst",
+                100,
+                std::time::Duration::from_secs(1),
+            ))
+            .with_quota(Quota::new(1_000, crate::limit::QuotaPeriod::Day))
+            .with_allowed_ips(["2001:db8::/32".parse().unwrap()]);
+        let json = encode(&key);
+        assert!(
+            json.contains(r#""rate_limits":[{"name":"burst","requests":100,"per":"1s"}],"quota":{"requests":1000,"per":"day"},"allowed_ips":["2001:db8::/32"]"#),
+            "{json}"
+        );
+        let back = decode("partner", json.as_bytes()).unwrap();
+        assert_eq!(encode(&back), json);
+        assert_eq!(back.rate_limits(), key.rate_limits());
+        // A record written before limits existed.
+        let old = format!(
+            r#"{{"id":"old","sha256":"{}","tenant":"t"}}"#,
+            key.digest.to_hex()
+        );
+        assert!(
+            decode("old", old.as_bytes())
+                .unwrap()
+                .rate_limits()
+                .is_empty()
+        );
+        // Unknown fields are still refused, inside the limits too.
+        let odd = json.replace(r#""per":"1s""#, r#""per":"1s","burst":5"#);
+        assert!(decode("partner", odd.as_bytes()).is_err());
+        let bad = json.replace(r#""per":"day""#, r#""per":"week""#);
+        assert!(
+            decode("partner", bad.as_bytes())
+                .unwrap_err()
+                .to_string()
+                .contains("`quota`")
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::Response;
+use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 
 use crate::layer::sunset::Sunset;
@@ -32,6 +32,7 @@ pin_project! {
             #[pin]
             future: F,
             sunset: Option<Sunset>,
+            ratelimit: Option<Box<(HeaderValue, HeaderValue)>>,
         },
         Rejected {
             output: Option<F::Output>,
@@ -41,8 +42,21 @@ pin_project! {
 
 impl<F: Future> ResponseFuture<F> {
     pub(crate) fn inner(future: F, sunset: Option<Sunset>) -> Self {
+        Self::limited(future, sunset, None)
+    }
+
+    /// The inner future, whose response gets the key's `RateLimit` fields.
+    pub(crate) fn limited(
+        future: F,
+        sunset: Option<Sunset>,
+        ratelimit: Option<Box<(HeaderValue, HeaderValue)>>,
+    ) -> Self {
         Self {
-            kind: Kind::Inner { future, sunset },
+            kind: Kind::Inner {
+                future,
+                sunset,
+                ratelimit,
+            },
         }
     }
 
@@ -61,12 +75,20 @@ where
 {
     type Output = F::Output;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner { future, sunset } => {
+            KindProj::Inner {
+                future,
+                sunset,
+                ratelimit,
+            } => {
                 let mut output = std::task::ready!(future.poll(cx));
                 if let (Some(sunset), Ok(res)) = (sunset.take(), &mut output) {
                     sunset.apply(res);
+                }
+                if let (Some(fields), Ok(res)) = (ratelimit.take(), &mut output) {
+                    add_fields(res, *fields);
                 }
                 Poll::Ready(output)
             }
@@ -76,6 +98,18 @@ where
                     .expect("ResponseFuture polled after completion"),
             ),
         }
+    }
+}
+
+/// Adds a limited key's `RateLimit` fields to the response, unless the handler set
+/// its own.
+#[cold]
+#[inline(never)]
+fn add_fields<B>(res: &mut Response<B>, (policy, state): (HeaderValue, HeaderValue)) {
+    let headers = res.headers_mut();
+    if !headers.contains_key(crate::layer::ratelimit::STATE) {
+        headers.insert(crate::layer::ratelimit::POLICY, policy);
+        headers.insert(crate::layer::ratelimit::STATE, state);
     }
 }
 

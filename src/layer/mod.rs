@@ -44,8 +44,10 @@
 
 #[cfg(feature = "axum")]
 mod axum;
+mod client_ip;
 pub(crate) mod extract;
 mod future;
+pub(crate) mod ratelimit;
 pub(crate) mod rejection;
 mod service;
 pub(crate) mod sunset;
@@ -55,6 +57,7 @@ mod tonic;
 #[cfg(feature = "axum")]
 pub use self::axum::MissingKeyInfo;
 pub use self::{
+    client_ip::ClientIp,
     extract::KeyLocation,
     future::ResponseFuture,
     rejection::{DefaultRejection, FromRejectionBody, Rejection, RejectionResponse},
@@ -128,6 +131,8 @@ pub(crate) struct Config {
     pub(crate) optional: bool,
     pub(crate) allow_preflight: bool,
     pub(crate) per_key_metrics: bool,
+    pub(crate) client_ip: ClientIp,
+    pub(crate) rate_limit_headers: bool,
 }
 
 impl ApiKeyLayer {
@@ -179,6 +184,8 @@ impl ApiKeyLayer {
                     optional: false,
                     allow_preflight: false,
                     per_key_metrics: false,
+                    client_ip: ClientIp::peer(),
+                    rate_limit_headers: true,
                 },
                 on_rejection: DefaultRejection::default(),
             }),
@@ -292,6 +299,32 @@ impl<R: Clone> ApiKeyLayer<R> {
     /// source) are always recorded with the feature.
     pub fn per_key_metrics(mut self, enabled: bool) -> Self {
         self.config_mut().per_key_metrics = enabled;
+        self
+    }
+
+    /// Where the client's address is read from, for keys with `allowed_ips`
+    /// (default [`ClientIp::peer`]: the connection's peer).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use tower_api_key::{ApiKeyLayer, ClientIp, KeySet};
+    ///
+    /// // Behind a load balancer in 10.0.0.0/8 that appends to X-Forwarded-For.
+    /// let layer = ApiKeyLayer::new(KeySet::new())
+    ///     .client_ip(ClientIp::x_forwarded_for(["10.0.0.0/8".parse()?]));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn client_ip(mut self, client_ip: ClientIp) -> Self {
+        self.config_mut().client_ip = client_ip;
+        self
+    }
+
+    /// Whether responses to requests let in with a key that has rate limits or a
+    /// quota carry the `RateLimit-Policy` and `RateLimit` header fields (default
+    /// `true`). Refusals for a limit always carry them.
+    pub fn rate_limit_headers(mut self, enabled: bool) -> Self {
+        self.config_mut().rate_limit_headers = enabled;
         self
     }
 

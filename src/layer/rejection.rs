@@ -29,11 +29,16 @@
 //! # Ok(()) }
 //! ```
 
-use std::{fmt, sync::Arc};
+use std::{
+    fmt,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
-use crate::KeyInfo;
+use crate::{KeyInfo, limit::state::Refusal};
 
 /// Why [`ApiKeyService`](crate::ApiKeyService) refused a request.
 ///
@@ -68,6 +73,35 @@ pub enum Rejection {
         /// The scope required.
         scope: Arc<str>,
     },
+    /// The key is over one of its rate limits: `429 Too Many Requests` with
+    /// `Retry-After`, gRPC `RESOURCE_EXHAUSTED`.
+    RateLimited {
+        /// The key.
+        key: KeyInfo,
+        /// The name of the limit (the one that lets the request in last, when
+        /// several refuse it).
+        limit: Arc<str>,
+        /// Exactly how long until the key's limits let a request in, from the
+        /// limiter's schedule (`Retry-After` rounds it up to whole seconds).
+        retry_after: Duration,
+    },
+    /// The key has used its quota for this period: `429` with `Retry-After` set to
+    /// the start of the next period, gRPC `RESOURCE_EXHAUSTED`.
+    QuotaExceeded {
+        /// The key.
+        key: KeyInfo,
+        /// When the next period starts (UTC midnight, or the first of a month).
+        resets_at: SystemTime,
+    },
+    /// The key has `allowed_ips` and the client's address is not in them, or is
+    /// unknown: `403`, gRPC `PERMISSION_DENIED`.
+    AddressNotAllowed {
+        /// The key.
+        key: KeyInfo,
+        /// The client's address as the layer's
+        /// [`ClientIp`](crate::ClientIp) read it, if it could.
+        address: Option<IpAddr>,
+    },
 }
 
 impl Rejection {
@@ -77,31 +111,56 @@ impl Rejection {
             Self::Disabled(key)
             | Self::Expired(key)
             | Self::NotYetValid(key)
-            | Self::InsufficientScope { key, .. } => Some(key),
+            | Self::InsufficientScope { key, .. }
+            | Self::RateLimited { key, .. }
+            | Self::QuotaExceeded { key, .. }
+            | Self::AddressNotAllowed { key, .. } => Some(key),
             _ => None,
         }
     }
 
-    /// The HTTP status for this refusal: 403 for a missing scope, else 401.
+    /// The refusal of `key` by its limiter.
+    pub(crate) fn limited(key: KeyInfo, refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Rate { name, wait } => Self::RateLimited {
+                key,
+                limit: name,
+                retry_after: wait,
+            },
+            Refusal::Quota { next } => Self::QuotaExceeded {
+                key,
+                resets_at: crate::clock::from_unix_ms(next),
+            },
+        }
+    }
+
+    /// The HTTP status for this refusal: 403 for a missing scope or an address not
+    /// allowed, 429 over a rate limit or the quota, else 401.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InsufficientScope { .. } => StatusCode::FORBIDDEN,
+            Self::InsufficientScope { .. } | Self::AddressNotAllowed { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::UNAUTHORIZED,
         }
     }
 
     /// The gRPC status code for this refusal: 7 (`PERMISSION_DENIED`) for a missing
-    /// scope, else 16 (`UNAUTHENTICATED`).
+    /// scope or an address not allowed, 8 (`RESOURCE_EXHAUSTED`) over a limit, else
+    /// 16 (`UNAUTHENTICATED`).
     pub fn grpc_code(&self) -> u8 {
         match self {
-            Self::InsufficientScope { .. } => 7,
+            Self::InsufficientScope { .. } | Self::AddressNotAllowed { .. } => 7,
+            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => 8,
             _ => 16,
         }
     }
 
     /// A short, stable name for the reason, for metrics and logs: `missing`,
     /// `malformed`, `conflicting`, `unknown`, `invalid_checksum`, `disabled`,
-    /// `expired`, `not_yet_valid` or `insufficient_scope`.
+    /// `expired`, `not_yet_valid`, `insufficient_scope`, `rate_limited`,
+    /// `quota_exceeded` or `address_not_allowed`.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Missing => "missing",
@@ -113,13 +172,19 @@ impl Rejection {
             Self::Expired(_) => "expired",
             Self::NotYetValid(_) => "not_yet_valid",
             Self::InsufficientScope { .. } => "insufficient_scope",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
+            Self::AddressNotAllowed { .. } => "address_not_allowed",
         }
     }
 
     /// The RFC 6750 `error` code, if any (none when no credential was presented).
     pub fn error_code(&self) -> Option<&'static str> {
         match self {
-            Self::Missing => None,
+            Self::Missing
+            | Self::RateLimited { .. }
+            | Self::QuotaExceeded { .. }
+            | Self::AddressNotAllowed { .. } => None,
             Self::Malformed | Self::Conflicting => Some("invalid_request"),
             Self::InsufficientScope { .. } => Some("insufficient_scope"),
             _ => Some("invalid_token"),
@@ -137,6 +202,44 @@ impl Rejection {
             Self::Expired(_) => "API key expired",
             Self::NotYetValid(_) => "API key not yet valid",
             Self::InsufficientScope { .. } => "API key lacks the required scope",
+            Self::RateLimited { .. } => "API key over its rate limit",
+            Self::QuotaExceeded { .. } => "API key over its quota",
+            Self::AddressNotAllowed { .. } => "API key not allowed from this address",
+        }
+    }
+
+    /// Whether the refusal is for the key's limits: answered without a challenge,
+    /// since the credential itself is fine.
+    fn is_limit(&self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited { .. } | Self::QuotaExceeded { .. } | Self::AddressNotAllowed { .. }
+        )
+    }
+
+    /// Sets the header fields of a refusal for a limit: `Retry-After` (whole seconds
+    /// over a rate limit, rounded up; the next period's date over the quota) and the
+    /// key's `RateLimit-Policy` and `RateLimit` fields. Nothing for other refusals.
+    pub(crate) fn limit_headers(&self, headers: &mut HeaderMap) {
+        let retry_after = match self {
+            Self::RateLimited { retry_after, .. } => {
+                let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1);
+                HeaderValue::from(u64::try_from(secs).unwrap_or(u64::MAX))
+            }
+            Self::QuotaExceeded { resets_at, .. } => {
+                match HeaderValue::from_str(&httpdate::fmt_http_date(*resets_at)) {
+                    Ok(value) => value,
+                    Err(_) => return,
+                }
+            }
+            _ => return,
+        };
+        headers.insert(header::RETRY_AFTER, retry_after);
+        if let Some(key) = self.key()
+            && let Some((policy, state)) = crate::layer::ratelimit::fields(&key.limits())
+        {
+            headers.insert(crate::layer::ratelimit::POLICY, policy);
+            headers.insert(crate::layer::ratelimit::STATE, state);
         }
     }
 
@@ -162,6 +265,10 @@ impl Rejection {
     fn respond<B: Default>(&self, challenge: Option<HeaderValue>) -> Response<B> {
         let mut res = Response::new(B::default());
         *res.status_mut() = self.status();
+        if self.is_limit() {
+            self.limit_headers(res.headers_mut());
+            return res;
+        }
         if let Some(challenge) = challenge {
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, challenge);
@@ -171,6 +278,9 @@ impl Rejection {
 
     /// The `WWW-Authenticate` value for this refusal.
     fn challenge(&self, realm: &str) -> Option<HeaderValue> {
+        if self.is_limit() {
+            return None;
+        }
         let mut challenge = format!("Bearer realm=\"{}\"", quoted(realm));
         if let Some(code) = self.error_code() {
             challenge.push_str(&format!(
@@ -195,7 +305,10 @@ impl Rejection {
             Self::Disabled(_) => 5,
             Self::Expired(_) => 6,
             Self::NotYetValid(_) => 7,
-            Self::InsufficientScope { .. } => return None,
+            Self::InsufficientScope { .. }
+            | Self::RateLimited { .. }
+            | Self::QuotaExceeded { .. }
+            | Self::AddressNotAllowed { .. } => return None,
         })
     }
 
@@ -247,6 +360,9 @@ impl fmt::Display for Rejection {
         match self {
             Self::InsufficientScope { key, scope } => {
                 write!(f, " (key `{}`, scope `{scope}`)", key.id())
+            }
+            Self::RateLimited { key, limit, .. } => {
+                write!(f, " (key `{}`, limit `{limit}`)", key.id())
             }
             _ => match self.key() {
                 Some(key) => write!(f, " (key `{}`)", key.id()),

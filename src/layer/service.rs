@@ -4,7 +4,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderMap, Method, Request, Response, Uri, Version, header::CONTENT_TYPE};
+use http::{Method, Request, Response, Version, header::CONTENT_TYPE};
 use tower_service::Service;
 
 use crate::{
@@ -56,13 +56,18 @@ impl<S, R> ApiKeyService<S, R> {
     }
 
     #[inline]
-    fn authenticate(&self, uri: &Uri, headers: &HeaderMap) -> Result<Accepted, Rejection> {
+    fn authenticate<B>(&self, req: &Request<B>) -> Result<Accepted, Rejection> {
         let State { store, config, .. } = &*self.state;
-        let key = extract::presented_key(uri, headers, &config.locations)?;
+        let key = extract::presented_key(req.uri(), req.headers(), &config.locations)?;
         if config.require_checksum && !has_valid_checksum(&key) {
             return Err(Rejection::InvalidChecksum);
         }
-        store.check(&key, config.required_scope.as_ref(), config.track_usage)
+        store.check(
+            &key,
+            config.required_scope.as_ref(),
+            config.track_usage,
+            || config.client_ip.resolve(req),
+        )
     }
 }
 
@@ -102,8 +107,12 @@ where
             };
             return self.refuse(&req, rejection);
         }
-        match self.authenticate(req.uri(), req.headers()) {
-            Ok(Accepted { key, expires_at }) => {
+        match self.authenticate(&req) {
+            Ok(Accepted {
+                key,
+                expires_at,
+                limited,
+            }) => {
                 let config = &self.state.config;
                 let sunset = expires_at
                     .filter(|_| config.deprecation_headers)
@@ -116,8 +125,12 @@ where
                 }
                 crate::log::accepted(&key);
                 crate::metrics::accepted(&key, config.per_key_metrics);
+                let ratelimit = match limited && config.rate_limit_headers {
+                    true => limit_fields(&key),
+                    false => None,
+                };
                 req.extensions_mut().insert(key);
-                ResponseFuture::inner(self.inner.call(req), sunset)
+                ResponseFuture::limited(self.inner.call(req), sunset, ratelimit)
             }
             Err(Rejection::Missing) if self.state.config.optional => {
                 ResponseFuture::inner(self.inner.call(req), None)
@@ -145,11 +158,27 @@ impl<S, R> ApiKeyService<S, R> {
         let mut res = if is_grpc(req) {
             rejection.grpc_response()
         } else {
-            self.state.on_rejection.response(&rejection)
+            let mut res = self.state.on_rejection.response(&rejection);
+            // A custom refusal over a limit still says when to come back.
+            if !res.headers().contains_key(http::header::RETRY_AFTER) {
+                rejection.limit_headers(res.headers_mut());
+            }
+            res
         };
         res.extensions_mut().insert(rejection);
         ResponseFuture::rejected(Ok(res))
     }
+}
+
+/// The `RateLimit` fields for a response to a request let in with `key`: out of
+/// line, so that a key without limits does not carry its code.
+#[cold]
+#[inline(never)]
+fn limit_fields(key: &KeyInfo) -> Option<Box<(http::HeaderValue, http::HeaderValue)>> {
+    let limiter = key.entry().limiter.as_deref()?;
+    let now = crate::limit::state::now_ns();
+    crate::layer::ratelimit::allowed_fields(limiter, now, crate::clock::coarse_now_ms())
+        .map(Box::new)
 }
 
 /// A CORS preflight: `OPTIONS` with `Access-Control-Request-Method`.

@@ -10,6 +10,7 @@ use crate::{
     ApiKey, Error, KeySet,
     key::Meta,
     key::digest::{DigestMap, DigestSet, KeyDigest},
+    limit::state::Limiter,
     store::entry::{KeyEntry, SharedMeta},
     store::report::Diff,
     store::snapshot::{Edit, Snapshot},
@@ -179,9 +180,23 @@ pub(crate) fn plan(
                     .unwrap_or_else(|| Arc::new(fresh))
             })
             .clone();
+        // A key that keeps its id and its limits keeps their state; new or changed
+        // limits start afresh.
+        let limiter = key
+            .meta
+            .as_deref()
+            .filter(|m| !m.limits.is_empty())
+            .map(|m| {
+                existing
+                    .and_then(|(_, e)| e.limiter.as_ref())
+                    .filter(|l| l.limits == m.limits)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Limiter::new(&m.limits)))
+            });
         let entry = Arc::new(KeyEntry {
             id: key.id.clone(),
             shared,
+            limiter,
         });
         edit.insert.push((key.digest, entry, replaced));
     }

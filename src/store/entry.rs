@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::{ApiKey, key::Meta};
+use crate::{ApiKey, key::Meta, limit::state::Limiter};
 
 /// What the keys of one source with the same metadata, validity window and
 /// `disabled` flag share: one copy for all of them (a million keys usually have a
@@ -58,6 +58,9 @@ pub(crate) struct KeyEntry {
     /// Shared with the [`ApiKey`] it was built from and with the id index.
     pub(crate) id: Arc<str>,
     pub(crate) shared: Arc<SharedMeta>,
+    /// The state of the key's limits, for a key that has any: carried to the next
+    /// version while the key keeps its id and its limits.
+    pub(crate) limiter: Option<Arc<Limiter>>,
 }
 
 impl KeyEntry {
@@ -80,6 +83,11 @@ impl KeyEntry {
         self.shared.valid_from != 0 || self.shared.valid_until != u64::MAX
     }
 
+    /// Whether a request must read the entry: a validity window or limits.
+    pub(crate) fn examined(&self) -> bool {
+        self.windowed() || self.limiter.is_some()
+    }
+
     pub(crate) fn valid_from(&self) -> u64 {
         self.shared.valid_from
     }
@@ -94,6 +102,7 @@ impl KeyEntry {
         Arc::new(Self {
             id: key.id.clone(),
             shared: Arc::new(SharedMeta::of(key, &Arc::from("test"), 0, 0)),
+            limiter: None,
         })
     }
 }
@@ -105,8 +114,10 @@ mod tests {
     #[test]
     fn an_entry_is_two_pointers() {
         // A million keys' memory depends on it: 16 bytes of counts plus the entry
-        // stay in the allocator's 48-byte class.
-        assert!(std::mem::size_of::<KeyEntry>() <= 24);
+        // (id, metadata, limiter) stay in the allocator's 48-byte class.
+        assert!(16 + std::mem::size_of::<KeyEntry>() <= 48);
+        // And the limiter's pointer, on a key without limits, costs nothing more.
+        assert_eq!(std::mem::size_of::<Option<Arc<Limiter>>>(), 8);
     }
 
     #[test]

@@ -34,6 +34,7 @@ use crate::{
     ApiKey, Error, KeyInfo, KeySource, Rejection,
     clock::{self, duration_ms},
     key::digest::KeyDigest,
+    limit,
 };
 
 /// The shared, swappable set of keys that [`ApiKeyService`](crate::ApiKeyService) checks
@@ -71,6 +72,8 @@ pub(crate) struct Accepted {
     pub(crate) key: KeyInfo,
     /// The key's `expires_at` (Unix milliseconds), for a key with a validity window.
     pub(crate) expires_at: Option<u64>,
+    /// Whether the key has limits (its `RateLimit` fields may be wanted).
+    pub(crate) limited: bool,
 }
 
 /// The default [`KeyStore::set_expiry_notice`]: seven days.
@@ -222,7 +225,9 @@ impl KeyStore {
 
     /// Checks a key outside an HTTP request (a WebSocket message, a queue consumer, a
     /// command-line tool): the same lookup and checks the layer makes, counted in
-    /// [`usage`](KeyStore::usage) like a request.
+    /// [`usage`](KeyStore::usage) like a request. A key's rate limits and quota count
+    /// it too; a key with `allowed_ips` is refused, since no client address is known
+    /// here.
     ///
     /// # Errors
     ///
@@ -242,7 +247,8 @@ impl KeyStore {
     /// ```
     pub fn verify(&self, key: impl AsRef<[u8]>) -> Result<KeyInfo, Rejection> {
         // A clone does not hold the key set: the caller may keep it as long as it likes.
-        self.check(key.as_ref(), None, true)
+        // No request, no address: a key with `allowed_ips` is refused here.
+        self.check(key.as_ref(), None, true, || None)
             .map(|accepted| accepted.key.clone())
     }
 
@@ -324,13 +330,15 @@ impl KeyStore {
         self.shared.expiry_notice.load(Ordering::Relaxed)
     }
 
-    /// Looks up a presented key: the request path. One load, one lookup, no lock.
+    /// Looks up a presented key: the request path. One load, one lookup, no lock;
+    /// `client` is asked for the client's address only for a key with `allowed_ips`.
     #[inline]
     pub(crate) fn check(
         &self,
         presented: &[u8],
         required_scope: Option<&Arc<str>>,
         track_usage: bool,
+        client: impl FnOnce() -> Option<std::net::IpAddr>,
     ) -> Result<Accepted, Rejection> {
         let digest = KeyDigest::of(presented);
         let snapshot = self.shared.current.load();
@@ -342,6 +350,7 @@ impl KeyStore {
         // The slot has the flags: the entry is read only for a key with a window or a
         // flag set, or when a scope is required.
         let mut expires_at = None;
+        let mut limiter = None;
         if slot.is_disabled() || slot.is_windowed() {
             let Some(entry) = shard.entry_at(i) else {
                 return Err(Rejection::Unknown);
@@ -349,14 +358,17 @@ impl KeyStore {
             if entry.disabled() {
                 return Err(Rejection::Disabled(key()));
             }
-            let now = clock::exact_now_ms();
-            if now < entry.valid_from() {
-                return Err(Rejection::NotYetValid(key()));
+            if entry.windowed() {
+                let now = clock::exact_now_ms();
+                if now < entry.valid_from() {
+                    return Err(Rejection::NotYetValid(key()));
+                }
+                if now >= entry.valid_until() {
+                    return Err(Rejection::Expired(key()));
+                }
+                expires_at = Some(entry.valid_until());
             }
-            if now >= entry.valid_until() {
-                return Err(Rejection::Expired(key()));
-            }
-            expires_at = Some(entry.valid_until());
+            limiter = entry.limiter.as_deref();
         }
         if let Some(scope) = required_scope
             && !shard.entry_at(i).is_some_and(|e| e.has_scope(scope))
@@ -366,6 +378,10 @@ impl KeyStore {
                 scope: scope.clone(),
             });
         }
+        // Limits last: a request refused for another reason is counted by none.
+        if let Some(limiter) = limiter {
+            decide_limits(limiter, client).map_err(|refuse| refuse(key()))?;
+        }
         if track_usage {
             self.shared
                 .counters
@@ -374,8 +390,29 @@ impl KeyStore {
         Ok(Accepted {
             key: key(),
             expires_at,
+            limited: limiter.is_some(),
         })
     }
+}
+
+/// Decides a limited key's request: its address, then its limits. Out of line, so
+/// that the lookup of a key without limits stays small; on refusal, what makes the
+/// rejection from the key.
+#[inline(never)]
+fn decide_limits(
+    limiter: &limit::state::Limiter,
+    client: impl FnOnce() -> Option<std::net::IpAddr>,
+) -> Result<(), Box<dyn FnOnce(KeyInfo) -> Rejection>> {
+    if let Err(address) = limiter.allows(client) {
+        return Err(Box::new(move |key| Rejection::AddressNotAllowed {
+            key,
+            address,
+        }));
+    }
+    if let Err(refusal) = limiter.admit(limit::state::now_ns(), clock::coarse_now_ms) {
+        return Err(Box::new(move |key| Rejection::limited(key, refusal)));
+    }
+    Ok(())
 }
 
 impl Default for KeyStore {
@@ -793,7 +830,7 @@ mod tests {
         let (source, publisher) = ChannelSource::new(set(&[("a", "ka")]));
         let store = KeyStore::new();
         store.add_source(source).unwrap();
-        let in_request = store.check(b"ka", None, true).unwrap().key;
+        let in_request = store.check(b"ka", None, true, || None).unwrap().key;
         let shard = {
             let snapshot = store.shared.current.load();
             Arc::downgrade(snapshot.find(&KeyDigest::of(b"ka")).unwrap().0)

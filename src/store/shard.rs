@@ -92,7 +92,8 @@ pub(crate) struct Slot {
     /// The key's usage cell, carried from version to version while its id stays.
     index: u32,
     /// The cell's generation (the high 30 bits), whether the key is disabled (bit
-    /// 0) and whether it has a validity window, in its entry (bit 1).
+    /// 0) and whether a request must read its entry (bit 1): for a validity window
+    /// or limits. A key without either never pays for them.
     tag: u32,
 }
 
@@ -101,7 +102,7 @@ const WINDOWED: u32 = 2;
 
 impl Slot {
     fn new(digest: KeyDigest, entry: Arc<KeyEntry>, counter: Counter) -> Self {
-        let flags = u32::from(entry.disabled()) * DISABLED + u32::from(entry.windowed()) * WINDOWED;
+        let flags = u32::from(entry.disabled()) * DISABLED + u32::from(entry.examined()) * WINDOWED;
         Self {
             digest: digest.0,
             entry: Some(entry),

@@ -4,14 +4,15 @@ use std::time::SystemTime;
 
 use crate::{KeyInfo, clock, store::counters::Usage};
 
-/// As JSON: `key` (a [`KeyInfo`]), `requests`, `last_used` (RFC 3339, or null): a
-/// usage endpoint is `Json(store.usage())`.
+/// As JSON: `key` (a [`KeyInfo`]), `requests`, `refused`, `last_used` (RFC 3339, or
+/// null): a usage endpoint is `Json(store.usage())`.
 impl serde::Serialize for KeyUsage {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
-        let mut s = serializer.serialize_struct("KeyUsage", 3)?;
+        let mut s = serializer.serialize_struct("KeyUsage", 4)?;
         s.serialize_field("key", &self.key)?;
         s.serialize_field("requests", &self.requests)?;
+        s.serialize_field("refused", &self.refused())?;
         s.serialize_field("last_used", &self.last_used.map(clock::rfc3339))?;
         s.end()
     }
@@ -46,6 +47,13 @@ impl KeyUsage {
     /// reloads that keep its id).
     pub fn requests(&self) -> u64 {
         self.requests
+    }
+
+    /// Requests with this key its limits refused (rate limits, quota, address
+    /// rules), counted since its limits last changed: the other half of
+    /// [`requests`](Self::requests), which counts only those let in.
+    pub fn refused(&self) -> u64 {
+        self.key.refused()
     }
 
     /// When the key last let a request in, to the second; `None` if never.

@@ -10,7 +10,11 @@ use serde::Deserialize;
 use toml::{Spanned, value::Datetime};
 use zeroize::Zeroizing;
 
-use crate::{ApiKey, Error, KeySet, key::digest::KeyDigest};
+use crate::{
+    ApiKey, Error, KeySet,
+    key::digest::KeyDigest,
+    limit::{IpNet, Quota, RateLimit},
+};
 
 /// Parses key-file content; `path` is only used in errors.
 pub(crate) fn parse(path: &Path, content: &[u8]) -> Result<KeySet, Error> {
@@ -47,6 +51,27 @@ struct KeyEntry<S, T> {
     created_at: Option<Datetime>,
     created_by: Option<S>,
     rotated_from: Option<S>,
+    #[serde(default = "Vec::new")]
+    rate_limits: Vec<RateLimitEntry<S>>,
+    quota: Option<QuotaEntry<S>>,
+    allowed_ips: Option<Vec<S>>,
+}
+
+/// One of `rate_limits = [{ name = "burst", requests = 100, per = "1s" }]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitEntry<S> {
+    name: S,
+    requests: u64,
+    per: S,
+}
+
+/// `quota = { requests = 1000000, per = "month" }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaEntry<S> {
+    requests: u64,
+    per: S,
 }
 
 /// Parses a key file; on error, the byte offset it points at, where known.
@@ -250,6 +275,10 @@ mod simple {
                 created_at: self.created_at,
                 created_by: self.created_by,
                 rotated_from: self.rotated_from,
+                // Limits are inline tables: the general parser reads them.
+                rate_limits: Vec::new(),
+                quota: None,
+                allowed_ips: None,
             })
         }
     }
@@ -345,6 +374,35 @@ where
         }
         if let Some(at) = self.expires_at {
             key = key.with_expires_at(instant(id, "expires_at", &at)?);
+        }
+        for rate in self.rate_limits {
+            let name = rate.name.as_ref();
+            let per = RateLimit::parse_per(rate.per.as_ref()).map_err(|e| {
+                Error::invalid(Some(id), format!("`rate_limits` `{name}`: `per`: {e}"))
+            })?;
+            key = key.with_rate_limit(RateLimit::new(name, rate.requests, per));
+        }
+        if let Some(quota) = self.quota {
+            let period = quota
+                .per
+                .as_ref()
+                .parse()
+                .map_err(|e| Error::invalid(Some(id), e))?;
+            key = key.with_quota(Quota::new(quota.requests, period));
+        }
+        if let Some(nets) = self.allowed_ips {
+            let nets = nets
+                .iter()
+                .map(|net| {
+                    net.as_ref().parse::<IpNet>().map_err(|e| {
+                        Error::invalid(
+                            Some(id),
+                            format!("`allowed_ips`: `{}`: {e}", net.as_ref().escape_debug()),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            key = key.with_allowed_ips(nets);
         }
         Ok(key)
     }
@@ -489,6 +547,96 @@ sha256 = "{HASH}"
         assert_eq!(a.created_by(), Some("ops-admin"));
         assert_eq!(a.rotated_from(), Some("a-2026-10"));
         assert_eq!(set.get("b").unwrap().digest, KeyDigest::of(b"s3cr3t"));
+    }
+
+    #[test]
+    fn limits_are_read_and_bad_ones_refused_naming_file_line_field_and_key() {
+        let set = parse(
+            Path::new("k.toml"),
+            br#"
+[[keys]]
+id = "partner"
+secret = "s3cr3t"
+rate_limits = [ { name = "burst", requests = 100, per = "1s" },
+                { name = "daily", requests = 100000, per = "1d" } ]
+quota = { requests = 1000000, per = "month" }
+allowed_ips = ["203.0.113.0/24", "2001:db8::/32"]
+"#,
+        )
+        .unwrap();
+        let key = set.get("partner").unwrap();
+        let names: Vec<_> = key
+            .rate_limits()
+            .iter()
+            .map(|r| (r.name(), r.requests(), r.per().as_secs()))
+            .collect();
+        assert_eq!(names, [("burst", 100, 1), ("daily", 100_000, 86_400)]);
+        assert_eq!(
+            key.quota().map(|q| (q.requests(), q.period().as_str())),
+            Some((1_000_000, "month"))
+        );
+        assert_eq!(key.allowed_ips().unwrap().len(), 2);
+        let table = |fields: &str| {
+            format!("# keys\n\n[[keys]]\nid = \"p\"\nsecret = \"top-secret-value\"\n{fields}\n")
+        };
+        for (fields, says) in [
+            (
+                r#"rate_limits = [{ name = "burst", requests = 0, per = "1s" }]"#,
+                "`requests` must be at least 1",
+            ),
+            (
+                r#"rate_limits = [{ name = "burst", requests = 10, per = "0s" }]"#,
+                "`per`",
+            ),
+            (
+                r#"rate_limits = [{ name = "burst", requests = 10, per = "1w" }]"#,
+                "`per`",
+            ),
+            (
+                r#"rate_limits = [{ name = "burst", requests = 10000000000, per = "1s" }]"#,
+                "nanosecond",
+            ),
+            (
+                r#"rate_limits = [{ name = "a", requests = 1, per = "1s" }, { name = "a", requests = 2, per = "1s" }]"#,
+                "two limits",
+            ),
+            (
+                r#"rate_limits = [{ name = "b u", requests = 1, per = "1s" }]"#,
+                "a name must be",
+            ),
+            (
+                r#"rate_limits = [{ name = "b", requests = -1, per = "1s" }]"#,
+                "rate_limits",
+            ),
+            (
+                r#"rate_limits = [{ name = "b", requests = 1, per = "1s", burst = 3 }]"#,
+                "burst",
+            ),
+            (r#"quota = { requests = 0, per = "day" }"#, "`quota`"),
+            (
+                r#"quota = { requests = 10, per = "week" }"#,
+                "\"day\" or \"month\"",
+            ),
+            (r#"allowed_ips = ["203.0.113.5/24"]"#, "`allowed_ips`"),
+            (r#"allowed_ips = ["fe80::1%eth0"]"#, "zone id"),
+            (r#"allowed_ips = []"#, "`allowed_ips` is empty"),
+            (r#"allowed_ips = "203.0.113.0/24""#, "allowed_ips"),
+        ] {
+            let err = err(&table(fields));
+            // The table's line, or the field's for a value of the wrong shape.
+            assert!(
+                err.starts_with("keys.toml:3:") || err.starts_with("keys.toml:6:"),
+                "{fields}: {err}"
+            );
+            assert!(err.contains(says), "{fields}: {err}");
+            assert!(!err.contains("top-secret-value"), "{err}");
+            if !fields.contains("-1")
+                && !fields.contains("burst = 3")
+                && !fields.contains("= \"203")
+            {
+                assert!(err.contains("`p`"), "{fields}: {err}");
+            }
+        }
     }
 
     /// The fast path and the general parser agree on every file the fast path takes.

@@ -13,7 +13,7 @@ use crate::{ApiKey, clock};
 /// each as a TOML value (a string quoted and escaped, an array, a boolean, a
 /// datetime). Fields the key does not have are `None`; the key is written as its
 /// digest (`sha256`), never a secret.
-pub(crate) fn fields(key: &ApiKey) -> [(&'static str, Option<String>); 12] {
+pub(crate) fn fields(key: &ApiKey) -> [(&'static str, Option<String>); 15] {
     let text = |s: Option<&str>| s.map(basic_string);
     let at = |t: Option<std::time::SystemTime>| t.map(clock::rfc3339);
     let scopes: Vec<String> = key.scopes().map(basic_string).collect();
@@ -33,7 +33,42 @@ pub(crate) fn fields(key: &ApiKey) -> [(&'static str, Option<String>); 12] {
         ("created_at", at(key.created_at())),
         ("created_by", text(key.created_by())),
         ("rotated_from", text(key.rotated_from())),
+        ("rate_limits", rate_limits(key)),
+        (
+            "quota",
+            key.quota().map(|q| {
+                format!(
+                    "{{ requests = {}, per = {} }}",
+                    q.requests(),
+                    basic_string(q.period().as_str())
+                )
+            }),
+        ),
+        (
+            "allowed_ips",
+            key.allowed_ips().map(|nets| {
+                let nets: Vec<String> = nets.iter().map(|n| basic_string(&n.to_string())).collect();
+                format!("[{}]", nets.join(", "))
+            }),
+        ),
     ]
+}
+
+/// `rate_limits = [{ name = "burst", requests = 100, per = "1s" }, …]`, if any.
+fn rate_limits(key: &ApiKey) -> Option<String> {
+    let limits: Vec<String> = key
+        .rate_limits()
+        .iter()
+        .map(|r| {
+            format!(
+                "{{ name = {}, requests = {}, per = {} }}",
+                basic_string(r.name()),
+                r.requests(),
+                basic_string(&crate::limit::RateLimit::format_per(r.per()))
+            )
+        })
+        .collect();
+    (!limits.is_empty()).then(|| format!("[{}]", limits.join(", ")))
 }
 
 /// `key` as one `[[keys]]` table.
@@ -170,8 +205,13 @@ mod tests {
 
     use proptest::prelude::*;
 
+    use std::time::Duration;
+
     use super::*;
-    use crate::KeySet;
+    use crate::{
+        KeySet,
+        limit::{IpNet, Quota, QuotaPeriod, RateLimit},
+    };
 
     fn read_back(text: &str) -> KeySet {
         crate::source::key_file::parse(Path::new("keys.toml"), text.as_bytes())
@@ -206,8 +246,25 @@ mod tests {
             .with_disabled(true)
             .with_created_at(at)
             .with_created_by("root")
-            .with_rotated_from("old");
+            .with_rotated_from("old")
+            .with_rate_limit(RateLimit::new("burst", 100, Duration::from_secs(1)))
+            .with_rate_limit(RateLimit::new(
+                "daily",
+                100_000,
+                Duration::from_secs(86_400),
+            ))
+            .with_quota(Quota::new(1_000_000, QuotaPeriod::Month))
+            .with_allowed_ips([
+                "203.0.113.0/24".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ]);
         let text = entry(&key);
+        assert!(
+            text.contains(r#"rate_limits = [{ name = "burst", requests = 100, per = "1s" }, { name = "daily", requests = 100000, per = "1d" }]"#)
+                && text.contains(r#"quota = { requests = 1000000, per = "month" }"#)
+                && text.contains(r#"allowed_ips = ["203.0.113.0/24", "2001:db8::/32"]"#),
+            "{text}"
+        );
         assert!(!text.contains("the-secret"), "{text}");
         let back = read_back(&text);
         assert_eq!(file(back.iter()), file([&key]));
@@ -256,6 +313,38 @@ mod tests {
             let back = set.get(&id).expect("the same id");
             prop_assert_eq!(back.owner(), Some(owner.as_str()));
             prop_assert!(back.digest == key.digest);
+        }
+
+        /// Any limits the crate accepts are read back as written.
+        #[test]
+        fn limits_round_trip(
+            rates in proptest::collection::vec(("[a-z0-9_.-]{1,12}", 1u64..1_000_000_000, 1u64..86_400), 0..4),
+            quota in proptest::option::of((1u64..(1 << 40), any::<bool>())),
+            nets in proptest::option::of(proptest::collection::vec((any::<u32>(), 0u8..=32, any::<u128>(), 0u8..=128, any::<bool>()), 1..4)),
+        ) {
+            let mut key = ApiKey::new("k", "s3cr3t");
+            for (name, requests, secs) in rates {
+                key = key.with_rate_limit(RateLimit::new(name.as_str(), requests, Duration::from_secs(secs)));
+            }
+            if let Some((requests, monthly)) = quota {
+                let period = if monthly { QuotaPeriod::Month } else { QuotaPeriod::Day };
+                key = key.with_quota(Quota::new(requests, period));
+            }
+            if let Some(nets) = nets {
+                key = key.with_allowed_ips(nets.into_iter().map(|(v4, p4, v6, p6, six)| {
+                    let (addr, prefix) = match six {
+                        false => (std::net::IpAddr::from(std::net::Ipv4Addr::from(v4 & u32::MAX.checked_shl(32 - u32::from(p4)).unwrap_or(0))), p4),
+                        true => (std::net::IpAddr::from(std::net::Ipv6Addr::from(v6 & u128::MAX.checked_shl(128 - u32::from(p6)).unwrap_or(0))), p6),
+                    };
+                    IpNet::new(addr, prefix).unwrap()
+                }));
+            }
+            prop_assume!(KeySet::from_keys([key.clone()]).is_ok());
+            let set = read_back(&file([&key]));
+            let back = set.get("k").expect("the same id");
+            prop_assert_eq!(back.rate_limits(), key.rate_limits());
+            prop_assert_eq!(back.quota(), key.quota());
+            prop_assert_eq!(back.allowed_ips(), key.allowed_ips());
         }
     }
 }

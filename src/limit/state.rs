@@ -1,0 +1,559 @@
+//! A key's limiter: the state of its limits, shared by every version of the key set
+//! that keeps the key with the same limits.
+//!
+//! A key with one counting limit (a rate limit or a quota) decides with one
+//! compare-and-swap loop on one word. A key with several takes a lock of its own,
+//! held for a few comparisons: they must be decided together, since a request
+//! refused by one is counted by none, and no lock-free scheme over several words
+//! decides that exactly.
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc, Mutex, OnceLock, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use super::{IpNet, Limits, gcra::Gcra};
+
+/// What a limit is: a rate limit or the quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LimitKind {
+    /// A named rate limit.
+    Rate,
+    /// The calendar quota (named `quota`).
+    Quota,
+}
+
+/// Where one of a key's limits stands: what [`KeyInfo::limits`](crate::KeyInfo::limits)
+/// and the admin API show, and what the `RateLimit` header fields say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitStatus {
+    pub(crate) kind: LimitKind,
+    pub(crate) name: Arc<str>,
+    pub(crate) limit: u64,
+    pub(crate) window: Duration,
+    pub(crate) remaining: u64,
+    pub(crate) reset: Duration,
+}
+
+impl LimitStatus {
+    /// A rate limit or the quota.
+    pub fn kind(&self) -> LimitKind {
+        self.kind
+    }
+
+    /// The limit's name (`quota` for the quota).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How many requests it lets in per window.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The window: a rate limit's `per`, or the length of the current quota period.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// How many more requests it would let in now.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// How many requests of this window were let in (`limit − remaining`): for the
+    /// quota, the count of the period.
+    pub fn used(&self) -> u64 {
+        self.limit.saturating_sub(self.remaining)
+    }
+
+    /// How long until the whole allowance is back: a rate limit refilled, or the
+    /// next quota period.
+    pub fn reset(&self) -> Duration {
+        self.reset
+    }
+}
+
+/// Why a limiter refused a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Rate limit `name`: the next request is let in after `wait`.
+    Rate { name: Arc<str>, wait: Duration },
+    /// The quota: the next period starts at `next` (Unix ms).
+    Quota { next: u64 },
+}
+
+/// The quota's word: the period's number + 1 (0: never counted) in the high 24
+/// bits, the count in the low 40.
+const COUNT_BITS: u32 = 40;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+
+/// One rate limit's TAT, on a cache line of its own: two limited keys served by two
+/// cores never bounce one line.
+#[derive(Default)]
+#[repr(align(64))]
+struct Cell(AtomicU64);
+
+/// The state of one key's limits.
+pub(crate) struct Limiter {
+    pub(crate) limits: Limits,
+    gcras: Box<[Gcra]>,
+    tats: Box<[Cell]>,
+    quota: Cell,
+    /// Held while deciding, for a key with more than one counting limit.
+    lock: Option<Mutex<()>>,
+    /// Requests refused by these limits (address rules included).
+    refused: AtomicU64,
+    /// The layer's cache of the `RateLimit-Policy` field (see [`Limiter::policy_field`]).
+    policy: OnceLock<Option<http::HeaderValue>>,
+}
+
+/// Nanoseconds on the monotonic clock: on Linux, since boot, read straight from the
+/// kernel's clock (the vDSO, no system call) without `Instant`'s arithmetic, which
+/// costs more than the rest of a decision; elsewhere since the first limiter looked.
+#[inline]
+pub(crate) fn now_ns() -> u64 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+        let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+        secs.saturating_mul(1_000_000_000).saturating_add(nanos)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        use std::time::Instant;
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Limiter {
+    /// Fresh state for `limits`.
+    pub(crate) fn new(limits: &Limits) -> Self {
+        let counting = limits.rates.len() + usize::from(limits.quota.is_some());
+        Self {
+            limits: limits.clone(),
+            // At most 16 (checked with the key): `admit_all` decides them on the stack.
+            gcras: (limits.rates.iter().take(16))
+                .map(|r| Gcra::new(r.requests, r.per))
+                .collect(),
+            tats: limits
+                .rates
+                .iter()
+                .take(16)
+                .map(|_| Cell::default())
+                .collect(),
+            quota: Cell::default(),
+            lock: (counting > 1).then(Mutex::default),
+            refused: AtomicU64::new(0),
+            policy: OnceLock::new(),
+        }
+    }
+
+    /// Whether `client` may use the key: always without `allowed_ips`, never with
+    /// them and no known address.
+    #[inline]
+    pub(crate) fn allows(
+        &self,
+        client: impl FnOnce() -> Option<IpAddr>,
+    ) -> Result<(), Option<IpAddr>> {
+        let Some(nets) = &self.limits.allowed_ips else {
+            return Ok(());
+        };
+        match client() {
+            Some(addr) if IpNet::any_contains(nets, addr) => Ok(()),
+            other => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                Err(other)
+            }
+        }
+    }
+
+    /// Decides one request at `now` (from [`now_ns`]) and `unix_ms` (the wall
+    /// clock, read only for a quota): counted by every limit, or by none.
+    #[inline]
+    pub(crate) fn admit(&self, now: u64, unix_ms: impl Fn() -> u64) -> Result<(), Refusal> {
+        let result = match (&self.lock, &*self.gcras, &self.limits.quota) {
+            (None, [], None) => Ok(()),
+            (None, [gcra], None) => update(&self.tats[0].0, |tat| gcra.decide(tat, now))
+                .map_err(|wait| self.rate_refusal(0, wait)),
+            (None, [], Some(quota)) => {
+                let at = unix_ms();
+                let period = quota.period.index(at);
+                update(&self.quota.0, |word| {
+                    quota_decide(word, period, quota.requests)
+                })
+                .map_err(|()| Refusal::Quota {
+                    next: quota.period.start(period.saturating_add(1)),
+                })
+            }
+            (lock, _, _) => {
+                let _held = lock
+                    .as_ref()
+                    .map(|l| l.lock().unwrap_or_else(PoisonError::into_inner));
+                self.admit_all(now, unix_ms)
+            }
+        };
+        if result.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Decides every limit, then counts in all of them or none: under the lock.
+    fn admit_all(&self, now: u64, unix_ms: impl Fn() -> u64) -> Result<(), Refusal> {
+        let mut new = [0u64; 16];
+        let mut refusal: Option<Refusal> = None;
+        let mut longest = 0;
+        for (i, (gcra, tat)) in self.gcras.iter().zip(&*self.tats).enumerate() {
+            match gcra.decide(tat.0.load(Ordering::Acquire), now) {
+                Ok(next) => new[i] = next,
+                Err(wait) if refusal.is_none() || wait > longest => {
+                    longest = wait;
+                    refusal = Some(self.rate_refusal(i, wait));
+                }
+                Err(_) => {}
+            }
+        }
+        let mut quota_word = None;
+        if let Some(quota) = &self.limits.quota {
+            let at = unix_ms();
+            let period = quota.period.index(at);
+            match quota_decide(self.quota.0.load(Ordering::Acquire), period, quota.requests) {
+                Ok(word) => quota_word = Some(word),
+                Err(()) => {
+                    let next = quota.period.start(period.saturating_add(1));
+                    // The quota's wait is the longest unless a rate limit's is longer.
+                    let wait = next.saturating_sub(at).saturating_mul(1_000_000);
+                    if refusal.is_none() || wait >= longest {
+                        refusal = Some(Refusal::Quota { next });
+                    }
+                }
+            }
+        }
+        if let Some(refusal) = refusal {
+            return Err(refusal);
+        }
+        for (tat, next) in self.tats.iter().zip(new) {
+            tat.0.store(next, Ordering::Release);
+        }
+        if let Some(word) = quota_word {
+            self.quota.0.store(word, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn rate_refusal(&self, i: usize, wait: u64) -> Refusal {
+        Refusal::Rate {
+            name: self.limits.rates[i].name.clone(),
+            wait: Duration::from_nanos(wait),
+        }
+    }
+
+    /// Where each limit stands at `now` and `unix_ms`: rate limits in order, then the
+    /// quota.
+    pub(crate) fn status(&self, now: u64, unix_ms: u64) -> Vec<LimitStatus> {
+        let mut all = Vec::with_capacity(self.gcras.len() + 1);
+        for ((rate, gcra), tat) in self.limits.rates.iter().zip(&*self.gcras).zip(&*self.tats) {
+            let (remaining, ahead) = gcra.status(tat.0.load(Ordering::Acquire), now);
+            all.push(LimitStatus {
+                kind: LimitKind::Rate,
+                name: rate.name.clone(),
+                limit: rate.requests,
+                window: rate.per,
+                remaining: remaining.min(rate.requests),
+                reset: Duration::from_nanos(ahead),
+            });
+        }
+        all.extend(self.quota_status(unix_ms));
+        all
+    }
+
+    /// Each rate limit's remaining requests and nanoseconds until its whole burst is
+    /// back, in order, without allocating: what an allowed response's `RateLimit`
+    /// field says.
+    pub(crate) fn rate_states(&self, now: u64) -> impl Iterator<Item = (&str, u64, u64)> {
+        (self.limits.rates.iter().zip(&*self.gcras).zip(&*self.tats)).map(
+            move |((rate, gcra), tat)| {
+                let (remaining, ahead) = gcra.status(tat.0.load(Ordering::Acquire), now);
+                (&*rate.name, remaining.min(rate.requests), ahead)
+            },
+        )
+    }
+
+    /// The quota's status at `unix_ms`, if the key has one.
+    pub(crate) fn quota_status(&self, unix_ms: u64) -> Option<LimitStatus> {
+        let quota = self.limits.quota.as_ref()?;
+        {
+            let period = quota.period.index(unix_ms);
+            let word = self.quota.0.load(Ordering::Acquire);
+            let used = if word >> COUNT_BITS == u64::from(period) + 1 {
+                word & COUNT_MASK
+            } else {
+                0
+            };
+            let (start, next) = (
+                quota.period.start(period),
+                quota.period.start(period.saturating_add(1)),
+            );
+            static QUOTA: OnceLock<Arc<str>> = OnceLock::new();
+            Some(LimitStatus {
+                kind: LimitKind::Quota,
+                name: QUOTA.get_or_init(|| Arc::from("quota")).clone(),
+                limit: quota.requests,
+                window: Duration::from_millis(next - start),
+                remaining: quota.requests.saturating_sub(used),
+                reset: Duration::from_millis(next.saturating_sub(unix_ms)),
+            })
+        }
+    }
+
+    /// The `RateLimit-Policy` field of a key with rate limits and no quota, which
+    /// never changes: made once, by the layer, and cloned (a reference count) for
+    /// each response. A quota's window is the month's length: not cached.
+    pub(crate) fn policy_field(
+        &self,
+        make: impl FnOnce() -> Option<http::HeaderValue>,
+    ) -> Option<http::HeaderValue> {
+        if self.limits.quota.is_some() {
+            return make();
+        }
+        self.policy.get_or_init(make).clone()
+    }
+
+    /// Requests these limits refused.
+    pub(crate) fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// The quota's new word if one more request fits in period `period`.
+#[inline]
+fn quota_decide(word: u64, period: u32, requests: u64) -> Result<u64, ()> {
+    let tag = u64::from(period) + 1;
+    let used = if word >> COUNT_BITS == tag {
+        word & COUNT_MASK
+    } else {
+        0
+    };
+    // A count from a later period (the clock went back) is kept as it is.
+    if word >> COUNT_BITS > tag {
+        return Err(());
+    }
+    if used >= requests {
+        return Err(());
+    }
+    Ok((tag << COUNT_BITS) | (used + 1))
+}
+
+/// Compare-and-swap `cell` to `decide`'s answer until it sticks or `decide` refuses.
+#[inline]
+fn update<E>(cell: &AtomicU64, decide: impl Fn(u64) -> Result<u64, E>) -> Result<(), E> {
+    let mut current = cell.load(Ordering::Acquire);
+    loop {
+        let next = decide(current)?;
+        match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(()),
+            Err(now) => current = now,
+        }
+    }
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("limits", &self.limits)
+            .field("refused", &self.refused())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Barrier;
+
+    use super::*;
+    use crate::limit::{Quota, QuotaPeriod, RateLimit};
+
+    const SEC: u64 = 1_000_000_000;
+    const DAY_MS: u64 = 86_400_000;
+
+    fn limiter(rates: &[(&str, u64, u64)], quota: Option<u64>) -> Limiter {
+        Limiter::new(&Limits {
+            rates: rates
+                .iter()
+                .map(|&(n, r, s)| RateLimit::new(n, r, Duration::from_secs(s)))
+                .collect(),
+            quota: quota.map(|q| Quota::new(q, QuotaPeriod::Day)),
+            allowed_ips: None,
+        })
+    }
+
+    /// `threads` threads try `tries` requests each at the same instant: how many got in.
+    fn hammer(l: &Arc<Limiter>, threads: usize, tries: usize, now: u64, unix_ms: u64) -> u64 {
+        let barrier = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (l, barrier) = (l.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    (0..tries)
+                        .filter(|_| l.admit(now, || unix_ms).is_ok())
+                        .count() as u64
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    }
+
+    #[test]
+    fn many_threads_at_the_boundary_get_exactly_the_burst() {
+        for (rates, quota, want) in [
+            (&[("burst", 1_000, 1)][..], None, 1_000),
+            (&[][..], Some(777), 777),
+            (
+                &[("burst", 500, 1), ("daily", 100_000, 86_400)][..],
+                None,
+                500,
+            ),
+            (&[("burst", 500, 1)][..], Some(321), 321),
+        ] {
+            let l = Arc::new(limiter(rates, quota));
+            let got = hammer(&l, 8, 400, 5 * SEC, 40 * DAY_MS);
+            assert_eq!(got, want, "{rates:?} {quota:?}");
+            // Then exactly one more each time a request's interval has passed.
+            if let [(_, requests, secs)] = rates
+                && quota.is_none()
+            {
+                let interval = secs * SEC / requests;
+                assert_eq!(hammer(&l, 4, 50, 5 * SEC + interval, 40 * DAY_MS), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_refused_by_one_limit_is_counted_by_none() {
+        let l = Arc::new(limiter(
+            &[("burst", 500, 1), ("daily", 100_000, 86_400)],
+            Some(321),
+        ));
+        assert_eq!(hammer(&l, 8, 100, 5 * SEC, 40 * DAY_MS), 321);
+        let status = l.status(5 * SEC, 40 * DAY_MS);
+        let used: Vec<u64> = status.iter().map(LimitStatus::used).collect();
+        assert_eq!(used, [321, 321, 321], "{status:?}");
+        assert_eq!(l.refused(), 800 - 321);
+        // The next day the quota is back, the rate limits are not.
+        let next_day = 41 * DAY_MS;
+        assert_eq!(hammer(&l, 8, 100, 5 * SEC, next_day), 500 - 321);
+        match l.admit(5 * SEC, || next_day) {
+            Err(Refusal::Rate { name, wait }) => {
+                assert_eq!(&*name, "burst");
+                assert_eq!(wait, Duration::from_millis(2));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_quota_refusal_names_the_next_period() {
+        let l = limiter(&[], Some(2));
+        let at = 40 * DAY_MS + 5;
+        assert!(l.admit(0, || at).is_ok() && l.admit(0, || at).is_ok());
+        assert_eq!(l.admit(0, || at), Err(Refusal::Quota { next: 41 * DAY_MS }));
+        assert_eq!(
+            l.status(0, at)[0].reset(),
+            Duration::from_millis(DAY_MS - 5)
+        );
+        assert!(l.admit(0, || 41 * DAY_MS).is_ok());
+        // A clock set back a day does not give the day's requests again.
+        assert!(l.admit(0, || at).is_err());
+    }
+
+    /// A seeded xorshift: the same seed, the same run.
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed | 1;
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
+    #[test]
+    fn over_any_interval_admitted_stays_within_the_bound() {
+        // GCRA's contract: over [a, b], at most requests + (b - a) / interval.
+        let seed = std::env::var("LIMIT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed_u64);
+        let mut next = rng(seed);
+        for _ in 0..8 {
+            let requests = 1 + next() % 20;
+            let secs = 1 + next() % 5;
+            let l = Arc::new(limiter(&[("r", requests, secs)], None));
+            let gcra = Gcra::new(requests, Duration::from_secs(secs));
+            // Four threads admit, each moving the shared clock forward at random
+            // now and then: a thread may decide with a time another has passed.
+            let clock = Arc::new(AtomicU64::new(SEC));
+            let threads: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let (l, clock) = (l.clone(), clock.clone());
+                    let mut next = rng(seed ^ (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    std::thread::spawn(move || {
+                        let mut admitted = Vec::new();
+                        for _ in 0..3_000 {
+                            if next().is_multiple_of(4) {
+                                clock.fetch_add(next() % (gcra.interval / 2 + 1), Ordering::AcqRel);
+                            }
+                            let now = clock.load(Ordering::Acquire);
+                            if l.admit(now, || 0).is_ok() {
+                                admitted.push(now);
+                            }
+                        }
+                        admitted
+                    })
+                })
+                .collect();
+            let mut times: Vec<u64> = threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect();
+            times.sort_unstable();
+            for i in 0..times.len() {
+                for j in i..times.len().min(i + 200) {
+                    let allowed = requests + (times[j] - times[i]) / gcra.interval;
+                    assert!(
+                        (j - i + 1) as u64 <= allowed,
+                        "{} admitted in {} ns, limit {requests}/{secs}s: replay with LIMIT_SEED={seed} cargo test --lib limit::state",
+                        j - i + 1,
+                        times[j] - times[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn allowed_ips_refuse_an_unknown_address() {
+        let l = Limiter::new(&Limits {
+            allowed_ips: Some(Box::new(["203.0.113.0/24".parse().unwrap()])),
+            ..Limits::default()
+        });
+        assert!(l.allows(|| Some("203.0.113.9".parse().unwrap())).is_ok());
+        assert!(
+            l.allows(|| Some("::ffff:203.0.113.9".parse().unwrap()))
+                .is_ok()
+        );
+        assert!(l.allows(|| Some("198.51.100.1".parse().unwrap())).is_err());
+        assert_eq!(l.allows(|| None), Err(None));
+        assert_eq!(l.refused(), 2);
+    }
+}
