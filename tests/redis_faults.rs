@@ -754,3 +754,124 @@ async fn a_log_that_cannot_grow_refuses_writes_before_writing() {
     .await;
     assert_eq!(code, 204, "{body}");
 }
+
+/// A TCP proxy to the Redis at `port` that holds what the client sends for `delay`
+/// before passing it on (in order): a replica on a slow link, whose usage flush
+/// reaches Redis after a change made meanwhile over a fast one. Each time what the
+/// client sends holds `mark`, `seen` hears of it (as it starts its delay).
+async fn slow_link(
+    port: u16,
+    delay: Duration,
+    mark: &'static [u8],
+    seen: tokio::sync::mpsc::UnboundedSender<()>,
+) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            });
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+            tokio::spawn(async move {
+                while let Some((at, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until((at + delay).into()).await;
+                    if server_write.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = client_read.read(&mut buf).await {
+                    if n == 0 || tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                    if buf[..n].windows(mark.len()).any(|w| w == mark) {
+                        let _ = seen.send(());
+                    }
+                }
+            });
+        }
+    });
+    local
+}
+
+/// Review of issue 16: a key's usage counts go with it, in the same script, and a
+/// replica's flush that reaches Redis after the removal (a slow link: its counts
+/// were taken while the key still worked there) does not bring them back. A key
+/// created again under the id starts unused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_go_with_a_removed_key_and_stay_gone() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "gone").await;
+    let backend = RedisBackend::new(&redis.url(), "gone").unwrap();
+    backend.create(ApiKey::new("k", "k-secret")).await.unwrap();
+    // A replica whose every command reaches Redis 300 ms late; told when it sends
+    // a usage flush.
+    let (flushing, mut flushes) = tokio::sync::mpsc::unbounded_channel();
+    let port = slow_link(
+        redis.port,
+        Duration::from_millis(300),
+        b"tak:{gone}:requests",
+        flushing,
+    )
+    .await;
+    let store = KeyStore::new();
+    store
+        .add_source(
+            tower_api_key::redis::RedisSource::new(&format!("redis://127.0.0.1:{port}/"), "gone")
+                .unwrap()
+                .with_version_check(Duration::from_millis(200))
+                .with_usage_flush(Duration::from_millis(50))
+                .with_connect_timeout(Duration::from_millis(1000)),
+        )
+        .unwrap();
+    let addr = serve_store(store).await;
+    until(addr, "k-secret", 200, BOUND).await;
+    let counted = |id: &str| {
+        let requests = redis.cli(&["HEXISTS", "tak:{gone}:requests", id]);
+        let last_used = redis.cli(&["HEXISTS", "tak:{gone}:last_used", id]);
+        (requests == "1", last_used == "1")
+    };
+    // The key in use on the replica, its counts flushed every 50 ms.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let user = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                status(addr, "k-secret").await;
+            }
+        })
+    };
+    eventually("the key's use counted", BOUND, || {
+        counted("k") == (true, true)
+    })
+    .await;
+    // The key removed while a flush of its counts is on its way.
+    while flushes.try_recv().is_ok() {}
+    flushes.recv().await.unwrap();
+    backend.delete("k", None).await.unwrap();
+    assert_eq!(counted("k"), (false, false), "counts kept past the removal");
+    until(addr, "k-secret", 401, BOUND).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    user.await.unwrap();
+    // Every flush sent before the replica dropped the key has arrived by now.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        counted("k"),
+        (false, false),
+        "a late flush brought the counts back"
+    );
+    backend.create(ApiKey::new("k", "k2-secret")).await.unwrap();
+    let usage = backend.usage(&["k".to_owned()]).await.unwrap().unwrap();
+    assert_eq!(usage[0].0, 0, "a new key under an old id is unused");
+    assert!(usage[0].1.is_none());
+}

@@ -503,6 +503,8 @@ impl RedisBackend {
                     .key(&self.keys.version)
                     .key(&self.keys.log)
                     .key(&marker)
+                    .key(&self.keys.requests)
+                    .key(&self.keys.last_used)
                     .arg(LOG_LEN)
                     .arg(self.link.marker_ttl())
                     .arg(&seen.0)

@@ -127,11 +127,16 @@ pub(crate) mod refused {
 /// error. That includes a log that cannot grow (an entry at the largest
 /// millisecond a stream id has, where `XADD *` fails): the namespace is then damaged.
 ///
-/// KEYS: records, version, log, this write's marker. ARGV: the log's length, the
-/// marker's lifetime (ms), the epoch and version the writer last saw (empty and 0
-/// for none: a namespace of that epoch below that version went back, and is not
-/// written), then per change: `put` or `del`, the id, the condition (`-` absent, `*`
-/// anything, else the exact current record), the new record (empty for `del`).
+/// A key's usage counts go with it: a removal deletes them, and so does the
+/// creation of an id (one that must be free), so a key created again under an old id
+/// starts unused.
+///
+/// KEYS: records, version, log, this write's marker, requests, last_used. ARGV: the
+/// log's length, the marker's lifetime (ms), the epoch and version the writer last
+/// saw (empty and 0 for none: a namespace of that epoch below that version went
+/// back, and is not written), then per change: `put` or `del`, the id, the
+/// condition (`-` absent, `*` anything, else the exact current record), the new
+/// record (empty for `del`).
 ///
 /// Returns `{version, n, epoch}`, or `{code, i}` with a code of [`refused`].
 pub(crate) const APPLY: &str = r"
@@ -164,11 +169,18 @@ for i = 0, n - 1 do
     if cur ~= expect then return {-3, i} end
   end
 end
+-- Counts in a key of another type are left alone rather than fail the write.
+local counts = redis.call('TYPE', KEYS[5]).ok == 'hash'
+local stamps = redis.call('TYPE', KEYS[6]).ok == 'hash'
 if not redis.call('SET', KEYS[4], 'done', 'NX', 'PX', ARGV[2]) then return {-5, 0} end
 v = v + 1
 redis.call('HSET', KEYS[2], 'version', v)
 for i = 0, n - 1 do
   local kind, id, record = ARGV[5 + i * 4], ARGV[6 + i * 4], ARGV[8 + i * 4]
+  if kind == 'del' or ARGV[7 + i * 4] == '-' then
+    if counts then redis.call('HDEL', KEYS[5], id) end
+    if stamps then redis.call('HDEL', KEYS[6], id) end
+  end
   if kind == 'put' then
     redis.call('HSET', KEYS[1], id, record)
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*',
@@ -268,17 +280,22 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
 return v
 ";
 
-/// Adds a replica's counts: KEYS: requests, last_used; ARGV: pairs of id and
-/// `requests:last_used`. The count is added, the later stamp kept.
+/// Adds a replica's counts: KEYS: records, requests, last_used; ARGV: pairs of id
+/// and `requests:last_used`. The count is added, the later stamp kept, for ids the
+/// namespace holds only: a replica's late counts for a removed key do not bring its
+/// counts back (nor give them to a key created later under its id).
 pub(crate) const ADD_USAGE: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
 for i = 1, #ARGV, 2 do
   local id = ARGV[i]
-  local sep = string.find(ARGV[i + 1], ':')
-  local n = tonumber(string.sub(ARGV[i + 1], 1, sep - 1))
-  local at = tonumber(string.sub(ARGV[i + 1], sep + 1))
-  if n > 0 then redis.call('HINCRBY', KEYS[1], id, n) end
-  local cur = tonumber(redis.call('HGET', KEYS[2], id) or '0')
-  if at > cur then redis.call('HSET', KEYS[2], id, at) end
+  if redis.call('HEXISTS', KEYS[1], id) == 1 then
+    local sep = string.find(ARGV[i + 1], ':')
+    local n = tonumber(string.sub(ARGV[i + 1], 1, sep - 1))
+    local at = tonumber(string.sub(ARGV[i + 1], sep + 1))
+    if n > 0 then redis.call('HINCRBY', KEYS[2], id, n) end
+    local cur = tonumber(redis.call('HGET', KEYS[3], id) or '0')
+    if at > cur then redis.call('HSET', KEYS[3], id, at) end
+  end
 end
 return 1
 ";
