@@ -875,3 +875,70 @@ async fn usage_counts_go_with_a_removed_key_and_stay_gone() {
     assert_eq!(usage[0].0, 0, "a new key under an old id is unused");
     assert!(usage[0].1.is_none());
 }
+
+/// Review of issue 16: a change that keeps meeting other writers' changes to the
+/// same key is tried again for a bounded time; a caller that sent no `If-Match`
+/// never gets "precondition failed" (412) for it: the change is made, or refused
+/// whole as unavailable (nothing written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_without_if_match_never_fails_a_precondition() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "hot").await;
+    let backend = RedisBackend::new(&redis.url(), "hot")
+        .unwrap()
+        .with_timeout(Duration::from_millis(300));
+    backend
+        .create(ApiKey::new("hot", "hot-secret"))
+        .await
+        .unwrap();
+    let raw = || redis.cli(&["HGET", "tak:{hot}:keys", "hot"]);
+    backend
+        .update(ApiKey::new("hot", "hot-secret").with_description("b"), None)
+        .await
+        .unwrap();
+    let b = raw();
+    assert!(b.contains("\"b\""), "{b}");
+    // Other writers changing the key's record (to a new valid record each time) as
+    // fast as Redis takes it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (stop, url, b) = (stop.clone(), redis.url(), b.clone());
+            thread::spawn(move || {
+                let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut pipe = redis::pipe();
+                    for _ in 0..20 {
+                        n += 1;
+                        let record = b.replace("\"b\"", &format!("\"w{w}-{n}\""));
+                        pipe.hset("tak:{hot}:keys", "hot", record).ignore();
+                    }
+                    let () = pipe.query(&mut con).unwrap();
+                }
+            })
+        })
+        .collect();
+    eventually("the other writers at work", BOUND, || {
+        raw().contains("\"w1-")
+    })
+    .await;
+    let (mut made, mut refused) = (0, 0);
+    for i in 0..8 {
+        let key = ApiKey::new("hot", "hot-secret").with_description(format!("try {i}"));
+        match backend.update(key, None).await {
+            Ok(()) => made += 1,
+            Err(BackendError::Unavailable(_)) => refused += 1,
+            Err(other) => panic!("try {i} without If-Match: {other:?}"),
+        }
+    }
+    match backend.delete("hot", None).await {
+        Ok(()) | Err(BackendError::Unavailable(_)) => {}
+        Err(other) => panic!("a removal without If-Match: {other:?}"),
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    eprintln!("under a racing writer: {made} made, {refused} refused as unavailable");
+}
