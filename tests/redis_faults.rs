@@ -942,3 +942,67 @@ async fn a_change_without_if_match_never_fails_a_precondition() {
     }
     eprintln!("under a racing writer: {made} made, {refused} refused as unavailable");
 }
+
+/// Review of issue 16: a version counter that is not a whole number (`1.5`) passed
+/// the write script's `tonumber` while replicas call such a namespace damaged, so
+/// the API answered 2xx for writes no replica applied. The script, the namespace's
+/// head and the follower agree now: it is damaged, the API refuses with the
+/// damaged namespace's answer (`unavailable`, nothing written), and a restore
+/// replaces it.
+#[tokio::test]
+async fn a_version_that_is_not_a_whole_number_is_a_damaged_namespace() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "frac").await;
+    let r = replica(&redis, "frac", true).await;
+    let version = redis.version("frac");
+    // The last one left for the restore to replace.
+    for bad in [
+        "-1".into(),
+        "0x10".into(),
+        " 7".into(),
+        "1e3".into(),
+        format!("{version}.5"),
+    ] {
+        redis.cli(&["HSET", "tak:{frac}:version", "version", &bad]);
+        let (code, body) = api(
+            r.addr,
+            reqwest::Method::POST,
+            "/v1/api-keys",
+            Some(json!({"id": "late"})),
+        )
+        .await;
+        assert_eq!(code, 503, "version {bad:?}: {body}");
+        assert_eq!(problem(&body), "unavailable", "version {bad:?}: {body}");
+        assert!(!redis.ids("frac").contains(&"late".to_owned()), "{bad:?}");
+        assert_eq!(
+            redis.cli(&["HGET", "tak:{frac}:version", "version"]),
+            bad,
+            "written over"
+        );
+        let backend = RedisBackend::new(&redis.url(), "frac").unwrap();
+        assert!(!backend.exists().await.unwrap(), "version {bad:?}");
+    }
+    eventually("the damage reported", BOUND, || {
+        r.store
+            .last_reload()
+            .and_then(|x| x.error().map(|e| common::chain(e)))
+            .is_some_and(|e| e.contains("wrong type"))
+    })
+    .await;
+    assert_eq!(status(r.addr, "reader-secret").await, 200);
+    // A restore replaces it with a whole-number version, and writes work again.
+    let path = redis.dir.path().join("frac-restore.toml");
+    std::fs::write(&path, SEED).unwrap();
+    let backend = RedisBackend::new(&redis.url(), "frac").unwrap();
+    assert_eq!(backend.restore_file(&path).await.unwrap(), 2);
+    let restored = redis.cli(&["HGET", "tak:{frac}:version", "version"]);
+    assert!(restored.parse::<u64>().is_ok(), "{restored:?}");
+    let (code, body) = api(
+        r.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "late"})),
+    )
+    .await;
+    assert!(code == 201 || code == 202, "{code} {body}");
+}

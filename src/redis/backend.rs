@@ -626,8 +626,8 @@ fn refusal(code: i64) -> &'static str {
              written; restore it first"
         }
         refused::DAMAGED => {
-            "a key of the namespace has the wrong type in Redis (written by something else \
-             than this crate?): nothing was written"
+            "a key of the namespace has the wrong type in Redis, or its version is not a \
+             whole number (written by something else than this crate?): nothing was written"
         }
         refused::FENCED => "the write was given up on: nothing was written",
         refused::WENT_BACK => {

@@ -131,6 +131,10 @@ pub(crate) mod refused {
 /// creation of an id (one that must be free), so a key created again under an old id
 /// starts unused.
 ///
+/// The version counter must be a whole number of at most 13 digits (what the
+/// follower reads, and what Lua writes back without an exponent): anything else
+/// (`1.5`, `-1`, `0x10`, ` 7`) is a damaged namespace, as [`HEAD`] says too.
+///
 /// KEYS: records, version, log, this write's marker, requests, last_used. ARGV: the
 /// log's length, the marker's lifetime (ms), the epoch and version the writer last
 /// saw (empty and 0 for none: a namespace of that epoch below that version went
@@ -145,8 +149,10 @@ if redis.call('TYPE', KEYS[2]).ok ~= 'hash' then
   return {-4, 0}
 end
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
-local v = tonumber(redis.call('HGET', KEYS[2], 'version'))
+local v = redis.call('HGET', KEYS[2], 'version')
 if not epoch or not v then return {-4, 0} end
+if not string.match(v, '^%d+$') or #v > 13 then return {-6, 2} end
+v = tonumber(v)
 if epoch == ARGV[3] and v < tonumber(ARGV[4]) then return {-7, 0} end
 local t = redis.call('TYPE', KEYS[1]).ok
 if t ~= 'hash' and t ~= 'none' then return {-6, 1} end
@@ -215,14 +221,16 @@ return 0
 /// KEYS: version, records, log. Returns `{state, epoch, version, last log id}`:
 /// state 0 the namespace exists, 1 it is missing (no epoch or version, or its
 /// records gone while `records` says it holds some), 2 one of its keys has the
-/// wrong type.
+/// wrong type or its version is not a whole number (as [`APPLY`] checks it).
 pub(crate) const HEAD: &str = r"
 local state, epoch, v, last = 1, false, false, false
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'hash' then
   epoch = redis.call('HGET', KEYS[1], 'epoch')
   v = redis.call('HGET', KEYS[1], 'version')
-  if epoch and tonumber(v) then state = 0 end
+  if epoch and v then
+    if string.match(v, '^%d+$') and #v <= 13 then state = 0 else state = 2 end
+  end
 elseif t ~= 'none' then
   state = 2
 end
@@ -258,7 +266,8 @@ if staged ~= tonumber(ARGV[2]) then return -1 end
 if not redis.call('SET', KEYS[5], 'done', 'NX', 'PX', ARGV[4]) then return -5 end
 local v = 0
 if redis.call('TYPE', KEYS[2]).ok == 'hash' then
-  v = tonumber(redis.call('HGET', KEYS[2], 'version')) or 0
+  local old = redis.call('HGET', KEYS[2], 'version')
+  if old and string.match(old, '^%d+$') and #old <= 13 then v = tonumber(old) end
 end
 redis.call('UNLINK', KEYS[1], KEYS[2])
 if staged > 0 then
