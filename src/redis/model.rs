@@ -7,7 +7,8 @@
 //!   id is refused.
 //! - `tak:{ns}:version`, a hash: `epoch` → the namespace's identity, new at every
 //!   explicit (re)creation ([`RedisBackend::import_file`] into a missing namespace,
-//!   [`RedisBackend::restore_file`]); `version` → one more at every change;
+//!   [`RedisBackend::restore_file`]); `version` → one more at every change, a whole
+//!   number (anything else is a damaged namespace, see [`HEAD`]);
 //!   `records` → how many records the hash held after the last change. The
 //!   namespace exists while `epoch` and `version` do, and while the hash does if
 //!   `records` says it holds any: a Redis without them is wiped, partly wiped (the
@@ -19,7 +20,8 @@
 //!   `op` (`put`, `del`, or `reset` for a re-creation), `id`, and for `put` the
 //!   `record`. A follower applies a version when it holds all `n` of its entries.
 //! - `tak:{ns}:requests` and `tak:{ns}:last_used`, hashes: key id → requests, added to
-//!   by each replica, and the Unix second of the fleet's latest use.
+//!   by each replica, and the Unix second of the fleet's latest use; for ids the
+//!   records hash holds only, removed with the key ([`APPLY`], [`ADD_USAGE`]).
 //! - `tak:{ns}:write:<nonce>`, a short-lived string per write: `done` once the write
 //!   happened, `fenced` once a writer that lost its answer has made sure it never
 //!   will. This is how a write whose answer was lost is settled (see
