@@ -203,3 +203,98 @@ async fn hand_removals_by_rename_are_never_reverted_by_the_api() {
     }
     assert!(s.store.get("hand-0").is_none());
 }
+
+/// Review of issue 16: a key file that is a symlink (to a file beside it, as a
+/// deployment points at a versioned file, or in another directory) is written
+/// through: the link stays a link, the file it names gets the change, with its
+/// permissions, owner and group, and a store watching the file by another link
+/// (its own watcher, not told by the API) sees the change.
+#[tokio::test]
+async fn a_symlinked_key_file_is_written_through_keeping_its_owner() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _, symlink};
+    let root = fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    for elsewhere in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, data) = (dir.path().join("config"), dir.path().join("data"));
+        fs::create_dir(&config).unwrap();
+        fs::create_dir(&data).unwrap();
+        let real = if elsewhere {
+            data.join("keys-v1.toml")
+        } else {
+            config.join("keys-v1.toml")
+        };
+        fs::write(&real, ROOT.to_owned() + &hand_key(1)).unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o640)).unwrap();
+        if root {
+            std::os::unix::fs::chown(&real, Some(4242), Some(4243)).unwrap();
+        }
+        let owner = fs::metadata(&real).map(|m| (m.uid(), m.gid())).unwrap();
+        let link = config.join("keys.toml");
+        let pointed = if elsewhere {
+            real.clone()
+        } else {
+            PathBuf::from("keys-v1.toml")
+        };
+        symlink(&pointed, &link).unwrap();
+        // Another link to the same file, watched by a store the API does not tell.
+        let other_link = data.join("watched.toml");
+        symlink(&real, &other_link).unwrap();
+        let watcher = KeyStore::new();
+        watcher
+            .add_source(FileSource::new(&other_link).with_poll_interval(Duration::from_millis(50)))
+            .unwrap();
+
+        let store = KeyStore::new();
+        store.add_source(FileSource::new(&link)).unwrap();
+        let app = Router::new()
+            .route("/", get(|| async { "ok" }))
+            .route_layer(ApiKeyLayer::from_store(store.clone()))
+            .merge(AdminApi::new(store.clone(), FileBackend::new(&link)).router());
+        let addr = common::serve(app).await;
+        for id in ["new-1", "new-2"] {
+            let res = common::client()
+                .post(format!("http://{addr}/v1/api-keys"))
+                .header("authorization", "Bearer root-secret")
+                .header("content-type", "application/json")
+                .body(json!({"id": id}).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status().as_u16(), 201, "{}", res.text().await.unwrap());
+            let meta = fs::symlink_metadata(&link).unwrap();
+            assert!(
+                meta.file_type().is_symlink(),
+                "elsewhere {elsewhere}: the link was replaced"
+            );
+            assert_eq!(fs::read_link(&link).unwrap(), pointed);
+            let text = fs::read_to_string(&real).unwrap();
+            assert!(
+                text.contains(&format!("\"{id}\"")),
+                "elsewhere {elsewhere}: {text}"
+            );
+            assert!(text.contains("hand-1"));
+            let meta = fs::metadata(&real).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+            assert_eq!((meta.uid(), meta.gid()), owner, "owner and group kept");
+            assert!(store.get(id).is_some());
+            let start = Instant::now();
+            while watcher.get(id).is_none() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "elsewhere {elsewhere}: the other watcher never saw `{id}`"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        // Nothing left behind in either directory.
+        for d in [&config, &data] {
+            let names: Vec<String> = fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+        }
+    }
+}

@@ -754,3 +754,255 @@ async fn a_log_that_cannot_grow_refuses_writes_before_writing() {
     .await;
     assert_eq!(code, 204, "{body}");
 }
+
+/// A TCP proxy to the Redis at `port` that holds what the client sends for `delay`
+/// before passing it on (in order): a replica on a slow link, whose usage flush
+/// reaches Redis after a change made meanwhile over a fast one. Each time what the
+/// client sends holds `mark`, `seen` hears of it (as it starts its delay).
+async fn slow_link(
+    port: u16,
+    delay: Duration,
+    mark: &'static [u8],
+    seen: tokio::sync::mpsc::UnboundedSender<()>,
+) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            });
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+            tokio::spawn(async move {
+                while let Some((at, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until((at + delay).into()).await;
+                    if server_write.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = client_read.read(&mut buf).await {
+                    if n == 0 || tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                    if buf[..n].windows(mark.len()).any(|w| w == mark) {
+                        let _ = seen.send(());
+                    }
+                }
+            });
+        }
+    });
+    local
+}
+
+/// Review of issue 16: a key's usage counts go with it, in the same script, and a
+/// replica's flush that reaches Redis after the removal (a slow link: its counts
+/// were taken while the key still worked there) does not bring them back. A key
+/// created again under the id starts unused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_go_with_a_removed_key_and_stay_gone() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "gone").await;
+    let backend = RedisBackend::new(&redis.url(), "gone").unwrap();
+    backend.create(ApiKey::new("k", "k-secret")).await.unwrap();
+    // A replica whose every command reaches Redis 300 ms late; told when it sends
+    // a usage flush.
+    let (flushing, mut flushes) = tokio::sync::mpsc::unbounded_channel();
+    let port = slow_link(
+        redis.port,
+        Duration::from_millis(300),
+        b"tak:{gone}:requests",
+        flushing,
+    )
+    .await;
+    let store = KeyStore::new();
+    store
+        .add_source(
+            tower_api_key::redis::RedisSource::new(&format!("redis://127.0.0.1:{port}/"), "gone")
+                .unwrap()
+                .with_version_check(Duration::from_millis(200))
+                .with_usage_flush(Duration::from_millis(50))
+                .with_connect_timeout(Duration::from_millis(1000)),
+        )
+        .unwrap();
+    let addr = serve_store(store).await;
+    until(addr, "k-secret", 200, BOUND).await;
+    let counted = |id: &str| {
+        let requests = redis.cli(&["HEXISTS", "tak:{gone}:requests", id]);
+        let last_used = redis.cli(&["HEXISTS", "tak:{gone}:last_used", id]);
+        (requests == "1", last_used == "1")
+    };
+    // The key in use on the replica, its counts flushed every 50 ms.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let user = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                status(addr, "k-secret").await;
+            }
+        })
+    };
+    eventually("the key's use counted", BOUND, || {
+        counted("k") == (true, true)
+    })
+    .await;
+    // The key removed while a flush of its counts is on its way.
+    while flushes.try_recv().is_ok() {}
+    flushes.recv().await.unwrap();
+    backend.delete("k", None).await.unwrap();
+    assert_eq!(counted("k"), (false, false), "counts kept past the removal");
+    until(addr, "k-secret", 401, BOUND).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    user.await.unwrap();
+    // Every flush sent before the replica dropped the key has arrived by now.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        counted("k"),
+        (false, false),
+        "a late flush brought the counts back"
+    );
+    backend.create(ApiKey::new("k", "k2-secret")).await.unwrap();
+    let usage = backend.usage(&["k".to_owned()]).await.unwrap().unwrap();
+    assert_eq!(usage[0].0, 0, "a new key under an old id is unused");
+    assert!(usage[0].1.is_none());
+}
+
+/// Review of issue 16: a change that keeps meeting other writers' changes to the
+/// same key is tried again for a bounded time; a caller that sent no `If-Match`
+/// never gets "precondition failed" (412) for it: the change is made, or refused
+/// whole as unavailable (nothing written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_without_if_match_never_fails_a_precondition() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "hot").await;
+    let backend = RedisBackend::new(&redis.url(), "hot")
+        .unwrap()
+        .with_timeout(Duration::from_millis(300));
+    backend
+        .create(ApiKey::new("hot", "hot-secret"))
+        .await
+        .unwrap();
+    let raw = || redis.cli(&["HGET", "tak:{hot}:keys", "hot"]);
+    backend
+        .update(ApiKey::new("hot", "hot-secret").with_description("b"), None)
+        .await
+        .unwrap();
+    let b = raw();
+    assert!(b.contains("\"b\""), "{b}");
+    // Other writers changing the key's record (to a new valid record each time) as
+    // fast as Redis takes it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (stop, url, b) = (stop.clone(), redis.url(), b.clone());
+            thread::spawn(move || {
+                let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut pipe = redis::pipe();
+                    for _ in 0..20 {
+                        n += 1;
+                        let record = b.replace("\"b\"", &format!("\"w{w}-{n}\""));
+                        pipe.hset("tak:{hot}:keys", "hot", record).ignore();
+                    }
+                    let () = pipe.query(&mut con).unwrap();
+                }
+            })
+        })
+        .collect();
+    eventually("the other writers at work", BOUND, || {
+        raw().contains("\"w1-")
+    })
+    .await;
+    let (mut made, mut refused) = (0, 0);
+    for i in 0..8 {
+        let key = ApiKey::new("hot", "hot-secret").with_description(format!("try {i}"));
+        match backend.update(key, None).await {
+            Ok(()) => made += 1,
+            Err(BackendError::Unavailable(_)) => refused += 1,
+            Err(other) => panic!("try {i} without If-Match: {other:?}"),
+        }
+    }
+    match backend.delete("hot", None).await {
+        Ok(()) | Err(BackendError::Unavailable(_)) => {}
+        Err(other) => panic!("a removal without If-Match: {other:?}"),
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    eprintln!("under a racing writer: {made} made, {refused} refused as unavailable");
+}
+
+/// Review of issue 16: a version counter that is not a whole number (`1.5`) passed
+/// the write script's `tonumber` while replicas call such a namespace damaged, so
+/// the API answered 2xx for writes no replica applied. The script, the namespace's
+/// head and the follower agree now: it is damaged, the API refuses with the
+/// damaged namespace's answer (`unavailable`, nothing written), and a restore
+/// replaces it.
+#[tokio::test]
+async fn a_version_that_is_not_a_whole_number_is_a_damaged_namespace() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "frac").await;
+    let r = replica(&redis, "frac", true).await;
+    let version = redis.version("frac");
+    // The last one left for the restore to replace.
+    for bad in [
+        "-1".into(),
+        "0x10".into(),
+        " 7".into(),
+        "1e3".into(),
+        format!("{version}.5"),
+    ] {
+        redis.cli(&["HSET", "tak:{frac}:version", "version", &bad]);
+        let (code, body) = api(
+            r.addr,
+            reqwest::Method::POST,
+            "/v1/api-keys",
+            Some(json!({"id": "late"})),
+        )
+        .await;
+        assert_eq!(code, 503, "version {bad:?}: {body}");
+        assert_eq!(problem(&body), "unavailable", "version {bad:?}: {body}");
+        assert!(!redis.ids("frac").contains(&"late".to_owned()), "{bad:?}");
+        assert_eq!(
+            redis.cli(&["HGET", "tak:{frac}:version", "version"]),
+            bad,
+            "written over"
+        );
+        let backend = RedisBackend::new(&redis.url(), "frac").unwrap();
+        assert!(!backend.exists().await.unwrap(), "version {bad:?}");
+    }
+    eventually("the damage reported", BOUND, || {
+        r.store
+            .last_reload()
+            .and_then(|x| x.error().map(|e| common::chain(e)))
+            .is_some_and(|e| e.contains("wrong type"))
+    })
+    .await;
+    assert_eq!(status(r.addr, "reader-secret").await, 200);
+    // A restore replaces it with a whole-number version, and writes work again.
+    let path = redis.dir.path().join("frac-restore.toml");
+    std::fs::write(&path, SEED).unwrap();
+    let backend = RedisBackend::new(&redis.url(), "frac").unwrap();
+    assert_eq!(backend.restore_file(&path).await.unwrap(), 2);
+    let restored = redis.cli(&["HGET", "tak:{frac}:version", "version"]);
+    assert!(restored.parse::<u64>().is_ok(), "{restored:?}");
+    let (code, body) = api(
+        r.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "late"})),
+    )
+    .await;
+    assert!(code == 201 || code == 202, "{code} {body}");
+}

@@ -41,6 +41,9 @@
 //!   (default 5 s), the answer is **202 Accepted** with the same body (a new key's
 //!   secret included): the change applies when the store catches up.
 //! - 503 `unavailable` means nothing was written: the call may be retried as it is.
+//!   412 answers only a call that gave `If-Match`: a change without one that keeps
+//!   meeting other writers' changes to the same key is tried again for a bounded
+//!   time, then refused with 503 (nothing written).
 //!   504 `outcome-unknown` means the backend did not confirm a write that may have
 //!   happened: the problem's `key_id` names the key to `GET` before retrying.
 //! - Every write (create, update, rotate, delete) follows one rule: the caller must

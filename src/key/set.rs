@@ -183,9 +183,10 @@ impl KeySet {
 
     /// Writes the set as a key file at `path` ([`KeySet::to_toml`]), replacing it
     /// atomically: a new file is created beside it (readable by its owner only, or with
-    /// the permissions of the file it replaces), synced and renamed over it, so a
-    /// watching [`FileSource`](crate::FileSource) and a crash alike see the old file
-    /// or the new one.
+    /// the permissions, owner and group of the file it replaces), synced and renamed
+    /// over it, so a watching [`FileSource`](crate::FileSource) and a crash alike see
+    /// the old file or the new one. A `path` that is a symlink is written through: the
+    /// file it names is replaced, the link stays.
     ///
     /// # Errors
     ///

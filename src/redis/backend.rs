@@ -503,6 +503,8 @@ impl RedisBackend {
                     .key(&self.keys.version)
                     .key(&self.keys.log)
                     .key(&marker)
+                    .key(&self.keys.requests)
+                    .key(&self.keys.last_used)
                     .arg(LOG_LEN)
                     .arg(self.link.marker_ttl())
                     .arg(&seen.0)
@@ -535,9 +537,15 @@ impl RedisBackend {
     }
 
     /// Replaces or removes the record with `id` (and adds `also`, which must be new),
-    /// if its ETag is `if_match`: read, check, and write if nothing changed in between
-    /// (a few tries, then the change wins or loses on the ETag). A record that cannot
-    /// be read can be removed (without `If-Match`), nothing else.
+    /// if its ETag is `if_match`: read, check, and write if nothing changed in between.
+    /// A record that cannot be read can be removed (without `If-Match`), nothing else.
+    ///
+    /// Changed by someone else in between, it is read and tried again (after a short,
+    /// random pause), for as long as the backend's timeout: a changed ETag then
+    /// answers [`BackendError::PreconditionFailed`], and only that (a caller that
+    /// gave no `If-Match` never gets it). A record that still keeps changing when the
+    /// time is up is [`BackendError::Unavailable`]: every try was refused whole, so
+    /// nothing was written.
     async fn change(
         &self,
         id: &str,
@@ -545,7 +553,9 @@ impl RedisBackend {
         record: Option<String>,
         also: Option<&ApiKey>,
     ) -> Result<(), BackendError> {
-        for _ in 0..5 {
+        let deadline = tokio::time::Instant::now() + self.link.timeout();
+        let mut pause = Duration::from_millis(1);
+        loop {
             let (raw, key) = self.current(id).await?.ok_or(BackendError::NotFound)?;
             match (&key, if_match) {
                 (Ok(key), Some(tag)) if tag != record_etag(key) => {
@@ -577,12 +587,18 @@ impl RedisBackend {
                     return Err(BackendError::Conflict(taken.to_owned()));
                 }
                 Written::Refused(refused::ABSENT) => return Err(BackendError::NotFound),
-                // Changed under us: look again.
+                // Changed under us: look again, a little later.
                 Written::Refused(refused::CHANGED) => {}
                 Written::Refused(code) => return Err(self.refused(code)),
             }
+            if tokio::time::Instant::now() + pause >= deadline {
+                return Err(BackendError::Unavailable(Box::new(self.error(
+                    "the key kept changing under the API (other writers): nothing was written",
+                ))));
+            }
+            tokio::time::sleep(jitter(pause)).await;
+            pause = (pause * 2).min(Duration::from_millis(64));
         }
-        Err(BackendError::PreconditionFailed)
     }
 
     /// The error of a write refused for the namespace itself.
@@ -610,8 +626,8 @@ fn refusal(code: i64) -> &'static str {
              written; restore it first"
         }
         refused::DAMAGED => {
-            "a key of the namespace has the wrong type in Redis (written by something else \
-             than this crate?): nothing was written"
+            "a key of the namespace has the wrong type in Redis, or its version is not a \
+             whole number (written by something else than this crate?): nothing was written"
         }
         refused::FENCED => "the write was given up on: nothing was written",
         refused::WENT_BACK => {
@@ -620,6 +636,13 @@ fn refusal(code: i64) -> &'static str {
         }
         _ => "Redis refused the write: nothing was written",
     }
+}
+
+/// A random pause of up to `most`, so that writers racing for one key drift apart.
+fn jitter(most: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    most.mul_f64(f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX))
 }
 
 /// A script's reply as a write's outcome.

@@ -453,6 +453,7 @@ impl Follower {
         }
         let mut invocation = self.add_usage.prepare_invoke();
         invocation
+            .key(&self.keys.records)
             .key(&self.keys.requests)
             .key(&self.keys.last_used);
         for (id, delta, last, _) in &deltas {

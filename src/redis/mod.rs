@@ -80,9 +80,11 @@ use redis::Value;
 pub use self::{backend::RedisBackend, source::RedisSource};
 use crate::Error;
 
-/// What a namespace with a key of the wrong type is said as.
-const DAMAGED: &str = "a key of the namespace has the wrong type in Redis (written by something \
-                       else than this crate?); keeping the last good keys";
+/// What a namespace with a key of the wrong type (or a version counter that is not
+/// a whole number) is said as.
+const DAMAGED: &str = "a key of the namespace has the wrong type in Redis, or its version is not \
+                       a whole number (written by something else than this crate?); keeping \
+                       the last good keys";
 
 /// A client for `url`, checked but not connected.
 fn client(url: &str, namespace: &str) -> Result<redis::Client, Error> {

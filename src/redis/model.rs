@@ -7,7 +7,8 @@
 //!   id is refused.
 //! - `tak:{ns}:version`, a hash: `epoch` → the namespace's identity, new at every
 //!   explicit (re)creation ([`RedisBackend::import_file`] into a missing namespace,
-//!   [`RedisBackend::restore_file`]); `version` → one more at every change;
+//!   [`RedisBackend::restore_file`]); `version` → one more at every change, a whole
+//!   number (anything else is a damaged namespace, see [`HEAD`]);
 //!   `records` → how many records the hash held after the last change. The
 //!   namespace exists while `epoch` and `version` do, and while the hash does if
 //!   `records` says it holds any: a Redis without them is wiped, partly wiped (the
@@ -19,7 +20,8 @@
 //!   `op` (`put`, `del`, or `reset` for a re-creation), `id`, and for `put` the
 //!   `record`. A follower applies a version when it holds all `n` of its entries.
 //! - `tak:{ns}:requests` and `tak:{ns}:last_used`, hashes: key id → requests, added to
-//!   by each replica, and the Unix second of the fleet's latest use.
+//!   by each replica, and the Unix second of the fleet's latest use; for ids the
+//!   records hash holds only, removed with the key ([`APPLY`], [`ADD_USAGE`]).
 //! - `tak:{ns}:write:<nonce>`, a short-lived string per write: `done` once the write
 //!   happened, `fenced` once a writer that lost its answer has made sure it never
 //!   will. This is how a write whose answer was lost is settled (see
@@ -127,11 +129,20 @@ pub(crate) mod refused {
 /// error. That includes a log that cannot grow (an entry at the largest
 /// millisecond a stream id has, where `XADD *` fails): the namespace is then damaged.
 ///
-/// KEYS: records, version, log, this write's marker. ARGV: the log's length, the
-/// marker's lifetime (ms), the epoch and version the writer last saw (empty and 0
-/// for none: a namespace of that epoch below that version went back, and is not
-/// written), then per change: `put` or `del`, the id, the condition (`-` absent, `*`
-/// anything, else the exact current record), the new record (empty for `del`).
+/// A key's usage counts go with it: a removal deletes them, and so does the
+/// creation of an id (one that must be free), so a key created again under an old id
+/// starts unused.
+///
+/// The version counter must be a whole number of at most 13 digits (what the
+/// follower reads, and what Lua writes back without an exponent): anything else
+/// (`1.5`, `-1`, `0x10`, ` 7`) is a damaged namespace, as [`HEAD`] says too.
+///
+/// KEYS: records, version, log, this write's marker, requests, last_used. ARGV: the
+/// log's length, the marker's lifetime (ms), the epoch and version the writer last
+/// saw (empty and 0 for none: a namespace of that epoch below that version went
+/// back, and is not written), then per change: `put` or `del`, the id, the
+/// condition (`-` absent, `*` anything, else the exact current record), the new
+/// record (empty for `del`).
 ///
 /// Returns `{version, n, epoch}`, or `{code, i}` with a code of [`refused`].
 pub(crate) const APPLY: &str = r"
@@ -140,8 +151,10 @@ if redis.call('TYPE', KEYS[2]).ok ~= 'hash' then
   return {-4, 0}
 end
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
-local v = tonumber(redis.call('HGET', KEYS[2], 'version'))
+local v = redis.call('HGET', KEYS[2], 'version')
 if not epoch or not v then return {-4, 0} end
+if not string.match(v, '^%d+$') or #v > 13 then return {-6, 2} end
+v = tonumber(v)
 if epoch == ARGV[3] and v < tonumber(ARGV[4]) then return {-7, 0} end
 local t = redis.call('TYPE', KEYS[1]).ok
 if t ~= 'hash' and t ~= 'none' then return {-6, 1} end
@@ -164,11 +177,18 @@ for i = 0, n - 1 do
     if cur ~= expect then return {-3, i} end
   end
 end
+-- Counts in a key of another type are left alone rather than fail the write.
+local counts = redis.call('TYPE', KEYS[5]).ok == 'hash'
+local stamps = redis.call('TYPE', KEYS[6]).ok == 'hash'
 if not redis.call('SET', KEYS[4], 'done', 'NX', 'PX', ARGV[2]) then return {-5, 0} end
 v = v + 1
 redis.call('HSET', KEYS[2], 'version', v)
 for i = 0, n - 1 do
   local kind, id, record = ARGV[5 + i * 4], ARGV[6 + i * 4], ARGV[8 + i * 4]
+  if kind == 'del' or ARGV[7 + i * 4] == '-' then
+    if counts then redis.call('HDEL', KEYS[5], id) end
+    if stamps then redis.call('HDEL', KEYS[6], id) end
+  end
   if kind == 'put' then
     redis.call('HSET', KEYS[1], id, record)
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*',
@@ -203,14 +223,16 @@ return 0
 /// KEYS: version, records, log. Returns `{state, epoch, version, last log id}`:
 /// state 0 the namespace exists, 1 it is missing (no epoch or version, or its
 /// records gone while `records` says it holds some), 2 one of its keys has the
-/// wrong type.
+/// wrong type or its version is not a whole number (as [`APPLY`] checks it).
 pub(crate) const HEAD: &str = r"
 local state, epoch, v, last = 1, false, false, false
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'hash' then
   epoch = redis.call('HGET', KEYS[1], 'epoch')
   v = redis.call('HGET', KEYS[1], 'version')
-  if epoch and tonumber(v) then state = 0 end
+  if epoch and v then
+    if string.match(v, '^%d+$') and #v <= 13 then state = 0 else state = 2 end
+  end
 elseif t ~= 'none' then
   state = 2
 end
@@ -246,7 +268,8 @@ if staged ~= tonumber(ARGV[2]) then return -1 end
 if not redis.call('SET', KEYS[5], 'done', 'NX', 'PX', ARGV[4]) then return -5 end
 local v = 0
 if redis.call('TYPE', KEYS[2]).ok == 'hash' then
-  v = tonumber(redis.call('HGET', KEYS[2], 'version')) or 0
+  local old = redis.call('HGET', KEYS[2], 'version')
+  if old and string.match(old, '^%d+$') and #old <= 13 then v = tonumber(old) end
 end
 redis.call('UNLINK', KEYS[1], KEYS[2])
 if staged > 0 then
@@ -268,17 +291,22 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
 return v
 ";
 
-/// Adds a replica's counts: KEYS: requests, last_used; ARGV: pairs of id and
-/// `requests:last_used`. The count is added, the later stamp kept.
+/// Adds a replica's counts: KEYS: records, requests, last_used; ARGV: pairs of id
+/// and `requests:last_used`. The count is added, the later stamp kept, for ids the
+/// namespace holds only: a replica's late counts for a removed key do not bring its
+/// counts back (nor give them to a key created later under its id).
 pub(crate) const ADD_USAGE: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
 for i = 1, #ARGV, 2 do
   local id = ARGV[i]
-  local sep = string.find(ARGV[i + 1], ':')
-  local n = tonumber(string.sub(ARGV[i + 1], 1, sep - 1))
-  local at = tonumber(string.sub(ARGV[i + 1], sep + 1))
-  if n > 0 then redis.call('HINCRBY', KEYS[1], id, n) end
-  local cur = tonumber(redis.call('HGET', KEYS[2], id) or '0')
-  if at > cur then redis.call('HSET', KEYS[2], id, at) end
+  if redis.call('HEXISTS', KEYS[1], id) == 1 then
+    local sep = string.find(ARGV[i + 1], ':')
+    local n = tonumber(string.sub(ARGV[i + 1], 1, sep - 1))
+    local at = tonumber(string.sub(ARGV[i + 1], sep + 1))
+    if n > 0 then redis.call('HINCRBY', KEYS[2], id, n) end
+    local cur = tonumber(redis.call('HGET', KEYS[3], id) or '0')
+    if at > cur then redis.call('HSET', KEYS[3], id, at) end
+  end
 end
 return 1
 ";

@@ -164,15 +164,18 @@ impl Shared {
             // Known before it is in place: a reader that finds it there need not
             // parse it.
             let next = self.remember(next);
-            let staged = write::staged(&self.path, next.text.as_bytes())
+            // A symlinked key file is written through: the file it names is the one
+            // swapped (in its own directory), the link stays.
+            let target = write::target(&self.path);
+            let staged = write::staged(&target, next.text.as_bytes())
                 .map_err(|e| Failure::unavailable("the key file cannot be written", e))?;
-            match swap(&self.path, staged, next.fingerprint, base.fingerprint)? {
+            match swap(&target, staged, next.fingerprint, base.fingerprint)? {
                 Swapped::Done(stamp) => {
                     // Enforced as soon as the file is in place (a reader of the
                     // file would see it now); answered once the rename is durable.
                     self.written(&mut gate, &base, &next, &changes, stamp);
                     self.saw(stamp, &next);
-                    if let Err(e) = write::sync_dir(&self.path) {
+                    if let Err(e) = write::sync_dir(&target) {
                         return Err(Failure {
                             outcome_unknown: true,
                             said: "the key file was replaced but its directory could not be \

@@ -123,19 +123,38 @@ pub(crate) fn basic_string(s: &str) -> String {
 
 /// Replaces the file at `path` with `bytes` so that a crash at any point leaves the old
 /// file or the new one: a new file beside it, created exclusively under a unique name
-/// and readable by its owner only (or with the old file's permissions), written,
-/// synced, renamed over `path`, and the directory synced.
+/// and readable by its owner only (or with the old file's permissions, owner and
+/// group), written, synced, renamed over `path`, and the directory synced. Where
+/// `path` is a symlink, the file it names is replaced (see [`target`]).
 #[cfg(feature = "file")]
 pub(crate) fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let path = &target(path);
     let file = staged(path, bytes)?;
     file.persist(path).map_err(|e| e.error)?;
     sync_dir(path)
 }
 
+/// The file a write to `path` replaces: `path`, or where `path` is a symlink (a
+/// deployment's link to a versioned file, a file kept in another directory), the
+/// file it names, links followed to the end. Renaming a new file over the link
+/// itself would leave its target behind, never updated again. Resolved once per
+/// write, so the new file is staged beside the file it replaces.
+#[cfg(feature = "file")]
+pub(crate) fn target(path: &Path) -> std::path::PathBuf {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            // A dangling link: nothing to write through to; the write fails on it.
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+        }
+        _ => path.to_owned(),
+    }
+}
+
 /// A new file beside `path` holding `bytes`, created exclusively under a unique name,
-/// readable by its owner only (or with the permissions of the file at `path`),
-/// written and synced: ready to be renamed over `path` or exchanged with it. It is
-/// removed when dropped, unless persisted.
+/// readable by its owner only (or with the permissions, owner and group of the file
+/// at `path`, as far as the process may give them), written and synced: ready to be
+/// renamed over `path` or exchanged with it. It is removed when dropped, unless
+/// persisted.
 #[cfg(feature = "file")]
 pub(crate) fn staged(path: &Path, bytes: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
     let mut file = tempfile::Builder::new()
@@ -143,11 +162,40 @@ pub(crate) fn staged(path: &Path, bytes: &[u8]) -> std::io::Result<tempfile::Nam
         .suffix(".tmp")
         .tempfile_in(dir_of(path))?;
     if let Ok(meta) = std::fs::metadata(path) {
+        // Owner first: a change of owner may clear mode bits.
+        #[cfg(unix)]
+        keep_owner(file.as_file(), &meta)?;
         file.as_file().set_permissions(meta.permissions())?;
     }
     file.write_all(bytes)?;
     file.as_file().sync_all()?;
     Ok(file)
+}
+
+/// Gives `file` the owner and group `old` has, where the process may: root may give
+/// both, an owner may give a group they belong to, anyone else keeps their own (the
+/// file system refusing is not a reason to fail the write).
+#[cfg(all(feature = "file", unix))]
+fn keep_owner(file: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::{io::ErrorKind, os::unix::fs::MetadataExt as _};
+    let new = file.metadata()?;
+    if (new.uid(), new.gid()) == (old.uid(), old.gid()) {
+        return Ok(());
+    }
+    let ignored = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            ErrorKind::PermissionDenied | ErrorKind::InvalidInput | ErrorKind::Unsupported
+        )
+    };
+    match std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid())) {
+        Ok(()) => Ok(()),
+        Err(e) if ignored(&e) => match std::os::unix::fs::fchown(file, None, Some(old.gid())) {
+            Err(e) if !ignored(&e) => Err(e),
+            _ => Ok(()),
+        },
+        Err(e) => Err(e),
+    }
 }
 
 /// Syncs the directory of `path`, so that a rename in it survives a crash.
@@ -295,6 +343,36 @@ mod tests {
         assert!(read_back(&std::fs::read_to_string(&path).unwrap()).is_empty());
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "no temporary file left behind");
+    }
+
+    /// A key file kept behind a symlink is written through: the link stays, the
+    /// file it names is replaced in its own directory.
+    #[cfg(unix)]
+    #[test]
+    fn a_symlinked_file_is_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let (links, data) = (dir.path().join("links"), dir.path().join("data"));
+        std::fs::create_dir(&links).unwrap();
+        std::fs::create_dir(&data).unwrap();
+        let real = data.join("keys.toml");
+        std::fs::write(&real, "keys = []\n").unwrap();
+        let link = links.join("keys.toml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let set = KeySet::from_keys([ApiKey::new("a", "ka")]).unwrap();
+        set.write_file(&link).unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert!(
+            read_back(&std::fs::read_to_string(&real).unwrap())
+                .get("a")
+                .is_some()
+        );
+        assert_eq!(std::fs::read_dir(&links).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(&data).unwrap().count(), 1);
     }
 
     #[test]
