@@ -237,6 +237,9 @@ impl Target {
                         }
                     }
                 };
+                // rustls with its `ring` provider, the one this crate builds (no C
+                // toolchain for aws-lc-rs); already installed is fine.
+                let _ = rustls::crypto::ring::default_provider().install_default();
                 let client = reqwest::Client::builder()
                     .connect_timeout(TIMEOUT)
                     .timeout(Duration::from_secs(30))
