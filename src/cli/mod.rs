@@ -81,6 +81,13 @@ pub enum Exit {
 
 impl Exit {
     /// The process exit status.
+    ///
+    /// ```
+    /// use tower_api_key::cli::Exit;
+    ///
+    /// assert_eq!(Exit::Ok.code(), 0);
+    /// assert_eq!(Exit::StoreMissing.code(), 8);
+    /// ```
     pub fn code(self) -> u8 {
         match self {
             Self::Ok => 0,
@@ -118,6 +125,13 @@ pub(crate) type Done = Result<Exit, Failure>;
 
 /// Runs the command line with the process's arguments, and returns its exit status:
 /// the whole `tower-api-key` binary.
+///
+/// ```no_run
+/// // src/bin/tower-api-key.rs, whole:
+/// fn main() -> std::process::ExitCode {
+///     tower_api_key::cli::main()
+/// }
+/// ```
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
