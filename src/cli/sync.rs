@@ -21,7 +21,7 @@ use super::{
     args::TargetArgs,
     output::{self, Out},
     read_input,
-    target::Target,
+    target::{Current, Target},
 };
 use crate::{
     ApiKey, KeySet,
@@ -52,15 +52,18 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// Compares `desired` with `current`, in id order.
-    pub(crate) fn of(desired: &KeySet, current: &[ApiKey]) -> Self {
-        let mut index: HashMap<&str, &ApiKey, foldhash::fast::RandomState> =
-            HashMap::with_capacity_and_hasher(current.len(), Default::default());
-        for key in current {
-            index.insert(key.id(), key);
-        }
+    pub(crate) fn of(desired: &KeySet, current: &Current) -> Self {
+        let index: HashMap<&str, &ApiKey, foldhash::fast::RandomState> = match current {
+            Current::Set(_) => HashMap::default(),
+            Current::List(keys) => keys.iter().map(|k| (k.id(), k)).collect(),
+        };
+        let find = |id: &str| match current {
+            Current::Set(set) => set.get(id),
+            Current::List(_) => index.get(id).copied(),
+        };
         let mut plan = Self::default();
         for key in desired.iter() {
-            match index.remove(key.id()) {
+            match find(key.id()) {
                 None => plan.added.push(key.clone()),
                 Some(now) => {
                     let fields = differences(key, now);
@@ -70,7 +73,11 @@ impl Plan {
                 }
             }
         }
-        plan.removed = index.into_keys().map(str::to_owned).collect();
+        plan.removed = current
+            .iter()
+            .filter(|k| desired.get(k.id()).is_none())
+            .map(|k| k.id().to_owned())
+            .collect();
         plan.added.sort_unstable_by(|a, b| a.id().cmp(b.id()));
         plan.changed.sort_unstable_by(|a, b| a.0.id().cmp(b.0.id()));
         plan.removed.sort_unstable();
@@ -140,7 +147,7 @@ impl Plan {
 
     /// The keys the target holds once the plan is applied, in `current`'s order then
     /// the added ones.
-    fn result(&self, desired: &KeySet, current: &[ApiKey], prune: bool) -> Vec<ApiKey> {
+    fn result(&self, desired: &KeySet, current: &Current, prune: bool) -> Vec<ApiKey> {
         if prune {
             return desired.iter().cloned().collect();
         }
@@ -176,7 +183,7 @@ pub(crate) fn differences(a: &ApiKey, b: &ApiKey) -> Vec<&'static str> {
 }
 
 /// Reads the input file (on a blocking thread) and the target's keys at once.
-async fn both(file: &Path, target: &Target, max: u64) -> Result<(KeySet, Vec<ApiKey>), Failure> {
+async fn both(file: &Path, target: &Target, max: u64) -> Result<(KeySet, Current), Failure> {
     let path = file.to_owned();
     let input = tokio::task::spawn_blocking(move || read_input(&path, max));
     // The input is read on its own thread meanwhile.
@@ -196,6 +203,8 @@ pub(crate) fn diff(file: &Path, args: &TargetArgs, max: u64, out: Out) -> Done {
         let (desired, current) = both(file, &target, max).await?;
         let plan = Plan::of(&desired, &current);
         plan.print(out, true);
+        // The process ends now: a million keys need not be freed one by one first.
+        std::mem::forget((desired, current));
         Ok(if plan.is_empty(true) {
             Exit::Ok
         } else {
@@ -406,10 +415,11 @@ pub(crate) fn export(args: &TargetArgs, path: Option<&Path>, max: u64, out: Out)
     if matches!(target, Target::Api { .. }) {
         return Err(target.cannot("export"));
     }
-    let mut keys = runtime()?.block_on(target.read(max))?;
+    let current = runtime()?.block_on(target.read(max))?;
+    let mut keys: Vec<&ApiKey> = current.iter().collect();
     keys.sort_unstable_by(|a, b| a.id().cmp(b.id()));
     if let Some(path) = path {
-        write::replace(path, write::file(&keys).as_bytes()).map_err(|e| {
+        write::replace(path, write::file(keys.iter().copied()).as_bytes()).map_err(|e| {
             Failure::new(
                 Exit::Unavailable,
                 format!("cannot write {}: {e}", path.display()),
@@ -427,7 +437,7 @@ pub(crate) fn export(args: &TargetArgs, path: Option<&Path>, max: u64, out: Out)
             .collect();
         out.print_json(&Value::Array(records));
     } else {
-        let text = write::file(&keys);
+        let text = write::file(keys.iter().copied());
         let mut stdout = std::io::stdout().lock();
         let _ = stdout.write_all(text.as_bytes());
     }
@@ -463,7 +473,8 @@ pub(crate) fn usage(args: &TargetArgs, idle: Option<&str>, max: u64, out: Out) -
             ));
         }
         Target::Redis { backend, .. } => runtime()?.block_on(async {
-            let keys = target.read(max).await?;
+            let current = target.read(max).await?;
+            let keys: Vec<&ApiKey> = current.iter().collect();
             let mut uses = Vec::with_capacity(keys.len());
             for chunk in keys.chunks(1000) {
                 let ids: Vec<String> = chunk.iter().map(|k| k.id().to_owned()).collect();
@@ -604,11 +615,11 @@ mod tests {
 
     #[test]
     fn a_plan_names_added_changed_fields_and_removed() {
-        let current = vec![
+        let current = Current::List(vec![
             ApiKey::new("same", "s1").with_scopes(["read"]),
             ApiKey::new("moved", "s2").with_owner("a"),
             ApiKey::new("gone", "s3"),
-        ];
+        ]);
         let desired = KeySet::from_keys([
             ApiKey::new("same", "s1").with_scopes(["read"]),
             ApiKey::new("moved", "s2b").with_owner("b"),

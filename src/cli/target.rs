@@ -102,7 +102,7 @@ impl Target {
 
     /// Every key the target holds, digests included. A key file or namespace that
     /// does not exist is [`Exit::StoreMissing`].
-    pub(crate) async fn read(&self, max: u64) -> Result<Vec<ApiKey>, Failure> {
+    pub(crate) async fn read(&self, max: u64) -> Result<Current, Failure> {
         match self {
             Self::File(path) => {
                 if std::fs::symlink_metadata(path)
@@ -120,11 +120,13 @@ impl Target {
                     .with_max_size(max)
                     .load()
                     .map_err(|e| Failure::new(Exit::Unavailable, chain(&e)))?;
-                Ok(set.iter().cloned().collect())
+                Ok(Current::Set(set))
             }
-            Self::Redis { backend, .. } => {
-                backend.list().await.map_err(|e| self.backend_failure(&e))
-            }
+            Self::Redis { backend, .. } => backend
+                .list()
+                .await
+                .map(Current::List)
+                .map_err(|e| self.backend_failure(&e)),
             Self::Api { .. } => Err(self.cannot("reading every key with its digest")),
         }
     }
@@ -251,6 +253,23 @@ impl Target {
                     key,
                 })
             }
+        }
+    }
+}
+
+/// The keys a target holds: a key file's set (which has an index by id), or a
+/// store's records as they are (which may break a rule of a key set, and must still
+/// be shown).
+pub(crate) enum Current {
+    Set(KeySet),
+    List(Vec<ApiKey>),
+}
+
+impl Current {
+    pub(crate) fn iter(&self) -> Box<dyn ExactSizeIterator<Item = &ApiKey> + '_> {
+        match self {
+            Self::Set(set) => Box::new(set.iter()),
+            Self::List(keys) => Box::new(keys.iter()),
         }
     }
 }
