@@ -64,6 +64,20 @@ impl Out {
     }
 }
 
+impl Out {
+    /// A spinner on standard error for one long step of unknown length (a large
+    /// export, a restore), drawn only when standard output is a terminal.
+    pub(crate) fn spinner(&self, what: &'static str) -> indicatif::ProgressBar {
+        if !self.tty {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::new_spinner().with_message(what);
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        bar
+    }
+}
+
 /// Prints a line on standard output; a closed pipe (`| head`) is not an error.
 pub(crate) fn line(text: &str) {
     let mut out = std::io::stdout().lock();

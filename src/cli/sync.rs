@@ -348,8 +348,7 @@ pub(crate) fn restore(file: &Path, args: &TargetArgs, max: u64, force: bool, out
             if exists && !force {
                 return Err(exists_hint(target.describe()));
             }
-            let bar = out.progress(desired.len() as u64, "restoring");
-            bar.tick();
+            let bar = out.spinner("restoring");
             backend
                 .restore(&desired)
                 .await
@@ -415,7 +414,10 @@ pub(crate) fn export(args: &TargetArgs, path: Option<&Path>, max: u64, out: Out)
     if matches!(target, Target::Api { .. }) {
         return Err(target.cannot("export"));
     }
-    let current = runtime()?.block_on(target.read(max))?;
+    let bar = out.spinner("exporting");
+    let current = runtime()?.block_on(target.read(max));
+    bar.finish_and_clear();
+    let current = current?;
     let mut keys: Vec<&ApiKey> = current.iter().collect();
     keys.sort_unstable_by(|a, b| a.id().cmp(b.id()));
     if let Some(path) = path {
