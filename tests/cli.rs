@@ -553,7 +553,7 @@ async fn keys_and_usage_against_a_running_api() {
 
     // An API that is not there: unavailable, at once.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("http://user:hunter2@{}/", closed.local_addr().unwrap());
+    let dead = format!("http://{}/", closed.local_addr().unwrap());
     drop(closed);
     blocking(Box::new(move || {
         let r = run_with(
@@ -563,7 +563,42 @@ async fn keys_and_usage_against_a_running_api() {
         )
         .code(3)
         .one_line_error();
+        assert!(r.err.contains("cannot connect"), "{}", r.err);
+        // Credentials in the URL: refused, never repeated.
+        let with_password = dead.replace("http://", "http://user:hunter2@");
+        let r = run_with(
+            &["keys", "list", "--api", &with_password],
+            None,
+            &[("TOWER_API_KEY_ADMIN_KEY", "k")],
+        )
+        .code(2)
+        .one_line_error();
         assert!(!r.err.contains("hunter2"));
+        // An API that takes the request and never answers: a write's outcome is
+        // unknown (7), a read's is only unavailable (3); neither hangs.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", silent.local_addr().unwrap());
+        let key = [("TOWER_API_KEY_ADMIN_KEY", "k")];
+        let write = [
+            "keys",
+            "revoke",
+            "web",
+            "--if-match",
+            "*",
+            "--timeout",
+            "1",
+            "--api",
+            &url,
+        ];
+        run_with(&write, None, &key).code(7).one_line_error();
+        run_with(
+            &["keys", "list", "--timeout", "1", "--api", &url],
+            None,
+            &key,
+        )
+        .code(3)
+        .one_line_error();
+        drop(silent);
         // https:// too: the TLS client is set up, and says it cannot connect.
         let tls = dead.replace("http://", "https://");
         run_with(

@@ -32,6 +32,9 @@ pub(crate) struct Cli {
     /// The largest key file read, in bytes.
     #[arg(long, global = true, default_value_t = 256 << 20, value_name = "BYTES")]
     pub(crate) max_size: u64,
+    /// How long the key-management API may take to answer (`--api`), in seconds.
+    #[arg(long, global = true, default_value_t = 30, value_name = "SECONDS")]
+    pub(crate) timeout: u64,
     #[command(subcommand)]
     pub(crate) command: Command,
 }

@@ -171,6 +171,7 @@ fn init_tracing() {
 
 fn run(cli: Cli, out: Out) -> Done {
     let max = cli.max_size;
+    let _ = target::API_TIMEOUT.set(std::time::Duration::from_secs(cli.timeout.max(1)));
     match cli.command {
         Command::Check { files } => check(&files, max, out),
         Command::Generate {

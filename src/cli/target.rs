@@ -30,13 +30,16 @@ pub(crate) enum Target {
     },
     /// A running key-management API.
     Api {
-        base: reqwest::Url,
+        base: http::Uri,
         key_from_stdin: bool,
     },
 }
 
 /// The environment variable the API's admin key is read from.
 pub(crate) const ADMIN_KEY_VAR: &str = "TOWER_API_KEY_ADMIN_KEY";
+
+/// How long the API may take to answer (`--timeout`).
+pub(crate) static API_TIMEOUT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
 
 /// How long a connection to Redis or the API, or one of their answers, may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,13 +63,17 @@ impl Target {
             });
         }
         if let Some(url) = &args.api {
-            let base = reqwest::Url::parse(url)
+            let base = http::Uri::try_from(url.as_str())
                 .ok()
-                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                .filter(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https"))
+                        && u.authority().is_some_and(|a| !a.as_str().contains('@'))
+                })
                 .ok_or_else(|| {
                     Failure::new(
                         Exit::Usage,
-                        "--api is not an http:// or https:// URL (http://host:port/)",
+                        "--api is not an http:// or https:// URL (http://host:port/, no \
+                         credentials in it: the admin key is given apart)",
                     )
                 })?;
             return Ok(Self::Api {
@@ -239,14 +246,26 @@ impl Target {
                         }
                     }
                 };
+                let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+                http.set_connect_timeout(Some(TIMEOUT));
+                http.enforce_http(false);
                 // rustls with its `ring` provider, the one this crate builds (no C
-                // toolchain for aws-lc-rs); already installed is fine.
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                let client = reqwest::Client::builder()
-                    .connect_timeout(TIMEOUT)
-                    .timeout(Duration::from_secs(30))
-                    .build()
-                    .map_err(|_| Failure::new(Exit::Unavailable, "cannot set up an HTTP client"))?;
+                // toolchain for aws-lc-rs), and the system's roots.
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
+                    .map_err(|_| {
+                        Failure::new(
+                            Exit::Unavailable,
+                            "no TLS root certificates found on this system",
+                        )
+                    })?
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http);
+                let client = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build(https);
                 Ok(Admin::Remote {
                     client,
                     base: base.clone(),
@@ -286,8 +305,8 @@ pub(crate) enum Admin {
     },
     /// A running API.
     Remote {
-        client: reqwest::Client,
-        base: reqwest::Url,
+        client: HttpClient,
+        base: http::Uri,
         key: Zeroizing<String>,
     },
 }
@@ -387,52 +406,63 @@ impl Admin {
                 })
             }
             Self::Remote { client, base, key } => {
-                let url = join(base, path);
-                let method = reqwest::Method::from_bytes(method.as_str().as_bytes())
-                    .map_err(|_| Failure::new(Exit::Usage, "bad method"))?;
-                let mut auth =
-                    reqwest::header::HeaderValue::try_from(format!("Bearer {}", key.as_str()))
-                        .map_err(|_| {
-                            Failure::new(Exit::Usage, "the admin key is not valid in a header")
-                        })?;
-                auth.set_sensitive(true);
-                let mut request = client
-                    .request(method, url)
-                    .header(reqwest::header::AUTHORIZATION, auth)
-                    .header(reqwest::header::CONTENT_TYPE, content_type);
+                let mut request = http::Request::builder()
+                    .method(method)
+                    .uri(join(base, path)?)
+                    .header(header::CONTENT_TYPE, content_type);
                 if let Some(tag) = if_match {
-                    request = request.header(reqwest::header::IF_MATCH, tag);
+                    request = request.header(header::IF_MATCH, tag);
                 }
-                if let Some(bytes) = bytes {
-                    request = request.body(bytes);
-                }
+                let mut auth =
+                    HeaderValue::try_from(format!("Bearer {}", key.as_str())).map_err(|_| {
+                        Failure::new(Exit::Usage, "the admin key is not valid in a header")
+                    })?;
+                auth.set_sensitive(true);
+                let request = request
+                    .header(header::AUTHORIZATION, auth)
+                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                        bytes.unwrap_or_default(),
+                    )))
+                    .map_err(|_| {
+                        Failure::new(Exit::Usage, "the request cannot be built (a bad key id?)")
+                    })?;
                 let writes = body.is_some() || if_match.is_some();
-                let response = request.send().await.map_err(|e| http_failure(&e, writes))?;
-                let status = StatusCode::from_u16(response.status().as_u16())
-                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                let etag = response
-                    .headers()
-                    .get(reqwest::header::ETAG)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                if response
-                    .content_length()
-                    .is_some_and(|n| n > MAX_REPLY as u64)
-                {
-                    return Err(Failure::new(
-                        Exit::Unavailable,
-                        "the API's answer is too large",
-                    ));
-                }
-                let body = response
-                    .bytes()
+                let limit = API_TIMEOUT
+                    .get()
+                    .copied()
+                    .unwrap_or(Duration::from_secs(30));
+                let exchange = async {
+                    let response = client
+                        .request(request)
+                        .await
+                        .map_err(|e| http_failure(e.is_connect(), writes))?;
+                    let status = response.status();
+                    let etag = etag_of(response.headers());
+                    let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                        response.into_body(),
+                        MAX_REPLY,
+                    ))
                     .await
-                    .map_err(|e| http_failure(&e, writes))?;
-                Ok(Reply {
-                    status,
-                    etag,
-                    body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
-                })
+                    .map_err(|_| http_failure(false, writes))?
+                    .to_bytes();
+                    Ok(Reply {
+                        status,
+                        etag,
+                        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+                    })
+                };
+                match tokio::time::timeout(limit, exchange).await {
+                    Ok(reply) => reply,
+                    Err(_) if writes => Err(Failure::new(
+                        Exit::OutcomeUnknown,
+                        "the key-management API did not answer in time: the change may or may \
+                         not have happened; read the key before retrying",
+                    )),
+                    Err(_) => Err(Failure::new(
+                        Exit::Unavailable,
+                        "the key-management API did not answer in time",
+                    )),
+                }
             }
         }
     }
@@ -446,36 +476,28 @@ fn etag_of(headers: &http::HeaderMap) -> Option<String> {
 }
 
 /// `path` (from `/v1/…`) under the API's base URL, which may have a path of its own.
-fn join(base: &reqwest::Url, path: &str) -> reqwest::Url {
-    let mut url = base.clone();
-    let (path, query) = path
-        .split_once('?')
-        .map_or((path, None), |(p, q)| (p, Some(q)));
-    let joined = format!("{}{}", base.path().trim_end_matches('/'), path);
-    url.set_path(&joined);
-    url.set_query(query);
-    url
+fn join(base: &http::Uri, path: &str) -> Result<http::Uri, Failure> {
+    let prefix = base.path().trim_end_matches('/');
+    let scheme = base.scheme_str().unwrap_or("http");
+    let authority = base.authority().map_or("", |a| a.as_str());
+    http::Uri::try_from(format!("{scheme}://{authority}{prefix}{path}"))
+        .map_err(|_| Failure::new(Exit::Usage, "the request's URL cannot be built"))
 }
 
+/// The client of a running API.
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
 /// An HTTP failure, said without the URL (it may hold a password).
-fn http_failure(e: &reqwest::Error, writes: bool) -> Failure {
-    let (exit, said) = if e.is_connect() {
+fn http_failure(connect: bool, writes: bool) -> Failure {
+    let (exit, said) = if connect {
         (
             Exit::Unavailable,
             "cannot connect to the key-management API",
         )
-    } else if e.is_timeout() && writes {
-        (
-            Exit::OutcomeUnknown,
-            "the key-management API did not answer in time: the change may or may not have \
-             happened; read the key before retrying",
-        )
-    } else if e.is_timeout() {
-        (
-            Exit::Unavailable,
-            "the key-management API did not answer in time",
-        )
-    } else if writes && e.is_request() {
+    } else if writes {
         (
             Exit::OutcomeUnknown,
             "the connection to the key-management API was lost: the change may or may not \
@@ -484,7 +506,7 @@ fn http_failure(e: &reqwest::Error, writes: bool) -> Failure {
     } else {
         (
             Exit::Unavailable,
-            "the key-management API could not be reached",
+            "the connection to the key-management API was lost",
         )
     };
     Failure::new(exit, said)
