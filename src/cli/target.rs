@@ -267,7 +267,7 @@ impl Target {
                 )
                 .build(https);
                 Ok(Admin::Remote {
-                    client,
+                    client: Box::new(client),
                     base: base.clone(),
                     key,
                 })
@@ -305,7 +305,7 @@ pub(crate) enum Admin {
     },
     /// A running API.
     Remote {
-        client: HttpClient,
+        client: Box<HttpClient>,
         base: http::Uri,
         key: Zeroizing<String>,
     },
