@@ -645,6 +645,61 @@ mod tests {
         assert_eq!(plan.result(&desired, &current, true).len(), 3);
     }
 
+    /// Keys from a small pool of ids, each with one of a few secrets and owners, so
+    /// that sets overlap, differ by field, and sometimes share a secret.
+    fn keys() -> impl proptest::strategy::Strategy<Value = Vec<ApiKey>> {
+        use proptest::prelude::*;
+        proptest::collection::vec((0..12u8, 0..3u8, 0..3u8), 0..12).prop_map(|picks| {
+            let mut seen = std::collections::HashSet::new();
+            picks
+                .into_iter()
+                .filter(|(id, _, _)| seen.insert(*id))
+                .map(|(id, secret, owner)| {
+                    let key = ApiKey::new(format!("k{id}"), format!("s{id}-{secret}"));
+                    if owner == 0 {
+                        key
+                    } else {
+                        key.with_owner(format!("o{owner}"))
+                    }
+                })
+                .collect()
+        })
+    }
+
+    proptest::proptest! {
+        /// What `apply` writes, read back, differs from the file in nothing: with
+        /// `--prune` the target then holds exactly the file's keys; without, the
+        /// file's keys and every key it does not name, unchanged.
+        #[test]
+        fn applying_a_plan_leaves_nothing_to_apply(current in keys(), desired in keys()) {
+            let Ok(desired) = KeySet::from_keys(desired) else { return Ok(()) };
+            let current = Current::List(current);
+            for prune in [false, true] {
+                let plan = Plan::of(&desired, &current);
+                let after = Current::List(plan.result(&desired, &current, prune));
+                let again = Plan::of(&desired, &after);
+                proptest::prop_assert!(again.added.is_empty() && again.changed.is_empty());
+                let kept: Vec<&str> = current
+                    .iter()
+                    .filter(|k| desired.get(k.id()).is_none())
+                    .map(ApiKey::id)
+                    .collect();
+                if prune {
+                    proptest::prop_assert!(again.removed.is_empty());
+                } else {
+                    let mut kept = kept.clone();
+                    kept.sort_unstable();
+                    proptest::prop_assert_eq!(&again.removed, &kept);
+                    for id in kept {
+                        let before = current.iter().find(|k| k.id() == id);
+                        let now = after.iter().find(|k| k.id() == id);
+                        proptest::prop_assert!(before.zip(now).is_some_and(|(a, b)| differences(a, b).is_empty()));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn durations_take_a_unit_and_refuse_anything_else() {
         assert_eq!(
