@@ -110,6 +110,8 @@
 
 #[cfg(feature = "admin")]
 pub mod admin;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod clock;
 mod error;
 mod key;

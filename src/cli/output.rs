@@ -1,0 +1,116 @@
+//! How results are printed: tables for people, JSON for programs, colours only on a
+//! terminal and never under `NO_COLOR`, progress bars only when standard output is a
+//! terminal.
+
+use std::io::{IsTerminal as _, Write as _};
+
+use super::args::Output;
+
+/// Where and how a command prints.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Out {
+    pub(crate) format: Output,
+    color: bool,
+    tty: bool,
+}
+
+impl Out {
+    pub(crate) fn new(format: Output) -> Self {
+        let tty = std::io::stdout().is_terminal();
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        Self {
+            format,
+            color: tty && !no_color,
+            tty,
+        }
+    }
+
+    pub(crate) fn json(&self) -> bool {
+        self.format == Output::Json
+    }
+
+    /// Prints a JSON document on standard output.
+    pub(crate) fn print_json(&self, value: &serde_json::Value) {
+        let text = serde_json::to_string_pretty(value).unwrap_or_default();
+        line(&text);
+    }
+
+    /// `text` in an ANSI colour (31 red, 32 green, 33 yellow, 2 dim), if colours are on.
+    pub(crate) fn paint(&self, code: u8, text: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    /// A progress bar on standard error for `len` items, drawn only when standard
+    /// output is a terminal.
+    pub(crate) fn progress(&self, len: u64, what: &'static str) -> indicatif::ProgressBar {
+        if !self.tty || len < 1000 {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(len),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({eta})")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(what);
+        bar
+    }
+}
+
+impl Out {
+    /// A spinner on standard error for one long step of unknown length (a large
+    /// export, a restore), drawn only when standard output is a terminal.
+    pub(crate) fn spinner(&self, what: &'static str) -> indicatif::ProgressBar {
+        if !self.tty {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::new_spinner().with_message(what);
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        bar
+    }
+}
+
+/// Prints a line on standard output; a closed pipe (`| head`) is not an error.
+pub(crate) fn line(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+}
+
+/// Prints rows under headers, in aligned columns.
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    let mut push = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut first = true;
+        let mut row = String::new();
+        for (cell, w) in cells.zip(&widths) {
+            if !first {
+                row.push_str("  ");
+            }
+            first = false;
+            row.push_str(cell);
+            row.extend(std::iter::repeat_n(' ', w - cell.chars().count()));
+        }
+        text.push_str(row.trim_end());
+        text.push('\n');
+    };
+    push(&mut headers.iter().copied());
+    for row in rows {
+        push(&mut row.iter().map(String::as_str));
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+}

@@ -1,0 +1,714 @@
+//! A key file against a target, decK-style: `diff`, `apply`, `restore`, `import`,
+//! `export`, and `usage`.
+//!
+//! A key file target is written whole, atomically, under the same gate (and, on
+//! Linux, directory lock) the key-management API's file backend takes, so neither
+//! overwrites the other. A Redis namespace is written by [`RedisBackend`]: an
+//! import of the keys added and changed (one version per 1,000 keys), or, when keys
+//! are removed, one swap of the whole namespace.
+
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use serde_json::{Value, json};
+
+use super::{
+    Done, Exit, Failure,
+    args::TargetArgs,
+    output::{self, Out},
+    read_input,
+    target::{Current, Target},
+};
+use crate::{
+    ApiKey, KeySet,
+    admin::AdminBackend as _,
+    redis::RedisBackend,
+    source::{key_file::write, link::Link},
+};
+
+/// The runtime the commands run on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(Exit::Unavailable, format!("cannot start a runtime: {e}")))
+}
+
+/// What it takes to make the target hold a key file's keys.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    /// Keys the target lacks.
+    pub(crate) added: Vec<ApiKey>,
+    /// Keys the target holds otherwise, and the fields that differ.
+    pub(crate) changed: Vec<(ApiKey, Vec<&'static str>)>,
+    /// Ids the target holds that the file does not name.
+    pub(crate) removed: Vec<String>,
+}
+
+impl Plan {
+    /// Compares `desired` with `current`, in id order.
+    pub(crate) fn of(desired: &KeySet, current: &Current) -> Self {
+        let index: HashMap<&str, &ApiKey, foldhash::fast::RandomState> = match current {
+            Current::Set(_) => HashMap::default(),
+            Current::List(keys) => keys.iter().map(|k| (k.id(), k)).collect(),
+        };
+        let find = |id: &str| match current {
+            Current::Set(set) => set.get(id),
+            Current::List(_) => index.get(id).copied(),
+        };
+        let mut plan = Self::default();
+        for key in desired.iter() {
+            match find(key.id()) {
+                None => plan.added.push(key.clone()),
+                Some(now) => {
+                    let fields = differences(key, now);
+                    if !fields.is_empty() {
+                        plan.changed.push((key.clone(), fields));
+                    }
+                }
+            }
+        }
+        plan.removed = current
+            .iter()
+            .filter(|k| desired.get(k.id()).is_none())
+            .map(|k| k.id().to_owned())
+            .collect();
+        plan.added.sort_unstable_by(|a, b| a.id().cmp(b.id()));
+        plan.changed.sort_unstable_by(|a, b| a.0.id().cmp(b.0.id()));
+        plan.removed.sort_unstable();
+        plan
+    }
+
+    fn is_empty(&self, prune: bool) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && (!prune || self.removed.is_empty())
+    }
+
+    /// Prints the plan: one line a key (`+` added, `~` changed and which fields, `-`
+    /// removed, or kept without `--prune`), then the counts; or one JSON document.
+    fn print(&self, out: Out, prune: bool) {
+        if out.json() {
+            let changed: Vec<Value> = self
+                .changed
+                .iter()
+                .map(|(k, f)| json!({ "id": k.id(), "fields": f }))
+                .collect();
+            fn ids(keys: &[ApiKey]) -> Vec<&str> {
+                keys.iter().map(ApiKey::id).collect()
+            }
+            let (removed, kept): (&[String], &[String]) = if prune {
+                (&self.removed, &[])
+            } else {
+                (&[], &self.removed)
+            };
+            out.print_json(&json!({
+                "added": ids(&self.added),
+                "changed": changed,
+                "removed": removed,
+                "kept": kept,
+            }));
+            return;
+        }
+        let mut text = String::new();
+        for key in &self.added {
+            text.push_str(&out.paint(32, &format!("+ {}", key.id())));
+            text.push('\n');
+        }
+        for (key, fields) in &self.changed {
+            text.push_str(&out.paint(33, &format!("~ {} ({})", key.id(), fields.join(", "))));
+            text.push('\n');
+        }
+        for id in &self.removed {
+            let line = if prune {
+                out.paint(31, &format!("- {id}"))
+            } else {
+                out.paint(
+                    2,
+                    &format!("  {id} (not in the file: kept; --prune removes it)"),
+                )
+            };
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let removed = if prune { self.removed.len() } else { 0 };
+        text.push_str(&format!(
+            "{} to add, {} to change, {} to remove\n",
+            self.added.len(),
+            self.changed.len(),
+            removed
+        ));
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(text.as_bytes());
+    }
+
+    /// The keys the target holds once the plan is applied, in `current`'s order then
+    /// the added ones.
+    fn result(&self, desired: &KeySet, current: &Current, prune: bool) -> Vec<ApiKey> {
+        if prune {
+            return desired.iter().cloned().collect();
+        }
+        let mut keys: Vec<ApiKey> = current
+            .iter()
+            .map(|k| desired.get(k.id()).unwrap_or(k).clone())
+            .collect();
+        keys.extend(self.added.iter().cloned());
+        keys
+    }
+}
+
+/// The names of the fields in which two keys with the same id differ.
+pub(crate) fn differences(a: &ApiKey, b: &ApiKey) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    let mut differ = |name: &'static str, same: bool| {
+        if !same {
+            fields.push(name);
+        }
+    };
+    differ("sha256", a.digest == b.digest);
+    differ("scopes", a.scopes().eq(b.scopes()));
+    differ("tenant", a.tenant() == b.tenant());
+    differ("owner", a.owner() == b.owner());
+    differ("description", a.description() == b.description());
+    differ("not_before", a.not_before() == b.not_before());
+    differ("expires_at", a.expires_at() == b.expires_at());
+    differ("disabled", a.is_disabled() == b.is_disabled());
+    differ("created_at", a.created_at() == b.created_at());
+    differ("created_by", a.created_by() == b.created_by());
+    differ("rotated_from", a.rotated_from() == b.rotated_from());
+    fields
+}
+
+/// Reads the input file (on a blocking thread) and the target's keys at once.
+async fn both(file: &Path, target: &Target, max: u64) -> Result<(KeySet, Current), Failure> {
+    let path = file.to_owned();
+    let input = tokio::task::spawn_blocking(move || read_input(&path, max));
+    // The input is read on its own thread meanwhile.
+    let current = target.read(max).await;
+    let desired = input
+        .await
+        .map_err(|_| Failure::new(Exit::Unavailable, "the key file could not be read"))??;
+    Ok((desired, current?))
+}
+
+pub(crate) fn diff(file: &Path, args: &TargetArgs, max: u64, out: Out) -> Done {
+    let target = Target::of(args)?;
+    if matches!(target, Target::Api { .. }) {
+        return Err(target.cannot("diff"));
+    }
+    runtime()?.block_on(async {
+        let (desired, current) = both(file, &target, max).await?;
+        let plan = Plan::of(&desired, &current);
+        plan.print(out, true);
+        // The process ends now: a million keys need not be freed one by one first.
+        std::mem::forget((desired, current));
+        Ok(if plan.is_empty(true) {
+            Exit::Ok
+        } else {
+            Exit::Invalid
+        })
+    })
+}
+
+pub(crate) fn apply(
+    file: &Path,
+    args: &TargetArgs,
+    max: u64,
+    dry_run: bool,
+    prune: bool,
+    out: Out,
+) -> Done {
+    let target = Target::of(args)?;
+    match &target {
+        Target::Api { .. } => Err(target.cannot("apply")),
+        Target::File(path) => {
+            let desired = read_input(file, max)?;
+            let link = Link::of(path);
+            let _gate = gate(&link, &target)?;
+            let rt = runtime()?;
+            let current = rt.block_on(target.read(max))?;
+            let plan = Plan::of(&desired, &current);
+            plan.print(out, prune);
+            if dry_run || plan.is_empty(prune) {
+                return Ok(Exit::Ok);
+            }
+            let keys = plan.result(&desired, &current, prune);
+            checked(&keys)?;
+            replace(path, &keys, &target)?;
+            Ok(Exit::Ok)
+        }
+        Target::Redis { backend, .. } => runtime()?.block_on(async {
+            let (desired, current) = both(file, &target, max).await?;
+            let plan = Plan::of(&desired, &current);
+            plan.print(out, prune);
+            if dry_run || plan.is_empty(prune) {
+                return Ok(Exit::Ok);
+            }
+            if prune && !plan.removed.is_empty() {
+                // Removals: the whole namespace swapped for the file's keys, at once.
+                backend
+                    .restore(&desired)
+                    .await
+                    .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+            } else {
+                checked(&plan.result(&desired, &current, false))?;
+                let keys: Vec<ApiKey> = plan
+                    .added
+                    .iter()
+                    .chain(plan.changed.iter().map(|(k, _)| k))
+                    .cloned()
+                    .collect();
+                import_chunks(backend, &target, &keys, out).await?;
+            }
+            Ok(Exit::Ok)
+        }),
+    }
+}
+
+/// Writes `keys` into an existing namespace, 10,000 at a time, with a progress bar.
+async fn import_chunks(
+    backend: &RedisBackend,
+    target: &Target,
+    keys: &[ApiKey],
+    out: Out,
+) -> Result<(), Failure> {
+    let bar = out.progress(keys.len() as u64, "importing");
+    for chunk in keys.chunks(10_000) {
+        let set = KeySet::from_keys(chunk.iter().cloned())
+            .map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
+        backend
+            .import(&set)
+            .await
+            .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// Refuses a set of keys the file source would refuse (two ids for one secret).
+fn checked(keys: &[ApiKey]) -> Result<(), Failure> {
+    KeySet::from_keys(keys.iter().cloned())
+        .map(drop)
+        .map_err(|e| Failure::new(Exit::Invalid, format!("the result would be refused: {e}")))
+}
+
+/// The key file's write gate: writers in this process and, on Linux, in others.
+fn gate<'a>(link: &'a Link, target: &Target) -> Result<crate::source::link::Gate<'a>, Failure> {
+    link.write_gate().map_err(|e| {
+        Failure::new(
+            Exit::Unavailable,
+            format!("{}: cannot take the write lock: {e}", target.describe()),
+        )
+    })
+}
+
+/// Replaces the key file, whole, atomically.
+fn replace(path: &Path, keys: &[ApiKey], target: &Target) -> Result<(), Failure> {
+    let text = write::file(keys);
+    write::replace(path, text.as_bytes()).map_err(|e| {
+        Failure::new(
+            Exit::Unavailable,
+            format!("{}: cannot write: {e}", target.describe()),
+        )
+    })
+}
+
+pub(crate) fn restore(file: &Path, args: &TargetArgs, max: u64, force: bool, out: Out) -> Done {
+    let target = Target::of(args)?;
+    let desired = read_input(file, max)?;
+    let exists_hint = |what: String| {
+        Failure::new(
+            Exit::Conflict,
+            format!(
+                "{what} exists: `restore` replaces it whole, changes made since the file was \
+                 written included; add --force to replace it (or use `apply`)"
+            ),
+        )
+    };
+    match &target {
+        Target::Api { .. } => return Err(target.cannot("restore")),
+        Target::File(path) => {
+            let link = Link::of(path);
+            let _gate = gate(&link, &target)?;
+            if std::fs::symlink_metadata(path).is_ok() && !force {
+                return Err(exists_hint(target.describe()));
+            }
+            let keys: Vec<ApiKey> = desired.iter().cloned().collect();
+            replace(path, &keys, &target)?;
+        }
+        Target::Redis { backend, .. } => runtime()?.block_on(async {
+            let exists = backend
+                .exists()
+                .await
+                .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+            if exists && !force {
+                return Err(exists_hint(target.describe()));
+            }
+            let bar = out.spinner("restoring");
+            backend
+                .restore(&desired)
+                .await
+                .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+            bar.finish_and_clear();
+            Ok::<_, Failure>(())
+        })?,
+    }
+    report(out, "restored", desired.len(), &target);
+    Ok(Exit::Ok)
+}
+
+fn report(out: Out, what: &str, n: usize, target: &Target) {
+    if out.json() {
+        out.print_json(&json!({ what: n }));
+    } else {
+        output::line(&format!("{what} {n} keys into {}", target.describe()));
+    }
+}
+
+pub(crate) fn import(file: &Path, args: &TargetArgs, max: u64, out: Out) -> Done {
+    let target = Target::of(args)?;
+    let desired = read_input(file, max)?;
+    match &target {
+        Target::Api { .. } => return Err(target.cannot("import")),
+        Target::File(path) => {
+            let link = Link::of(path);
+            let _gate = gate(&link, &target)?;
+            let keys = if std::fs::symlink_metadata(path).is_ok() {
+                let current = runtime()?.block_on(target.read(max))?;
+                Plan::of(&desired, &current).result(&desired, &current, false)
+            } else {
+                desired.iter().cloned().collect()
+            };
+            checked(&keys)?;
+            replace(path, &keys, &target)?;
+        }
+        Target::Redis { backend, .. } => runtime()?.block_on(async {
+            let exists = backend
+                .exists()
+                .await
+                .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+            if exists {
+                let keys: Vec<ApiKey> = desired.iter().cloned().collect();
+                import_chunks(backend, &target, &keys, out).await
+            } else {
+                // A namespace that does not exist is created with the file's keys,
+                // whole, in one swap.
+                backend
+                    .import(&desired)
+                    .await
+                    .map(drop)
+                    .map_err(|e| target.error_failure(Exit::Unavailable, &e))
+            }
+        })?,
+    }
+    report(out, "imported", desired.len(), &target);
+    Ok(Exit::Ok)
+}
+
+pub(crate) fn export(args: &TargetArgs, path: Option<&Path>, max: u64, out: Out) -> Done {
+    let target = Target::of(args)?;
+    if matches!(target, Target::Api { .. }) {
+        return Err(target.cannot("export"));
+    }
+    let bar = out.spinner("exporting");
+    let current = runtime()?.block_on(target.read(max));
+    bar.finish_and_clear();
+    let current = current?;
+    let mut keys: Vec<&ApiKey> = current.iter().collect();
+    keys.sort_unstable_by(|a, b| a.id().cmp(b.id()));
+    if let Some(path) = path {
+        write::replace(path, write::file(keys.iter().copied()).as_bytes()).map_err(|e| {
+            Failure::new(
+                Exit::Unavailable,
+                format!("cannot write {}: {e}", path.display()),
+            )
+        })?;
+        if out.json() {
+            out.print_json(&json!({ "exported": keys.len(), "file": path.display().to_string() }));
+        } else {
+            eprintln!("exported {} keys to {}", keys.len(), path.display());
+        }
+    } else if out.json() {
+        let records: Vec<Value> = keys
+            .iter()
+            .map(|k| serde_json::from_str(&crate::key::record::encode(k)).unwrap_or(Value::Null))
+            .collect();
+        out.print_json(&Value::Array(records));
+    } else {
+        let text = write::file(keys.iter().copied());
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(text.as_bytes());
+    }
+    Ok(Exit::Ok)
+}
+
+/// One key's use.
+struct Use {
+    id: String,
+    requests: u64,
+    last_used: Option<SystemTime>,
+    created_at: Option<SystemTime>,
+}
+
+impl Use {
+    /// How long it has been idle: since its last use, or since its creation if never
+    /// used (`None` if neither is known).
+    fn idle(&self, now: SystemTime) -> Option<Duration> {
+        self.last_used
+            .or(self.created_at)
+            .map(|t| now.duration_since(t).unwrap_or_default())
+    }
+}
+
+pub(crate) fn usage(args: &TargetArgs, idle: Option<&str>, max: u64, out: Out) -> Done {
+    let target = Target::of(args)?;
+    let min_idle = idle.map(parse_duration).transpose()?;
+    let mut uses = match &target {
+        Target::File(_) => {
+            return Err(Failure::new(
+                Exit::Usage,
+                "a key file keeps no usage: ask the fleet (--redis) or a running API (--api)",
+            ));
+        }
+        Target::Redis { backend, .. } => runtime()?.block_on(async {
+            let current = target.read(max).await?;
+            let keys: Vec<&ApiKey> = current.iter().collect();
+            let mut uses = Vec::with_capacity(keys.len());
+            for chunk in keys.chunks(1000) {
+                let ids: Vec<String> = chunk.iter().map(|k| k.id().to_owned()).collect();
+                let counts = backend
+                    .usage(&ids)
+                    .await
+                    .map_err(|e| target.backend_failure(&e))?
+                    .unwrap_or_default();
+                for (i, key) in chunk.iter().enumerate() {
+                    let (requests, last_used) = counts.get(i).copied().unwrap_or((0, None));
+                    uses.push(Use {
+                        id: key.id().to_owned(),
+                        requests,
+                        last_used,
+                        created_at: key.created_at(),
+                    });
+                }
+            }
+            Ok::<_, Failure>(uses)
+        })?,
+        Target::Api { .. } => runtime()?.block_on(async {
+            let admin = target.admin(max, &[]).await?;
+            let items = super::keys::list(&admin, None, None).await?;
+            Ok::<_, Failure>(
+                items
+                    .iter()
+                    .map(|item| {
+                        let at = |v: Option<&Value>| v.and_then(Value::as_str).and_then(parse_time);
+                        let usage = item.get("usage");
+                        Use {
+                            id: item
+                                .get("id")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_owned(),
+                            requests: usage
+                                .and_then(|u| u.get("requests"))
+                                .and_then(Value::as_u64)
+                                .unwrap_or(0),
+                            last_used: at(usage.and_then(|u| u.get("last_used"))),
+                            created_at: at(item.get("created_at")),
+                        }
+                    })
+                    .collect(),
+            )
+        })?,
+    };
+    let now = SystemTime::now();
+    if let Some(min) = min_idle {
+        uses.retain(|u| u.idle(now).is_none_or(|idle| idle >= min));
+    }
+    // Oldest use first; never used before used, by creation.
+    uses.sort_by(|a, b| {
+        (a.last_used.is_some(), a.last_used.or(a.created_at), &a.id).cmp(&(
+            b.last_used.is_some(),
+            b.last_used.or(b.created_at),
+            &b.id,
+        ))
+    });
+    let time = |t: Option<SystemTime>| t.map(crate::clock::rfc3339);
+    if out.json() {
+        let items: Vec<Value> = uses
+            .iter()
+            .map(|u| {
+                json!({
+                    "id": u.id,
+                    "requests": u.requests,
+                    "last_used": time(u.last_used),
+                    "created_at": time(u.created_at),
+                    "idle_seconds": u.idle(now).map(|d| d.as_secs()),
+                })
+            })
+            .collect();
+        out.print_json(&Value::Array(items));
+    } else {
+        let rows: Vec<Vec<String>> = uses
+            .iter()
+            .map(|u| {
+                vec![
+                    u.id.clone(),
+                    u.requests.to_string(),
+                    time(u.last_used).unwrap_or_else(|| "never".into()),
+                    u.idle(now).map_or_else(|| "-".into(), days),
+                ]
+            })
+            .collect();
+        output::table(&["ID", "REQUESTS", "LAST USED", "IDLE"], &rows);
+    }
+    Ok(Exit::Ok)
+}
+
+fn days(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 86_400 {
+        format!("{}d", s / 86_400)
+    } else if s >= 3600 {
+        format!("{}h", s / 3600)
+    } else {
+        format!("{}m", s / 60)
+    }
+}
+
+/// `30d`, `12h`, `15m`, `90s`, `2w`.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, Failure> {
+    let bad = || {
+        Failure::new(
+            Exit::Usage,
+            format!("--idle {text}: a number and a unit: s, m, h, d or w (e.g. 30d)"),
+        )
+    };
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale)
+        .map(Duration::from_secs)
+        .ok_or_else(bad)
+}
+
+fn parse_time(text: &str) -> Option<SystemTime> {
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    let ns = t.unix_timestamp_nanos();
+    let ns = u64::try_from(ns).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plan_names_added_changed_fields_and_removed() {
+        let current = Current::List(vec![
+            ApiKey::new("same", "s1").with_scopes(["read"]),
+            ApiKey::new("moved", "s2").with_owner("a"),
+            ApiKey::new("gone", "s3"),
+        ]);
+        let desired = KeySet::from_keys([
+            ApiKey::new("same", "s1").with_scopes(["read"]),
+            ApiKey::new("moved", "s2b").with_owner("b"),
+            ApiKey::new("new", "s4"),
+        ])
+        .unwrap();
+        let plan = Plan::of(&desired, &current);
+        assert_eq!(
+            plan.added.iter().map(|k| k.id()).collect::<Vec<_>>(),
+            ["new"]
+        );
+        assert_eq!(plan.changed.len(), 1);
+        assert_eq!(plan.changed[0].0.id(), "moved");
+        assert_eq!(plan.changed[0].1, ["sha256", "owner"]);
+        assert_eq!(plan.removed, ["gone"]);
+        let kept = plan.result(&desired, &current, false);
+        assert_eq!(
+            kept.iter().map(|k| k.id()).collect::<Vec<_>>(),
+            ["same", "moved", "gone", "new"]
+        );
+        assert_eq!(plan.result(&desired, &current, true).len(), 3);
+    }
+
+    /// Keys from a small pool of ids, each with one of a few secrets and owners, so
+    /// that sets overlap, differ by field, and sometimes share a secret.
+    fn keys() -> impl proptest::strategy::Strategy<Value = Vec<ApiKey>> {
+        use proptest::prelude::*;
+        proptest::collection::vec((0..12u8, 0..3u8, 0..3u8), 0..12).prop_map(|picks| {
+            let mut seen = std::collections::HashSet::new();
+            picks
+                .into_iter()
+                .filter(|(id, _, _)| seen.insert(*id))
+                .map(|(id, secret, owner)| {
+                    let key = ApiKey::new(format!("k{id}"), format!("s{id}-{secret}"));
+                    if owner == 0 {
+                        key
+                    } else {
+                        key.with_owner(format!("o{owner}"))
+                    }
+                })
+                .collect()
+        })
+    }
+
+    proptest::proptest! {
+        /// What `apply` writes, read back, differs from the file in nothing: with
+        /// `--prune` the target then holds exactly the file's keys; without, the
+        /// file's keys and every key it does not name, unchanged.
+        #[test]
+        fn applying_a_plan_leaves_nothing_to_apply(current in keys(), desired in keys()) {
+            let Ok(desired) = KeySet::from_keys(desired) else { return Ok(()) };
+            let current = Current::List(current);
+            for prune in [false, true] {
+                let plan = Plan::of(&desired, &current);
+                let after = Current::List(plan.result(&desired, &current, prune));
+                let again = Plan::of(&desired, &after);
+                proptest::prop_assert!(again.added.is_empty() && again.changed.is_empty());
+                let kept: Vec<&str> = current
+                    .iter()
+                    .filter(|k| desired.get(k.id()).is_none())
+                    .map(ApiKey::id)
+                    .collect();
+                if prune {
+                    proptest::prop_assert!(again.removed.is_empty());
+                } else {
+                    let mut kept = kept.clone();
+                    kept.sort_unstable();
+                    proptest::prop_assert_eq!(&again.removed, &kept);
+                    for id in kept {
+                        let before = current.iter().find(|k| k.id() == id);
+                        let now = after.iter().find(|k| k.id() == id);
+                        proptest::prop_assert!(before.zip(now).is_some_and(|(a, b)| differences(a, b).is_empty()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn durations_take_a_unit_and_refuse_anything_else() {
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        for bad in ["", "d", "30", "30x", "-1d", "99999999999999999999w"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

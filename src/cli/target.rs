@@ -1,0 +1,564 @@
+//! The one target a command works on, and how the key-management API is reached
+//! over it: in this process for a key file or a Redis namespace, over HTTP for a
+//! running API.
+//!
+//! A new engine (a PostgreSQL namespace) is one more [`Target`] variant: its
+//! backend for [`Target::admin`] and [`Target::read`], and its writes in
+//! `sync.rs`.
+
+use std::{path::PathBuf, time::Duration};
+
+use http::{HeaderValue, Method, StatusCode, header};
+use zeroize::Zeroizing;
+
+use super::{Exit, Failure, args::TargetArgs, chain};
+use crate::{
+    ApiKey, ChannelSource, FileSource, KeySet, KeySource as _, KeyStore,
+    admin::{AdminApi, AdminBackend, BackendError, FileBackend},
+    redis::{RedisBackend, RedisSource},
+};
+
+/// Where keys are.
+pub(crate) enum Target {
+    /// A key file.
+    File(PathBuf),
+    /// A Redis namespace. The URL is kept only to open the replica's source.
+    Redis {
+        url: Zeroizing<String>,
+        namespace: String,
+        backend: Box<RedisBackend>,
+    },
+    /// A running key-management API.
+    Api {
+        base: http::Uri,
+        key_from_stdin: bool,
+    },
+}
+
+/// The environment variable the API's admin key is read from.
+pub(crate) const ADMIN_KEY_VAR: &str = "TOWER_API_KEY_ADMIN_KEY";
+
+/// How long the API may take to answer (`--timeout`).
+pub(crate) static API_TIMEOUT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// How long a connection to Redis or the API, or one of their answers, may take.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Target {
+    /// The target the arguments name. A malformed URL is a usage error, said
+    /// without repeating the URL (it may hold a password).
+    pub(crate) fn of(args: &TargetArgs) -> Result<Self, Failure> {
+        if let Some(path) = &args.file {
+            return Ok(Self::File(path.clone()));
+        }
+        if let Some(url) = &args.redis {
+            let namespace = args.namespace.clone().unwrap_or_default();
+            let backend = RedisBackend::new(url, namespace.as_str())
+                .map_err(|e| Failure::new(Exit::Usage, format!("--redis: {}", chain(&e))))?
+                .with_timeout(Duration::from_secs(2));
+            return Ok(Self::Redis {
+                url: Zeroizing::new(url.clone()),
+                namespace,
+                backend: Box::new(backend),
+            });
+        }
+        if let Some(url) = &args.api {
+            let base = http::Uri::try_from(url.as_str())
+                .ok()
+                .filter(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https"))
+                        && u.authority().is_some_and(|a| !a.as_str().contains('@'))
+                })
+                .ok_or_else(|| {
+                    Failure::new(
+                        Exit::Usage,
+                        "--api is not an http:// or https:// URL (http://host:port/, no \
+                         credentials in it: the admin key is given apart)",
+                    )
+                })?;
+            return Ok(Self::Api {
+                base,
+                key_from_stdin: args.admin_key_stdin,
+            });
+        }
+        Err(Failure::new(
+            Exit::Usage,
+            "give a target: --file, --redis with --namespace, or --api",
+        ))
+    }
+
+    /// What the target is, for messages: a path or a namespace, never a URL.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::File(path) => format!("key file {}", path.display()),
+            Self::Redis { namespace, .. } => format!("Redis namespace `{namespace}`"),
+            Self::Api { .. } => "the key-management API".to_owned(),
+        }
+    }
+
+    /// A usage failure for an operation this target cannot do.
+    pub(crate) fn cannot(&self, what: &str) -> Failure {
+        Failure::new(
+            Exit::Usage,
+            format!(
+                "{what} needs --file or --redis: the key-management API neither shows nor \
+                 takes digests"
+            ),
+        )
+    }
+
+    /// Every key the target holds, digests included. A key file or namespace that
+    /// does not exist is [`Exit::StoreMissing`].
+    pub(crate) async fn read(&self, max: u64) -> Result<Current, Failure> {
+        match self {
+            Self::File(path) => {
+                if std::fs::symlink_metadata(path)
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+                {
+                    return Err(Failure::new(
+                        Exit::StoreMissing,
+                        format!(
+                            "{} does not exist (`import` or `restore` creates it)",
+                            self.describe()
+                        ),
+                    ));
+                }
+                let set = FileSource::new(path)
+                    .with_max_size(max)
+                    .load()
+                    .map_err(|e| Failure::new(Exit::Unavailable, chain(&e)))?;
+                Ok(Current::Set(set))
+            }
+            Self::Redis { backend, .. } => backend
+                .list()
+                .await
+                .map(Current::List)
+                .map_err(|e| self.backend_failure(&e)),
+            Self::Api { .. } => Err(self.cannot("reading every key with its digest")),
+        }
+    }
+
+    /// A backend error as a failure.
+    pub(crate) fn backend_failure(&self, e: &BackendError) -> Failure {
+        let exit = match e {
+            BackendError::NotFound => Exit::NotFound,
+            BackendError::Conflict(_) | BackendError::PreconditionFailed => Exit::Conflict,
+            BackendError::Invalid(_) => Exit::Invalid,
+            BackendError::OutcomeUnknown(_) => Exit::OutcomeUnknown,
+            BackendError::StoreMissing(_) => Exit::StoreMissing,
+            _ => Exit::Unavailable,
+        };
+        let hint = match e {
+            BackendError::StoreMissing(_) => {
+                " (`restore` brings it back from a snapshot or export; `import` creates it)"
+            }
+            _ => "",
+        };
+        Failure::new(exit, format!("{}{hint}", chain(e)))
+    }
+
+    /// A crate error from a target's write or read as a failure.
+    pub(crate) fn error_failure(&self, exit: Exit, e: &crate::Error) -> Failure {
+        Failure::new(exit, format!("{}: {}", self.describe(), chain(e)))
+    }
+
+    /// The key-management API over this target: in this process for a file or
+    /// Redis, authenticated by an operator key held only in memory, that holds the
+    /// scope `admin` and every scope in `scopes` and the target's keys; or the
+    /// running API over HTTP.
+    pub(crate) async fn admin(&self, max: u64, scopes: &[String]) -> Result<Admin, Failure> {
+        match self {
+            Self::File(path) => {
+                let source = FileSource::new(path)
+                    .with_max_size(max)
+                    .with_poll_interval(Duration::from_secs(3600));
+                let backend = FileBackend::new(path);
+                let path = path.clone();
+                let describe = self.describe();
+                tokio::task::spawn_blocking(move || {
+                    let store = KeyStore::new();
+                    if std::fs::symlink_metadata(&path)
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+                    {
+                        return Err(Failure::new(
+                            Exit::StoreMissing,
+                            format!("{describe} does not exist (`import` or `restore` creates it)"),
+                        ));
+                    }
+                    store
+                        .add_source(source)
+                        .map_err(|e| Failure::new(Exit::Unavailable, chain(&e)))?;
+                    Ok(store)
+                })
+                .await
+                .map_err(|_| Failure::new(Exit::Unavailable, "the key file could not be read"))?
+                .and_then(|store| Admin::local(store, backend, scopes))
+            }
+            Self::Redis {
+                url,
+                namespace,
+                backend,
+            } => {
+                match backend.exists().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(self.backend_failure(&BackendError::StoreMissing(format!(
+                            "Redis namespace `{namespace}`"
+                        ))));
+                    }
+                    Err(e) => return Err(self.error_failure(Exit::Unavailable, &e)),
+                }
+                let source = RedisSource::new(url, namespace.as_str())
+                    .map_err(|e| Failure::new(Exit::Usage, chain(&e)))?
+                    .with_connect_timeout(TIMEOUT);
+                let backend = RedisBackend::new(url, namespace.as_str())
+                    .map_err(|e| Failure::new(Exit::Usage, chain(&e)))?
+                    .with_timeout(Duration::from_secs(2));
+                let describe = self.describe();
+                let store = tokio::task::spawn_blocking(move || {
+                    let store = KeyStore::new();
+                    store.add_source(source).map_err(|e| {
+                        Failure::new(Exit::Unavailable, format!("{describe}: {}", chain(&e)))
+                    })?;
+                    Ok::<_, Failure>(store)
+                })
+                .await
+                .map_err(|_| Failure::new(Exit::Unavailable, "Redis could not be read"))??;
+                Admin::local(store, backend, scopes)
+            }
+            Self::Api {
+                base,
+                key_from_stdin,
+            } => {
+                let key = if *key_from_stdin {
+                    super::read_secret_stdin("the admin key")?
+                } else {
+                    match std::env::var(ADMIN_KEY_VAR) {
+                        Ok(key) if !key.is_empty() => Zeroizing::new(key),
+                        _ => {
+                            return Err(Failure::new(
+                                Exit::Usage,
+                                format!(
+                                    "--api needs the admin key: set {ADMIN_KEY_VAR}, or pass \
+                                     --admin-key-stdin and write it to standard input"
+                                ),
+                            ));
+                        }
+                    }
+                };
+                let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+                http.set_connect_timeout(Some(TIMEOUT));
+                http.enforce_http(false);
+                // rustls with its `ring` provider, the one this crate builds (no C
+                // toolchain for aws-lc-rs), and the system's roots.
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
+                    .map_err(|_| {
+                        Failure::new(
+                            Exit::Unavailable,
+                            "no TLS root certificates found on this system",
+                        )
+                    })?
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http);
+                let client = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build(https);
+                Ok(Admin::Remote {
+                    client: Box::new(client),
+                    base: base.clone(),
+                    key,
+                })
+            }
+        }
+    }
+}
+
+/// The keys a target holds: a key file's set (which has an index by id), or a
+/// store's records as they are (which may break a rule of a key set, and must still
+/// be shown).
+pub(crate) enum Current {
+    Set(KeySet),
+    List(Vec<ApiKey>),
+}
+
+impl Current {
+    pub(crate) fn iter(&self) -> Box<dyn ExactSizeIterator<Item = &ApiKey> + '_> {
+        match self {
+            Self::Set(set) => Box::new(set.iter()),
+            Self::List(keys) => Box::new(keys.iter()),
+        }
+    }
+}
+
+/// The key-management API, reached in process or over HTTP.
+pub(crate) enum Admin {
+    /// The crate's own router over a backend, in this process.
+    Local {
+        router: axum::Router,
+        operator: Zeroizing<String>,
+        /// Kept alive while the router serves: the store and the operator's source.
+        _store: KeyStore,
+        _publisher: crate::KeyPublisher,
+    },
+    /// A running API.
+    Remote {
+        client: Box<HttpClient>,
+        base: http::Uri,
+        key: Zeroizing<String>,
+    },
+}
+
+/// An answer of the API.
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) etag: Option<String>,
+    pub(crate) body: serde_json::Value,
+}
+
+/// The largest answer read from the API.
+const MAX_REPLY: usize = 64 << 20;
+
+impl Admin {
+    fn local<B: AdminBackend>(
+        store: KeyStore,
+        backend: B,
+        scopes: &[String],
+    ) -> Result<Self, Failure> {
+        let generated =
+            crate::generate("cli").map_err(|e| Failure::new(Exit::Unavailable, e.to_string()))?;
+        let mut all: Vec<String> = vec!["admin".to_owned()];
+        all.extend(scopes.iter().cloned());
+        for key in store.keys() {
+            all.extend(key.scopes().map(str::to_owned));
+        }
+        all.sort();
+        all.dedup();
+        let operator = ApiKey::new(operator_id(), generated.secret()).with_scopes(all);
+        let set = KeySet::from_keys([operator])
+            .map_err(|e| Failure::new(Exit::Unavailable, e.to_string()))?;
+        let (source, publisher) = ChannelSource::new(set);
+        store
+            .add_source(source.with_name("cli-operator"))
+            .map_err(|e| {
+                Failure::new(Exit::Conflict, format!("the operator key: {}", chain(&e)))
+            })?;
+        let router = AdminApi::new(store.clone(), backend)
+            .with_apply_timeout(Duration::from_secs(10))
+            .router();
+        Ok(Self::Local {
+            router,
+            operator: Zeroizing::new(generated.secret().to_owned()),
+            _store: store,
+            _publisher: publisher,
+        })
+    }
+
+    /// Sends one request: `path` under `/v1/`, a JSON body, an `If-Match`.
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        if_match: Option<&str>,
+        content_type: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Reply, Failure> {
+        let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+        match self {
+            Self::Local {
+                router, operator, ..
+            } => {
+                let mut request = http::Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .header(header::CONTENT_TYPE, content_type);
+                if let Some(tag) = if_match {
+                    request = request.header(header::IF_MATCH, tag);
+                }
+                let mut auth = HeaderValue::try_from(format!("Bearer {}", operator.as_str()))
+                    .map_err(|_| {
+                        Failure::new(Exit::Unavailable, "the operator key is not a header")
+                    })?;
+                auth.set_sensitive(true);
+                let request = request
+                    .header(header::AUTHORIZATION, auth)
+                    .body(axum::body::Body::from(bytes.unwrap_or_default()))
+                    .map_err(|_| {
+                        Failure::new(Exit::Usage, "the request cannot be built (a bad key id?)")
+                    })?;
+                let mut service = router.clone();
+                let response = tower_service::Service::call(&mut service, request)
+                    .await
+                    .map_err(|_| Failure::new(Exit::Unavailable, "the API failed"))?;
+                let status = response.status();
+                let etag = etag_of(response.headers());
+                let body = axum::body::to_bytes(response.into_body(), MAX_REPLY)
+                    .await
+                    .map_err(|_| {
+                        Failure::new(Exit::Unavailable, "the API's answer could not be read")
+                    })?;
+                Ok(Reply {
+                    status,
+                    etag,
+                    body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+                })
+            }
+            Self::Remote { client, base, key } => {
+                let mut request = http::Request::builder()
+                    .method(method)
+                    .uri(join(base, path)?)
+                    .header(header::CONTENT_TYPE, content_type);
+                if let Some(tag) = if_match {
+                    request = request.header(header::IF_MATCH, tag);
+                }
+                let mut auth =
+                    HeaderValue::try_from(format!("Bearer {}", key.as_str())).map_err(|_| {
+                        Failure::new(Exit::Usage, "the admin key is not valid in a header")
+                    })?;
+                auth.set_sensitive(true);
+                let request = request
+                    .header(header::AUTHORIZATION, auth)
+                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                        bytes.unwrap_or_default(),
+                    )))
+                    .map_err(|_| {
+                        Failure::new(Exit::Usage, "the request cannot be built (a bad key id?)")
+                    })?;
+                let writes = body.is_some() || if_match.is_some();
+                let limit = API_TIMEOUT
+                    .get()
+                    .copied()
+                    .unwrap_or(Duration::from_secs(30));
+                let exchange = async {
+                    let response = client
+                        .request(request)
+                        .await
+                        .map_err(|e| http_failure(e.is_connect(), writes))?;
+                    let status = response.status();
+                    let etag = etag_of(response.headers());
+                    let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                        response.into_body(),
+                        MAX_REPLY,
+                    ))
+                    .await
+                    .map_err(|_| http_failure(false, writes))?
+                    .to_bytes();
+                    Ok(Reply {
+                        status,
+                        etag,
+                        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+                    })
+                };
+                match tokio::time::timeout(limit, exchange).await {
+                    Ok(reply) => reply,
+                    Err(_) if writes => Err(Failure::new(
+                        Exit::OutcomeUnknown,
+                        "the key-management API did not answer in time: the change may or may \
+                         not have happened; read the key before retrying",
+                    )),
+                    Err(_) => Err(Failure::new(
+                        Exit::Unavailable,
+                        "the key-management API did not answer in time",
+                    )),
+                }
+            }
+        }
+    }
+}
+
+fn etag_of(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// `path` (from `/v1/…`) under the API's base URL, which may have a path of its own.
+fn join(base: &http::Uri, path: &str) -> Result<http::Uri, Failure> {
+    let prefix = base.path().trim_end_matches('/');
+    let scheme = base.scheme_str().unwrap_or("http");
+    let authority = base.authority().map_or("", |a| a.as_str());
+    http::Uri::try_from(format!("{scheme}://{authority}{prefix}{path}"))
+        .map_err(|_| Failure::new(Exit::Usage, "the request's URL cannot be built"))
+}
+
+/// The client of a running API.
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// An HTTP failure, said without the URL (it may hold a password).
+fn http_failure(connect: bool, writes: bool) -> Failure {
+    let (exit, said) = if connect {
+        (
+            Exit::Unavailable,
+            "cannot connect to the key-management API",
+        )
+    } else if writes {
+        (
+            Exit::OutcomeUnknown,
+            "the connection to the key-management API was lost: the change may or may not \
+             have happened; read the key before retrying",
+        )
+    } else {
+        (
+            Exit::Unavailable,
+            "the connection to the key-management API was lost",
+        )
+    };
+    Failure::new(exit, said)
+}
+
+/// The operator key's id: `cli:` and the user's name (letters, digits, `.`, `_`,
+/// `-`), as the audit names the caller.
+fn operator_id() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    let user: String = user
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    if user.is_empty() {
+        "cli:operator".to_owned()
+    } else {
+        format!("cli:{user}")
+    }
+}
+
+/// A problem document (RFC 9457) or an unexpected status as a failure.
+pub(crate) fn problem(reply: &Reply) -> Failure {
+    let kind = reply
+        .body
+        .get("type")
+        .and_then(|t| t.as_str())
+        .and_then(|t| t.strip_prefix("urn:tower-api-key:problem:"))
+        .unwrap_or("");
+    let exit = match reply.status.as_u16() {
+        400 | 413 | 415 | 422 => Exit::Invalid,
+        401 | 403 => Exit::Denied,
+        404 => Exit::NotFound,
+        409 | 412 | 428 => Exit::Conflict,
+        503 if kind == "store-missing" => Exit::StoreMissing,
+        504 => Exit::OutcomeUnknown,
+        _ => Exit::Unavailable,
+    };
+    let title = reply.body.get("title").and_then(|t| t.as_str());
+    let detail = reply.body.get("detail").and_then(|t| t.as_str());
+    let message = match (title, detail) {
+        (Some(t), Some(d)) => format!("{t}: {d}"),
+        (Some(t), None) => t.to_owned(),
+        (None, Some(d)) => d.to_owned(),
+        (None, None) => format!("the key-management API answered {}", reply.status),
+    };
+    let hint = if exit == Exit::StoreMissing {
+        " (`restore` brings it back from a snapshot or export)"
+    } else {
+        ""
+    };
+    Failure::new(exit, format!("{message}{hint}"))
+}

@@ -1,0 +1,715 @@
+//! The `tower-api-key` binary, run as an operator runs it: against temp key files, a
+//! real `redis-server` (see `redis_support`; under `CI=true` these tests never skip)
+//! and a real key-management API on 127.0.0.1. Every subcommand, every exit code,
+//! and the bad inputs an operator meets: a missing file, a FIFO, a file over the
+//! size limit, a malformed URL, Redis down.
+#![allow(clippy::unwrap_used)]
+#![cfg(feature = "cli")]
+
+mod common;
+mod redis_support;
+
+use std::{fs, path::Path, time::Duration};
+
+use assert_cmd::Command;
+use redis_support::{Redis, sha256_hex};
+use serde_json::Value;
+
+const ROOT: &str =
+    "[[keys]]\nid = \"root\"\nsecret = \"root-secret\"\nscopes = [\"admin\", \"read\"]\n";
+
+/// The binary, bounded in time, with no admin key in its environment.
+fn cli() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tower-api-key"));
+    cmd.timeout(Duration::from_secs(30))
+        .env_remove("TOWER_API_KEY_ADMIN_KEY")
+        .env_remove("RUST_LOG")
+        .env("USER", "ops")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+/// What a run gave: exit code, standard output, standard error.
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
+    run_with(args, None, &[])
+}
+
+fn run_with<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    stdin: Option<&str>,
+    env: &[(&str, &str)],
+) -> Run {
+    let mut cmd = cli();
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(input) = stdin {
+        cmd.write_stdin(input);
+    }
+    let output = cmd.output().unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&output.stdout).into_owned(),
+        err: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+impl Run {
+    #[track_caller]
+    fn code(self, want: i32) -> Self {
+        assert_eq!(
+            self.code, want,
+            "exit {} (want {want})\nstdout: {}\nstderr: {}",
+            self.code, self.out, self.err
+        );
+        self
+    }
+
+    /// The error is one line, and names neither a secret nor a password.
+    #[track_caller]
+    fn one_line_error(self) -> Self {
+        // Audit and log events start with their time; the error is the rest.
+        let errors: Vec<&str> = self
+            .err
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with(|c: char| c.is_ascii_digit()))
+            .collect();
+        assert_eq!(errors.len(), 1, "stderr: {}", self.err);
+        self
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.out).unwrap_or_else(|e| panic!("{e}: {}", self.out))
+    }
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn check_passes_a_good_file_and_names_file_line_and_id_of_a_bad_one_never_a_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    fs::write(&good, ROOT).unwrap();
+    let r = run(&["check", p(&good)]).code(0);
+    assert!(r.out.contains("1 keys"), "{}", r.out);
+
+    // A secret pasted into the digest's field: refused, and never repeated.
+    let bad = dir.path().join("bad.toml");
+    fs::write(
+        &bad,
+        "[[keys]]\nid = \"ok\"\nsha256 = \"4e738ca5563c06cfd0018299933d58db1dd8bf97f6973dc99bf6cdc64b5550bd\"\n\n\
+         [[keys]]\nid = \"billing\"\nsha256 = \"tak_SuperSecretValue123\"\n",
+    )
+    .unwrap();
+    let r = run(&["check", p(&good), p(&bad)]).code(1);
+    assert!(r.err.contains("bad.toml:5"), "{}", r.err);
+    assert!(r.err.contains("billing"), "{}", r.err);
+    assert!(r.err.contains("sha256"), "{}", r.err);
+    assert!(!r.err.contains("SuperSecretValue") && !r.out.contains("SuperSecretValue"));
+
+    let r = run(&["check", "-o", "json", p(&good), p(&bad)]).code(1);
+    let doc = r.json();
+    assert_eq!(doc["files"][0]["ok"], true);
+    assert_eq!(doc["files"][1]["ok"], false);
+    assert_eq!(doc["files"][1]["line"], 5);
+    assert!(!r.out.contains("SuperSecretValue"));
+}
+
+#[test]
+fn bad_inputs_get_one_line_and_the_right_code_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target.toml");
+    fs::write(&target, ROOT).unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let big = dir.path().join("big.toml");
+    fs::write(&big, ROOT).unwrap();
+    let missing = dir.path().join("missing.toml");
+    let directory = dir.path().to_path_buf();
+    for input in [&missing, &fifo, &directory, &big] {
+        let limit = if *input == big { "10" } else { "1000000" };
+        run(&["check", "--max-size", limit, p(input)])
+            .code(1)
+            .one_line_error();
+        // As the input of a write: refused, the target untouched.
+        for command in [&["apply"][..], &["import"], &["restore", "--force"]] {
+            let mut args = command.to_vec();
+            args.extend(["--max-size", limit, p(input), "--file", p(&target)]);
+            run(&args).code(1).one_line_error();
+            assert_eq!(fs::read_to_string(&target).unwrap(), ROOT);
+        }
+    }
+    // Usage errors: no target, two targets, a malformed URL (never repeated: it may
+    // hold a password).
+    run(&["keys", "list"]).code(2);
+    run(&[
+        "keys",
+        "list",
+        "--file",
+        p(&target),
+        "--api",
+        "http://127.0.0.1:1/",
+    ])
+    .code(2);
+    let r = run(&["keys", "list", "--api", "ftp://user:hunter2@host/"])
+        .code(2)
+        .one_line_error();
+    assert!(!r.err.contains("hunter2"));
+    let r = run(&[
+        "keys",
+        "list",
+        "--redis",
+        "redis://:hunter2@[::1",
+        "--namespace",
+        "n",
+    ])
+    .code(2)
+    .one_line_error();
+    assert!(!r.err.contains("hunter2"));
+    run(&["generate", "no_underscores_allowed"])
+        .code(2)
+        .one_line_error();
+    run(&["usage", "--file", p(&target)])
+        .code(2)
+        .one_line_error();
+    run(&["usage", "--api", "http://127.0.0.1:1/", "--idle", "30x"]).code(2);
+}
+
+#[test]
+fn generate_gives_the_secret_once_and_an_entry_with_only_its_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("ci.key");
+    let r = run(&["generate", "acme", "ci", "--secret-file", p(&secret_file)]).code(0);
+    let secret = fs::read_to_string(&secret_file).unwrap().trim().to_owned();
+    assert!(secret.starts_with("acme_"));
+    assert!(tower_api_key::has_valid_checksum(&secret));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(&secret_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    assert!(r.out.contains(&sha256_hex(&secret)));
+    assert!(!r.out.contains(&secret) && !r.err.contains(&secret));
+    // The entry is a key file the file source takes.
+    let file = dir.path().join("keys.toml");
+    fs::write(&file, &r.out).unwrap();
+    run(&["check", p(&file)]).code(0);
+
+    // Never over an existing file.
+    run(&["generate", "acme", "ci", "--secret-file", p(&secret_file)])
+        .code(4)
+        .one_line_error();
+    assert_eq!(fs::read_to_string(&secret_file).unwrap().trim(), secret);
+
+    // Without a file: the secret alone on standard output, the entry apart.
+    let r = run(&["generate", "acme", "web"]).code(0);
+    let secret = r.out.trim();
+    assert_eq!(r.out.lines().count(), 1);
+    assert!(r.err.contains(&sha256_hex(secret)) && r.err.contains("id = \"web\""));
+    let doc = run(&["generate", "acme", "web", "-o", "json"])
+        .code(0)
+        .json();
+    assert_eq!(doc["sha256"], sha256_hex(doc["key"].as_str().unwrap()));
+}
+
+#[test]
+fn hash_reads_the_key_from_standard_input() {
+    let r = run_with(&["hash", "legacy"], Some("old-secret\n"), &[]).code(0);
+    assert!(r.out.contains(&sha256_hex("old-secret")));
+    assert!(r.out.contains("id = \"legacy\""));
+    assert!(!r.out.contains("old-secret\""));
+    let doc = run_with(&["hash", "-o", "json"], Some("old-secret\r\n"), &[])
+        .code(0)
+        .json();
+    assert_eq!(doc["sha256"], sha256_hex("old-secret"));
+    run_with(&["hash"], Some(""), &[]).code(2).one_line_error();
+    run_with(&["hash"], Some("two\nlines\n"), &[]).code(2);
+}
+
+#[test]
+fn keys_on_a_file_follow_the_apis_rules_and_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    fs::write(&file, ROOT).unwrap();
+    let f = p(&file);
+    let secret_file = dir.path().join("billing.key");
+    let r = run(&[
+        "keys",
+        "create",
+        "--file",
+        f,
+        "--id",
+        "billing",
+        "--scope",
+        "read",
+        "--owner",
+        "team",
+        "--secret-file",
+        p(&secret_file),
+    ])
+    .code(0);
+    let secret = fs::read_to_string(&secret_file).unwrap().trim().to_owned();
+    assert!(r.out.contains("billing"));
+    // The API's audit, naming the operator.
+    assert!(
+        r.err.contains("tower_api_key::audit") && r.err.contains("cli:ops"),
+        "{}",
+        r.err
+    );
+    let text = fs::read_to_string(&file).unwrap();
+    assert!(text.contains(&sha256_hex(&secret)) && !text.contains(&secret));
+
+    let list = run(&["keys", "list", "--file", f, "-o", "json"])
+        .code(0)
+        .json();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["billing", "root"]);
+    let got = run(&["keys", "get", "billing", "--file", f, "-o", "json"])
+        .code(0)
+        .json();
+    assert_eq!(got["owner"], "team");
+
+    // The API's errors, as exit codes.
+    run(&["keys", "get", "nope", "--file", f])
+        .code(5)
+        .one_line_error();
+    run(&["keys", "create", "--file", f, "--id", "billing"])
+        .code(4)
+        .one_line_error();
+    run(&["keys", "create", "--file", f, "--expires-at", "tomorrow"])
+        .code(1)
+        .one_line_error();
+    run(&[
+        "keys",
+        "patch",
+        "billing",
+        "--file",
+        f,
+        "--owner",
+        "x",
+        "--if-match",
+        "\"0000\"",
+    ])
+    .code(4)
+    .one_line_error();
+    run(&["keys", "patch", "billing", "--file", f]).code(2);
+
+    run(&[
+        "keys",
+        "patch",
+        "billing",
+        "--file",
+        f,
+        "--description",
+        "invoices",
+        "--disabled",
+        "true",
+    ])
+    .code(0);
+    let got = run(&["keys", "get", "billing", "--file", f, "-o", "json"])
+        .code(0)
+        .json();
+    assert_eq!(got["description"], "invoices");
+    assert_eq!(got["status"], "disabled");
+
+    let rotated = run(&[
+        "keys",
+        "rotate",
+        "billing",
+        "--file",
+        f,
+        "--overlap",
+        "60",
+        "-o",
+        "json",
+    ])
+    .code(0)
+    .json();
+    assert_eq!(rotated["id"], "billing-r2");
+    assert_eq!(rotated["rotated_from"], "billing");
+    let new_secret = rotated["key"].as_str().unwrap();
+    assert!(
+        fs::read_to_string(&file)
+            .unwrap()
+            .contains(&sha256_hex(new_secret))
+    );
+
+    run(&["keys", "revoke", "billing", "--file", f]).code(0);
+    run(&["keys", "get", "billing", "--file", f]).code(5);
+    assert!(
+        !fs::read_to_string(&file)
+            .unwrap()
+            .contains("id = \"billing\"")
+    );
+
+    // A file that does not parse is not written over; a missing one is "missing".
+    let broken = dir.path().join("broken.toml");
+    fs::write(&broken, "[[keys]]\nid = \n").unwrap();
+    run(&["keys", "create", "--file", p(&broken)])
+        .code(3)
+        .one_line_error();
+    assert_eq!(fs::read_to_string(&broken).unwrap(), "[[keys]]\nid = \n");
+    run(&["keys", "list", "--file", p(&dir.path().join("none.toml"))])
+        .code(8)
+        .one_line_error();
+}
+
+#[test]
+fn diff_apply_restore_import_and_export_on_key_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live.toml");
+    let desired = dir.path().join("desired.toml");
+    let entry = |id: &str, secret: &str, extra: &str| {
+        format!(
+            "[[keys]]\nid = \"{id}\"\nsha256 = \"{}\"\n{extra}\n",
+            sha256_hex(secret)
+        )
+    };
+    let live_text = [
+        entry("same", "s1", ""),
+        entry("moved", "s2", "owner = \"a\""),
+        entry("gone", "s3", ""),
+    ]
+    .concat();
+    fs::write(&live, &live_text).unwrap();
+    fs::write(
+        &desired,
+        [
+            entry("same", "s1", ""),
+            entry("moved", "s2", "owner = \"b\""),
+            entry("new", "s4", ""),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let (l, d) = (p(&live), p(&desired));
+
+    let r = run(&["diff", d, "--file", l]).code(1);
+    assert!(
+        r.out.contains("+ new") && r.out.contains("~ moved (owner)") && r.out.contains("- gone"),
+        "{}",
+        r.out
+    );
+    let doc = run(&["diff", d, "--file", l, "-o", "json"]).code(1).json();
+    assert_eq!(doc["added"], serde_json::json!(["new"]));
+    assert_eq!(doc["changed"][0]["fields"], serde_json::json!(["owner"]));
+    assert_eq!(doc["removed"], serde_json::json!(["gone"]));
+
+    run(&["apply", d, "--file", l, "--dry-run", "--prune"]).code(0);
+    assert_eq!(fs::read_to_string(&live).unwrap(), live_text);
+
+    // Without --prune, keys the file does not name stay.
+    run(&["apply", d, "--file", l]).code(0);
+    let r = run(&["diff", d, "--file", l, "-o", "json"]).code(1);
+    assert_eq!(r.json()["removed"], serde_json::json!(["gone"]));
+    assert_eq!(r.json()["added"], serde_json::json!([]));
+    run(&["apply", d, "--file", l, "--prune"]).code(0);
+    run(&["diff", d, "--file", l]).code(0);
+
+    // A result the file source would refuse (one secret under two ids) is not written.
+    let clash = dir.path().join("clash.toml");
+    fs::write(&clash, entry("other", "s1", "")).unwrap();
+    let before = fs::read_to_string(&live).unwrap();
+    run(&["apply", p(&clash), "--file", l])
+        .code(1)
+        .one_line_error();
+    assert_eq!(fs::read_to_string(&live).unwrap(), before);
+
+    // export → restore round trip; restore refuses to replace without --force.
+    let export = dir.path().join("export.toml");
+    run(&["export", "--file", l, "--out", p(&export)]).code(0);
+    let exported = run(&["export", "--file", l]).code(0).out;
+    assert_eq!(fs::read_to_string(&export).unwrap(), exported);
+    let records = run(&["export", "--file", l, "-o", "json"]).code(0).json();
+    assert_eq!(records.as_array().unwrap().len(), 3);
+    run(&["restore", p(&export), "--file", l])
+        .code(4)
+        .one_line_error();
+    let fresh = dir.path().join("fresh.toml");
+    run(&["restore", p(&export), "--file", p(&fresh)]).code(0);
+    run(&["diff", d, "--file", p(&fresh)]).code(0);
+
+    // import adds and replaces, keeps the rest; creates a missing file.
+    let more = dir.path().join("more.toml");
+    fs::write(&more, entry("extra", "s9", "")).unwrap();
+    run(&["import", p(&more), "--file", l]).code(0);
+    let ids: Vec<String> = run(&["keys", "list", "--file", l, "-o", "json"])
+        .code(0)
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["extra", "moved", "new", "same"]);
+    run(&[
+        "import",
+        p(&more),
+        "--file",
+        p(&dir.path().join("created.toml")),
+    ])
+    .code(0);
+    run(&[
+        "diff",
+        p(&more),
+        "--file",
+        p(&dir.path().join("created.toml")),
+    ])
+    .code(0);
+
+    let r = run(&["completions", "bash"]).code(0);
+    assert!(r.out.contains("tower-api-key"));
+}
+
+/// A running key-management API over a key file, on 127.0.0.1, with admin key
+/// `root-secret`.
+async fn serve_api(file: &Path) -> std::net::SocketAddr {
+    let store = tower_api_key::KeyStore::new();
+    store
+        .add_source(tower_api_key::FileSource::new(file))
+        .unwrap();
+    let api: axum::Router =
+        tower_api_key::admin::AdminApi::new(store, tower_api_key::admin::FileBackend::new(file))
+            .router();
+    common::serve(api).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_usage_against_a_running_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    fs::write(&file, ROOT).unwrap();
+    let addr = serve_api(&file).await;
+    let url = format!("http://{addr}/");
+    let blocking = |f: Box<dyn FnOnce() + Send>| tokio::task::spawn_blocking(f);
+    let u = url.clone();
+    blocking(Box::new(move || {
+        let admin = [("TOWER_API_KEY_ADMIN_KEY", "root-secret")];
+        let r = run_with(
+            &[
+                "keys", "create", "--api", &u, "--id", "web", "--scope", "read", "-o", "json",
+            ],
+            None,
+            &admin,
+        )
+        .code(0);
+        let secret = r.json()["key"].as_str().unwrap().to_owned();
+        assert!(!r.err.contains(&secret));
+        let list = run_with(&["keys", "list", "--api", &u, "-o", "json"], None, &admin)
+            .code(0)
+            .json();
+        assert_eq!(list.as_array().unwrap().len(), 2);
+        // From standard input instead of the environment.
+        run_with(
+            &["keys", "get", "web", "--api", &u, "--admin-key-stdin"],
+            Some("root-secret\n"),
+            &[],
+        )
+        .code(0);
+        let usage = run_with(&["usage", "--api", &u, "-o", "json"], None, &admin)
+            .code(0)
+            .json();
+        assert_eq!(usage.as_array().unwrap().len(), 2);
+        run_with(&["keys", "revoke", "web", "--api", &u], None, &admin).code(0);
+        run_with(&["keys", "get", "web", "--api", &u], None, &admin).code(5);
+
+        // No key, a wrong key, an operation the API cannot do.
+        run(&["keys", "list", "--api", &u]).code(2).one_line_error();
+        let r = run_with(
+            &["keys", "list", "--api", &u],
+            None,
+            &[("TOWER_API_KEY_ADMIN_KEY", "wrong-secret")],
+        )
+        .code(6)
+        .one_line_error();
+        assert!(!r.err.contains("wrong-secret"));
+        run_with(&["export", "--api", &u], None, &admin)
+            .code(2)
+            .one_line_error();
+    }))
+    .await
+    .unwrap();
+
+    // An API that is not there: unavailable, at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    blocking(Box::new(move || {
+        let r = run_with(
+            &["keys", "list", "--api", &dead],
+            None,
+            &[("TOWER_API_KEY_ADMIN_KEY", "k")],
+        )
+        .code(3)
+        .one_line_error();
+        assert!(r.err.contains("cannot connect"), "{}", r.err);
+        // Credentials in the URL: refused, never repeated.
+        let with_password = dead.replace("http://", "http://user:hunter2@");
+        let r = run_with(
+            &["keys", "list", "--api", &with_password],
+            None,
+            &[("TOWER_API_KEY_ADMIN_KEY", "k")],
+        )
+        .code(2)
+        .one_line_error();
+        assert!(!r.err.contains("hunter2"));
+        // An API that takes the request and never answers: a write's outcome is
+        // unknown (7), a read's is only unavailable (3); neither hangs.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", silent.local_addr().unwrap());
+        let key = [("TOWER_API_KEY_ADMIN_KEY", "k")];
+        let write = [
+            "keys",
+            "revoke",
+            "web",
+            "--if-match",
+            "*",
+            "--timeout",
+            "1",
+            "--api",
+            &url,
+        ];
+        run_with(&write, None, &key).code(7).one_line_error();
+        run_with(
+            &["keys", "list", "--timeout", "1", "--api", &url],
+            None,
+            &key,
+        )
+        .code(3)
+        .one_line_error();
+        drop(silent);
+        // https:// too: the TLS client is set up, and says it cannot connect.
+        let tls = dead.replace("http://", "https://");
+        run_with(
+            &["keys", "list", "--api", &tls],
+            None,
+            &[("TOWER_API_KEY_ADMIN_KEY", "k")],
+        )
+        .code(3)
+        .one_line_error();
+    }))
+    .await
+    .unwrap();
+}
+
+#[test]
+fn a_redis_namespace_from_import_to_restore() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    let r = ["--redis", url.as_str(), "--namespace", "pay"];
+    let with =
+        |args: &[&str]| -> Vec<String> { args.iter().chain(&r).map(|s| (*s).to_owned()).collect() };
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("seed.toml");
+    fs::write(&seed, ROOT).unwrap();
+    let s = p(&seed);
+
+    // A namespace never created is "missing", not empty.
+    run(&with(&["keys", "list"])).code(8).one_line_error();
+    run(&with(&["apply", s])).code(8).one_line_error();
+    run(&with(&["import", s])).code(0);
+    run(&with(&["diff", s])).code(0);
+
+    let secret_file = dir.path().join("k.key");
+    run(&with(&[
+        "keys",
+        "create",
+        "--id",
+        "web",
+        "--scope",
+        "read",
+        "--secret-file",
+        p(&secret_file),
+    ]))
+    .code(0);
+    let secret = fs::read_to_string(&secret_file).unwrap().trim().to_owned();
+    assert_eq!(redis.ids("pay"), ["root", "web"]);
+    let r2 = run(&with(&["keys", "rotate", "web", "-o", "json"]))
+        .code(0)
+        .json();
+    assert_eq!(r2["id"], "web-r2");
+    run(&with(&["keys", "revoke", "web"])).code(0);
+
+    // Usage, fleet-wide: the fleet's counters in Redis.
+    redis.cli(&["HSET", "tak:{pay}:requests", "root", "7"]);
+    redis.cli(&["HSET", "tak:{pay}:last_used", "root", "1000"]);
+    let usage = run(&with(&["usage", "-o", "json"])).code(0).json();
+    let root = usage
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["id"] == "root")
+        .unwrap();
+    assert_eq!(root["requests"], 7);
+    let idle = run(&with(&["usage", "--idle", "30d", "-o", "json"]))
+        .code(0)
+        .json();
+    let ids: Vec<&str> = idle
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["root"],
+        "only the key unused since 1970 is idle 30 days"
+    );
+
+    // diff and apply: the file's keys, and with --prune only them.
+    let d = run(&with(&["diff", s, "-o", "json"])).code(1).json();
+    assert_eq!(d["removed"], serde_json::json!(["web-r2"]));
+    run(&with(&["apply", s])).code(0);
+    assert_eq!(redis.ids("pay"), ["root", "web-r2"]);
+    run(&with(&["apply", s, "--prune"])).code(0);
+    assert_eq!(redis.ids("pay"), ["root"]);
+
+    // export, a wipe, restore.
+    let backup = dir.path().join("backup.toml");
+    run(&with(&["export", "--out", p(&backup)])).code(0);
+    run(&with(&["restore", p(&backup)]))
+        .code(4)
+        .one_line_error();
+    redis.cli(&["FLUSHALL"]);
+    run(&with(&["keys", "create"])).code(8).one_line_error();
+    run(&with(&["restore", p(&backup)])).code(0);
+    assert_eq!(redis.ids("pay"), ["root"]);
+    assert!(!fs::read_to_string(&backup).unwrap().contains(&secret));
+
+    // Redis down: unavailable, one line, nothing to hang on.
+    redis.stop();
+    for args in [
+        with(&["keys", "list"]),
+        with(&["diff", s]),
+        with(&["apply", s]),
+        with(&["import", s]),
+        with(&["restore", s, "--force"]),
+        with(&["export"]),
+        with(&["usage"]),
+    ] {
+        run(&args).code(3).one_line_error();
+    }
+}
