@@ -223,6 +223,13 @@ async fn create_get_list_patch_delete() {
         428,
         "precondition-required",
     );
+    // Whatever the body: a client without the ETag must read the key first.
+    problem(
+        &s.patch("billing", "root-secret", None, json!({"allowed_ips": []}))
+            .await,
+        428,
+        "precondition-required",
+    );
     problem(
         &s.patch(
             "billing",

@@ -230,6 +230,7 @@ pub(crate) struct CreateRequest {
     /// A calendar quota (UTC).
     pub(crate) quota: Option<QuotaSpec>,
     /// Networks (CIDR) the key is let in from; absent for any address.
+    #[schema(min_items = 1)]
     pub(crate) allowed_ips: Option<Vec<String>>,
 }
 
@@ -255,6 +256,7 @@ pub(crate) struct PatchRequest {
     /// Replaces the key's quota; null removes it.
     quota: Option<QuotaSpec>,
     /// Replaces the key's networks; null lets it in from any address.
+    #[schema(min_items = 1)]
     allowed_ips: Option<Vec<String>>,
 }
 

@@ -248,10 +248,15 @@ pub(crate) async fn patch_key<B: AdminBackend>(
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let id = key_path(id)?;
+    // A PATCH without If-Match is 428 whatever its body (RFC 6585): the client must
+    // read the key first.
+    if !headers.contains_key(header::IF_MATCH) {
+        return Err(Problem::precondition_required());
+    }
     let body = body_bytes(body)?;
     let patch: serde_json::Map<String, serde_json::Value> = json_body(&headers, &body, true)?;
     let current = api.writable(&caller, &id, "update").await?;
-    // The patch is checked before the precondition: a malformed patch is 422
+    // The patch is checked before the ETag is compared: a malformed patch is 422
     // whatever the ETag.
     let key = super::patch::apply(&current, &patch)?;
     let if_match = precondition(&headers, &current)?.ok_or_else(Problem::precondition_required)?;
