@@ -199,12 +199,13 @@ async fn counters_carry_over_a_reload_that_keeps_the_limits_and_restart_when_the
         .publish(KeySet::from_keys([key().with_description("edited")]).unwrap())
         .unwrap();
     assert_eq!(get(addr, "k-p", &[]).await.status(), 429);
-    // A changed limit takes effect at once, from a fresh start.
+    // A changed limit takes effect at once, and what was counted stays counted: one
+    // more request, not a fresh burst of three.
     let wider = ApiKey::new("p", "k-p").with_rate_limit(rate("burst", 3, 3_600));
     publisher
         .publish(KeySet::from_keys([wider]).unwrap())
         .unwrap();
-    for want in [200, 200, 200, 429] {
+    for want in [200, 429] {
         assert_eq!(get(addr, "k-p", &[]).await.status(), want);
     }
     // No limits any more: no fields either.
@@ -436,5 +437,152 @@ mod grpc {
             "tonic's peer address"
         );
         assert_eq!(check(addr, "k-far").await, Code::PermissionDenied);
+    }
+}
+
+/// `n` requests with `key` sent at once, each on a connection of its own: the
+/// statuses, and the `Retry-After` of each refusal in seconds (not a date).
+async fn at_once(addr: SocketAddr, key: &str, n: usize) -> (Vec<u16>, Vec<u64>) {
+    let requests = (0..n).map(|_| {
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            // A client each: no pooled connection serialises them.
+            let res = client()
+                .get(format!("http://{addr}/"))
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap();
+            let retry = header(&res, "retry-after").and_then(|v| v.parse::<u64>().ok());
+            (res.status().as_u16(), retry)
+        })
+    });
+    let mut statuses = Vec::new();
+    let mut retries = Vec::new();
+    for request in requests.collect::<Vec<_>>() {
+        let (status, retry) = request.await.unwrap();
+        statuses.push(status);
+        retries.extend(retry);
+    }
+    (statuses, retries)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_clients_at_the_boundary_get_exactly_the_limit_all_or_nothing() {
+    let keys = KeySet::from_keys([
+        ApiKey::new("one", "k-one").with_rate_limit(rate("burst", 40, 3_600)),
+        // The quota refuses first: the burst counts only what the quota let in.
+        ApiKey::new("two", "k-two")
+            .with_rate_limit(rate("burst", 30, 3_600))
+            .with_quota(Quota::new(20, QuotaPeriod::Day)),
+    ])
+    .unwrap();
+    let layer = ApiKeyLayer::new(keys);
+    let store = layer.store().clone();
+    let addr = serve(app(layer)).await;
+    let (statuses, retries) = at_once(addr, "k-one", 80).await;
+    let admitted = statuses.iter().filter(|&&s| s == 200).count();
+    assert_eq!(admitted, 40, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 40);
+    // One request every 90 s: each refusal says a little less, rounded up, never 0.
+    assert!(
+        retries.iter().all(|&r| (89..=90).contains(&r)),
+        "{retries:?}"
+    );
+    let (statuses, _) = at_once(addr, "k-two", 60).await;
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 20);
+    let limits = store.get("two").unwrap().limits();
+    let used: Vec<u64> = limits.iter().map(|l| l.used()).collect();
+    assert_eq!(used, [20, 20], "a refused request is counted by no limit");
+    assert_eq!(store.get("two").unwrap().refused(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_mid_burst_that_keeps_the_limits_lets_in_no_more() {
+    let key = |n: usize| {
+        ApiKey::new("p", "k-p")
+            .with_rate_limit(rate("burst", 50, 3_600))
+            .with_description(format!("version {n}"))
+    };
+    let (source, publisher) = ChannelSource::new(KeySet::from_keys([key(0)]).unwrap());
+    let addr = serve(app(ApiKeyLayer::new(source))).await;
+    let reloads = tokio::spawn(async move {
+        for n in 1..=40 {
+            publisher
+                .publish(KeySet::from_keys([key(n)]).unwrap())
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        publisher
+    });
+    let (statuses, _) = at_once(addr, "k-p", 120).await;
+    let _publisher = reloads.await.unwrap();
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 50);
+    assert_eq!(get(addr, "k-p", &[]).await.status(), 429);
+}
+
+#[tokio::test]
+async fn a_change_of_one_limit_or_of_the_address_rules_forgets_nothing_counted() {
+    let burst = |n| rate("burst", n, 3_600);
+    let key = || ApiKey::new("p", "k-p");
+    let (source, publisher) = ChannelSource::new(
+        KeySet::from_keys([key()
+            .with_rate_limit(burst(2))
+            .with_quota(Quota::new(5, QuotaPeriod::Day))])
+        .unwrap(),
+    );
+    let addr = serve(app(ApiKeyLayer::new(source))).await;
+    let publish = |k: ApiKey| publisher.publish(KeySet::from_keys([k]).unwrap()).unwrap();
+    let statuses = |n| async move {
+        let mut all = Vec::new();
+        for _ in 0..n {
+            all.push(get(addr, "k-p", &[]).await.status().as_u16());
+        }
+        all
+    };
+    assert_eq!(statuses(3).await, [200, 200, 429]);
+    // An address rule added (the test's client is allowed): the burst stays spent.
+    publish(
+        key()
+            .with_rate_limit(burst(2))
+            .with_quota(Quota::new(5, QuotaPeriod::Day))
+            .with_allowed_ips([net("127.0.0.0/8")]),
+    );
+    assert_eq!(statuses(1).await, [429], "not a fresh burst");
+    // The burst raised by one: one more request.
+    publish(
+        key()
+            .with_rate_limit(burst(3))
+            .with_quota(Quota::new(5, QuotaPeriod::Day)),
+    );
+    assert_eq!(statuses(2).await, [200, 429]);
+    // The rate limit removed: the quota still counts the 3 let in today.
+    publish(key().with_quota(Quota::new(5, QuotaPeriod::Day)));
+    assert_eq!(statuses(3).await, [200, 200, 429]);
+    // The quota lowered under what was used: refused at once.
+    publish(key().with_quota(Quota::new(2, QuotaPeriod::Day)));
+    assert_eq!(statuses(1).await, [429]);
+    // A new limit starts afresh; the quota's period changed, so does its count.
+    publish(
+        key()
+            .with_rate_limit(rate("hourly", 1, 3_600))
+            .with_quota(Quota::new(2, QuotaPeriod::Month)),
+    );
+    assert_eq!(statuses(2).await, [200, 429]);
+}
+
+#[tokio::test]
+async fn waiting_what_retry_after_says_is_always_enough() {
+    // One request every 2 s.
+    let keys =
+        KeySet::from_keys([ApiKey::new("p", "k-p").with_rate_limit(rate("burst", 1, 2))]).unwrap();
+    let addr = serve(app(ApiKeyLayer::new(keys))).await;
+    for _ in 0..2 {
+        assert_eq!(get(addr, "k-p", &[]).await.status(), 200);
+        let refused = get(addr, "k-p", &[]).await;
+        assert_eq!(refused.status(), 429);
+        let wait: u64 = header(&refused, "retry-after").unwrap().parse().unwrap();
+        assert!((1..=2).contains(&wait), "{wait}");
+        tokio::time::sleep(Duration::from_secs(wait)).await;
     }
 }

@@ -19,8 +19,11 @@
 //! A key's limits are all-or-nothing: a request refused by one is counted by none.
 //! Their state (when each rate limit's next request is due, the quota's count) is
 //! kept beside the key, outside the part of the key set a lookup reads, and carried
-//! over a reload that keeps the key's id and its limits; a changed limit starts
-//! afresh at once.
+//! over a reload that keeps the key's id. A change of the key's limits takes effect
+//! at once without forgetting what was counted: a limit left as it was keeps its
+//! state, one whose `requests` or `per` changed keeps the requests it counted (at
+//! most a whole burst of the new schedule), the quota keeps this period's count
+//! while its period stays; a new or renamed limit starts afresh.
 //!
 //! This module knows nothing of HTTP: the layer turns its answers into `429` and
 //! `403` responses and `RateLimit` header fields.
