@@ -586,3 +586,94 @@ async fn waiting_what_retry_after_says_is_always_enough() {
         tokio::time::sleep(Duration::from_secs(wait)).await;
     }
 }
+
+/// A `RateLimit-Policy` or `RateLimit` field as a structured-field parser reads it: a
+/// List of Items, each a String with integer parameters.
+fn structured(value: &str) -> Vec<(String, Vec<(String, i64)>)> {
+    let list: sfv::List = sfv::Parser::new(value)
+        .parse()
+        .unwrap_or_else(|e| panic!("{value:?}: {e}"));
+    list.into_iter()
+        .map(|entry| {
+            let sfv::ListEntry::Item(item) = entry else {
+                panic!("an inner list in {value:?}")
+            };
+            let name = item.bare_item.as_string().expect("a String");
+            let params = (item.params.iter())
+                .map(|(k, v)| {
+                    let n = v.as_integer().unwrap_or_else(|| panic!("{value:?}"));
+                    (k.as_str().to_owned(), i64::from(n))
+                })
+                .collect();
+            (name.as_str().to_owned(), params)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn ratelimit_fields_are_structured_fields_whatever_the_limits() {
+    let year = Duration::from_secs(366 * 86_400);
+    let keys = KeySet::from_keys([
+        ApiKey::new("huge", "k-huge").with_rate_limit(RateLimit::new(
+            "all",
+            999_999_999_999_999,
+            year,
+        )),
+        ApiKey::new("many", "k-many")
+            .with_rate_limit(rate("burst", 2, 1))
+            .with_rate_limit(rate("hourly", 100, 3_600))
+            .with_quota(Quota::new((1 << 40) - 1, QuotaPeriod::Month)),
+    ])
+    .unwrap();
+    let addr = serve(app(ApiKeyLayer::new(keys))).await;
+    let fields = |res: &reqwest::Response| {
+        (
+            structured(&header(res, "ratelimit-policy").unwrap()),
+            structured(&header(res, "ratelimit").unwrap()),
+        )
+    };
+    let (policy, state) = fields(&get(addr, "k-huge", &[]).await);
+    assert_eq!(
+        policy,
+        [(
+            "all".into(),
+            vec![("q".into(), 999_999_999_999_999), ("w".into(), 31_622_400)]
+        )]
+    );
+    // One request every 32 ns: the one let in may be refilled by the time it is said.
+    let remaining = state[0].1[0].1;
+    assert!((999_999_999_999_998..=999_999_999_999_999).contains(&remaining));
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(get(addr, "k-many", &[]).await);
+    }
+    assert_eq!(answers[2].status(), 429);
+    for res in &answers {
+        let (policy, state) = fields(res);
+        let names: Vec<&str> = policy.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["burst", "hourly", "quota"]);
+        for ((name, p), (same, s)) in policy.iter().zip(&state) {
+            assert_eq!(name, same);
+            let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(keys, ["q", "w"], "{name}");
+            let keys: Vec<&str> = s.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(keys, ["r", "t"], "{name}");
+            let ((q, w), (r, t)) = ((p[0].1, p[1].1), (s[0].1, s[1].1));
+            assert!(
+                (0..=q).contains(&r) && (0..=w).contains(&t),
+                "{name}: {p:?} {s:?}"
+            );
+        }
+    }
+    // One more request a year than a field can say: refused with the key and the field.
+    let over = ApiKey::new("over", "s").with_rate_limit(RateLimit::new(
+        "all",
+        1_000_000_000_000_000,
+        year,
+    ));
+    let err = KeySet::from_keys([over]).unwrap_err().to_string();
+    assert!(
+        err.contains("key `over`") && err.contains("at most"),
+        "{err}"
+    );
+}
