@@ -199,12 +199,13 @@ async fn counters_carry_over_a_reload_that_keeps_the_limits_and_restart_when_the
         .publish(KeySet::from_keys([key().with_description("edited")]).unwrap())
         .unwrap();
     assert_eq!(get(addr, "k-p", &[]).await.status(), 429);
-    // A changed limit takes effect at once, from a fresh start.
+    // A changed limit takes effect at once, and what was counted stays counted: one
+    // more request, not a fresh burst of three.
     let wider = ApiKey::new("p", "k-p").with_rate_limit(rate("burst", 3, 3_600));
     publisher
         .publish(KeySet::from_keys([wider]).unwrap())
         .unwrap();
-    for want in [200, 200, 200, 429] {
+    for want in [200, 429] {
         assert_eq!(get(addr, "k-p", &[]).await.status(), want);
     }
     // No limits any more: no fields either.
@@ -437,4 +438,242 @@ mod grpc {
         );
         assert_eq!(check(addr, "k-far").await, Code::PermissionDenied);
     }
+}
+
+/// `n` requests with `key` sent at once, each on a connection of its own: the
+/// statuses, and the `Retry-After` of each refusal in seconds (not a date).
+async fn at_once(addr: SocketAddr, key: &str, n: usize) -> (Vec<u16>, Vec<u64>) {
+    let requests = (0..n).map(|_| {
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            // A client each: no pooled connection serialises them.
+            let res = client()
+                .get(format!("http://{addr}/"))
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap();
+            let retry = header(&res, "retry-after").and_then(|v| v.parse::<u64>().ok());
+            (res.status().as_u16(), retry)
+        })
+    });
+    let mut statuses = Vec::new();
+    let mut retries = Vec::new();
+    for request in requests.collect::<Vec<_>>() {
+        let (status, retry) = request.await.unwrap();
+        statuses.push(status);
+        retries.extend(retry);
+    }
+    (statuses, retries)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_clients_at_the_boundary_get_exactly_the_limit_all_or_nothing() {
+    let keys = KeySet::from_keys([
+        ApiKey::new("one", "k-one").with_rate_limit(rate("burst", 40, 3_600)),
+        // The quota refuses first: the burst counts only what the quota let in.
+        ApiKey::new("two", "k-two")
+            .with_rate_limit(rate("burst", 30, 3_600))
+            .with_quota(Quota::new(20, QuotaPeriod::Day)),
+    ])
+    .unwrap();
+    let layer = ApiKeyLayer::new(keys);
+    let store = layer.store().clone();
+    let addr = serve(app(layer)).await;
+    let (statuses, retries) = at_once(addr, "k-one", 80).await;
+    let admitted = statuses.iter().filter(|&&s| s == 200).count();
+    assert_eq!(admitted, 40, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 40);
+    // One request every 90 s: each refusal says a little less, rounded up, never 0.
+    assert!(
+        retries.iter().all(|&r| (89..=90).contains(&r)),
+        "{retries:?}"
+    );
+    let (statuses, _) = at_once(addr, "k-two", 60).await;
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 20);
+    let limits = store.get("two").unwrap().limits();
+    let used: Vec<u64> = limits.iter().map(|l| l.used()).collect();
+    assert_eq!(used, [20, 20], "a refused request is counted by no limit");
+    assert_eq!(store.get("two").unwrap().refused(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_mid_burst_that_keeps_the_limits_lets_in_no_more() {
+    let key = |n: usize| {
+        ApiKey::new("p", "k-p")
+            .with_rate_limit(rate("burst", 50, 3_600))
+            .with_description(format!("version {n}"))
+    };
+    let (source, publisher) = ChannelSource::new(KeySet::from_keys([key(0)]).unwrap());
+    let addr = serve(app(ApiKeyLayer::new(source))).await;
+    let reloads = tokio::spawn(async move {
+        for n in 1..=40 {
+            publisher
+                .publish(KeySet::from_keys([key(n)]).unwrap())
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        publisher
+    });
+    let (statuses, _) = at_once(addr, "k-p", 120).await;
+    let _publisher = reloads.await.unwrap();
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 50);
+    assert_eq!(get(addr, "k-p", &[]).await.status(), 429);
+}
+
+#[tokio::test]
+async fn a_change_of_one_limit_or_of_the_address_rules_forgets_nothing_counted() {
+    let burst = |n| rate("burst", n, 3_600);
+    let key = || ApiKey::new("p", "k-p");
+    let (source, publisher) = ChannelSource::new(
+        KeySet::from_keys([key()
+            .with_rate_limit(burst(2))
+            .with_quota(Quota::new(5, QuotaPeriod::Day))])
+        .unwrap(),
+    );
+    let addr = serve(app(ApiKeyLayer::new(source))).await;
+    let publish = |k: ApiKey| publisher.publish(KeySet::from_keys([k]).unwrap()).unwrap();
+    let statuses = |n| async move {
+        let mut all = Vec::new();
+        for _ in 0..n {
+            all.push(get(addr, "k-p", &[]).await.status().as_u16());
+        }
+        all
+    };
+    assert_eq!(statuses(3).await, [200, 200, 429]);
+    // An address rule added (the test's client is allowed): the burst stays spent.
+    publish(
+        key()
+            .with_rate_limit(burst(2))
+            .with_quota(Quota::new(5, QuotaPeriod::Day))
+            .with_allowed_ips([net("127.0.0.0/8")]),
+    );
+    assert_eq!(statuses(1).await, [429], "not a fresh burst");
+    // The burst raised by one: one more request.
+    publish(
+        key()
+            .with_rate_limit(burst(3))
+            .with_quota(Quota::new(5, QuotaPeriod::Day)),
+    );
+    assert_eq!(statuses(2).await, [200, 429]);
+    // The rate limit removed: the quota still counts the 3 let in today.
+    publish(key().with_quota(Quota::new(5, QuotaPeriod::Day)));
+    assert_eq!(statuses(3).await, [200, 200, 429]);
+    // The quota lowered under what was used: refused at once.
+    publish(key().with_quota(Quota::new(2, QuotaPeriod::Day)));
+    assert_eq!(statuses(1).await, [429]);
+    // A new limit starts afresh; the quota's period changed, so does its count.
+    publish(
+        key()
+            .with_rate_limit(rate("hourly", 1, 3_600))
+            .with_quota(Quota::new(2, QuotaPeriod::Month)),
+    );
+    assert_eq!(statuses(2).await, [200, 429]);
+}
+
+#[tokio::test]
+async fn waiting_what_retry_after_says_is_always_enough() {
+    // One request every 2 s.
+    let keys =
+        KeySet::from_keys([ApiKey::new("p", "k-p").with_rate_limit(rate("burst", 1, 2))]).unwrap();
+    let addr = serve(app(ApiKeyLayer::new(keys))).await;
+    for _ in 0..2 {
+        assert_eq!(get(addr, "k-p", &[]).await.status(), 200);
+        let refused = get(addr, "k-p", &[]).await;
+        assert_eq!(refused.status(), 429);
+        let wait: u64 = header(&refused, "retry-after").unwrap().parse().unwrap();
+        assert!((1..=2).contains(&wait), "{wait}");
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    }
+}
+
+/// A `RateLimit-Policy` or `RateLimit` field as a structured-field parser reads it: a
+/// List of Items, each a String with integer parameters.
+fn structured(value: &str) -> Vec<(String, Vec<(String, i64)>)> {
+    let list: sfv::List = sfv::Parser::new(value)
+        .parse()
+        .unwrap_or_else(|e| panic!("{value:?}: {e}"));
+    list.into_iter()
+        .map(|entry| {
+            let sfv::ListEntry::Item(item) = entry else {
+                panic!("an inner list in {value:?}")
+            };
+            let name = item.bare_item.as_string().expect("a String");
+            let params = (item.params.iter())
+                .map(|(k, v)| {
+                    let n = v.as_integer().unwrap_or_else(|| panic!("{value:?}"));
+                    (k.as_str().to_owned(), i64::from(n))
+                })
+                .collect();
+            (name.as_str().to_owned(), params)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn ratelimit_fields_are_structured_fields_whatever_the_limits() {
+    let year = Duration::from_secs(366 * 86_400);
+    let keys = KeySet::from_keys([
+        ApiKey::new("huge", "k-huge").with_rate_limit(RateLimit::new(
+            "all",
+            999_999_999_999_999,
+            year,
+        )),
+        ApiKey::new("many", "k-many")
+            .with_rate_limit(rate("burst", 2, 1))
+            .with_rate_limit(rate("hourly", 100, 3_600))
+            .with_quota(Quota::new((1 << 40) - 1, QuotaPeriod::Month)),
+    ])
+    .unwrap();
+    let addr = serve(app(ApiKeyLayer::new(keys))).await;
+    let fields = |res: &reqwest::Response| {
+        (
+            structured(&header(res, "ratelimit-policy").unwrap()),
+            structured(&header(res, "ratelimit").unwrap()),
+        )
+    };
+    let (policy, state) = fields(&get(addr, "k-huge", &[]).await);
+    assert_eq!(
+        policy,
+        [(
+            "all".into(),
+            vec![("q".into(), 999_999_999_999_999), ("w".into(), 31_622_400)]
+        )]
+    );
+    // One request every 32 ns: the one let in may be refilled by the time it is said.
+    let remaining = state[0].1[0].1;
+    assert!((999_999_999_999_998..=999_999_999_999_999).contains(&remaining));
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(get(addr, "k-many", &[]).await);
+    }
+    assert_eq!(answers[2].status(), 429);
+    for res in &answers {
+        let (policy, state) = fields(res);
+        let names: Vec<&str> = policy.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["burst", "hourly", "quota"]);
+        for ((name, p), (same, s)) in policy.iter().zip(&state) {
+            assert_eq!(name, same);
+            let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(keys, ["q", "w"], "{name}");
+            let keys: Vec<&str> = s.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(keys, ["r", "t"], "{name}");
+            let ((q, w), (r, t)) = ((p[0].1, p[1].1), (s[0].1, s[1].1));
+            assert!(
+                (0..=q).contains(&r) && (0..=w).contains(&t),
+                "{name}: {p:?} {s:?}"
+            );
+        }
+    }
+    // One more request a year than a field can say: refused with the key and the field.
+    let over = ApiKey::new("over", "s").with_rate_limit(RateLimit::new(
+        "all",
+        1_000_000_000_000_000,
+        year,
+    ));
+    let err = KeySet::from_keys([over]).unwrap_err().to_string();
+    assert!(
+        err.contains("key `over`") && err.contains("at most"),
+        "{err}"
+    );
 }

@@ -192,3 +192,155 @@ async fn limits_are_created_shown_with_their_allowance_patched_and_written() {
     let resource = &schemas["KeyResource"]["properties"];
     assert!(resource.get("rate_limits").is_some() && resource.get("quota").is_some());
 }
+
+/// A server with the API and one admin key, over a key file in a temporary folder.
+async fn admin_server() -> (SocketAddr, KeyStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    let root = tower_api_key::ApiKey::new("root", "root-secret").with_scopes(["admin"]);
+    tower_api_key::KeySet::from_keys([root])
+        .unwrap()
+        .write_file(&path)
+        .unwrap();
+    let store = KeyStore::new();
+    store
+        .add_source(FileSource::new(&path).with_poll_interval(Duration::from_secs(60)))
+        .unwrap();
+    let app = Router::new()
+        .route(
+            "/",
+            get(|Extension(k): Extension<KeyInfo>| async move { k.id().to_owned() }),
+        )
+        .route_layer(ApiKeyLayer::from_store(store.clone()))
+        .merge(AdminApi::new(store.clone(), FileBackend::new(&path)).router());
+    (common::serve(app).await, store, dir)
+}
+
+/// The limits as the API shows them, without where they stand.
+fn limits_of(resource: &Value) -> Value {
+    let rates: Vec<Value> = resource["rate_limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| json!([r["name"], r["requests"], r["per"]]))
+        .collect();
+    json!({
+        "rate_limits": rates,
+        "quota": [resource["quota"]["requests"], resource["quota"]["per"]],
+        "allowed_ips": resource["allowed_ips"],
+    })
+}
+
+#[tokio::test]
+async fn a_rotated_key_keeps_its_limits_and_its_address_rules() {
+    let (addr, _store, dir) = admin_server().await;
+    let (status, created) = call(
+        addr,
+        "POST",
+        "/v1/api-keys",
+        Some((
+            "application/json",
+            json!({
+                "id": "partner",
+                "rate_limits": [{"name": "burst", "requests": 5, "per": "1m"}],
+                "quota": {"requests": 1000, "per": "day"},
+                "allowed_ips": ["203.0.113.0/24"],
+            }),
+        )),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let (status, successor) = call(addr, "POST", "/v1/api-keys/partner/rotate", None).await;
+    assert_eq!(status, 201, "{successor}");
+    // A routine rotation must not lift the partner's limits, nor its address rules.
+    assert_eq!(limits_of(&successor), limits_of(&created), "{successor}");
+    let id = successor["id"].as_str().unwrap();
+    let (_, shown) = call(addr, "GET", &format!("/v1/api-keys/{id}"), None).await;
+    assert_eq!(limits_of(&shown), limits_of(&created), "{shown}");
+    let text = std::fs::read_to_string(dir.path().join("keys.toml")).unwrap();
+    assert_eq!(
+        text.matches(r#"allowed_ips = ["203.0.113.0/24"]"#).count(),
+        2,
+        "{text}"
+    );
+    // This server knows no client address: the successor is refused, as the old key is.
+    let secret = successor["key"].as_str().unwrap();
+    let res = common::client()
+        .get(format!("http://{addr}/"))
+        .bearer_auth(secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+}
+
+#[tokio::test]
+async fn a_change_of_limits_changes_the_etag_so_a_stale_if_match_is_refused() {
+    let (addr, _store, _dir) = admin_server().await;
+    let (status, _) = call(
+        addr,
+        "POST",
+        "/v1/api-keys",
+        Some((
+            "application/json",
+            json!({"id": "partner", "quota": {"requests": 1000, "per": "day"}}),
+        )),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let patch = |etag: String, body: Value| async move {
+        let res = common::client()
+            .patch(format!("http://{addr}/v1/api-keys/partner"))
+            .header("authorization", "Bearer root-secret")
+            .header("if-match", etag)
+            .header("content-type", "application/merge-patch+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let etag = res
+            .headers()
+            .get("etag")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (res.status().as_u16(), etag)
+    };
+    let first = common::client()
+        .get(format!("http://{addr}/v1/api-keys/partner"))
+        .header("authorization", "Bearer root-secret")
+        .send()
+        .await
+        .unwrap();
+    let seen = first.headers()["etag"].to_str().unwrap().to_owned();
+    // Two operators read the same version; the first lowers the quota...
+    let (status, after) = patch(
+        seen.clone(),
+        json!({"quota": {"requests": 10, "per": "day"}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_ne!(
+        after.as_deref(),
+        Some(&*seen),
+        "the record changed: so does its ETag"
+    );
+    // ...and the second, from the version it read, must not silently undo it.
+    let (status, _) = patch(seen, json!({"allowed_ips": ["203.0.113.0/24"]})).await;
+    assert_eq!(status, 412, "a stale If-Match");
+    let mut current = after.unwrap();
+    for (change, body) in [
+        (
+            "a rate limit",
+            json!({"rate_limits": [{"name": "b", "requests": 1, "per": "1s"}]}),
+        ),
+        ("address rules", json!({"allowed_ips": ["203.0.113.0/24"]})),
+        ("the quota removed", json!({"quota": null})),
+    ] {
+        let (status, next) = patch(current.clone(), body).await;
+        assert_eq!(status, 200, "{change}");
+        let next = next.unwrap();
+        assert_ne!(next, current, "{change}");
+        let (status, _) = patch(current, json!({"owner": "x"})).await;
+        assert_eq!(status, 412, "{change}: the old ETag is stale");
+        current = next;
+    }
+}

@@ -217,6 +217,28 @@ pub fn record_etag(key: &ApiKey) -> String {
     );
     field("created_by", key.created_by().map(str::as_bytes));
     field("rotated_from", key.rotated_from().map(str::as_bytes));
+    // Limits only when the key has them: the tag of a key without stays as it was.
+    if !key.rate_limits().is_empty() {
+        let rates: Vec<String> = (key.rate_limits().iter())
+            .map(|r| {
+                format!(
+                    "{}\u{1f}{}\u{1f}{}",
+                    r.name(),
+                    r.requests(),
+                    r.per().as_nanos()
+                )
+            })
+            .collect();
+        field("rate_limits", Some(rates.join("\u{1e}").as_bytes()));
+    }
+    if let Some(quota) = key.quota() {
+        let quota = format!("{}\u{1f}{}", quota.requests(), quota.period());
+        field("quota", Some(quota.as_bytes()));
+    }
+    if let Some(nets) = key.allowed_ips() {
+        let nets: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        field("allowed_ips", Some(nets.join("\u{1f}").as_bytes()));
+    }
     let digest = h.finalize();
     format!("\"{}\"", faster_hex::hex_string(&digest[..8]))
 }
@@ -224,6 +246,7 @@ pub fn record_etag(key: &ApiKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limit::{Quota, QuotaPeriod, RateLimit};
 
     #[test]
     fn an_etag_changes_with_the_record_and_only_with_it() {
@@ -239,6 +262,49 @@ mod tests {
         ] {
             assert_ne!(record_etag(&key), record_etag(&changed));
         }
+        // Limits are part of the record: a change of one is a new version, or an
+        // `If-Match` from before it would overwrite it unseen.
+        let second = std::time::Duration::from_secs(1);
+        let limited = key
+            .clone()
+            .with_rate_limit(RateLimit::new("burst", 10, second))
+            .with_quota(Quota::new(100, QuotaPeriod::Day))
+            .with_allowed_ips(["203.0.113.0/24".parse().unwrap()]);
+        let mut seen = vec![record_etag(&key), record_etag(&limited)];
+        for changed in [
+            key.clone()
+                .with_rate_limit(RateLimit::new("burst", 11, second))
+                .with_quota(Quota::new(100, QuotaPeriod::Day))
+                .with_allowed_ips(["203.0.113.0/24".parse().unwrap()]),
+            key.clone()
+                .with_rate_limit(RateLimit::new("burst", 10, 60 * second))
+                .with_quota(Quota::new(100, QuotaPeriod::Day))
+                .with_allowed_ips(["203.0.113.0/24".parse().unwrap()]),
+            key.clone()
+                .with_rate_limit(RateLimit::new("burst", 10, second))
+                .with_quota(Quota::new(100, QuotaPeriod::Month))
+                .with_allowed_ips(["203.0.113.0/24".parse().unwrap()]),
+            key.clone()
+                .with_rate_limit(RateLimit::new("burst", 10, second))
+                .with_quota(Quota::new(100, QuotaPeriod::Day))
+                .with_allowed_ips(["203.0.112.0/24".parse().unwrap()]),
+            key.clone()
+                .with_rate_limit(RateLimit::new("burst", 10, second))
+                .with_quota(Quota::new(100, QuotaPeriod::Day)),
+            key.clone()
+                .with_rate_limit(RateLimit::new("burst", 10, second))
+                .with_allowed_ips(["203.0.113.0/24".parse().unwrap()]),
+            key.clone()
+                .with_quota(Quota::new(100, QuotaPeriod::Day))
+                .with_allowed_ips(["203.0.113.0/24".parse().unwrap()]),
+        ] {
+            let tag = record_etag(&changed);
+            assert!(!seen.contains(&tag), "{changed:?}");
+            seen.push(tag);
+        }
+        // A key without limits keeps the tag it had before limits existed: clients
+        // holding one are not refused after an upgrade.
+        assert_eq!(record_etag(&key), "\"9dd9aa2d94094550\"");
         // Field boundaries count: an owner "ab" is not a tenant "a" and an owner "b".
         assert_ne!(
             record_etag(&ApiKey::new("a", "s").with_owner("ab")),

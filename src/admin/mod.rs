@@ -24,9 +24,11 @@
 //!   `tenant`, `status`, `limit` (1 to 1000, default 100), `cursor`.
 //! - `GET /v1/api-keys/{id}`: one key, with its `ETag`.
 //! - `PATCH /v1/api-keys/{id}`: a JSON merge patch of `scopes`, `tenant`, `owner`,
-//!   `description`, `not_before`, `expires_at`, `disabled`; `If-Match` required.
-//! - `POST /v1/api-keys/{id}/rotate`: a successor with the same scopes, tenant, owner
-//!   and description (`rotated_from` the old id), its secret returned once; the old key
+//!   `description`, `not_before`, `expires_at`, `disabled`, `rate_limits`, `quota`,
+//!   `allowed_ips`; `If-Match` required.
+//! - `POST /v1/api-keys/{id}/rotate`: a successor with the same scopes, tenant, owner,
+//!   description, rate limits, quota and address rules (`rotated_from` the old id;
+//!   its limits count afresh), its secret returned once; the old key
 //!   keeps working for `overlap_seconds` (default a day), never past its own expiry.
 //! - `DELETE /v1/api-keys/{id}`: revoked; the next request with it is refused.
 //! - `GET /v1/openapi.json` (no key needed): the OpenAPI 3.1 description.

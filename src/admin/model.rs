@@ -90,8 +90,8 @@ pub(crate) struct RateLimitSpec {
     /// 1 to 64 letters, digits, `-`, `_` or `.`; unique among the key's limits.
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
     name: String,
-    /// At least 1.
-    #[schema(minimum = 1)]
+    /// 1 to 10¹⁵ − 1, and at most one per nanosecond of `per`.
+    #[schema(minimum = 1, maximum = 999_999_999_999_999_u64)]
     requests: u64,
     /// A whole number and `s`, `m`, `h` or `d`: `1s`, `15m`, `1d`.
     #[schema(pattern = "^[0-9]+[smhd]$")]

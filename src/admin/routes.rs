@@ -361,6 +361,11 @@ pub(crate) async fn rotate_key<B: AdminBackend>(
             successor = set(successor, value.into());
         }
     }
+    // The successor is the same client's key: its limits and address rules too, or a
+    // routine rotation would lift them.
+    if let Some(meta) = &old.meta {
+        successor.meta.get_or_insert_with(Box::default).limits = meta.limits.clone();
+    }
     let choice = match request.id {
         Some(id) => super::IdChoice::Given(id),
         None => super::IdChoice::After(old.id().to_owned()),

@@ -373,6 +373,42 @@ mod tests {
         assert_eq!(c.resolve(&req("192.0.2.1:1", &chain)), ip("192.0.2.1"));
     }
 
+    proptest::proptest! {
+        /// Whatever bytes the fields hold, resolving never panics, and the address it
+        /// gives is the peer's or one written in them: never one it made up.
+        #[test]
+        fn any_header_bytes_give_the_peer_a_written_address_or_none(
+            values in proptest::collection::vec(
+                proptest::collection::vec(proptest::prop_oneof![
+                    proptest::sample::select(b" ,;=\"[]:%_.unknownfor0123456789abcdef10ffff".to_vec()),
+                    proptest::num::u8::ANY,
+                ], 0..60),
+                0..4,
+            ),
+            peer in proptest::sample::select(vec!["10.0.0.1:1", "198.51.100.2:1", "[::ffff:10.0.0.9]:1"]),
+        ) {
+            for (kind, name) in [
+                (ClientIp::x_forwarded_for(trusted()), "x-forwarded-for"),
+                (ClientIp::forwarded(trusted()), "forwarded"),
+                (ClientIp::header("cf-connecting-ip"), "cf-connecting-ip"),
+            ] {
+                let mut req = req(peer, &[]);
+                for value in &values {
+                    if let Ok(value) = http::HeaderValue::from_bytes(value) {
+                        req.headers_mut().append(HeaderName::from_static(name), value);
+                    }
+                }
+                let Some(found) = kind.resolve(&req) else { continue };
+                let peer_ip = peer.parse::<SocketAddr>().unwrap().ip().to_canonical();
+                let written = values.iter().any(|v| {
+                    String::from_utf8_lossy(v).contains(&found.to_string())
+                        || String::from_utf8_lossy(v).contains(&format!("ffff:{found}"))
+                });
+                proptest::prop_assert!(found == peer_ip || written, "{found} from {values:?}");
+            }
+        }
+    }
+
     #[test]
     fn a_cdn_header_holds_one_address() {
         let c = ClientIp::header("cf-connecting-ip");

@@ -19,8 +19,11 @@
 //! A key's limits are all-or-nothing: a request refused by one is counted by none.
 //! Their state (when each rate limit's next request is due, the quota's count) is
 //! kept beside the key, outside the part of the key set a lookup reads, and carried
-//! over a reload that keeps the key's id and its limits; a changed limit starts
-//! afresh at once.
+//! over a reload that keeps the key's id. A change of the key's limits takes effect
+//! at once without forgetting what was counted: a limit left as it was keeps its
+//! state, one whose `requests` or `per` changed keeps the requests it counted (at
+//! most a whole burst of the new schedule), the quota keeps this period's count
+//! while its period stays; a new or renamed limit starts afresh.
 //!
 //! This module knows nothing of HTTP: the layer turns its answers into `429` and
 //! `403` responses and `RateLimit` header fields.
@@ -43,6 +46,10 @@ const MAX_PER: Duration = Duration::from_secs(366 * 86_400);
 
 /// The most requests a quota may count in one period: 2⁴⁰ − 1 (about 1.1 × 10¹²).
 pub(crate) const MAX_QUOTA: u64 = (1 << 40) - 1;
+
+/// The most requests a rate limit may let in per window: the largest integer a
+/// structured header field carries (`RateLimit-Policy: "burst";q=…`), 10¹⁵ − 1.
+pub(crate) const MAX_REQUESTS: u64 = 999_999_999_999_999;
 
 /// The longest name of a rate limit, in bytes.
 const MAX_NAME: usize = 64;
@@ -148,9 +155,9 @@ impl RateLimit {
     }
 
     /// Whether the limit can be enforced: a name of 1 to 64 letters, digits, `-`,
-    /// `_` or `.` (not `quota`, the quota's name), at least one request, and a window
-    /// of whole seconds from 1 second to 366 days in which each request has at least
-    /// a nanosecond.
+    /// `_` or `.` (not `quota`, the quota's name), 1 to 10¹⁵ − 1 requests, and a
+    /// window of whole seconds from 1 second to 366 days in which each request has at
+    /// least a nanosecond.
     ///
     /// # Errors
     ///
@@ -187,6 +194,12 @@ impl RateLimit {
         if u128::from(self.requests) > self.per.as_nanos() {
             return Err(format!(
                 "`rate_limits` `{}`: `requests` is more than one per nanosecond of `per`",
+                self.name
+            ));
+        }
+        if self.requests > MAX_REQUESTS {
+            return Err(format!(
+                "`rate_limits` `{}`: `requests` must be at most {MAX_REQUESTS} (the largest integer a `RateLimit-Policy` field carries)",
                 self.name
             ));
         }
@@ -356,10 +369,17 @@ mod tests {
         let s = Duration::from_secs(1);
         assert!(RateLimit::new("burst", 100, s).check().is_ok());
         assert!(RateLimit::new("burst", 1_000_000_000, s).check().is_ok());
+        assert!(
+            RateLimit::new("burst", MAX_REQUESTS, MAX_PER)
+                .check()
+                .is_ok()
+        );
         for bad in [
             RateLimit::new("burst", 0, s),
             RateLimit::new("burst", 1_000_000_001, s),
             RateLimit::new("burst", u64::MAX, s),
+            // Possible for GCRA, but no `RateLimit-Policy` field could say it.
+            RateLimit::new("burst", MAX_REQUESTS + 1, MAX_PER),
             RateLimit::new("burst", 1, Duration::ZERO),
             RateLimit::new("burst", 1, Duration::from_millis(1_500)),
             RateLimit::new("burst", 1, Duration::from_secs(400 * 86_400)),

@@ -157,6 +157,46 @@ impl Limiter {
         }
     }
 
+    /// State for `limits`, the key's new limits, carried from `old`, its limiter
+    /// until now (at `now`, from [`now_ns`]): what a request let in counted stays
+    /// counted when another limit, or the address rules, change.
+    ///
+    /// - a rate limit of the same name and schedule keeps its state as it is; one of
+    ///   the same name with another `requests` or `per` keeps the requests it counted
+    ///   (at most a whole burst of the new schedule), so that raising a limit does not
+    ///   hand out a fresh burst and lowering one takes effect at once; a new or
+    ///   renamed limit starts afresh;
+    /// - the quota keeps this period's count while its period (day or month) stays;
+    /// - the count of refusals is kept.
+    ///
+    /// A request decided by `old` after the copy is not carried: the swap of a key
+    /// set is a moment, not a window.
+    pub(crate) fn carried(old: &Self, limits: &Limits, now: u64) -> Self {
+        let new = Self::new(limits);
+        for ((rate, gcra), tat) in limits.rates.iter().zip(&*new.gcras).zip(&*new.tats) {
+            let Some(i) = old.limits.rates.iter().position(|r| r.name == rate.name) else {
+                continue;
+            };
+            let (before, was) = (old.gcras[i], old.tats[i].0.load(Ordering::Acquire));
+            let carried = if before == *gcra {
+                was
+            } else {
+                let counted = was.saturating_sub(now).div_ceil(before.interval);
+                now.saturating_add(counted.saturating_mul(gcra.interval).min(gcra.capacity))
+            };
+            tat.0.store(carried, Ordering::Release);
+        }
+        if let (Some(quota), Some(before)) = (&limits.quota, &old.limits.quota)
+            && quota.period == before.period
+        {
+            new.quota
+                .0
+                .store(old.quota.0.load(Ordering::Acquire), Ordering::Release);
+        }
+        new.refused.store(old.refused(), Ordering::Relaxed);
+        new
+    }
+
     /// Whether `client` may use the key: always without `allowed_ips`, never with
     /// them and no known address.
     #[inline]

@@ -10,7 +10,7 @@ use crate::{
     ApiKey, Error, KeySet,
     key::Meta,
     key::digest::{DigestMap, DigestSet, KeyDigest},
-    limit::state::Limiter,
+    limit::state::{Limiter, now_ns},
     store::entry::{KeyEntry, SharedMeta},
     store::report::Diff,
     store::snapshot::{Edit, Snapshot},
@@ -180,18 +180,17 @@ pub(crate) fn plan(
                     .unwrap_or_else(|| Arc::new(fresh))
             })
             .clone();
-        // A key that keeps its id and its limits keeps their state; new or changed
-        // limits start afresh.
+        // A key that keeps its id and its limits keeps their state; a key whose
+        // limits change carries what each unchanged one counted (see
+        // `Limiter::carried`); a new key starts afresh.
         let limiter = key
             .meta
             .as_deref()
             .filter(|m| !m.limits.is_empty())
-            .map(|m| {
-                existing
-                    .and_then(|(_, e)| e.limiter.as_ref())
-                    .filter(|l| l.limits == m.limits)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Limiter::new(&m.limits)))
+            .map(|m| match existing.and_then(|(_, e)| e.limiter.as_ref()) {
+                Some(old) if old.limits == m.limits => old.clone(),
+                Some(old) => Arc::new(Limiter::carried(old, &m.limits, now_ns())),
+                None => Arc::new(Limiter::new(&m.limits)),
             });
         let entry = Arc::new(KeyEntry {
             id: key.id.clone(),
