@@ -165,6 +165,11 @@ impl KeySource for RedisSource {
         format!("redis:{}", self.namespace)
     }
 
+    /// Yes: each replica spends shares of its keys' limits leased from Redis.
+    fn fleet_limits(&self) -> bool {
+        true
+    }
+
     fn load(&mut self) -> Result<KeySet, Error> {
         let name = self.name();
         let read = connect(&self.client, self.options.connect_timeout)
@@ -219,6 +224,12 @@ impl KeySource for RedisSource {
             Some((cursor, n)) => (Some(cursor), n),
             None => (None, 0),
         };
+        super::lease::Lessor::spawn(
+            this.client.clone(),
+            this.keys.clone(),
+            updater.handle(),
+            this.options.connect_timeout,
+        );
         let follower = Follower::new(
             this.client,
             this.keys,

@@ -71,6 +71,8 @@ pub(crate) struct Source<'a> {
     pub(crate) names: &'a [Arc<str>],
     /// How many keys the source has in `old`.
     pub(crate) count: usize,
+    /// Whether its keys' limits are the fleet's (leased shares).
+    pub(crate) fleet: bool,
 }
 
 /// What an update asks for.
@@ -191,7 +193,7 @@ pub(crate) fn plan(
                     .and_then(|(_, e)| e.limiter.as_ref())
                     .filter(|l| l.limits == m.limits)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Limiter::new(&m.limits)))
+                    .unwrap_or_else(|| Arc::new(Limiter::new(&m.limits, source.fleet)))
             });
         let entry = Arc::new(KeyEntry {
             id: key.id.clone(),

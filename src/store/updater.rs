@@ -228,6 +228,32 @@ impl KeyUpdater {
             .collect()
     }
 
+    /// Another handle on the same store for the same source, for a second thread of
+    /// the source (the Redis source's lessor).
+    #[cfg(feature = "redis")]
+    pub(crate) fn handle(&self) -> Self {
+        Self::new(self.shared.clone(), self.source, self.name.clone())
+    }
+
+    /// The limiters of this source's keys that lease shares of fleet-wide limits, with
+    /// the keys' ids.
+    #[cfg(feature = "redis")]
+    pub(crate) fn fleet_limiters(&self) -> Vec<(Arc<str>, Arc<crate::limit::state::Limiter>)> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Vec::new();
+        };
+        let snapshot = shared.current.load_full();
+        snapshot
+            .iter()
+            .filter(|(_, e, _)| e.source() == self.source)
+            .filter_map(|(_, e, _)| {
+                let limiter = e.limiter.as_ref()?;
+                limiter.shares()?;
+                Some((e.id.clone(), limiter.clone()))
+            })
+            .collect()
+    }
+
     /// The name of the source this updater publishes for.
     pub fn source_name(&self) -> &str {
         &self.name
@@ -257,6 +283,7 @@ fn make(
         name: &name,
         names: &writer.sources,
         count: writer.counts[at],
+        fleet: writer.fleet.get(at).copied().unwrap_or(false),
     };
     let now = clock::exact_now_ms();
     let notice = shared.expiry_notice.load(Ordering::Relaxed);
