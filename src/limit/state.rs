@@ -205,6 +205,7 @@ impl Limiter {
     }
 
     /// This replica's shares of the fleet-wide limits, for a key of a fleet source.
+    #[cfg_attr(not(any(feature = "redis", test)), allow(dead_code))]
     pub(crate) fn shares(&self) -> Option<&Shares> {
         self.shares.as_deref()
     }
