@@ -115,6 +115,8 @@ pub(super) struct Lessor {
     quota: redis::Script,
     /// By the limiter's address (each held here, so none is reused meanwhile).
     held: HashMap<usize, Held>,
+    /// The store's version `held` is of.
+    version: Option<u64>,
 }
 
 impl Lessor {
@@ -127,6 +129,7 @@ impl Lessor {
             rate: redis::Script::new(RATE),
             quota: redis::Script::new(QUOTA),
             held: HashMap::new(),
+            version: None,
         };
         let spawned = thread::Builder::new()
             .name("tower-api-key-lease".into())
@@ -177,7 +180,20 @@ impl Lessor {
     /// One look at every share: renews, gives back, forgets.
     fn tick(&mut self, con: &mut redis::Connection) -> Result<(), redis::RedisError> {
         let now_ms = crate::clock::exact_now_ms();
-        let current = self.updater.fleet_limiters();
+        // The store's keys are looked at again only when they changed.
+        if let Some((version, current)) = self.updater.fleet_limiters(self.version) {
+            self.forget_gone(con, current)?;
+            self.version = Some(version);
+        }
+        self.renew(con, now_ms)
+    }
+
+    /// Takes in the limiters of `current`, and gives back the shares of those gone.
+    fn forget_gone(
+        &mut self,
+        con: &mut redis::Connection,
+        current: Vec<(Arc<str>, Arc<Limiter>)>,
+    ) -> Result<(), redis::RedisError> {
         let mut seen = HashMap::with_capacity(current.len());
         for (id, limiter) in current {
             let ptr = Arc::as_ptr(&limiter) as usize;
@@ -207,6 +223,12 @@ impl Lessor {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Renews the shares that are half spent, and gives back what the demand no
+    /// longer needs.
+    fn renew(&mut self, con: &mut redis::Connection, now_ms: u64) -> Result<(), redis::RedisError> {
         let keys: Vec<_> = self.held.keys().copied().collect();
         for ptr in keys {
             let Some(held) = self.held.get(&ptr) else {
@@ -235,9 +257,11 @@ impl Lessor {
                         ((target - left.max(0)).max(0), 0, lease.period)
                     } else if taken == 0 && left > 2 * target {
                         // The demand fell: the excess goes back.
-                        let back = (left - target).max(0);
-                        let back =
-                            back.min(shares.left[i].fetch_sub(back, Ordering::AcqRel).max(0));
+                        let back = shares.left[i]
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                                (l > target).then_some(target)
+                            })
+                            .map_or(0, |before| before - target);
                         (0, back, lease.period)
                     } else {
                         continue;

@@ -236,14 +236,20 @@ impl KeyUpdater {
     }
 
     /// The limiters of this source's keys that lease shares of fleet-wide limits, with
-    /// the keys' ids.
+    /// the keys' ids, and the store's version they are of; `None` while the version is
+    /// still `seen` (nothing changed) or the store is gone.
     #[cfg(feature = "redis")]
-    pub(crate) fn fleet_limiters(&self) -> Vec<(Arc<str>, Arc<crate::limit::state::Limiter>)> {
-        let Some(shared) = self.shared.upgrade() else {
-            return Vec::new();
-        };
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn fleet_limiters(
+        &self,
+        seen: Option<u64>,
+    ) -> Option<(u64, Vec<(Arc<str>, Arc<crate::limit::state::Limiter>)>)> {
+        let shared = self.shared.upgrade()?;
         let snapshot = shared.current.load_full();
-        snapshot
+        if seen == Some(snapshot.version) {
+            return None;
+        }
+        let list = snapshot
             .iter()
             .filter(|(_, e, _)| e.source() == self.source)
             .filter_map(|(_, e, _)| {
@@ -251,7 +257,8 @@ impl KeyUpdater {
                 limiter.shares()?;
                 Some((e.id.clone(), limiter.clone()))
             })
-            .collect()
+            .collect();
+        Some((snapshot.version, list))
     }
 
     /// The name of the source this updater publishes for.
