@@ -11,7 +11,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex, OnceLock, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -111,6 +111,51 @@ pub(crate) struct Limiter {
     refused: AtomicU64,
     /// The layer's cache of the `RateLimit-Policy` field (see [`Limiter::policy_field`]).
     policy: OnceLock<Option<http::HeaderValue>>,
+    /// For a key of a fleet source: this replica's shares of the fleet-wide limits.
+    shares: Option<Box<Shares>>,
+}
+
+/// A key's shares of its fleet-wide limits, for a key of a source whose replicas share
+/// them (see [`KeySource::fleet_limits`](crate::KeySource::fleet_limits)): one per
+/// counting limit (the rate limits in order, then the quota), leased in the
+/// background by the source. A request is let in only if every share has a token
+/// left (and the local limits agree); a share that is never renewed runs out.
+pub(crate) struct Shares {
+    /// Tokens this replica may still spend, per counting limit; starts at none.
+    pub(crate) left: Box<[AtomicI64]>,
+    /// Tokens spent since the lessor last looked: the demand it sizes shares by.
+    pub(crate) taken: Box<[AtomicU64]>,
+}
+
+impl Shares {
+    fn new(n: usize) -> Self {
+        Self {
+            left: (0..n).map(|_| AtomicI64::new(0)).collect(),
+            taken: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Takes a token from each share, or from none: the index of the first share
+    /// that has none left.
+    #[inline]
+    fn take(&self) -> Result<(), usize> {
+        for (i, left) in self.left.iter().enumerate() {
+            if left.fetch_sub(1, Ordering::AcqRel) <= 0 {
+                for undo in &self.left[..=i] {
+                    undo.fetch_add(1, Ordering::AcqRel);
+                }
+                return Err(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back the tokens of a request the local limits refused.
+    fn give_back(&self) {
+        for left in &*self.left {
+            left.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Nanoseconds on the monotonic clock: on Linux, since boot, read straight from the
@@ -135,9 +180,10 @@ pub(crate) fn now_ns() -> u64 {
 }
 
 impl Limiter {
-    /// Fresh state for `limits`.
-    pub(crate) fn new(limits: &Limits) -> Self {
-        let counting = limits.rates.len() + usize::from(limits.quota.is_some());
+    /// Fresh state for `limits`; with `fleet`, with empty shares of the fleet-wide
+    /// limits, which refuse until the source leases tokens.
+    pub(crate) fn new(limits: &Limits, fleet: bool) -> Self {
+        let counting = limits.rates.len().min(16) + usize::from(limits.quota.is_some());
         Self {
             limits: limits.clone(),
             // At most 16 (checked with the key): `admit_all` decides them on the stack.
@@ -154,6 +200,7 @@ impl Limiter {
             lock: (counting > 1).then(Mutex::default),
             refused: AtomicU64::new(0),
             policy: OnceLock::new(),
+            shares: (fleet && counting > 0).then(|| Box::new(Shares::new(counting))),
         }
     }
 
@@ -171,8 +218,8 @@ impl Limiter {
     ///
     /// A request decided by `old` after the copy is not carried: the swap of a key
     /// set is a moment, not a window.
-    pub(crate) fn carried(old: &Self, limits: &Limits, now: u64) -> Self {
-        let new = Self::new(limits);
+    pub(crate) fn carried(old: &Self, limits: &Limits, now: u64, fleet: bool) -> Self {
+        let new = Self::new(limits, fleet);
         for ((rate, gcra), tat) in limits.rates.iter().zip(&*new.gcras).zip(&*new.tats) {
             let Some(i) = old.limits.rates.iter().position(|r| r.name == rate.name) else {
                 continue;
@@ -195,6 +242,12 @@ impl Limiter {
         }
         new.refused.store(old.refused(), Ordering::Relaxed);
         new
+    }
+
+    /// This replica's shares of the fleet-wide limits, for a key of a fleet source.
+    #[cfg_attr(not(any(feature = "redis", test)), allow(dead_code))]
+    pub(crate) fn shares(&self) -> Option<&Shares> {
+        self.shares.as_deref()
     }
 
     /// Whether `client` may use the key: always without `allowed_ips`, never with
@@ -220,6 +273,36 @@ impl Limiter {
     /// clock, read only for a quota): counted by every limit, or by none.
     #[inline]
     pub(crate) fn admit(&self, now: u64, unix_ms: impl Fn() -> u64) -> Result<(), Refusal> {
+        let Some(shares) = &self.shares else {
+            return self.admit_here(now, unix_ms);
+        };
+        if let Err(i) = shares.take() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(match self.gcras.get(i) {
+                // Until the share is renewed: about one request's interval.
+                Some(gcra) => self.rate_refusal(i, gcra.interval),
+                None => Refusal::Quota {
+                    next: self.limits.quota.map_or(0, |q| {
+                        q.period.start(q.period.index(unix_ms()).saturating_add(1))
+                    }),
+                },
+            });
+        }
+        let result = self.admit_here(now, unix_ms);
+        match result {
+            Ok(()) => {
+                for taken in &*shares.taken {
+                    taken.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => shares.give_back(),
+        }
+        result
+    }
+
+    /// Decides one request by this replica's own state of the limits.
+    #[inline]
+    fn admit_here(&self, now: u64, unix_ms: impl Fn() -> u64) -> Result<(), Refusal> {
         let result = match (&self.lock, &*self.gcras, &self.limits.quota) {
             (None, [], None) => Ok(()),
             (None, [gcra], None) => update(&self.tats[0].0, |tat| gcra.decide(tat, now))
@@ -426,14 +509,17 @@ mod tests {
     const DAY_MS: u64 = 86_400_000;
 
     fn limiter(rates: &[(&str, u64, u64)], quota: Option<u64>) -> Limiter {
-        Limiter::new(&Limits {
-            rates: rates
-                .iter()
-                .map(|&(n, r, s)| RateLimit::new(n, r, Duration::from_secs(s)))
-                .collect(),
-            quota: quota.map(|q| Quota::new(q, QuotaPeriod::Day)),
-            allowed_ips: None,
-        })
+        Limiter::new(
+            &Limits {
+                rates: rates
+                    .iter()
+                    .map(|&(n, r, s)| RateLimit::new(n, r, Duration::from_secs(s)))
+                    .collect(),
+                quota: quota.map(|q| Quota::new(q, QuotaPeriod::Day)),
+                allowed_ips: None,
+            },
+            false,
+        )
     }
 
     /// `threads` threads try `tries` requests each at the same instant: how many got in.
@@ -583,10 +669,13 @@ mod tests {
 
     #[test]
     fn allowed_ips_refuse_an_unknown_address() {
-        let l = Limiter::new(&Limits {
-            allowed_ips: Some(Box::new(["203.0.113.0/24".parse().unwrap()])),
-            ..Limits::default()
-        });
+        let l = Limiter::new(
+            &Limits {
+                allowed_ips: Some(Box::new(["203.0.113.0/24".parse().unwrap()])),
+                ..Limits::default()
+            },
+            false,
+        );
         assert!(l.allows(|| Some("203.0.113.9".parse().unwrap())).is_ok());
         assert!(
             l.allows(|| Some("::ffff:203.0.113.9".parse().unwrap()))
@@ -595,5 +684,38 @@ mod tests {
         assert!(l.allows(|| Some("198.51.100.1".parse().unwrap())).is_err());
         assert_eq!(l.allows(|| None), Err(None));
         assert_eq!(l.refused(), 2);
+    }
+
+    #[test]
+    fn a_fleet_key_spends_its_shares_and_no_more() {
+        let limits = Limits {
+            rates: vec![RateLimit::new("burst", 1_000, Duration::from_secs(1))].into(),
+            quota: Some(Quota::new(1_000, QuotaPeriod::Day)),
+            allowed_ips: None,
+        };
+        let l = Limiter::new(&limits, true);
+        let shares = l.shares().unwrap();
+        // No share leased yet: refused, by the first share that has none.
+        assert!(matches!(l.admit(SEC, || 0), Err(Refusal::Rate { .. })));
+        shares.left[0].store(5, Ordering::Release);
+        assert!(matches!(
+            l.admit(SEC, || 0),
+            Err(Refusal::Quota { next: DAY_MS })
+        ));
+        shares.left[1].store(3, Ordering::Release);
+        // Three requests fit both shares; the rate share keeps what the quota's refused.
+        for _ in 0..3 {
+            assert!(l.admit(SEC, || 0).is_ok());
+        }
+        assert!(l.admit(SEC, || 0).is_err());
+        assert_eq!(shares.left[0].load(Ordering::Acquire), 2);
+        assert_eq!(shares.left[1].load(Ordering::Acquire), 0);
+        assert_eq!(shares.taken[0].load(Ordering::Acquire), 3);
+        // Many threads on a share of 100: exactly 100 let in.
+        shares.left[0].store(100, Ordering::Release);
+        shares.left[1].store(1_000, Ordering::Release);
+        assert_eq!(hammer(&Arc::new(l), 8, 100, 2 * SEC, 0), 100);
+        // A key of a source that is not a fleet's has no shares.
+        assert!(Limiter::new(&limits, false).shares().is_none());
     }
 }

@@ -69,6 +69,7 @@
 
 mod backend;
 mod follow;
+mod lease;
 mod link;
 mod log;
 mod model;

@@ -76,6 +76,13 @@ impl Keys {
         }
     }
 
+    /// Where the fleet-wide state of one of a key's limits is (see `lease.rs`): under
+    /// the key's id, the limit's name and its settings, so that a changed limit
+    /// starts afresh at once.
+    pub(crate) fn lease(&self, id: &str, limit: &str) -> String {
+        format!("{}lease:{id}:{limit}", self.prefix)
+    }
+
     /// The marker of the write with this nonce.
     pub(crate) fn marker(&self, nonce: &str) -> String {
         format!("{}write:{nonce}", self.prefix)

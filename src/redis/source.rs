@@ -41,6 +41,13 @@ use crate::{ApiKey, Error, KeySet, KeySource, KeyUpdater, key::record};
 /// dropped. Each replica also adds the request counts of its keys to the namespace,
 /// in batches, so the key-management API shows the fleet's usage.
 ///
+/// Its keys' rate limits and quotas hold across the fleet: a second thread leases
+/// each replica shares of them from Redis in the background, and a request spends
+/// its replica's share, with no call to Redis (see the README's "Per-key limits").
+/// A key is refused by a limit until its first share arrives, a tick (20 ms) or so
+/// after it is loaded; while Redis is unreachable a replica spends the shares it
+/// holds and then refuses, never letting a limited key through unlimited.
+///
 /// # Example
 ///
 /// ```no_run
@@ -165,6 +172,11 @@ impl KeySource for RedisSource {
         format!("redis:{}", self.namespace)
     }
 
+    /// Yes: each replica spends shares of its keys' limits leased from Redis.
+    fn fleet_limits(&self) -> bool {
+        true
+    }
+
     fn load(&mut self) -> Result<KeySet, Error> {
         let name = self.name();
         let read = connect(&self.client, self.options.connect_timeout)
@@ -219,6 +231,12 @@ impl KeySource for RedisSource {
             Some((cursor, n)) => (Some(cursor), n),
             None => (None, 0),
         };
+        super::lease::Lessor::spawn(
+            this.client.clone(),
+            this.keys.clone(),
+            updater.handle(),
+            this.options.connect_timeout,
+        );
         let follower = Follower::new(
             this.client,
             this.keys,

@@ -151,6 +151,15 @@ pub trait KeySource: Send + 'static {
     fn watch(self: Box<Self>, updater: KeyUpdater) {
         let _ = updater;
     }
+
+    /// Whether the limits of this source's keys are shared by a fleet of replicas, so
+    /// that each replica spends only shares of them that the source leases in the
+    /// background (as the `redis` feature's `RedisSource` does). A key of
+    /// such a source is refused by a limit until the source gives it a share.
+    /// The default, `false`: each replica enforces its keys' limits by itself.
+    fn fleet_limits(&self) -> bool {
+        false
+    }
 }
 
 /// A fixed set of keys.

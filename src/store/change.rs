@@ -71,6 +71,8 @@ pub(crate) struct Source<'a> {
     pub(crate) names: &'a [Arc<str>],
     /// How many keys the source has in `old`.
     pub(crate) count: usize,
+    /// Whether its keys' limits are the fleet's (leased shares).
+    pub(crate) fleet: bool,
 }
 
 /// What an update asks for.
@@ -189,8 +191,8 @@ pub(crate) fn plan(
             .filter(|m| !m.limits.is_empty())
             .map(|m| match existing.and_then(|(_, e)| e.limiter.as_ref()) {
                 Some(old) if old.limits == m.limits => old.clone(),
-                Some(old) => Arc::new(Limiter::carried(old, &m.limits, now_ns())),
-                None => Arc::new(Limiter::new(&m.limits)),
+                Some(old) => Arc::new(Limiter::carried(old, &m.limits, now_ns(), source.fleet)),
+                None => Arc::new(Limiter::new(&m.limits, source.fleet)),
             });
         let entry = Arc::new(KeyEntry {
             id: key.id.clone(),

@@ -121,6 +121,7 @@ impl KeyStore {
             let mut writer = self.shared.lock();
             writer.sources.push(name.clone());
             writer.counts.push(0);
+            writer.fleet.push(source.fleet_limits());
             writer.pending.push(None);
             u16::try_from(writer.sources.len() - 1).expect("at most 65,536 sources per store")
         };
@@ -289,6 +290,7 @@ impl KeyStore {
         let mut writer = self.shared.lock();
         writer.sources.push(name.into());
         writer.counts.push(0);
+        writer.fleet.push(false);
         writer.pending.push(None);
         let index = u16::try_from(writer.sources.len() - 1).unwrap_or(u16::MAX);
         KeyUpdater::new(Arc::downgrade(&self.shared), index, name.into())

@@ -34,6 +34,8 @@ pub(crate) struct Writer {
     /// The store's sources, by index: their names and how many keys each has.
     pub(crate) sources: Vec<Arc<str>>,
     pub(crate) counts: Vec<usize>,
+    /// Whether each source's limits are its fleet's ([`KeySource::fleet_limits`](crate::KeySource::fleet_limits)).
+    pub(crate) fleet: Vec<bool>,
     /// A complete set each source published that was refused for a key or id another
     /// source held: tried again once one of those is let go.
     pub(crate) pending: Vec<Option<Pending>>,

@@ -228,6 +228,39 @@ impl KeyUpdater {
             .collect()
     }
 
+    /// Another handle on the same store for the same source, for a second thread of
+    /// the source (the Redis source's lessor).
+    #[cfg(feature = "redis")]
+    pub(crate) fn handle(&self) -> Self {
+        Self::new(self.shared.clone(), self.source, self.name.clone())
+    }
+
+    /// The limiters of this source's keys that lease shares of fleet-wide limits, with
+    /// the keys' ids, and the store's version they are of; `None` while the version is
+    /// still `seen` (nothing changed) or the store is gone.
+    #[cfg(feature = "redis")]
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn fleet_limiters(
+        &self,
+        seen: Option<u64>,
+    ) -> Option<(u64, Vec<(Arc<str>, Arc<crate::limit::state::Limiter>)>)> {
+        let shared = self.shared.upgrade()?;
+        let snapshot = shared.current.load_full();
+        if seen == Some(snapshot.version) {
+            return None;
+        }
+        let list = snapshot
+            .iter()
+            .filter(|(_, e, _)| e.source() == self.source)
+            .filter_map(|(_, e, _)| {
+                let limiter = e.limiter.as_ref()?;
+                limiter.shares()?;
+                Some((e.id.clone(), limiter.clone()))
+            })
+            .collect();
+        Some((snapshot.version, list))
+    }
+
     /// The name of the source this updater publishes for.
     pub fn source_name(&self) -> &str {
         &self.name
@@ -257,6 +290,7 @@ fn make(
         name: &name,
         names: &writer.sources,
         count: writer.counts[at],
+        fleet: writer.fleet.get(at).copied().unwrap_or(false),
     };
     let now = clock::exact_now_ms();
     let notice = shared.expiry_notice.load(Ordering::Relaxed);
