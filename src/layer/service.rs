@@ -92,20 +92,22 @@ where
             return ResponseFuture::inner(self.inner.call(req), None);
         }
         // Another layer over the same store already let this request in (a global
-        // layer, then a route's `require_scope`): check the scope on its key, without
-        // hashing or counting the request again.
-        if let Some(scope) = &config.required_scope
-            && let Some(key) = req.extensions().get::<KeyInfo>()
+        // layer, then a route's `require_scope`, or the same layer applied twice):
+        // check the scope on its key, if this layer requires one, without hashing,
+        // counting or limiting the request again.
+        if let Some(key) = req.extensions().get::<KeyInfo>()
             && self.state.store.owns(key)
         {
-            if key.has_scope(scope) {
-                return ResponseFuture::inner(self.inner.call(req), None);
+            match &config.required_scope {
+                Some(scope) if !key.has_scope(scope) => {
+                    let rejection = Rejection::InsufficientScope {
+                        key: key.clone(),
+                        scope: scope.clone(),
+                    };
+                    return self.refuse(&req, rejection);
+                }
+                _ => return ResponseFuture::inner(self.inner.call(req), None),
             }
-            let rejection = Rejection::InsufficientScope {
-                key: key.clone(),
-                scope: scope.clone(),
-            };
-            return self.refuse(&req, rejection);
         }
         match self.authenticate(&req) {
             Ok(Accepted {
@@ -332,6 +334,15 @@ mod tests {
             "counted once, by the outer layer"
         );
         assert_eq!(requests("reader"), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_layer_applied_twice_over_one_store_counts_a_request_once() {
+        let keys = store([ApiKey::new("reader", "k-read")]);
+        let layer = ApiKeyLayer::from_store(keys.clone());
+        let svc = layer.layer(layer.layer(Echo));
+        assert_eq!(status(svc, "k-read").await, StatusCode::OK);
+        assert_eq!(keys.usage_of("reader").map(|u| u.requests()), Some(1));
     }
 
     #[tokio::test]
