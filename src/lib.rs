@@ -116,6 +116,8 @@ mod key;
 mod layer;
 mod log;
 mod metrics;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod source;
