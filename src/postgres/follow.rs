@@ -222,10 +222,13 @@ impl Follower {
             if self.updater.is_closed() {
                 return Err(Fault::Closed);
             }
+            if self.cursor.is_some() {
+                self.catch_up(client).await?;
+            }
+            // Never read, or the change table could not explain where the namespace
+            // is: read it whole now, not at the next poll.
             if self.cursor.is_none() {
                 self.resync(client).await?;
-            } else {
-                self.catch_up(client).await?;
             }
             if Instant::now() >= next_flush {
                 next_flush = Instant::now() + self.options.usage_flush;
