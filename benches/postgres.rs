@@ -11,10 +11,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 #[path = "../tests/postgres_support/mod.rs"]
-#[allow(dead_code)]
 mod postgres_support;
 
 use std::{
@@ -76,7 +74,10 @@ async fn enforced(stores: &[&KeyStore], id: &str, start: Instant) -> Vec<Duratio
                 times[i] = Some(start.elapsed());
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "`{id}` never arrived");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "`{id}` never arrived"
+        );
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
     times.into_iter().flatten().collect()
@@ -148,7 +149,10 @@ async fn million(pg: &Postgres) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let wants = |part: &str| args.is_empty() || args.iter().any(|a| a == part);
     let Some(pg) = Postgres::start() else { return };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -81,12 +81,18 @@ pub(crate) async fn replica(config: &Config) -> Result<(Router, KeyStore), Box<d
     }
     if let Some(path) = &config.restore {
         let n = backend.restore_file(path).await?;
-        println!("restored namespace `{NAMESPACE}` from {} ({n} keys)", path.display());
+        println!(
+            "restored namespace `{NAMESPACE}` from {} ({n} keys)",
+            path.display()
+        );
     } else if !backend.exists().await? {
         match &config.seed {
             Some(path) => {
                 let n = backend.import_file(path).await?;
-                println!("created namespace `{NAMESPACE}` from {} ({n} keys)", path.display());
+                println!(
+                    "created namespace `{NAMESPACE}` from {} ({n} keys)",
+                    path.display()
+                );
             }
             None => println!(
                 "namespace `{NAMESPACE}` does not exist in PostgreSQL: every key is refused \
@@ -105,7 +111,10 @@ pub(crate) async fn replica(config: &Config) -> Result<(Router, KeyStore), Box<d
     if let Err(e) = store.add_source(source) {
         println!("no keys from PostgreSQL yet, still trying: {e}");
     }
-    println!("snapshot of this replica's keys: {}", config.snapshot.display());
+    println!(
+        "snapshot of this replica's keys: {}",
+        config.snapshot.display()
+    );
     let app = Router::new()
         .route("/", get(|| async { "hello from the fleet\n" }))
         .route_layer(ApiKeyLayer::from_store(store.clone()))

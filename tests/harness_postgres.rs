@@ -360,12 +360,19 @@ fn outcome(code: u16, body: &Value, what: &str) -> Status {
 async fn create(fleet: &Fleet, model: &mut Model) {
     let id = model.id();
     let (code, body) = fleet
-        .call(reqwest::Method::POST, "/v1/api-keys", Some(json!({"id": id})))
+        .call(
+            reqwest::Method::POST,
+            "/v1/api-keys",
+            Some(json!({"id": id})),
+        )
         .await;
     let status = outcome(code, &body, "create");
     let secret = body["key"].as_str().map(str::to_owned);
     if status == Status::Live {
-        assert!(secret.is_some(), "a create answered {code} without its secret");
+        assert!(
+            secret.is_some(),
+            "a create answered {code} without its secret"
+        );
     }
     model.set(&id, secret, status);
 }
@@ -389,7 +396,12 @@ async fn patch(fleet: &Fleet, model: &mut Model, rng: &mut Rng) {
         return;
     };
     let (code, body, etag) = fleet
-        .call_if(reqwest::Method::GET, &format!("/v1/api-keys/{id}"), None, None)
+        .call_if(
+            reqwest::Method::GET,
+            &format!("/v1/api-keys/{id}"),
+            None,
+            None,
+        )
         .await;
     if code != 200 {
         assert!(code == 503 || code == 504, "get `{id}`: {code} {body}");
@@ -431,7 +443,9 @@ async fn import(fleet: &Fleet, model: &mut Model, rng: &mut Rng) {
     for _ in 0..1 + rng.below(20) {
         let id = model.id();
         let secret = format!("imp-{:016x}", rng.next());
-        text.push_str(&format!("[[keys]]\nid = \"{id}\"\nsecret = \"{secret}\"\n\n"));
+        text.push_str(&format!(
+            "[[keys]]\nid = \"{id}\"\nsecret = \"{secret}\"\n\n"
+        ));
         made.push((id, secret));
     }
     let path = fleet.pg.dir.path().join("import.toml");
@@ -506,7 +520,10 @@ async fn outage(fleet: &mut Fleet, model: &mut Model) {
             match key.status {
                 Status::Live => assert!(ok, "{name} refused live `{id}` while PostgreSQL was down"),
                 Status::Revoked if key.confirmed => {
-                    assert!(!ok, "{name} accepted revoked `{id}` while PostgreSQL was down");
+                    assert!(
+                        !ok,
+                        "{name} accepted revoked `{id}` while PostgreSQL was down"
+                    );
                 }
                 Status::Corrupt => assert!(!ok, "{name} accepted corrupt `{id}`"),
                 _ => {}
@@ -515,7 +532,11 @@ async fn outage(fleet: &mut Fleet, model: &mut Model) {
     }
     let id = model.id();
     let (code, body) = fleet
-        .call(reqwest::Method::POST, "/v1/api-keys", Some(json!({"id": id})))
+        .call(
+            reqwest::Method::POST,
+            "/v1/api-keys",
+            Some(json!({"id": id})),
+        )
         .await;
     assert_eq!(code, 503, "a write while PostgreSQL is down: {body}");
     model.set(&id, None, Status::NotWritten);
@@ -569,10 +590,17 @@ async fn at_rest(fleet: &Fleet, model: &mut Model, seed: u64) {
         let there = stored.contains(id);
         match key.status {
             Status::Live | Status::Corrupt => {
-                assert!(there, "seed {seed}: `{id}` answered as kept is not in PostgreSQL");
+                assert!(
+                    there,
+                    "seed {seed}: `{id}` answered as kept is not in PostgreSQL"
+                );
             }
             Status::Revoked | Status::NotWritten => {
-                assert!(!there, "seed {seed}: `{id}` ({:?}) is in PostgreSQL", key.status);
+                assert!(
+                    !there,
+                    "seed {seed}: `{id}` ({:?}) is in PostgreSQL",
+                    key.status
+                );
             }
             Status::Maybe => {}
         }
@@ -599,8 +627,15 @@ async fn at_rest(fleet: &Fleet, model: &mut Model, seed: u64) {
 /// Invariant 6: no secret, and not the password, in any log line.
 fn no_secret_logged(model: &Model, seed: u64) {
     let text = String::from_utf8_lossy(&log().0.lock().unwrap()).into_owned();
-    for secret in model.secrets.iter().chain([&ROOT.to_owned(), &PASSWORD.to_owned()]) {
-        assert!(!text.contains(secret.as_str()), "seed {seed}: a secret is in the log");
+    for secret in model
+        .secrets
+        .iter()
+        .chain([&ROOT.to_owned(), &PASSWORD.to_owned()])
+    {
+        assert!(
+            !text.contains(secret.as_str()),
+            "seed {seed}: a secret is in the log"
+        );
     }
 }
 
@@ -654,7 +689,11 @@ async fn run_seed(seed: u64) -> bool {
     }
     at_rest(&fleet, &mut model, seed).await;
     no_secret_logged(&model, seed);
-    let _ = writeln!(std::io::stdout(), "seed {seed}: {} keys, ok", model.keys.len());
+    let _ = writeln!(
+        std::io::stdout(),
+        "seed {seed}: {} keys, ok",
+        model.keys.len()
+    );
     true
 }
 

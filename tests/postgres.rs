@@ -45,7 +45,13 @@ async fn a_change_on_one_replica_reaches_every_replica() {
         until(other.addr, &secret, 200, Duration::from_secs(2)).await;
     }
     // A patch, with its ETag, then a revocation.
-    let (code, got) = api(writer.addr, reqwest::Method::GET, "/v1/api-keys/billing", None).await;
+    let (code, got) = api(
+        writer.addr,
+        reqwest::Method::GET,
+        "/v1/api-keys/billing",
+        None,
+    )
+    .await;
     assert_eq!(code, 200, "{got:?}");
     let (code, _) = api(
         writer.addr,
@@ -71,7 +77,13 @@ async fn a_change_on_one_replica_reaches_every_replica() {
     )
     .await;
     assert_eq!(code, 409);
-    let (code, _) = api(writer.addr, reqwest::Method::DELETE, "/v1/api-keys/nobody", None).await;
+    let (code, _) = api(
+        writer.addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/nobody",
+        None,
+    )
+    .await;
     assert_eq!(code, 404);
     assert_eq!(pg.ids("fleet"), ["reader", "root"]);
 }
@@ -127,7 +139,10 @@ async fn postgres_down_keeps_every_replica_serving_then_they_catch_up() {
             }
         }
     }
-    assert_eq!(refused, 0, "valid requests refused while PostgreSQL was down");
+    assert_eq!(
+        refused, 0,
+        "valid requests refused while PostgreSQL was down"
+    );
     // Said once per change of state, not per retry.
     let start = Instant::now();
     let report = loop {

@@ -46,7 +46,7 @@ async fn the_example_serves_a_guarded_route_and_the_api_across_replicas() {
         .await
         .unwrap();
     assert_eq!(res.status().as_u16(), 201);
-    let created: serde_json::Value = res.json().await.unwrap();
+    let created: serde_json::Value = serde_json::from_str(&res.text().await.unwrap()).unwrap();
     let mine = created["key"].as_str().unwrap().to_owned();
     until(second, &mine, 200, Duration::from_secs(3)).await;
     let res = common::client()

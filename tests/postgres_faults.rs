@@ -79,7 +79,10 @@ async fn a_terminated_listening_connection_is_made_again_and_caught_up() {
         // (The replica's connection is made again on its own thread: wait for it.)
         let start = Instant::now();
         while pg.terminate_listeners() == 0 {
-            assert!(start.elapsed() < Duration::from_secs(5), "round {round}: no listener");
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "round {round}: no listener"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // A change right after: the replica's notification is lost with its
@@ -126,7 +129,10 @@ async fn a_long_transaction_on_the_namespace_lock_is_a_503_that_wrote_nothing() 
     let (code, _) = api(writer.addr, reqwest::Method::GET, "/v1/api-keys", None).await;
     assert_eq!(code, 200);
     let _ = holder.wait();
-    assert!(!pg.ids("locked").contains(&"blocked".to_owned()), "a 503 wrote");
+    assert!(
+        !pg.ids("locked").contains(&"blocked".to_owned()),
+        "a 503 wrote"
+    );
     let secret = create(writer.addr, "blocked").await;
     until(other.addr, &secret, 200, Duration::from_secs(3)).await;
 }
@@ -166,10 +172,22 @@ async fn a_record_that_does_not_parse_is_that_key_refused_others_kept() {
     assert_eq!(status(fresh.addr, "reader-secret").await, 401);
     // The API names the store's fault, without the record's content, and can delete
     // it.
-    let (code, body) = api(writer.addr, reqwest::Method::GET, "/v1/api-keys/reader", None).await;
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::GET,
+        "/v1/api-keys/reader",
+        None,
+    )
+    .await;
     assert_eq!(problem(&body), "corrupt-record", "{code} {body:?}");
     assert!(!body.to_string().contains("plain-text-secret"), "{body}");
-    let (code, _) = api(writer.addr, reqwest::Method::DELETE, "/v1/api-keys/reader", None).await;
+    let (code, _) = api(
+        writer.addr,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/reader",
+        None,
+    )
+    .await;
     assert_eq!(code, 204);
     let secret = create(writer.addr, "fine").await;
     until(r.addr, &secret, 200, Duration::from_secs(3)).await;

@@ -68,12 +68,15 @@ struct Op {
     record: Option<String>,
 }
 
+/// How a change is decided from the current records of the ids it names.
+type Decide<'a> = dyn Fn(&HashMap<String, String>) -> Result<Vec<Op>, BackendError> + Sync + 'a;
+
 /// What a write does, decided in its transaction.
 enum Plan<'a> {
     /// Changes decided from the current records of `ids` (locked).
     Change {
         ids: Vec<&'a str>,
-        decide: &'a (dyn Fn(&HashMap<String, String>) -> Result<Vec<Op>, BackendError> + Sync),
+        decide: &'a Decide<'a>,
     },
     /// Every record of a set, into the namespace (created if missing).
     Import(&'a [(String, String)]),
@@ -135,7 +138,10 @@ impl PostgresBackend {
     /// ```
     pub async fn migrate(&self) -> Result<(), Error> {
         let mut writer = self.writer.lock().await;
-        let client = self.connected(&mut writer).await.map_err(|e| self.error(e))?;
+        let client = self
+            .connected(&mut writer)
+            .await
+            .map_err(|e| self.error(e))?;
         // One simple query: one implicit transaction, under its advisory lock.
         let result = super::within(self.timeout * 5, client.batch_execute(model::SCHEMA)).await;
         if result.as_ref().is_err_and(|e| !super::answered(e)) {
@@ -309,7 +315,8 @@ impl PostgresBackend {
                 match &*slot {
                     Some(c) if !c.is_closed() => c.clone(),
                     _ => {
-                        let (client, connection) = self.target.connect(self.timeout, super::Role::Api).await?;
+                        let (client, connection) =
+                            self.target.connect(self.timeout, super::Role::Api).await?;
                         tokio::spawn(connection);
                         let client = Arc::new(client);
                         *slot = Some(client.clone());
@@ -409,9 +416,10 @@ impl PostgresBackend {
                         Ok(false) => self.log(&e, "it never will: trying once more"),
                         Err(_) => {
                             self.log(&e, "the write may or may not have happened");
-                            return Err(BackendError::OutcomeUnknown(Box::new(
-                                Error::custom(self.name(), super::describe(&e)),
-                            )));
+                            return Err(BackendError::OutcomeUnknown(Box::new(Error::custom(
+                                self.name(),
+                                super::describe(&e),
+                            ))));
                         }
                     }
                 }
@@ -430,10 +438,7 @@ impl PostgresBackend {
         super::within(wait, async {
             let client = &client;
             client
-                .batch_execute(&format!(
-                    "SET statement_timeout = {}",
-                    wait.as_millis()
-                ))
+                .batch_execute(&format!("SET statement_timeout = {}", wait.as_millis()))
                 .await?;
             if client.query_opt(model::FENCE, &[&nonce]).await?.is_some() {
                 return Ok(false);
@@ -449,7 +454,12 @@ impl PostgresBackend {
     }
 
     /// The transaction of a write.
-    async fn body(&self, client: &mut Client, plan: &Plan<'_>, nonce: &str) -> Result<Step, PgError> {
+    async fn body(
+        &self,
+        client: &mut Client,
+        plan: &Plan<'_>,
+        nonce: &str,
+    ) -> Result<Step, PgError> {
         let tx = client.transaction().await?;
         // The server gives up on a lock before the caller does: a write held up by
         // another transaction is then answered as not written.
@@ -514,8 +524,11 @@ impl PostgresBackend {
                     .await?;
                 let (ops, ids, rs): (Vec<&str>, Vec<Option<&str>>, Vec<Option<&str>>) =
                     (vec!["reset"], vec![None], vec![None]);
-                tx.execute(model::LOG, &[ns, &version, &1i32, &epoch, &ops, &ids, &rs, &0i32])
-                    .await?;
+                tx.execute(
+                    model::LOG,
+                    &[ns, &version, &1i32, &epoch, &ops, &ids, &rs, &0i32],
+                )
+                .await?;
                 tx.execute(model::NOTIFY, &[ns]).await?;
             }
         }

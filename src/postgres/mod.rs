@@ -28,7 +28,7 @@
 //! A change is one transaction: it locks the namespace's row (so writers of one
 //! namespace take turns and versions commit in order), writes the records, bumps the
 //! version, writes one change row per key, prunes changes older than
-//! [`KEEP_VERSIONS`](model::KEEP_VERSIONS) versions, and sends `NOTIFY tak_changes`
+//! 1,000 versions, and sends `NOTIFY tak_changes`
 //! with the namespace's name: a wake-up, which carries nothing a replica needs. A
 //! replica reads, in one snapshot, the namespace's row and the changes after its
 //! version; it applies them when they are every version from its own to the row's,
@@ -65,7 +65,9 @@ mod backend;
 mod follow;
 mod model;
 mod read;
-// The snapshot writer has no Redis in it: the same file serves both engines.
+// The snapshot writer has no Redis in it: the same file serves both engines (it is
+// compiled once per engine enabled, until it moves to the core).
+#[allow(clippy::duplicate_mod)]
 #[path = "../redis/snapshot.rs"]
 mod snapshot;
 mod source;

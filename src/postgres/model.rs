@@ -73,8 +73,7 @@ pub(crate) const FENCE: &str = "INSERT INTO tak_writes (nonce, state) VALUES ($1
 pub(crate) const MARKED: &str = "SELECT state FROM tak_writes WHERE nonce = $1";
 
 /// Forgets markers older than an hour (run now and then by writers).
-pub(crate) const FORGET_MARKS: &str =
-    "DELETE FROM tak_writes WHERE at < now() - interval '1 hour'";
+pub(crate) const FORGET_MARKS: &str = "DELETE FROM tak_writes WHERE at < now() - interval '1 hour'";
 
 /// Adds a replica's counts: ids, request deltas, last uses (Unix seconds).
 pub(crate) const ADD_USAGE: &str = "INSERT INTO tak_usage (namespace, id, requests, last_used) \

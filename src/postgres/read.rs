@@ -88,27 +88,34 @@ pub(crate) async fn whole(
         Err(e) if super::no_tables(&e) => return Ok(Whole::Missing(NO_TABLES)),
         Err(e) => return Err(e),
     };
-    let rows = match tx.query(model::ALL, &[&namespace]).await {
+    let rows = match tx.query_raw(model::ALL, [namespace]).await {
         Ok(rows) => rows,
-        Err(e) if super::undefined_table(&e) => {
-            return Ok(Whole::Missing(NO_TABLES));
-        }
+        Err(e) if super::undefined_table(&e) => return Ok(Whole::Missing(NO_TABLES)),
         Err(e) => return Err(e.into()),
     };
+    // Rows are decoded by worker threads while they arrive, and put in the set by
+    // another: the initial load is what a replica waits for before it serves.
+    let mut pipeline = Pipeline::start(source);
+    let mut rows = std::pin::pin!(rows);
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut read = 0usize;
+    while let Some(row) = futures_util::StreamExt::next(&mut rows).await {
+        chunk.push(row?);
+        read += 1;
+        if chunk.len() == CHUNK {
+            pipeline.send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
+        }
+    }
+    pipeline.send(chunk);
     tx.commit().await?;
-    if rows.len() as i64 != head.keys {
+    let set = pipeline.finish();
+    if read as i64 != head.keys {
         return Ok(Whole::Damaged(format!(
-            "the keys table holds {} records of the namespace where its row counts {} (emptied \
-             or changed by hand?); keeping the last good keys until it is restored",
-            rows.len(),
+            "the keys table holds {read} records of the namespace where its row counts {} \
+             (emptied or changed by hand?); keeping the last good keys until it is restored",
             head.keys
         )));
     }
-    let set = key_set(&rows, source);
-    // A million rows: freed off the path to serving.
-    let _ = thread::Builder::new()
-        .name("tower-api-key-free".into())
-        .spawn(move || drop(rows));
     Ok(Whole::Read(
         set,
         Cursor {
@@ -138,7 +145,9 @@ pub(crate) async fn since(
         Err(e) => return Err(e),
     };
     if head.epoch != cursor.epoch {
-        return Ok(Since::Resync("the namespace was created again (a new epoch)"));
+        return Ok(Since::Resync(
+            "the namespace was created again (a new epoch)",
+        ));
     }
     if head.version < cursor.version {
         return Ok(Since::Resync("the namespace's version went back"));
@@ -148,9 +157,14 @@ pub(crate) async fn since(
         return Ok(Since::Nothing);
     }
     if head.version - cursor.version > model::KEEP_VERSIONS {
-        return Ok(Since::Resync("the replica is further behind than the changes kept"));
+        return Ok(Since::Resync(
+            "the replica is further behind than the changes kept",
+        ));
     }
-    let rows = match tx.query(model::CHANGES, &[&namespace, &cursor.version]).await {
+    let rows = match tx
+        .query(model::CHANGES, &[&namespace, &cursor.version])
+        .await
+    {
         Ok(rows) => rows,
         Err(e) if super::undefined_table(&e) => {
             return Ok(Since::Resync("the change table is missing"));
@@ -221,66 +235,144 @@ fn changes(rows: &[Row], cursor: &Cursor, head: &Head) -> Result<Vec<Change>, &'
     Ok(out)
 }
 
-/// The set of the readable keys of `rows` (id, record). A record that cannot be
-/// read, or that shares its digest with another (one secret under two ids: which is
-/// meant?), is left out, so that its key is refused; each is logged at `error`.
-///
-/// A large namespace is decoded by worker threads, chunk by chunk, while this thread
-/// builds the set from the chunks already decoded.
-fn key_set(rows: &[Row], source: &str) -> KeySet {
-    const CHUNK: usize = 16_384;
-    let mut set = KeySet::with_capacity(rows.len());
-    let mut shared = Vec::new();
-    let mut insert = |keys: Vec<(String, Result<ApiKey, Error>)>| {
-        for (id, key) in keys {
-            if let Err(error) = key.and_then(|key| set.insert(key)) {
-                refused(source, &id, &error);
-                if let Error::DuplicateKey { first, .. } = error {
-                    shared.push(first);
+/// Rows per chunk handed to a decoding worker.
+const CHUNK: usize = 16_384;
+
+/// Chunks of rows, decoded by worker threads and put, in order, in a [`KeySet`] by
+/// another. A record that cannot be read, or that shares its digest with another
+/// (one secret under two ids: which is meant?), is left out, so that its key is
+/// refused; each is logged at `error` with its id.
+struct Pipeline {
+    chunks: Option<mpsc::SyncSender<(usize, Vec<Row>)>>,
+    sent: usize,
+    set: Option<thread::JoinHandle<KeySet>>,
+    /// What the work would be done with if no thread could start.
+    source: String,
+    fallback: Vec<Vec<Row>>,
+}
+
+type Decoded = Vec<(String, Result<ApiKey, Error>)>;
+
+impl Pipeline {
+    fn start(source: &str) -> Self {
+        let workers = thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, 4);
+        let (chunks, work) = mpsc::sync_channel::<(usize, Vec<Row>)>(2 * workers);
+        let work = std::sync::Arc::new(std::sync::Mutex::new(work));
+        let (done, decoded) = mpsc::channel::<(usize, Decoded)>();
+        let mut started = 0;
+        for _ in 0..workers {
+            let (work, done) = (work.clone(), done.clone());
+            let spawned = thread::Builder::new()
+                .name("tower-api-key-decode".into())
+                .spawn(move || {
+                    loop {
+                        let next = match work.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((at, rows)) = next else { return };
+                        if done.send((at, decode_all(&rows))).is_err() {
+                            return;
+                        }
+                        // A million rows: freed here, off the path to serving.
+                        drop(rows);
+                    }
+                });
+            started += usize::from(spawned.is_ok());
+        }
+        drop(done);
+        let name = source.to_owned();
+        let set = (started > 0)
+            .then(|| {
+                thread::Builder::new()
+                    .name("tower-api-key-load".into())
+                    .spawn(move || insert_in_order(&decoded, &name))
+                    .ok()
+            })
+            .flatten();
+        Self {
+            chunks: set.as_ref().map(|_| chunks),
+            sent: 0,
+            set,
+            source: source.to_owned(),
+            fallback: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, rows: Vec<Row>) {
+        if rows.is_empty() {
+            return;
+        }
+        match &self.chunks {
+            Some(tx) => {
+                if let Err(mpsc::SendError((_, rows))) = tx.send((self.sent, rows)) {
+                    self.fallback.push(rows);
                 }
+                self.sent += 1;
+            }
+            None => self.fallback.push(rows),
+        }
+    }
+
+    fn finish(mut self) -> KeySet {
+        drop(self.chunks.take());
+        let mut set = self
+            .set
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        // Rows no thread took (none could start): decoded here.
+        if !self.fallback.is_empty() {
+            let mut shared = Vec::new();
+            for rows in std::mem::take(&mut self.fallback) {
+                insert(&mut set, decode_all(&rows), &self.source, &mut shared);
+            }
+            set = without_shared(set, shared);
+        }
+        set
+    }
+}
+
+/// Puts the decoded chunks in a set, in the order they were read.
+fn insert_in_order(decoded: &mpsc::Receiver<(usize, Decoded)>, source: &str) -> KeySet {
+    let mut set = KeySet::new();
+    let mut shared = Vec::new();
+    let mut waiting = std::collections::BTreeMap::new();
+    let mut next = 0;
+    for (at, keys) in decoded {
+        waiting.insert(at, keys);
+        while let Some(keys) = waiting.remove(&next) {
+            insert(&mut set, keys, source, &mut shared);
+            next += 1;
+        }
+    }
+    for (_, keys) in waiting {
+        insert(&mut set, keys, source, &mut shared);
+    }
+    without_shared(set, shared)
+}
+
+fn insert(set: &mut KeySet, keys: Decoded, source: &str, shared: &mut Vec<String>) {
+    for (id, key) in keys {
+        if let Err(error) = key.and_then(|key| set.insert(key)) {
+            refused(source, &id, &error);
+            if let Error::DuplicateKey { first, .. } = error {
+                shared.push(first);
             }
         }
-    };
-    let workers = thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(4);
-    if rows.len() < 4 * CHUNK || workers < 2 {
-        insert(decode_all(rows));
-    } else {
-        let chunks: Vec<&[Row]> = rows.chunks(CHUNK).collect();
-        thread::scope(|scope| {
-            let receivers: Vec<_> = (0..workers)
-                .map(|w| {
-                    let (tx, rx) = mpsc::sync_channel::<Vec<(String, Result<ApiKey, Error>)>>(2);
-                    let mine: Vec<&[Row]> =
-                        chunks.iter().skip(w).step_by(workers).copied().collect();
-                    let spawned = thread::Builder::new()
-                        .name("tower-api-key-decode".into())
-                        .spawn_scoped(scope, move || {
-                            for chunk in mine {
-                                if tx.send(decode_all(chunk)).is_err() {
-                                    return;
-                                }
-                            }
-                        });
-                    spawned.ok().map(|_| rx)
-                })
-                .collect();
-            for (at, chunk) in chunks.iter().enumerate() {
-                let keys = receivers[at % workers]
-                    .as_ref()
-                    .and_then(|rx| rx.recv().ok())
-                    .unwrap_or_else(|| decode_all(chunk));
-                insert(keys);
-            }
-        });
     }
+}
+
+/// The set without the first holders of a shared digest (rare).
+fn without_shared(set: KeySet, mut shared: Vec<String>) -> KeySet {
     if shared.is_empty() {
         return set;
     }
     shared.sort();
     shared.dedup();
-    let mut kept = KeySet::with_capacity(set.len());
+    let mut kept = KeySet::new();
     for key in set.iter() {
         if shared
             .binary_search_by(|id| id.as_str().cmp(key.id()))
@@ -296,22 +388,20 @@ fn key_set(rows: &[Row], source: &str) -> KeySet {
 /// The keys of rows (id, record), in order, with their ids.
 fn decode_all(rows: &[Row]) -> Vec<(String, Result<ApiKey, Error>)> {
     rows.iter()
-        .map(|row| {
-            match (
-                row.try_get::<_, &str>(0),
-                row.try_get::<_, &str>(1),
-            ) {
+        .map(
+            |row| match (row.try_get::<_, &str>(0), row.try_get::<_, &str>(1)) {
                 (Ok(id), Ok(json)) => (
                     id.to_owned(),
                     record::decode(id, json.as_bytes()).and_then(|k| k.validate().map(|()| k)),
                 ),
                 (id, _) => {
                     let id = id.map(str::to_owned).unwrap_or_default();
-                    let error = Error::invalid(Some(&id), "the stored row has columns of the wrong type");
+                    let error =
+                        Error::invalid(Some(&id), "the stored row has columns of the wrong type");
                     (id, Err(error))
                 }
-            }
-        })
+            },
+        )
         .collect()
 }
 

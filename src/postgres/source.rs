@@ -173,7 +173,8 @@ impl PostgresSource {
                 .build()
                 .map_err(|_| super::PgError::Timeout)?;
             runtime.block_on(async move {
-                let (mut client, connection) = target.connect(timeout, super::Role::Replica).await?;
+                let (mut client, connection) =
+                    target.connect(timeout, super::Role::Replica).await?;
                 let driver = tokio::spawn(connection);
                 let whole = super::within(
                     timeout.max(Duration::from_secs(30)),

@@ -181,7 +181,11 @@ impl AsyncRead for MaybeTlsStream {
 }
 
 impl AsyncWrite for MaybeTlsStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
@@ -212,7 +216,10 @@ mod tests {
         let (url, mode) =
             Mode::split("postgres://u:pw@db:5432/app?sslmode=verify-full&connect_timeout=3")
                 .unwrap();
-        assert_eq!(url, "postgres://u:pw@db:5432/app?sslmode=require&connect_timeout=3");
+        assert_eq!(
+            url,
+            "postgres://u:pw@db:5432/app?sslmode=require&connect_timeout=3"
+        );
         assert!(matches!(mode, Mode::Tls(_)));
         let (url, mode) = Mode::split("postgres://u:pw@db/app?sslmode=disable").unwrap();
         assert_eq!(url, "postgres://u:pw@db/app?sslmode=disable");

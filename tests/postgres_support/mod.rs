@@ -95,7 +95,14 @@ impl Postgres {
             .command("initdb")
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth=scram-sha-256", "--no-sync", "-E", "UTF8"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .unwrap();
@@ -140,7 +147,10 @@ impl Postgres {
             .args(["-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.dir.path().display()))
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
             .args(["-c", "shared_buffers=64MB"])
@@ -151,7 +161,10 @@ impl Postgres {
         self.child = Some(child);
         let start = Instant::now();
         while self.psql("SELECT 1") != "1" {
-            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             assert!(
                 start.elapsed() < Duration::from_secs(60) && exited.is_none(),
                 "postgres did not start ({exited:?}): {}",
@@ -225,7 +238,10 @@ impl Postgres {
         let out = self.psql(&format!(
             "SELECT id FROM tak_keys WHERE namespace = '{ns}' ORDER BY id"
         ));
-        out.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect()
+        out.lines()
+            .map(str::to_owned)
+            .filter(|l| !l.is_empty())
+            .collect()
     }
 
     /// Ends every connection of the crate's (by its `application_name`).
