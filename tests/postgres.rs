@@ -356,3 +356,48 @@ fn urls_and_errors_never_show_the_password() {
     }
     assert!(PostgresSource::new("postgres://db/app", "").is_err());
 }
+
+#[tokio::test]
+async fn tls_with_sslmode_verify_full_and_sslrootcert() {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    let Some(ca) = pg.enable_tls() else {
+        assert!(std::env::var("CI").is_err(), "openssl is needed under CI");
+        println!("skipped: openssl not found");
+        return;
+    };
+    let url = |mode: &str| {
+        format!(
+            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/postgres?sslmode={mode}&sslrootcert={}",
+            pg.port,
+            ca.display()
+        )
+    };
+    let backend = PostgresBackend::new(&url("verify-full"), "tls").unwrap();
+    backend.migrate().await.unwrap();
+    let seed_file = pg.dir.path().join("tls-seed.toml");
+    fs::write(&seed_file, SEED).unwrap();
+    backend.import_file(&seed_file).await.unwrap();
+    let store = KeyStore::new();
+    store
+        .add_source(PostgresSource::new(&url("require"), "tls").unwrap())
+        .unwrap();
+    assert_eq!(store.len(), 2);
+    // The connections are encrypted.
+    let ssl = pg.psql(
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE ssl AND application_name LIKE 'tower-api-key%'",
+    );
+    assert!(ssl.parse::<u32>().unwrap() >= 1, "{ssl}");
+    // A certificate the CA did not sign is refused: the Web PKI roots do not know it.
+    let untrusted = format!(
+        "postgres://postgres:{PASSWORD}@127.0.0.1:{}/postgres?sslmode=require",
+        pg.port
+    );
+    let err = KeyStore::new()
+        .add_source(PostgresSource::new(&untrusted, "tls").unwrap())
+        .unwrap_err();
+    let said = common::chain(&err);
+    assert!(!said.contains(PASSWORD), "{said}");
+}

@@ -174,6 +174,98 @@ impl Postgres {
         }
     }
 
+    /// Turns TLS on with a certificate for 127.0.0.1 signed by a CA of the test's own
+    /// (made with `openssl`), and restarts the server; the CA's file, or `None` if
+    /// `openssl` is missing.
+    pub fn enable_tls(&mut self) -> Option<PathBuf> {
+        let dir = self.dir.path().to_path_buf();
+        let dir = dir.as_path();
+        let run = |args: &[&str]| {
+            Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let made = run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]) && run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]) && {
+            fs::write(
+                dir.join("ext.cnf"),
+                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            )
+            .unwrap();
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                "server.pem",
+                "-extfile",
+                "ext.cnf",
+            ])
+        };
+        if !made {
+            return None;
+        }
+        let data = self.data();
+        fs::copy(dir.join("server.pem"), data.join("server.crt")).unwrap();
+        fs::copy(dir.join("server.key"), data.join("server.key")).unwrap();
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut conf, b"\nssl = on\n").unwrap();
+        if self.as_nobody {
+            chown_nobody(&data);
+        }
+        Command::new("chmod")
+            .arg("600")
+            .arg(data.join("server.key"))
+            .status()
+            .unwrap();
+        self.stop();
+        self.run();
+        Some(dir.join("ca.pem"))
+    }
+
     /// Stops the server (fast shutdown: clients are disconnected, nothing is lost).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
