@@ -401,3 +401,50 @@ async fn tls_with_sslmode_verify_full_and_sslrootcert() {
     let said = common::chain(&err);
     assert!(!said.contains(PASSWORD), "{said}");
 }
+
+#[tokio::test]
+async fn dropped_tables_are_not_zero_keys() {
+    let Some(pg) = Postgres::start() else { return };
+    seed(&pg, "dropped").await;
+    let r = replica(&pg, "dropped", true).await;
+    let backup = pg.dir.path().join("dropped-backup.toml");
+    let backend = PostgresBackend::new(&pg.url(), "dropped").unwrap();
+    backend.export_file(&backup).await.unwrap();
+    pg.try_psql("DROP TABLE tak_changes, tak_keys, tak_namespaces, tak_usage, tak_writes")
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        if let Some(error) = r
+            .store
+            .last_reload()
+            .and_then(|x| x.error().map(|e| common::chain(e)))
+        {
+            assert!(error.contains("tables are missing"), "{error}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "never reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(r.addr, "reader-secret").await, 200);
+    let (code, body) = api(
+        r.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "lonely"})),
+    )
+    .await;
+    assert_eq!((code, problem(&body)), (503, "store-missing"), "{body:?}");
+    assert!(!backend.exists().await.unwrap());
+    // The operator migrates and restores; the replica follows the new epoch.
+    backend.migrate().await.unwrap();
+    backend.restore_file(&backup).await.unwrap();
+    let (code, created) = api(
+        r.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "back"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{created:?}");
+    assert_eq!(status(r.addr, "reader-secret").await, 200);
+}
