@@ -329,6 +329,12 @@ async fn the_api_shows_the_fleet_s_usage() {
         assert!(start.elapsed() < Duration::from_secs(5), "{body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A key removed takes its counts with it: the usage table stays bounded.
+    let counted = "SELECT count(*) FROM tak_usage WHERE namespace = 'usage' AND id = 'reader'";
+    assert_eq!(pg.psql(counted), "1");
+    let (code, _) = api(a.addr, reqwest::Method::DELETE, "/v1/api-keys/reader", None).await;
+    assert_eq!(code, 204);
+    assert_eq!(pg.psql(counted), "0");
 }
 
 #[test]

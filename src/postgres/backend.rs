@@ -506,6 +506,12 @@ impl PostgresBackend {
             (Plan::Import(records) | Plan::Restore(records), head) => {
                 tx.execute("DELETE FROM tak_keys WHERE namespace = $1", &[ns])
                     .await?;
+                let ids: Vec<&str> = records.iter().map(|(i, _)| i.as_str()).collect();
+                tx.execute(
+                    "DELETE FROM tak_usage WHERE namespace = $1 AND NOT id = ANY($2::text[])",
+                    &[ns, &ids],
+                )
+                .await?;
                 for chunk in records.chunks(model::CHUNK) {
                     let ids: Vec<&str> = chunk.iter().map(|(i, _)| i.as_str()).collect();
                     let rs: Vec<&str> = chunk.iter().map(|(_, r)| r.as_str()).collect();
@@ -617,6 +623,8 @@ async fn write_ops(
         .collect();
     if !dels.is_empty() {
         delta -= tx.query(model::DEL, &[ns, &dels]).await?.len() as i64;
+        // The fleet's counts of a key removed go with it: the table stays bounded.
+        tx.execute(model::FORGET_USAGE, &[ns, &dels]).await?;
     }
     let version = head.version + 1;
     tx.execute(model::BUMP, &[ns, &version, &delta]).await?;

@@ -82,6 +82,10 @@ pub(crate) const ADD_USAGE: &str = "INSERT INTO tak_usage (namespace, id, reques
      requests = tak_usage.requests + EXCLUDED.requests, \
      last_used = GREATEST(tak_usage.last_used, EXCLUDED.last_used)";
 
+/// Forgets the fleet's counts of removed keys.
+pub(crate) const FORGET_USAGE: &str =
+    "DELETE FROM tak_usage WHERE namespace = $1 AND id = ANY($2::text[])";
+
 /// The fleet's counts of some keys.
 pub(crate) const USAGE: &str = "SELECT id, requests, last_used FROM tak_usage \
      WHERE namespace = $1 AND id = ANY($2::text[])";
