@@ -214,3 +214,73 @@ async fn lost_notifications_are_caught_up_by_the_poll() {
     pg.raw_change("quiet", "late", Some(&record), true, false);
     until(r.addr, "late-secret", 200, Duration::from_secs(3)).await;
 }
+
+#[tokio::test]
+async fn a_write_whose_connection_is_terminated_mid_transaction_wrote_nothing() {
+    let Some(pg) = Postgres::start() else { return };
+    seed(&pg, "settle").await;
+    let writer = replica(&pg, "settle", true).await;
+    // The API's write waits for the namespace's lock held by another program, and
+    // its connection is terminated meanwhile: the server says so (FATAL 57P01)
+    // before any commit, so the answer is 503, nothing written; and the next call
+    // makes a new connection.
+    let mut holder = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-X", "-q", "-c"])
+        .arg(
+            "BEGIN; SELECT 1 FROM tak_namespaces WHERE namespace = 'settle' FOR UPDATE; \
+             SELECT pg_sleep(5); COMMIT;",
+        )
+        .env("PGPASSWORD", PASSWORD)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let port = pg.port;
+    let killer = tokio::spawn(async move {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let out = Command::new("psql")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .args([
+                    "-U", "postgres", "-d", "postgres", "-X", "-A", "-t", "-q", "-c",
+                ])
+                .arg(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE application_name = 'tower-api-key-api' AND wait_event_type = 'Lock'",
+                )
+                .env("PGPASSWORD", PASSWORD)
+                .output()
+                .unwrap();
+            let killed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            if killed != "0" {
+                return killed;
+            }
+        }
+        "0".to_owned()
+    });
+    let (code, body) = api(
+        writer.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "settled"})),
+    )
+    .await;
+    assert_eq!(
+        killer.await.unwrap(),
+        "1",
+        "the write was not waiting on the lock"
+    );
+    assert_eq!((code, problem(&body)), (503, "unavailable"), "{body:?}");
+    let _ = holder.wait();
+    // It did not commit after the lock was released either.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pg.ids("settle").contains(&"settled".to_owned()),
+        "a 503 wrote"
+    );
+    let secret = create(writer.addr, "settled").await;
+    assert_eq!(status(writer.addr, &secret).await, 200);
+}
