@@ -2,9 +2,11 @@
 //!
 //! Each seed starts its own PostgreSQL cluster and three replicas following one
 //! namespace: the writer `W` (a store, its snapshot file, and the key-management API
-//! over `PostgresBackend` on 127.0.0.1), `B` (polling every 300 ms), and `C` (polling
+//! over `PostgresBackend` on 127.0.0.1), `B` (polling every 300 ms), `C` (polling
 //! every 2.5 s: it learns of most changes from notifications and reconnections, and
-//! of those whose notification is lost from the poll, within the bound). A seeded
+//! of those whose notification is lost from the poll, within the bound), and `P`, a
+//! replica in a separate process (this test binary run again as
+//! `harness_replica_process`, serving HTTP on 127.0.0.1). A seeded
 //! random mix of API calls (create, patch, rotate, revoke) and imports runs against
 //! PostgreSQL's faults: the server restarted, the replicas' listening connections
 //! terminated, every connection of the crate terminated (the API's too), a long
@@ -21,7 +23,8 @@
 //! 4. a call answered 503 wrote nothing; one answered 504 is resolved from
 //!    PostgreSQL at rest;
 //! 5. at rest, every replica holds exactly the readable keys of PostgreSQL;
-//! 6. no secret, and not the database password, appears in any log line.
+//! 6. no secret, and not the database password, appears in any log line, of this
+//!    process or of `P`.
 //!
 //! A failing seed prints the command that replays it. Under CI a fixed set of seeds
 //! runs; `HARNESS_SEED=n` runs one, `HARNESS_SEEDS=n` runs n seeds from
@@ -34,7 +37,7 @@ mod postgres_support;
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
+    io::{BufRead as _, Read as _, Write as _},
     net::SocketAddr,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, OnceLock},
@@ -218,8 +221,104 @@ impl Model {
 struct Fleet {
     pg: Postgres,
     writer: SocketAddr,
-    replicas: Vec<(&'static str, SocketAddr, KeyStore)>,
+    /// Each replica's name, address, and store (`None` for `P`, in its own process).
+    replicas: Vec<(&'static str, SocketAddr, Option<KeyStore>)>,
     http: reqwest::Client,
+    /// `P`: this binary again, as `harness_replica_process`, and what it logs.
+    p: Child,
+    p_logs: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = self.p.kill();
+        let _ = self.p.wait();
+    }
+}
+
+/// Starts `P`: this binary again, as `harness_replica_process`.
+async fn spawn_replica(url: &str) -> (Child, SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "harness_replica_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("HARNESS_REPLICA_URL", url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let mut stderr = child.stderr.take().unwrap();
+    let sink = logs.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(at) = line.find("REPLICA ") {
+                let addr: SocketAddr = line[at + 8..].trim().parse().unwrap();
+                // Keep draining so the child never blocks on a full pipe.
+                thread::spawn(move || for _ in lines {});
+                return addr;
+            }
+        }
+        panic!("the replica process never said where it listens");
+    })
+    .await
+    .unwrap();
+    (child, addr, logs)
+}
+
+/// `P`'s side: a replica in its own process, until its stdin closes.
+#[tokio::test]
+async fn harness_replica_process() {
+    let Ok(url) = std::env::var("HARNESS_REPLICA_URL") else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter("tower_api_key=debug,info")
+        .try_init();
+    let store = KeyStore::new();
+    let _ = store.add_source(
+        PostgresSource::new(&url, NS)
+            .unwrap()
+            .with_version_check(Duration::from_millis(300))
+            .with_max_backoff(Duration::from_millis(300))
+            .with_connect_timeout(Duration::from_millis(800)),
+    );
+    let len = store.clone();
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route_layer(ApiKeyLayer::from_store(store.clone()))
+        .route(
+            "/len",
+            get(move || {
+                let store = len.clone();
+                async move { store.len().to_string() }
+            }),
+        );
+    let addr = common::serve(app).await;
+    println!("REPLICA {addr}");
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+    })
+    .await;
 }
 
 fn source(pg: &Postgres, poll: Duration) -> PostgresSource {
@@ -274,12 +373,16 @@ impl Fleet {
                     .with_timeout(Duration::from_millis(1500))
             });
             let addr = serve(store.clone(), api).await;
-            replicas.push((name, addr, store));
+            replicas.push((name, addr, Some(store)));
         }
+        let (p, p_addr, p_logs) = spawn_replica(&pg.url()).await;
+        replicas.push(("P", p_addr, None));
         Some(Self {
             writer: replicas[0].1,
             pg,
             replicas,
+            p,
+            p_logs,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
                 .build()
@@ -336,6 +439,20 @@ impl Fleet {
             .await
             .expect("a replica answers");
         res.status().as_u16() == 200
+    }
+
+    /// How many keys a replica holds.
+    async fn len(&self, addr: SocketAddr, store: Option<&KeyStore>) -> usize {
+        if let Some(store) = store {
+            return store.len();
+        }
+        let res = self
+            .http
+            .get(format!("http://{addr}/len"))
+            .send()
+            .await
+            .expect("P answers");
+        res.text().await.unwrap().parse().unwrap()
     }
 
     /// The readable keys' ids in PostgreSQL, sorted.
@@ -611,13 +728,16 @@ async fn at_rest(fleet: &Fleet, model: &mut Model, seed: u64) {
         .filter(|k| k.status == Status::Corrupt)
         .count();
     let readable = stored.len() + 1 - corrupt - 1;
-    for (name, _, store) in &fleet.replicas {
+    for (name, addr, store) in &fleet.replicas {
         let start = Instant::now();
-        while store.len() != readable {
+        loop {
+            let len = fleet.len(*addr, store.as_ref()).await;
+            if len == readable {
+                break;
+            }
             assert!(
                 start.elapsed() < BOUND,
-                "seed {seed}: {name} holds {} keys where PostgreSQL has {readable} readable",
-                store.len()
+                "seed {seed}: {name} holds {len} keys where PostgreSQL has {readable} readable"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -625,8 +745,9 @@ async fn at_rest(fleet: &Fleet, model: &mut Model, seed: u64) {
 }
 
 /// Invariant 6: no secret, and not the password, in any log line.
-fn no_secret_logged(model: &Model, seed: u64) {
-    let text = String::from_utf8_lossy(&log().0.lock().unwrap()).into_owned();
+fn no_secret_logged(fleet: &Fleet, model: &Model, seed: u64) {
+    let mut text = String::from_utf8_lossy(&log().0.lock().unwrap()).into_owned();
+    text.push_str(&String::from_utf8_lossy(&fleet.p_logs.lock().unwrap()));
     for secret in model
         .secrets
         .iter()
@@ -688,7 +809,7 @@ async fn run_seed(seed: u64) -> bool {
         converge(&fleet, &mut model, seed, step).await;
     }
     at_rest(&fleet, &mut model, seed).await;
-    no_secret_logged(&model, seed);
+    no_secret_logged(&fleet, &model, seed);
     let _ = writeln!(
         std::io::stdout(),
         "seed {seed}: {} keys, ok",
