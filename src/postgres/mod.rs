@@ -72,6 +72,7 @@ mod read;
 mod snapshot;
 mod source;
 mod tls;
+mod write;
 
 pub use self::{backend::PostgresBackend, source::PostgresSource};
 
