@@ -119,6 +119,8 @@ mod layer;
 pub mod limit;
 mod log;
 mod metrics;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod source;

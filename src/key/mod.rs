@@ -3,7 +3,7 @@
 pub(crate) mod digest;
 mod generate;
 mod info;
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) mod record;
 mod set;
 

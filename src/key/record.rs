@@ -187,16 +187,25 @@ pub(crate) fn decode(id: &str, json: &[u8]) -> Result<ApiKey, Error> {
     Ok(key)
 }
 
-/// The key of a record that is exactly `{"id":"<id>","sha256":"<64 hex digits>"}`,
+/// The key of a record that is exactly `{"id":"<id>","sha256":"<64 hex digits>"}` (or
+/// that with a space after each `:` and `,`, as `jsonb` prints it),
 /// the id written without escapes and equal to `id`; `None` for anything else, which
 /// the general parser then reads (and refuses with the right error).
 fn decode_plain(id: &str, json: &[u8]) -> Option<ApiKey> {
-    let rest = json.strip_prefix(br#"{"id":""#)?;
+    // As `encode` writes it, or as PostgreSQL's `jsonb` prints it back (a space after
+    // each `:` and `,`).
+    let (rest, separator) = match json.strip_prefix(br#"{"id":""#) {
+        Some(rest) => (rest, &br#"","sha256":""#[..]),
+        None => (
+            json.strip_prefix(br#"{"id": ""#)?,
+            &br#"", "sha256": ""#[..],
+        ),
+    };
     let named = rest.get(..id.len())?;
     if named != id.as_bytes() || id.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
         return None;
     }
-    let rest = rest[id.len()..].strip_prefix(br#"","sha256":""#)?;
+    let rest = rest[id.len()..].strip_prefix(separator)?;
     let (hex, end) = (rest.get(..64)?, rest.get(64..)?);
     if end != br#""}"# {
         return None;
@@ -275,6 +284,9 @@ mod tests {
         let key = ApiKey::new("key-1", "s");
         let fast = decode_plain("key-1", encode(&key).as_bytes()).expect("plain");
         assert!(fast.digest == key.digest);
+        let spaced = format!(r#"{{"id": "key-1", "sha256": "{}"}}"#, key.digest.to_hex());
+        let fast = decode_plain("key-1", spaced.as_bytes()).expect("jsonb's spacing");
+        assert!(fast.digest == key.digest);
         let scoped = key.with_scopes(["read"]);
         assert!(decode_plain("key-1", encode(&scoped).as_bytes()).is_none());
         assert!(decode("key-1", encode(&scoped).as_bytes()).is_ok());
@@ -313,9 +325,14 @@ mod tests {
             hex in "[0-9a-fA-FgG]{63,65}",
             tail in proptest::sample::select(vec![r#""}"#, r#"" }"#, r#"","disabled":true}"#, r#""}x"#, ""]),
             same in proptest::bool::weighted(0.8),
+            spaced in proptest::bool::ANY,
         ) {
             let named = if same { stored.clone() } else { named };
-            let json = format!(r#"{{"id":"{named}","sha256":"{hex}{tail}"#);
+            let json = if spaced {
+                format!(r#"{{"id": "{named}", "sha256": "{hex}{tail}"#)
+            } else {
+                format!(r#"{{"id":"{named}","sha256":"{hex}{tail}"#)
+            };
             let general = serde_json::from_slice::<Record>(json.as_bytes())
                 .ok()
                 .filter(|r| r.id == stored)
