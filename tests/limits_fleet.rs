@@ -118,7 +118,10 @@ const QUOTA_KEY: &str = "[[keys]]\nid = \"fleet\"\nsecret = \"fleet-secret\"\n\
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_replicas_saturating_a_quota_let_in_all_of_it_and_no_more() {
     let Some(redis) = Redis::start() else { return };
-    let replicas = fleet(&redis, "quota", QUOTA_KEY, 4).await;
+    let file = format!(
+        "{QUOTA_KEY}[[keys]]\nid = \"root\"\nsecret = \"root-secret\"\nscopes = [\"admin\"]\n"
+    );
+    let replicas = fleet(&redis, "quota", &file, 4).await;
     let addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
     let (admitted, _) = saturate_for(&addrs, "fleet-secret", Duration::from_secs(4)).await;
     // The fleet never leases more than the quota; saturated, every share is spent.
@@ -131,6 +134,25 @@ async fn four_replicas_saturating_a_quota_let_in_all_of_it_and_no_more() {
     for addr in &addrs {
         assert_eq!(status(*addr, "fleet-secret").await, 429);
     }
+    // The key-management API of a replica that served none of it shows the fleet's
+    // use: every token leased, all of them spent.
+    let operator = replica(&redis, "quota", true).await;
+    eventually(
+        "the operator's replica loaded",
+        Duration::from_secs(15),
+        || operator.store.get("root").is_some(),
+    )
+    .await;
+    let (code, key) = api(
+        operator.addr,
+        reqwest::Method::GET,
+        "/v1/api-keys/fleet",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{key}");
+    assert_eq!(key["quota"]["used"], 400, "{key}");
+    assert_eq!(key["quota"]["remaining"], 0, "{key}");
 }
 
 const BIG_KEY: &str = "[[keys]]\nid = \"fleet\"\nsecret = \"fleet-secret\"\n\

@@ -66,6 +66,18 @@ pub trait AdminBackend: Send + Sync + 'static {
         async { Ok(None) }
     }
 
+    /// How much of `key`'s quota the fleet the backend serves has taken this period,
+    /// if the backend keeps it (the Redis backend does: the tokens its replicas leased,
+    /// which is what they let in plus the shares they hold unspent). The default,
+    /// `None`, shows what the API's own store counted.
+    fn quota_used(
+        &self,
+        key: &ApiKey,
+    ) -> impl Future<Output = Result<Option<u64>, BackendError>> + Send {
+        let _ = key;
+        async { Ok(None) }
+    }
+
     /// Adds `successor` and replaces the record with `old`'s id by `old` (its shorter
     /// expiry), together, if that record's etag is `if_match` (when given).
     fn rotate(

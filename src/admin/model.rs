@@ -66,7 +66,9 @@ pub(crate) struct QuotaStatus {
     requests: u64,
     #[schema(value_type = QuotaPer)]
     per: &'static str,
-    /// Requests let in this period.
+    /// Requests let in this period: by this server's store, or, with the Redis
+    /// backend, by the whole fleet (the tokens its replicas leased, their unspent
+    /// shares included).
     used: u64,
     remaining: u64,
     /// RFC 3339: when the next period starts.
@@ -351,6 +353,15 @@ impl KeyResource {
 
     /// The key's limits with where they stand in `store`: as the store's copy of the
     /// key counted them, if it has the key with the same limits; else untouched.
+    /// The quota's use as the fleet counted it, when the backend keeps that count.
+    pub(crate) fn with_quota_used(mut self, used: Option<u64>) -> Self {
+        if let (Some(quota), Some(used)) = (&mut self.quota, used) {
+            quota.used = used.min(quota.requests);
+            quota.remaining = quota.requests - quota.used;
+        }
+        self
+    }
+
     fn with_limit_status(mut self, key: &ApiKey, store: &KeyStore, now: SystemTime) -> Self {
         let live = store
             .get(key.id())

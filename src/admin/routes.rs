@@ -212,7 +212,13 @@ pub(crate) async fn get_key<B: AdminBackend>(
     let id = key_path(id)?;
     let key = api.visible(&caller, &id).await?;
     let fleet = api.fleet_usage(key.id()).await?;
-    let resource = KeyResource::of(&key, &api.store, SystemTime::now(), fleet);
+    let quota_used = api
+        .backend
+        .quota_used(&key)
+        .await
+        .map_err(|e| Problem::of(e, &id))?;
+    let resource =
+        KeyResource::of(&key, &api.store, SystemTime::now(), fleet).with_quota_used(quota_used);
     Ok(with_etag(Json(resource).into_response(), &key))
 }
 

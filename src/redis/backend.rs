@@ -734,6 +734,22 @@ impl AdminBackend for RedisBackend {
         .await
     }
 
+    async fn quota_used(&self, key: &ApiKey) -> Result<Option<u64>, BackendError> {
+        let Some(quota) = key.quota() else {
+            return Ok(None);
+        };
+        let period = quota.period.index(crate::clock::exact_now_ms());
+        let counter = &super::lease::quota_key(&self.keys, key.id(), quota, period);
+        let taken: Option<u64> = self
+            .link
+            .read(
+                |mut con| async move { redis::cmd("GET").arg(counter).query_async(&mut con).await },
+            )
+            .await?;
+        // No counter yet: nothing leased this period.
+        Ok(Some(taken.unwrap_or(0)))
+    }
+
     async fn usage(&self, ids: &[String]) -> Result<Option<Vec<UsageCounts>>, BackendError> {
         if ids.is_empty() {
             return Ok(Some(Vec::new()));

@@ -318,14 +318,7 @@ impl Lessor {
                 let ttl = next
                     .saturating_sub(crate::clock::exact_now_ms())
                     .saturating_add(86_400_000);
-                let key = self.keys.lease(
-                    id,
-                    &format!(
-                        "quota:{}:{}:{period}",
-                        quota.requests,
-                        quota.period.as_str()
-                    ),
-                );
+                let key = quota_key(&self.keys, id, quota, period);
                 self.quota
                     .key(key)
                     .arg(quota.requests)
@@ -346,4 +339,17 @@ fn limit_of(limits: &Limits, i: usize) -> u64 {
         .map(|r| r.requests)
         .or(limits.quota.map(|q| q.requests))
         .unwrap_or(1)
+}
+
+/// The Redis key of the count of `quota`'s tokens leased by the fleet in `period`.
+/// The settings are part of the name, so a changed quota starts afresh.
+pub(crate) fn quota_key(keys: &Keys, id: &str, quota: crate::limit::Quota, period: u32) -> String {
+    keys.lease(
+        id,
+        &format!(
+            "quota:{}:{}:{period}",
+            quota.requests,
+            quota.period.as_str()
+        ),
+    )
 }
