@@ -90,6 +90,11 @@ impl Run {
     }
 }
 
+/// `args` then a target's flags.
+fn on(target: &[&str], args: &[&str]) -> Vec<String> {
+    args.iter().chain(target).map(|s| (*s).to_owned()).collect()
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -712,4 +717,75 @@ fn a_redis_namespace_from_import_to_restore() {
     ] {
         run(&args).code(3).one_line_error();
     }
+}
+
+/// A change of limits alone against a target (given by its flags): `diff` names the
+/// fields, `apply` writes them, and the target then holds them.
+fn limits_alone_are_diffed_and_applied(target: &[&str], dir: &Path) {
+    let with = |args: &[&str]| on(target, args);
+    let entry = |extra: &str| {
+        format!(
+            "[[keys]]\nid = \"lim\"\nsha256 = \"{}\"\n{extra}\n",
+            sha256_hex("lim-secret")
+        )
+    };
+    let seed = dir.join("limits-seed.toml");
+    fs::write(&seed, entry("")).unwrap();
+    run(&with(&["import", p(&seed)])).code(0);
+    let desired = dir.join("limits-desired.toml");
+    let limits = "rate_limits = [{ name = \"burst\", requests = 10, per = \"1s\" }]\n\
+                  quota = { requests = 1000, per = \"month\" }\n\
+                  allowed_ips = [\"10.0.0.0/8\"]";
+    fs::write(&desired, entry(limits)).unwrap();
+    let d = p(&desired);
+    let r = run(&with(&["diff", d])).code(1);
+    assert!(
+        r.out.contains("~ lim (rate_limits, quota, allowed_ips)"),
+        "{}",
+        r.out
+    );
+    run(&with(&["apply", d, "--dry-run"])).code(0);
+    run(&with(&["diff", d])).code(1);
+    run(&with(&["apply", d])).code(0);
+    run(&with(&["diff", d])).code(0);
+    let exported = run(&with(&["export"])).code(0).out;
+    assert!(
+        exported.contains("name = \"burst\"")
+            && exported.contains("requests = 1000")
+            && exported.contains("10.0.0.0/8"),
+        "{exported}"
+    );
+    // One limit changed: that one named, and written.
+    let quota = limits.replace("1000", "2000");
+    fs::write(&desired, entry(&quota)).unwrap();
+    let doc = run(&with(&["diff", d, "-o", "json"])).code(1).json();
+    assert_eq!(doc["changed"][0]["fields"], serde_json::json!(["quota"]));
+    run(&with(&["apply", d])).code(0);
+    run(&with(&["diff", d])).code(0);
+    assert!(
+        run(&with(&["export"]))
+            .code(0)
+            .out
+            .contains("requests = 2000")
+    );
+}
+
+#[test]
+fn a_change_of_limits_alone_is_applied_to_a_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    limits_alone_are_diffed_and_applied(&["--file", p(&file)], dir.path());
+}
+
+#[test]
+fn a_change_of_limits_alone_is_applied_to_a_redis_namespace() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    limits_alone_are_diffed_and_applied(
+        &["--redis", url.as_str(), "--namespace", "lim"],
+        dir.path(),
+    );
 }

@@ -179,7 +179,27 @@ pub(crate) fn differences(a: &ApiKey, b: &ApiKey) -> Vec<&'static str> {
     differ("created_at", a.created_at() == b.created_at());
     differ("created_by", a.created_by() == b.created_by());
     differ("rotated_from", a.rotated_from() == b.rotated_from());
+    // Limits in any order: a key's rate limits are all-or-nothing and its networks
+    // one set, so an engine that stores them in another order holds the same key.
+    differ(
+        "rate_limits",
+        same_elements(a.rate_limits(), b.rate_limits()),
+    );
+    differ("quota", a.quota() == b.quota());
+    differ(
+        "allowed_ips",
+        match (a.allowed_ips(), b.allowed_ips()) {
+            (Some(a), Some(b)) => same_elements(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        },
+    );
     fields
+}
+
+/// Whether two short lists hold the same elements, in any order, as often.
+fn same_elements<T: PartialEq>(a: &[T], b: &[T]) -> bool {
+    let count = |list: &[T], x: &T| list.iter().filter(|y| *y == x).count();
+    a == b || (a.len() == b.len() && a.iter().all(|x| count(a, x) == count(b, x)))
 }
 
 /// Reads the input file (on a blocking thread) and the target's keys at once.
@@ -645,21 +665,72 @@ mod tests {
         assert_eq!(plan.result(&desired, &current, true).len(), 3);
     }
 
-    /// Keys from a small pool of ids, each with one of a few secrets and owners, so
-    /// that sets overlap, differ by field, and sometimes share a secret.
+    #[test]
+    fn a_change_of_limits_alone_is_a_change_and_their_order_is_not() {
+        use crate::limit::{Quota, QuotaPeriod, RateLimit};
+        let burst = RateLimit::new("burst", 10, Duration::from_secs(1));
+        let daily = RateLimit::new("daily", 1000, Duration::from_secs(86_400));
+        let nets = [
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.0/24".parse().unwrap(),
+        ];
+        let plain = ApiKey::new("k", "s");
+        let limited = plain
+            .clone()
+            .with_rate_limit(burst.clone())
+            .with_rate_limit(daily.clone())
+            .with_quota(Quota::new(5, QuotaPeriod::Day))
+            .with_allowed_ips(nets);
+        assert_eq!(
+            differences(&limited, &plain),
+            ["rate_limits", "quota", "allowed_ips"]
+        );
+        let reordered = plain
+            .clone()
+            .with_rate_limit(daily)
+            .with_rate_limit(burst.clone())
+            .with_quota(Quota::new(5, QuotaPeriod::Day))
+            .with_allowed_ips(nets.into_iter().rev());
+        assert!(differences(&limited, &reordered).is_empty());
+        let fewer = plain.clone().with_rate_limit(burst);
+        assert_eq!(
+            differences(&limited, &fewer),
+            ["rate_limits", "quota", "allowed_ips"]
+        );
+        // No networks listed is not "any network".
+        let none: [crate::limit::IpNet; 0] = [];
+        assert_eq!(
+            differences(&plain.clone().with_allowed_ips(none), &plain),
+            ["allowed_ips"]
+        );
+    }
+
+    /// Keys from a small pool of ids, each with one of a few secrets, owners and
+    /// limits, so that sets overlap, differ by field (limits alone included), and
+    /// sometimes share a secret.
     fn keys() -> impl proptest::strategy::Strategy<Value = Vec<ApiKey>> {
+        use crate::limit::{Quota, QuotaPeriod, RateLimit};
         use proptest::prelude::*;
-        proptest::collection::vec((0..12u8, 0..3u8, 0..3u8), 0..12).prop_map(|picks| {
+        proptest::collection::vec((0..12u8, 0..3u8, 0..3u8, 0..5u8), 0..12).prop_map(|picks| {
             let mut seen = std::collections::HashSet::new();
             picks
                 .into_iter()
-                .filter(|(id, _, _)| seen.insert(*id))
-                .map(|(id, secret, owner)| {
-                    let key = ApiKey::new(format!("k{id}"), format!("s{id}-{secret}"));
-                    if owner == 0 {
-                        key
-                    } else {
-                        key.with_owner(format!("o{owner}"))
+                .filter(|(id, ..)| seen.insert(*id))
+                .map(|(id, secret, owner, limits)| {
+                    let mut key = ApiKey::new(format!("k{id}"), format!("s{id}-{secret}"));
+                    if owner != 0 {
+                        key = key.with_owner(format!("o{owner}"));
+                    }
+                    match limits {
+                        1 => {
+                            key.with_rate_limit(RateLimit::new("burst", 10, Duration::from_secs(1)))
+                        }
+                        2 => {
+                            key.with_rate_limit(RateLimit::new("burst", 20, Duration::from_secs(1)))
+                        }
+                        3 => key.with_quota(Quota::new(100, QuotaPeriod::Month)),
+                        4 => key.with_allowed_ips(["10.0.0.1/32".parse().unwrap()]),
+                        _ => key,
                     }
                 })
                 .collect()
@@ -674,6 +745,16 @@ mod tests {
         fn applying_a_plan_leaves_nothing_to_apply(current in keys(), desired in keys()) {
             let Ok(desired) = KeySet::from_keys(desired) else { return Ok(()) };
             let current = Current::List(current);
+            // `differences` names every field the key file holds: two keys it finds
+            // the same are written the same.
+            for now in current.iter() {
+                if let Some(want) = desired.get(now.id()) {
+                    proptest::prop_assert_eq!(
+                        differences(want, now).is_empty(),
+                        write::entry(want) == write::entry(now)
+                    );
+                }
+            }
             for prune in [false, true] {
                 let plan = Plan::of(&desired, &current);
                 let after = Current::List(plan.result(&desired, &current, prune));
