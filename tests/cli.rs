@@ -88,6 +88,16 @@ impl Run {
     fn json(&self) -> Value {
         serde_json::from_str(&self.out).unwrap_or_else(|e| panic!("{e}: {}", self.out))
     }
+
+    /// The `id`s of a JSON list of keys.
+    fn ids(&self) -> Vec<String> {
+        self.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
 }
 
 /// `args` then a target's flags.
@@ -787,5 +797,70 @@ fn a_change_of_limits_alone_is_applied_to_a_redis_namespace() {
     limits_alone_are_diffed_and_applied(
         &["--redis", url.as_str(), "--namespace", "lim"],
         dir.path(),
+    );
+}
+
+/// `keys create` and `keys rotate` with a secret file that cannot be made (it exists,
+/// its directory does not): refused before the key is written, the target and the
+/// existing file untouched. The target is given by its flags and holds `root`.
+fn a_secret_file_that_cannot_be_made_costs_no_key(target: &[&str], dir: &Path) {
+    let with = |args: &[&str]| on(target, args);
+    let ids = || run(&with(&["keys", "list", "-o", "json"])).code(0).ids();
+    let existing = dir.join("existing.key");
+    fs::write(&existing, "keep me\n").unwrap();
+    let missing_dir = dir.join("no-such-dir").join("new.key");
+    for (path, code) in [(&existing, 4), (&missing_dir, 3)] {
+        run(&with(&[
+            "keys",
+            "create",
+            "--id",
+            "lost",
+            "--secret-file",
+            p(path),
+        ]))
+        .code(code)
+        .one_line_error();
+        run(&with(&["keys", "rotate", "root", "--secret-file", p(path)]))
+            .code(code)
+            .one_line_error();
+        assert_eq!(ids(), ["root"], "a key was written: {}", path.display());
+    }
+    assert_eq!(fs::read_to_string(&existing).unwrap(), "keep me\n");
+    assert!(!missing_dir.parent().unwrap().exists());
+    // A secret file that can be made: the key, and its secret in the file, 0600.
+    let made = dir.join("made.key");
+    run(&with(&[
+        "keys",
+        "create",
+        "--id",
+        "made",
+        "--secret-file",
+        p(&made),
+    ]))
+    .code(0);
+    let secret = fs::read_to_string(&made).unwrap();
+    assert!(secret.ends_with('\n') && secret.len() > 10, "{secret:?}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            fs::metadata(&made).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    assert_eq!(ids(), ["made", "root"]);
+}
+
+#[test]
+fn a_secret_file_that_cannot_be_made_costs_no_key_in_a_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    fs::write(&file, ROOT).unwrap();
+    a_secret_file_that_cannot_be_made_costs_no_key(&["--file", p(&file)], dir.path());
+    // The key file itself: only the key made.
+    let text = fs::read_to_string(&file).unwrap();
+    assert!(
+        !text.contains("lost") && !text.contains("root-r2"),
+        "{text}"
     );
 }
