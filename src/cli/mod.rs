@@ -6,13 +6,15 @@
 //! tower-api-key generate acme ci-2026-12 --secret-file ci.key >> entry.toml
 //! tower-api-key keys list --redis "$REDIS_URL" --namespace payments
 //! tower-api-key diff keys.toml --redis "$REDIS_URL" --namespace payments
+//! tower-api-key apply keys.toml --postgres "$DATABASE_URL" --namespace payments
 //! tower-api-key usage --api https://admin.internal --idle 30d
 //! ```
 //!
 //! Every command works on one target: a key file (`--file PATH`), a Redis namespace
-//! (`--redis URL --namespace NS`) or a running key-management API (`--api URL`, its
-//! admin key from `TOWER_API_KEY_ADMIN_KEY` or `--admin-key-stdin`). `keys …` against
-//! a file or Redis runs the crate's own [`AdminApi`](crate::admin::AdminApi) in the
+//! (`--redis URL --namespace NS`), a PostgreSQL namespace (`--postgres URL
+//! --namespace NS`) or a running key-management API (`--api URL`, its admin key from
+//! `TOWER_API_KEY_ADMIN_KEY` or `--admin-key-stdin`). `keys …` against a file or a
+//! namespace runs the crate's own [`AdminApi`](crate::admin::AdminApi) in the
 //! process, authenticated by an operator key (`cli:$USER`, scope `admin`) that lives
 //! only in memory: every rule, error and audit event (printed on standard error) is
 //! the API's own.

@@ -3,9 +3,10 @@
 //!
 //! A key file target is written whole, atomically, under the same gate (and, on
 //! Linux, directory lock) the key-management API's file backend takes, so neither
-//! overwrites the other. A Redis namespace is written by [`RedisBackend`]: an
-//! import of the keys added and changed (one version per 1,000 keys), or, when keys
-//! are removed, one swap of the whole namespace.
+//! overwrites the other. A fleet's namespace is written by its engine's backend: an
+//! import of the keys added and changed (on PostgreSQL one transaction, one
+//! version; on Redis one version per 1,000 keys), or, when keys are removed, one
+//! swap of the whole namespace.
 
 use std::{
     collections::HashMap,
@@ -21,12 +22,10 @@ use super::{
     args::TargetArgs,
     output::{self, Out},
     read_input,
-    target::{Current, Target},
+    target::{Current, Fleet, Target},
 };
 use crate::{
     ApiKey, KeySet,
-    admin::AdminBackend as _,
-    redis::RedisBackend,
     source::{key_file::write, link::Link},
 };
 
@@ -260,7 +259,7 @@ pub(crate) fn apply(
             replace(path, &keys, &target)?;
             Ok(Exit::Ok)
         }
-        Target::Redis { backend, .. } => runtime()?.block_on(async {
+        Target::Fleet(fleet) => runtime()?.block_on(async {
             let (desired, current) = both(file, &target, max).await?;
             let plan = Plan::of(&desired, &current);
             plan.print(out, prune);
@@ -269,10 +268,10 @@ pub(crate) fn apply(
             }
             if prune && !plan.removed.is_empty() {
                 // Removals: the whole namespace swapped for the file's keys, at once.
-                backend
+                fleet
                     .restore(&desired)
                     .await
-                    .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+                    .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
             } else {
                 checked(&plan.result(&desired, &current, false))?;
                 let keys: Vec<ApiKey> = plan
@@ -281,28 +280,24 @@ pub(crate) fn apply(
                     .chain(plan.changed.iter().map(|(k, _)| k))
                     .cloned()
                     .collect();
-                import_chunks(backend, &target, &keys, out).await?;
+                import_batches(fleet, &keys, out).await?;
             }
             Ok(Exit::Ok)
         }),
     }
 }
 
-/// Writes `keys` into an existing namespace, 10,000 at a time, with a progress bar.
-async fn import_chunks(
-    backend: &RedisBackend,
-    target: &Target,
-    keys: &[ApiKey],
-    out: Out,
-) -> Result<(), Failure> {
+/// Writes `keys` into an existing namespace, in as few changes as its engine
+/// allows (see [`Fleet::batch`]), with a progress bar.
+async fn import_batches(fleet: &Fleet, keys: &[ApiKey], out: Out) -> Result<(), Failure> {
     let bar = out.progress(keys.len() as u64, "importing");
-    for chunk in keys.chunks(10_000) {
+    for chunk in keys.chunks(fleet.batch()) {
         let set = KeySet::from_keys(chunk.iter().cloned())
             .map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
-        backend
+        fleet
             .import(&set)
             .await
-            .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+            .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
@@ -360,19 +355,22 @@ pub(crate) fn restore(file: &Path, args: &TargetArgs, max: u64, force: bool, out
             let keys: Vec<ApiKey> = desired.iter().cloned().collect();
             replace(path, &keys, &target)?;
         }
-        Target::Redis { backend, .. } => runtime()?.block_on(async {
-            let exists = backend
+        Target::Fleet(fleet) => runtime()?.block_on(async {
+            let exists = fleet
                 .exists()
                 .await
-                .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+                .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
             if exists && !force {
                 return Err(exists_hint(target.describe()));
             }
+            if !exists {
+                fleet.prepare().await;
+            }
             let bar = out.spinner("restoring");
-            backend
+            fleet
                 .restore(&desired)
                 .await
-                .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+                .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
             bar.finish_and_clear();
             Ok::<_, Failure>(())
         })?,
@@ -406,22 +404,23 @@ pub(crate) fn import(file: &Path, args: &TargetArgs, max: u64, out: Out) -> Done
             checked(&keys)?;
             replace(path, &keys, &target)?;
         }
-        Target::Redis { backend, .. } => runtime()?.block_on(async {
-            let exists = backend
+        Target::Fleet(fleet) => runtime()?.block_on(async {
+            let exists = fleet
                 .exists()
                 .await
-                .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+                .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
             if exists {
                 let keys: Vec<ApiKey> = desired.iter().cloned().collect();
-                import_chunks(backend, &target, &keys, out).await
+                import_batches(fleet, &keys, out).await
             } else {
                 // A namespace that does not exist is created with the file's keys,
-                // whole, in one swap.
-                backend
+                // whole, in one change.
+                fleet.prepare().await;
+                fleet
                     .import(&desired)
                     .await
                     .map(drop)
-                    .map_err(|e| target.error_failure(Exit::Unavailable, &e))
+                    .map_err(|e| fleet.failure(Exit::Unavailable, &e))
             }
         })?,
     }
@@ -491,19 +490,20 @@ pub(crate) fn usage(args: &TargetArgs, idle: Option<&str>, max: u64, out: Out) -
         Target::File(_) => {
             return Err(Failure::new(
                 Exit::Usage,
-                "a key file keeps no usage: ask the fleet (--redis) or a running API (--api)",
+                "a key file keeps no usage: ask the fleet (--redis or --postgres) or a running \
+                 API (--api)",
             ));
         }
-        Target::Redis { backend, .. } => runtime()?.block_on(async {
+        Target::Fleet(fleet) => runtime()?.block_on(async {
             let current = target.read(max).await?;
             let keys: Vec<&ApiKey> = current.iter().collect();
             let mut uses = Vec::with_capacity(keys.len());
             for chunk in keys.chunks(1000) {
                 let ids: Vec<String> = chunk.iter().map(|k| k.id().to_owned()).collect();
-                let counts = backend
+                let counts = fleet
                     .usage(&ids)
                     .await
-                    .map_err(|e| target.backend_failure(&e))?
+                    .map_err(|e| Target::backend_failure(&e))?
                     .unwrap_or_default();
                 for (i, key) in chunk.iter().enumerate() {
                     let (requests, last_used) = counts.get(i).copied().unwrap_or((0, None));
