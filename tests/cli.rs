@@ -198,6 +198,18 @@ fn bad_inputs_get_one_line_and_the_right_code_without_hanging() {
     .code(2)
     .one_line_error();
     assert!(!r.err.contains("hunter2"));
+    // A FIFO or a device as the CA file of a PostgreSQL URL: refused, not waited on.
+    for ca in [p(&fifo), "/dev/zero"] {
+        let url = format!("postgres://u:hunter2@127.0.0.1:1/db?sslmode=require&sslrootcert={ca}");
+        let r = run(&["keys", "list", "--postgres", &url, "--namespace", "n"])
+            .code(2)
+            .one_line_error();
+        assert!(
+            r.err.contains("sslrootcert") && !r.err.contains("hunter2"),
+            "{}",
+            r.err
+        );
+    }
     run(&["generate", "no_underscores_allowed"])
         .code(2)
         .one_line_error();
