@@ -769,8 +769,10 @@ struct Fleet<'a> {
     ids: &'a dyn Fn() -> Vec<String>,
     /// The replicas' count of `id`'s use: `requests`, last at 1970-01-01T00:16:40Z.
     record_use: &'a dyn Fn(&str, u64),
-    /// The namespace's version, where the engine keeps one.
-    version: Option<&'a dyn Fn() -> i64>,
+    /// The namespace's epoch and version, where the engine applies a whole plan as
+    /// one change (one more version of the same epoch: replicas apply it, they do
+    /// not reload the namespace).
+    version: Option<&'a dyn Fn() -> (String, i64)>,
     /// The namespace `pay` wiped: its data lost.
     wipe: &'a dyn Fn(),
 }
@@ -893,12 +895,19 @@ fn a_namespace_from_import_to_restore(fleet: &Fleet<'_>, password: &str) {
     run(&with(&["apply", d, "--dry-run", "--prune"])).code(0);
     assert_eq!(version(), before);
     assert_eq!(ids(), ["root", "web-r2"]);
+    let next = |(epoch, v): (String, i64)| (epoch, v + 1);
     run(&with(&["apply", d])).code(0);
-    assert_eq!(version(), before.map(|v| v + 1), "one change, one version");
+    assert_eq!(
+        version(),
+        before.clone().map(next),
+        "one change, one version"
+    );
     assert_eq!(ids(), ["new", "root", "web-r2"]);
     let r = run(&with(&["diff", d, "-o", "json"])).code(1);
     assert_eq!(r.json()["changed"], serde_json::json!([]));
+    let before = version();
     run(&with(&["apply", d, "--prune"])).code(0);
+    assert_eq!(version(), before.map(next), "a removal too: one change");
     assert_eq!(ids(), ["new", "root"]);
     run(&with(&["diff", d])).code(0);
     // A result the file source would refuse (one secret under two ids): nothing.
@@ -1010,7 +1019,10 @@ fn a_postgres_namespace_from_import_to_restore() {
                     "INSERT INTO tak_usage VALUES ('pay', '{id}', {requests}, 1000)"
                 ));
             },
-            version: Some(&|| pg.version("pay")),
+            version: Some(&|| {
+                let epoch = pg.psql("SELECT epoch FROM tak_namespaces WHERE namespace = 'pay'");
+                (epoch, pg.version("pay"))
+            }),
             wipe: &|| {
                 pg.psql(
                     "DELETE FROM tak_keys WHERE namespace = 'pay'; \

@@ -3,10 +3,10 @@
 //!
 //! A key file target is written whole, atomically, under the same gate (and, on
 //! Linux, directory lock) the key-management API's file backend takes, so neither
-//! overwrites the other. A fleet's namespace is written by its engine's backend: an
-//! import of the keys added and changed (on PostgreSQL one transaction, one
-//! version; on Redis one version per 1,000 keys), or, when keys are removed, one
-//! swap of the whole namespace.
+//! overwrites the other. A fleet's namespace is written by its engine's backend: on
+//! PostgreSQL the keys added, changed and removed in one transaction, one version;
+//! on Redis an import of the keys added and changed (one version per 1,000 keys),
+//! or, when keys are removed, one swap of the whole namespace.
 
 use std::{
     collections::HashMap,
@@ -266,20 +266,24 @@ pub(crate) fn apply(
             if dry_run || plan.is_empty(prune) {
                 return Ok(Exit::Ok);
             }
-            if prune && !plan.removed.is_empty() {
+            checked(&plan.result(&desired, &current, prune))?;
+            let keys: Vec<ApiKey> = plan
+                .added
+                .iter()
+                .chain(plan.changed.iter().map(|(k, _)| k))
+                .cloned()
+                .collect();
+            let removed: &[String] = if prune { &plan.removed } else { &[] };
+            if let Some(changed) = fleet.change(&keys, removed).await {
+                // One change, one version, whatever it holds.
+                changed?;
+            } else if !removed.is_empty() {
                 // Removals: the whole namespace swapped for the file's keys, at once.
                 fleet
                     .restore(&desired)
                     .await
                     .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
             } else {
-                checked(&plan.result(&desired, &current, false))?;
-                let keys: Vec<ApiKey> = plan
-                    .added
-                    .iter()
-                    .chain(plan.changed.iter().map(|(k, _)| k))
-                    .cloned()
-                    .collect();
                 import_batches(fleet, &keys, out).await?;
             }
             Ok(Exit::Ok)

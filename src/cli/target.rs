@@ -121,6 +121,36 @@ impl Fleet {
         }
     }
 
+    /// Writes `keys` and removes `removed` as one change, where the engine can
+    /// (PostgreSQL: one transaction, one version, never creating the namespace);
+    /// `None` where it cannot (Redis).
+    pub(crate) async fn change(
+        &self,
+        keys: &[ApiKey],
+        removed: &[String],
+    ) -> Option<Result<(), Failure>> {
+        let Engine::Postgres(backend) = &self.engine else {
+            return None;
+        };
+        let sized = match self.sized(keys.len() + removed.len()) {
+            Ok(sized) => sized,
+            Err(e) => return Some(Err(self.failure(Exit::Usage, &e))),
+        };
+        let backend = match &sized {
+            Some(Self {
+                engine: Engine::Postgres(b),
+                ..
+            }) => b,
+            _ => backend,
+        };
+        Some(
+            backend
+                .change_many(keys, removed)
+                .await
+                .map_err(|e| Target::backend_failure(&e)),
+        )
+    }
+
     /// For a write of `keys` keys in one transaction (PostgreSQL), the namespace on
     /// a backend given time in proportion (2 s, and 100 µs a key: a 200,000-key
     /// import takes about 5 s on a laptop); `None` where the backend's own time
