@@ -1038,6 +1038,29 @@ fn a_postgres_namespace_from_import_to_restore() {
         run(&fleet.with(&["keys", "list"])).code(8).one_line_error();
         run(&fleet.with(&["restore", p(backup.path())])).code(0);
         assert_eq!(pg.ids("pay"), ["new", "root"]);
+
+        // A user who may not create the tables, where there are none: said so, not
+        // "missing" (which `import` would fix).
+        pg.psql("CREATE ROLE low LOGIN PASSWORD 'low-pass-9d2e'");
+        pg.psql("DROP TABLE tak_changes, tak_keys, tak_namespaces, tak_usage, tak_writes");
+        let low = url.replace(&format!("postgres:{password}@"), "low:low-pass-9d2e@");
+        for command in ["import", "restore"] {
+            let r = run(&[
+                command,
+                p(backup.path()),
+                "--postgres",
+                &low,
+                "--namespace",
+                "pay",
+            ])
+            .code(3)
+            .one_line_error();
+            assert!(
+                r.err.contains("cannot create the tables") && !r.err.contains("low-pass"),
+                "{}",
+                r.err
+            );
+        }
     }
 
     // Malformed URLs and flags: usage errors that never repeat the URL.

@@ -367,14 +367,15 @@ pub(crate) fn restore(file: &Path, args: &TargetArgs, max: u64, force: bool, out
             if exists && !force {
                 return Err(exists_hint(target.describe()));
             }
-            if !exists {
-                fleet.prepare().await;
-            }
             let bar = out.spinner("restoring");
-            fleet
-                .restore(&desired)
-                .await
-                .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
+            if exists {
+                fleet
+                    .restore(&desired)
+                    .await
+                    .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
+            } else {
+                fleet.create(&desired, true).await?;
+            }
             bar.finish_and_clear();
             Ok::<_, Failure>(())
         })?,
@@ -419,12 +420,7 @@ pub(crate) fn import(file: &Path, args: &TargetArgs, max: u64, out: Out) -> Done
             } else {
                 // A namespace that does not exist is created with the file's keys,
                 // whole, in one change.
-                fleet.prepare().await;
-                fleet
-                    .import(&desired)
-                    .await
-                    .map(drop)
-                    .map_err(|e| fleet.failure(Exit::Unavailable, &e))
+                fleet.create(&desired, false).await
             }
         })?,
     }

@@ -196,14 +196,32 @@ impl Fleet {
         }
     }
 
-    /// Before a namespace is created: the engine's schema, where it has one
-    /// (PostgreSQL's tables, if missing; idempotent). A failure is not final (the
-    /// tables may exist, made by a user who may create tables when this one may
-    /// not): the write that follows says what is wrong.
-    pub(crate) async fn prepare(&self) {
-        if let Engine::Postgres(b) = &self.engine {
-            let _ = b.migrate().await;
-        }
+    /// Creates the namespace, which does not exist, holding `set`: by a restore
+    /// (a new epoch) or an import. The engine's schema is made first where it has
+    /// one (PostgreSQL's tables, if missing; idempotent). Making it may fail where
+    /// the write need not (the tables exist, made by a user who may create tables
+    /// when this one may not); when both fail, the schema's failure is the one said.
+    pub(crate) async fn create(&self, set: &KeySet, restore: bool) -> Result<(), Failure> {
+        let schema = match &self.engine {
+            Engine::Postgres(b) => b.migrate().await.err(),
+            Engine::Redis(_) => None,
+        };
+        let written = if restore {
+            self.restore(set).await
+        } else {
+            self.import(set).await
+        };
+        written.map(drop).map_err(|e| match schema {
+            Some(schema) => Failure::new(
+                Exit::Unavailable,
+                format!(
+                    "{}: cannot create the tables: {}",
+                    self.describe(),
+                    chain(&schema)
+                ),
+            ),
+            None => self.failure(Exit::Unavailable, &e),
+        })
     }
 
     /// The key-management API's backend and a replica's store over the namespace,
