@@ -292,16 +292,14 @@ pub(crate) fn apply(
 }
 
 /// Writes `keys` into an existing namespace, in as few changes as its engine
-/// allows (see [`Fleet::batch`]), with a progress bar.
+/// allows (see [`Fleet::batch`]), with a progress bar. A namespace wiped meanwhile
+/// is refused, never re-created holding only these keys.
 async fn import_batches(fleet: &Fleet, keys: &[ApiKey], out: Out) -> Result<(), Failure> {
     let bar = out.progress(keys.len() as u64, "importing");
     for chunk in keys.chunks(fleet.batch()) {
         let set = KeySet::from_keys(chunk.iter().cloned())
             .map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
-        fleet
-            .import(&set)
-            .await
-            .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
+        fleet.import_existing(&set).await?;
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();

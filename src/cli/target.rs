@@ -113,6 +113,23 @@ impl Fleet {
         }
     }
 
+    /// Writes `set`'s keys into the namespace, which must exist: one wiped
+    /// meanwhile is missing ([`Exit::StoreMissing`]), never re-created holding
+    /// only these keys.
+    pub(crate) async fn import_existing(&self, set: &KeySet) -> Result<(), Failure> {
+        match &self.engine {
+            Engine::Redis(b) => b
+                .import_existing(set)
+                .await
+                .map(drop)
+                .map_err(|e| self.failure(Exit::Unavailable, &e)),
+            Engine::Postgres(_) => {
+                let keys: Vec<ApiKey> = set.iter().cloned().collect();
+                self.change(&keys, &[]).await.unwrap_or(Ok(()))
+            }
+        }
+    }
+
     /// Replaces the namespace, whole, by `set`, in one step.
     pub(crate) async fn restore(&self, set: &KeySet) -> Result<usize, crate::Error> {
         match self.sized(set.len())? {
