@@ -21,8 +21,8 @@ Exit codes:
 Secrets are never taken from the command line: `hash` and `--admin-key-stdin` read
 standard input, and the API's admin key may come from TOWER_API_KEY_ADMIN_KEY.";
 
-/// Check, generate and manage API keys in a key file, a Redis namespace or a running
-/// key-management API.
+/// Check, generate and manage API keys in a key file, a Redis or PostgreSQL namespace
+/// or a running key-management API.
 #[derive(Debug, Parser)]
 #[command(name = "tower-api-key", version, after_long_help = EXIT_CODES, after_help = EXIT_CODES)]
 pub(crate) struct Cli {
@@ -276,7 +276,7 @@ pub(crate) struct SecretOut {
 /// The one target a command works on.
 #[derive(Debug, Args)]
 #[group(skip)]
-#[command(group(clap::ArgGroup::new("target").required(true).multiple(false).args(["file", "redis", "api"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(false).args(["file", "redis", "postgres", "api"])))]
 pub(crate) struct TargetArgs {
     /// A key file.
     #[arg(long, value_name = "PATH")]
@@ -284,11 +284,15 @@ pub(crate) struct TargetArgs {
     /// A Redis server (redis:// or rediss://); with --namespace.
     #[arg(long, value_name = "URL", requires = "namespace")]
     pub(crate) redis: Option<String>,
+    /// A PostgreSQL database (postgres://user:password@host/db?sslmode=..., or
+    /// host=... key-value pairs); with --namespace.
+    #[arg(long, value_name = "URL", requires = "namespace")]
+    pub(crate) postgres: Option<String>,
     /// A running key-management API (http:// or https://); the admin key from
     /// TOWER_API_KEY_ADMIN_KEY or --admin-key-stdin.
     #[arg(long, value_name = "URL")]
     pub(crate) api: Option<String>,
-    /// The namespace in Redis.
+    /// The namespace in Redis or PostgreSQL.
     #[arg(long, value_name = "NS")]
     pub(crate) namespace: Option<String>,
     /// Read the API's admin key from standard input.

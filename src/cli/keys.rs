@@ -6,7 +6,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Map, Value, json};
 
 use super::{
-    Done, Exit, Failure,
+    Done, Exit, Failure, SecretFile,
     args::{Fields, KeysCommand},
     output::{self, Out},
     target::{Admin, Reply, Target, problem},
@@ -49,7 +49,6 @@ pub(crate) fn run(command: KeysCommand, max: u64, out: Out) -> Done {
                 prefix,
                 secret,
             } => {
-                check_secret_file(secret.secret_file.as_deref())?;
                 let admin = Target::of(&target)?.admin(max, &fields.scopes).await?;
                 let mut body = body_of(&fields);
                 if let Some(id) = id {
@@ -58,6 +57,8 @@ pub(crate) fn run(command: KeysCommand, max: u64, out: Out) -> Done {
                 if let Some(prefix) = prefix {
                     body.insert("prefix".into(), prefix.into());
                 }
+                // The secret's file first: one that cannot be made costs no key.
+                let file = secret_file(secret.secret_file.as_deref())?;
                 let reply = admin
                     .send(
                         Method::POST,
@@ -67,7 +68,7 @@ pub(crate) fn run(command: KeysCommand, max: u64, out: Out) -> Done {
                         Some(&Value::Object(body)),
                     )
                     .await?;
-                issued(out, reply, secret.secret_file.as_deref())
+                issued(out, reply, file)
             }
             KeysCommand::Patch {
                 id,
@@ -125,7 +126,6 @@ pub(crate) fn run(command: KeysCommand, max: u64, out: Out) -> Done {
                 version,
                 secret,
             } => {
-                check_secret_file(secret.secret_file.as_deref())?;
                 let admin = Target::of(&target)?.admin(max, &[]).await?;
                 let tag = version_of(&admin, &id, version.if_match).await?;
                 let mut body = Map::new();
@@ -135,6 +135,7 @@ pub(crate) fn run(command: KeysCommand, max: u64, out: Out) -> Done {
                 if let Some(overlap) = overlap {
                     body.insert("overlap_seconds".into(), overlap.into());
                 }
+                let file = secret_file(secret.secret_file.as_deref())?;
                 let reply = admin
                     .send(
                         Method::POST,
@@ -144,7 +145,7 @@ pub(crate) fn run(command: KeysCommand, max: u64, out: Out) -> Done {
                         Some(&Value::Object(body)),
                     )
                     .await?;
-                issued(out, reply, secret.secret_file.as_deref())
+                issued(out, reply, file)
             }
             KeysCommand::Revoke {
                 id,
@@ -252,24 +253,14 @@ fn written_note(reply: &Reply) {
     }
 }
 
-fn check_secret_file(path: Option<&std::path::Path>) -> Result<(), Failure> {
-    if let Some(path) = path
-        && std::fs::symlink_metadata(path).is_ok()
-    {
-        return Err(Failure::new(
-            Exit::Conflict,
-            format!(
-                "the secret file {} exists; it is never overwritten",
-                path.display()
-            ),
-        ));
-    }
-    Ok(())
+/// The new secret's file, created now, empty, if one is asked for.
+fn secret_file(path: Option<&std::path::Path>) -> Result<Option<SecretFile>, Failure> {
+    path.map(SecretFile::create).transpose()
 }
 
 /// A new key's answer: its secret once (standard output or the secret file), its
 /// resource separately.
-fn issued(out: Out, reply: Reply, secret_file: Option<&std::path::Path>) -> Done {
+fn issued(out: Out, reply: Reply, secret_file: Option<SecretFile>) -> Done {
     let mut body = success(reply)?;
     let secret = match body.as_object_mut().and_then(|b| b.remove("key")) {
         Some(Value::String(secret)) => zeroize::Zeroizing::new(secret),
@@ -280,8 +271,17 @@ fn issued(out: Out, reply: Reply, secret_file: Option<&std::path::Path>) -> Done
             ));
         }
     };
-    if let Some(path) = secret_file {
-        super::write_secret(path, &secret)?;
+    if let Some(file) = secret_file {
+        file.write(&secret).map_err(|f| {
+            let id = body.get("id").and_then(Value::as_str).unwrap_or("?");
+            Failure::new(
+                f.exit,
+                format!(
+                    "key `{id}` was written but its secret is lost: {}; revoke it",
+                    f.message
+                ),
+            )
+        })?;
         show(out, &body, false);
     } else if out.json() {
         body["key"] = Value::String(secret.to_string());

@@ -6,13 +6,15 @@
 //! tower-api-key generate acme ci-2026-12 --secret-file ci.key >> entry.toml
 //! tower-api-key keys list --redis "$REDIS_URL" --namespace payments
 //! tower-api-key diff keys.toml --redis "$REDIS_URL" --namespace payments
+//! tower-api-key apply keys.toml --postgres "$DATABASE_URL" --namespace payments
 //! tower-api-key usage --api https://admin.internal --idle 30d
 //! ```
 //!
 //! Every command works on one target: a key file (`--file PATH`), a Redis namespace
-//! (`--redis URL --namespace NS`) or a running key-management API (`--api URL`, its
-//! admin key from `TOWER_API_KEY_ADMIN_KEY` or `--admin-key-stdin`). `keys …` against
-//! a file or Redis runs the crate's own [`AdminApi`](crate::admin::AdminApi) in the
+//! (`--redis URL --namespace NS`), a PostgreSQL namespace (`--postgres URL
+//! --namespace NS`) or a running key-management API (`--api URL`, its admin key from
+//! `TOWER_API_KEY_ADMIN_KEY` or `--admin-key-stdin`). `keys …` against a file or a
+//! namespace runs the crate's own [`AdminApi`](crate::admin::AdminApi) in the
 //! process, authenticated by an operator key (`cli:$USER`, scope `admin`) that lives
 //! only in memory: every rule, error and audit event (printed on standard error) is
 //! the API's own.
@@ -257,33 +259,92 @@ fn check(files: &[std::path::PathBuf], max: u64, out: Out) -> Done {
     Ok(if failed { Exit::Invalid } else { Exit::Ok })
 }
 
-/// Writes a new secret to a new file, readable by its owner only, never over an
-/// existing one.
-pub(crate) fn write_secret(path: &Path, secret: &str) -> Result<(), Failure> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).map_err(|e| {
-        let exit = if e.kind() == std::io::ErrorKind::AlreadyExists {
-            Exit::Conflict
-        } else {
-            Exit::Unavailable
-        };
-        Failure::new(
-            exit,
-            format!("cannot create the secret file {}: {e}", path.display()),
-        )
-    })?;
-    file.write_all(secret.as_bytes())
-        .and_then(|()| file.write_all(b"\n"))
-        .and_then(|()| file.sync_all())
-        .map_err(|e| {
+/// A new secret's file: created (exclusively, readable by its owner only, never over
+/// an existing file or through a link) *before* the key is written, so that a file
+/// that cannot be made costs no key; the secret is written into it once the key
+/// exists. Dropped unwritten (the key's write failed or never happened), the empty
+/// file is removed.
+#[derive(Debug)]
+pub(crate) struct SecretFile {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl SecretFile {
+    /// Creates the empty file. One that exists is [`Exit::Conflict`].
+    pub(crate) fn create(path: &Path) -> Result<Self, Failure> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(path).map_err(|e| {
+            let exit = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Exit::Conflict
+            } else {
+                Exit::Unavailable
+            };
             Failure::new(
-                Exit::Unavailable,
-                format!("cannot write the secret file {}: {e}", path.display()),
+                exit,
+                format!(
+                    "cannot create the secret file {} (it is never overwritten): {e}",
+                    path.display()
+                ),
             )
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            file: Some(file),
         })
+    }
+
+    /// Writes the secret and a newline, and syncs them to disk. If that fails the
+    /// file is removed and the failure says so (never the secret).
+    pub(crate) fn write(mut self, secret: &str) -> Result<(), Failure> {
+        let Some(mut file) = self.file.take() else {
+            return Ok(());
+        };
+        let written = file
+            .write_all(secret.as_bytes())
+            .and_then(|()| file.write_all(b"\n"))
+            .and_then(|()| file.sync_all());
+        match written {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.remove(&file);
+                Err(Failure::new(
+                    Exit::Unavailable,
+                    format!("cannot write the secret file {}: {e}", self.path.display()),
+                ))
+            }
+        }
+    }
+
+    /// Removes the file this created, if the path still names it.
+    fn remove(&self, file: &std::fs::File) {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let same = file
+                .metadata()
+                .ok()
+                .zip(std::fs::symlink_metadata(&self.path).ok())
+                .is_some_and(|(a, b)| a.dev() == b.dev() && a.ino() == b.ino());
+            if !same {
+                return;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = file;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        if let Some(file) = self.file.take() {
+            self.remove(&file);
+        }
+    }
 }
 
 fn generate(prefix: &str, id: Option<String>, secret_file: Option<&Path>, out: Out) -> Done {
@@ -295,7 +356,7 @@ fn generate(prefix: &str, id: Option<String>, secret_file: Option<&Path>, out: O
     crate::key::validate_id(&id).map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
     let entry = key.toml_entry(&id);
     if let Some(path) = secret_file {
-        write_secret(path, key.secret())?;
+        SecretFile::create(path)?.write(key.secret())?;
     }
     if out.json() {
         let mut doc = serde_json::json!({

@@ -3,9 +3,10 @@
 //!
 //! A key file target is written whole, atomically, under the same gate (and, on
 //! Linux, directory lock) the key-management API's file backend takes, so neither
-//! overwrites the other. A Redis namespace is written by [`RedisBackend`]: an
-//! import of the keys added and changed (one version per 1,000 keys), or, when keys
-//! are removed, one swap of the whole namespace.
+//! overwrites the other. A fleet's namespace is written by its engine's backend: on
+//! PostgreSQL the keys added, changed and removed in one transaction, one version;
+//! on Redis an import of the keys added and changed (one version per 1,000 keys),
+//! or, when keys are removed, one swap of the whole namespace.
 
 use std::{
     collections::HashMap,
@@ -21,12 +22,10 @@ use super::{
     args::TargetArgs,
     output::{self, Out},
     read_input,
-    target::{Current, Target},
+    target::{Current, Fleet, Target},
 };
 use crate::{
     ApiKey, KeySet,
-    admin::AdminBackend as _,
-    redis::RedisBackend,
     source::{key_file::write, link::Link},
 };
 
@@ -179,7 +178,27 @@ pub(crate) fn differences(a: &ApiKey, b: &ApiKey) -> Vec<&'static str> {
     differ("created_at", a.created_at() == b.created_at());
     differ("created_by", a.created_by() == b.created_by());
     differ("rotated_from", a.rotated_from() == b.rotated_from());
+    // Limits in any order: a key's rate limits are all-or-nothing and its networks
+    // one set, so an engine that stores them in another order holds the same key.
+    differ(
+        "rate_limits",
+        same_elements(a.rate_limits(), b.rate_limits()),
+    );
+    differ("quota", a.quota() == b.quota());
+    differ(
+        "allowed_ips",
+        match (a.allowed_ips(), b.allowed_ips()) {
+            (Some(a), Some(b)) => same_elements(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        },
+    );
     fields
+}
+
+/// Whether two short lists hold the same elements, in any order, as often.
+fn same_elements<T: PartialEq>(a: &[T], b: &[T]) -> bool {
+    let count = |list: &[T], x: &T| list.iter().filter(|y| *y == x).count();
+    a == b || (a.len() == b.len() && a.iter().all(|x| count(a, x) == count(b, x)))
 }
 
 /// Reads the input file (on a blocking thread) and the target's keys at once.
@@ -240,49 +259,47 @@ pub(crate) fn apply(
             replace(path, &keys, &target)?;
             Ok(Exit::Ok)
         }
-        Target::Redis { backend, .. } => runtime()?.block_on(async {
+        Target::Fleet(fleet) => runtime()?.block_on(async {
             let (desired, current) = both(file, &target, max).await?;
             let plan = Plan::of(&desired, &current);
             plan.print(out, prune);
             if dry_run || plan.is_empty(prune) {
                 return Ok(Exit::Ok);
             }
-            if prune && !plan.removed.is_empty() {
+            checked(&plan.result(&desired, &current, prune))?;
+            let keys: Vec<ApiKey> = plan
+                .added
+                .iter()
+                .chain(plan.changed.iter().map(|(k, _)| k))
+                .cloned()
+                .collect();
+            let removed: &[String] = if prune { &plan.removed } else { &[] };
+            if let Some(changed) = fleet.change(&keys, removed).await {
+                // One change, one version, whatever it holds.
+                changed?;
+            } else if !removed.is_empty() {
                 // Removals: the whole namespace swapped for the file's keys, at once.
-                backend
+                fleet
                     .restore(&desired)
                     .await
-                    .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+                    .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
             } else {
-                checked(&plan.result(&desired, &current, false))?;
-                let keys: Vec<ApiKey> = plan
-                    .added
-                    .iter()
-                    .chain(plan.changed.iter().map(|(k, _)| k))
-                    .cloned()
-                    .collect();
-                import_chunks(backend, &target, &keys, out).await?;
+                import_batches(fleet, &keys, out).await?;
             }
             Ok(Exit::Ok)
         }),
     }
 }
 
-/// Writes `keys` into an existing namespace, 10,000 at a time, with a progress bar.
-async fn import_chunks(
-    backend: &RedisBackend,
-    target: &Target,
-    keys: &[ApiKey],
-    out: Out,
-) -> Result<(), Failure> {
+/// Writes `keys` into an existing namespace, in as few changes as its engine
+/// allows (see [`Fleet::batch`]), with a progress bar. A namespace wiped meanwhile
+/// is refused, never re-created holding only these keys.
+async fn import_batches(fleet: &Fleet, keys: &[ApiKey], out: Out) -> Result<(), Failure> {
     let bar = out.progress(keys.len() as u64, "importing");
-    for chunk in keys.chunks(10_000) {
+    for chunk in keys.chunks(fleet.batch()) {
         let set = KeySet::from_keys(chunk.iter().cloned())
             .map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
-        backend
-            .import(&set)
-            .await
-            .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+        fleet.import_existing(&set).await?;
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
@@ -340,19 +357,23 @@ pub(crate) fn restore(file: &Path, args: &TargetArgs, max: u64, force: bool, out
             let keys: Vec<ApiKey> = desired.iter().cloned().collect();
             replace(path, &keys, &target)?;
         }
-        Target::Redis { backend, .. } => runtime()?.block_on(async {
-            let exists = backend
+        Target::Fleet(fleet) => runtime()?.block_on(async {
+            let exists = fleet
                 .exists()
                 .await
-                .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+                .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
             if exists && !force {
                 return Err(exists_hint(target.describe()));
             }
             let bar = out.spinner("restoring");
-            backend
-                .restore(&desired)
-                .await
-                .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+            if exists {
+                fleet
+                    .restore(&desired)
+                    .await
+                    .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
+            } else {
+                fleet.create(&desired, true).await?;
+            }
             bar.finish_and_clear();
             Ok::<_, Failure>(())
         })?,
@@ -386,22 +407,18 @@ pub(crate) fn import(file: &Path, args: &TargetArgs, max: u64, out: Out) -> Done
             checked(&keys)?;
             replace(path, &keys, &target)?;
         }
-        Target::Redis { backend, .. } => runtime()?.block_on(async {
-            let exists = backend
+        Target::Fleet(fleet) => runtime()?.block_on(async {
+            let exists = fleet
                 .exists()
                 .await
-                .map_err(|e| target.error_failure(Exit::Unavailable, &e))?;
+                .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
             if exists {
                 let keys: Vec<ApiKey> = desired.iter().cloned().collect();
-                import_chunks(backend, &target, &keys, out).await
+                import_batches(fleet, &keys, out).await
             } else {
                 // A namespace that does not exist is created with the file's keys,
-                // whole, in one swap.
-                backend
-                    .import(&desired)
-                    .await
-                    .map(drop)
-                    .map_err(|e| target.error_failure(Exit::Unavailable, &e))
+                // whole, in one change.
+                fleet.create(&desired, false).await
             }
         })?,
     }
@@ -471,19 +488,20 @@ pub(crate) fn usage(args: &TargetArgs, idle: Option<&str>, max: u64, out: Out) -
         Target::File(_) => {
             return Err(Failure::new(
                 Exit::Usage,
-                "a key file keeps no usage: ask the fleet (--redis) or a running API (--api)",
+                "a key file keeps no usage: ask the fleet (--redis or --postgres) or a running \
+                 API (--api)",
             ));
         }
-        Target::Redis { backend, .. } => runtime()?.block_on(async {
+        Target::Fleet(fleet) => runtime()?.block_on(async {
             let current = target.read(max).await?;
             let keys: Vec<&ApiKey> = current.iter().collect();
             let mut uses = Vec::with_capacity(keys.len());
             for chunk in keys.chunks(1000) {
                 let ids: Vec<String> = chunk.iter().map(|k| k.id().to_owned()).collect();
-                let counts = backend
+                let counts = fleet
                     .usage(&ids)
                     .await
-                    .map_err(|e| target.backend_failure(&e))?
+                    .map_err(|e| Target::backend_failure(&e))?
                     .unwrap_or_default();
                 for (i, key) in chunk.iter().enumerate() {
                     let (requests, last_used) = counts.get(i).copied().unwrap_or((0, None));
@@ -645,21 +663,72 @@ mod tests {
         assert_eq!(plan.result(&desired, &current, true).len(), 3);
     }
 
-    /// Keys from a small pool of ids, each with one of a few secrets and owners, so
-    /// that sets overlap, differ by field, and sometimes share a secret.
+    #[test]
+    fn a_change_of_limits_alone_is_a_change_and_their_order_is_not() {
+        use crate::limit::{Quota, QuotaPeriod, RateLimit};
+        let burst = RateLimit::new("burst", 10, Duration::from_secs(1));
+        let daily = RateLimit::new("daily", 1000, Duration::from_secs(86_400));
+        let nets = [
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.0/24".parse().unwrap(),
+        ];
+        let plain = ApiKey::new("k", "s");
+        let limited = plain
+            .clone()
+            .with_rate_limit(burst.clone())
+            .with_rate_limit(daily.clone())
+            .with_quota(Quota::new(5, QuotaPeriod::Day))
+            .with_allowed_ips(nets);
+        assert_eq!(
+            differences(&limited, &plain),
+            ["rate_limits", "quota", "allowed_ips"]
+        );
+        let reordered = plain
+            .clone()
+            .with_rate_limit(daily)
+            .with_rate_limit(burst.clone())
+            .with_quota(Quota::new(5, QuotaPeriod::Day))
+            .with_allowed_ips(nets.into_iter().rev());
+        assert!(differences(&limited, &reordered).is_empty());
+        let fewer = plain.clone().with_rate_limit(burst);
+        assert_eq!(
+            differences(&limited, &fewer),
+            ["rate_limits", "quota", "allowed_ips"]
+        );
+        // No networks listed is not "any network".
+        let none: [crate::limit::IpNet; 0] = [];
+        assert_eq!(
+            differences(&plain.clone().with_allowed_ips(none), &plain),
+            ["allowed_ips"]
+        );
+    }
+
+    /// Keys from a small pool of ids, each with one of a few secrets, owners and
+    /// limits, so that sets overlap, differ by field (limits alone included), and
+    /// sometimes share a secret.
     fn keys() -> impl proptest::strategy::Strategy<Value = Vec<ApiKey>> {
+        use crate::limit::{Quota, QuotaPeriod, RateLimit};
         use proptest::prelude::*;
-        proptest::collection::vec((0..12u8, 0..3u8, 0..3u8), 0..12).prop_map(|picks| {
+        proptest::collection::vec((0..12u8, 0..3u8, 0..3u8, 0..5u8), 0..12).prop_map(|picks| {
             let mut seen = std::collections::HashSet::new();
             picks
                 .into_iter()
-                .filter(|(id, _, _)| seen.insert(*id))
-                .map(|(id, secret, owner)| {
-                    let key = ApiKey::new(format!("k{id}"), format!("s{id}-{secret}"));
-                    if owner == 0 {
-                        key
-                    } else {
-                        key.with_owner(format!("o{owner}"))
+                .filter(|(id, ..)| seen.insert(*id))
+                .map(|(id, secret, owner, limits)| {
+                    let mut key = ApiKey::new(format!("k{id}"), format!("s{id}-{secret}"));
+                    if owner != 0 {
+                        key = key.with_owner(format!("o{owner}"));
+                    }
+                    match limits {
+                        1 => {
+                            key.with_rate_limit(RateLimit::new("burst", 10, Duration::from_secs(1)))
+                        }
+                        2 => {
+                            key.with_rate_limit(RateLimit::new("burst", 20, Duration::from_secs(1)))
+                        }
+                        3 => key.with_quota(Quota::new(100, QuotaPeriod::Month)),
+                        4 => key.with_allowed_ips(["10.0.0.1/32".parse().unwrap()]),
+                        _ => key,
                     }
                 })
                 .collect()
@@ -674,6 +743,16 @@ mod tests {
         fn applying_a_plan_leaves_nothing_to_apply(current in keys(), desired in keys()) {
             let Ok(desired) = KeySet::from_keys(desired) else { return Ok(()) };
             let current = Current::List(current);
+            // `differences` names every field the key file holds: two keys it finds
+            // the same are written the same.
+            for now in current.iter() {
+                if let Some(want) = desired.get(now.id()) {
+                    proptest::prop_assert_eq!(
+                        differences(want, now).is_empty(),
+                        write::entry(want) == write::entry(now)
+                    );
+                }
+            }
             for prune in [false, true] {
                 let plan = Plan::of(&desired, &current);
                 let after = Current::List(plan.result(&desired, &current, prune));

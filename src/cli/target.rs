@@ -1,10 +1,11 @@
 //! The one target a command works on, and how the key-management API is reached
-//! over it: in this process for a key file or a Redis namespace, over HTTP for a
-//! running API.
+//! over it: in this process for a key file or a fleet's namespace (Redis or
+//! PostgreSQL), over HTTP for a running API.
 //!
-//! A new engine (a PostgreSQL namespace) is one more [`Target`] variant: its
-//! backend for [`Target::admin`] and [`Target::read`], and its writes in
-//! `sync.rs`.
+//! A fleet's engines share one contract (an [`AdminBackend`] that also creates,
+//! restores and lists a namespace whole), so a namespace is one [`Target::Fleet`]
+//! whatever its engine: a new engine is one more [`Engine`] variant, its backend and
+//! its replica's source.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -13,8 +14,9 @@ use zeroize::Zeroizing;
 
 use super::{Exit, Failure, args::TargetArgs, chain};
 use crate::{
-    ApiKey, ChannelSource, FileSource, KeySet, KeySource as _, KeyStore,
-    admin::{AdminApi, AdminBackend, BackendError, FileBackend},
+    ApiKey, ChannelSource, FileSource, KeySet, KeySource, KeyStore,
+    admin::{AdminApi, AdminBackend, BackendError, FileBackend, UsageCounts},
+    postgres::{PostgresBackend, PostgresSource},
     redis::{RedisBackend, RedisSource},
 };
 
@@ -22,17 +24,279 @@ use crate::{
 pub(crate) enum Target {
     /// A key file.
     File(PathBuf),
-    /// A Redis namespace. The URL is kept only to open the replica's source.
-    Redis {
-        url: Zeroizing<String>,
-        namespace: String,
-        backend: Box<RedisBackend>,
-    },
+    /// A fleet's namespace, on Redis or PostgreSQL.
+    Fleet(Fleet),
     /// A running key-management API.
     Api {
         base: http::Uri,
         key_from_stdin: bool,
     },
+}
+
+/// A fleet's namespace: its engine's backend, and the URL, kept only to open a
+/// replica's source (it may hold a password: never printed).
+pub(crate) struct Fleet {
+    url: Zeroizing<String>,
+    namespace: String,
+    engine: Engine,
+}
+
+/// The engine a fleet's namespace is on.
+pub(crate) enum Engine {
+    Redis(Box<RedisBackend>),
+    Postgres(Box<PostgresBackend>),
+}
+
+/// `$call` on the engine's backend, named `$backend`, whichever engine it is.
+macro_rules! on_engine {
+    ($engine:expr, $backend:ident => $call:expr) => {
+        match $engine {
+            Engine::Redis($backend) => $call,
+            Engine::Postgres($backend) => $call,
+        }
+    };
+}
+
+impl Engine {
+    /// The engine's name, for messages and flags.
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Redis(_) => "Redis",
+            Self::Postgres(_) => "PostgreSQL",
+        }
+    }
+}
+
+impl Fleet {
+    /// The namespace `namespace` on the engine at `url` (`postgres` for PostgreSQL,
+    /// else Redis). A malformed URL is a usage error said without the URL.
+    fn open(url: &str, namespace: &str, postgres: bool) -> Result<Self, Failure> {
+        let flag = if postgres { "--postgres" } else { "--redis" };
+        let usage = |e: crate::Error| Failure::new(Exit::Usage, format!("{flag}: {}", chain(&e)));
+        let timeout = Duration::from_secs(2);
+        let engine = if postgres {
+            Engine::Postgres(Box::new(
+                PostgresBackend::new(url, namespace)
+                    .map_err(usage)?
+                    .with_timeout(timeout),
+            ))
+        } else {
+            Engine::Redis(Box::new(
+                RedisBackend::new(url, namespace)
+                    .map_err(usage)?
+                    .with_timeout(timeout),
+            ))
+        };
+        Ok(Self {
+            url: Zeroizing::new(url.to_owned()),
+            namespace: namespace.to_owned(),
+            engine,
+        })
+    }
+
+    /// The engine and the namespace, for messages (never the URL).
+    pub(crate) fn describe(&self) -> String {
+        format!("{} namespace `{}`", self.engine.name(), self.namespace)
+    }
+
+    /// Whether the namespace exists.
+    pub(crate) async fn exists(&self) -> Result<bool, crate::Error> {
+        on_engine!(&self.engine, b => b.exists().await)
+    }
+
+    /// Writes `set`'s keys into the namespace (creating it, with them only, if it
+    /// does not exist).
+    pub(crate) async fn import(&self, set: &KeySet) -> Result<usize, crate::Error> {
+        let sized = self.sized(set.len())?;
+        let fleet = sized.as_ref().unwrap_or(self);
+        on_engine!(&fleet.engine, b => b.import(set).await)
+    }
+
+    /// Writes `set`'s keys into the namespace, which must exist: one wiped
+    /// meanwhile is missing ([`Exit::StoreMissing`]), never re-created holding
+    /// only these keys.
+    pub(crate) async fn import_existing(&self, set: &KeySet) -> Result<(), Failure> {
+        match &self.engine {
+            Engine::Redis(b) => b
+                .import_existing(set)
+                .await
+                .map(drop)
+                .map_err(|e| self.failure(Exit::Unavailable, &e)),
+            Engine::Postgres(_) => {
+                let keys: Vec<ApiKey> = set.iter().cloned().collect();
+                self.change(&keys, &[]).await.unwrap_or(Ok(()))
+            }
+        }
+    }
+
+    /// Replaces the namespace, whole, by `set`, in one step.
+    pub(crate) async fn restore(&self, set: &KeySet) -> Result<usize, crate::Error> {
+        let sized = self.sized(set.len())?;
+        let fleet = sized.as_ref().unwrap_or(self);
+        on_engine!(&fleet.engine, b => b.restore(set).await)
+    }
+
+    /// Writes `keys` and removes `removed` as one change, where the engine can
+    /// (PostgreSQL: one transaction, one version, never creating the namespace);
+    /// `None` where it cannot (Redis).
+    pub(crate) async fn change(
+        &self,
+        keys: &[ApiKey],
+        removed: &[String],
+    ) -> Option<Result<(), Failure>> {
+        let sized = match self.sized(keys.len() + removed.len()) {
+            Ok(sized) => sized,
+            Err(e) => return Some(Err(self.failure(Exit::Usage, &e))),
+        };
+        let Engine::Postgres(backend) = &sized.as_ref().unwrap_or(self).engine else {
+            return None;
+        };
+        Some(
+            backend
+                .change_many(keys, removed)
+                .await
+                .map_err(|e| Target::backend_failure(&e)),
+        )
+    }
+
+    /// For a write of `keys` keys in one transaction (PostgreSQL), the namespace on
+    /// a backend given time in proportion (2 s, and 200 µs a key: a 200,000-key
+    /// import takes about 5 s on a laptop); `None` where the backend's own time
+    /// does (Redis writes 1,000 keys a call; a small write).
+    fn sized(&self, keys: usize) -> Result<Option<Self>, crate::Error> {
+        let Engine::Postgres(_) = self.engine else {
+            return Ok(None);
+        };
+        if keys <= 10_000 {
+            return Ok(None);
+        }
+        let timeout =
+            Duration::from_secs(2) + Duration::from_micros(200_u64.saturating_mul(keys as u64));
+        Ok(Some(Self {
+            url: self.url.clone(),
+            namespace: self.namespace.clone(),
+            engine: Engine::Postgres(Box::new(
+                PostgresBackend::new(&self.url, self.namespace.as_str())?.with_timeout(timeout),
+            )),
+        }))
+    }
+
+    /// Every key of the namespace, as stored.
+    pub(crate) async fn list(&self) -> Result<Vec<ApiKey>, BackendError> {
+        on_engine!(&self.engine, b => b.list().await)
+    }
+
+    /// The fleet's use of these keys.
+    pub(crate) async fn usage(
+        &self,
+        ids: &[String],
+    ) -> Result<Option<Vec<UsageCounts>>, BackendError> {
+        on_engine!(&self.engine, b => b.usage(ids).await)
+    }
+
+    /// How many keys one import writes: PostgreSQL writes any number in one
+    /// transaction, one version; Redis one version per 1,000 keys, so an import into
+    /// an existing namespace goes 10,000 at a time, with progress shown.
+    pub(crate) fn batch(&self) -> usize {
+        match self.engine {
+            Engine::Redis(_) => 10_000,
+            Engine::Postgres(_) => usize::MAX,
+        }
+    }
+
+    /// Creates the namespace, which does not exist, holding `set`: by a restore
+    /// (a new epoch) or an import. The engine's schema is made first where it has
+    /// one (PostgreSQL's tables, if missing; idempotent). Making it may fail where
+    /// the write need not (the tables exist, made by a user who may create tables
+    /// when this one may not); when both fail, the schema's failure is the one said.
+    pub(crate) async fn create(&self, set: &KeySet, restore: bool) -> Result<(), Failure> {
+        let schema = match &self.engine {
+            Engine::Postgres(b) => b.migrate().await.err(),
+            Engine::Redis(_) => None,
+        };
+        let written = if restore {
+            self.restore(set).await
+        } else {
+            self.import(set).await
+        };
+        written.map(drop).map_err(|e| match schema {
+            Some(schema) => Failure::new(
+                Exit::Unavailable,
+                format!(
+                    "{}: cannot create the tables: {}",
+                    self.describe(),
+                    chain(&schema)
+                ),
+            ),
+            None => self.failure(Exit::Unavailable, &e),
+        })
+    }
+
+    /// The key-management API's backend and a replica's store over the namespace,
+    /// each on connections of its own.
+    async fn admin(&self, scopes: &[String]) -> Result<Admin, Failure> {
+        match self.exists().await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Target::backend_failure(&BackendError::StoreMissing(
+                    self.describe(),
+                )));
+            }
+            Err(e) => return Err(self.failure(Exit::Unavailable, &e)),
+        }
+        let fresh = Self::open(
+            &self.url,
+            &self.namespace,
+            matches!(self.engine, Engine::Postgres(_)),
+        )?;
+        match fresh.engine {
+            Engine::Redis(backend) => {
+                let source = RedisSource::new(&self.url, self.namespace.as_str())
+                    .map_err(|e| Failure::new(Exit::Usage, chain(&e)))?
+                    .with_connect_timeout(TIMEOUT);
+                Admin::local(self.follow(source).await?, *backend, scopes)
+            }
+            Engine::Postgres(backend) => {
+                let source = PostgresSource::new(&self.url, self.namespace.as_str())
+                    .map_err(|e| Failure::new(Exit::Usage, chain(&e)))?
+                    .with_connect_timeout(TIMEOUT);
+                Admin::local(self.follow(source).await?, *backend, scopes)
+            }
+        }
+    }
+
+    /// A store that follows the namespace through `source`, loaded.
+    async fn follow(&self, source: impl KeySource) -> Result<KeyStore, Failure> {
+        let describe = self.describe();
+        let engine = self.engine.name();
+        tokio::task::spawn_blocking(move || {
+            let store = KeyStore::new();
+            store.add_source(source).map_err(|e| {
+                Failure::new(Exit::Unavailable, format!("{describe}: {}", chain(&e)))
+            })?;
+            Ok::<_, Failure>(store)
+        })
+        .await
+        .map_err(|_| Failure::new(Exit::Unavailable, format!("{engine} could not be read")))?
+    }
+
+    /// A crate error from a write or read of the namespace as a failure: `exit`,
+    /// or what the engine's error says happened (the outcome of a write unknown, the
+    /// namespace missing).
+    pub(crate) fn failure(&self, exit: Exit, e: &crate::Error) -> Failure {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(s) = source {
+            if let Some(b @ (BackendError::OutcomeUnknown(_) | BackendError::StoreMissing(_))) =
+                s.downcast_ref::<BackendError>()
+            {
+                let mut f = Target::backend_failure(b);
+                f.message = format!("{}: {}", self.describe(), chain(e));
+                return f;
+            }
+            source = s.source();
+        }
+        Failure::new(exit, format!("{}: {}", self.describe(), chain(e)))
+    }
 }
 
 /// The environment variable the API's admin key is read from.
@@ -41,7 +305,8 @@ pub(crate) const ADMIN_KEY_VAR: &str = "TOWER_API_KEY_ADMIN_KEY";
 /// How long the API may take to answer (`--timeout`).
 pub(crate) static API_TIMEOUT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
 
-/// How long a connection to Redis or the API, or one of their answers, may take.
+/// How long a connection to Redis, PostgreSQL or the API, or one of their answers,
+/// may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Target {
@@ -51,16 +316,11 @@ impl Target {
         if let Some(path) = &args.file {
             return Ok(Self::File(path.clone()));
         }
-        if let Some(url) = &args.redis {
-            let namespace = args.namespace.clone().unwrap_or_default();
-            let backend = RedisBackend::new(url, namespace.as_str())
-                .map_err(|e| Failure::new(Exit::Usage, format!("--redis: {}", chain(&e))))?
-                .with_timeout(Duration::from_secs(2));
-            return Ok(Self::Redis {
-                url: Zeroizing::new(url.clone()),
-                namespace,
-                backend: Box::new(backend),
-            });
+        for (url, postgres) in [(&args.redis, false), (&args.postgres, true)] {
+            if let Some(url) = url {
+                let namespace = args.namespace.as_deref().unwrap_or_default();
+                return Fleet::open(url, namespace, postgres).map(Self::Fleet);
+            }
         }
         if let Some(url) = &args.api {
             let base = http::Uri::try_from(url.as_str())
@@ -83,7 +343,7 @@ impl Target {
         }
         Err(Failure::new(
             Exit::Usage,
-            "give a target: --file, --redis with --namespace, or --api",
+            "give a target: --file, --redis or --postgres with --namespace, or --api",
         ))
     }
 
@@ -91,7 +351,7 @@ impl Target {
     pub(crate) fn describe(&self) -> String {
         match self {
             Self::File(path) => format!("key file {}", path.display()),
-            Self::Redis { namespace, .. } => format!("Redis namespace `{namespace}`"),
+            Self::Fleet(fleet) => fleet.describe(),
             Self::Api { .. } => "the key-management API".to_owned(),
         }
     }
@@ -101,8 +361,8 @@ impl Target {
         Failure::new(
             Exit::Usage,
             format!(
-                "{what} needs --file or --redis: the key-management API neither shows nor \
-                 takes digests"
+                "{what} needs --file, --redis or --postgres: the key-management API neither \
+                 shows nor takes digests"
             ),
         )
     }
@@ -129,17 +389,17 @@ impl Target {
                     .map_err(|e| Failure::new(Exit::Unavailable, chain(&e)))?;
                 Ok(Current::Set(set))
             }
-            Self::Redis { backend, .. } => backend
+            Self::Fleet(fleet) => fleet
                 .list()
                 .await
                 .map(Current::List)
-                .map_err(|e| self.backend_failure(&e)),
+                .map_err(|e| Self::backend_failure(&e)),
             Self::Api { .. } => Err(self.cannot("reading every key with its digest")),
         }
     }
 
     /// A backend error as a failure.
-    pub(crate) fn backend_failure(&self, e: &BackendError) -> Failure {
+    pub(crate) fn backend_failure(e: &BackendError) -> Failure {
         let exit = match e {
             BackendError::NotFound => Exit::NotFound,
             BackendError::Conflict(_) | BackendError::PreconditionFailed => Exit::Conflict,
@@ -157,13 +417,8 @@ impl Target {
         Failure::new(exit, format!("{}{hint}", chain(e)))
     }
 
-    /// A crate error from a target's write or read as a failure.
-    pub(crate) fn error_failure(&self, exit: Exit, e: &crate::Error) -> Failure {
-        Failure::new(exit, format!("{}: {}", self.describe(), chain(e)))
-    }
-
-    /// The key-management API over this target: in this process for a file or
-    /// Redis, authenticated by an operator key held only in memory, that holds the
+    /// The key-management API over this target: in this process for a file or a
+    /// fleet's namespace, authenticated by an operator key held only in memory, that holds the
     /// scope `admin` and every scope in `scopes` and the target's keys; or the
     /// running API over HTTP.
     pub(crate) async fn admin(&self, max: u64, scopes: &[String]) -> Result<Admin, Failure> {
@@ -194,38 +449,7 @@ impl Target {
                 .map_err(|_| Failure::new(Exit::Unavailable, "the key file could not be read"))?
                 .and_then(|store| Admin::local(store, backend, scopes))
             }
-            Self::Redis {
-                url,
-                namespace,
-                backend,
-            } => {
-                match backend.exists().await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        return Err(self.backend_failure(&BackendError::StoreMissing(format!(
-                            "Redis namespace `{namespace}`"
-                        ))));
-                    }
-                    Err(e) => return Err(self.error_failure(Exit::Unavailable, &e)),
-                }
-                let source = RedisSource::new(url, namespace.as_str())
-                    .map_err(|e| Failure::new(Exit::Usage, chain(&e)))?
-                    .with_connect_timeout(TIMEOUT);
-                let backend = RedisBackend::new(url, namespace.as_str())
-                    .map_err(|e| Failure::new(Exit::Usage, chain(&e)))?
-                    .with_timeout(Duration::from_secs(2));
-                let describe = self.describe();
-                let store = tokio::task::spawn_blocking(move || {
-                    let store = KeyStore::new();
-                    store.add_source(source).map_err(|e| {
-                        Failure::new(Exit::Unavailable, format!("{describe}: {}", chain(&e)))
-                    })?;
-                    Ok::<_, Failure>(store)
-                })
-                .await
-                .map_err(|_| Failure::new(Exit::Unavailable, "Redis could not be read"))??;
-                Admin::local(store, backend, scopes)
-            }
+            Self::Fleet(fleet) => fleet.admin(scopes).await,
             Self::Api {
                 base,
                 key_from_stdin,

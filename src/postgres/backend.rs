@@ -255,6 +255,38 @@ impl PostgresBackend {
         Ok(keys.len())
     }
 
+    /// Writes `keys` and removes the keys `removed` in one transaction, one
+    /// version, as one change replicas apply whole (no new epoch, no reload of the
+    /// namespace): how the command line's `apply` writes its plan. A namespace that
+    /// does not exist is not created ([`BackendError::StoreMissing`]).
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    pub(crate) async fn change_many(
+        &self,
+        keys: &[ApiKey],
+        removed: &[String],
+    ) -> Result<(), BackendError> {
+        let records: Vec<(&str, String)> =
+            keys.iter().map(|k| (k.id(), record::encode(k))).collect();
+        let mut ids: Vec<&str> = records.iter().map(|(id, _)| *id).collect();
+        ids.extend(removed.iter().map(String::as_str));
+        let decide = |_: &HashMap<String, String>| -> Result<Vec<Op>, BackendError> {
+            let puts = records.iter().map(|(id, r)| Op {
+                id: (*id).to_owned(),
+                record: Some(r.clone()),
+            });
+            let dels = removed.iter().map(|id| Op {
+                id: id.clone(),
+                record: None,
+            });
+            Ok(puts.chain(dels).collect())
+        };
+        self.transact(&Plan::Change {
+            ids,
+            decide: &decide,
+        })
+        .await
+    }
+
     pub(super) fn name(&self) -> String {
         format!("postgres:{}", self.namespace)
     }

@@ -5,6 +5,7 @@
 use std::{
     future::Future,
     io,
+    path::Path,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -77,9 +78,12 @@ impl Mode {
         let mut roots = rustls::RootCertStore::empty();
         match root {
             Some(path) => {
-                let certs = CertificateDer::pem_file_iter(&path)
-                    .map_err(|_| "the `sslrootcert` file cannot be read")?;
-                for cert in certs {
+                // Read as key files are: a regular file of at most 1 MiB, so that a
+                // FIFO or `/dev/zero` named by mistake is refused, never waited on.
+                let pem = crate::source::read::FileBytes::read(Path::new(&path), 1 << 20).map_err(
+                    |_| "the `sslrootcert` file cannot be read (a regular file of at most 1 MiB)",
+                )?;
+                for cert in CertificateDer::pem_slice_iter(&pem) {
                     let cert = cert.map_err(|_| "the `sslrootcert` file is not PEM")?;
                     roots
                         .add(cert)

@@ -202,9 +202,23 @@ impl RedisBackend {
     /// its keys has the wrong type (only [`restore`](RedisBackend::restore) replaces
     /// such a namespace).
     pub async fn import(&self, set: &KeySet) -> Result<usize, Error> {
+        self.import_into(set, true).await
+    }
+
+    /// Writes every key of `set` into the namespace, which must exist: one that
+    /// does not, or that goes missing during the import, is
+    /// [`BackendError::StoreMissing`], never re-created (with only these keys):
+    /// how the command line's `apply` writes a plan.
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    pub(crate) async fn import_existing(&self, set: &KeySet) -> Result<usize, Error> {
+        self.import_into(set, false).await
+    }
+
+    async fn import_into(&self, set: &KeySet, create: bool) -> Result<usize, Error> {
         match self.head().await.map_err(|e| self.error(e))? {
             0 => {}
-            1 => return self.restore(set).await,
+            1 if create => return self.restore(set).await,
+            1 => return Err(Error::custom(self.name(), self.missing())),
             // Keys of the wrong type: not created by an import over them.
             _ => return Err(self.error(refusal(refused::DAMAGED))),
         }
@@ -222,6 +236,9 @@ impl RedisBackend {
                 .collect();
             match self.write(&puts).await {
                 Ok(Written::Done) => {}
+                Ok(Written::Refused(refused::MISSING)) if !create => {
+                    return Err(Error::custom(self.name(), self.missing()));
+                }
                 Ok(Written::Refused(code)) => {
                     return Err(Error::custom(self.name(), refusal(code)));
                 }
