@@ -211,6 +211,7 @@ pub(crate) mod reads {
     }
 
     /// How many times `path` was read so far.
+    #[cfg_attr(not(feature = "file"), allow(dead_code))]
     pub(crate) fn of(path: &Path) -> usize {
         let reads = READS
             .lock()
