@@ -744,6 +744,14 @@ fn a_secret_file_that_cannot_be_made_costs_no_key(target: &[&str], dir: &Path) {
         );
     }
     assert_eq!(ids(), ["made", "root"]);
+    // Nothing else is left beside it: the secret was written under a temporary name
+    // and took its own only when whole.
+    let left: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]
@@ -1127,4 +1135,57 @@ fn many_keys_are_one_change_on_postgres() {
     run(&on(&t, &["diff", p(&owned)])).code(0);
     run(&on(&t, &["restore", "--force", f])).code(0);
     run(&on(&t, &["diff", f])).code(0);
+}
+
+#[test]
+fn a_password_in_a_misplaced_url_is_not_repeated_by_the_argument_parser() {
+    for args in [
+        &[
+            "keys",
+            "list",
+            "--namespace",
+            "n",
+            "postgres://u:hunter2@h/db",
+        ][..],
+        &[
+            "diff",
+            "keys.toml",
+            "--namespace",
+            "n",
+            "redis://:hunter2@h:6379/0",
+        ][..],
+    ] {
+        let r = run(args).code(2);
+        assert!(!r.err.contains("hunter2"), "{}", r.err);
+        assert!(
+            r.err.contains("***@h"),
+            "the argument is still named: {}",
+            r.err
+        );
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_dangling_link_at_the_secret_files_name_is_never_written_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    fs::write(&file, ROOT).unwrap();
+    let aim = dir.path().join("aim.key");
+    let link = dir.path().join("link.key");
+    std::os::unix::fs::symlink(&aim, &link).unwrap();
+    run(&[
+        "keys",
+        "create",
+        "--id",
+        "x",
+        "--file",
+        p(&file),
+        "--secret-file",
+        p(&link),
+    ])
+    .code(4)
+    .one_line_error();
+    assert!(!aim.exists(), "the secret went through the link");
+    assert!(!fs::read_to_string(&file).unwrap().contains("\"x\""));
 }

@@ -17,6 +17,8 @@ Exit codes:
   6  denied: the admin key is not accepted or lacks a scope
   7  outcome unknown: a write may or may not have happened; read before retrying
   8  store missing: the namespace is wiped or was never created (see `restore`)
+  9  secret not saved: a new key was written but not its --secret-file (the
+     message says where the secret is, if it was kept; else revoke the key)
 
 Secrets are never taken from the command line: `hash` and `--admin-key-stdin` read
 standard input, and the API's admin key may come from TOWER_API_KEY_ADMIN_KEY.";

@@ -275,9 +275,10 @@ fn issued(out: Out, reply: Reply, secret_file: Option<SecretFile>) -> Done {
         file.write(&secret).map_err(|f| {
             let id = body.get("id").and_then(Value::as_str).unwrap_or("?");
             Failure::new(
-                f.exit,
+                Exit::SecretNotSaved,
                 format!(
-                    "key `{id}` was written but its secret is lost: {}; revoke it",
+                    "key `{id}` was written, but not its secret file: {}; if the secret \
+                     is nowhere, revoke the key",
                     f.message
                 ),
             )

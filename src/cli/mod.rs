@@ -79,6 +79,9 @@ pub enum Exit {
     OutcomeUnknown,
     /// 8: the namespace (or key file) is wiped or was never created.
     StoreMissing,
+    /// 9: a new key was written, but its secret file could not be: the message
+    /// says where the secret is if it was kept, else revoke the key.
+    SecretNotSaved,
 }
 
 impl Exit {
@@ -101,6 +104,7 @@ impl Exit {
             Self::Denied => 6,
             Self::OutcomeUnknown => 7,
             Self::StoreMissing => 8,
+            Self::SecretNotSaved => 9,
         }
     }
 }
@@ -137,9 +141,15 @@ pub(crate) type Done = Result<Exit, Failure>;
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // clap repeats what it could not place, and that may be a URL with a
+            // password in it.
+            eprint!("{}", without_credentials(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::SUCCESS;
         }
     };
     init_tracing();
@@ -154,6 +164,31 @@ pub fn main() -> ExitCode {
         }
     };
     ExitCode::from(exit.code())
+}
+
+/// `text` with the user and password of every `scheme://user:password@host` in it
+/// replaced by `***`.
+fn without_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        // The authority ends at the first `/`, `?`, `#`, quote or space; a `@` before
+        // that ends the credentials.
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '\'' | '"' | '`') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(user_end) => {
+                out.push_str("***");
+                rest = &tail[user_end..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Audit events (target `tower_api_key::audit`) and warnings on standard error;
@@ -259,90 +294,97 @@ fn check(files: &[std::path::PathBuf], max: u64, out: Out) -> Done {
     Ok(if failed { Exit::Invalid } else { Exit::Ok })
 }
 
-/// A new secret's file: created (exclusively, readable by its owner only, never over
-/// an existing file or through a link) *before* the key is written, so that a file
-/// that cannot be made costs no key; the secret is written into it once the key
-/// exists. Dropped unwritten (the key's write failed or never happened), the empty
-/// file is removed.
+/// A new key's secret file (`--secret-file`). The secret is written to a temporary
+/// file (0600) beside it, made before the key is, and linked under the asked name
+/// only once it holds the whole secret, synced: a command killed on the way leaves
+/// no empty file in the way of its retry, and the name is never overwritten (a link
+/// fails where anything is there).
 #[derive(Debug)]
 pub(crate) struct SecretFile {
     path: std::path::PathBuf,
-    file: Option<std::fs::File>,
+    temp: Option<tempfile::NamedTempFile>,
 }
 
 impl SecretFile {
-    /// Creates the empty file. One that exists is [`Exit::Conflict`].
+    /// Makes the temporary file. A name that is taken (a file, a link, anything) is
+    /// [`Exit::Conflict`]; a directory that cannot take a file, [`Exit::Unavailable`].
     pub(crate) fn create(path: &Path) -> Result<Self, Failure> {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let file = options.open(path).map_err(|e| {
-            let exit = if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Exit::Conflict
-            } else {
-                Exit::Unavailable
-            };
+        let refuse = |exit, why: &dyn std::fmt::Display| {
             Failure::new(
                 exit,
-                format!(
-                    "cannot create the secret file {} (it is never overwritten): {e}",
-                    path.display()
-                ),
+                format!("cannot create the secret file {}: {why}", path.display()),
             )
-        })?;
+        };
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(refuse(
+                Exit::Conflict,
+                &"something is there already, and it is never overwritten",
+            ));
+        }
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // tempfile makes it exclusively, readable by its owner only.
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(|e| refuse(Exit::Unavailable, &e))?;
         Ok(Self {
             path: path.to_owned(),
-            file: Some(file),
+            temp: Some(temp),
         })
     }
 
-    /// Writes the secret and a newline, and syncs them to disk. If that fails the
-    /// file is removed and the failure says so (never the secret).
+    /// Writes the secret and a newline, syncs them, and links the file under its
+    /// name. On failure the temporary file is removed, unless it holds the secret
+    /// and only the link failed: then the failure names where the secret is.
     pub(crate) fn write(mut self, secret: &str) -> Result<(), Failure> {
-        let Some(mut file) = self.file.take() else {
+        let Some(mut temp) = self.temp.take() else {
             return Ok(());
         };
-        let written = file
+        let written = temp
             .write_all(secret.as_bytes())
-            .and_then(|()| file.write_all(b"\n"))
-            .and_then(|()| file.sync_all());
-        match written {
-            Ok(()) => Ok(()),
+            .and_then(|()| temp.write_all(b"\n"))
+            .and_then(|()| temp.as_file().sync_all());
+        if let Err(e) = written {
+            return Err(Failure::new(
+                Exit::Unavailable,
+                format!("cannot write the secret file {}: {e}", self.path.display()),
+            ));
+        }
+        match std::fs::hard_link(temp.path(), &self.path) {
+            Ok(()) => {
+                // The temporary name goes; the file stays under its own.
+                drop(temp);
+                if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+                }
+                Ok(())
+            }
             Err(e) => {
-                self.remove(&file);
+                let kept = temp.into_temp_path().keep().ok();
+                let exit = match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => Exit::Conflict,
+                    _ => Exit::Unavailable,
+                };
                 Err(Failure::new(
-                    Exit::Unavailable,
-                    format!("cannot write the secret file {}: {e}", self.path.display()),
+                    exit,
+                    match kept {
+                        Some(kept) => format!(
+                            "cannot name the secret file {}: {e}; the secret is in {}",
+                            self.path.display(),
+                            kept.display()
+                        ),
+                        None => format!("cannot name the secret file {}: {e}", self.path.display()),
+                    },
                 ))
             }
-        }
-    }
-
-    /// Removes the file this created, if the path still names it.
-    fn remove(&self, file: &std::fs::File) {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt as _;
-            let same = file
-                .metadata()
-                .ok()
-                .zip(std::fs::symlink_metadata(&self.path).ok())
-                .is_some_and(|(a, b)| a.dev() == b.dev() && a.ino() == b.ino());
-            if !same {
-                return;
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = file;
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl Drop for SecretFile {
-    fn drop(&mut self) {
-        if let Some(file) = self.file.take() {
-            self.remove(&file);
         }
     }
 }
@@ -417,4 +459,44 @@ fn hash(id: &str, out: Out) -> Done {
         output::line(entry.trim_end());
     }
     Ok(Exit::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_a_message_are_masked() {
+        let message = "error: unexpected argument 'postgres://u:hunter2@h/db' found; \
+                       also rediss://:p%40ss@cache:6380/0, redis://pw@h and http://host/x@y";
+        let masked = without_credentials(message);
+        for secret in ["hunter2", "p%40ss", "pw@"] {
+            assert!(!masked.contains(secret), "{masked}");
+        }
+        assert!(masked.contains("'postgres://***@h/db'"), "{masked}");
+        assert!(masked.contains("rediss://***@cache:6380/0"), "{masked}");
+        assert!(masked.contains("http://host/x@y"), "{masked}");
+        assert_eq!(without_credentials("no url here"), "no url here");
+    }
+
+    #[test]
+    fn a_name_taken_while_the_key_was_written_keeps_the_secret_and_says_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.key");
+        let file = SecretFile::create(&path).unwrap();
+        std::fs::write(&path, "someone else's\n").unwrap();
+        let failure = file.write("tak_secret").unwrap_err();
+        assert_eq!(failure.exit.code(), Exit::Conflict.code());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "someone else's\n");
+        let kept = failure.message.rsplit("the secret is in ").next().unwrap();
+        assert_eq!(std::fs::read_to_string(kept).unwrap(), "tak_secret\n");
+        assert!(!failure.message.contains("tak_secret"));
+    }
+
+    #[test]
+    fn an_unwritten_secret_file_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SecretFile::create(&dir.path().join("new.key")).unwrap());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }
