@@ -1128,3 +1128,179 @@ fn many_keys_are_one_change_on_postgres() {
     run(&on(&t, &["restore", "--force", f])).code(0);
     run(&on(&t, &["diff", f])).code(0);
 }
+
+// ---------------------------------------------------------------------------
+// `apply` racing other writers: a plan made from a read is written only if what
+// it touches is still what was read; a revoked key never comes back, a wiped
+// namespace is never re-created.
+// ---------------------------------------------------------------------------
+
+const E1: &str = "[[keys]]\nid = \"e1\"\nsecret = \"e1-secret\"\n";
+const E1_OWNED: &str = "[[keys]]\nid = \"e1\"\nsecret = \"e1-secret\"\nowner = \"ops\"\n";
+
+/// `apply` started in the background; its run once it ended.
+struct Background(std::process::Child);
+
+impl Background {
+    fn start(args: &[String]) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tower-api-key"))
+            .args(args)
+            .env_remove("TOWER_API_KEY_ADMIN_KEY")
+            .env_remove("RUST_LOG")
+            .env("USER", "ops")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    fn finish(self) -> Run {
+        let output = self.0.wait_with_output().unwrap();
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            out: String::from_utf8_lossy(&output.stdout).into_owned(),
+            err: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// Holds namespace `ns`'s row (as every write does) on a connection of its own,
+/// starts `apply` with `args`, waits until the apply has read and waits for the row
+/// (its write), does `meanwhile` in the holding transaction, commits, and gives the
+/// apply's run.
+async fn apply_while_held(
+    pg: &postgres_support::Postgres,
+    ns: &str,
+    args: &[String],
+    meanwhile: &str,
+) -> Run {
+    let (mut client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let tx = client.transaction().await.unwrap();
+    tx.query_one(
+        "SELECT namespace FROM tak_namespaces WHERE namespace = $1 FOR UPDATE",
+        &[&ns],
+    )
+    .await
+    .unwrap();
+    let mut apply = Background::start(args);
+    // The apply has read the namespace (a read takes no lock) and now waits for
+    // the row to write its plan.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // Activity is read once per transaction unless asked afresh.
+        tx.execute("SELECT pg_stat_clear_snapshot()", &[])
+            .await
+            .unwrap();
+        let waiting: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        if apply.0.try_wait().unwrap().is_some() {
+            let r = apply.finish();
+            panic!(
+                "apply ended without waiting: {}\n{}\n{}",
+                r.code, r.out, r.err
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "apply never waited for the row"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tx.batch_execute(meanwhile).await.unwrap();
+    tx.commit().await.unwrap();
+    tokio::task::spawn_blocking(move || apply.finish())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_on_postgres_never_brings_back_a_key_revoked_or_a_namespace_wiped_meanwhile() {
+    let Some(pg) = postgres_support::Postgres::start() else {
+        return;
+    };
+    let url = pg.url();
+    let t = ["--postgres", url.as_str(), "--namespace", "res"];
+    let dir = tempfile::tempdir().unwrap();
+    let (e1, owned) = (dir.path().join("e1.toml"), dir.path().join("owned.toml"));
+    fs::write(&e1, E1).unwrap();
+    fs::write(&owned, E1_OWNED).unwrap();
+    run(&on(&t, &["import", p(&e1)])).code(0);
+    let apply: Vec<String> = on(&t, &["apply", p(&owned)]);
+    let disabled = || {
+        pg.psql("SELECT coalesce(record->>'disabled', 'false') FROM tak_keys WHERE namespace = 'res' AND id = 'e1'")
+    };
+
+    // e1 revoked between apply's read and its write: refused as a conflict, e1
+    // stays revoked, nothing of the plan written.
+    let before = pg.version("res");
+    let r = apply_while_held(
+        &pg,
+        "res",
+        &apply,
+        "UPDATE tak_keys SET record = record || '{\"disabled\": true}'::jsonb \
+         WHERE namespace = 'res' AND id = 'e1'; \
+         UPDATE tak_namespaces SET version = version + 1 WHERE namespace = 'res'",
+    )
+    .await
+    .code(4)
+    .one_line_error();
+    assert!(
+        r.err.contains("changed since it was read") && r.err.contains("e1"),
+        "{}",
+        r.err
+    );
+    assert_eq!(disabled(), "true");
+    assert_eq!(pg.version("res"), before + 1, "the apply wrote a version");
+    assert_eq!(
+        pg.psql("SELECT coalesce(record->>'owner', '') FROM tak_keys WHERE namespace = 'res' AND id = 'e1'"),
+        ""
+    );
+
+    // With --prune: the same.
+    let mut prune = apply.clone();
+    prune.push("--prune".into());
+    apply_while_held(
+        &pg,
+        "res",
+        &prune,
+        "UPDATE tak_keys SET record = record - 'disabled' WHERE namespace = 'res' AND id = 'e1'",
+    )
+    .await
+    .code(4)
+    .one_line_error();
+    assert_eq!(disabled(), "false");
+
+    // The namespace deleted meanwhile: missing (8), nothing re-created.
+    run(&on(&t, &["keys", "create", "--id", "gone"])).code(0);
+    apply_while_held(
+        &pg,
+        "res",
+        &prune,
+        "DELETE FROM tak_keys WHERE namespace = 'res'; \
+         DELETE FROM tak_namespaces WHERE namespace = 'res'",
+    )
+    .await
+    .code(8)
+    .one_line_error();
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM tak_namespaces WHERE namespace = 'res'"),
+        "0"
+    );
+    assert!(pg.ids("res").is_empty());
+}

@@ -109,9 +109,7 @@ pub(crate) fn encode(key: &ApiKey) -> String {
 pub(crate) fn unchanged(id: &str, stored: Option<&[u8]>, read: Option<&ApiKey>) -> bool {
     match (stored, read) {
         (None, None) => true,
-        (Some(raw), Some(key)) => {
-            decode(id, raw).is_ok_and(|now| encode(&now) == encode(key))
-        }
+        (Some(raw), Some(key)) => decode(id, raw).is_ok_and(|now| encode(&now) == encode(key)),
         _ => false,
     }
 }

@@ -278,9 +278,13 @@ impl PostgresBackend {
         ids.extend(removed.iter().map(String::as_str));
         let decide = |current: &HashMap<String, String>| -> Result<Vec<Op>, BackendError> {
             if let Some(read) = read
-                && let Some(id) = ids
-                    .iter()
-                    .find(|id| !record::unchanged(id, current.get(**id).map(String::as_bytes), read.get(**id).copied()))
+                && let Some(id) = ids.iter().find(|id| {
+                    !record::unchanged(
+                        id,
+                        current.get(**id).map(String::as_bytes),
+                        read.get(**id).copied(),
+                    )
+                })
             {
                 return Err(BackendError::Conflict((*id).to_owned()));
             }
