@@ -1304,3 +1304,158 @@ async fn apply_on_postgres_never_brings_back_a_key_revoked_or_a_namespace_wiped_
     );
     assert!(pg.ids("res").is_empty());
 }
+
+/// A TCP proxy to Redis on `upstream` that holds the first script a client sends
+/// (a write: the read before it is plain commands) until released: the test then
+/// changes the namespace between apply's read and its write.
+struct HoldFirstScript {
+    port: u16,
+    reached: std::sync::mpsc::Receiver<()>,
+    release: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl HoldFirstScript {
+    fn start(upstream: u16) -> Self {
+        use std::{
+            io::{Read, Write},
+            net::{TcpListener, TcpStream},
+            sync::{
+                Arc, Condvar, Mutex,
+                atomic::{AtomicBool, Ordering},
+            },
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tell, reached) = std::sync::mpsc::channel();
+        let release = Arc::new((Mutex::new(false), Condvar::new()));
+        let held = Arc::new(AtomicBool::new(false));
+        let gate = release.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    return;
+                };
+                let (mut client_rx, mut server_rx) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut server_rx, &mut client);
+                });
+                let (tell, gate, held) = (tell.clone(), gate.clone(), held.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_rx.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let script = buf[..n].windows(4).any(|w| w.eq_ignore_ascii_case(b"EVAL"));
+                        if script && !held.swap(true, Ordering::SeqCst) {
+                            let _ = tell.send(());
+                            let (lock, cv) = &*gate;
+                            let mut go = lock.lock().unwrap();
+                            while !*go {
+                                go = cv.wait(go).unwrap();
+                            }
+                        }
+                        if server.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            reached,
+            release,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Runs `args` (through this proxy), does `meanwhile` once its first script is
+    /// held, lets the script go, and gives the run.
+    fn run(self, args: &[String], meanwhile: impl FnOnce()) -> Run {
+        let apply = Background::start(args);
+        self.reached
+            .recv_timeout(Duration::from_secs(20))
+            .expect("apply never wrote");
+        meanwhile();
+        let (lock, cv) = &*self.release;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
+        apply.finish()
+    }
+}
+
+#[test]
+fn apply_on_redis_never_brings_back_a_key_revoked_nor_a_namespace_wiped_nor_drops_a_key_created_meanwhile()
+ {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    let direct = ["--redis", url.as_str(), "--namespace", "res"];
+    let dir = tempfile::tempdir().unwrap();
+    let (e1, owned) = (dir.path().join("e1.toml"), dir.path().join("owned.toml"));
+    fs::write(&e1, E1).unwrap();
+    fs::write(&owned, E1_OWNED).unwrap();
+    let record = |id: &str| redis.cli(&["HGET", "tak:{res}:keys", id]);
+    let apply = |proxy: &HoldFirstScript, prune: bool| {
+        let mut args = on(
+            &["--redis", &proxy.url(), "--namespace", "res"],
+            &["apply", p(&owned)],
+        );
+        if prune {
+            args.push("--prune".into());
+        }
+        args
+    };
+    run(&on(&direct, &["import", p(&e1)])).code(0);
+
+    // e1 revoked (removed) between apply's read and its write: refused, e1 stays
+    // revoked.
+    for prune in [false, true] {
+        let proxy = HoldFirstScript::start(redis.port);
+        let args = apply(&proxy, prune);
+        let r = proxy
+            .run(&args, || {
+                run(&on(&direct, &["keys", "revoke", "e1"])).code(0);
+            })
+            .code(4)
+            .one_line_error();
+        assert!(r.err.contains("changed since it was read"), "{}", r.err);
+        // Revoked: gone, and not brought back.
+        assert!(redis.ids("res").is_empty(), "{:?}", redis.ids("res"));
+        run(&on(&direct, &["restore", "--force", p(&e1)])).code(0);
+    }
+
+    // A key created meanwhile, which the printed plan never named: kept (the plan's
+    // own changes are made, the rest of the namespace left alone).
+    run(&on(&direct, &["keys", "create", "--id", "old"])).code(0);
+    let proxy = HoldFirstScript::start(redis.port);
+    let args = apply(&proxy, true);
+    let r = proxy.run(&args, || {
+        run(&on(&direct, &["keys", "create", "--id", "concurrent"])).code(0);
+    });
+    assert!(r.out.contains("- old") && !r.out.contains("concurrent"), "{}", r.out);
+    assert_eq!(redis.ids("res"), ["concurrent", "e1"]);
+    assert!(record("e1").contains("owner"), "{}", record("e1"));
+
+    // The namespace wiped meanwhile: missing (8), nothing re-created.
+    run(&on(&direct, &["restore", "--force", p(&e1)])).code(0);
+    run(&on(&direct, &["keys", "create", "--id", "old"])).code(0);
+    let proxy = HoldFirstScript::start(redis.port);
+    let args = apply(&proxy, true);
+    proxy
+        .run(&args, || {
+            redis.cli(&["FLUSHALL"]);
+        })
+        .code(8)
+        .one_line_error();
+    assert!(redis.ids("res").is_empty());
+    assert_eq!(redis.cli(&["EXISTS", "tak:{res}:version"]), "0");
+}
