@@ -977,7 +977,8 @@ fn down_is_unavailable(target: [&str; 4], password: &str) {
 
 #[test]
 fn a_redis_namespace_from_import_to_restore() {
-    let Some(mut redis) = Redis::start() else {
+    let password = "redis-pass-5b1e";
+    let Some(mut redis) = Redis::start_with_password(password) else {
         return;
     };
     let url = redis.url();
@@ -994,13 +995,10 @@ fn a_redis_namespace_from_import_to_restore() {
                 redis.cli(&["FLUSHALL"]);
             },
         };
-        a_namespace_from_import_to_restore(&fleet, "no password");
+        a_namespace_from_import_to_restore(&fleet, password);
     }
     redis.stop();
-    down_is_unavailable(
-        ["--redis", url.as_str(), "--namespace", "pay"],
-        "no password",
-    );
+    down_is_unavailable(["--redis", url.as_str(), "--namespace", "pay"], password);
 }
 
 #[test]
