@@ -985,7 +985,8 @@ fn down_is_unavailable(target: [&str; 4], password: &str) {
 
 #[test]
 fn a_redis_namespace_from_import_to_restore() {
-    let Some(mut redis) = Redis::start() else {
+    let password = "redis-pass-5b1e";
+    let Some(mut redis) = Redis::start_with_password(password) else {
         return;
     };
     let url = redis.url();
@@ -1002,13 +1003,10 @@ fn a_redis_namespace_from_import_to_restore() {
                 redis.cli(&["FLUSHALL"]);
             },
         };
-        a_namespace_from_import_to_restore(&fleet, "no password");
+        a_namespace_from_import_to_restore(&fleet, password);
     }
     redis.stop();
-    down_is_unavailable(
-        ["--redis", url.as_str(), "--namespace", "pay"],
-        "no password",
-    );
+    down_is_unavailable(["--redis", url.as_str(), "--namespace", "pay"], password);
 }
 
 #[test]
@@ -1188,4 +1186,343 @@ fn a_dangling_link_at_the_secret_files_name_is_never_written_through() {
     .one_line_error();
     assert!(!aim.exists(), "the secret went through the link");
     assert!(!fs::read_to_string(&file).unwrap().contains("\"x\""));
+// ---------------------------------------------------------------------------
+// `apply` racing other writers: a plan made from a read is written only if what
+// it touches is still what was read; a revoked key never comes back, a wiped
+// namespace is never re-created.
+// ---------------------------------------------------------------------------
+
+const E1: &str = "[[keys]]\nid = \"e1\"\nsecret = \"e1-secret\"\n";
+const E1_OWNED: &str = "[[keys]]\nid = \"e1\"\nsecret = \"e1-secret\"\nowner = \"ops\"\n";
+
+/// `apply` started in the background; its run once it ended.
+struct Background(std::process::Child);
+
+impl Background {
+    fn start(args: &[String]) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tower-api-key"))
+            .args(args)
+            .env_remove("TOWER_API_KEY_ADMIN_KEY")
+            .env_remove("RUST_LOG")
+            .env("USER", "ops")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    fn finish(self) -> Run {
+        let output = self.0.wait_with_output().unwrap();
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            out: String::from_utf8_lossy(&output.stdout).into_owned(),
+            err: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// Holds namespace `ns`'s row (as every write does) on a connection of its own,
+/// starts `apply` with `args`, waits until the apply has read and waits for the row
+/// (its write), does `meanwhile` in the holding transaction, commits, and gives the
+/// apply's run.
+async fn apply_while_held(
+    pg: &postgres_support::Postgres,
+    ns: &str,
+    args: &[String],
+    meanwhile: &str,
+) -> Run {
+    let (mut client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let tx = client.transaction().await.unwrap();
+    tx.query_one(
+        "SELECT namespace FROM tak_namespaces WHERE namespace = $1 FOR UPDATE",
+        &[&ns],
+    )
+    .await
+    .unwrap();
+    let mut apply = Background::start(args);
+    // The apply has read the namespace (a read takes no lock) and now waits for
+    // the row to write its plan.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // Activity is read once per transaction unless asked afresh.
+        tx.execute("SELECT pg_stat_clear_snapshot()", &[])
+            .await
+            .unwrap();
+        let waiting: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        if apply.0.try_wait().unwrap().is_some() {
+            let r = apply.finish();
+            panic!(
+                "apply ended without waiting: {}\n{}\n{}",
+                r.code, r.out, r.err
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "apply never waited for the row"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tx.batch_execute(meanwhile).await.unwrap();
+    tx.commit().await.unwrap();
+    tokio::task::spawn_blocking(move || apply.finish())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_on_postgres_never_brings_back_a_key_revoked_or_a_namespace_wiped_meanwhile() {
+    let Some(pg) = postgres_support::Postgres::start() else {
+        return;
+    };
+    let url = pg.url();
+    let t = ["--postgres", url.as_str(), "--namespace", "res"];
+    let dir = tempfile::tempdir().unwrap();
+    let (e1, owned) = (dir.path().join("e1.toml"), dir.path().join("owned.toml"));
+    fs::write(&e1, E1).unwrap();
+    fs::write(&owned, E1_OWNED).unwrap();
+    run(&on(&t, &["import", p(&e1)])).code(0);
+    let apply: Vec<String> = on(&t, &["apply", p(&owned)]);
+    let disabled = || {
+        pg.psql("SELECT coalesce(record->>'disabled', 'false') FROM tak_keys WHERE namespace = 'res' AND id = 'e1'")
+    };
+
+    // e1 revoked between apply's read and its write: refused as a conflict, e1
+    // stays revoked, nothing of the plan written.
+    let before = pg.version("res");
+    let r = apply_while_held(
+        &pg,
+        "res",
+        &apply,
+        "UPDATE tak_keys SET record = record || '{\"disabled\": true}'::jsonb \
+         WHERE namespace = 'res' AND id = 'e1'; \
+         UPDATE tak_namespaces SET version = version + 1 WHERE namespace = 'res'",
+    )
+    .await
+    .code(4)
+    .one_line_error();
+    assert!(
+        r.err.contains("changed since it was read") && r.err.contains("e1"),
+        "{}",
+        r.err
+    );
+    assert_eq!(disabled(), "true");
+    assert_eq!(pg.version("res"), before + 1, "the apply wrote a version");
+    assert_eq!(
+        pg.psql("SELECT coalesce(record->>'owner', '') FROM tak_keys WHERE namespace = 'res' AND id = 'e1'"),
+        ""
+    );
+
+    // With --prune: the same.
+    let mut prune = apply.clone();
+    prune.push("--prune".into());
+    apply_while_held(
+        &pg,
+        "res",
+        &prune,
+        "UPDATE tak_keys SET record = record - 'disabled' WHERE namespace = 'res' AND id = 'e1'",
+    )
+    .await
+    .code(4)
+    .one_line_error();
+    assert_eq!(disabled(), "false");
+
+    // The namespace deleted meanwhile: missing (8), nothing re-created.
+    run(&on(&t, &["keys", "create", "--id", "gone"])).code(0);
+    apply_while_held(
+        &pg,
+        "res",
+        &prune,
+        "DELETE FROM tak_keys WHERE namespace = 'res'; \
+         DELETE FROM tak_namespaces WHERE namespace = 'res'",
+    )
+    .await
+    .code(8)
+    .one_line_error();
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM tak_namespaces WHERE namespace = 'res'"),
+        "0"
+    );
+    assert!(pg.ids("res").is_empty());
+}
+
+/// A TCP proxy to Redis on `upstream` that holds the first script a client sends
+/// (a write: the read before it is plain commands) until released: the test then
+/// changes the namespace between apply's read and its write.
+struct HoldFirstScript {
+    port: u16,
+    reached: std::sync::mpsc::Receiver<()>,
+    release: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl HoldFirstScript {
+    fn start(upstream: u16) -> Self {
+        use std::{
+            io::{Read, Write},
+            net::{TcpListener, TcpStream},
+            sync::{
+                Arc, Condvar, Mutex,
+                atomic::{AtomicBool, Ordering},
+            },
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tell, reached) = std::sync::mpsc::channel();
+        let release = Arc::new((Mutex::new(false), Condvar::new()));
+        let held = Arc::new(AtomicBool::new(false));
+        let gate = release.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    return;
+                };
+                let (mut client_rx, mut server_rx) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut server_rx, &mut client);
+                });
+                let (tell, gate, held) = (tell.clone(), gate.clone(), held.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_rx.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let script = buf[..n].windows(4).any(|w| w.eq_ignore_ascii_case(b"EVAL"));
+                        if script && !held.swap(true, Ordering::SeqCst) {
+                            let _ = tell.send(());
+                            let (lock, cv) = &*gate;
+                            let mut go = lock.lock().unwrap();
+                            while !*go {
+                                go = cv.wait(go).unwrap();
+                            }
+                        }
+                        if server.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            reached,
+            release,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Runs `args` (through this proxy), does `meanwhile` once its first script is
+    /// held, lets the script go, and gives the run.
+    fn run(self, args: &[String], meanwhile: impl FnOnce()) -> Run {
+        let apply = Background::start(args);
+        self.reached
+            .recv_timeout(Duration::from_secs(20))
+            .expect("apply never wrote");
+        meanwhile();
+        let (lock, cv) = &*self.release;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
+        apply.finish()
+    }
+}
+
+#[test]
+fn apply_on_redis_never_brings_back_a_key_revoked_nor_a_namespace_wiped_nor_drops_a_key_created_meanwhile()
+ {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    let direct = ["--redis", url.as_str(), "--namespace", "res"];
+    let dir = tempfile::tempdir().unwrap();
+    let (e1, owned) = (dir.path().join("e1.toml"), dir.path().join("owned.toml"));
+    fs::write(&e1, E1).unwrap();
+    fs::write(&owned, E1_OWNED).unwrap();
+    let record = |id: &str| redis.cli(&["HGET", "tak:{res}:keys", id]);
+    let apply = |proxy: &HoldFirstScript, prune: bool| {
+        let mut args = on(
+            &["--redis", &proxy.url(), "--namespace", "res"],
+            &["apply", p(&owned)],
+        );
+        if prune {
+            args.push("--prune".into());
+        }
+        args
+    };
+    run(&on(&direct, &["import", p(&e1)])).code(0);
+
+    // e1 revoked (removed) between apply's read and its write: refused, e1 stays
+    // revoked.
+    for prune in [false, true] {
+        let proxy = HoldFirstScript::start(redis.port);
+        let args = apply(&proxy, prune);
+        let r = proxy
+            .run(&args, || {
+                run(&on(&direct, &["keys", "revoke", "e1"])).code(0);
+            })
+            .code(4)
+            .one_line_error();
+        assert!(r.err.contains("changed since it was read"), "{}", r.err);
+        // Revoked: gone, and not brought back.
+        assert!(redis.ids("res").is_empty(), "{:?}", redis.ids("res"));
+        run(&on(&direct, &["restore", "--force", p(&e1)])).code(0);
+    }
+
+    // A key created meanwhile, which the printed plan never named: kept (the plan's
+    // own changes are made, the rest of the namespace left alone).
+    run(&on(&direct, &["keys", "create", "--id", "old"])).code(0);
+    let proxy = HoldFirstScript::start(redis.port);
+    let args = apply(&proxy, true);
+    let r = proxy.run(&args, || {
+        run(&on(&direct, &["keys", "create", "--id", "concurrent"])).code(0);
+    });
+    assert!(
+        r.out.contains("- old") && !r.out.contains("concurrent"),
+        "{}",
+        r.out
+    );
+    assert_eq!(redis.ids("res"), ["concurrent", "e1"]);
+    assert!(record("e1").contains("owner"), "{}", record("e1"));
+
+    // The namespace wiped meanwhile: missing (8), nothing re-created.
+    run(&on(&direct, &["restore", "--force", p(&e1)])).code(0);
+    run(&on(&direct, &["keys", "create", "--id", "old"])).code(0);
+    let proxy = HoldFirstScript::start(redis.port);
+    let args = apply(&proxy, true);
+    proxy
+        .run(&args, || {
+            // The namespace's own keys lost (a restore's staging, if any, kept).
+            redis.cli(&[
+                "DEL",
+                "tak:{res}:keys",
+                "tak:{res}:version",
+                "tak:{res}:log",
+            ]);
+        })
+        .code(8)
+        .one_line_error();
+    assert!(redis.ids("res").is_empty());
+    assert_eq!(redis.cli(&["EXISTS", "tak:{res}:version"]), "0");
 }

@@ -274,17 +274,24 @@ pub(crate) fn apply(
                 .cloned()
                 .collect();
             let removed: &[String] = if prune { &plan.removed } else { &[] };
-            if let Some(changed) = fleet.change(&keys, removed).await {
+            // What the plan was made from: each id it touches must still hold it
+            // when written, or nothing of it is (a key revoked meanwhile stays so).
+            let read: HashMap<&str, &ApiKey> = current.iter().map(|k| (k.id(), k)).collect();
+            let total = keys.len() + removed.len();
+            if total <= fleet.batch() {
                 // One change, one version, whatever it holds.
-                changed?;
-            } else if !removed.is_empty() {
-                // Removals: the whole namespace swapped for the file's keys, at once.
-                fleet
-                    .restore(&desired)
-                    .await
-                    .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
+                fleet.change(&keys, removed, Some(&read)).await?;
             } else {
-                import_batches(fleet, &keys, out).await?;
+                let bar = out.progress(total as u64, "applying");
+                for chunk in keys.chunks(fleet.batch()) {
+                    fleet.change(chunk, &[], Some(&read)).await?;
+                    bar.inc(chunk.len() as u64);
+                }
+                for chunk in removed.chunks(fleet.batch()) {
+                    fleet.change(&[], chunk, Some(&read)).await?;
+                    bar.inc(chunk.len() as u64);
+                }
+                bar.finish_and_clear();
             }
             Ok(Exit::Ok)
         }),

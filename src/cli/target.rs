@@ -7,7 +7,7 @@
 //! whatever its engine: a new engine is one more [`Engine`] variant, its backend and
 //! its replica's source.
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use http::{HeaderValue, Method, StatusCode, header};
 use zeroize::Zeroizing;
@@ -124,7 +124,7 @@ impl Fleet {
                 .map_err(|e| self.failure(Exit::Unavailable, &e)),
             Engine::Postgres(_) => {
                 let keys: Vec<ApiKey> = set.iter().cloned().collect();
-                self.change(&keys, &[]).await.unwrap_or(Ok(()))
+                self.change(&keys, &[], None).await
             }
         }
     }
@@ -136,27 +136,40 @@ impl Fleet {
         on_engine!(&fleet.engine, b => b.restore(set).await)
     }
 
-    /// Writes `keys` and removes `removed` as one change, where the engine can
-    /// (PostgreSQL: one transaction, one version, never creating the namespace);
-    /// `None` where it cannot (Redis).
+    /// Writes `keys` and removes `removed`, in a namespace that must exist: as one
+    /// change on PostgreSQL (one transaction, one version), one version per 1,000
+    /// changes on Redis. With `read` (the keys a plan was made from, by id), each id
+    /// touched must still hold what it held then, else the write is refused
+    /// ([`Exit::Conflict`]): PostgreSQL writes nothing; Redis nothing from the
+    /// version that found it on.
     pub(crate) async fn change(
         &self,
         keys: &[ApiKey],
         removed: &[String],
-    ) -> Option<Result<(), Failure>> {
-        let sized = match self.sized(keys.len() + removed.len()) {
-            Ok(sized) => sized,
-            Err(e) => return Some(Err(self.failure(Exit::Usage, &e))),
-        };
-        let Engine::Postgres(backend) = &sized.as_ref().unwrap_or(self).engine else {
-            return None;
-        };
-        Some(
-            backend
-                .change_many(keys, removed)
-                .await
-                .map_err(|e| Target::backend_failure(&e)),
-        )
+        read: Option<&HashMap<&str, &ApiKey>>,
+    ) -> Result<(), Failure> {
+        let sized = self
+            .sized(keys.len() + removed.len())
+            .map_err(|e| self.failure(Exit::Usage, &e))?;
+        let fleet = sized.as_ref().unwrap_or(self);
+        let done = on_engine!(&fleet.engine, b => b.change_many(keys, removed, read).await);
+        done.map_err(|e| match e {
+            BackendError::Conflict(id) if read.is_some() => {
+                let written = match self.engine {
+                    Engine::Postgres(_) => "nothing was written",
+                    Engine::Redis(_) => "nothing from its version on was written",
+                };
+                Failure::new(
+                    Exit::Conflict,
+                    format!(
+                        "{}: the namespace changed since it was read (key `{id}`): {written}; \
+                         run `diff` and `apply` again",
+                        self.describe()
+                    ),
+                )
+            }
+            e => Target::backend_failure(&e),
+        })
     }
 
     /// For a write of `keys` keys in one transaction (PostgreSQL), the namespace on

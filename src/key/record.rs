@@ -102,6 +102,18 @@ pub(crate) fn encode(key: &ApiKey) -> String {
     serde_json::to_string(&record).unwrap_or_default()
 }
 
+/// Whether the record stored under `id` (if any) is the key `read` (if any), as
+/// its record is written: how a plan made from a read is checked against what is
+/// stored when it is written. A record that cannot be read is not.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) fn unchanged(id: &str, stored: Option<&[u8]>, read: Option<&ApiKey>) -> bool {
+    match (stored, read) {
+        (None, None) => true,
+        (Some(raw), Some(key)) => decode(id, raw).is_ok_and(|now| encode(&now) == encode(key)),
+        _ => false,
+    }
+}
+
 /// The key the record stored under `id` stands for (not yet checked as a key set
 /// would check it: [`ApiKey::validate`] does that). Errors name the id and what is
 /// wrong, never a value from the record (not even the JSON parser's message, which

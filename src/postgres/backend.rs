@@ -259,17 +259,35 @@ impl PostgresBackend {
     /// version, as one change replicas apply whole (no new epoch, no reload of the
     /// namespace): how the command line's `apply` writes its plan. A namespace that
     /// does not exist is not created ([`BackendError::StoreMissing`]).
+    ///
+    /// With `read` (the keys the plan was made from, by id), every id the change
+    /// touches must still hold what `read` holds for it (or be absent, as there):
+    /// the first that does not refuses the whole change as
+    /// [`BackendError::Conflict`] naming it, and nothing is written. The records are
+    /// compared locked, in the writing transaction.
     #[cfg_attr(not(feature = "cli"), allow(dead_code))]
     pub(crate) async fn change_many(
         &self,
         keys: &[ApiKey],
         removed: &[String],
+        read: Option<&HashMap<&str, &ApiKey>>,
     ) -> Result<(), BackendError> {
         let records: Vec<(&str, String)> =
             keys.iter().map(|k| (k.id(), record::encode(k))).collect();
         let mut ids: Vec<&str> = records.iter().map(|(id, _)| *id).collect();
         ids.extend(removed.iter().map(String::as_str));
-        let decide = |_: &HashMap<String, String>| -> Result<Vec<Op>, BackendError> {
+        let decide = |current: &HashMap<String, String>| -> Result<Vec<Op>, BackendError> {
+            if let Some(read) = read
+                && let Some(id) = ids.iter().find(|id| {
+                    !record::unchanged(
+                        id,
+                        current.get(**id).map(String::as_bytes),
+                        read.get(**id).copied(),
+                    )
+                })
+            {
+                return Err(BackendError::Conflict((*id).to_owned()));
+            }
             let puts = records.iter().map(|(id, r)| Op {
                 id: (*id).to_owned(),
                 record: Some(r.clone()),
@@ -281,7 +299,7 @@ impl PostgresBackend {
             Ok(puts.chain(dels).collect())
         };
         self.transact(&Plan::Change {
-            ids,
+            ids: ids.clone(),
             decide: &decide,
         })
         .await

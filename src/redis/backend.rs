@@ -248,6 +248,102 @@ impl RedisBackend {
         Ok(keys.len())
     }
 
+    /// Writes `keys` and removes the keys `removed`, in the namespace, which must
+    /// exist: one version per 1,000 changes, each applied by replicas whole: how the
+    /// command line's `apply` writes its plan.
+    ///
+    /// With `read` (the keys the plan was made from, by id), every id a change
+    /// touches must still hold what `read` holds for it (or be absent, as there):
+    /// each version is written by the write script only if the records it touches
+    /// are those just read and found unchanged, so a key revoked, removed or created
+    /// meanwhile is never overwritten. The first id found changed refuses the rest
+    /// as [`BackendError::Conflict`] naming it; versions written before it stay. A
+    /// namespace wiped meanwhile is [`BackendError::StoreMissing`], never re-created.
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    pub(crate) async fn change_many(
+        &self,
+        keys: &[ApiKey],
+        removed: &[String],
+        read: Option<&std::collections::HashMap<&str, &ApiKey>>,
+    ) -> Result<(), BackendError> {
+        let changes: Vec<(&str, Option<String>)> = keys
+            .iter()
+            .map(|k| (k.id(), Some(record::encode(k))))
+            .chain(removed.iter().map(|id| (id.as_str(), None)))
+            .collect();
+        for chunk in changes.chunks(CHUNK) {
+            // A record changed between the check and the script (which refuses it)
+            // is looked at again: the check then names it.
+            let mut tries = 0;
+            loop {
+                let ids: Vec<&str> = chunk.iter().map(|(id, _)| *id).collect();
+                let stored = match read {
+                    Some(_) => self.current_many(&ids).await?,
+                    None => Vec::new(),
+                };
+                let mut puts = Vec::with_capacity(chunk.len());
+                for (i, (id, record)) in chunk.iter().enumerate() {
+                    let expect = match read {
+                        None => Expect::Any,
+                        Some(read) => {
+                            let now = stored.get(i).and_then(Option::as_deref);
+                            if !record::unchanged(id, now, read.get(id).copied()) {
+                                return Err(BackendError::Conflict((*id).to_owned()));
+                            }
+                            now.map_or(Expect::Absent, Expect::Exactly)
+                        }
+                    };
+                    puts.push(Put {
+                        id,
+                        expect,
+                        record: record.clone(),
+                    });
+                }
+                match self.write(&puts).await? {
+                    Written::Done => break,
+                    Written::Refused(refused::EXISTS | refused::ABSENT | refused::CHANGED)
+                        if tries < 3 =>
+                    {
+                        tries += 1;
+                    }
+                    Written::Refused(refused::EXISTS | refused::ABSENT | refused::CHANGED) => {
+                        return Err(BackendError::Conflict(ids[0].to_owned()));
+                    }
+                    Written::Refused(code) => return Err(self.refused(code)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The records with these ids, as stored, in their order. The namespace must
+    /// exist.
+    async fn current_many(&self, ids: &[&str]) -> Result<Vec<Option<Vec<u8>>>, BackendError> {
+        let (meta, held, raw): (Meta, bool, Vec<Option<Vec<u8>>>) = self
+            .link
+            .read(|mut con| async move {
+                redis::pipe()
+                    .atomic()
+                    .cmd("HMGET")
+                    .arg(&self.keys.version)
+                    .arg("epoch")
+                    .arg("version")
+                    .arg("records")
+                    .exists(&self.keys.records)
+                    .cmd("HMGET")
+                    .arg(&self.keys.records)
+                    .arg(ids)
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        if absent(&meta, held) {
+            return Err(self.missing());
+        }
+        self.saw(&meta);
+        Ok(raw)
+    }
+
     /// Replaces the namespace, whole, by the keys of the key file at `path`, and gives
     /// it a new epoch: how an operator brings back a namespace Redis lost (flushed,
     /// restarted without persistence, its version evicted), from a replica's

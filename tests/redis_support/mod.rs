@@ -30,12 +30,24 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    /// The password the server asks for (`--requirepass`), in [`url`](Self::url).
+    password: Option<String>,
 }
 
 impl Redis {
     /// Starts one, persisting every write (AOF, fsync always), or says why not
     /// (`None`: skip the test).
     pub fn start() -> Option<Self> {
+        Self::start_as(None)
+    }
+
+    /// Starts one that asks for `password` (`--requirepass`; [`url`](Self::url)
+    /// gives it), or says why not.
+    pub fn start_with_password(password: &str) -> Option<Self> {
+        Self::start_as(Some(password.to_owned()))
+    }
+
+    fn start_as(password: Option<String>) -> Option<Self> {
         if Command::new("redis-server")
             .arg("--version")
             .output()
@@ -57,6 +69,7 @@ impl Redis {
             child: None,
             port,
             dir: tempfile::tempdir().unwrap(),
+            password,
         };
         redis.run();
         Some(redis)
@@ -94,6 +107,9 @@ impl Redis {
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(extra)
             .args(["--save", ""]);
+        if let Some(password) = &self.password {
+            cmd.args(["--requirepass", password]);
+        }
         // `DEBUG` (the tests' `DEBUG SLEEP`) is off by default from Redis 7 on, and
         // the option unknown before.
         if major_version() >= 7 {
@@ -131,7 +147,10 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
     }
 
     /// A command through a fresh connection; its reply as text ("" on failure).
