@@ -1186,6 +1186,8 @@ fn a_dangling_link_at_the_secret_files_name_is_never_written_through() {
     .one_line_error();
     assert!(!aim.exists(), "the secret went through the link");
     assert!(!fs::read_to_string(&file).unwrap().contains("\"x\""));
+}
+
 // ---------------------------------------------------------------------------
 // `apply` racing other writers: a plan made from a read is written only if what
 // it touches is still what was read; a revoked key never comes back, a wiped
