@@ -322,13 +322,7 @@ impl RedisBackend {
         let (meta, held, raw): (Meta, bool, Vec<Option<Vec<u8>>>) = self
             .link
             .read(|mut con| async move {
-                redis::pipe()
-                    .atomic()
-                    .cmd("HMGET")
-                    .arg(&self.keys.version)
-                    .arg("epoch")
-                    .arg("version")
-                    .arg("records")
+                self.meta_pipe()
                     .exists(&self.keys.records)
                     .cmd("HMGET")
                     .arg(&self.keys.records)
@@ -508,13 +502,7 @@ impl RedisBackend {
         let (meta, records): (Meta, Value) = self
             .link
             .read(|mut con| async move {
-                redis::pipe()
-                    .atomic()
-                    .cmd("HMGET")
-                    .arg(&self.keys.version)
-                    .arg("epoch")
-                    .arg("version")
-                    .arg("records")
+                self.meta_pipe()
                     .hgetall(&self.keys.records)
                     .query_async(&mut con)
                     .await
@@ -541,18 +529,25 @@ impl RedisBackend {
             .collect()
     }
 
+    /// An atomic pipeline that first reads the namespace's epoch, version and record
+    /// count (a [`Meta`]): what every read of records starts with.
+    fn meta_pipe(&self) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(&self.keys.version)
+            .arg("epoch")
+            .arg("version")
+            .arg("records");
+        pipe
+    }
+
     /// The record with this id, as stored, if any. The namespace must exist.
     async fn current(&self, id: &str) -> Result<Option<Stored>, BackendError> {
         let (meta, held, raw): (Meta, bool, Option<Vec<u8>>) = self
             .link
             .read(|mut con| async move {
-                redis::pipe()
-                    .atomic()
-                    .cmd("HMGET")
-                    .arg(&self.keys.version)
-                    .arg("epoch")
-                    .arg("version")
-                    .arg("records")
+                self.meta_pipe()
                     .exists(&self.keys.records)
                     .hget(&self.keys.records, id)
                     .query_async(&mut con)
