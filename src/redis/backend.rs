@@ -544,20 +544,7 @@ impl RedisBackend {
 
     /// The record with this id, as stored, if any. The namespace must exist.
     async fn current(&self, id: &str) -> Result<Option<Stored>, BackendError> {
-        let (meta, held, raw): (Meta, bool, Option<Vec<u8>>) = self
-            .link
-            .read(|mut con| async move {
-                self.meta_pipe()
-                    .exists(&self.keys.records)
-                    .hget(&self.keys.records, id)
-                    .query_async(&mut con)
-                    .await
-            })
-            .await?;
-        if absent(&meta, held) {
-            return Err(self.missing());
-        }
-        self.saw(&meta);
+        let raw = self.current_many(&[id]).await?.into_iter().next().flatten();
         Ok(raw.map(|raw| {
             let key = record::decode(id, &raw).and_then(|k| k.validate().map(|()| k));
             (raw, key)
