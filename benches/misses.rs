@@ -12,6 +12,7 @@
 //! cargo bench --bench misses --no-run
 //! B=$(ls -t target/release/deps/misses-* | grep -v '\.d$' | head -1)
 //! for v in floor hand-written api-key-layer floor-hot hand-written-hot api-key-layer-hot \
+//!          hand-written-hot16 api-key-layer-hot16 \
 //!          api-key-layer-hot-limited api-key-layer-hot-limited-headers; do
 //!   valgrind --tool=callgrind --cache-sim=yes --LL=33554432,16,64 \
 //!     --toggle-collect='misses::common::call*' --callgrind-out-file=cg.$v $B $v 20000
@@ -62,12 +63,30 @@ fn main() {
     };
     let hot_headers = request(Some(&key(7)));
     let hot = || build(&hot_headers);
+    // Sixteen keys spread over the thousand, taken in turn (as perf-anchor's hot case
+    // does): what a few keys in use at once cost over one.
+    let sixteen: Vec<_> = (0..16)
+        .map(|j| request(Some(&key(j * 1_000 / 16))))
+        .collect();
+    let mut turn = 0;
+    let mut hot16 = move || {
+        turn = (turn + 1) % sixteen.len();
+        build(&sixteen[turn])
+    };
     match variant.as_str() {
         "floor" => (0..n).for_each(|_| drop(black_box(call(&mut Floor, cold())))),
         "floor-hot" => (0..n).for_each(|_| drop(black_box(call(&mut Floor, hot())))),
         "hand-written-hot" => {
             let mut svc = hand_written(1_000);
             (0..n).for_each(|_| drop(black_box(call(&mut svc, hot()))));
+        }
+        "hand-written-hot16" => {
+            let mut svc = hand_written(1_000);
+            (0..n).for_each(|_| drop(black_box(call(&mut svc, hot16()))));
+        }
+        "api-key-layer-hot16" => {
+            let mut svc = ApiKeyLayer::new(key_set(1_000)).layer(Floor);
+            (0..n).for_each(|_| drop(black_box(call(&mut svc, hot16()))));
         }
         "api-key-layer-hot" => {
             let mut svc = ApiKeyLayer::new(key_set(1_000)).layer(Floor);
@@ -93,7 +112,7 @@ fn main() {
             (0..n).for_each(|_| drop(black_box(call(&mut svc, cold()))));
         }
         other => println!(
-            "unknown variant {other}: floor, hand-written or api-key-layer, each also with -hot"
+            "unknown variant {other}: floor, hand-written or api-key-layer, each also with -hot (and the last two with -hot16)"
         ),
     }
 }

@@ -24,7 +24,7 @@ use std::{
     hint::black_box,
     sync::{
         Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering, fence},
     },
 };
 
@@ -354,6 +354,9 @@ struct Tally {
     round: AtomicU64,
     /// The second (Unix) in which this round's requests were made.
     second: AtomicU32,
+    /// How many places hold a key (owner's count; it may run high after a reader's
+    /// `take` of an exited thread's tally, which only makes an emptying come sooner).
+    held: AtomicU32,
 }
 
 impl Default for Tally {
@@ -363,6 +366,7 @@ impl Default for Tally {
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
             round: AtomicU64::new(0),
             second: AtomicU32::new(0),
+            held: AtomicU32::new(0),
         }
     }
 }
@@ -396,16 +400,49 @@ impl Tally {
             .into_iter()
             .find(|&at| self.keys[at].load(Ordering::Relaxed) == 0)
         {
-            Some(at) => at,
-            // Both places taken by other keys: empty the tally.
-            None => {
-                self.flush(counters);
-                places[0]
+            Some(at) => {
+                self.held
+                    .store(self.held.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                at
             }
+            // Both places taken by other keys.
+            None => self.make_room(places[0], counters),
         };
         self.counts[at].store(1, Ordering::Relaxed);
         // After its count: a reader that sees the key sees the count with it.
         self.keys[at].store(packed, Ordering::Release);
+    }
+
+    /// Frees place `at` for another key. When the tally is half full or more (many
+    /// keys within a second, as in a large set used evenly), it is emptied whole, so
+    /// that the cache misses of many cells overlap. Otherwise only the key in `at`
+    /// goes to its cell: a few hot keys that happen to share places then cost one cell
+    /// update now and then, not the whole tally's every time one of them comes round.
+    #[cold]
+    fn make_room(&self, at: usize, counters: &Counters) -> usize {
+        if self.held.load(Ordering::Relaxed) as usize >= TALLY / 2 {
+            self.flush(counters);
+            self.held.store(1, Ordering::Relaxed);
+            return at;
+        }
+        self.next_round();
+        let packed = self.keys[at].load(Ordering::Relaxed);
+        let n = self.counts[at].load(Ordering::Relaxed);
+        self.keys[at].store(0, Ordering::Relaxed);
+        counters.add(
+            Counter::unpacked(packed),
+            n,
+            self.second.load(Ordering::Relaxed),
+        );
+        at
+    }
+
+    /// Starts a new round: readers that overlap what follows drop what they read.
+    fn next_round(&self) {
+        let round = self.round.load(Ordering::Relaxed);
+        self.round.store(round.wrapping_add(1), Ordering::Relaxed);
+        // The new round is seen before any place the owner changes after it.
+        fence(Ordering::Release);
     }
 
     /// The owning thread adds this round's counts to their cells.
@@ -413,6 +450,7 @@ impl Tally {
     fn flush(&self, counters: &Counters) {
         let mut taken = [(0, 0); TALLY];
         let n = self.take(&mut taken);
+        self.held.store(0, Ordering::Relaxed);
         counters.add_all(&taken[..n], self.second.load(Ordering::Relaxed));
     }
 
@@ -421,8 +459,7 @@ impl Tally {
     /// places are emptied, and only then may the counts reach their cells (`add`
     /// releases): a reader that sees a cell with them sees the new round here.
     fn take(&self, taken: &mut [(u64, u64); TALLY]) -> usize {
-        let round = self.round.load(Ordering::Relaxed);
-        self.round.store(round.wrapping_add(1), Ordering::Release);
+        self.next_round();
         let mut n = 0;
         for (key, count) in self.keys.iter().zip(&self.counts) {
             let packed = key.load(Ordering::Relaxed);
@@ -468,6 +505,34 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hot_keys_sharing_places_send_only_themselves_to_their_cells() {
+        let counters = Arc::new(Counters::new());
+        let mut cells = counters.cells();
+        let all: Vec<Counter> = (0..=2 * TALLY * TALLY).map(|_| cells.assign()).collect();
+        drop(cells);
+        // Both places of each of these three are place 0.
+        let sharing = [all[0], all[TALLY * TALLY], all[2 * TALLY * TALLY]];
+        assert!(sharing.iter().all(|&c| Tally::places(c) == [0, 0]));
+        let other = all[1];
+        counters.record(other, 100);
+        for _ in 0..1_000 {
+            for counter in sharing {
+                counters.record(counter, 100);
+            }
+        }
+        assert_eq!(
+            counters.read(other),
+            Some((0, 0)),
+            "a key of its own places stays in the tally"
+        );
+        assert_eq!(
+            counters.usage(sharing.into_iter().chain([other])),
+            [(1_000, 100), (1_000, 100), (1_000, 100), (1, 100)],
+            "every request counted once"
+        );
+    }
 
     #[test]
     fn cells_are_placed_in_growing_chunks() {
