@@ -22,9 +22,10 @@ use crate::{
 pub(crate) struct Shard {
     slots: Box<[Slot]>,
     /// One byte of each slot's digest (never 0), or 0 for an empty slot: a lookup
-    /// walks these, a few bytes in one cache line, and reads only the slot whose
-    /// byte matches, instead of every slot from where the digest's walk starts (three
-    /// on average, four-fifths full).
+    /// walks these, eight bytes at a time in one cache line, and reads only the slot
+    /// whose byte matches, instead of every slot from where the digest's walk starts
+    /// (three on average, four-fifths full). The first `GROUP - 1` are copied again
+    /// after the last, so that a walk reads whole words across the end.
     tags: Box<[u8]>,
     len: usize,
 }
@@ -34,6 +35,32 @@ pub(crate) struct Shard {
 #[inline]
 fn tag(digest: &KeyDigest) -> u8 {
     digest.0[16].max(1)
+}
+
+/// How many tags a lookup reads at once.
+const GROUP: usize = 8;
+/// The lowest bit of each byte of a word.
+const LOW: u64 = u64::from_le_bytes([1; 8]);
+/// The highest bit of each byte of a word.
+const HIGH: u64 = LOW << 7;
+
+/// The bytes of `word` that are 0, as their high bits. The lowest one set is exact;
+/// above a zero byte, a byte of 1 may be marked too (the borrow), which a caller
+/// checks anyway (a tag match is confirmed by the digest) or does not use (only the
+/// first empty byte matters).
+#[inline]
+fn zero_bytes(word: u64) -> u64 {
+    word.wrapping_sub(LOW) & !word & HIGH
+}
+
+/// Slot `i` of a walk that may have run past the end, back in `0..len` (`i` is below
+/// `len + GROUP`, so the division is only for shards of fewer than eight slots).
+#[inline]
+fn wrap(i: usize, len: usize) -> usize {
+    match i < len {
+        true => i,
+        false => (i - len) % len,
+    }
 }
 
 /// How many handles each shard has: threads take them in turn (see [`group`]).
@@ -137,7 +164,7 @@ impl Shard {
         slots.resize_with(len, Slot::default);
         Self {
             slots: slots.into_boxed_slice(),
-            tags: vec![0; len].into_boxed_slice(),
+            tags: vec![0; len + GROUP - 1].into_boxed_slice(),
             len: 0,
         }
     }
@@ -152,7 +179,7 @@ impl Shard {
     fn home(&self, digest: &KeyDigest) -> usize {
         // Multiply-shift maps 64 bits onto 0..len without a power-of-two size. The
         // shard was chosen by the digest's first bytes: use the next ones.
-        ((u128::from(digest.bits(8)) * self.tags.len() as u128) >> 64) as usize
+        ((u128::from(digest.bits(8)) * self.slots.len() as u128) >> 64) as usize
     }
 
     /// Puts `entry` under `digest`, counted in `counter`, and returns its slot; if the
@@ -163,7 +190,7 @@ impl Shard {
         entry: Arc<KeyEntry>,
         counter: Counter,
     ) -> Result<usize, usize> {
-        let len = self.tags.len();
+        let len = self.slots.len();
         debug_assert!(self.len + 1 < len, "shard sized for fewer keys");
         let want = tag(&digest);
         let mut i = self.home(&digest);
@@ -172,6 +199,12 @@ impl Shard {
                 0 => {
                     self.slots[i] = Slot::new(digest, entry, counter);
                     self.tags[i] = want;
+                    // The copies of the first tags, after the last, that `group` reads.
+                    let mut copy = i;
+                    while copy < GROUP - 1 {
+                        self.tags[len + copy] = want;
+                        copy += len;
+                    }
                     self.len += 1;
                     return Ok(i);
                 }
@@ -182,17 +215,50 @@ impl Shard {
     }
 
     /// The slot holding this digest.
+    ///
+    /// The tags are read eight at a time: a word's bytes equal to the digest's tag,
+    /// before its first empty byte, are the only slots to compare. Most lookups read
+    /// one word and compare one slot, so the branches a lookup takes do not depend on
+    /// how far its key sits from home (a byte-by-byte walk mispredicts its exit
+    /// whenever requests alternate between keys at different distances).
     #[inline]
     pub(crate) fn find(&self, digest: &KeyDigest) -> Option<usize> {
-        let len = self.tags.len();
-        let want = tag(digest);
+        let len = self.slots.len();
+        let want = u64::from(tag(digest)) * LOW;
         let mut i = self.home(digest);
         loop {
-            match self.tags[i] {
-                0 => return None,
-                t if t == want && same(&self.slots[i].digest, &digest.0) => return Some(i),
-                _ => i = if i + 1 == len { 0 } else { i + 1 },
+            let group = self.group(i);
+            let empty = zero_bytes(group);
+            // Only the matches before the first empty byte: past it, the walk is over.
+            let before = match empty {
+                0 => u64::MAX,
+                e => (e & e.wrapping_neg()).wrapping_sub(1),
+            };
+            let mut matches = zero_bytes(group ^ want) & before;
+            while matches != 0 {
+                let at = wrap(i + (matches.trailing_zeros() / 8) as usize, len);
+                if same(&self.slots[at].digest, &digest.0) {
+                    return Some(at);
+                }
+                matches &= matches - 1;
             }
+            if empty != 0 {
+                return None;
+            }
+            i = wrap(i + GROUP, len);
+        }
+    }
+
+    /// The eight tags from slot `i` on (wrapping round, through the copies at the end).
+    #[inline]
+    fn group(&self, i: usize) -> u64 {
+        match self.tags.get(i..i + GROUP) {
+            Some(bytes) => {
+                let mut word = [0u8; GROUP];
+                word.copy_from_slice(bytes);
+                u64::from_le_bytes(word)
+            }
+            None => 0,
         }
     }
 
@@ -224,6 +290,59 @@ mod tests {
     fn entry(id: &str) -> (KeyDigest, Arc<KeyEntry>) {
         let key = ApiKey::new(id, id);
         (key.digest, KeyEntry::for_tests(&key))
+    }
+
+    /// A digest whose walk starts at the last slot of a shard of `len` slots, with
+    /// `tag` for its tag byte and `n` to tell it apart.
+    fn at_the_end(tag: u8, n: u8) -> KeyDigest {
+        let mut digest = [0u8; 32];
+        digest[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        digest[16] = tag;
+        digest[31] = n;
+        KeyDigest(digest)
+    }
+
+    #[test]
+    fn a_walk_past_the_last_slot_finds_keys_sharing_a_tag_and_stops_at_an_empty_one() {
+        let mut shard = Shard::with_capacity(8);
+        let len = shard.slots.len();
+        let key = |n| at_the_end(7, n);
+        for n in 0..8 {
+            let (_, entry) = entry(&format!("k{n}"));
+            assert!(shard.insert(key(n), entry, Counter::default()).is_ok());
+        }
+        // All eight start at the last slot: one there, the others from slot 0 on.
+        assert_eq!(shard.find(&key(0)), Some(len - 1));
+        for n in 1..8 {
+            assert_eq!(shard.find(&key(n)), Some(usize::from(n) - 1), "key {n}");
+            assert_eq!(
+                &*shard.entry_at(usize::from(n) - 1).unwrap().id,
+                format!("k{n}")
+            );
+        }
+        assert_eq!(shard.find(&key(8)), None, "same tag and start, not there");
+        assert_eq!(shard.find(&at_the_end(9, 0)), None, "another tag");
+    }
+
+    #[test]
+    fn shards_of_every_small_size_find_their_keys_and_nothing_else() {
+        for n in 0..40 {
+            let keys: Vec<_> = (0..n).map(|i| entry(&format!("s{n}-{i}"))).collect();
+            let mut shard = Shard::with_capacity(n);
+            for (i, (digest, entry)) in keys.iter().enumerate() {
+                let counter = Counter::new(i as u32, 1);
+                assert!(shard.insert(*digest, entry.clone(), counter).is_ok());
+            }
+            for (digest, entry) in &keys {
+                let i = shard.find(digest).unwrap();
+                assert_eq!(shard.entry_at(i).unwrap().id, entry.id);
+            }
+            for i in 0..200 {
+                let absent = KeyDigest::of(format!("absent{n}-{i}").as_bytes());
+                assert!(shard.find(&absent).is_none());
+            }
+        }
+        assert!(Shard::default().find(&KeyDigest::of(b"x")).is_none());
     }
 
     #[test]
