@@ -249,6 +249,16 @@ impl Shard {
         }
     }
 
+    /// Loads the first byte of the slot where `digest`'s walk starts, without waiting
+    /// for it: the slot a lookup most often ends at (or the one next to it, in the same
+    /// or the next cache line) is then on its way while the tags are read.
+    #[inline]
+    pub(crate) fn warm(&self, digest: &KeyDigest) {
+        if let Some(slot) = self.slots.get(self.home(digest)) {
+            std::hint::black_box(slot.digest[0]);
+        }
+    }
+
     /// The eight tags from slot `i` on (wrapping round, through the copies at the end).
     #[inline]
     fn group(&self, i: usize) -> u64 {
