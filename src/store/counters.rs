@@ -248,6 +248,9 @@ impl Counters {
             if Arc::strong_count(tally) > 1 {
                 return true;
             }
+            // What the exited thread wrote before it let go of the tally is seen here
+            // (as `Arc`'s own drop does before freeing).
+            fence(Ordering::Acquire);
             let mut taken = [(0, 0); TALLY];
             let n = tally.take(&mut taken);
             self.add_all(&taken[..n], tally.second.load(Ordering::Acquire));
@@ -349,13 +352,14 @@ struct Tally {
     keys: [AtomicU64; TALLY],
     /// The requests counted for the key in the same place.
     counts: [AtomicU64; TALLY],
-    /// Bumped each time the tally is emptied, before its counts reach their cells: a
-    /// reader that sees it change while it reads drops what it read.
+    /// Bumped each time the tally is emptied or one key leaves it, before the counts
+    /// reach their cells: a reader that sees it change while it reads drops what it
+    /// read.
     round: AtomicU64,
     /// The second (Unix) in which this round's requests were made.
     second: AtomicU32,
-    /// How many places hold a key (owner's count; it may run high after a reader's
-    /// `take` of an exited thread's tally, which only makes an emptying come sooner).
+    /// How many places hold a key: kept by the owning thread, exact for it (readers
+    /// empty only the tallies of threads that have exited).
     held: AtomicU32,
 }
 
@@ -385,7 +389,7 @@ impl Tally {
     fn record(&self, counter: Counter, now_secs: u32, counters: &Counters) {
         if self.second.load(Ordering::Relaxed) != now_secs {
             self.flush(counters);
-            self.second.store(now_secs, Ordering::Relaxed);
+            self.second.store(now_secs, Ordering::Release);
         }
         let packed = counter.packed();
         let places = Self::places(counter);
@@ -441,7 +445,8 @@ impl Tally {
     fn next_round(&self) {
         let round = self.round.load(Ordering::Relaxed);
         self.round.store(round.wrapping_add(1), Ordering::Relaxed);
-        // The new round is seen before any place the owner changes after it.
+        // A reader that sees any place the owner changes after this (with its acquire
+        // fence before checking the round) sees the new round.
         fence(Ordering::Release);
     }
 
@@ -485,7 +490,9 @@ impl Tally {
                 n += 1;
             }
         }
-        match self.round.load(Ordering::Acquire) == round {
+        // Every load above, counts included, before the round is checked again.
+        fence(Ordering::Acquire);
+        match self.round.load(Ordering::Relaxed) == round {
             true => n,
             false => 0,
         }

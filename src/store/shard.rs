@@ -24,8 +24,9 @@ pub(crate) struct Shard {
     /// One byte of each slot's digest (never 0), or 0 for an empty slot: a lookup
     /// walks these, eight bytes at a time in one cache line, and reads only the slot
     /// whose byte matches, instead of every slot from where the digest's walk starts
-    /// (three on average, four-fifths full). The first `GROUP - 1` are copied again
-    /// after the last, so that a walk reads whole words across the end.
+    /// (three on average, four-fifths full). After the last come `GROUP - 1` more,
+    /// copies of the tags a walk meets next when it runs past the end (`tags[len + j]`
+    /// is `tags[j % len]`), so that it reads whole words.
     tags: Box<[u8]>,
     len: usize,
 }
@@ -249,9 +250,10 @@ impl Shard {
         }
     }
 
-    /// Loads the first byte of the slot where `digest`'s walk starts, without waiting
-    /// for it: the slot a lookup most often ends at (or the one next to it, in the same
-    /// or the next cache line) is then on its way while the tags are read.
+    /// Loads the first byte of the digest in the slot where `digest`'s walk starts,
+    /// without waiting for it: the slot a lookup most often ends at (or the one next
+    /// to it, in the same or the next cache line) is then on its way while the tags
+    /// are read.
     #[inline]
     pub(crate) fn warm(&self, digest: &KeyDigest) {
         if let Some(slot) = self.slots.get(self.home(digest)) {
@@ -332,6 +334,65 @@ mod tests {
         }
         assert_eq!(shard.find(&key(8)), None, "same tag and start, not there");
         assert_eq!(shard.find(&at_the_end(9, 0)), None, "another tag");
+    }
+
+    /// Random small shards of digests crowded at both ends, with tags one bit apart,
+    /// tag 0 (stored as 1) and the all-zero digest: `find` agrees with a plain search,
+    /// and the copies after the last tag repeat the first ones.
+    #[test]
+    fn finds_what_a_plain_search_finds_in_crowded_shards() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (_, entry) = entry("k");
+        let tags = [0u8, 1, 2, 3, 0x80, 0x81, 0xfe, 0xff];
+        let digest = |next: &mut dyn FnMut() -> u64| {
+            let r = next();
+            let mut d = [0u8; 32];
+            if !r.is_multiple_of(8) {
+                let home = match r % 3 {
+                    0 => u64::MAX - (r >> 40) % 4,
+                    1 => (r >> 40) % 4,
+                    _ => next(),
+                };
+                d[8..16].copy_from_slice(&home.to_le_bytes());
+                d[16] = tags[(r >> 8) as usize % tags.len()];
+                d[31] = (r >> 16) as u8 % 32;
+            }
+            KeyDigest(d)
+        };
+        for _ in 0..20_000 {
+            let n = (next() % 24) as usize;
+            let mut shard = Shard::with_capacity(n);
+            let len = shard.slots.len();
+            let mut present: Vec<(KeyDigest, usize)> = Vec::new();
+            for _ in 0..n {
+                let d = digest(&mut next);
+                let known = present.iter().find(|(p, _)| p.0 == d.0).map(|&(_, i)| i);
+                match shard.insert(d, entry.clone(), Counter::default()) {
+                    Ok(i) => {
+                        assert_eq!(known, None);
+                        present.push((d, i));
+                    }
+                    Err(i) => assert_eq!(known, Some(i)),
+                }
+            }
+            for j in 0..GROUP - 1 {
+                assert_eq!(shard.tags[len + j], shard.tags[j % len]);
+            }
+            for &(d, i) in &present {
+                assert_eq!(shard.find(&d), Some(i));
+            }
+            for _ in 0..20 {
+                let d = digest(&mut next);
+                let known = present.iter().find(|(p, _)| p.0 == d.0).map(|&(_, i)| i);
+                assert_eq!(shard.find(&d), known);
+            }
+        }
     }
 
     #[test]
