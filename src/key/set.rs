@@ -44,6 +44,46 @@ struct Inner {
     ids: foldhash::fast::RandomState,
 }
 
+/// Fills an empty `table` with the positions `0..hashes.len()`, placed by `hashes`,
+/// in the order of their places in the table, keeping the first of any positions
+/// that `same` says are equal. Returns the first repeat in position order, with the
+/// position it repeats.
+///
+/// Every position but the first of its group is seen as a repeat on the way (the
+/// table keeps the lowest of a group so far), so the lowest repeat seen is the
+/// second of its group, and it repeats the first.
+fn fill(
+    table: &mut HashTable<u32>,
+    hashes: &[u64],
+    same: impl Fn(usize, usize) -> bool,
+) -> Option<(usize, usize)> {
+    // The table's places: the low bits of a hash, as many as it has buckets
+    // (hashbrown keeps seven-eighths of its buckets usable).
+    let buckets = (table.capacity().saturating_mul(8).div_ceil(7)).next_power_of_two();
+    let place = |h: u64| h & (buckets as u64 - 1);
+    let mut order: Vec<u32> = (0..hashes.len() as u32).collect();
+    order.sort_unstable_by_key(|&i| place(hashes[i as usize]));
+    let mut first_repeat: Option<(usize, usize)> = None;
+    for i in order {
+        let (at, hash) = (i as usize, hashes[i as usize]);
+        match table.find_mut(hash, |&j| same(j as usize, at)) {
+            Some(kept) => {
+                let (first, later) = match (*kept as usize) < at {
+                    true => (*kept as usize, at),
+                    false => (at, std::mem::replace(kept, i) as usize),
+                };
+                if first_repeat.is_none_or(|(seen, _)| later < seen) {
+                    first_repeat = Some((later, first));
+                }
+            }
+            None => {
+                table.insert_unique(hash, i, |&j| hashes[j as usize]);
+            }
+        }
+    }
+    first_repeat
+}
+
 /// The position of the key with this id, from its hash.
 fn find_id(table: &HashTable<u32>, keys: &[ApiKey], hash: u64, id: &str) -> Option<usize> {
     table
@@ -95,6 +135,7 @@ impl KeySet {
     }
 
     /// An empty set with room for `n` keys.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn with_capacity(n: usize) -> Self {
         let mut inner = Inner::default();
         inner.keys.reserve(n);
@@ -112,12 +153,72 @@ impl KeySet {
     /// The first [`Error::InvalidKey`], [`Error::DuplicateId`] or
     /// [`Error::DuplicateKey`] met, in order.
     pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> Result<Self, Error> {
-        let keys = keys.into_iter();
-        let mut set = Self::with_capacity(keys.size_hint().0);
-        for key in keys {
-            set.insert(key)?;
+        Self::build(keys.into_iter().collect()).map_err(|(error, _)| error)
+    }
+
+    /// Builds a set from keys in one go, with what [`from_keys`](Self::from_keys)
+    /// refuses and the position of the key refused: the first one that is invalid or
+    /// repeats an id or a secret of a key before it, exactly as inserting them one by
+    /// one would find.
+    ///
+    /// Inserting a million keys one by one into the id and digest indexes is two trips
+    /// to memory a key (a new key's place is anywhere). Here each index is filled in
+    /// the order of its places, so its memory is walked once, front to back.
+    pub(crate) fn build(mut keys: Vec<ApiKey>) -> Result<Self, (Error, usize)> {
+        let mut invalid = None;
+        if let Some((at, error)) = keys
+            .iter()
+            .enumerate()
+            .find_map(|(at, key)| key.validate().err().map(|e| (at, e)))
+        {
+            // Only the keys before it count: a repeat among them comes first.
+            keys.truncate(at);
+            invalid = Some((error, at));
         }
-        Ok(set)
+        if keys.len() > u32::MAX as usize {
+            let at = u32::MAX as usize;
+            let id = keys[at].id.to_string();
+            let error = Error::invalid(Some(&id), "a key set holds fewer than 2^32 keys");
+            return Err((error, at));
+        }
+        let mut inner = Inner {
+            by_id: HashTable::with_capacity(keys.len()),
+            by_digest: HashTable::with_capacity(keys.len()),
+            ..Inner::default()
+        };
+        let ids = &inner.ids;
+        let id_hashes: Vec<u64> = keys.iter().map(|k| ids.hash_one(&*k.id)).collect();
+        let repeated_id = fill(&mut inner.by_id, &id_hashes, |a, b| {
+            keys[a].id == keys[b].id
+        });
+        let digest_hashes: Vec<u64> = keys.iter().map(|k| k.digest.bits(16)).collect();
+        let repeated_digest = fill(&mut inner.by_digest, &digest_hashes, |a, b| {
+            keys[a].digest == keys[b].digest
+        });
+        // The first repeat in order; an id before a secret, as `insert` checks them.
+        let repeat = match (repeated_id, repeated_digest) {
+            (Some((at, _)), Some((other, _))) if at <= other => repeated_id,
+            (Some(_), Some(_)) => repeated_digest,
+            (id, digest) => id.or(digest),
+        };
+        if let Some((at, first)) = repeat {
+            let second = keys[at].id.to_string();
+            let error = match repeated_id.is_some_and(|(i, _)| i == at) {
+                true => Error::DuplicateId { id: second },
+                false => Error::DuplicateKey {
+                    first: keys[first].id.to_string(),
+                    second,
+                },
+            };
+            return Err((error, at));
+        }
+        if let Some(invalid) = invalid {
+            return Err(invalid);
+        }
+        inner.keys = keys;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Adds a key.
@@ -234,6 +335,67 @@ impl<'a> IntoIterator for &'a KeySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Random lists of keys with repeated ids, repeated secrets and invalid ids: a
+    /// set built in one go refuses the same key for the same reason as inserting them
+    /// one by one, and otherwise holds the same keys, found by id and by digest.
+    #[test]
+    fn building_in_one_go_finds_what_inserting_one_by_one_finds() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let mut refusals = 0;
+        for _ in 0..5_000 {
+            let len = next(40);
+            let (keys, secrets): (Vec<ApiKey>, Vec<String>) = (0..len)
+                .map(|_| {
+                    let id = match next(50) {
+                        0 => " spaced".to_owned(),
+                        n => format!("k{}", n % (len * 8 + 5)),
+                    };
+                    let secret = format!("secret-{}", next(len * 12 + 1));
+                    (ApiKey::new(id, secret.clone()), secret)
+                })
+                .unzip();
+            let mut one_by_one = KeySet::new();
+            let expected = keys.iter().enumerate().find_map(|(at, key)| {
+                one_by_one
+                    .insert(key.clone())
+                    .err()
+                    .map(|e| (e.to_string(), at))
+            });
+            match (KeySet::build(keys.clone()), expected) {
+                (Err((error, at)), Some(expected)) => {
+                    assert_eq!((error.to_string(), at), expected);
+                    refusals += 1;
+                }
+                (Ok(set), None) => {
+                    assert_eq!(set.len(), keys.len());
+                    for ((built, key), secret) in set.iter().zip(&keys).zip(&secrets) {
+                        assert_eq!(built.id, key.id);
+                        assert_eq!(set.get(&key.id).map(|k| k.digest), Some(key.digest));
+                        // The digest index holds it too.
+                        let again = set.clone().insert(ApiKey::new("fresh", secret.as_str()));
+                        let refused =
+                            format!("key `fresh` has the same secret as key `{}`", key.id);
+                        assert_eq!(again.map_err(|e| e.to_string()), Err(refused));
+                    }
+                    assert!(set.get("absent").is_none());
+                }
+                (built, expected) => panic!(
+                    "built: {:?}, one by one: {expected:?}",
+                    built
+                        .map(|s| s.len())
+                        .map_err(|(e, at)| (e.to_string(), at))
+                ),
+            }
+        }
+        assert!(refusals > 1_000 && refusals < 4_500, "{refusals} refusals");
+    }
 
     #[test]
     fn refuses_duplicates_and_bad_ids_and_stays_unchanged() {

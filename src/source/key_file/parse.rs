@@ -147,16 +147,23 @@ mod simple {
         text: &str,
         declined_at: &mut usize,
     ) -> Option<Result<KeySet, (Error, Option<usize>)>> {
-        let mut set = KeySet::with_capacity(text.len() / 100);
+        // The keys, and where each starts, up to the first that does not make a key:
+        // the set is built from them at the end, in one go.
+        let mut keys = Vec::with_capacity(text.len() / 100);
+        let mut starts = Vec::with_capacity(text.len() / 100);
         let mut first_error = None;
         let mut add = |entry: Partial, at: usize| -> Option<()> {
             let entry = entry.finish()?;
-            if first_error.is_none()
-                && let Err(error) = entry.into_key().and_then(|key| set.insert(key))
-            {
-                // Keep reading: a line further down outside the subset means the
-                // general parser, which reports a syntax error before any other.
-                first_error = Some((error, Some(at)));
+            if first_error.is_none() {
+                match entry.into_key() {
+                    Ok(key) => {
+                        keys.push(key);
+                        starts.push(at);
+                    }
+                    // Keep reading: a line further down outside the subset means the
+                    // general parser, which reports a syntax error before any other.
+                    Err(error) => first_error = Some((error, Some(at))),
+                }
             }
             Some(())
         };
@@ -195,9 +202,11 @@ mod simple {
         if let Some((done, started)) = current {
             add(done, started)?;
         }
-        Some(match first_error {
-            Some(error) => Err(error),
-            None => Ok(set),
+        Some(match (KeySet::build(keys), first_error) {
+            // Every key built comes before the entry that failed: its fault is first.
+            (Err((error, i)), _) => Err((error, starts.get(i).copied())),
+            (Ok(_), Some(error)) => Err(error),
+            (Ok(set), None) => Ok(set),
         })
     }
 
