@@ -11,7 +11,10 @@ use std::{
     path::Path,
 };
 
-use std::{hash::BuildHasher as _, sync::OnceLock};
+use std::{
+    hash::{BuildHasher as _, Hasher as _},
+    sync::OnceLock,
+};
 
 use zeroize::Zeroize as _;
 
@@ -108,10 +111,7 @@ impl FileBytes {
         let file = open(path)?;
         let meta = file.metadata()?;
         if !meta.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file (a directory, a FIFO or a device?); the key file is not read",
-            ));
+            return Err(not_regular());
         }
         if meta.len() > limit {
             return Err(too_large(limit));
@@ -145,11 +145,83 @@ impl FileBytes {
     }
 }
 
-/// The [`FileBytes::fingerprint`] of `bytes`.
+/// The [`FileBytes::fingerprint`] of `bytes`: hashed in pieces of [`PIECE`] bytes, so
+/// that [`fingerprint_of_file`] can give the same without holding the file whole.
 pub(crate) fn fingerprint(bytes: &[u8]) -> Fingerprint {
+    let mut hasher = hasher();
+    bytes.chunks(PIECE).for_each(|piece| hasher.write(piece));
+    (bytes.len(), hasher.finish())
+}
+
+/// How much of a file [`fingerprint_of_file`] reads at a time.
+const PIECE: usize = 1 << 20;
+
+fn hasher() -> impl std::hash::Hasher {
     static SEED: OnceLock<foldhash::quality::RandomState> = OnceLock::new();
-    let hash = SEED.get_or_init(Default::default).hash_one(bytes);
-    (bytes.len(), hash)
+    SEED.get_or_init(Default::default).build_hasher()
+}
+
+/// The fingerprint and stamp of the regular file at `path` (at most `limit` bytes),
+/// read a piece at a time into one buffer: what a watcher's poll needs to tell
+/// whether content it already has is still there. A million-key file read whole
+/// costs 100 MB of fresh memory and tens of milliseconds of the core it shares with
+/// requests; here the memory is one piece, and the thread yields between pieces,
+/// so requests on the same core wait a piece's time at most.
+///
+/// # Errors
+///
+/// As [`FileBytes::read`].
+#[cfg_attr(not(feature = "file"), allow(dead_code))]
+pub(crate) fn fingerprint_of_file(
+    path: &Path,
+    limit: u64,
+) -> io::Result<(Fingerprint, Option<Stamp>)> {
+    #[cfg(test)]
+    reads::note(path);
+    let mut file = open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    if meta.len() > limit {
+        return Err(too_large(limit));
+    }
+    let mut hasher = hasher();
+    let mut piece = vec![0u8; PIECE];
+    let mut len: u64 = 0;
+    loop {
+        // A whole piece (or the end), as `fingerprint` cuts them.
+        let mut filled = 0;
+        while filled < PIECE {
+            match file.read(&mut piece[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        len += filled as u64;
+        if len > limit {
+            return Err(too_large(limit));
+        }
+        if filled == 0 {
+            break;
+        }
+        hasher.write(&piece[..filled]);
+        if filled < PIECE {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    let len = usize::try_from(len).map_err(|_| too_large(limit))?;
+    Ok(((len, hasher.finish()), Some(Stamp::of(&meta))))
+}
+
+fn not_regular() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "not a regular file (a directory, a FIFO or a device?); the key file is not read",
+    )
 }
 
 fn too_large(limit: u64) -> io::Error {
@@ -255,6 +327,30 @@ mod tests {
                 assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "a FIFO");
             }
         }
+    }
+
+    #[test]
+    fn a_file_fingerprinted_a_piece_at_a_time_matches_it_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        for len in [0, 1, PIECE - 1, PIECE, PIECE + 1, 3 * PIECE + 17] {
+            let content: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            std::fs::write(&path, &content).unwrap();
+            let whole = FileBytes::read(&path, DEFAULT_MAX_SIZE).unwrap();
+            let (pieces, stamp) = fingerprint_of_file(&path, DEFAULT_MAX_SIZE).unwrap();
+            assert_eq!(pieces, whole.fingerprint(), "{len} bytes");
+            assert_eq!(stamp, whole.stamp());
+        }
+        let other = fingerprint_of_file(&path, DEFAULT_MAX_SIZE).unwrap().0;
+        std::fs::write(&path, b"[[keys]]\n").unwrap();
+        assert_ne!(
+            fingerprint_of_file(&path, DEFAULT_MAX_SIZE).unwrap().0,
+            other
+        );
+        let err = fingerprint_of_file(&path, 3).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::FileTooLarge);
+        let err = fingerprint_of_file(dir.path(), 100).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "a directory");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use notify::{
 
 use super::{
     link::{Link, Member, Seen},
-    read::{FileBytes, Fingerprint, Stamp},
+    read::{FileBytes, Fingerprint, Stamp, fingerprint_of_file},
 };
 use crate::{Error, KeySet, KeyUpdater};
 
@@ -348,17 +348,19 @@ impl Watch {
     fn check(&mut self, twice: bool) {
         let mut first = None;
         if twice {
-            let Some(bytes) = self.read() else {
+            // Most often the content the store has: fingerprinted a piece at a time.
+            let path = self.path.clone();
+            let max = self.options.max_size;
+            let Some((fingerprint, stamp)) = self.attempt(|| fingerprint_of_file(&path, max))
+            else {
                 return self.forget_seen();
             };
-            if bytes.is_empty() {
+            if fingerprint.0 == 0 {
                 return self.empty();
             }
-            let fingerprint = bytes.fingerprint();
             if self.seen().is_some_and(|s| s.fingerprint == fingerprint) {
-                return self.note_stamp(fingerprint, bytes.stamp());
+                return self.note_stamp(fingerprint, stamp);
             }
-            drop(bytes);
             std::thread::sleep(self.options.debounce);
             first = Some(fingerprint);
         }
@@ -455,10 +457,16 @@ impl Watch {
 
     /// Reads the file; a failure is reported once per kind, and `None`.
     fn read(&mut self) -> Option<FileBytes> {
-        match FileBytes::read(&self.path, self.options.max_size) {
-            Ok(bytes) => {
+        let (path, max) = (self.path.clone(), self.options.max_size);
+        self.attempt(|| FileBytes::read(&path, max))
+    }
+
+    /// Runs a read of the file, reporting a new kind of failure once.
+    fn attempt<T>(&mut self, read: impl FnOnce() -> io::Result<T>) -> Option<T> {
+        match read() {
+            Ok(read) => {
                 self.last_error = None;
-                Some(bytes)
+                Some(read)
             }
             Err(error) => {
                 if self.last_error != Some(error.kind()) {
