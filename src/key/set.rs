@@ -84,6 +84,11 @@ fn fill(
     first_repeat
 }
 
+/// What a set says to a key that would be its 2^32nd (positions are four bytes).
+fn too_many(id: &str) -> Error {
+    Error::invalid(Some(id), "a key set holds fewer than 2^32 keys")
+}
+
 /// The position of the key with this id, from its hash.
 fn find_id(table: &HashTable<u32>, keys: &[ApiKey], hash: u64, id: &str) -> Option<usize> {
     table
@@ -94,11 +99,9 @@ fn find_id(table: &HashTable<u32>, keys: &[ApiKey], hash: u64, id: &str) -> Opti
 impl Inner {
     fn insert(&mut self, key: ApiKey) -> Result<(), Error> {
         key.validate()?;
-        let Ok(position) = u32::try_from(self.keys.len()) else {
-            return Err(Error::invalid(
-                Some(&key.id),
-                "a key set holds at most 2^32 keys",
-            ));
+        let position = match u32::try_from(self.keys.len()) {
+            Ok(position) if position < u32::MAX => position,
+            _ => return Err(too_many(&key.id)),
         };
         let id_hash = self.ids.hash_one(&*key.id);
         if find_id(&self.by_id, &self.keys, id_hash, &key.id).is_some() {
@@ -153,7 +156,21 @@ impl KeySet {
     /// The first [`Error::InvalidKey`], [`Error::DuplicateId`] or
     /// [`Error::DuplicateKey`] met, in order.
     pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> Result<Self, Error> {
-        Self::build(keys.into_iter().collect()).map_err(|(error, _)| error)
+        // Taken up to the first invalid key, as inserting one by one would stop there.
+        let mut taken = Vec::new();
+        let mut invalid = None;
+        for key in keys {
+            if let Err(error) = key.validate() {
+                invalid = Some(error);
+                break;
+            }
+            taken.push(key);
+        }
+        let set = Self::build(taken).map_err(|(error, _)| error)?;
+        match invalid {
+            Some(error) => Err(error),
+            None => Ok(set),
+        }
     }
 
     /// Builds a set from keys in one go, with what [`from_keys`](Self::from_keys)
@@ -165,21 +182,19 @@ impl KeySet {
     /// to memory a key (a new key's place is anywhere). Here each index is filled in
     /// the order of its places, so its memory is walked once, front to back.
     pub(crate) fn build(mut keys: Vec<ApiKey>) -> Result<Self, (Error, usize)> {
-        let mut invalid = None;
-        if let Some((at, error)) = keys
+        // The first key refused on its own: an invalid one, or the 2^32nd. Only the
+        // keys before it count: a repeat among them comes first.
+        let invalid = keys
             .iter()
+            .take(u32::MAX as usize)
             .enumerate()
-            .find_map(|(at, key)| key.validate().err().map(|e| (at, e)))
-        {
-            // Only the keys before it count: a repeat among them comes first.
-            keys.truncate(at);
-            invalid = Some((error, at));
-        }
-        if keys.len() > u32::MAX as usize {
-            let at = u32::MAX as usize;
-            let id = keys[at].id.to_string();
-            let error = Error::invalid(Some(&id), "a key set holds fewer than 2^32 keys");
-            return Err((error, at));
+            .find_map(|(at, key)| key.validate().err().map(|e| (e, at)))
+            .or_else(|| {
+                let at = u32::MAX as usize;
+                keys.get(at).map(|key| (too_many(&key.id), at))
+            });
+        if let Some((_, at)) = &invalid {
+            keys.truncate(*at);
         }
         let mut inner = Inner {
             by_id: HashTable::with_capacity(keys.len()),
@@ -191,6 +206,7 @@ impl KeySet {
         let repeated_id = fill(&mut inner.by_id, &id_hashes, |a, b| {
             keys[a].id == keys[b].id
         });
+        drop(id_hashes);
         let digest_hashes: Vec<u64> = keys.iter().map(|k| k.digest.bits(16)).collect();
         let repeated_digest = fill(&mut inner.by_digest, &digest_hashes, |a, b| {
             keys[a].digest == keys[b].digest
@@ -230,7 +246,7 @@ impl KeySet {
     ///   as bidirectional overrides, line separators); if the secret is empty, longer
     ///   than 4,096 bytes, or has leading or trailing whitespace or a control
     ///   character (no request could present it); or if `not_before` is not before
-    ///   `expires_at`;
+    ///   `expires_at`, or if the set holds 2^32 − 1 keys already;
     /// - [`Error::DuplicateId`] if the set has a key with this id;
     /// - [`Error::DuplicateKey`] if the set has this secret under another id.
     ///
@@ -368,6 +384,13 @@ mod tests {
                     .err()
                     .map(|e| (e.to_string(), at))
             });
+            let from_keys = KeySet::from_keys(keys.clone()).map(|s| s.len());
+            match &expected {
+                Some((refused, _)) => {
+                    assert_eq!(from_keys.map_err(|e| e.to_string()), Err(refused.clone()));
+                }
+                None => assert_eq!(from_keys.ok(), Some(keys.len())),
+            }
             match (KeySet::build(keys.clone()), expected) {
                 (Err((error, at)), Some(expected)) => {
                     assert_eq!((error.to_string(), at), expected);
@@ -395,6 +418,30 @@ mod tests {
             }
         }
         assert!(refusals > 1_000 && refusals < 4_500, "{refusals} refusals");
+    }
+
+    /// `from_keys` takes nothing past the first invalid key (a key source may be
+    /// long), and a repeat before it is still what it says.
+    #[test]
+    fn from_keys_stops_at_the_first_invalid_key() {
+        let never = std::iter::from_fn(|| -> Option<ApiKey> { panic!("read past an invalid key") });
+        let keys = [ApiKey::new("a", "k1"), ApiKey::new("", "k2")];
+        let refused = KeySet::from_keys(keys.into_iter().chain(never));
+        assert!(
+            matches!(refused, Err(Error::InvalidKey { .. })),
+            "{refused:?}"
+        );
+        let never = std::iter::from_fn(|| -> Option<ApiKey> { panic!("read past an invalid key") });
+        let keys = [
+            ApiKey::new("a", "k1"),
+            ApiKey::new("a", "k2"),
+            ApiKey::new("", "k3"),
+        ];
+        let refused = KeySet::from_keys(keys.into_iter().chain(never));
+        assert!(
+            matches!(refused, Err(Error::DuplicateId { .. })),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -187,7 +187,8 @@ pub(crate) fn fingerprint_of_file(
         return Err(too_large(limit));
     }
     let mut hasher = hasher();
-    let mut piece = vec![0u8; PIECE];
+    // Zeroed when dropped, as `FileBytes` is: the file holds secrets.
+    let mut piece = zeroize::Zeroizing::new(vec![0u8; PIECE]);
     let mut len: u64 = 0;
     loop {
         // A whole piece (or the end), as `fingerprint` cuts them.
