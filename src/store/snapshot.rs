@@ -2,7 +2,7 @@
 //!
 //! The keys are cut into shards by digest (see [`Shard`]), and an id index, cut the
 //! same way by a hash of the id, finds a key by its id: each id shard is a sorted
-//! list of (id hash, digest), 40 bytes a key, checked against the entry's id. A new version shares every
+//! list of (the id hash's low 32 bits, digest), 36 bytes a key, checked against the entry's id. A new version shares every
 //! shard an edit does not touch with the old one: a one-key change copies one or two
 //! shards of a few hundred keys, whatever the size of the set.
 
@@ -21,8 +21,16 @@ const PER_SHARD: usize = 256;
 /// The most shards (as a power of two).
 const MAX_BITS: u32 = 16;
 
-/// (hash of the id, digest of the key), sorted by hash.
-type IdShard = Vec<(u64, KeyDigest)>;
+/// (the low 32 bits of the id's hash, digest of the key), sorted by those bits. The
+/// top bits chose the id shard; the low ones, among its few hundred ids, rarely
+/// repeat, and a repeat is told apart by the entry's id.
+type IdShard = Vec<(u32, KeyDigest)>;
+
+/// The bits of an id's hash that its id shard keeps.
+#[inline]
+fn low(hash: u64) -> u32 {
+    hash as u32
+}
 
 /// The handles of one shard.
 type Handles = [Arc<Handle>; GROUPS];
@@ -127,10 +135,10 @@ impl Snapshot {
     pub(crate) fn digest_of(&self, id: &str) -> Option<KeyDigest> {
         let hash = self.id_hash(id);
         let list = &self.ids[top(hash, self.bits)];
-        let from = list.partition_point(|(h, _)| *h < hash);
+        let from = list.partition_point(|(h, _)| *h < low(hash));
         list[from..]
             .iter()
-            .take_while(|(h, _)| *h == hash)
+            .take_while(|(h, _)| *h == low(hash))
             .map(|(_, d)| *d)
             .find(|d| self.entry(d).is_some_and(|(e, _)| &*e.id == id))
     }
@@ -268,7 +276,7 @@ impl Snapshot {
             }
             let mut ids: Vec<IdShard> = counts.into_iter().map(Vec::with_capacity).collect();
             for (hash, digest) in hashes {
-                ids[top(hash, next.bits)].push((hash, digest));
+                ids[top(hash, next.bits)].push((low(hash), digest));
             }
             return ids
                 .into_iter()
@@ -281,7 +289,7 @@ impl Snapshot {
         // Each id shard an edit touches is copied once: what leaves is dropped, what
         // comes is added, and the list sorted again.
         let mut ids = self.ids.to_vec();
-        let mut coming: Vec<Vec<(u64, KeyDigest)>> = vec![Vec::new(); ids.len()];
+        let mut coming: Vec<Vec<(u32, KeyDigest)>> = vec![Vec::new(); ids.len()];
         let mut touched = vec![false; ids.len()];
         for (_, id) in &edit.remove {
             touched[top(self.id_hash(id), next.bits)] = true;
@@ -289,7 +297,7 @@ impl Snapshot {
         for (digest, entry, _) in &edit.insert {
             let hash = self.id_hash(&entry.id);
             touched[top(hash, next.bits)] = true;
-            coming[top(hash, next.bits)].push((hash, *digest));
+            coming[top(hash, next.bits)].push((low(hash), *digest));
         }
         for (s, coming) in coming.into_iter().enumerate() {
             if touched[s] {
