@@ -280,6 +280,15 @@ fn hash_reads_the_key_from_standard_input() {
     assert_eq!(doc["sha256"], sha256_hex("old-secret"));
     run_with(&["hash"], Some(""), &[]).code(2).one_line_error();
     run_with(&["hash"], Some("two\nlines\n"), &[]).code(2);
+    // Longer than the first read buffer: read whole, through buffers it outgrows.
+    let long = "k".repeat(4_000);
+    let doc = run_with(&["hash", "-o", "json"], Some(&format!("{long}\n")), &[])
+        .code(0)
+        .json();
+    assert_eq!(doc["sha256"], sha256_hex(&long));
+    run_with(&["hash"], Some(&"k".repeat(100_000)), &[])
+        .code(2)
+        .one_line_error();
 }
 
 #[test]

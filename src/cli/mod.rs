@@ -42,11 +42,7 @@ mod output;
 mod sync;
 mod target;
 
-use std::{
-    io::{Read as _, Write as _},
-    path::Path,
-    process::ExitCode,
-};
+use std::{io::Write as _, path::Path, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser as _};
 
@@ -422,10 +418,10 @@ const MAX_SECRET: u64 = 4096;
 
 /// Reads one secret from standard input: one line, its line ending dropped.
 pub(crate) fn read_secret_stdin(what: &str) -> Result<zeroize::Zeroizing<String>, Failure> {
-    let mut bytes = zeroize::Zeroizing::new(Vec::new());
-    std::io::stdin()
-        .take(MAX_SECRET + 1)
-        .read_to_end(&mut bytes)
+    // Read into buffers wiped as they are outgrown: a secret piped in is longer than
+    // a first guess.
+    let bytes = crate::source::read::read_wiping(std::io::stdin(), 256, MAX_SECRET + 1)
+        .map(zeroize::Zeroizing::new)
         .map_err(|e| Failure::new(Exit::Usage, format!("cannot read {what}: {e}")))?;
     if bytes.len() as u64 > MAX_SECRET {
         return Err(Failure::new(

@@ -61,6 +61,7 @@ fn fill(
     // (hashbrown keeps seven-eighths of its buckets usable).
     let buckets = (table.capacity().saturating_mul(8).div_ceil(7)).next_power_of_two();
     let place = |h: u64| h & (buckets as u64 - 1);
+    debug_assert!(u32::try_from(hashes.len()).is_ok(), "positions are u32");
     let mut order: Vec<u32> = (0..hashes.len() as u32).collect();
     order.sort_unstable_by_key(|&i| place(hashes[i as usize]));
     let mut first_repeat: Option<(usize, usize)> = None;
@@ -154,10 +155,12 @@ impl KeySet {
     /// # Errors
     ///
     /// The first [`Error::InvalidKey`], [`Error::DuplicateId`] or
-    /// [`Error::DuplicateKey`] met, in order.
+    /// [`Error::DuplicateKey`] met, in order, as inserting the keys one by one
+    /// would find it. Nothing after the first invalid key is taken from `keys`.
     pub fn from_keys(keys: impl IntoIterator<Item = ApiKey>) -> Result<Self, Error> {
         // Taken up to the first invalid key, as inserting one by one would stop there.
-        let mut taken = Vec::new();
+        let keys = keys.into_iter();
+        let mut taken = Vec::with_capacity(keys.size_hint().0);
         let mut invalid = None;
         for key in keys {
             if let Err(error) = key.validate() {
@@ -186,7 +189,7 @@ impl KeySet {
         // keys before it count: a repeat among them comes first.
         let invalid = keys
             .iter()
-            .take(u32::MAX as usize)
+            .take(u32::MAX as usize + 1)
             .enumerate()
             .find_map(|(at, key)| key.validate().err().map(|e| (e, at)))
             .or_else(|| {

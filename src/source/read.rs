@@ -117,13 +117,11 @@ impl FileBytes {
             return Err(too_large(limit));
         }
         let capacity = usize::try_from(meta.len()).unwrap_or(0);
-        let mut bytes = Self(
-            Vec::with_capacity(capacity.saturating_add(1)),
+        // One byte past the limit tells a file that grew while it was read.
+        let bytes = Self(
+            read_wiping(file, capacity.saturating_add(1), limit.saturating_add(1))?,
             Some(Stamp::of(&meta)),
         );
-        // One byte past the limit tells a file that grew while it was read.
-        file.take(limit.saturating_add(1))
-            .read_to_end(&mut bytes.0)?;
         if bytes.0.len() as u64 > limit {
             return Err(too_large(limit));
         }
@@ -143,6 +141,43 @@ impl FileBytes {
     pub(crate) fn fingerprint(&self) -> Fingerprint {
         fingerprint(&self.0)
     }
+}
+
+/// Reads `reader` to its end, or to `limit` bytes, into a buffer of `capacity`
+/// bytes, grown by hand if the reader holds more (a file that grows while it is
+/// read). `read_to_end` would free each outgrown buffer as it is, secrets and all;
+/// here every buffer is wiped before it is freed, and so is the one read into when
+/// the read fails.
+///
+/// # Errors
+///
+/// The reader's error, other than [`io::ErrorKind::Interrupted`] (retried).
+pub(crate) fn read_wiping(
+    mut reader: impl io::Read,
+    capacity: usize,
+    limit: u64,
+) -> io::Result<Vec<u8>> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    // Zeroed memory from the allocator: a large buffer costs no writes until read into.
+    let mut buffer = zeroize::Zeroizing::new(vec![0u8; capacity.clamp(1, limit.max(1))]);
+    let mut filled = 0;
+    while filled < limit {
+        if filled == buffer.len() {
+            let size = buffer.len().saturating_mul(2).min(limit);
+            let mut grown = zeroize::Zeroizing::new(vec![0u8; size]);
+            grown[..filled].copy_from_slice(&buffer[..filled]);
+            // The outgrown buffer is wiped as it drops.
+            buffer = grown;
+        }
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buffer.truncate(filled);
+    Ok(std::mem::take(&mut *buffer))
 }
 
 /// The [`FileBytes::fingerprint`] of `bytes`: hashed in pieces of [`PIECE`] bytes, so
@@ -328,6 +363,51 @@ mod tests {
                 assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "a FIFO");
             }
         }
+    }
+
+    /// A reader that gives its bytes a few at a time, interrupted now and then, and
+    /// then perhaps fails.
+    struct Trickle<'a> {
+        left: &'a [u8],
+        calls: usize,
+        fails: bool,
+    }
+
+    impl io::Read for Trickle<'_> {
+        fn read(&mut self, into: &mut [u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(3) {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            if self.left.is_empty() && self.fails {
+                return Err(io::Error::other("gone"));
+            }
+            let n = into.len().min(self.left.len()).min(7);
+            into[..n].copy_from_slice(&self.left[..n]);
+            self.left = &self.left[n..];
+            Ok(n)
+        }
+    }
+
+    /// What grows past its first buffer is read whole, a read stops at the limit, an
+    /// interruption is retried and an error is the caller's.
+    #[test]
+    fn reading_by_hand_grows_stops_at_the_limit_and_fails_as_the_reader() {
+        let data: Vec<u8> = (0..1_000u32).map(|i| (i % 251) as u8).collect();
+        let trickle = |fails| Trickle {
+            left: &data,
+            calls: 0,
+            fails,
+        };
+        for capacity in [0, 1, 10, 999, 1_000, 1_001, 5_000] {
+            let read = read_wiping(trickle(false), capacity, 10_000).unwrap();
+            assert_eq!(read, data, "capacity {capacity}");
+            let read = read_wiping(trickle(false), capacity, 501).unwrap();
+            assert_eq!(read, data[..501], "capacity {capacity}");
+            let failed = read_wiping(trickle(true), capacity, 10_000);
+            assert_eq!(failed.map_err(|e| e.to_string()), Err("gone".to_owned()));
+        }
+        assert_eq!(read_wiping(trickle(false), 64, 0).unwrap(), b"");
     }
 
     #[test]

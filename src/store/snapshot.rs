@@ -2,9 +2,10 @@
 //!
 //! The keys are cut into shards by digest (see [`Shard`]), and an id index, cut the
 //! same way by a hash of the id, finds a key by its id: each id shard is a sorted
-//! list of (the id hash's low 32 bits, digest), 36 bytes a key, checked against the entry's id. A new version shares every
-//! shard an edit does not touch with the old one: a one-key change copies one or two
-//! shards of a few hundred keys, whatever the size of the set.
+//! list of (the id hash's low 32 bits, digest), 36 bytes a key, checked against the
+//! entry's id. A new version shares every shard an edit does not touch with the old
+//! one: a one-key change copies one or two shards of a few hundred keys, whatever
+//! the size of the set.
 
 use std::{hash::BuildHasher, sync::Arc};
 
@@ -25,6 +26,7 @@ const MAX_BITS: u32 = 16;
 /// top bits chose the id shard; the low ones, among its few hundred ids, rarely
 /// repeat, and a repeat is told apart by the entry's id.
 type IdShard = Vec<(u32, KeyDigest)>;
+const _: () = assert!(std::mem::size_of::<(u32, KeyDigest)>() == 36);
 
 /// The bits of an id's hash that its id shard keeps.
 #[inline]
@@ -356,6 +358,68 @@ mod tests {
         (snapshot.iter())
             .map(|(_, e, c)| (e.id.to_string(), c))
             .collect()
+    }
+
+    /// Two ids whose hashes have the same low 32 bits, the bits an id shard keeps:
+    /// each is found as itself, in a version made by an edit and in one rebuilt when
+    /// the shard count changes, and removing one leaves the other.
+    #[test]
+    fn ids_whose_kept_hash_bits_are_equal_are_told_apart() {
+        let counters = Counters::new();
+        let empty = Snapshot::default();
+        let mut seen = std::collections::HashMap::new();
+        let (a, b) = (0..10_000_000)
+            .find_map(|i| {
+                let bits = low(empty.id_hash(&format!("c{i}")));
+                seen.insert(bits, i).map(|j| (j, i))
+            })
+            .expect("a repeat of 32 bits among ten million hashes");
+        let pair = |i| ApiKey::new(format!("c{i}"), format!("cs{i}"));
+        let entry = |key: &ApiKey| (key.digest, KeyEntry::for_tests(key), None);
+        let (a, b) = (pair(a), pair(b));
+        let found = |snapshot: &Snapshot, key: &ApiKey| snapshot.digest_of(&key.id);
+        // Into an empty version: one id shard, the two side by side.
+        let both = empty.edited(
+            Edit {
+                remove: Vec::new(),
+                insert: vec![entry(&a), entry(&b)],
+            },
+            &counters,
+        );
+        assert_eq!(both.bits, 0);
+        assert_eq!(found(&both, &a), Some(a.digest));
+        assert_eq!(found(&both, &b), Some(b.digest));
+        let one = both.edited(
+            Edit {
+                remove: vec![(a.digest, a.id.clone())],
+                insert: Vec::new(),
+            },
+            &counters,
+        );
+        assert_eq!((found(&one, &a), found(&one, &b)), (None, Some(b.digest)));
+        // Rebuilt: many shards with thousands of other keys, then one again.
+        let mut many = insert(0..5_000);
+        many.insert.push(entry(&a));
+        let big = one.edited(many, &counters);
+        assert!(big.bits >= 3, "{} bits", big.bits);
+        assert_eq!(found(&big, &a), Some(a.digest));
+        assert_eq!(found(&big, &b), Some(b.digest));
+        let remove = (0..5_000)
+            .map(|i| {
+                let key = ApiKey::new(format!("k{i}"), format!("s{i}"));
+                (key.digest, key.id.clone())
+            })
+            .collect();
+        let small = big.edited(
+            Edit {
+                remove,
+                insert: Vec::new(),
+            },
+            &counters,
+        );
+        assert_eq!(small.bits, 0);
+        assert_eq!(found(&small, &a), Some(a.digest));
+        assert_eq!(found(&small, &b), Some(b.digest));
     }
 
     #[test]
