@@ -334,6 +334,19 @@ mod tests {
         }
     }
 
+    /// An edit that removes the keys `insert` made for `n`.
+    fn remove(n: impl Iterator<Item = usize>) -> Edit {
+        Edit {
+            remove: n
+                .map(|i| {
+                    let key = ApiKey::new(format!("k{i}"), format!("s{i}"));
+                    (key.digest, key.id.clone())
+                })
+                .collect(),
+            insert: Vec::new(),
+        }
+    }
+
     fn check(snapshot: &Snapshot, live: impl Iterator<Item = usize> + Clone, gone: &[usize]) {
         for i in live.clone() {
             let digest = KeyDigest::of(format!("s{i}").as_bytes());
@@ -404,19 +417,7 @@ mod tests {
         assert!(big.bits >= 3, "{} bits", big.bits);
         assert_eq!(found(&big, &a), Some(a.digest));
         assert_eq!(found(&big, &b), Some(b.digest));
-        let remove = (0..5_000)
-            .map(|i| {
-                let key = ApiKey::new(format!("k{i}"), format!("s{i}"));
-                (key.digest, key.id.clone())
-            })
-            .collect();
-        let small = big.edited(
-            Edit {
-                remove,
-                insert: Vec::new(),
-            },
-            &counters,
-        );
+        let small = big.edited(remove(0..5_000), &counters);
         assert_eq!(small.bits, 0);
         assert_eq!(found(&small, &a), Some(a.digest));
         assert_eq!(found(&small, &b), Some(b.digest));
@@ -453,20 +454,7 @@ mod tests {
             .count();
         assert!(shared + 2 >= big.shards.len(), "only touched shards copied");
         // Down to a few keys: fewer shards, the same counters.
-        let remove = (10..5_001)
-            .filter(|&i| i != 7)
-            .map(|i| {
-                let key = ApiKey::new(format!("k{i}"), format!("s{i}"));
-                (key.digest, key.id.clone())
-            })
-            .collect();
-        let small = next.edited(
-            Edit {
-                remove,
-                insert: Vec::new(),
-            },
-            &counters,
-        );
+        let small = next.edited(remove((10..5_001).filter(|&i| i != 7)), &counters);
         assert_eq!(small.bits, 0);
         check(&small, (0..10).filter(|&i| i != 7), &[7, 11, 5_000]);
         for (id, counter) in counters_of(&small) {
