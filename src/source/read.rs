@@ -5,11 +5,7 @@
 //! regular file is read, never more than the size limit, and without ever blocking
 //! on the open.
 
-use std::{
-    fs::File,
-    io::{self, Read as _},
-    path::Path,
-};
+use std::{fs::File, io, path::Path};
 
 use std::{
     hash::{BuildHasher as _, Hasher as _},
@@ -169,15 +165,31 @@ pub(crate) fn read_wiping(
             // The outgrown buffer is wiped as it drops.
             buffer = grown;
         }
-        match reader.read(&mut buffer[filled..]) {
+        filled += fill(&mut reader, &mut buffer[filled..])?;
+        if filled < buffer.len() {
+            break;
+        }
+    }
+    buffer.truncate(filled);
+    Ok(std::mem::take(&mut *buffer))
+}
+
+/// Reads into `into` until it is full or the reader ends, and says how much it read.
+///
+/// # Errors
+///
+/// The reader's error, other than [`io::ErrorKind::Interrupted`] (retried).
+fn fill(reader: &mut impl io::Read, into: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < into.len() {
+        match reader.read(&mut into[filled..]) {
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    buffer.truncate(filled);
-    Ok(std::mem::take(&mut *buffer))
+    Ok(filled)
 }
 
 /// The [`FileBytes::fingerprint`] of `bytes`: hashed in pieces of [`PIECE`] bytes, so
@@ -227,15 +239,7 @@ pub(crate) fn fingerprint_of_file(
     let mut len: u64 = 0;
     loop {
         // A whole piece (or the end), as `fingerprint` cuts them.
-        let mut filled = 0;
-        while filled < PIECE {
-            match file.read(&mut piece[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let filled = fill(&mut file, &mut piece)?;
         len += filled as u64;
         if len > limit {
             return Err(too_large(limit));
