@@ -581,16 +581,37 @@ mod tests {
         let hot = cells.assign();
         let cold: Vec<Counter> = (0..500).map(|_| cells.assign()).collect();
         drop(cells);
+        // Many keys: the tallies fill and are emptied whole.
+        counted_once_while_read(&counters, hot, &cold);
+    }
+
+    /// Keys whose places are all the same one: each request of one sends another
+    /// key's count to its cell, while readers read.
+    #[test]
+    fn counts_sent_one_key_at_a_time_are_never_read_twice_and_all_arrive() {
+        let counters = Arc::new(Counters::new());
+        let mut cells = counters.cells();
+        let all: Vec<Counter> = (0..=3 * TALLY * TALLY).map(|_| cells.assign()).collect();
+        drop(cells);
+        let sharing: Vec<Counter> = (0..4).map(|k| all[k * TALLY * TALLY]).collect();
+        assert!(sharing.iter().all(|&c| Tally::places(c) == [0, 0]));
+        counted_once_while_read(&counters, sharing[0], &sharing[1..]);
+    }
+
+    /// Three threads count 100,000 requests each, two of three for `hot` and the rest
+    /// for `others` in turn, while this one reads: a reader never sees more than was
+    /// made, and at the end every request is counted, in its last second.
+    fn counted_once_while_read(counters: &Arc<Counters>, hot: Counter, others: &[Counter]) {
         let made = Arc::new(AtomicU64::new(0));
         let threads: Vec<_> = (0..3)
             .map(|t| {
-                let (counters, made, cold) = (counters.clone(), made.clone(), cold.clone());
+                let (counters, made, others) = (counters.clone(), made.clone(), others.to_vec());
                 std::thread::spawn(move || {
                     for i in 0..100_000u32 {
                         // Made before it is recorded: a reader never sees more.
                         made.fetch_add(1, Ordering::SeqCst);
                         let counter = if (i + t) % 3 == 0 {
-                            cold[i as usize % 500]
+                            others[i as usize % others.len()]
                         } else {
                             hot
                         };
@@ -600,7 +621,7 @@ mod tests {
                 })
             })
             .collect();
-        let all: Vec<Counter> = std::iter::once(hot).chain(cold.iter().copied()).collect();
+        let all: Vec<Counter> = std::iter::once(hot).chain(others.iter().copied()).collect();
         while threads.iter().any(|t| !t.is_finished()) {
             let seen: u64 = counters
                 .usage(all.iter().copied())
