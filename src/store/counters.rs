@@ -513,19 +513,24 @@ thread_local! {
 mod tests {
     use super::*;
 
+    /// `n` keys whose two places are both place 0, and a key of other places.
+    fn sharing_one_place(counters: &Counters, n: usize) -> (Vec<Counter>, Counter) {
+        let mut cells = counters.cells();
+        let all: Vec<Counter> = (0..=(n - 1) * TALLY * TALLY)
+            .map(|_| cells.assign())
+            .collect();
+        let sharing: Vec<Counter> = (0..n).map(|k| all[k * TALLY * TALLY]).collect();
+        assert!(sharing.iter().all(|&c| Tally::places(c) == [0, 0]));
+        (sharing, all[1])
+    }
+
     #[test]
     fn hot_keys_sharing_places_send_only_themselves_to_their_cells() {
         let counters = Arc::new(Counters::new());
-        let mut cells = counters.cells();
-        let all: Vec<Counter> = (0..=2 * TALLY * TALLY).map(|_| cells.assign()).collect();
-        drop(cells);
-        // Both places of each of these three are place 0.
-        let sharing = [all[0], all[TALLY * TALLY], all[2 * TALLY * TALLY]];
-        assert!(sharing.iter().all(|&c| Tally::places(c) == [0, 0]));
-        let other = all[1];
+        let (sharing, other) = sharing_one_place(&counters, 3);
         counters.record(other, 100);
         for _ in 0..1_000 {
-            for counter in sharing {
+            for &counter in &sharing {
                 counters.record(counter, 100);
             }
         }
@@ -590,11 +595,7 @@ mod tests {
     #[test]
     fn counts_sent_one_key_at_a_time_are_never_read_twice_and_all_arrive() {
         let counters = Arc::new(Counters::new());
-        let mut cells = counters.cells();
-        let all: Vec<Counter> = (0..=3 * TALLY * TALLY).map(|_| cells.assign()).collect();
-        drop(cells);
-        let sharing: Vec<Counter> = (0..4).map(|k| all[k * TALLY * TALLY]).collect();
-        assert!(sharing.iter().all(|&c| Tally::places(c) == [0, 0]));
+        let (sharing, _) = sharing_one_place(&counters, 4);
         counted_once_while_read(&counters, sharing[0], &sharing[1..]);
     }
 
