@@ -71,6 +71,7 @@ mod backend;
 mod file;
 mod model;
 mod patch;
+mod path;
 mod problem;
 mod routes;
 

@@ -61,9 +61,9 @@ impl Problem {
             "outcome-unknown",
             Some(format!(
                 "the key backend did not confirm the write: it may or may not have happened. \
-                 GET /v1/api-keys/{} to find out before retrying (a retry of a rotation makes \
+                 GET {} to find out before retrying (a retry of a rotation makes \
                  a second successor unless it sends If-Match)",
-                super::routes::percent_encode(id)
+                super::path::key(id)
             )),
         );
         problem.key_id = Some(id.to_owned());

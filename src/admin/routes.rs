@@ -572,9 +572,7 @@ fn created<B>(
         Enforced::NotYet => StatusCode::ACCEPTED,
     };
     let mut res = (status, Json(body)).into_response();
-    if let Ok(location) =
-        HeaderValue::from_str(&format!("/v1/api-keys/{}", percent_encode(key.id())))
-    {
+    if let Ok(location) = HeaderValue::from_str(&super::path::key(key.id())) {
         res.headers_mut().insert(header::LOCATION, location);
     }
     with_etag(res, key)
@@ -649,16 +647,6 @@ fn decode_cursor(cursor: &str) -> Option<String> {
     }
     faster_hex::hex_decode(cursor.as_bytes(), &mut bytes).ok()?;
     String::from_utf8(bytes).ok()
-}
-
-/// An id in a path segment: characters outside the unreserved set percent-encoded.
-pub(crate) fn percent_encode(id: &str) -> String {
-    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~');
-    percent_encoding::utf8_percent_encode(id, RESERVED).to_string()
 }
 
 /// The request's id, checked: 1 to 64 ASCII letters, digits and `.`, `_`, `~`, `-`

@@ -16,7 +16,7 @@ const JSON: &str = "application/json";
 const MERGE_PATCH: &str = "application/merge-patch+json";
 
 pub(crate) fn run(command: KeysCommand, max: u64, out: Out) -> Done {
-    super::sync::runtime()?.block_on(async move {
+    super::runtime()?.block_on(async move {
         match command {
             KeysCommand::List {
                 target,

@@ -237,6 +237,15 @@ fn run(cli: Cli, out: Out) -> Done {
     }
 }
 
+/// The runtime the commands run on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(Exit::Unavailable, format!("cannot start a runtime: {e}")))
+}
+
 /// Reads a key file given as input, exactly as the file source does: a missing
 /// file, a FIFO, a file over the limit or one that does not parse is
 /// [`Exit::Invalid`].

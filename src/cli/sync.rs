@@ -21,22 +21,13 @@ use super::{
     Done, Exit, Failure,
     args::TargetArgs,
     output::{self, Out},
-    read_input,
+    read_input, runtime,
     target::{Current, Fleet, Target},
 };
 use crate::{
     ApiKey, KeySet,
     source::{key_file::write, link::Link},
 };
-
-/// The runtime the commands run on.
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::new(Exit::Unavailable, format!("cannot start a runtime: {e}")))
-}
 
 /// What it takes to make the target hold a key file's keys.
 #[derive(Debug, Default)]

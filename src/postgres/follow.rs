@@ -6,6 +6,7 @@
 use std::{
     collections::{HashMap, HashSet},
     future::poll_fn,
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -17,7 +18,6 @@ use super::{
     Connection, PgError, Target, model,
     read::{self, Change, Cursor, Since, Whole},
     snapshot::Snapshots,
-    source::Options,
 };
 use crate::{Error, KeyChange, KeyUpdater, key::record};
 
@@ -26,6 +26,17 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How often a wait looks whether the store is gone.
 const TICK: Duration = Duration::from_millis(250);
+
+/// How a replica follows its namespace: the timeouts and the snapshot it keeps.
+#[derive(Clone, Debug)]
+pub(super) struct Options {
+    pub(super) connect_timeout: Duration,
+    pub(super) max_backoff: Duration,
+    pub(super) check: Duration,
+    pub(super) usage_flush: Duration,
+    pub(super) snapshot: Option<PathBuf>,
+    pub(super) snapshot_every: Duration,
+}
 
 /// What is wrong, as said once per change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

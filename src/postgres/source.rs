@@ -5,7 +5,7 @@ use std::{fmt, path::PathBuf, thread, time::Duration};
 
 use super::{
     Target,
-    follow::{Failure, Follower},
+    follow::{Failure, Follower, Options},
     read::{self, Cursor, Whole},
 };
 use crate::{Error, KeySet, KeySource, KeyUpdater};
@@ -63,16 +63,6 @@ pub struct PostgresSource {
     loaded: Option<(Cursor, usize)>,
     /// What the initial load failed for (said already), when it served nothing.
     failed: Option<Failure>,
-}
-
-#[derive(Clone, Debug)]
-pub(super) struct Options {
-    pub(super) connect_timeout: Duration,
-    pub(super) max_backoff: Duration,
-    pub(super) check: Duration,
-    pub(super) usage_flush: Duration,
-    pub(super) snapshot: Option<PathBuf>,
-    pub(super) snapshot_every: Duration,
 }
 
 impl PostgresSource {

@@ -4,6 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    path::PathBuf,
     sync::Arc,
     thread,
     time::{Duration, Instant},
@@ -14,8 +15,8 @@ use redis::Value;
 use super::{
     log::{self, Change, Cursor, StreamId},
     model::{self, Keys},
+    read::{self, Head, Read, is_refusal},
     snapshot::Snapshots,
-    source::{self, Head, Options, Read},
 };
 use crate::{Error, KeyChange, KeyUpdater, key::record};
 
@@ -24,6 +25,17 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How long a blocking log read waits for an entry.
 const BLOCK: Duration = Duration::from_millis(500);
+
+/// How a replica follows its namespace: the timeouts and the snapshot it keeps.
+#[derive(Clone, Debug)]
+pub(super) struct Options {
+    pub(super) connect_timeout: Duration,
+    pub(super) max_backoff: Duration,
+    pub(super) check: Duration,
+    pub(super) usage_flush: Duration,
+    pub(super) snapshot: Option<PathBuf>,
+    pub(super) snapshot_every: Duration,
+}
 
 /// What is wrong, as said once per change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,7 +150,7 @@ impl Follower {
         // here, not in `watch`, which the store's `add_source` waits for.)
         self.pending = self.cursor.is_some() && self.loaded > 0 && self.updater.usage().is_empty();
         while !self.updater.is_closed() {
-            let result = source::connect(&self.client, self.options.connect_timeout)
+            let result = read::connect(&self.client, self.options.connect_timeout)
                 .map_err(Fault::Redis)
                 .and_then(|mut con| self.session(&mut con));
             match result {
@@ -244,7 +256,7 @@ impl Follower {
         let name = self.name();
         let long = self.options.connect_timeout.max(Duration::from_secs(30));
         con.set_read_timeout(Some(long))?;
-        let read = source::read_all(con, &self.keys, &name);
+        let read = read::read_all(con, &self.keys, &name);
         con.set_read_timeout(Some(BLOCK + self.options.connect_timeout))?;
         let (set, cursor) = match read? {
             Read::Whole(set, cursor) => (set, cursor),
@@ -283,7 +295,7 @@ impl Follower {
     /// version below ours, or a version ahead of ours that the log does not hold
     /// (its entries were lost) means reading it whole.
     fn check(&mut self, con: &mut redis::Connection) -> Result<(), Fault> {
-        match source::head(con, &self.keys, &self.head)? {
+        match read::head(con, &self.keys, &self.head)? {
             Head::Missing => self.failed(Failure::Missing, missing(&self.keys)),
             Head::Damaged => self.failed(Failure::Damaged, super::DAMAGED),
             Head::At {
@@ -475,11 +487,6 @@ fn missing(keys: &Keys) -> String {
     )
 }
 
-/// Whether Redis answered with a refusal rather than not at all.
-pub(super) fn is_refusal(e: &redis::RedisError) -> bool {
-    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal())
-}
-
 /// The complete versions of one read, merged by id: the last change of an id wins.
 #[derive(Default)]
 struct Batch {
@@ -518,7 +525,7 @@ impl Batch {
                     {
                         Ok(key) => KeyChange::Upsert(key),
                         Err(error) => {
-                            source::refused(source, &id, &error);
+                            read::refused(source, &id, &error);
                             KeyChange::remove(id)
                         }
                     }

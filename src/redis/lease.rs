@@ -152,7 +152,7 @@ impl Lessor {
             }
             let started = Instant::now();
             if con.is_none() && started >= retry_at {
-                match super::source::connect(&self.client, self.timeout) {
+                match super::read::connect(&self.client, self.timeout) {
                     Ok(c) => {
                         backoff = TICK;
                         con = Some(c);

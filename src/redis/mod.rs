@@ -73,6 +73,7 @@ mod lease;
 mod link;
 mod log;
 mod model;
+mod read;
 mod snapshot;
 mod source;
 
