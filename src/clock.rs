@@ -51,10 +51,16 @@ pub(crate) fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The last instant RFC 3339 writes, with its four-digit years:
+/// `9999-12-31T23:59:59.999Z`.
+const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+
 /// An RFC 3339 timestamp in UTC: `2026-12-01T00:00:00Z`, with milliseconds when
-/// the instant has them (`…00.250Z`). Instants before 1970 count as 1970.
+/// the instant has them (`…00.250Z`). Instants before 1970 count as 1970, and
+/// instants past year 9999 (a garbled record's, seconds read as milliseconds) as the
+/// last instant of 9999: never a panic.
 pub(crate) fn rfc3339(t: SystemTime) -> String {
-    let ms = to_unix_ms(t);
+    let ms = to_unix_ms(t).min(LAST_RFC3339_MS);
     let at = time::OffsetDateTime::UNIX_EPOCH + Duration::from_millis(ms);
     let (date, clock) = (at.date(), at.time());
     let (y, m, d) = (date.year(), u8::from(date.month()), date.day());
@@ -73,6 +79,11 @@ mod tests {
     fn rfc3339_dates() {
         let at = |ms| rfc3339(from_unix_ms(ms));
         assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        // Past what the format can write: the last instant it can, not a panic.
+        assert_eq!(at(LAST_RFC3339_MS), "9999-12-31T23:59:59.999Z");
+        assert_eq!(at(LAST_RFC3339_MS + 1), "9999-12-31T23:59:59.999Z");
+        assert_eq!(at(1_796_301_240_000 * 1000), "9999-12-31T23:59:59.999Z");
+        assert_eq!(at(u64::MAX), "9999-12-31T23:59:59.999Z");
         assert_eq!(at(784_111_777_000), "1994-11-06T08:49:37Z");
         assert_eq!(at(951_782_400_250), "2000-02-29T00:00:00.250Z");
         assert_eq!(at(1_796_083_200_000), "2026-12-01T00:00:00Z");

@@ -591,7 +591,8 @@ impl AdminBackend for PostgresBackend {
             ids.iter()
                 .map(|id| {
                     let (n, at) = counts.get(id).copied().unwrap_or((0, 0));
-                    let at = (at > 0).then(|| crate::clock::from_unix_ms(at as u64 * 1000));
+                    let at = (at > 0)
+                        .then(|| crate::clock::from_unix_ms((at as u64).saturating_mul(1000)));
                     (n.max(0) as u64, at)
                 })
                 .collect(),

@@ -870,7 +870,7 @@ impl AdminBackend for RedisBackend {
                 .map(|(n, at)| {
                     let at = at
                         .filter(|&s| s > 0)
-                        .map(|s| crate::clock::from_unix_ms(s * 1000));
+                        .map(|s| crate::clock::from_unix_ms(s.saturating_mul(1000)));
                     (n.unwrap_or(0), at)
                 })
                 .collect(),
