@@ -155,6 +155,91 @@ async fn four_replicas_saturating_a_quota_let_in_all_of_it_and_no_more() {
     assert_eq!(key["quota"]["remaining"], 0, "{key}");
 }
 
+/// A quota changed by a reload goes on from what the fleet counted this period, as
+/// one replica's does: lowered below it, it admits no more; raised, only the
+/// difference. (Its count used to be kept under the quota's settings, so any change
+/// handed out a whole fresh quota.) A request refused for a spent share while the
+/// fleet has quota left is told to come back in a moment, not the next period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_quota_goes_on_from_the_fleets_count() {
+    let Some(redis) = Redis::start() else { return };
+    let quota = |n: u32| {
+        format!(
+            "[[keys]]\nid = \"fleet\"\nsecret = \"fleet-secret\"\n\
+             quota = {{ requests = {n}, per = \"day\" }}\n"
+        )
+    };
+    let replicas = fleet(&redis, "requota", &quota(40), 2).await;
+    let addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
+    let (first, _) = saturate_for(&addrs, "fleet-secret", Duration::from_secs(2)).await;
+    // All of it, but a token leased as the clients stopped (spent later).
+    assert!(
+        (38..=40).contains(&first.len()),
+        "{} of a quota of 40",
+        first.len()
+    );
+    let loaded = |n: u64| {
+        let stores: Vec<_> = replicas.iter().map(|r| r.store.clone()).collect();
+        move || {
+            stores.iter().all(|s| {
+                s.get("fleet")
+                    .is_some_and(|k| k.limits().iter().any(|l| l.limit() == n))
+            })
+        }
+    };
+    import(&redis, "requota", &quota(30)).await;
+    eventually(
+        "the lowered quota loaded",
+        Duration::from_secs(10),
+        loaded(30),
+    )
+    .await;
+    let (admitted, refused) = saturate_for(&addrs, "fleet-secret", Duration::from_secs(1)).await;
+    assert!(refused > 0);
+    assert_eq!(
+        admitted.len(),
+        0,
+        "a quota lowered below its count admits no more"
+    );
+    import(&redis, "requota", &quota(45)).await;
+    eventually(
+        "the raised quota loaded",
+        Duration::from_secs(10),
+        loaded(45),
+    )
+    .await;
+    let (admitted, _) = saturate_for(&addrs, "fleet-secret", Duration::from_secs(2)).await;
+    assert_eq!(
+        first.len() + admitted.len(),
+        45,
+        "a quota raised from 40 to 45 admits 5 more in all"
+    );
+    // Used up fleet-wide: the refusal names the next period (an HTTP date), where a
+    // share merely spent says a second.
+    let res = common::client()
+        .get(format!("http://{}/", addrs[0]))
+        .header("x-api-key", "fleet-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    let retry = res.headers()["retry-after"].to_str().unwrap().to_owned();
+    let at = httpdate::parse_http_date(&retry).unwrap();
+    let wait = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    let to_midnight = 86_400
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            % 86_400;
+    assert!(
+        wait.as_secs().abs_diff(to_midnight) <= 2,
+        "Retry-After {retry}: {wait:?}, midnight in {to_midnight} s"
+    );
+}
+
 const BIG_KEY: &str = "[[keys]]\nid = \"fleet\"\nsecret = \"fleet-secret\"\n\
     rate_limits = [ { name = \"burst\", requests = 6000, per = \"60s\" } ]\n";
 

@@ -11,7 +11,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex, OnceLock, PoisonError,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -93,6 +93,10 @@ pub(crate) enum Refusal {
 const COUNT_BITS: u32 = 40;
 const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 
+/// How long a request refused for a spent share of a fleet's quota is told to wait,
+/// when the fleet has not used the quota up: about the time the next share takes.
+const SHARE_WAIT_MS: u64 = 1_000;
+
 /// One rate limit's TAT, on a cache line of its own: two limited keys served by two
 /// cores never bounce one line.
 #[derive(Default)]
@@ -125,6 +129,9 @@ pub(crate) struct Shares {
     pub(crate) left: Box<[AtomicI64]>,
     /// Tokens spent since the lessor last looked: the demand it sizes shares by.
     pub(crate) taken: Box<[AtomicU64]>,
+    /// The quota period (+ 1; 0: none) the fleet is known to have used up: Redis
+    /// granted none of what the lessor asked.
+    used_up: AtomicU32,
 }
 
 impl Shares {
@@ -132,7 +139,21 @@ impl Shares {
         Self {
             left: (0..n).map(|_| AtomicI64::new(0)).collect(),
             taken: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            used_up: AtomicU32::new(0),
         }
+    }
+
+    /// Says whether the fleet has used quota period `period` up, as the lessor
+    /// learned it from a lease.
+    #[cfg_attr(not(any(feature = "redis", test)), allow(dead_code))]
+    pub(crate) fn quota_used_up(&self, period: u32, used_up: bool) {
+        let mark = if used_up { period.saturating_add(1) } else { 0 };
+        self.used_up.store(mark, Ordering::Release);
+    }
+
+    /// Whether the fleet is known to have used quota period `period` up.
+    fn is_used_up(&self, period: u32) -> bool {
+        self.used_up.load(Ordering::Acquire) == period.saturating_add(1)
     }
 
     /// Takes a token from each share, or from none: the index of the first share
@@ -281,9 +302,17 @@ impl Limiter {
             return Err(match self.gcras.get(i) {
                 // Until the share is renewed: about one request's interval.
                 Some(gcra) => self.rate_refusal(i, gcra.interval),
+                // The quota's share is spent. Used up fleet-wide: until the next
+                // period. Otherwise the next share is on its way: a moment.
                 None => Refusal::Quota {
                     next: self.limits.quota.map_or(0, |q| {
-                        q.period.start(q.period.index(unix_ms()).saturating_add(1))
+                        let at = unix_ms();
+                        let period = q.period.index(at);
+                        if shares.is_used_up(period) {
+                            q.period.start(period.saturating_add(1))
+                        } else {
+                            at.saturating_add(SHARE_WAIT_MS)
+                        }
                     }),
                 },
             });
@@ -698,9 +727,27 @@ mod tests {
         // No share leased yet: refused, by the first share that has none.
         assert!(matches!(l.admit(SEC, || 0), Err(Refusal::Rate { .. })));
         shares.left[0].store(5, Ordering::Release);
+        // The quota's share not leased yet, the fleet's quota not used up: a wait of
+        // a moment, not until the next period (which a client would take at its word).
         assert!(matches!(
-            l.admit(SEC, || 0),
+            l.admit(SEC, || 5_000),
+            Err(Refusal::Quota { next: 6_000 })
+        ));
+        // Once the lessor learned the fleet used this period up: its end.
+        shares.quota_used_up(0, true);
+        assert!(matches!(
+            l.admit(SEC, || 5_000),
             Err(Refusal::Quota { next: DAY_MS })
+        ));
+        // Only this period: the next day's spent share is a moment again.
+        assert!(matches!(
+            l.admit(SEC, || DAY_MS + 5_000),
+            Err(Refusal::Quota { next }) if next == DAY_MS + 6_000
+        ));
+        shares.quota_used_up(0, false);
+        assert!(matches!(
+            l.admit(SEC, || 5_000),
+            Err(Refusal::Quota { next: 6_000 })
         ));
         shares.left[1].store(3, Ordering::Release);
         // Three requests fit both shares; the rate share keeps what the quota's refused.

@@ -18,8 +18,12 @@
 //!   back when the demand falls. Tokens of a period still held when the next starts
 //!   are spent in the new one (one share at most per replica).
 //! - while Redis cannot be reached, a replica spends its last shares and then
-//!   refuses: it is never unlimited. A new key (or a changed limit) is refused until
-//!   its first share arrives, a tick or so after it is loaded.
+//!   refuses: it is never unlimited. A new key is refused until its first share
+//!   arrives, a tick or so after it is loaded: a `429` whose `Retry-After` is a
+//!   second away (the quota's next period only once Redis said the fleet used it up).
+//! - a limit's state is kept under the key's id and the limit's name (the quota's:
+//!   its period), not its settings: a changed limit goes on from what the fleet
+//!   counted, as one replica's limiter does.
 
 use std::{
     collections::HashMap,
@@ -272,6 +276,12 @@ impl Lessor {
                 }
                 let granted = self.call(con, &id, &limiter.limits, i, period, want, back)?;
                 shares.left[i].fetch_add(granted, Ordering::AcqRel);
+                // Asked for and none given: the fleet has used the period's quota up
+                // (a quota's grant is all it has left). A refusal then names the
+                // next period; until this is known, a spent share is only a short wait.
+                if limiter.limits.quota.is_some() && i + 1 == shares.left.len() && want > 0 {
+                    shares.quota_used_up(period, granted == 0);
+                }
                 if let Some(lease) = self.held.get_mut(&ptr).and_then(|h| h.leases.get_mut(i))
                     && granted > 0
                 {
@@ -298,10 +308,10 @@ impl Lessor {
         match limits.rates.get(i) {
             Some(rate) => {
                 let per_ms = u64::try_from(rate.per.as_millis()).unwrap_or(u64::MAX);
-                let key = self.keys.lease(
-                    id,
-                    &format!("rate:{}:{}/{}", rate.name, rate.requests, per_ms),
-                );
+                // By name only: a changed limit goes on from what the fleet counted,
+                // as one replica's does (a lowered one takes effect at once, a raised
+                // one hands out no fresh burst).
+                let key = self.keys.lease(id, &format!("rate:{}", rate.name));
                 self.rate
                     .key(key)
                     .arg(rate.requests)
@@ -342,14 +352,8 @@ fn limit_of(limits: &Limits, i: usize) -> u64 {
 }
 
 /// The Redis key of the count of `quota`'s tokens leased by the fleet in `period`.
-/// The settings are part of the name, so a changed quota starts afresh.
+/// Its `requests` are not part of the name: a quota raised or lowered keeps the
+/// period's count, and a lowered one below it admits no more.
 pub(crate) fn quota_key(keys: &Keys, id: &str, quota: crate::limit::Quota, period: u32) -> String {
-    keys.lease(
-        id,
-        &format!(
-            "quota:{}:{}:{period}",
-            quota.requests,
-            quota.period.as_str()
-        ),
-    )
+    keys.lease(id, &format!("quota:{}:{period}", quota.period.as_str()))
 }

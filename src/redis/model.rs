@@ -77,8 +77,8 @@ impl Keys {
     }
 
     /// Where the fleet-wide state of one of a key's limits is (see `lease.rs`): under
-    /// the key's id, the limit's name and its settings, so that a changed limit
-    /// starts afresh at once.
+    /// the key's id and the limit's name (the quota's period), so that a changed
+    /// limit goes on from what the fleet counted.
     pub(crate) fn lease(&self, id: &str, limit: &str) -> String {
         format!("{}lease:{id}:{limit}", self.prefix)
     }
