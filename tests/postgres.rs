@@ -288,6 +288,48 @@ async fn an_emptied_keys_table_is_not_zero_keys() {
     assert_eq!(status(r.addr, "root-secret").await, 200);
 }
 
+/// `TRUNCATE` of the keys table under a running fleet: the API refuses to write on
+/// top of it (503 `store-missing`, as it refuses to list), where it used to create
+/// keys the replicas would never load and answer 404 for keys they still let in.
+#[tokio::test]
+async fn the_api_writes_nothing_over_an_emptied_keys_table() {
+    let Some(pg) = Postgres::start() else { return };
+    seed(&pg, "truncated").await;
+    let r = replica(&pg, "truncated", true).await;
+    pg.psql("TRUNCATE tak_keys");
+    for (method, path, body) in [
+        (
+            reqwest::Method::POST,
+            "/v1/api-keys",
+            Some(json!({"id": "t2"})),
+        ),
+        (reqwest::Method::DELETE, "/v1/api-keys/reader", None),
+        (reqwest::Method::POST, "/v1/api-keys/reader/rotate", None),
+    ] {
+        let (code, body) = api(r.addr, method.clone(), path, body).await;
+        assert_eq!(
+            (code, problem(&body)),
+            (503, "store-missing"),
+            "{method} {path}: {body:?}"
+        );
+    }
+    assert!(pg.ids("truncated").is_empty(), "nothing written over it");
+    assert_eq!(status(r.addr, "reader-secret").await, 200);
+    // Restored, it takes writes again.
+    let backup = pg.dir.path().join("keys.toml");
+    std::fs::write(&backup, SEED).unwrap();
+    let backend = PostgresBackend::new(&pg.url(), "truncated").unwrap();
+    assert_eq!(backend.restore_file(&backup).await.unwrap(), 2);
+    let (code, body) = api(
+        r.addr,
+        reqwest::Method::POST,
+        "/v1/api-keys",
+        Some(json!({"id": "t3"})),
+    )
+    .await;
+    assert!(code == 201 || code == 202, "{code} {body:?}");
+}
+
 #[tokio::test]
 async fn import_export_and_restore_round_trip() {
     let Some(pg) = Postgres::start() else { return };

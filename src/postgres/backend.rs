@@ -511,7 +511,11 @@ impl AdminBackend for PostgresBackend {
     }
 
     async fn get(&self, id: &str) -> Result<Option<ApiKey>, BackendError> {
-        const GET: &str = "SELECT k.record::text FROM tak_namespaces n \
+        // The second column: no such record because the table was emptied under a
+        // row that counts keys (`TRUNCATE`): wiped, not "not found".
+        const GET: &str = "SELECT k.record::text, k.id IS NULL AND n.keys > 0 \
+             AND NOT EXISTS (SELECT 1 FROM tak_keys e WHERE e.namespace = n.namespace) \
+             FROM tak_namespaces n \
              LEFT JOIN tak_keys k ON k.namespace = n.namespace AND k.id = $2 \
              WHERE n.namespace = $1";
         let row = self
@@ -521,6 +525,9 @@ impl AdminBackend for PostgresBackend {
         let Some(row) = row else {
             return Err(self.missing());
         };
+        if row.try_get::<_, bool>(1).unwrap_or(false) {
+            return Err(self.missing());
+        }
         match row.try_get::<_, Option<&str>>(0) {
             Ok(Some(json)) => checked(id, json).map(Some),
             Ok(None) => Ok(None),

@@ -22,6 +22,10 @@ pub(crate) const HEAD: &str =
 pub(crate) const LOCK_HEAD: &str =
     "SELECT epoch, version, keys FROM tak_namespaces WHERE namespace = $1 FOR UPDATE";
 
+/// Whether the namespace has a record at all: a row that counts keys over a table
+/// that holds none of them is an emptied table (`TRUNCATE`), not zero keys.
+pub(crate) const ANY_KEY: &str = "SELECT EXISTS (SELECT 1 FROM tak_keys WHERE namespace = $1)";
+
 /// Every record of the namespace, as text.
 pub(crate) const ALL: &str = "SELECT id, record::text FROM tak_keys WHERE namespace = $1";
 

@@ -132,6 +132,16 @@ impl PostgresBackend {
         match (plan, head) {
             (Plan::Change { .. }, None) => return Ok(Step::Missing),
             (Plan::Change { ids, decide }, Some(head)) => {
+                // An emptied keys table under a row that counts keys: wiped, as the
+                // replicas read it, which keep their keys and follow no further. A
+                // change written on top would be answered and never enforced, and
+                // the keys they still let in could not be revoked (not found).
+                if head.keys > 0 {
+                    let any: bool = tx.query_one(model::ANY_KEY, &[ns]).await?.try_get(0)?;
+                    if !any {
+                        return Ok(Step::Missing);
+                    }
+                }
                 let rows = tx.query(model::SOME_LOCKED, &[ns, ids]).await?;
                 let mut current = HashMap::new();
                 for row in rows {
