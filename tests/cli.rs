@@ -289,6 +289,18 @@ fn hash_reads_the_key_from_standard_input() {
     run_with(&["hash"], Some(&"k".repeat(100_000)), &[])
         .code(2)
         .one_line_error();
+    // A key no request can present (headers are trimmed; no control characters):
+    // refused as `check` refuses it, never a digest that cannot match; never echoed.
+    for bad in ["  padded-secret  \n", "tab\tsecret\n"] {
+        let r = run_with(&["hash"], Some(bad), &[]).code(2).one_line_error();
+        assert!(r.err.contains("the secret"), "{}", r.err);
+        assert!(
+            !r.err.contains("padded-secret") && !r.err.contains("tab\t"),
+            "{}",
+            r.err
+        );
+        assert!(r.out.is_empty());
+    }
 }
 
 #[test]
@@ -1548,4 +1560,102 @@ fn apply_on_redis_never_brings_back_a_key_revoked_nor_a_namespace_wiped_nor_drop
         .one_line_error();
     assert!(redis.ids("res").is_empty());
     assert_eq!(redis.cli(&["EXISTS", "tak:{res}:version"]), "0");
+}
+
+/// An API that answers every request from `answer(path)`: status and body, each
+/// connection closed after one answer. Runs until the test's process ends.
+fn fake_api(answer: fn(&str) -> (u16, Vec<u8>)) -> String {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = reader.read_line(&mut first);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let path = first.split(' ').nth(1).unwrap_or("/").to_owned();
+            let (status, body) = answer(&path);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(&body);
+        }
+    });
+    url
+}
+
+#[test]
+fn an_api_whose_pages_come_round_again_or_whose_answer_is_not_json_is_not_believed() {
+    let key = [("TOWER_API_KEY_ADMIN_KEY", "k")];
+    // Cursors a → b → a → …: once round, the listing stops, unavailable (3), where it
+    // used to read for ever.
+    let cycling = fake_api(|path| {
+        let next = if path.ends_with("cursor=a") { "b" } else { "a" };
+        let body = format!(r#"{{"items": [{{"id": "k-{next}"}}], "next_cursor": "{next}"}}"#);
+        (200, body.into_bytes())
+    });
+    let r = run_with(&["keys", "list", "--api", &cycling], None, &key)
+        .code(3)
+        .one_line_error();
+    assert!(r.err.contains("come round again"), "{}", r.err);
+    run_with(&["usage", "--idle", "1d", "--api", &cycling], None, &key).code(3);
+    // 200 with a body that is not JSON: not "no keys" with exit 0.
+    let garbage = fake_api(|_| (200, b"\xff\xfe not json".to_vec()));
+    for args in [
+        &["keys", "list"][..],
+        &["keys", "get", "web"],
+        &["usage", "--idle", "1d"],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--api", &garbage]);
+        let r = run_with(&args, None, &key).code(3).one_line_error();
+        assert!(r.err.contains("not JSON"), "{args:?}: {}", r.err);
+        assert!(r.out.is_empty(), "{args:?}: {}", r.out);
+    }
+    // A write answered so: it may have happened (7).
+    run_with(
+        &[
+            "keys",
+            "revoke",
+            "web",
+            "--if-match",
+            "*",
+            "--api",
+            &garbage,
+        ],
+        None,
+        &key,
+    )
+    .code(7)
+    .one_line_error();
+    // JSON without the list's `items`: not an empty list either.
+    let empty = fake_api(|_| (200, b"{}".to_vec()));
+    run_with(&["keys", "list", "--api", &empty], None, &key).code(3);
+    // A refusal whose words would drive the terminal (clear it, retitle it): shown
+    // spelled out, on one line.
+    let hostile = fake_api(|_| {
+        let body = "{\"type\": \"x\", \"title\": \"\\u001b[2J\\u001b]0;owned\\u0007\", \
+                    \"status\": 409, \"detail\": \"a\\nb \\u001b[31mred\"}";
+        (409, body.as_bytes().to_vec())
+    });
+    let r = run_with(&["keys", "get", "web", "--api", &hostile], None, &key)
+        .code(4)
+        .one_line_error();
+    assert!(
+        !r.err.contains('\u{1b}') && !r.err.contains('\u{7}'),
+        "{:?}",
+        r.err
+    );
+    assert!(r.err.contains("\\u{1b}[2J"), "{:?}", r.err);
+    // A proxy's error page: its status decides, as before (502: unavailable).
+    let proxy = fake_api(|_| (502, b"<html>bad gateway</html>".to_vec()));
+    run_with(&["keys", "list", "--api", &proxy], None, &key).code(3);
 }

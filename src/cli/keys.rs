@@ -188,6 +188,9 @@ pub(crate) async fn list(
 ) -> Result<Vec<Value>, Failure> {
     let mut items = Vec::new();
     let mut cursor: Option<String> = None;
+    // A server whose cursors come round again (or never end) is not followed for
+    // ever: each cursor once, and at most `MAX_LISTED` keys.
+    let mut seen = std::collections::HashSet::new();
     loop {
         let mut path = "/v1/api-keys?limit=1000".to_owned();
         for (name, value) in [
@@ -204,15 +207,35 @@ pub(crate) async fn list(
         }
         let reply = admin.send(Method::GET, &path, None, JSON, None).await?;
         let mut body = success(reply)?;
-        if let Some(Value::Array(page)) = body.get_mut("items").map(Value::take) {
-            items.extend(page);
+        let Some(Value::Array(page)) = body.get_mut("items").map(Value::take) else {
+            return Err(Failure::new(
+                Exit::Unavailable,
+                "the key-management API's list has no `items`: is the URL the API's?",
+            ));
+        };
+        items.extend(page);
+        if items.len() > MAX_LISTED {
+            return Err(Failure::new(
+                Exit::Unavailable,
+                format!("the key-management API listed more than {MAX_LISTED} keys; stopped"),
+            ));
         }
         match body.get("next_cursor").and_then(Value::as_str) {
-            Some(next) if Some(next) != cursor.as_deref() => cursor = Some(next.to_owned()),
-            _ => return Ok(items),
+            Some(next) if !seen.insert(next.to_owned()) => {
+                return Err(Failure::new(
+                    Exit::Unavailable,
+                    "the key-management API's pages come round again (a cursor seen before); \
+                     stopped",
+                ));
+            }
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return Ok(items),
         }
     }
 }
+
+/// The most keys `list` reads from an API before it gives up.
+const MAX_LISTED: usize = 10_000_000;
 
 async fn get(admin: &Admin, id: &str) -> Result<Reply, Failure> {
     let reply = admin

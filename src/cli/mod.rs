@@ -153,18 +153,59 @@ pub fn main() -> ExitCode {
     let exit = match run(cli, out) {
         Ok(exit) => exit,
         Err(failure) => {
-            // One line: a message never spans more.
-            let message = failure.message.replace(['\n', '\r'], " ");
-            eprintln!("tower-api-key: {message}");
+            // One line: a message never spans more, nor drives the terminal, nor
+            // repeats a password (a URL given where a file was expected).
+            let message = without_credentials(&failure.message);
+            eprintln!("tower-api-key: {}", output::visible(&message));
             failure.exit
         }
     };
     ExitCode::from(exit.code())
 }
 
+/// `text` with the user and password of every `scheme://user:password@host` in it,
+/// and the value of every libpq `password=…`, replaced by `***`.
+fn without_credentials(text: &str) -> String {
+    without_keyword_password(&without_url_credentials(text))
+}
+
+/// `text` with the value of every `password=` (libpq's keyword form, quoted or not)
+/// replaced by `***`.
+fn without_keyword_password(text: &str) -> String {
+    const KEYWORD: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(KEYWORD) {
+        let (head, tail) = rest.split_at(at + KEYWORD.len());
+        out.push_str(head);
+        out.push_str("***");
+        // A quoted value ends at its closing quote (`\'` escapes one); a bare one at
+        // whitespace or a quote around the whole argument.
+        let end = match tail.strip_prefix('\'') {
+            Some(quoted) => {
+                let mut escaped = false;
+                quoted
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        let close = c == '\'' && !escaped;
+                        escaped = c == '\\' && !escaped;
+                        close
+                    })
+                    .map_or(tail.len(), |(i, _)| i + 2)
+            }
+            None => tail
+                .find(|c: char| c.is_whitespace() || matches!(c, '\'' | '"' | '`'))
+                .unwrap_or(tail.len()),
+        };
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `text` with the user and password of every `scheme://user:password@host` in it
 /// replaced by `***`.
-fn without_credentials(text: &str) -> String {
+fn without_url_credentials(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find("://") {
@@ -279,7 +320,8 @@ fn check(files: &[std::path::PathBuf], max: u64, out: Out) -> Done {
             Err(failure) => {
                 failed = true;
                 if !out.json() {
-                    eprintln!("{}", failure.message.replace(['\n', '\r'], " "));
+                    let message = without_credentials(&failure.message);
+                    eprintln!("{}", output::visible(&message));
                 }
                 let line = crate::FileSource::new(path)
                     .with_max_size(max)
@@ -455,6 +497,10 @@ fn hash(id: &str, out: Out) -> Done {
     crate::key::validate_id(id).map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
     let secret = read_secret_stdin("the key")?;
     let key = ApiKey::new(id, secret.as_bytes());
+    // A key no request can present (padded with spaces, a control character) would
+    // give a digest that never matches: refused as `check` refuses it in a file.
+    key.validate()
+        .map_err(|e| Failure::new(Exit::Usage, chain(&e)))?;
     let entry = crate::source::key_file::write::entry(&key);
     if out.json() {
         out.print_json(&serde_json::json!({
@@ -482,6 +528,23 @@ mod tests {
         assert!(masked.contains("rediss://***@cache:6380/0"), "{masked}");
         assert!(masked.contains("http://host/x@y"), "{masked}");
         assert_eq!(without_credentials("no url here"), "no url here");
+        // libpq's keyword form, bare or quoted, wherever it is repeated.
+        let masked = without_credentials(
+            "error: unexpected argument 'host=127.0.0.1 password=secretpw user=u' found; \
+             dbname=x password='it\\'s hidden' port=1; password=",
+        );
+        assert!(
+            !masked.contains("secretpw") && !masked.contains("hidden"),
+            "{masked}"
+        );
+        assert!(
+            masked.contains("'host=127.0.0.1 password=*** user=u'"),
+            "{masked}"
+        );
+        assert!(
+            masked.contains("dbname=x password=*** port=1; password=***"),
+            "{masked}"
+        );
     }
 
     #[test]

@@ -81,13 +81,35 @@ impl Out {
 /// Prints a line on standard output; a closed pipe (`| head`) is not an error.
 pub(crate) fn line(text: &str) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{text}");
+    let _ = writeln!(out, "{}", visible(text));
+}
+
+/// `text` as a terminal shows it as written: line breaks as spaces, and every other
+/// control character (an escape sequence from a server's answer or a key's field,
+/// which could clear the screen or retitle the window) spelled out as `\u{1b}`.
+pub(crate) fn visible(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' | '\r' => out.push(' '),
+            c if c.is_control() => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Prints rows under headers, in aligned columns.
 pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<std::borrow::Cow<'_, str>>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| visible(cell)).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -108,8 +130,8 @@ pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) {
         text.push('\n');
     };
     push(&mut headers.iter().copied());
-    for row in rows {
-        push(&mut row.iter().map(String::as_str));
+    for row in &rows {
+        push(&mut row.iter().map(|cell| &**cell));
     }
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes());

@@ -555,6 +555,34 @@ pub(crate) struct Reply {
     pub(crate) body: serde_json::Value,
 }
 
+/// An answer's JSON body: `null` when empty, or when a refusal's body is not JSON (a
+/// proxy's error page: its status says enough). A success whose body cannot be read
+/// is a failure, never taken for an empty answer; after a write, one whose outcome
+/// is unknown.
+fn json_of(status: StatusCode, body: &[u8], writes: bool) -> Result<serde_json::Value, Failure> {
+    if body.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    match serde_json::from_slice(body) {
+        Ok(value) => Ok(value),
+        Err(_) if !status.is_success() => Ok(serde_json::Value::Null),
+        Err(_) if writes => Err(Failure::new(
+            Exit::OutcomeUnknown,
+            format!(
+                "the key-management API answered {status} with a body that is not JSON: the \
+                 change may have happened; read the key before retrying"
+            ),
+        )),
+        Err(_) => Err(Failure::new(
+            Exit::Unavailable,
+            format!(
+                "the key-management API answered {status} with a body that is not JSON: is the \
+                 URL the API's?"
+            ),
+        )),
+    }
+}
+
 /// The largest answer read from the API.
 const MAX_REPLY: usize = 64 << 20;
 
@@ -603,6 +631,8 @@ impl Admin {
         body: Option<&serde_json::Value>,
     ) -> Result<Reply, Failure> {
         let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+        // Anything but a read may have changed the keys when its answer is lost.
+        let writes = !matches!(method, Method::GET | Method::HEAD);
         match self {
             Self::Local {
                 router, operator, ..
@@ -639,7 +669,7 @@ impl Admin {
                 Ok(Reply {
                     status,
                     etag,
-                    body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+                    body: json_of(status, &body, writes)?,
                 })
             }
             Self::Remote { client, base, key } => {
@@ -663,7 +693,6 @@ impl Admin {
                     .map_err(|_| {
                         Failure::new(Exit::Usage, "the request cannot be built (a bad key id?)")
                     })?;
-                let writes = body.is_some() || if_match.is_some();
                 let limit = API_TIMEOUT
                     .get()
                     .copied()
@@ -685,7 +714,7 @@ impl Admin {
                     Ok(Reply {
                         status,
                         etag,
-                        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+                        body: json_of(status, &body, writes)?,
                     })
                 };
                 match tokio::time::timeout(limit, exchange).await {
