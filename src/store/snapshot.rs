@@ -11,6 +11,7 @@ use std::{hash::BuildHasher, sync::Arc};
 
 use crate::{
     key::digest::{DigestSet, KeyDigest},
+    limit::state::{Carry, Limiter},
     store::counters::{Counter, Counters},
     store::entry::KeyEntry,
     store::shard::{GROUPS, Handle, Shard},
@@ -61,6 +62,8 @@ pub(crate) struct Snapshot {
 pub(crate) struct Edit {
     pub(crate) remove: Vec<(KeyDigest, Arc<str>)>,
     pub(crate) insert: Vec<(KeyDigest, Arc<KeyEntry>, Option<KeyDigest>)>,
+    /// Limiters carried from the ones they replace, to catch up once swapped in.
+    pub(crate) carried: Vec<(Arc<Limiter>, Carry)>,
 }
 
 impl Default for Snapshot {
@@ -331,6 +334,7 @@ mod tests {
                     (key.digest, KeyEntry::for_tests(&key), None)
                 })
                 .collect(),
+            ..Edit::default()
         }
     }
 
@@ -344,6 +348,7 @@ mod tests {
                 })
                 .collect(),
             insert: Vec::new(),
+            ..Edit::default()
         }
     }
 
@@ -396,6 +401,7 @@ mod tests {
             Edit {
                 remove: Vec::new(),
                 insert: vec![entry(&a), entry(&b)],
+                ..Edit::default()
             },
             &counters,
         );
@@ -406,6 +412,7 @@ mod tests {
             Edit {
                 remove: vec![(a.digest, a.id.clone())],
                 insert: Vec::new(),
+                ..Edit::default()
             },
             &counters,
         );
@@ -445,6 +452,7 @@ mod tests {
             Edit {
                 remove: vec![(gone.digest, gone.id.clone())],
                 insert: insert(5_000..5_001).insert,
+                ..Edit::default()
             },
             &counters,
         );
@@ -483,6 +491,7 @@ mod tests {
                     ),
                     insert(9..10).insert.remove(0),
                 ],
+                ..Edit::default()
             },
             &counters,
         );
