@@ -81,8 +81,9 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// What `apply` would change in the target: keys added, changed (which fields),
-    /// removed (exit 1 if there is a difference).
+    /// How the target differs from the key file: keys to add, to change (which
+    /// fields), and the keys it holds that the file does not name, which `apply
+    /// --prune` removes and `apply` keeps (exit 1 if there is a difference).
     Diff {
         /// The key file that says what the target should hold.
         #[arg(value_name = "FILE")]
