@@ -156,7 +156,7 @@ pub fn main() -> ExitCode {
             // One line: a message never spans more, nor drives the terminal, nor
             // repeats a password (a URL given where a file was expected).
             let message = without_credentials(&failure.message);
-            eprintln!("tower-api-key: {}", output::visible(&message));
+            eprintln!("tower-api-key: {}", output::one_line(&message));
             failure.exit
         }
     };
@@ -321,7 +321,7 @@ fn check(files: &[std::path::PathBuf], max: u64, out: Out) -> Done {
                 failed = true;
                 if !out.json() {
                     let message = without_credentials(&failure.message);
-                    eprintln!("{}", output::visible(&message));
+                    eprintln!("{}", output::one_line(&message));
                 }
                 let line = crate::FileSource::new(path)
                     .with_max_size(max)

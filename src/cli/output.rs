@@ -84,29 +84,35 @@ pub(crate) fn line(text: &str) {
     let _ = writeln!(out, "{}", visible(text));
 }
 
-/// `text` as a terminal shows it as written: line breaks as spaces, and every other
-/// control character (an escape sequence from a server's answer or a key's field,
-/// which could clear the screen or retitle the window) spelled out as `\u{1b}`.
+/// `text` as a terminal shows it as written: every control character but line breaks
+/// and tabs (an escape sequence from a server's answer or a key's field, which could
+/// clear the screen or retitle the window) spelled out, as `\u{1b}`.
 pub(crate) fn visible(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    let shown = |c: char| !c.is_control() || c == '\n' || c == '\t';
+    if text.chars().all(shown) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        match c {
-            '\n' | '\r' => out.push(' '),
-            c if c.is_control() => out.extend(c.escape_unicode()),
-            c => out.push(c),
+        if shown(c) {
+            out.push(c);
+        } else {
+            out.extend(c.escape_unicode());
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// `text` on one line, as [`visible`] shows it: line breaks as spaces.
+pub(crate) fn one_line(text: &str) -> String {
+    visible(&text.replace(['\n', '\r', '\t'], " ")).into_owned()
 }
 
 /// Prints rows under headers, in aligned columns.
 pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) {
     let rows: Vec<Vec<std::borrow::Cow<'_, str>>> = rows
         .iter()
-        .map(|row| row.iter().map(|cell| visible(cell)).collect())
+        .map(|row| row.iter().map(|cell| one_line(cell).into()).collect())
         .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
@@ -135,4 +141,23 @@ pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_spelled_out_and_lines_kept_where_they_belong() {
+        assert!(matches!(
+            visible("plain\nentry\t1"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(visible("a\u{1b}[2Jb\u{7}"), "a\\u{1b}[2Jb\\u{7}");
+        assert_eq!(visible("é\r"), "é\\u{d}");
+        assert_eq!(
+            one_line("title:\r\n\u{1b}]0;x\u{7}\tdone"),
+            "title:  \\u{1b}]0;x\\u{7} done"
+        );
+    }
 }
