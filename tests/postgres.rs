@@ -313,12 +313,25 @@ async fn the_api_writes_nothing_over_an_emptied_keys_table() {
             "{method} {path}: {body:?}"
         );
     }
+    // Nor a read of one key: wiped, not "not found".
+    let (code, body) = api(r.addr, reqwest::Method::GET, "/v1/api-keys/reader", None).await;
+    assert_eq!((code, problem(&body)), (503, "store-missing"), "{body:?}");
+    // Nor an import, which would add its keys to the row's old count.
+    let one = pg.dir.path().join("one.toml");
+    std::fs::write(&one, "[[keys]]\nid = \"t9\"\nsecret = \"t9-secret\"\n").unwrap();
+    let backend = PostgresBackend::new(&pg.url(), "truncated").unwrap();
+    let err = backend.import_file(&one).await.unwrap_err();
+    assert!(
+        common::chain(&err).contains("missing") || common::chain(&err).contains("wiped"),
+        "{err}"
+    );
     assert!(pg.ids("truncated").is_empty(), "nothing written over it");
+    // Wiped, to whoever asks (the cli's `restore` needs no `--force` for it).
+    assert!(!backend.exists().await.unwrap());
     assert_eq!(status(r.addr, "reader-secret").await, 200);
     // Restored, it takes writes again.
     let backup = pg.dir.path().join("keys.toml");
     std::fs::write(&backup, SEED).unwrap();
-    let backend = PostgresBackend::new(&pg.url(), "truncated").unwrap();
     assert_eq!(backend.restore_file(&backup).await.unwrap(), 2);
     let (code, body) = api(
         r.addr,

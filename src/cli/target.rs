@@ -423,7 +423,7 @@ impl Target {
         };
         let hint = match e {
             BackendError::StoreMissing(_) => {
-                " (`restore` brings it back from a snapshot or export; `import` creates it)"
+                " (`restore` brings it back from a snapshot or export)"
             }
             _ => "",
         };

@@ -124,18 +124,28 @@ impl PostgresBackend {
         result.map_err(|e| self.error(e))
     }
 
-    /// Whether the namespace exists: it has its row. A wiped database, missing
-    /// tables, or a namespace never created, does not.
+    /// Whether the namespace exists: it has its row, and a keys table that holds its
+    /// keys. A wiped database, missing tables, a namespace never created, or one
+    /// whose keys table was emptied under its row (`TRUNCATE`), does not.
     ///
     /// # Errors
     ///
     /// PostgreSQL does not answer.
     pub async fn exists(&self) -> Result<bool, Error> {
+        let ns = &self.namespace;
         let head = self
-            .read(|client| async move { read::head(&*client, &self.namespace).await })
+            .read(|client| async move {
+                let Some(head) = read::head(&*client, ns).await? else {
+                    return Ok(false);
+                };
+                if head.keys <= 0 {
+                    return Ok(true);
+                }
+                Ok(client.query_one(model::ANY_KEY, &[ns]).await?.try_get(0)?)
+            })
             .await;
         match head {
-            Ok(head) => Ok(head.is_some()),
+            Ok(exists) => Ok(exists),
             Err(e) if super::no_tables(&e) => Ok(false),
             Err(e) => Err(self.error(e)),
         }
@@ -153,7 +163,9 @@ impl PostgresBackend {
     /// # Errors
     ///
     /// The file cannot be read or does not parse; PostgreSQL does not answer or
-    /// refuses (nothing is written); the answer was lost and could not be settled.
+    /// refuses (nothing is written); the answer was lost and could not be settled;
+    /// the namespace's keys table was emptied under its row (`TRUNCATE`: restore it
+    /// with [`restore_file`](PostgresBackend::restore_file)).
     ///
     /// # Example
     ///

@@ -39,12 +39,14 @@
 //!
 //! # When the database is wiped
 //!
-//! A namespace without its row in `tak_namespaces`, or whose tables are gone, is
+//! A namespace without its row in `tak_namespaces`, whose tables are gone, or whose
+//! row counts keys over a keys table that holds none of them (`TRUNCATE`), is
 //! **not** "zero keys": replicas keep their last good keys and say so (a `warn`, and
 //! [`KeyStore::last_reload`](crate::KeyStore::last_reload)); the API refuses writes
-//! and lists ([`BackendError::StoreMissing`], HTTP 503 `store-missing`); an operator
-//! restores it with [`PostgresBackend::restore_file`] (a replica's snapshot, or an
-//! export) or [`PostgresBackend::import_file`].
+//! and lists ([`BackendError::StoreMissing`], HTTP 503 `store-missing`), and so does
+//! [`PostgresBackend::import_file`] over an emptied table; an operator restores it
+//! with [`PostgresBackend::restore_file`] (a replica's snapshot, or an export), or,
+//! for a namespace without its row, [`PostgresBackend::import_file`].
 //!
 //! A record a replica cannot read (not a key record, or one naming another id than
 //! the one it is stored under) is that one key refused, logged at `error` with its

@@ -132,15 +132,8 @@ impl PostgresBackend {
         match (plan, head) {
             (Plan::Change { .. }, None) => return Ok(Step::Missing),
             (Plan::Change { ids, decide }, Some(head)) => {
-                // An emptied keys table under a row that counts keys: wiped, as the
-                // replicas read it, which keep their keys and follow no further. A
-                // change written on top would be answered and never enforced, and
-                // the keys they still let in could not be revoked (not found).
-                if head.keys > 0 {
-                    let any: bool = tx.query_one(model::ANY_KEY, &[ns]).await?.try_get(0)?;
-                    if !any {
-                        return Ok(Step::Missing);
-                    }
+                if emptied(&tx, ns, &head).await? {
+                    return Ok(Step::Missing);
                 }
                 let rows = tx.query(model::SOME_LOCKED, &[ns, ids]).await?;
                 let mut current = HashMap::new();
@@ -154,6 +147,9 @@ impl PostgresBackend {
                 write_ops(&tx, ns, &head, &ops).await?;
             }
             (Plan::Import(records), Some(head)) => {
+                if emptied(&tx, ns, &head).await? {
+                    return Ok(Step::Missing);
+                }
                 let ops: Vec<Op> = records
                     .iter()
                     .map(|(id, r)| Op {
@@ -205,6 +201,19 @@ impl PostgresBackend {
         tx.commit().await?;
         Ok(Step::Done)
     }
+}
+
+/// Whether the namespace's keys table was emptied under its row (`TRUNCATE`): the
+/// row counts keys, the table holds none. Wiped, as the replicas read it (they keep
+/// their keys and follow no further): a change or an import written on top would be
+/// answered and never enforced, and the keys they still let in could not be
+/// revoked (not found). Only `restore` writes over it.
+async fn emptied(tx: &Transaction<'_>, ns: &String, head: &read::Head) -> Result<bool, PgError> {
+    if head.keys <= 0 {
+        return Ok(false);
+    }
+    let any: bool = tx.query_one(model::ANY_KEY, &[ns]).await?.try_get(0)?;
+    Ok(!any)
 }
 
 /// Writes `ops` as the namespace's next version: records, count, change rows,
