@@ -86,11 +86,14 @@ pub enum Rejection {
         retry_after: Duration,
     },
     /// The key has used its quota for this period: `429` with `Retry-After` set to
-    /// the start of the next period, gRPC `RESOURCE_EXHAUSTED`.
+    /// the start of the next period, gRPC `RESOURCE_EXHAUSTED`. For a key whose
+    /// quota a fleet shares, also this replica's share of it spent while the fleet
+    /// has quota left: then `Retry-After` is a second away, when the next share is.
     QuotaExceeded {
         /// The key.
         key: KeyInfo,
-        /// When the next period starts (UTC midnight, or the first of a month).
+        /// When to try again: the start of the next period (UTC midnight, or the
+        /// first of a month), or, for a fleet's spent share, a second from now.
         resets_at: SystemTime,
     },
     /// The key has `allowed_ips` and the client's address is not in them, or is
@@ -218,8 +221,10 @@ impl Rejection {
     }
 
     /// Sets the header fields of a refusal for a limit: `Retry-After` (whole seconds
-    /// over a rate limit, rounded up; the next period's date over the quota) and the
-    /// key's `RateLimit-Policy` and `RateLimit` fields. Nothing for other refusals.
+    /// over a rate limit, rounded up; over the quota, the next period's date, or
+    /// whole seconds when it is less than a minute away, as a fleet's spent share
+    /// is) and the key's `RateLimit-Policy` and `RateLimit` fields. Nothing for other
+    /// refusals.
     pub(crate) fn limit_headers(&self, headers: &mut HeaderMap) {
         let retry_after = match self {
             Self::RateLimited { retry_after, .. } => {
@@ -227,9 +232,21 @@ impl Rejection {
                 HeaderValue::from(u64::try_from(secs).unwrap_or(u64::MAX))
             }
             Self::QuotaExceeded { resets_at, .. } => {
-                match HeaderValue::from_str(&httpdate::fmt_http_date(*resets_at)) {
-                    Ok(value) => value,
-                    Err(_) => return,
+                // Soon: whole seconds, which need no clock of the client's to agree.
+                let soon = resets_at
+                    .duration_since(SystemTime::now())
+                    .ok()
+                    .filter(|d| *d < Duration::from_secs(60));
+                match soon {
+                    Some(wait) => HeaderValue::from(
+                        u64::try_from(wait.as_millis().div_ceil(1_000))
+                            .unwrap_or(60)
+                            .max(1),
+                    ),
+                    None => match HeaderValue::from_str(&httpdate::fmt_http_date(*resets_at)) {
+                        Ok(value) => value,
+                        Err(_) => return,
+                    },
                 }
             }
             _ => return,
@@ -509,6 +526,27 @@ mod tests {
             assert_eq!(prepared.status(), computed.status(), "{rejection:?}");
             assert_eq!(prepared.headers(), computed.headers(), "{rejection:?}");
         }
+    }
+
+    #[test]
+    fn a_quota_refusal_says_seconds_when_soon_and_a_date_otherwise() {
+        let at = |secs: u64| {
+            let rejection = Rejection::QuotaExceeded {
+                key: KeyInfo::for_tests("k"),
+                resets_at: SystemTime::now() + Duration::from_secs(secs),
+            };
+            let mut headers = HeaderMap::new();
+            rejection.limit_headers(&mut headers);
+            headers[header::RETRY_AFTER].to_str().unwrap().to_owned()
+        };
+        // A fleet's spent share: a second, as a number a client needs no clock for.
+        assert!(matches!(at(1).as_str(), "1" | "2"), "{}", at(1));
+        // The next period: its date.
+        assert!(
+            httpdate::parse_http_date(&at(7_200)).is_ok(),
+            "{}",
+            at(7_200)
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex, OnceLock, PoisonError,
-        atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -93,8 +93,9 @@ pub(crate) enum Refusal {
 const COUNT_BITS: u32 = 40;
 const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 
-/// How long a request refused for a spent share of a fleet's quota is told to wait,
-/// when the fleet has not used the quota up: about the time the next share takes.
+/// How long a request refused for a spent share of a fleet's limit is told to wait
+/// (at most), when the fleet has not used the limit up: about the time the next
+/// share takes.
 const SHARE_WAIT_MS: u64 = 1_000;
 
 /// One rate limit's TAT, on a cache line of its own: two limited keys served by two
@@ -132,6 +133,9 @@ pub(crate) struct Shares {
     /// The quota period (+ 1; 0: none) the fleet is known to have used up: Redis
     /// granted none of what the lessor asked.
     used_up: AtomicU32,
+    /// Per rate limit: the fleet's bucket is known to be empty (Redis granted none
+    /// of what the lessor last asked).
+    drained: Box<[AtomicBool]>,
 }
 
 impl Shares {
@@ -140,7 +144,24 @@ impl Shares {
             left: (0..n).map(|_| AtomicI64::new(0)).collect(),
             taken: (0..n).map(|_| AtomicU64::new(0)).collect(),
             used_up: AtomicU32::new(0),
+            drained: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// Says whether the fleet's bucket of rate limit `i` is empty, as the lessor
+    /// learned it from a lease.
+    #[cfg_attr(not(any(feature = "redis", test)), allow(dead_code))]
+    pub(crate) fn rate_drained(&self, i: usize, drained: bool) {
+        if let Some(flag) = self.drained.get(i) {
+            flag.store(drained, Ordering::Release);
+        }
+    }
+
+    /// Whether the fleet's bucket of rate limit `i` is known to be empty.
+    fn is_drained(&self, i: usize) -> bool {
+        self.drained
+            .get(i)
+            .is_some_and(|f| f.load(Ordering::Acquire))
     }
 
     /// Says whether the fleet has used quota period `period` up, as the lessor
@@ -317,8 +338,12 @@ impl Limiter {
         if let Err(i) = shares.take() {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return Err(match self.gcras.get(i) {
-                // Until the share is renewed: about one request's interval.
-                Some(gcra) => self.rate_refusal(i, gcra.interval),
+                // The fleet's bucket empty: about one request's interval, as one
+                // replica's limiter would say. Otherwise the next share is on its
+                // way: at most a moment (a limit of 10 an hour waits no 6 minutes
+                // for a share not yet leased).
+                Some(gcra) if shares.is_drained(i) => self.rate_refusal(i, gcra.interval),
+                Some(gcra) => self.rate_refusal(i, gcra.interval.min(SHARE_WAIT_MS * 1_000_000)),
                 // The quota's share is spent. Used up fleet-wide: until the next
                 // period. Otherwise the next share is on its way: a moment.
                 None => Refusal::Quota {
@@ -821,6 +846,27 @@ mod tests {
         assert_eq!(remaining(&new), [3, 1_000, 93], "the three counted");
         // Caught up once: nothing is counted twice.
         assert_eq!(remaining(&old), [3, 93]);
+    }
+
+    #[test]
+    fn a_spent_rate_share_waits_a_moment_unless_the_fleet_bucket_is_empty() {
+        let limits = Limits {
+            rates: vec![RateLimit::new("hourly", 10, Duration::from_secs(3_600))].into(),
+            quota: None,
+            allowed_ips: None,
+        };
+        let l = Limiter::new(&limits, true);
+        let wait = |l: &Limiter| match l.admit(SEC, || 0) {
+            Err(Refusal::Rate { wait, .. }) => wait,
+            other => panic!("{other:?}"),
+        };
+        // Not leased yet: a second, not the six minutes of one request's interval.
+        assert_eq!(wait(&l), Duration::from_secs(1));
+        // Redis said the fleet's bucket is empty: the interval, as one replica says.
+        l.shares().unwrap().rate_drained(0, true);
+        assert_eq!(wait(&l), Duration::from_secs(360));
+        l.shares().unwrap().rate_drained(0, false);
+        assert_eq!(wait(&l), Duration::from_secs(1));
     }
 
     #[test]

@@ -19,8 +19,9 @@
 //!   are spent in the new one (one share at most per replica).
 //! - while Redis cannot be reached, a replica spends its last shares and then
 //!   refuses: it is never unlimited. A new key is refused until its first share
-//!   arrives, a tick or so after it is loaded: a `429` whose `Retry-After` is a
-//!   second away (the quota's next period only once Redis said the fleet used it up).
+//!   arrives, a tick or so after it is loaded: a `429` whose `Retry-After` is at most
+//!   a second away (a rate limit's interval, or the quota's next period, only once
+//!   Redis said the fleet's bucket is empty or its quota used up).
 //! - a limit's state is kept under the key's id and the limit's name (the quota's:
 //!   its period), not its settings: a changed limit goes on from what the fleet
 //!   counted, as one replica's limiter does.
@@ -279,8 +280,12 @@ impl Lessor {
                 // Asked for and none given: the fleet has used the period's quota up
                 // (a quota's grant is all it has left). A refusal then names the
                 // next period; until this is known, a spent share is only a short wait.
-                if limiter.limits.quota.is_some() && i + 1 == shares.left.len() && want > 0 {
-                    shares.quota_used_up(period, granted == 0);
+                if want > 0 {
+                    if limiter.limits.quota.is_some() && i + 1 == shares.left.len() {
+                        shares.quota_used_up(period, granted == 0);
+                    } else {
+                        shares.rate_drained(i, granted == 0);
+                    }
                 }
                 if let Some(lease) = self.held.get_mut(&ptr).and_then(|h| h.leases.get_mut(i))
                     && granted > 0
