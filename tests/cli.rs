@@ -274,6 +274,11 @@ fn hash_reads_the_key_from_standard_input() {
     assert!(r.out.contains(&sha256_hex("old-secret")));
     assert!(r.out.contains("id = \"legacy\""));
     assert!(!r.out.contains("old-secret\""));
+    // The entry is a key file, line by line, that `check` takes.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    fs::write(&file, &r.out).unwrap();
+    run(&["check", p(&file)]).code(0);
     let doc = run_with(&["hash", "-o", "json"], Some("old-secret\r\n"), &[])
         .code(0)
         .json();

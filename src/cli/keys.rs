@@ -347,11 +347,12 @@ fn show(out: Out, body: &Value, to_stderr: bool) {
                     .join(" "),
                 other => other.to_string(),
             };
+            let (name, value) = (output::one_line(name), output::one_line(&value));
             text.push_str(&format!("{name:<13} {value}\n"));
         }
     }
     if to_stderr {
-        eprint!("{text}");
+        eprint!("{}", output::visible(&text));
     } else {
         output::line(text.trim_end());
     }

@@ -169,37 +169,58 @@ fn without_credentials(text: &str) -> String {
     without_keyword_password(&without_url_credentials(text))
 }
 
-/// `text` with the value of every `password=` (libpq's keyword form, quoted or not)
-/// replaced by `***`.
+/// `text` with the value of every `password = …` (libpq's keyword form, quoted or
+/// not, any case, spaces around `=`) replaced by `***`.
 fn without_keyword_password(text: &str) -> String {
-    const KEYWORD: &str = "password=";
+    const KEYWORD: &[u8] = b"password";
+    let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find(KEYWORD) {
-        let (head, tail) = rest.split_at(at + KEYWORD.len());
-        out.push_str(head);
-        out.push_str("***");
-        // A quoted value ends at its closing quote (`\'` escapes one); a bare one at
-        // whitespace or a quote around the whole argument.
-        let end = match tail.strip_prefix('\'') {
-            Some(quoted) => {
-                let mut escaped = false;
-                quoted
-                    .char_indices()
-                    .find(|&(_, c)| {
-                        let close = c == '\'' && !escaped;
-                        escaped = c == '\\' && !escaped;
-                        close
-                    })
-                    .map_or(tail.len(), |(i, _)| i + 2)
+    let mut copied = 0;
+    let mut at = 0;
+    while at + KEYWORD.len() <= bytes.len() {
+        if !bytes[at..at + KEYWORD.len()].eq_ignore_ascii_case(KEYWORD) {
+            at += 1;
+            continue;
+        }
+        let mut i = at + KEYWORD.len();
+        while bytes.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        if bytes.get(i) != Some(&b'=') {
+            at += 1;
+            continue;
+        }
+        i += 1;
+        while bytes.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        // The value: quoted, to its closing quote; bare, to the next whitespace. A
+        // backslash takes the character after it into the value, in both.
+        let quoted = bytes.get(i) == Some(&b'\'');
+        let mut end = i + usize::from(quoted);
+        while let Some(&b) = bytes.get(end) {
+            match b {
+                b'\\' => end += 2,
+                b'\'' if quoted => {
+                    end += 1;
+                    break;
+                }
+                b if !quoted && b.is_ascii_whitespace() => break,
+                _ => end += 1,
             }
-            None => tail
-                .find(|c: char| c.is_whitespace() || matches!(c, '\'' | '"' | '`'))
-                .unwrap_or(tail.len()),
-        };
-        rest = &tail[end..];
+        }
+        // Past a backslash that ends the text, or in the middle of a character it
+        // took: on to the next boundary.
+        let mut end = end.min(bytes.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        out.push_str(&text[copied..i]);
+        out.push_str("***");
+        copied = end;
+        at = end.max(at + 1);
     }
-    out.push_str(rest);
+    out.push_str(&text[copied..]);
     out
 }
 
@@ -545,6 +566,26 @@ mod tests {
             masked.contains("dbname=x password=*** port=1; password=***"),
             "{masked}"
         );
+        // Any case, spaces or tabs around `=`, escapes and quotes inside a bare value.
+        for form in [
+            "PASSWORD=s3cret",
+            "Password = s3cret",
+            "password\t=s3cret",
+            "password=ab\\ s3cret",
+            "password=ab\\'s3cret",
+            "password=ab\"s3cret",
+            "x password='s3cret", // unterminated: to the end
+        ] {
+            let masked = without_credentials(&format!("cannot read {form} here"));
+            assert!(!masked.contains("s3cret"), "{form}: {masked}");
+        }
+        // Multi-byte text around it stays whole; a backslash at the very end too.
+        assert_eq!(
+            without_credentials("clé password=é x"),
+            "clé password=*** x"
+        );
+        assert_eq!(without_credentials("password=x\\"), "password=***");
+        assert_eq!(without_credentials("password=ab\\é x"), "password=*** x");
     }
 
     #[test]

@@ -86,9 +86,10 @@ pub(crate) fn line(text: &str) {
 
 /// `text` as a terminal shows it as written: every control character but line breaks
 /// and tabs (an escape sequence from a server's answer or a key's field, which could
-/// clear the screen or retitle the window) spelled out, as `\u{1b}`.
+/// clear the screen or retitle the window), and every character that does not show
+/// or reorders text (`U+202E`), spelled out, as `\u{1b}`.
 pub(crate) fn visible(text: &str) -> std::borrow::Cow<'_, str> {
-    let shown = |c: char| !c.is_control() || c == '\n' || c == '\t';
+    let shown = |c: char| !crate::key::invisible(c) || c == '\n' || c == '\t';
     if text.chars().all(shown) {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -155,6 +156,7 @@ mod tests {
         ));
         assert_eq!(visible("a\u{1b}[2Jb\u{7}"), "a\\u{1b}[2Jb\\u{7}");
         assert_eq!(visible("é\r"), "é\\u{d}");
+        assert_eq!(visible("a\u{202e}live"), "a\\u{202e}live");
         assert_eq!(
             one_line("title:\r\n\u{1b}]0;x\u{7}\tdone"),
             "title:  \\u{1b}]0;x\\u{7} done"

@@ -407,7 +407,7 @@ pub(crate) fn validate_id(id: &str) -> Result<(), Error> {
 
 /// Unicode control (Cc) and format (Cf) characters, and the line and paragraph
 /// separators: characters that do not show, or that reorder or hide text in a log.
-fn invisible(c: char) -> bool {
+pub(crate) fn invisible(c: char) -> bool {
     c.is_control()
         || matches!(c,
             '\u{00ad}'
