@@ -63,11 +63,21 @@ fn modules(root: &Path) -> Vec<Module> {
     found
 }
 
+/// Compiled only for tests: `#[cfg(test)]`, or `#[cfg(all(test, …))]`.
 fn is_test(attrs: &[syn::Attribute]) -> bool {
+    fn test_only(meta: &syn::Meta) -> bool {
+        match meta {
+            syn::Meta::Path(p) => p.is_ident("test"),
+            syn::Meta::List(list) if list.path.is_ident("all") => list
+                .parse_args_with(
+                    syn::punctuated::Punctuated::<syn::Meta, syn::Token![,]>::parse_terminated,
+                )
+                .is_ok_and(|all| all.iter().any(test_only)),
+            _ => false,
+        }
+    }
     attrs.iter().any(|a| {
-        a.path().is_ident("cfg")
-            && a.parse_args::<syn::Meta>()
-                .is_ok_and(|m| m.path().is_ident("test"))
+        a.path().is_ident("cfg") && a.parse_args::<syn::Meta>().is_ok_and(|m| test_only(&m))
     })
 }
 
@@ -89,9 +99,14 @@ struct Names {
     /// The module path of the code being walked (a file's, then its inline modules').
     at: Vec<String>,
     /// Names brought in by `use`, per module: the last segment (or alias) → full path.
-    aliases: HashMap<Vec<String>, HashMap<String, Vec<String>>>,
+    aliases: Aliases,
+    /// `use …::*` prefixes, per module, as written.
+    globs: HashMap<Vec<String>, Vec<Vec<String>>>,
     found: Vec<(Vec<String>, Vec<String>)>,
 }
+
+/// Per module: a name brought in by `use` → the path it stands for, as written there.
+type Aliases = HashMap<Vec<String>, HashMap<String, Vec<String>>>;
 
 impl Names {
     fn use_tree(&mut self, prefix: &[String], tree: &syn::UseTree) {
@@ -117,7 +132,13 @@ impl Names {
                 }
                 self.add_use(r.rename.to_string(), full);
             }
-            syn::UseTree::Glob(_) => self.found.push((self.at.clone(), prefix.to_vec())),
+            syn::UseTree::Glob(_) => {
+                self.found.push((self.at.clone(), prefix.to_vec()));
+                self.globs
+                    .entry(self.at.clone())
+                    .or_default()
+                    .push(prefix.to_vec());
+            }
             syn::UseTree::Group(g) => {
                 for t in &g.items {
                     self.use_tree(prefix, t);
@@ -168,98 +189,199 @@ impl<'ast> Visit<'ast> for Names {
     }
 
     fn visit_macro(&mut self, m: &'ast syn::Macro) {
-        // `tracing::error!(…)` and the like: their arguments are code too, often.
-        if let Ok(args) = m.parse_body_with(
-            syn::punctuated::Punctuated::<syn::Expr, syn::Token![,]>::parse_terminated,
-        ) {
-            for arg in &args {
-                self.visit_expr(arg);
-            }
+        // A macro's arguments are code too (`tracing::error!(…, a = %crate::x::y)`,
+        // `vec![T::new(); n]`): every `a::b` in its tokens is a path it names.
+        let mut paths = Vec::new();
+        let _ =
+            m.parse_body_with(|input: syn::parse::ParseStream<'_>| token_paths(input, &mut paths));
+        for path in paths {
+            self.found.push((self.at.clone(), path));
         }
         syn::visit::visit_macro(self, m);
     }
 }
 
-/// `path`, named in module `at`, made absolute (`crate::…`), if it is the crate's.
-fn absolute(
-    at: &[String],
-    path: &[String],
-    aliases: &HashMap<Vec<String>, HashMap<String, Vec<String>>>,
-    children: &BTreeSet<Vec<String>>,
-    depth: usize,
-) -> Option<Vec<String>> {
-    let first = path.first()?;
-    let mut out: Vec<String>;
-    let rest: &[String];
-    match first.as_str() {
-        "crate" => return Some(path.to_vec()),
-        "self" => {
-            out = at.to_vec();
-            rest = &path[1..];
+/// Every `a::b…` in a stream of tokens, groups included.
+fn token_paths(input: syn::parse::ParseStream<'_>, out: &mut Vec<Vec<String>>) -> syn::Result<()> {
+    use syn::ext::IdentExt as _;
+    let mut current: Vec<String> = Vec::new();
+    let mut joined = false;
+    let flush = |current: &mut Vec<String>, out: &mut Vec<Vec<String>>| {
+        if current.len() > 1 {
+            out.push(std::mem::take(current));
         }
-        "super" => {
-            out = at.to_vec();
-            let mut i = 0;
-            while path.get(i).is_some_and(|s| s == "super") {
-                out.pop();
-                i += 1;
+        current.clear();
+    };
+    while !input.is_empty() {
+        if input.peek(syn::Token![::]) {
+            input.parse::<syn::Token![::]>()?;
+            joined = !current.is_empty();
+            continue;
+        }
+        if input.peek(syn::Ident::peek_any) {
+            let ident = syn::Ident::parse_any(input)?.to_string();
+            if !joined {
+                flush(&mut current, out);
             }
-            rest = &path[i..];
+            current.push(ident);
+            joined = false;
+            continue;
         }
-        _ => {
-            let mut child = at.to_vec();
-            child.push(first.clone());
-            if children.contains(&child) {
-                out = child;
-                rest = &path[1..];
-            } else if let Some(full) = aliases.get(at).and_then(|a| a.get(first))
-                && depth < 8
-                && full.first().map(String::as_str) != Some(first.as_str())
-            {
-                let mut joined = full.clone();
-                joined.extend_from_slice(&path[1..]);
-                return absolute(at, &joined, aliases, children, depth + 1);
-            } else {
-                return None;
-            }
+        flush(&mut current, out);
+        joined = false;
+        let content;
+        if input.peek(syn::token::Paren) {
+            syn::parenthesized!(content in input);
+        } else if input.peek(syn::token::Bracket) {
+            syn::bracketed!(content in input);
+        } else if input.peek(syn::token::Brace) {
+            syn::braced!(content in input);
+        } else {
+            input.step(|cursor| match cursor.token_tree() {
+                Some((_, next)) => Ok(((), next)),
+                None => Err(cursor.error("no token")),
+            })?;
+            continue;
         }
+        token_paths(&content, out)?;
     }
-    out.extend_from_slice(rest);
-    Some(out)
+    flush(&mut current, out);
+    Ok(())
+}
+
+/// What the whole crate declares: its modules (inline ones included), and each
+/// module's `use` names and globs.
+struct Crate {
+    modules: BTreeSet<Vec<String>>,
+    aliases: Aliases,
+    globs: HashMap<Vec<String>, Vec<Vec<String>>>,
+}
+
+impl Crate {
+    /// `path`, named in module `at`, made absolute (`crate::…`) and followed through
+    /// the `use` names it goes through (a folder's `pub use self::x::T`, a glob), if
+    /// it is the crate's.
+    fn resolve(&self, at: &[String], path: &[String], depth: usize) -> Option<Vec<String>> {
+        if depth > 8 {
+            return None;
+        }
+        let full = self.absolute(at, path, depth)?;
+        // The longest module the path goes through, and the name after it: a name
+        // that module brought in by `use` stands for what it names.
+        let n = (1..=full.len())
+            .rev()
+            .find(|n| self.modules.contains(&full[..*n]))?;
+        if let Some(name) = full.get(n)
+            && let Some(target) = self.aliases.get(&full[..n]).and_then(|a| a.get(name))
+        {
+            let mut joined = target.clone();
+            joined.extend_from_slice(&full[n + 1..]);
+            if let Some(followed) = self.resolve(&full[..n], &joined, depth + 1) {
+                return Some(followed);
+            }
+        }
+        Some(full)
+    }
+
+    fn absolute(&self, at: &[String], path: &[String], depth: usize) -> Option<Vec<String>> {
+        if depth > 8 {
+            return None;
+        }
+        let first = path.first()?;
+        let mut out = at.to_vec();
+        let rest: &[String];
+        match first.as_str() {
+            "crate" => return Some(path.to_vec()),
+            "self" => rest = &path[1..],
+            "super" => {
+                let mut i = 0;
+                while path.get(i).is_some_and(|s| s == "super") {
+                    out.pop();
+                    i += 1;
+                }
+                rest = &path[i..];
+            }
+            _ => {
+                out.push(first.clone());
+                if self.modules.contains(&out) {
+                    rest = &path[1..];
+                } else if let Some(full) = self.aliases.get(at).and_then(|a| a.get(first))
+                    && full.first() != Some(first)
+                {
+                    let mut joined = full.clone();
+                    joined.extend_from_slice(&path[1..]);
+                    return self.resolve(at, &joined, depth + 1);
+                } else {
+                    // Through a glob (`use super::*`): a module or a `use` name of the
+                    // module it opens.
+                    for glob in self.globs.get(at).into_iter().flatten() {
+                        let Some(base) = self.absolute(at, glob, depth + 1) else {
+                            continue;
+                        };
+                        let mut child = base.clone();
+                        child.push(first.clone());
+                        let named = self
+                            .aliases
+                            .get(&base)
+                            .is_some_and(|a| a.contains_key(first));
+                        if base != at && (self.modules.contains(&child) || named) {
+                            let mut joined = base;
+                            joined.extend_from_slice(path);
+                            return self.resolve(at, &joined, depth + 1);
+                        }
+                    }
+                    return None;
+                }
+            }
+        }
+        out.extend_from_slice(rest);
+        Some(out)
+    }
 }
 
 #[test]
 fn no_two_files_import_each_other() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let modules = modules(&root);
-    // Every module path, inline ones included, for resolving a bare first segment.
-    let mut children: BTreeSet<Vec<String>> = modules.iter().map(|m| m.path.clone()).collect();
     let mut file_of: BTreeMap<Vec<String>, PathBuf> = BTreeMap::new();
     for m in &modules {
         file_of.insert(m.path.clone(), m.file.clone());
     }
-    let mut edges: BTreeMap<PathBuf, BTreeSet<PathBuf>> = BTreeMap::new();
+    // First what every file declares, then what each names.
+    let mut krate = Crate {
+        modules: modules.iter().map(|m| m.path.clone()).collect(),
+        aliases: HashMap::new(),
+        globs: HashMap::new(),
+    };
+    let mut found = Vec::new();
     for m in &modules {
         let ast = syn::parse_file(&std::fs::read_to_string(&m.file).unwrap()).unwrap();
         let mut names = Names {
             at: m.path.clone(),
             aliases: HashMap::new(),
+            globs: HashMap::new(),
             found: Vec::new(),
         };
-        // Inline modules first, so that a bare `inner::x` resolves.
         for item in &ast.items {
             if let syn::Item::Mod(inner) = item
                 && inner.content.is_some()
+                && !is_test(&inner.attrs)
             {
                 let mut p = m.path.clone();
                 p.push(inner.ident.to_string());
-                children.insert(p);
+                krate.modules.insert(p);
             }
         }
         names.visit_file(&ast);
+        krate.aliases.extend(names.aliases);
+        krate.globs.extend(names.globs);
+        found.push((m, names.found));
+    }
+    let mut edges: BTreeMap<PathBuf, BTreeSet<PathBuf>> = BTreeMap::new();
+    for (m, paths) in found {
         let is_face = m.file.ends_with("mod.rs") || m.file.ends_with("lib.rs");
-        for (at, path) in &names.found {
-            let Some(full) = absolute(at, path, &names.aliases, &children, 0) else {
+        for (at, path) in &paths {
+            let Some(full) = krate.resolve(at, path, 0) else {
                 continue;
             };
             // The file of the longest module prefix of the path.

@@ -8,8 +8,9 @@ use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
 use super::{
-    PgError, Target, model, read,
-    write::{Op, Plan},
+    PgError, Target, model,
+    plan::{Op, Plan},
+    read,
 };
 use crate::{
     ApiKey, Error, KeySet,

@@ -66,6 +66,7 @@
 mod backend;
 mod follow;
 mod model;
+mod plan;
 mod read;
 // The snapshot writer has no Redis in it: the same file serves both engines (it is
 // compiled once per engine enabled, until it moves to the core).
