@@ -1664,3 +1664,78 @@ fn an_api_whose_pages_come_round_again_or_whose_answer_is_not_json_is_not_believ
     let proxy = fake_api(|_| (502, b"<html>bad gateway</html>".to_vec()));
     run_with(&["keys", "list", "--api", &proxy], None, &key).code(3);
 }
+
+/// A TCP proxy to Redis on `upstream` that holds every `HGETALL` (a whole read) for
+/// `delay` before passing it on, as a namespace of a million records takes seconds
+/// to send.
+fn slow_whole_reads(upstream: u16, delay: Duration) -> String {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "redis://127.0.0.1:{}/",
+        listener.local_addr().unwrap().port()
+    );
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                return;
+            };
+            let (mut client_rx, mut server_rx) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut server_rx, &mut client);
+            });
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match client_rx.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if buf[..n]
+                        .windows(7)
+                        .any(|w| w.eq_ignore_ascii_case(b"HGETALL"))
+                    {
+                        std::thread::sleep(delay);
+                    }
+                    if server.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn a_whole_read_of_a_large_namespace_is_given_time() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    fs::write(&file, ROOT).unwrap();
+    let url = redis.url();
+    run(&["import", p(&file), "--redis", &url, "--namespace", "big"]).code(0);
+    // Its answer takes longer than a connection may (2 s): read all the same, where
+    // `diff`, `export` and `keys list` used to give up as "did not answer in time".
+    let slow = slow_whole_reads(redis.port, Duration::from_secs(3));
+    run(&["diff", p(&file), "--redis", &slow, "--namespace", "big"]).code(0);
+    let out = dir.path().join("out.toml");
+    run(&[
+        "export",
+        "--redis",
+        &slow,
+        "--namespace",
+        "big",
+        "--out",
+        p(&out),
+    ])
+    .code(0);
+    assert!(fs::read_to_string(&out).unwrap().contains("id = \"root\""));
+}

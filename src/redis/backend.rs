@@ -15,6 +15,10 @@ use crate::{
     admin::{AdminBackend, BackendError, UsageCounts, record_etag},
 };
 
+/// How long the answer to a whole read of a namespace may take: as long as a
+/// replica's whole read (`RedisSource`) waits for one.
+const WHOLE_READ: Duration = Duration::from_secs(30);
+
 /// An [`AdminBackend`] on a Redis namespace: each call is one atomic Lua script that
 /// writes the key's record, bumps the namespace's version and appends to its change
 /// log, which every replica's [`RedisSource`](super::RedisSource) follows.
@@ -502,6 +506,10 @@ impl RedisBackend {
         let (meta, records): (Meta, Value) = self
             .link
             .read(|mut con| async move {
+                // A whole namespace takes a while to send (a million records are
+                // about 150 MB): its answer gets what a replica's whole read gets,
+                // while a connection still fails within the link's timeout.
+                con.set_response_timeout(self.link.timeout().max(WHOLE_READ));
                 self.meta_pipe()
                     .hgetall(&self.keys.records)
                     .query_async(&mut con)
