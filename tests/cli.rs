@@ -1739,3 +1739,37 @@ fn a_whole_read_of_a_large_namespace_is_given_time() {
     .code(0);
     assert!(fs::read_to_string(&out).unwrap().contains("id = \"root\""));
 }
+
+#[test]
+fn restore_says_which_version_a_replicas_snapshot_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("snapshot.toml");
+    fs::write(
+        &snapshot,
+        format!(
+            "# tower-api-key replica snapshot: namespace version 41 of epoch e7, written \
+             2026-12-03T12:00:00Z\n# Restore from the newest replica's snapshot.\n\n{ROOT}"
+        ),
+    )
+    .unwrap();
+    let target = dir.path().join("restored.toml");
+    let r = run(&["restore", p(&snapshot), "--file", p(&target)]).code(0);
+    assert!(
+        r.err.contains(
+            "restoring from tower-api-key replica snapshot: namespace version 41 of epoch e7"
+        ),
+        "{}",
+        r.err
+    );
+    // A key file that is no snapshot: nothing said about versions.
+    let plain = dir.path().join("plain.toml");
+    fs::write(&plain, ROOT).unwrap();
+    let r = run(&[
+        "restore",
+        p(&plain),
+        "--file",
+        p(&dir.path().join("other.toml")),
+    ])
+    .code(0);
+    assert!(!r.err.contains("restoring from"), "{}", r.err);
+}

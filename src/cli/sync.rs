@@ -331,10 +331,29 @@ fn replace(path: &Path, keys: &[ApiKey], target: &Target) -> Result<(), Failure>
         )
     })
 }
+/// How a replica's snapshot opens (see `redis/snapshot.rs`).
+const SNAPSHOT_HEADER: &str = "# tower-api-key replica snapshot:";
+
+/// The first line of the file at `path`, if it can be read (at most 512 bytes).
+fn first_line(path: &Path) -> Option<String> {
+    use std::io::Read as _;
+    let mut head = [0u8; 512];
+    let n = std::fs::File::open(path).ok()?.read(&mut head).ok()?;
+    let text = String::from_utf8_lossy(&head[..n]);
+    text.lines().next().map(str::to_owned)
+}
 
 pub(crate) fn restore(file: &Path, args: &TargetArgs, max: u64, force: bool, out: Out) -> Done {
     let target = Target::of(args)?;
     let desired = read_input(file, max)?;
+    // A replica's snapshot says which version it holds: said, so that an operator
+    // sees whether it is the newest before the namespace is replaced by it.
+    if let Some(line) = first_line(file).filter(|l| l.starts_with(SNAPSHOT_HEADER)) {
+        eprintln!(
+            "restoring from {}",
+            output::one_line(line.trim_start_matches("# "))
+        );
+    }
     let exists_hint = |what: String| {
         Failure::new(
             Exit::Conflict,

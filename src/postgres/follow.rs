@@ -17,7 +17,7 @@ use tokio_postgres::{AsyncMessage, Client};
 use super::{
     Connection, PgError, Target, model,
     read::{self, Change, Cursor, Since, Whole},
-    snapshot::Snapshots,
+    snapshot::{At, Snapshots},
 };
 use crate::{Error, KeyChange, KeyUpdater, key::record};
 
@@ -282,7 +282,7 @@ impl Follower {
             }
         };
         if let Some(snapshots) = &self.snapshots {
-            snapshots.set(set.clone());
+            snapshots.set(set.clone(), at_of(&cursor));
         }
         self.failure = None;
         match self.updater.publish(set) {
@@ -330,10 +330,10 @@ impl Follower {
         let copy = self.snapshots.as_ref().map(|_| changes.clone());
         match self.updater.apply(changes) {
             Ok(_) => {
-                self.cursor = Some(next);
                 if let (Some(snapshots), Some(copy)) = (&self.snapshots, copy) {
-                    snapshots.changes(copy);
+                    snapshots.changes(copy, at_of(&next));
                 }
+                self.cursor = Some(next);
             }
             Err(Error::StoreClosed) => return Err(Fault::Closed),
             Err(error) => {
@@ -473,6 +473,14 @@ fn usage_deltas(
 }
 
 /// `d`, give or take half, at random: replicas do not retry in step.
+/// The version a cursor stands at, as a snapshot says it.
+fn at_of(cursor: &Cursor) -> At {
+    At {
+        epoch: cursor.epoch.clone(),
+        version: u64::try_from(cursor.version).unwrap_or(0),
+    }
+}
+
 fn jittered(d: Duration) -> Duration {
     let mut b = [0u8; 8];
     let _ = getrandom::fill(&mut b);

@@ -16,7 +16,7 @@ use super::{
     log::{self, Change, Cursor, StreamId},
     model::{self, Keys},
     read::{self, Head, Read, is_refusal},
-    snapshot::Snapshots,
+    snapshot::{At, Snapshots},
 };
 use crate::{Error, KeyChange, KeyUpdater, key::record};
 
@@ -275,7 +275,11 @@ impl Follower {
         self.seen = Some((cursor.epoch.clone(), cursor.version));
         self.applied = Some((cursor.epoch.clone(), cursor.version, cursor.at));
         if let Some(snapshots) = &self.snapshots {
-            snapshots.set(set.clone());
+            let at = At {
+                epoch: cursor.epoch.clone(),
+                version: cursor.version,
+            };
+            snapshots.set(set.clone(), at);
         }
         self.failure = None;
         match self.updater.publish(set) {
@@ -432,10 +436,15 @@ impl Follower {
         let copy = self.snapshots.as_ref().map(|_| changes.clone());
         match self.updater.apply(changes) {
             Ok(_) => {
-                self.applied = Some(mark);
                 if let (Some(snapshots), Some(copy)) = (&self.snapshots, copy) {
-                    snapshots.changes(copy);
+                    let (epoch, version, _) = &mark;
+                    let at = At {
+                        epoch: epoch.clone(),
+                        version: *version,
+                    };
+                    snapshots.changes(copy, at);
                 }
+                self.applied = Some(mark);
             }
             Err(Error::StoreClosed) => return Err(Fault::Closed),
             Err(error) => {
