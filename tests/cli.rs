@@ -1413,53 +1413,24 @@ struct HoldFirstScript {
 
 impl HoldFirstScript {
     fn start(upstream: u16) -> Self {
-        use std::{
-            io::{Read, Write},
-            net::{TcpListener, TcpStream},
-            sync::{
-                Arc, Condvar, Mutex,
-                atomic::{AtomicBool, Ordering},
-            },
+        use std::sync::{
+            Arc, Condvar, Mutex,
+            atomic::{AtomicBool, Ordering},
         };
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
         let (tell, reached) = std::sync::mpsc::channel();
         let release = Arc::new((Mutex::new(false), Condvar::new()));
-        let held = Arc::new(AtomicBool::new(false));
+        let held = AtomicBool::new(false);
         let gate = release.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(mut client) = client else { return };
-                let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                    return;
-                };
-                let (mut client_rx, mut server_rx) =
-                    (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut server_rx, &mut client);
-                });
-                let (tell, gate, held) = (tell.clone(), gate.clone(), held.clone());
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match client_rx.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        let script = buf[..n].windows(4).any(|w| w.eq_ignore_ascii_case(b"EVAL"));
-                        if script && !held.swap(true, Ordering::SeqCst) {
-                            let _ = tell.send(());
-                            let (lock, cv) = &*gate;
-                            let mut go = lock.lock().unwrap();
-                            while !*go {
-                                go = cv.wait(go).unwrap();
-                            }
-                        }
-                        if server.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                });
+        let tell = Mutex::new(tell);
+        let port = redis_proxy(upstream, move |sent| {
+            let script = sent.windows(4).any(|w| w.eq_ignore_ascii_case(b"EVAL"));
+            if script && !held.swap(true, Ordering::SeqCst) {
+                let _ = tell.lock().unwrap().send(());
+                let (lock, cv) = &*gate;
+                let mut go = lock.lock().unwrap();
+                while !*go {
+                    go = cv.wait(go).unwrap();
+                }
             }
         });
         Self {
@@ -1665,19 +1636,18 @@ fn an_api_whose_pages_come_round_again_or_whose_answer_is_not_json_is_not_believ
     run_with(&["keys", "list", "--api", &proxy], None, &key).code(3);
 }
 
-/// A TCP proxy to Redis on `upstream` that holds every `HGETALL` (a whole read) for
-/// `delay` before passing it on, as a namespace of a million records takes seconds
-/// to send.
-fn slow_whole_reads(upstream: u16, delay: Duration) -> String {
+/// A TCP proxy to Redis on `upstream`, on a port of its own: what a client sends is
+/// shown to `before` (which may hold it up) and then passed on; the answers come
+/// back as they are.
+fn redis_proxy(upstream: u16, before: impl Fn(&[u8]) + Send + Sync + 'static) -> u16 {
     use std::{
         io::{Read, Write},
         net::{TcpListener, TcpStream},
+        sync::Arc,
     };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!(
-        "redis://127.0.0.1:{}/",
-        listener.local_addr().unwrap().port()
-    );
+    let port = listener.local_addr().unwrap().port();
+    let before = Arc::new(before);
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(mut client) = client else { return };
@@ -1689,6 +1659,7 @@ fn slow_whole_reads(upstream: u16, delay: Duration) -> String {
             std::thread::spawn(move || {
                 let _ = std::io::copy(&mut server_rx, &mut client);
             });
+            let before = before.clone();
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
@@ -1696,12 +1667,7 @@ fn slow_whole_reads(upstream: u16, delay: Duration) -> String {
                         Ok(0) | Err(_) => return,
                         Ok(n) => n,
                     };
-                    if buf[..n]
-                        .windows(7)
-                        .any(|w| w.eq_ignore_ascii_case(b"HGETALL"))
-                    {
-                        std::thread::sleep(delay);
-                    }
+                    before(&buf[..n]);
                     if server.write_all(&buf[..n]).is_err() {
                         return;
                     }
@@ -1709,7 +1675,18 @@ fn slow_whole_reads(upstream: u16, delay: Duration) -> String {
             });
         }
     });
-    url
+    port
+}
+
+/// A proxy to Redis on `upstream` that holds every `HGETALL` (a whole read) for
+/// `delay`, as a namespace of a million records takes seconds to send.
+fn slow_whole_reads(upstream: u16, delay: Duration) -> String {
+    let port = redis_proxy(upstream, move |sent| {
+        if sent.windows(7).any(|w| w.eq_ignore_ascii_case(b"HGETALL")) {
+            std::thread::sleep(delay);
+        }
+    });
+    format!("redis://127.0.0.1:{port}/")
 }
 
 #[test]
