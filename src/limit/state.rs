@@ -258,33 +258,16 @@ impl Limiter {
     /// - the quota keeps this period's count while its period (day or month) stays;
     /// - the count of refusals is kept.
     ///
-    /// Requests `old` lets in between this copy and the swap of the key set are
-    /// counted by [`Carry::catch_up`], once the new limiter is the one requests see.
-    pub(crate) fn carried(
-        old: &Arc<Self>,
-        limits: &Limits,
-        now: u64,
-        fleet: bool,
-    ) -> (Self, Carry) {
+    /// A request decided by `old` after the copy is not carried: the swap of a key
+    /// set is a moment, not a window.
+    pub(crate) fn carried(old: &Self, limits: &Limits, now: u64, fleet: bool) -> Self {
         let new = Self::new(limits, fleet);
-        let mut carry = Carry {
-            from: old.clone(),
-            tats: Vec::new(),
-            quota: None,
-        };
-        for (at, ((rate, gcra), tat)) in limits
-            .rates
-            .iter()
-            .zip(&*new.gcras)
-            .zip(&*new.tats)
-            .enumerate()
-        {
+        for ((rate, gcra), tat) in limits.rates.iter().zip(&*new.gcras).zip(&*new.tats) {
             let Some(i) = old.limits.rates.iter().position(|r| r.name == rate.name) else {
                 continue;
             };
             let (before, was) = (old.gcras[i], old.tats[i].0.load(Ordering::Acquire));
             let carried = if before == *gcra {
-                carry.tats.push((i, at, was));
                 was
             } else {
                 let counted = was.saturating_sub(now).div_ceil(before.interval);
@@ -295,12 +278,12 @@ impl Limiter {
         if let (Some(quota), Some(before)) = (&limits.quota, &old.limits.quota)
             && quota.period == before.period
         {
-            let word = old.quota.0.load(Ordering::Acquire);
-            new.quota.0.store(word, Ordering::Release);
-            carry.quota = Some(word);
+            new.quota
+                .0
+                .store(old.quota.0.load(Ordering::Acquire), Ordering::Release);
         }
         new.refused.store(old.refused(), Ordering::Relaxed);
-        (new, carry)
+        new
     }
 
     /// This replica's shares of the fleet-wide limits, for a key of a fleet source.
@@ -560,55 +543,6 @@ fn update<E>(cell: &AtomicU64, decide: impl Fn(u64) -> Result<u64, E>) -> Result
     }
 }
 
-/// What [`Limiter::carried`] copied from the limiter it replaces: enough to count,
-/// after the swap, the requests the old one let in meanwhile.
-pub(crate) struct Carry {
-    from: Arc<Limiter>,
-    /// Rate limits carried as they were: (old index, new index, the TAT copied).
-    tats: Vec<(usize, usize, u64)>,
-    /// The quota's word copied, when its period stayed.
-    quota: Option<u64>,
-}
-
-impl Carry {
-    /// Counts into `new` what the old limiter let in since the copy: a rate limit's
-    /// TAT moved on by as much as the old one's, the quota's count by as many as the
-    /// old one's (in the same period). Called once the new key set is the one
-    /// requests see; a request that still decides on the old limiter after this is
-    /// a moment's worth, not a window.
-    pub(crate) fn catch_up(&self, new: &Limiter) {
-        let old = &*self.from;
-        for &(i, at, copied) in &self.tats {
-            let now = old.tats[i].0.load(Ordering::Acquire);
-            if let Some(ahead) = now.checked_sub(copied).filter(|d| *d > 0) {
-                new.tats[at].0.fetch_add(ahead, Ordering::AcqRel);
-            }
-        }
-        if let Some(copied) = self.quota {
-            let now = old.quota.0.load(Ordering::Acquire);
-            let period = now >> COUNT_BITS;
-            let more = if period == copied >> COUNT_BITS {
-                (now & COUNT_MASK).saturating_sub(copied & COUNT_MASK)
-            } else {
-                // The copy was of an earlier period: all of the old count is new.
-                now & COUNT_MASK
-            };
-            if more > 0 {
-                let _ = update(&new.quota.0, |word| {
-                    if word >> COUNT_BITS == period {
-                        Ok((word & !COUNT_MASK) | ((word & COUNT_MASK) + more).min(COUNT_MASK))
-                    } else if word >> COUNT_BITS < period {
-                        // The new limiter has not counted in this period yet.
-                        Ok((period << COUNT_BITS) | more.min(COUNT_MASK))
-                    } else {
-                        Err(())
-                    }
-                });
-            }
-        }
-    }
-}
-
 impl std::fmt::Debug for Limiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Limiter")
@@ -804,48 +738,6 @@ mod tests {
         assert!(l.allows(|| Some("198.51.100.1".parse().unwrap())).is_err());
         assert_eq!(l.allows(|| None), Err(None));
         assert_eq!(l.refused(), 2);
-    }
-
-    #[test]
-    fn what_the_replaced_limiter_lets_in_after_the_copy_is_caught_up() {
-        let burst = RateLimit::new("burst", 10, Duration::from_secs(10));
-        let quota = Quota::new(100, QuotaPeriod::Day);
-        let before = Limits {
-            rates: vec![burst.clone()].into(),
-            quota: Some(quota),
-            allowed_ips: None,
-        };
-        let old = Arc::new(Limiter::new(&before, false));
-        for _ in 0..4 {
-            assert!(old.admit(SEC, || 1_000).is_ok());
-        }
-        // Another limit added: the burst and the quota are carried as they were...
-        let after = Limits {
-            rates: vec![
-                burst,
-                RateLimit::new("daily", 1_000, Duration::from_secs(86_400)),
-            ]
-            .into(),
-            quota: Some(quota),
-            allowed_ips: None,
-        };
-        let (new, carry) = Limiter::carried(&old, &after, SEC, false);
-        // ...and requests still deciding on the old limiter (the swap is not yet
-        // seen) count there, three of them.
-        for _ in 0..3 {
-            assert!(old.admit(SEC, || 1_000).is_ok());
-        }
-        let remaining = |l: &Limiter| -> Vec<u64> {
-            l.status(SEC, 1_000)
-                .iter()
-                .map(LimitStatus::remaining)
-                .collect()
-        };
-        assert_eq!(remaining(&new), [6, 1_000, 96], "before catching up");
-        carry.catch_up(&new);
-        assert_eq!(remaining(&new), [3, 1_000, 93], "the three counted");
-        // Caught up once: nothing is counted twice.
-        assert_eq!(remaining(&old), [3, 93]);
     }
 
     #[test]

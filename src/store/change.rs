@@ -191,12 +191,7 @@ pub(crate) fn plan(
             .filter(|m| !m.limits.is_empty())
             .map(|m| match existing.and_then(|(_, e)| e.limiter.as_ref()) {
                 Some(old) if old.limits == m.limits => old.clone(),
-                Some(old) => {
-                    let (new, carry) = Limiter::carried(old, &m.limits, now_ns(), source.fleet);
-                    let new = Arc::new(new);
-                    edit.carried.push((new.clone(), carry));
-                    new
-                }
+                Some(old) => Arc::new(Limiter::carried(old, &m.limits, now_ns(), source.fleet)),
                 None => Arc::new(Limiter::new(&m.limits, source.fleet)),
             });
         let entry = Arc::new(KeyEntry {

@@ -11,7 +11,6 @@ use std::{hash::BuildHasher, sync::Arc};
 
 use crate::{
     key::digest::{DigestSet, KeyDigest},
-    limit::state::{Carry, Limiter},
     store::counters::{Counter, Counters},
     store::entry::KeyEntry,
     store::shard::{GROUPS, Handle, Shard},
@@ -62,8 +61,6 @@ pub(crate) struct Snapshot {
 pub(crate) struct Edit {
     pub(crate) remove: Vec<(KeyDigest, Arc<str>)>,
     pub(crate) insert: Vec<(KeyDigest, Arc<KeyEntry>, Option<KeyDigest>)>,
-    /// Limiters carried from the ones they replace, to catch up once swapped in.
-    pub(crate) carried: Vec<(Arc<Limiter>, Carry)>,
 }
 
 impl Default for Snapshot {
@@ -334,7 +331,6 @@ mod tests {
                     (key.digest, KeyEntry::for_tests(&key), None)
                 })
                 .collect(),
-            ..Edit::default()
         }
     }
 
@@ -348,7 +344,6 @@ mod tests {
                 })
                 .collect(),
             insert: Vec::new(),
-            ..Edit::default()
         }
     }
 
@@ -401,7 +396,6 @@ mod tests {
             Edit {
                 remove: Vec::new(),
                 insert: vec![entry(&a), entry(&b)],
-                ..Edit::default()
             },
             &counters,
         );
@@ -412,7 +406,6 @@ mod tests {
             Edit {
                 remove: vec![(a.digest, a.id.clone())],
                 insert: Vec::new(),
-                ..Edit::default()
             },
             &counters,
         );
@@ -452,7 +445,6 @@ mod tests {
             Edit {
                 remove: vec![(gone.digest, gone.id.clone())],
                 insert: insert(5_000..5_001).insert,
-                ..Edit::default()
             },
             &counters,
         );
@@ -491,7 +483,6 @@ mod tests {
                     ),
                     insert(9..10).insert.remove(0),
                 ],
-                ..Edit::default()
             },
             &counters,
         );

@@ -294,18 +294,17 @@ fn make(
     };
     let now = clock::exact_now_ms();
     let notice = shared.expiry_notice.load(Ordering::Relaxed);
-    let (mut edit, diff) =
-        match change::plan(&old, &source, update, (now, now.saturating_add(notice))) {
-            Ok(plan) => plan,
-            Err(error) => {
-                if let Refusal::Reported = refusal {
-                    let report = ReloadReport::rejected(name, error.clone());
-                    shared.reloads.send_replace(Some(report));
-                }
-                return Err(error);
+    let (edit, diff) = match change::plan(&old, &source, update, (now, now.saturating_add(notice)))
+    {
+        Ok(plan) => plan,
+        Err(error) => {
+            if let Refusal::Reported = refusal {
+                let report = ReloadReport::rejected(name, error.clone());
+                shared.reloads.send_replace(Some(report));
             }
-        };
-    let carried = std::mem::take(&mut edit.carried);
+            return Err(error);
+        }
+    };
     let mut next = old.edited(edit, &shared.counters);
     next.version = old.version + 1;
     writer.counts[at] = writer.counts[at]
@@ -316,11 +315,6 @@ fn make(
     // to wait for. The old version is freed by whoever lets go of it last.
     drop(old);
     shared.current.store(next.clone());
-    // What the replaced limiters let in between the copy and the swap.
-    for (limiter, carry) in &carried {
-        carry.catch_up(limiter);
-    }
-    drop(carried);
     let report = ReloadReport::applied(name, next.version, diff);
     shared.reloads.send_replace(Some(report.clone()));
     Ok(report)
