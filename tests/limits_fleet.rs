@@ -245,6 +245,51 @@ async fn a_changed_quota_goes_on_from_the_fleets_count() {
     );
 }
 
+/// A rate limit lowered by a reload keeps what the fleet let in under it, as one
+/// replica's limiter does: 20 of 100 used, lowered to 30, leaves 10 (the fleet's
+/// bucket used to be clamped to the new size, a fresh 30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_rate_limit_keeps_what_the_fleet_used() {
+    let Some(redis) = Redis::start() else { return };
+    let rate = |n: u32| {
+        format!(
+            "[[keys]]\nid = \"fleet\"\nsecret = \"fleet-secret\"\n\
+             rate_limits = [ {{ name = \"burst\", requests = {n}, per = \"600s\" }} ]\n"
+        )
+    };
+    let replicas = fleet(&redis, "lowered", &rate(100), 2).await;
+    let addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
+    // Twenty let in, one at a time (a spent share waits for the next lease).
+    let (mut admitted, start) = (0, Instant::now());
+    while admitted < 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{admitted} let in"
+        );
+        match status(addrs[admitted % 2], "fleet-secret").await {
+            200 => admitted += 1,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    import(&redis, "lowered", &rate(30)).await;
+    let stores: Vec<_> = replicas.iter().map(|r| r.store.clone()).collect();
+    eventually("the lowered limit loaded", Duration::from_secs(10), || {
+        stores.iter().all(|s| {
+            s.get("fleet")
+                .is_some_and(|k| k.limits().iter().any(|l| l.limit() == 30))
+        })
+    })
+    .await;
+    let (after, _) = saturate_for(&addrs, "fleet-secret", Duration::from_millis(1500)).await;
+    // At most the 10 the fleet had not used (fewer by the tokens leased and not
+    // spent when the limit changed, at most 2 a replica).
+    assert!(
+        (5..=10).contains(&after.len()),
+        "{} let in after lowering 100 to 30 with 20 used",
+        after.len()
+    );
+}
+
 const BIG_KEY: &str = "[[keys]]\nid = \"fleet\"\nsecret = \"fleet-secret\"\n\
     rate_limits = [ { name = \"burst\", requests = 6000, per = \"60s\" } ]\n";
 

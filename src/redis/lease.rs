@@ -50,7 +50,10 @@ const MAX_SHARE: f64 = 0.02;
 const AHEAD: f64 = 4.0;
 
 /// A rate limit's bucket: refills, gives back, leases. Returns the grant.
-/// KEYS[1] the bucket; ARGV requests, per (ms), wanted, given back.
+/// KEYS[1] the bucket; ARGV requests, per (ms), wanted, given back. A bucket last
+/// used with another `requests` keeps what the fleet used of it (as one replica's
+/// limiter does): a lowered limit takes effect at once, a raised one counts what
+/// was already let in.
 const RATE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -59,9 +62,13 @@ local per = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local back = tonumber(ARGV[4])
 if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then redis.call('DEL', KEYS[1]) end
-local s = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local s = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'cap')
 local tokens = tonumber(s[1])
 local at = tonumber(s[2])
+local was = tonumber(s[3])
+if was ~= nil and was == was and was > 0 and was ~= cap and tokens ~= nil and tokens == tokens then
+  tokens = math.max(0, math.min(cap, cap - (was - tokens)))
+end
 if tokens == nil or at == nil or tokens ~= tokens or tokens > cap or tokens < 0 then
   tokens = cap
   at = now
@@ -73,7 +80,7 @@ end
 tokens = math.min(cap, tokens + back)
 local grant = math.max(0, math.min(want, math.floor(tokens)))
 tokens = tokens - grant
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'at', at)
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'at', at, 'cap', cap)
 redis.call('PEXPIRE', KEYS[1], per * 2 + 60000)
 return grant
 ";
