@@ -140,7 +140,10 @@ pub fn main() -> ExitCode {
         Err(e) if e.use_stderr() => {
             // clap repeats what it could not place, and that may be a URL with a
             // password in it.
-            eprint!("{}", without_credentials(&e.render().to_string()));
+            eprint!(
+                "{}",
+                output::visible(&without_credentials(&e.render().to_string()))
+            );
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -232,11 +235,10 @@ fn without_url_credentials(text: &str) -> String {
     while let Some(at) = rest.find("://") {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
-        // The authority ends at the first `/`, `?`, `#`, quote or space; a `@` before
-        // that ends the credentials.
-        let end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#' | '\'' | '"' | '`') || c.is_whitespace())
-            .unwrap_or(tail.len());
+        // Credentials end at the last `@` before the next space: a password may hold
+        // a quote, `#` or `/` as typed (unencoded), and masking a path that holds a
+        // `@` as well costs nothing but a few characters of a message.
+        let end = tail.find(char::is_whitespace).unwrap_or(tail.len());
         match tail[..end].rfind('@') {
             Some(user_end) => {
                 out.push_str("***");
@@ -547,7 +549,21 @@ mod tests {
         }
         assert!(masked.contains("'postgres://***@h/db'"), "{masked}");
         assert!(masked.contains("rediss://***@cache:6380/0"), "{masked}");
-        assert!(masked.contains("http://host/x@y"), "{masked}");
+        assert!(masked.contains("http://***@y"), "{masked}");
+        // Quotes, `#` and `/` typed unencoded in a password.
+        for url in [
+            "postgres://app:pa'ss@db/keys",
+            "'postgres://app:pa'ss@db/keys'",
+            "postgres://app:s3cr#t@db/keys",
+            "postgres://app:s3/cr@db/keys",
+        ] {
+            let masked = without_credentials(&format!("cannot read {url}: no such file"));
+            assert!(
+                !masked.contains("pa'ss") && !masked.contains("s3"),
+                "{masked}"
+            );
+            assert!(masked.contains("***@db/keys"), "{masked}");
+        }
         assert_eq!(without_credentials("no url here"), "no url here");
         // libpq's keyword form, bare or quoted, wherever it is repeated.
         let masked = without_credentials(

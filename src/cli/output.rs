@@ -32,7 +32,8 @@ impl Out {
     /// Prints a JSON document on standard output.
     pub(crate) fn print_json(&self, value: &serde_json::Value) {
         let text = serde_json::to_string_pretty(value).unwrap_or_default();
-        line(&text);
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", json_visible(&text));
     }
 
     /// `text` in an ANSI colour (31 red, 32 green, 33 yellow, 2 dim), if colours are on.
@@ -104,6 +105,29 @@ pub(crate) fn visible(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// JSON text as a terminal shows it: what [`visible`] spells out, as JSON's own
+/// `\uXXXX` escapes (serde leaves `U+202E` or `U+2028` as they are; they stand only
+/// inside strings, where the escape means the same character), so the document
+/// still parses.
+fn json_visible(text: &str) -> std::borrow::Cow<'_, str> {
+    let shown = |c: char| !crate::key::invisible(c) || c == '\n';
+    if text.chars().all(shown) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if shown(c) {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// `text` on one line, as [`visible`] shows it: line breaks as spaces.
 pub(crate) fn one_line(text: &str) -> String {
     visible(&text.replace(['\n', '\r', '\t'], " ")).into_owned()
@@ -157,6 +181,18 @@ mod tests {
         assert_eq!(visible("a\u{1b}[2Jb\u{7}"), "a\\u{1b}[2Jb\\u{7}");
         assert_eq!(visible("é\r"), "é\\u{d}");
         assert_eq!(visible("a\u{202e}live"), "a\\u{202e}live");
+        // JSON keeps parsing, with the same strings.
+        let value = serde_json::json!({"description": "soft\u{ad}hy\u{2028}phen \u{e0041} \u{202e}x\u{7f}"});
+        let text = serde_json::to_string_pretty(&value).unwrap();
+        let shown = json_visible(&text);
+        assert!(
+            !shown.chars().any(|c| crate::key::invisible(c) && c != '\n'),
+            "{shown}"
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&shown).unwrap(),
+            value
+        );
         assert_eq!(
             one_line("title:\r\n\u{1b}]0;x\u{7}\tdone"),
             "title:  \\u{1b}]0;x\\u{7} done"
