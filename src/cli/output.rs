@@ -90,19 +90,7 @@ pub(crate) fn line(text: &str) {
 /// clear the screen or retitle the window), and every character that does not show
 /// or reorders text (`U+202E`), spelled out, as `\u{1b}`.
 pub(crate) fn visible(text: &str) -> std::borrow::Cow<'_, str> {
-    let shown = |c: char| !crate::key::invisible(c) || c == '\n' || c == '\t';
-    if text.chars().all(shown) {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if shown(c) {
-            out.push(c);
-        } else {
-            out.extend(c.escape_unicode());
-        }
-    }
-    std::borrow::Cow::Owned(out)
+    spelled_out(text, |c, out| out.extend(c.escape_unicode()))
 }
 
 /// JSON text as a terminal shows it: what [`visible`] spells out, as JSON's own
@@ -110,7 +98,18 @@ pub(crate) fn visible(text: &str) -> std::borrow::Cow<'_, str> {
 /// inside strings, where the escape means the same character), so the document
 /// still parses.
 fn json_visible(text: &str) -> std::borrow::Cow<'_, str> {
-    let shown = |c: char| !crate::key::invisible(c) || c == '\n';
+    spelled_out(text, |c, out| {
+        let mut units = [0u16; 2];
+        for unit in c.encode_utf16(&mut units) {
+            out.push_str(&format!("\\u{unit:04x}"));
+        }
+    })
+}
+
+/// `text` with every character that does not show (line breaks and tabs aside)
+/// written out by `spell`.
+fn spelled_out(text: &str, spell: fn(char, &mut String)) -> std::borrow::Cow<'_, str> {
+    let shown = |c: char| !crate::key::invisible(c) || c == '\n' || c == '\t';
     if text.chars().all(shown) {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -119,10 +118,7 @@ fn json_visible(text: &str) -> std::borrow::Cow<'_, str> {
         if shown(c) {
             out.push(c);
         } else {
-            let mut units = [0u16; 2];
-            for unit in c.encode_utf16(&mut units) {
-                out.push_str(&format!("\\u{unit:04x}"));
-            }
+            spell(c, &mut out);
         }
     }
     std::borrow::Cow::Owned(out)
