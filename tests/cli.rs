@@ -182,6 +182,26 @@ fn bad_inputs_get_one_line_and_the_right_code_without_hanging() {
             assert_eq!(fs::read_to_string(&target).unwrap(), ROOT);
         }
     }
+    // As the destination of a write (`export --out`, the `--file` of a restore): a
+    // FIFO, a directory, a socket or a link to nothing is refused with exit 3 and
+    // stays what it was; no key is written into or over it.
+    let socket = dir.path().join("socket");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let dangling = dir.path().join("dangling.toml");
+    std::os::unix::fs::symlink(dir.path().join("nowhere.toml"), &dangling).unwrap();
+    let kind = |p: &Path| fs::symlink_metadata(p).unwrap().file_type();
+    for destination in [&fifo, &directory, &socket, &dangling] {
+        let before = kind(destination);
+        let export = ["export", "--file", p(&target), "--out", p(destination)];
+        let restore = ["restore", "--force", p(&big), "--file", p(destination)];
+        for args in [&export[..], &restore[..]] {
+            let r = run(args).code(3).one_line_error();
+            assert!(r.err.contains("nothing was written"), "{}", r.err);
+            assert_eq!(kind(destination), before, "{}", destination.display());
+        }
+    }
+    assert!(!dir.path().join("nowhere.toml").exists());
+
     // Usage errors: no target, two targets, a malformed URL (never repeated: it may
     // hold a password).
     run(&["keys", "list"]).code(2);

@@ -310,7 +310,10 @@ impl KeySet {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the file cannot be written.
+    /// [`Error::Io`] if the file cannot be written, or if something other than a
+    /// regular file is at `path` (a directory, a device such as `/dev/null`, a FIFO, a
+    /// socket, a symlink that leads nowhere): that is left as it is, never replaced by
+    /// a file of keys.
     #[cfg(feature = "file")]
     pub fn write_file(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
         let path = path.as_ref();

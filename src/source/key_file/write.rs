@@ -125,10 +125,12 @@ pub(crate) fn basic_string(s: &str) -> String {
 /// file or the new one: a new file beside it, created exclusively under a unique name
 /// and readable by its owner only (or with the old file's permissions, owner and
 /// group), written, synced, renamed over `path`, and the directory synced. Where
-/// `path` is a symlink, the file it names is replaced (see [`target`]).
+/// `path` is a symlink, the file it names is replaced (see [`target`]); where
+/// something other than a regular file is there, nothing is (see [`only_a_file`]).
 #[cfg(feature = "file")]
 pub(crate) fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let path = &target(path);
+    only_a_file(path)?;
     let file = staged(path, bytes)?;
     file.persist(path).map_err(|e| e.error)?;
     sync_dir(path)
@@ -143,10 +145,38 @@ pub(crate) fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub(crate) fn target(path: &Path) -> std::path::PathBuf {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_symlink() => {
-            // A dangling link: nothing to write through to; the write fails on it.
+            // A dangling link: nothing to write through to; `replace` refuses it.
             std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
         }
         _ => path.to_owned(),
+    }
+}
+
+/// Whether a write may rename a new file to `path`: where a regular file is, or
+/// nothing. Anything else there is refused, not replaced: a device (`/dev/null` or
+/// `/dev/stdout` given as a destination by a process that runs as root would become a
+/// file of keys), a FIFO, a socket, a directory, or a link that leads nowhere (the
+/// link would be replaced, not the file it was meant to name).
+#[cfg(feature = "file")]
+fn only_a_file(path: &Path) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(meta) if meta.file_type().is_symlink() => Err(Error::new(
+            ErrorKind::NotFound,
+            "it is a symbolic link to nothing (or to itself); nothing was written",
+        )),
+        Ok(meta) if meta.is_dir() => Err(Error::new(
+            ErrorKind::IsADirectory,
+            "it is a directory; nothing was written",
+        )),
+        Ok(_) => Err(Error::new(
+            ErrorKind::InvalidInput,
+            "it is not a regular file (a device, FIFO or socket) and is not replaced by \
+             one; nothing was written",
+        )),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -373,6 +403,50 @@ mod tests {
         );
         assert_eq!(std::fs::read_dir(&links).unwrap().count(), 1);
         assert_eq!(std::fs::read_dir(&data).unwrap().count(), 1);
+    }
+
+    /// Only a regular file is replaced: a directory, a FIFO, a socket or a link to
+    /// nothing at the destination stays what it was, and the error says what it is.
+    #[cfg(unix)]
+    #[test]
+    fn what_is_not_a_regular_file_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = KeySet::from_keys([ApiKey::new("a", "ka")]).unwrap();
+        let directory = dir.path().join("directory");
+        std::fs::create_dir(&directory).unwrap();
+        let socket = dir.path().join("socket");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("nowhere/keys.toml"), &dangling).unwrap();
+        let looped = dir.path().join("looped");
+        std::os::unix::fs::symlink(&looped, &looped).unwrap();
+        let mut cases = vec![
+            (&directory, "directory"),
+            (&socket, "not a regular file"),
+            (&dangling, "symbolic link to nothing"),
+            (&looped, "symbolic link to nothing"),
+        ];
+        if made.is_ok_and(|s| s.success()) {
+            cases.push((&fifo, "not a regular file"));
+        }
+        let kind = |p: &Path| std::fs::symlink_metadata(p).unwrap().file_type();
+        for (path, says) in cases {
+            let before = kind(path);
+            let err = set.write_file(path).unwrap_err();
+            let err = std::error::Error::source(&err).unwrap().to_string();
+            assert!(err.contains(says), "{}: {err}", path.display());
+            assert!(err.contains("nothing was written"), "{err}");
+            assert_eq!(kind(path), before, "{}", path.display());
+        }
+        assert!(!dir.path().join("nowhere").exists());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let made = 4 + usize::from(std::fs::symlink_metadata(&fifo).is_ok());
+        assert_eq!(left.len(), made, "no temporary file left behind: {left:?}");
     }
 
     #[test]
