@@ -62,6 +62,14 @@ pub enum Error {
         /// The underlying error.
         error: Arc<io::Error>,
     },
+    /// Writing a file failed ([`KeySet::write_file`](crate::KeySet::write_file), a
+    /// backend's `export_file`); what was at the path is as it was.
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        error: Arc<io::Error>,
+    },
     /// An environment variable is missing or malformed.
     Env {
         /// The variable's name.
@@ -133,6 +141,13 @@ impl Error {
         }
     }
 
+    pub(crate) fn write(path: impl Into<PathBuf>, error: io::Error) -> Self {
+        Self::Write {
+            path: path.into(),
+            error: Arc::new(error),
+        }
+    }
+
     /// The 1-based line in the key file this error points at, where known.
     pub fn line(&self) -> Option<usize> {
         match self {
@@ -182,6 +197,7 @@ impl fmt::Display for Error {
                 error,
             } => write!(f, "{}: {error}", path.display()),
             Self::Io { path, .. } => write!(f, "cannot read {}", path.display()),
+            Self::Write { path, .. } => write!(f, "cannot write {}", path.display()),
             Self::Env { var, reason } => write!(f, "environment variable {var}: {reason}"),
             Self::Source { source, .. } => write!(f, "key source `{source}` failed"),
             Self::StoreClosed => f.write_str("the key store has been dropped"),
@@ -195,7 +211,7 @@ impl StdError for Error {
         match self {
             // A file error's `Display` already says what is wrong in the file: the
             // located error is this crate's own, not a cause underneath it.
-            Self::Io { error, .. } => Some(error.as_ref()),
+            Self::Io { error, .. } | Self::Write { error, .. } => Some(error.as_ref()),
             Self::Source { error, .. } => Some(error.as_ref()),
             _ => None,
         }
@@ -230,6 +246,11 @@ mod tests {
         assert_eq!(
             Chain(&err).to_string(),
             "cannot read keys.toml: no such file"
+        );
+        let io = io::Error::new(io::ErrorKind::PermissionDenied, "denied");
+        assert_eq!(
+            Chain(&Error::write("keys.toml", io)).to_string(),
+            "cannot write keys.toml: denied"
         );
         let located = Error::DuplicateId { id: "a".into() }.in_file("keys.toml", Some(4));
         assert_eq!(located.to_string(), "keys.toml:4: duplicate key id `a`");

@@ -310,7 +310,7 @@ impl KeySet {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the file cannot be written, or if something other than a
+    /// [`Error::Write`] if the file cannot be written, or if something other than a
     /// regular file is at `path` (a directory, a device such as `/dev/null`, a FIFO, a
     /// socket, a symlink that leads nowhere): that is left as it is, never replaced by
     /// a file of keys.
@@ -318,7 +318,7 @@ impl KeySet {
     pub fn write_file(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
         let path = path.as_ref();
         crate::source::key_file::write::replace(path, self.to_toml().as_bytes())
-            .map_err(|e| Error::io(path, e))
+            .map_err(|e| Error::write(path, e))
     }
 }
 

@@ -445,7 +445,8 @@ impl RedisBackend {
     /// # Errors
     ///
     /// Redis does not answer; the namespace does not exist; a record cannot be read;
-    /// or the file cannot be written.
+    /// or the file cannot be written ([`Error::Write`](crate::Error::Write), as
+    /// when something other than a regular file is at `path`, which is left as it is).
     ///
     /// # Example
     ///
@@ -464,7 +465,7 @@ impl RedisBackend {
         keys.sort_by(|a, b| a.id().cmp(b.id()));
         let text = crate::source::key_file::write::file(&keys);
         crate::source::key_file::write::replace(path.as_ref(), text.as_bytes())
-            .map_err(|e| Error::io(path.as_ref(), e))?;
+            .map_err(|e| Error::write(path.as_ref(), e))?;
         Ok(keys.len())
     }
 

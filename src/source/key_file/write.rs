@@ -435,6 +435,8 @@ mod tests {
         for (path, says) in cases {
             let before = kind(path);
             let err = set.write_file(path).unwrap_err();
+            assert!(matches!(err, crate::Error::Write { .. }), "{err:?}");
+            assert_eq!(err.to_string(), format!("cannot write {}", path.display()));
             let err = std::error::Error::source(&err).unwrap().to_string();
             assert!(err.contains(says), "{}: {err}", path.display());
             assert!(err.contains("nothing was written"), "{err}");
