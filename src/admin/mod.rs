@@ -74,6 +74,7 @@ mod patch;
 mod path;
 mod problem;
 mod routes;
+mod unique;
 
 use std::{
     fmt,

@@ -591,7 +591,7 @@ pub(crate) fn visible(caller: &KeyInfo, key: &ApiKey) -> bool {
 }
 
 /// Parses a JSON body: 415 for another content type, 400 for bad JSON, 422 for an
-/// unknown field or a value of the wrong type.
+/// unknown field, a value of the wrong type or a member named twice in one object.
 fn json_body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: &[u8],
@@ -624,6 +624,7 @@ fn json_body<T: serde::de::DeserializeOwned>(
             serde_json::error::Category::Data => Problem::validation(e.to_string()),
             _ => Problem::bad_request(format!("the body is not JSON: {e}")),
         })?;
+    super::unique::check(body).map_err(|e| Problem::validation(e.to_string()))?;
     // An object, as the schema says: serde would also take a struct's fields as an
     // array.
     if !value.is_object() {
