@@ -63,7 +63,9 @@ pub enum Error {
         error: Arc<io::Error>,
     },
     /// Writing a file failed ([`KeySet::write_file`](crate::KeySet::write_file), a
-    /// backend's `export_file`); what was at the path is as it was.
+    /// backend's `export_file`). What was at the path is as it was, unless the
+    /// underlying error says the new file is in place but its directory could not be
+    /// synced (the write may then not survive a crash).
     Write {
         /// The file.
         path: PathBuf,

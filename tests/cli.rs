@@ -183,24 +183,39 @@ fn bad_inputs_get_one_line_and_the_right_code_without_hanging() {
         }
     }
     // As the destination of a write (`export --out`, the `--file` of a restore): a
-    // FIFO, a directory, a socket or a link to nothing is refused with exit 3 and
-    // stays what it was; no key is written into or over it.
-    let socket = dir.path().join("socket");
-    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    let dangling = dir.path().join("dangling.toml");
-    std::os::unix::fs::symlink(dir.path().join("nowhere.toml"), &dangling).unwrap();
-    let kind = |p: &Path| fs::symlink_metadata(p).unwrap().file_type();
-    for destination in [&fifo, &directory, &socket, &dangling] {
-        let before = kind(destination);
-        let export = ["export", "--file", p(&target), "--out", p(destination)];
-        let restore = ["restore", "--force", p(&big), "--file", p(destination)];
-        for args in [&export[..], &restore[..]] {
-            let r = run(args).code(3).one_line_error();
-            assert!(r.err.contains("nothing was written"), "{}", r.err);
-            assert_eq!(kind(destination), before, "{}", destination.display());
+    // FIFO, a directory, a socket, a link to nothing or `/dev/stderr` (a link to
+    // this process's standard error) is refused with exit 3 and stays what it was;
+    // no key is written into or over it, and no temporary file is left.
+    #[cfg(unix)]
+    {
+        let socket = dir.path().join("socket");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let dangling = dir.path().join("dangling.toml");
+        std::os::unix::fs::symlink(dir.path().join("nowhere.toml"), &dangling).unwrap();
+        let kind = |p: &Path| fs::symlink_metadata(p).unwrap().file_type();
+        let stderr = Path::new("/dev/stderr");
+        let listing = || {
+            let mut names: Vec<_> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        let before_all = listing();
+        for destination in [&*fifo, &*directory, &*socket, &*dangling, stderr] {
+            let before = kind(destination);
+            let export = ["export", "--file", p(&target), "--out", p(destination)];
+            let restore = ["restore", "--force", p(&big), "--file", p(destination)];
+            for args in [&export[..], &restore[..]] {
+                let r = run(args).code(3).one_line_error();
+                assert!(r.err.contains("nothing was written"), "{}", r.err);
+                assert_eq!(kind(destination), before, "{}", destination.display());
+            }
         }
+        assert!(!dir.path().join("nowhere.toml").exists());
+        assert_eq!(listing(), before_all, "no temporary file left behind");
     }
-    assert!(!dir.path().join("nowhere.toml").exists());
 
     // Usage errors: no target, two targets, a malformed URL (never repeated: it may
     // hold a password).

@@ -11,7 +11,8 @@ Exit codes:
   1  invalid: a key file that does not check, a change the target refused as
      invalid, or a diff that found differences
   2  usage: bad arguments, a malformed URL, an operation the target cannot do
-  3  unavailable: the target cannot be reached or read (nothing was changed)
+  3  unavailable: the target cannot be reached, read or written (nothing was
+     changed)
   4  conflict: an id taken, a version that changed, a file that exists
   5  not found: no such key
   6  denied: the admin key is not accepted or lacks a scope

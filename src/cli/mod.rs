@@ -63,7 +63,7 @@ pub enum Exit {
     Invalid,
     /// 2: bad arguments, a malformed URL, an operation the target cannot do.
     Usage,
-    /// 3: the target cannot be reached or read; nothing was changed.
+    /// 3: the target cannot be reached, read or written; nothing was changed.
     Unavailable,
     /// 4: an id taken, a version that changed, a file that exists.
     Conflict,
@@ -71,7 +71,8 @@ pub enum Exit {
     NotFound,
     /// 6: the admin key is not accepted or lacks a scope.
     Denied,
-    /// 7: a write may or may not have happened.
+    /// 7: a write may or may not have happened (or happened but may not survive
+    /// a crash).
     OutcomeUnknown,
     /// 8: the namespace (or key file) is wiped or was never created.
     StoreMissing,

@@ -326,10 +326,20 @@ fn replace(path: &Path, keys: &[ApiKey], target: &Target) -> Result<(), Failure>
     let text = write::file(keys);
     write::replace(path, text.as_bytes()).map_err(|e| {
         Failure::new(
-            Exit::Unavailable,
+            written_or_not(&e),
             format!("{}: cannot write: {e}", target.describe()),
         )
     })
+}
+
+/// How a failed whole-file write ends: nothing changed (3), or the new file in place
+/// but not yet durable (7: it may be undone by a crash).
+fn written_or_not(e: &std::io::Error) -> Exit {
+    if write::not_synced(e) {
+        Exit::OutcomeUnknown
+    } else {
+        Exit::Unavailable
+    }
 }
 /// How a replica's snapshot opens (see `redis/snapshot.rs`).
 const SNAPSHOT_HEADER: &str = "# tower-api-key replica snapshot:";
@@ -457,7 +467,7 @@ pub(crate) fn export(args: &TargetArgs, path: Option<&Path>, max: u64, out: Out)
     if let Some(path) = path {
         write::replace(path, write::file(keys.iter().copied()).as_bytes()).map_err(|e| {
             Failure::new(
-                Exit::Unavailable,
+                written_or_not(&e),
                 format!("cannot write {}: {e}", path.display()),
             )
         })?;

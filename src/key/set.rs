@@ -306,7 +306,9 @@ impl KeySet {
     /// the permissions, owner and group of the file it replaces), synced and renamed
     /// over it, so a watching [`FileSource`](crate::FileSource) and a crash alike see
     /// the old file or the new one. A `path` that is a symlink is written through: the
-    /// file it names is replaced, the link stays.
+    /// file it names is replaced, the link stays (but not a link into `/proc`, such as
+    /// `/dev/stdout`, nor, in a directory others may write to such as `/tmp`, a link
+    /// or file another user owns). A hard link to the old file keeps the old file.
     ///
     /// # Errors
     ///

@@ -79,7 +79,7 @@ impl Snapshots {
             Ok(_) => Some(Self { tx }),
             Err(error) => {
                 #[cfg(feature = "tracing")]
-                tracing::warn!(target: "tower_api_key::reload", %error, "cannot start the Redis snapshot writer; no snapshot will be kept");
+                tracing::warn!(target: "tower_api_key::reload", %error, "cannot start the replica snapshot writer; no snapshot will be kept");
                 #[cfg(not(feature = "tracing"))]
                 let _ = error;
                 None
@@ -132,7 +132,7 @@ fn run(rx: &mpsc::Receiver<Update>, path: &std::path::Path, every: Duration, wri
             sorted.sort_by(|a, b| a.id().cmp(b.id()));
             if let Err(error) = write(path, &at, sorted) {
                 #[cfg(feature = "tracing")]
-                tracing::warn!(target: "tower_api_key::reload", path = %path.display(), %error, "cannot write the Redis snapshot");
+                tracing::warn!(target: "tower_api_key::reload", path = %path.display(), %error, "cannot write the replica snapshot");
                 #[cfg(not(feature = "tracing"))]
                 let _ = error;
             }

@@ -166,7 +166,8 @@ impl Shared {
             let next = self.remember(next);
             // A symlinked key file is written through: the file it names is the one
             // swapped (in its own directory), the link stays.
-            let target = write::target(&self.path);
+            let target = write::target(&self.path)
+                .map_err(|e| Failure::unavailable("the key file cannot be written", e))?;
             let staged = write::staged(&target, next.text.as_bytes())
                 .map_err(|e| Failure::unavailable("the key file cannot be written", e))?;
             match swap(&target, staged, next.fingerprint, base.fingerprint)? {

@@ -127,45 +127,142 @@ pub(crate) fn basic_string(s: &str) -> String {
 /// group), written, synced, renamed over `path`, and the directory synced. Where
 /// `path` is a symlink, the file it names is replaced (see [`target`]); where
 /// something other than a regular file is there, nothing is (see [`only_a_file`]).
+///
+/// # Errors
+///
+/// Nothing was changed, unless the error is a [`NotSynced`] (see [`not_synced`]): the
+/// new file is in place, but the rename may not survive a crash.
 #[cfg(feature = "file")]
 pub(crate) fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let path = &target(path);
+    let path = &target(path)?;
     only_a_file(path)?;
+    // Opened before anything changes: a directory that cannot be opened fails the
+    // write while the old file is still in place, not after the rename.
+    let dir = open_dir(path)?;
     let file = staged(path, bytes)?;
     file.persist(path).map_err(|e| e.error)?;
-    sync_dir(path)
+    sync(dir).map_err(|e| std::io::Error::other(NotSynced(e)))
 }
+
+/// The error of a write whose new file is in place, but whose directory could not be
+/// synced: the rename may not survive a crash (the old file may then come back).
+#[cfg(feature = "file")]
+#[derive(Debug)]
+pub(crate) struct NotSynced(std::io::Error);
+
+#[cfg(feature = "file")]
+impl std::fmt::Display for NotSynced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the new file is in place, but its directory could not be synced ({}): it \
+             may not survive a crash",
+            self.0
+        )
+    }
+}
+
+#[cfg(feature = "file")]
+impl std::error::Error for NotSynced {}
+
+/// Whether `error`, from [`replace`], came after the new file was put in place.
+#[cfg(feature = "file")]
+pub(crate) fn not_synced(error: &std::io::Error) -> bool {
+    error.get_ref().is_some_and(|e| e.is::<NotSynced>())
+}
+
+/// How many links a path may lead through, as Linux allows.
+#[cfg(feature = "file")]
+const MAX_LINKS: usize = 40;
 
 /// The file a write to `path` replaces: `path`, or where `path` is a symlink (a
 /// deployment's link to a versioned file, a file kept in another directory), the
 /// file it names, links followed to the end. Renaming a new file over the link
 /// itself would leave its target behind, never updated again. Resolved once per
 /// write, so the new file is staged beside the file it replaces.
+///
+/// # Errors
+///
+/// A link that leads nowhere, through more than 40 links, or into `/proc` (where
+/// `/dev/stdout` leads: a process's open file, which a write would replace whole); a
+/// link or file another user may have planted (see [`planted`]); or the error met
+/// on the way.
 #[cfg(feature = "file")]
-pub(crate) fn target(path: &Path) -> std::path::PathBuf {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => {
-            // A dangling link: nothing to write through to; `replace` refuses it.
-            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+pub(crate) fn target(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    use std::io::{Error, ErrorKind};
+    let mut at = path.to_owned();
+    for hop in 0..=MAX_LINKS {
+        let meta = match std::fs::symlink_metadata(&at) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == ErrorKind::NotFound && hop > 0 => {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "it is a symbolic link to {}, which does not exist; nothing was \
+                         written",
+                        at.display()
+                    ),
+                ));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(at),
+            Err(e) => return Err(e),
+        };
+        #[cfg(unix)]
+        planted(&at, &meta)?;
+        if !meta.file_type().is_symlink() {
+            return Ok(at);
         }
-        _ => path.to_owned(),
+        if at.starts_with("/proc") {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "it leads to a process's open file (/proc), which is not replaced; nothing \
+                 was written",
+            ));
+        }
+        let next = std::fs::read_link(&at)?;
+        at = dir_of(&at).join(next);
     }
+    Err(Error::new(
+        ErrorKind::InvalidInput,
+        "it is a symbolic link through more than 40 others (a loop?); nothing was written",
+    ))
 }
 
-/// Whether a write may rename a new file to `path`: where a regular file is, or
-/// nothing. Anything else there is refused, not replaced: a device (`/dev/null` or
-/// `/dev/stdout` given as a destination by a process that runs as root would become a
-/// file of keys), a FIFO, a socket, a directory, or a link that leads nowhere (the
-/// link would be replaced, not the file it was meant to name).
+/// Refuses a name another user may have planted: in a directory that others may
+/// write to but that keeps names to their owners (sticky, as `/tmp`), a link or a
+/// file owned by neither this process's user nor the directory's owner. Following
+/// such a link would let that user choose which file a process run as root
+/// replaces; replacing such a file would give the keys its owner and permissions.
+/// It is the rule Linux's `fs.protected_symlinks` and `fs.protected_regular` apply
+/// to opening a file, which a rename does not go through.
+#[cfg(all(feature = "file", unix))]
+fn planted(at: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = std::fs::metadata(dir_of(at))?;
+    let shared = dir.mode() & 0o1000 != 0 && dir.mode() & 0o022 != 0;
+    let me = rustix::process::geteuid().as_raw();
+    if shared && meta.uid() != me && meta.uid() != dir.uid() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is another user's, in a directory anyone may write to; nothing was \
+                 written",
+                at.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a write may rename a new file to `path` (as [`target`] resolved it): where
+/// a regular file is, or nothing. Anything else there is refused, not replaced: a
+/// device (`/dev/null` given as a destination by a process that runs as root would
+/// become a file of keys), a FIFO, a socket or a directory.
 #[cfg(feature = "file")]
 fn only_a_file(path: &Path) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.is_file() => Ok(()),
-        Ok(meta) if meta.file_type().is_symlink() => Err(Error::new(
-            ErrorKind::NotFound,
-            "it is a symbolic link to nothing (or to itself); nothing was written",
-        )),
         Ok(meta) if meta.is_dir() => Err(Error::new(
             ErrorKind::IsADirectory,
             "it is a directory; nothing was written",
@@ -231,11 +328,24 @@ fn keep_owner(file: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<
 /// Syncs the directory of `path`, so that a rename in it survives a crash.
 #[cfg(feature = "file")]
 pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
+    sync(open_dir(path)?)
+}
+
+/// The directory of `path`, opened to be synced (`None` where a directory cannot be).
+#[cfg(feature = "file")]
+fn open_dir(path: &Path) -> std::io::Result<Option<std::fs::File>> {
     #[cfg(unix)]
-    std::fs::File::open(dir_of(path))?.sync_all()?;
+    return std::fs::File::open(dir_of(path)).map(Some);
     #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
+    {
+        let _ = path;
+        Ok(None)
+    }
+}
+
+#[cfg(feature = "file")]
+fn sync(dir: Option<std::fs::File>) -> std::io::Result<()> {
+    dir.map_or(Ok(()), |dir| dir.sync_all())
 }
 
 #[cfg(feature = "file")]
@@ -422,11 +532,14 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("nowhere/keys.toml"), &dangling).unwrap();
         let looped = dir.path().join("looped");
         std::os::unix::fs::symlink(&looped, &looped).unwrap();
+        let to_directory = dir.path().join("to-directory");
+        std::os::unix::fs::symlink(&directory, &to_directory).unwrap();
         let mut cases = vec![
             (&directory, "directory"),
+            (&to_directory, "directory"),
             (&socket, "not a regular file"),
-            (&dangling, "symbolic link to nothing"),
-            (&looped, "symbolic link to nothing"),
+            (&dangling, "which does not exist"),
+            (&looped, "more than 40"),
         ];
         if made.is_ok_and(|s| s.success()) {
             cases.push((&fifo, "not a regular file"));
@@ -447,8 +560,92 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        let made = 4 + usize::from(std::fs::symlink_metadata(&fifo).is_ok());
+        let made = 5 + usize::from(std::fs::symlink_metadata(&fifo).is_ok());
         assert_eq!(left.len(), made, "no temporary file left behind: {left:?}");
+    }
+
+    /// `/dev/stdout`, `/dev/stderr` and `/proc/self/fd/N` lead to whatever a process
+    /// has open there: a log its output is appended to would be replaced whole.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_process_s_open_file_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        std::fs::write(&log, "line 1\n").unwrap();
+        let open = std::fs::File::open(&log).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&open);
+        let set = KeySet::from_keys([ApiKey::new("a", "ka")]).unwrap();
+        let through_dev = dir.path().join("stdout");
+        std::os::unix::fs::symlink(format!("/proc/self/fd/{fd}"), &through_dev).unwrap();
+        for path in [Path::new(&format!("/proc/self/fd/{fd}")), &through_dev] {
+            let err = set.write_file(path).unwrap_err();
+            let err = std::error::Error::source(&err).unwrap().to_string();
+            assert!(err.contains("/proc"), "{}: {err}", path.display());
+        }
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "line 1\n");
+    }
+
+    /// In a directory anyone may write to that keeps names to their owners (`/tmp`),
+    /// a link or file another user left there is neither followed nor replaced: run
+    /// as root, a link planted at the name a backup is written to would choose which
+    /// file is replaced, and a file planted there would give the keys its owner and
+    /// permissions. Our own link there is followed.
+    #[cfg(unix)]
+    #[test]
+    fn what_another_user_left_in_a_shared_directory_is_not_followed_or_replaced() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let root = tempfile::tempdir().unwrap();
+        let shared = root.path().join("shared");
+        let private = root.path().join("private");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let victim = private.join("passwd");
+        std::fs::write(&victim, "important\n").unwrap();
+        let set = KeySet::from_keys([ApiKey::new("a", "ka")]).unwrap();
+
+        // Ours: followed, the link kept.
+        let ours = shared.join("ours.toml");
+        std::os::unix::fs::symlink(&victim, &ours).unwrap();
+        set.write_file(&ours).unwrap();
+        assert!(
+            read_back(&std::fs::read_to_string(&victim).unwrap())
+                .get("a")
+                .is_some()
+        );
+        std::fs::write(&victim, "important\n").unwrap();
+
+        // Another user's: only root can make one here (`lchown`).
+        if rustix::process::geteuid().as_raw() != 0 {
+            eprintln!("not root: another user's link and file cannot be made; skipped");
+            return;
+        }
+        let nobody = Some(65_534);
+        let link = shared.join("keys.toml");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        std::os::unix::fs::lchown(&link, nobody, nobody).unwrap();
+        let planted = shared.join("backup.toml");
+        std::fs::write(&planted, "attacker's\n").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::os::unix::fs::chown(&planted, nobody, nobody).unwrap();
+        for path in [&link, &planted] {
+            let err = set.write_file(path).unwrap_err();
+            let err = std::error::Error::source(&err).unwrap().to_string();
+            assert!(err.contains("another user's"), "{}: {err}", path.display());
+        }
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "important\n");
+        assert_eq!(std::fs::read_to_string(&planted).unwrap(), "attacker's\n");
+        assert_eq!(std::fs::metadata(&planted).unwrap().uid(), 65_534);
+        // Outside such a directory, root replaces whoever's file it is told to.
+        let elsewhere = private.join("theirs.toml");
+        std::fs::write(&elsewhere, "").unwrap();
+        std::os::unix::fs::chown(&elsewhere, nobody, nobody).unwrap();
+        set.write_file(&elsewhere).unwrap();
+        assert!(
+            read_back(&std::fs::read_to_string(&elsewhere).unwrap())
+                .get("a")
+                .is_some()
+        );
     }
 
     #[test]
