@@ -143,6 +143,7 @@ impl Error {
         }
     }
 
+    #[cfg_attr(not(feature = "file"), allow(dead_code))]
     pub(crate) fn write(path: impl Into<PathBuf>, error: io::Error) -> Self {
         Self::Write {
             path: path.into(),

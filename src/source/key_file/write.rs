@@ -167,6 +167,7 @@ impl std::error::Error for NotSynced {}
 
 /// Whether `error`, from [`replace`], came after the new file was put in place.
 #[cfg(feature = "file")]
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
 pub(crate) fn not_synced(error: &std::io::Error) -> bool {
     error.get_ref().is_some_and(|e| e.is::<NotSynced>())
 }
@@ -327,6 +328,7 @@ fn keep_owner(file: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<
 
 /// Syncs the directory of `path`, so that a rename in it survives a crash.
 #[cfg(feature = "file")]
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
 pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
     sync(open_dir(path)?)
 }
