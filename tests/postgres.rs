@@ -343,6 +343,63 @@ async fn the_api_writes_nothing_over_an_emptied_keys_table() {
     assert!(code == 201 || code == 202, "{code} {body:?}");
 }
 
+/// A record deleted by hand (`DELETE FROM tak_keys`, no change written), which the
+/// replicas following the change table still let in: the API does not answer "not
+/// found" for it (an operator revoking it would take it for gone) but 503
+/// `store-missing`, naming the key. Restored, it is revoked as any other key. A key
+/// that never existed is still 404, at once.
+#[tokio::test]
+async fn a_key_deleted_by_hand_is_not_not_found_while_the_fleet_lets_it_in() {
+    let Some(pg) = Postgres::start() else { return };
+    let backup = seed(&pg, "by-hand").await;
+    let store = KeyStore::new();
+    let _ = store.add_source(source(&pg, "by-hand"));
+    let backend = PostgresBackend::new(&pg.url(), "by-hand").unwrap();
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "ok" }))
+        .route_layer(tower_api_key::ApiKeyLayer::from_store(store.clone()))
+        .merge(
+            tower_api_key::admin::AdminApi::new(store.clone(), backend)
+                .with_apply_timeout(Duration::from_millis(500))
+                .router(),
+        );
+    let addr = common::serve(app).await;
+    let other = replica(&pg, "by-hand", false).await;
+    until(addr, "reader-secret", 200, Duration::from_secs(5)).await;
+    until(other.addr, "reader-secret", 200, Duration::from_secs(5)).await;
+
+    pg.psql("DELETE FROM tak_keys WHERE namespace = 'by-hand' AND id = 'reader'");
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/api-keys/reader"),
+        (reqwest::Method::DELETE, "/v1/api-keys/reader"),
+        (reqwest::Method::POST, "/v1/api-keys/reader/rotate"),
+    ] {
+        let (code, body) = api(addr, method.clone(), path, None).await;
+        assert_eq!(
+            (code, problem(&body), body["key_id"].as_str()),
+            (503, "store-missing", Some("reader")),
+            "{method} {path}: {body:?}"
+        );
+    }
+    let started = Instant::now();
+    let (code, _) = api(addr, reqwest::Method::GET, "/v1/api-keys/nobody", None).await;
+    assert_eq!(code, 404);
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "no wait for it"
+    );
+    assert_eq!(status(other.addr, "reader-secret").await, 200);
+
+    // Restored from a backup, the key is there to revoke, and is revoked everywhere.
+    let restore = PostgresBackend::new(&pg.url(), "by-hand").unwrap();
+    assert_eq!(restore.restore_file(&backup).await.unwrap(), 2);
+    until(addr, "reader-secret", 200, Duration::from_secs(5)).await;
+    let (code, body) = api(addr, reqwest::Method::DELETE, "/v1/api-keys/reader", None).await;
+    assert!(code == 204 || code == 202, "{code} {body:?}");
+    until(other.addr, "reader-secret", 401, Duration::from_secs(5)).await;
+    until(addr, "reader-secret", 401, Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn import_export_and_restore_round_trip() {
     let Some(pg) = Postgres::start() else { return };

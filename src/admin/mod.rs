@@ -310,7 +310,32 @@ impl<B: AdminBackend> Inner<B> {
     pub(crate) async fn visible(&self, caller: &KeyInfo, id: &str) -> Result<ApiKey, Problem> {
         match self.backend.get(id).await? {
             Some(key) if routes::visible(caller, &key) => Ok(key),
-            _ => Err(Problem::not_found()),
+            Some(_) => Err(Problem::not_found()),
+            None => Err(self.absent(caller, id).await),
+        }
+    }
+
+    /// What to answer for an id the backend has no key for: 404, unless this server
+    /// still lets in a key of that id from the backend's source once its store has
+    /// caught up (at most the timeout: a key another writer removed a moment ago is
+    /// gone by then). The store of record then lost a key the fleet enforces (a
+    /// record deleted by hand, a partly wiped store), and "not found" would tell an
+    /// operator revoking it that it is gone: 503 `store-missing` says to restore it.
+    /// A key of another tenant stays 404.
+    pub(crate) async fn absent(&self, caller: &KeyInfo, id: &str) -> Problem {
+        let reloads = self.store.subscribe();
+        let lost = |store: &KeyStore| {
+            store
+                .get(id)
+                .filter(|k| k.source() == self.source)
+                .map(|k| caller.tenant().is_none() || k.tenant() == caller.tenant())
+        };
+        match lost(&self.store) {
+            None | Some(false) => Problem::not_found(),
+            Some(true) => match self.applied(reloads, |store| lost(store).is_none()).await {
+                Enforced::Yes => Problem::not_found(),
+                Enforced::NotYet => Problem::lost(id),
+            },
         }
     }
 
@@ -324,7 +349,9 @@ impl<B: AdminBackend> Inner<B> {
         id: &str,
         action: &str,
     ) -> Result<ApiKey, Problem> {
-        let key = self.backend.get(id).await?.ok_or_else(Problem::not_found)?;
+        let Some(key) = self.backend.get(id).await? else {
+            return Err(self.absent(caller, id).await);
+        };
         if !routes::visible(caller, &key) {
             self.audit_refused(action, id, caller, "another tenant's key");
             return Err(Problem::not_found());

@@ -98,6 +98,23 @@ impl Problem {
         Self::new(StatusCode::NOT_FOUND, "not-found", None)
     }
 
+    /// 503 `store-missing`: the store of record has no key `id`, but the server's
+    /// store (which follows it) still lets it in.
+    pub(crate) fn lost(id: &str) -> Self {
+        let mut problem = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-missing",
+            Some(format!(
+                "the store of record has no key `{id}`, but this server still lets it in \
+                 (its record was deleted outside the API, or the store was partly wiped): \
+                 nothing was done; restore the store of record (an export or a replica's \
+                 snapshot) to revoke or change it"
+            )),
+        );
+        problem.key_id = Some(id.to_owned());
+        problem
+    }
+
     pub(crate) fn method_not_allowed() -> Self {
         Self::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", None)
     }
