@@ -216,6 +216,22 @@ fn bad_inputs_get_one_line_and_the_right_code_without_hanging() {
         assert!(!dir.path().join("nowhere.toml").exists());
         assert_eq!(listing(), before_all, "no temporary file left behind");
     }
+    // A process's open file (`/dev/stdin`, `/dev/fd/0`: here a log on standard
+    // input) is not replaced whole.
+    #[cfg(target_os = "linux")]
+    for out in ["/dev/stdin", "/dev/fd/0"] {
+        let log = dir.path().join("app.log");
+        fs::write(&log, "line 1\n").unwrap();
+        let ran = std::process::Command::new(env!("CARGO_BIN_EXE_tower-api-key"))
+            .args(["export", "--file", p(&target), "--out", out])
+            .stdin(fs::File::open(&log).unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&ran.stderr);
+        assert_eq!(ran.status.code(), Some(3), "{out}: {err}");
+        assert!(err.contains("/proc"), "{out}: {err}");
+        assert_eq!(fs::read_to_string(&log).unwrap(), "line 1\n", "{out}");
+    }
 
     // Usage errors: no target, two targets, a malformed URL (never repeated: it may
     // hold a password).

@@ -34,7 +34,9 @@
 //! - `GET /v1/openapi.json` (no key needed): the OpenAPI 3.1 description.
 //!
 //! Errors are `application/problem+json` (RFC 9457), `type`
-//! `urn:tower-api-key:problem:<kind>`.
+//! `urn:tower-api-key:problem:<kind>`. A body that is not JSON is 400 `bad-request`;
+//! one with an unknown field, a value of the wrong type, or an object that names a
+//! member twice (JSON leaves open which of the two counts) is 422 `validation`.
 //!
 //! # Rules
 //!

@@ -315,7 +315,9 @@ impl KeySet {
     /// [`Error::Write`] if the file cannot be written, or if something other than a
     /// regular file is at `path` (a directory, a device such as `/dev/null`, a FIFO, a
     /// socket, a symlink that leads nowhere): that is left as it is, never replaced by
-    /// a file of keys.
+    /// a file of keys. Where the error's source says the new file is in place but
+    /// its directory could not be synced, the file was written, but the write may
+    /// not survive a crash.
     #[cfg(feature = "file")]
     pub fn write_file(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
         let path = path.as_ref();

@@ -167,7 +167,8 @@ impl Shared {
             // A symlinked key file is written through: the file it names is the one
             // swapped (in its own directory), the link stays.
             let target = write::target(&self.path)
-                .map_err(|e| Failure::unavailable("the key file cannot be written", e))?;
+                .map_err(|e| Failure::unavailable("the key file cannot be written", e))?
+                .path;
             let staged = write::staged(&target, next.text.as_bytes())
                 .map_err(|e| Failure::unavailable("the key file cannot be written", e))?;
             match swap(&target, staged, next.fingerprint, base.fingerprint)? {

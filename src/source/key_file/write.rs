@@ -134,13 +134,15 @@ pub(crate) fn basic_string(s: &str) -> String {
 /// new file is in place, but the rename may not survive a crash.
 #[cfg(feature = "file")]
 pub(crate) fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let path = &target(path)?;
-    only_a_file(path)?;
+    let Target { path, meta } = target(path)?;
+    only_a_file(meta.as_ref())?;
     // Opened before anything changes: a directory that cannot be opened fails the
     // write while the old file is still in place, not after the rename.
-    let dir = open_dir(path)?;
-    let file = staged(path, bytes)?;
-    file.persist(path).map_err(|e| e.error)?;
+    let dir = open_dir(&path)?;
+    // The owner and permissions given are those of the file checked, not of one put
+    // there since.
+    let file = staged_like(&path, meta.as_ref(), bytes)?;
+    file.persist(&path).map_err(|e| e.error)?;
     sync(dir).map_err(|e| std::io::Error::other(NotSynced(e)))
 }
 
@@ -176,70 +178,170 @@ pub(crate) fn not_synced(error: &std::io::Error) -> bool {
 #[cfg(feature = "file")]
 const MAX_LINKS: usize = 40;
 
-/// The file a write to `path` replaces: `path`, or where `path` is a symlink (a
+/// Where a whole-file write goes, as [`target`] found it.
+#[cfg(feature = "file")]
+pub(crate) struct Target {
+    /// The file replaced, or created: no link in it.
+    pub(crate) path: std::path::PathBuf,
+    /// What is there now (`None`: nothing).
+    pub(crate) meta: Option<std::fs::Metadata>,
+}
+
+/// The file a write to `path` replaces: `path`, or where a symlink is on the way (a
 /// deployment's link to a versioned file, a file kept in another directory), the
-/// file it names, links followed to the end. Renaming a new file over the link
-/// itself would leave its target behind, never updated again. Resolved once per
-/// write, so the new file is staged beside the file it replaces.
+/// file it leads to, each link followed as the system follows it. Renaming a new
+/// file over a link would leave its target behind, never updated again. Resolved
+/// once per write, one name at a time, so that every name on the way is checked
+/// (see [`planted`]) and the new file is staged beside the file it replaces.
 ///
 /// # Errors
 ///
 /// A link that leads nowhere, through more than 40 links, or into `/proc` (where
-/// `/dev/stdout` leads: a process's open file, which a write would replace whole); a
-/// link or file another user may have planted (see [`planted`]); or the error met
-/// on the way.
+/// `/dev/stdout` and `/dev/fd/N` lead: a process's open file, which a write would
+/// replace whole); a name on the way that another user may have planted (see
+/// [`planted`]); a path that ends in `/`; or the error met on the way.
 #[cfg(feature = "file")]
-pub(crate) fn target(path: &Path) -> std::io::Result<std::path::PathBuf> {
-    use std::io::{Error, ErrorKind};
-    let mut at = path.to_owned();
-    for hop in 0..=MAX_LINKS {
+pub(crate) fn target(path: &Path) -> std::io::Result<Target> {
+    use std::{
+        io::{Error, ErrorKind},
+        path::{Component, PathBuf},
+    };
+    let nothing = |what: String| Error::new(ErrorKind::NotFound, what);
+    #[cfg(unix)]
+    if std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).ends_with(b"/") {
+        return Err(Error::new(
+            ErrorKind::IsADirectory,
+            "it ends in `/`, as a directory's name does; nothing was written",
+        ));
+    }
+    // What is resolved so far (no link in it), and the names still to go, last first.
+    let mut out = PathBuf::new();
+    let mut rest: Vec<PathBuf> = Vec::new();
+    let push = |rest: &mut Vec<PathBuf>, path: &Path| {
+        let start = rest.len();
+        rest.extend(path.components().map(|c| PathBuf::from(c.as_os_str())));
+        rest[start..].reverse();
+    };
+    push(&mut rest, path);
+    let mut links = 0;
+    // Whether the last name came from a link: then nothing there is a link to nothing.
+    let mut through_link = false;
+    while let Some(piece) = rest.pop() {
+        let last = rest.is_empty();
+        let name = match piece.components().next() {
+            Some(Component::Normal(name)) => name.to_owned(),
+            Some(Component::ParentDir) => {
+                if out.as_os_str().is_empty() || out.ends_with("..") {
+                    out.push("..");
+                } else {
+                    out.pop();
+                }
+                continue;
+            }
+            Some(Component::RootDir | Component::Prefix(_)) => {
+                out = piece;
+                continue;
+            }
+            Some(Component::CurDir) | None => continue,
+        };
+        let dir = if out.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            out.as_path()
+        };
+        let at = out.join(&name);
         let meta = match std::fs::symlink_metadata(&at) {
             Ok(meta) => meta,
-            Err(e) if e.kind() == ErrorKind::NotFound && hop > 0 => {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "it is a symbolic link to {}, which does not exist; nothing was \
-                         written",
-                        at.display()
-                    ),
-                ));
+            Err(e) if e.kind() == ErrorKind::NotFound && !last => {
+                return Err(nothing(format!(
+                    "{} does not exist; nothing was written",
+                    at.display()
+                )));
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(at),
+            Err(e) if e.kind() == ErrorKind::NotFound && through_link => {
+                return Err(nothing(format!(
+                    "it is a symbolic link to {}, which does not exist; nothing was \
+                     written",
+                    at.display()
+                )));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Ok(Target {
+                    path: at,
+                    meta: None,
+                });
+            }
             Err(e) => return Err(e),
         };
         #[cfg(unix)]
-        planted(&at, &meta)?;
-        if !meta.file_type().is_symlink() {
-            return Ok(at);
+        planted(dir, &at, &meta)?;
+        if meta.file_type().is_symlink() {
+            if on_proc(dir, &at)? {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "it leads to a process's open file (/proc), which is not replaced; \
+                     nothing was written",
+                ));
+            }
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "it leads through more than 40 symbolic links (a loop?); nothing was \
+                     written",
+                ));
+            }
+            through_link = last || through_link;
+            push(&mut rest, &std::fs::read_link(&at)?);
+            continue;
         }
-        if at.starts_with("/proc") {
+        if !last && !meta.is_dir() {
             return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "it leads to a process's open file (/proc), which is not replaced; nothing \
-                 was written",
+                ErrorKind::NotADirectory,
+                format!("{} is not a directory; nothing was written", at.display()),
             ));
         }
-        let next = std::fs::read_link(&at)?;
-        at = dir_of(&at).join(next);
+        out = at;
     }
-    Err(Error::new(
-        ErrorKind::InvalidInput,
-        "it is a symbolic link through more than 40 others (a loop?); nothing was written",
-    ))
+    // The path ended in `.` or `..`, or was empty: a directory, or nothing.
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    let meta = std::fs::symlink_metadata(&out)?;
+    Ok(Target {
+        path: out,
+        meta: Some(meta),
+    })
+}
+
+/// Whether the link `at`, in `dir`, is in `/proc` (a process's open file, such as
+/// `/proc/self/fd/1`), told by the file system, however the path spells it.
+#[cfg(feature = "file")]
+fn on_proc(dir: &Path, at: &Path) -> std::io::Result<bool> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let _ = at;
+        Ok(rustix::fs::statfs(dir)?.f_type == rustix::fs::PROC_SUPER_MAGIC)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = dir;
+        Ok(at.starts_with("/proc"))
+    }
 }
 
 /// Refuses a name another user may have planted: in a directory that others may
-/// write to but that keeps names to their owners (sticky, as `/tmp`), a link or a
-/// file owned by neither this process's user nor the directory's owner. Following
-/// such a link would let that user choose which file a process run as root
-/// replaces; replacing such a file would give the keys its owner and permissions.
-/// It is the rule Linux's `fs.protected_symlinks` and `fs.protected_regular` apply
-/// to opening a file, which a rename does not go through.
+/// write to but that keeps names to their owners (sticky, as `/tmp`), a link, a
+/// directory or a file owned by neither this process's user nor the directory's
+/// owner. Following such a link, or one in such a directory, would let that user
+/// choose which file a process run as root replaces; replacing such a file would
+/// give the keys its owner and permissions. It is the rule Linux's
+/// `fs.protected_symlinks` and `fs.protected_regular` apply to opening a file (to the
+/// last name only), which a rename does not go through.
 #[cfg(all(feature = "file", unix))]
-fn planted(at: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
+fn planted(dir: &Path, at: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
-    let dir = std::fs::metadata(dir_of(at))?;
+    let dir = std::fs::metadata(dir)?;
     let shared = dir.mode() & 0o1000 != 0 && dir.mode() & 0o022 != 0;
     let me = rustix::process::geteuid().as_raw();
     if shared && meta.uid() != me && meta.uid() != dir.uid() {
@@ -255,26 +357,25 @@ fn planted(at: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether a write may rename a new file to `path` (as [`target`] resolved it): where
-/// a regular file is, or nothing. Anything else there is refused, not replaced: a
+/// Whether a write may rename a new file to where [`target`] found `meta`: where a
+/// regular file is, or nothing. Anything else there is refused, not replaced: a
 /// device (`/dev/null` given as a destination by a process that runs as root would
 /// become a file of keys), a FIFO, a socket or a directory.
 #[cfg(feature = "file")]
-fn only_a_file(path: &Path) -> std::io::Result<()> {
+fn only_a_file(meta: Option<&std::fs::Metadata>) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_file() => Ok(()),
-        Ok(meta) if meta.is_dir() => Err(Error::new(
+    match meta {
+        None => Ok(()),
+        Some(meta) if meta.is_file() => Ok(()),
+        Some(meta) if meta.is_dir() => Err(Error::new(
             ErrorKind::IsADirectory,
             "it is a directory; nothing was written",
         )),
-        Ok(_) => Err(Error::new(
+        Some(_) => Err(Error::new(
             ErrorKind::InvalidInput,
             "it is not a regular file (a device, FIFO or socket) and is not replaced by \
              one; nothing was written",
         )),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
     }
 }
 
@@ -284,15 +385,27 @@ fn only_a_file(path: &Path) -> std::io::Result<()> {
 /// renamed over `path` or exchanged with it. It is removed when dropped, unless
 /// persisted.
 #[cfg(feature = "file")]
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
 pub(crate) fn staged(path: &Path, bytes: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
+    staged_like(path, std::fs::metadata(path).ok().as_ref(), bytes)
+}
+
+/// As [`staged`], with the permissions, owner and group of `like` (the file found at
+/// `path` when it was checked), if any.
+#[cfg(feature = "file")]
+fn staged_like(
+    path: &Path,
+    like: Option<&std::fs::Metadata>,
+    bytes: &[u8],
+) -> std::io::Result<tempfile::NamedTempFile> {
     let mut file = tempfile::Builder::new()
         .prefix(".tower-api-key-")
         .suffix(".tmp")
         .tempfile_in(dir_of(path))?;
-    if let Ok(meta) = std::fs::metadata(path) {
+    if let Some(meta) = like {
         // Owner first: a change of owner may clear mode bits.
         #[cfg(unix)]
-        keep_owner(file.as_file(), &meta)?;
+        keep_owner(file.as_file(), meta)?;
         file.as_file().set_permissions(meta.permissions())?;
     }
     file.write_all(bytes)?;
@@ -536,17 +649,19 @@ mod tests {
         std::os::unix::fs::symlink(&looped, &looped).unwrap();
         let to_directory = dir.path().join("to-directory");
         std::os::unix::fs::symlink(&directory, &to_directory).unwrap();
+        let slash = dir.path().join("nothere/");
         let mut cases = vec![
+            (&slash, "ends in `/`"),
             (&directory, "directory"),
             (&to_directory, "directory"),
             (&socket, "not a regular file"),
-            (&dangling, "which does not exist"),
+            (&dangling, "does not exist"),
             (&looped, "more than 40"),
         ];
         if made.is_ok_and(|s| s.success()) {
             cases.push((&fifo, "not a regular file"));
         }
-        let kind = |p: &Path| std::fs::symlink_metadata(p).unwrap().file_type();
+        let kind = |p: &Path| std::fs::symlink_metadata(p).ok().map(|m| m.file_type());
         for (path, says) in cases {
             let before = kind(path);
             let err = set.write_file(path).unwrap_err();
@@ -579,7 +694,17 @@ mod tests {
         let set = KeySet::from_keys([ApiKey::new("a", "ka")]).unwrap();
         let through_dev = dir.path().join("stdout");
         std::os::unix::fs::symlink(format!("/proc/self/fd/{fd}"), &through_dev).unwrap();
-        for path in [Path::new(&format!("/proc/self/fd/{fd}")), &through_dev] {
+        // `/proc` as a directory on the way, however it is spelled or reached.
+        let proc_link = dir.path().join("p");
+        std::os::unix::fs::symlink("/proc", &proc_link).unwrap();
+        let paths = [
+            format!("/proc/self/fd/{fd}"),
+            format!("/dev/fd/{fd}"),
+            format!("/dev/../proc/self/fd/{fd}"),
+            format!("{}/self/fd/{fd}", proc_link.display()),
+            through_dev.display().to_string(),
+        ];
+        for path in paths.iter().map(Path::new) {
             let err = set.write_file(path).unwrap_err();
             let err = std::error::Error::source(&err).unwrap().to_string();
             assert!(err.contains("/proc"), "{}: {err}", path.display());
@@ -630,8 +755,23 @@ mod tests {
         std::fs::write(&planted, "attacker's\n").unwrap();
         std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
         std::os::unix::fs::chown(&planted, nobody, nobody).unwrap();
-        for path in [&link, &planted] {
-            let err = set.write_file(path).unwrap_err();
+        // Theirs on the way, not only at the end: a link planted as a directory, and
+        // a directory of theirs (not sticky itself) holding a link.
+        let as_directory = shared.join("backup");
+        std::os::unix::fs::symlink(&private, &as_directory).unwrap();
+        std::os::unix::fs::lchown(&as_directory, nobody, nobody).unwrap();
+        let theirs = shared.join("bk");
+        std::fs::create_dir(&theirs).unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::symlink(&victim, theirs.join("keys.toml")).unwrap();
+        std::os::unix::fs::chown(&theirs, nobody, nobody).unwrap();
+        for path in [
+            link.clone(),
+            planted.clone(),
+            as_directory.join("passwd"),
+            theirs.join("keys.toml"),
+        ] {
+            let err = set.write_file(&path).unwrap_err();
             let err = std::error::Error::source(&err).unwrap().to_string();
             assert!(err.contains("another user's"), "{}: {err}", path.display());
         }
