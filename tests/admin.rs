@@ -1043,6 +1043,21 @@ async fn a_change_written_but_not_yet_enforced_is_202_with_the_whole_body() {
             .unwrap()
             .contains("id = \"reader\"")
     );
+    // Revoked by this API, not yet applied: gone to the API (404), not a record lost
+    // from the store of record (503), though the store still serves it.
+    for method in ["GET", "DELETE"] {
+        let again = s
+            .call(
+                method,
+                "/v1/api-keys/reader",
+                Some("root-secret"),
+                None,
+                &[],
+            )
+            .await;
+        problem(&again, 404, "not-found");
+    }
+    assert!(s.store.get("reader").is_some());
 }
 
 /// The file backend, saying its keys reach the store through the source `.1`.

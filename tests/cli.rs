@@ -122,6 +122,51 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// Run as root, in a shared directory that keeps names to their owners (`/tmp`): a
+/// destination another user prepared (a link to a file of root's) is refused, given
+/// as an absolute path or as a relative one from inside their directory, and the
+/// file it leads to is untouched.
+#[cfg(unix)]
+#[test]
+fn a_destination_another_user_prepared_is_refused_however_it_is_spelled() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let root = tempfile::tempdir().unwrap();
+    let probe = root.path().join("probe");
+    fs::write(&probe, "").unwrap();
+    if fs::metadata(&probe).unwrap().uid() != 0 {
+        eprintln!("not root: another user's directory cannot be made; skipped");
+        return;
+    }
+    let source = root.path().join("keys.toml");
+    fs::write(&source, ROOT).unwrap();
+    let shared = root.path().join("tmp");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let victim = root.path().join("passwd");
+    fs::write(&victim, "important\n").unwrap();
+    let theirs = shared.join("build-123");
+    fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::symlink(&victim, theirs.join("keys.toml")).unwrap();
+    std::os::unix::fs::lchown(theirs.join("keys.toml"), Some(65_534), Some(65_534)).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65_534), Some(65_534)).unwrap();
+    let inside = theirs.join("sub");
+    fs::create_dir(&inside).unwrap();
+    for (cwd, out) in [
+        (root.path(), theirs.join("keys.toml")),
+        (theirs.as_path(), "keys.toml".into()),
+        (inside.as_path(), "../keys.toml".into()),
+    ] {
+        let mut cmd = cli();
+        cmd.current_dir(cwd)
+            .args(["export", "--file", p(&source), "--out", p(&out)]);
+        let ran = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&ran.stderr);
+        assert_eq!(ran.status.code(), Some(3), "{}: {err}", out.display());
+        assert!(err.contains("another user's"), "{}: {err}", out.display());
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "important\n");
+    }
+}
+
 #[test]
 fn check_passes_a_good_file_and_names_file_line_and_id_of_a_bad_one_never_a_value() {
     let dir = tempfile::tempdir().unwrap();

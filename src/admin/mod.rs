@@ -320,24 +320,25 @@ impl<B: AdminBackend> Inner<B> {
     /// What to answer for an id the backend has no key for: 404, unless this server
     /// still lets in a key of that id from the backend's source once its store has
     /// caught up (at most the timeout: a key another writer removed a moment ago is
-    /// gone by then). The store of record then lost a key the fleet enforces (a
-    /// record deleted by hand, a partly wiped store), and "not found" would tell an
-    /// operator revoking it that it is gone: 503 `store-missing` says to restore it.
-    /// A key of another tenant stays 404.
+    /// gone by then) and this API did not revoke it itself. The store of record then
+    /// lost a key the fleet enforces (a record deleted by hand, a partly wiped store),
+    /// or this server is far behind it, and "not found" would tell an operator
+    /// revoking it that it is gone: 503 `store-missing` says which. A key of another
+    /// tenant stays 404.
     pub(crate) async fn absent(&self, caller: &KeyInfo, id: &str) -> Problem {
         let reloads = self.store.subscribe();
-        let lost = |store: &KeyStore| {
+        let seen = |store: &KeyStore| {
             store
                 .get(id)
                 .filter(|k| k.source() == self.source)
-                .map(|k| caller.tenant().is_none() || k.tenant() == caller.tenant())
+                .is_some_and(|k| caller.tenant().is_none() || k.tenant() == caller.tenant())
         };
-        match lost(&self.store) {
-            None | Some(false) => Problem::not_found(),
-            Some(true) => match self.applied(reloads, |store| lost(store).is_none()).await {
-                Enforced::Yes => Problem::not_found(),
-                Enforced::NotYet => Problem::lost(id),
-            },
+        if !seen(&self.store) || self.was_revoked(id) {
+            return Problem::not_found();
+        }
+        match self.applied(reloads, |store| !seen(store)).await {
+            Enforced::Yes => Problem::not_found(),
+            Enforced::NotYet => Problem::lost(id),
         }
     }
 

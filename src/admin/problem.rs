@@ -105,10 +105,13 @@ impl Problem {
             StatusCode::SERVICE_UNAVAILABLE,
             "store-missing",
             Some(format!(
-                "the store of record has no key `{id}`, but this server still lets it in \
-                 (its record was deleted outside the API, or the store was partly wiped): \
-                 nothing was done; restore the store of record (an export or a replica's \
-                 snapshot) to revoke or change it"
+                "the store of record has no key `{id}`, but this server still lets it in: \
+                 nothing was done. Either its record was deleted outside the API (or the \
+                 store partly wiped), and the replicas will go on letting it in until the \
+                 store of record is restored (from an export or a replica's snapshot) and \
+                 the key revoked through the API; or this server has not yet applied a \
+                 change another writer made (see its reload status), and this answer \
+                 becomes 404 once it has"
             )),
         );
         problem.key_id = Some(id.to_owned());

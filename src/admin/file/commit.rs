@@ -166,10 +166,9 @@ impl Shared {
             let next = self.remember(next);
             // A symlinked key file is written through: the file it names is the one
             // swapped (in its own directory), the link stays.
-            let target = write::target(&self.path)
-                .map_err(|e| Failure::unavailable("the key file cannot be written", e))?
-                .path;
-            let staged = write::staged(&target, next.text.as_bytes())
+            let write::Target { path: target, meta } = write::target(&self.path)
+                .map_err(|e| Failure::unavailable("the key file cannot be written", e))?;
+            let staged = write::staged_like(&target, meta.as_ref(), next.text.as_bytes())
                 .map_err(|e| Failure::unavailable("the key file cannot be written", e))?;
             match swap(&target, staged, next.fingerprint, base.fingerprint)? {
                 Swapped::Done(stamp) => {

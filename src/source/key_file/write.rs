@@ -207,14 +207,19 @@ pub(crate) fn target(path: &Path) -> std::io::Result<Target> {
         path::{Component, PathBuf},
     };
     let nothing = |what: String| Error::new(ErrorKind::NotFound, what);
-    #[cfg(unix)]
-    if std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).ends_with(b"/") {
-        return Err(Error::new(
+    let a_directory = || {
+        Error::new(
             ErrorKind::IsADirectory,
-            "it ends in `/`, as a directory's name does; nothing was written",
-        ));
+            "it names a directory (it is empty, or ends in `/`, `.` or `..`); nothing was \
+             written",
+        )
+    };
+    if names_a_directory(path) {
+        return Err(a_directory());
     }
     // What is resolved so far (no link in it), and the names still to go, last first.
+    // A relative path starts from the current directory's physical path, so that the
+    // names above it are checked too.
     let mut out = PathBuf::new();
     let mut rest: Vec<PathBuf> = Vec::new();
     let push = |rest: &mut Vec<PathBuf>, path: &Path| {
@@ -223,6 +228,9 @@ pub(crate) fn target(path: &Path) -> std::io::Result<Target> {
         rest[start..].reverse();
     };
     push(&mut rest, path);
+    if path.is_relative() {
+        push(&mut rest, &std::env::current_dir()?);
+    }
     let mut links = 0;
     // Whether the last name came from a link: then nothing there is a link to nothing.
     let mut through_link = false;
@@ -275,6 +283,12 @@ pub(crate) fn target(path: &Path) -> std::io::Result<Target> {
         };
         #[cfg(unix)]
         planted(dir, &at, &meta)?;
+        if last && !meta.file_type().is_symlink() {
+            return Ok(Target {
+                path: at,
+                meta: Some(meta),
+            });
+        }
         if meta.file_type().is_symlink() {
             if on_proc(dir, &at)? {
                 return Err(Error::new(
@@ -291,11 +305,15 @@ pub(crate) fn target(path: &Path) -> std::io::Result<Target> {
                      written",
                 ));
             }
+            let next = std::fs::read_link(&at)?;
+            if last && names_a_directory(&next) {
+                return Err(a_directory());
+            }
             through_link = last || through_link;
-            push(&mut rest, &std::fs::read_link(&at)?);
+            push(&mut rest, &next);
             continue;
         }
-        if !last && !meta.is_dir() {
+        if !meta.is_dir() {
             return Err(Error::new(
                 ErrorKind::NotADirectory,
                 format!("{} is not a directory; nothing was written", at.display()),
@@ -303,15 +321,30 @@ pub(crate) fn target(path: &Path) -> std::io::Result<Target> {
         }
         out = at;
     }
-    // The path ended in `.` or `..`, or was empty: a directory, or nothing.
-    if out.as_os_str().is_empty() {
-        out.push(".");
+    // Only `.`, `..` and `/` were left at the end: a directory (refused above, but a
+    // link may lead to one).
+    Err(a_directory())
+}
+
+/// Whether `path`, by its spelling, can only name a directory: empty, `/` at the end,
+/// or a last name of `.` or `..` (which `Path::components` would drop or resolve).
+#[cfg(feature = "file")]
+fn names_a_directory(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        bytes.is_empty()
+            || bytes.ends_with(b"/")
+            || bytes == b"."
+            || bytes == b".."
+            || bytes.ends_with(b"/.")
+            || bytes.ends_with(b"/..")
     }
-    let meta = std::fs::symlink_metadata(&out)?;
-    Ok(Target {
-        path: out,
-        meta: Some(meta),
-    })
+    #[cfg(not(unix))]
+    matches!(
+        path.components().next_back(),
+        None | Some(std::path::Component::CurDir | std::path::Component::ParentDir)
+    )
 }
 
 /// Whether the link `at`, in `dir`, is in `/proc` (a process's open file, such as
@@ -379,21 +412,20 @@ fn only_a_file(meta: Option<&std::fs::Metadata>) -> std::io::Result<()> {
     }
 }
 
-/// A new file beside `path` holding `bytes`, created exclusively under a unique name,
-/// readable by its owner only (or with the permissions, owner and group of the file
-/// at `path`, as far as the process may give them), written and synced: ready to be
-/// renamed over `path` or exchanged with it. It is removed when dropped, unless
-/// persisted.
-#[cfg(feature = "file")]
-#[cfg_attr(not(feature = "admin"), allow(dead_code))]
+/// A new file beside `path` holding `bytes`, as [`staged_like`] makes it, with the
+/// permissions, owner and group of the file at `path` now.
+#[cfg(all(test, feature = "admin"))]
 pub(crate) fn staged(path: &Path, bytes: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
     staged_like(path, std::fs::metadata(path).ok().as_ref(), bytes)
 }
 
-/// As [`staged`], with the permissions, owner and group of `like` (the file found at
-/// `path` when it was checked), if any.
+/// A new file beside `path` holding `bytes`, created exclusively under a unique name,
+/// readable by its owner only (or with the permissions, owner and group of `like`,
+/// the file found at `path` when it was checked, as far as the process may give
+/// them), written and synced: ready to be renamed over `path` or exchanged with it.
+/// It is removed when dropped, unless persisted.
 #[cfg(feature = "file")]
-fn staged_like(
+pub(crate) fn staged_like(
     path: &Path,
     like: Option<&std::fs::Metadata>,
     bytes: &[u8],
@@ -650,8 +682,15 @@ mod tests {
         let to_directory = dir.path().join("to-directory");
         std::os::unix::fs::symlink(&directory, &to_directory).unwrap();
         let slash = dir.path().join("nothere/");
+        let file = dir.path().join("file.toml");
+        std::fs::write(&file, "").unwrap();
+        let file_dot = std::path::PathBuf::from(format!("{}/.", file.display()));
+        let to_file_slash = dir.path().join("to-file-slash");
+        std::os::unix::fs::symlink(format!("{}/", file.display()), &to_file_slash).unwrap();
         let mut cases = vec![
-            (&slash, "ends in `/`"),
+            (&slash, "names a directory"),
+            (&file_dot, "names a directory"),
+            (&to_file_slash, "names a directory"),
             (&directory, "directory"),
             (&to_directory, "directory"),
             (&socket, "not a regular file"),
@@ -677,7 +716,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        let made = 5 + usize::from(std::fs::symlink_metadata(&fifo).is_ok());
+        let made = 7 + usize::from(std::fs::symlink_metadata(&fifo).is_ok());
         assert_eq!(left.len(), made, "no temporary file left behind: {left:?}");
     }
 
