@@ -62,7 +62,7 @@ pub enum Error {
         /// The underlying error.
         error: Arc<io::Error>,
     },
-    /// Writing a file failed ([`KeySet::write_file`](crate::KeySet::write_file), a
+    /// Writing a file failed (`KeySet::write_file` with the `file` feature, a
     /// backend's `export_file`). What was at the path is as it was, unless the
     /// underlying error says the new file is in place but its directory could not be
     /// synced (the write may then not survive a crash).
