@@ -124,8 +124,8 @@ fn p(path: &Path) -> &str {
 
 /// Run as root, in a shared directory that keeps names to their owners (`/tmp`): a
 /// destination another user prepared (a link to a file of root's) is refused, given
-/// as an absolute path or as a relative one from inside their directory, and the
-/// file it leads to is untouched.
+/// as an absolute path or as a relative one from inside that directory or below it,
+/// and the file it leads to is untouched.
 #[cfg(unix)]
 #[test]
 fn a_destination_another_user_prepared_is_refused_however_it_is_spelled() {
@@ -144,16 +144,13 @@ fn a_destination_another_user_prepared_is_refused_however_it_is_spelled() {
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
     let victim = root.path().join("passwd");
     fs::write(&victim, "important\n").unwrap();
-    let theirs = shared.join("build-123");
-    fs::create_dir(&theirs).unwrap();
-    std::os::unix::fs::symlink(&victim, theirs.join("keys.toml")).unwrap();
-    std::os::unix::fs::lchown(theirs.join("keys.toml"), Some(65_534), Some(65_534)).unwrap();
-    std::os::unix::fs::chown(&theirs, Some(65_534), Some(65_534)).unwrap();
-    let inside = theirs.join("sub");
+    std::os::unix::fs::symlink(&victim, shared.join("keys.toml")).unwrap();
+    std::os::unix::fs::lchown(shared.join("keys.toml"), Some(65_534), Some(65_534)).unwrap();
+    let inside = shared.join("sub");
     fs::create_dir(&inside).unwrap();
     for (cwd, out) in [
-        (root.path(), theirs.join("keys.toml")),
-        (theirs.as_path(), "keys.toml".into()),
+        (root.path(), shared.join("keys.toml")),
+        (shared.as_path(), "keys.toml".into()),
         (inside.as_path(), "../keys.toml".into()),
     ] {
         let mut cmd = cli();

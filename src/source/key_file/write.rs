@@ -191,7 +191,7 @@ pub(crate) struct Target {
 /// deployment's link to a versioned file, a file kept in another directory), the
 /// file it leads to, each link followed as the system follows it. Renaming a new
 /// file over a link would leave its target behind, never updated again. Resolved
-/// once per write, one name at a time, so that every name on the way is checked
+/// once per write, one name at a time, so that every link on the way is checked
 /// (see [`planted`]) and the new file is staged beside the file it replaces.
 ///
 /// # Errors
@@ -282,7 +282,9 @@ pub(crate) fn target(path: &Path) -> std::io::Result<Target> {
             Err(e) => return Err(e),
         };
         #[cfg(unix)]
-        planted(dir, &at, &meta)?;
+        if last || meta.file_type().is_symlink() {
+            planted(dir, &at, &meta)?;
+        }
         if last && !meta.file_type().is_symlink() {
             return Ok(Target {
                 path: at,
@@ -364,13 +366,14 @@ fn on_proc(dir: &Path, at: &Path) -> std::io::Result<bool> {
 }
 
 /// Refuses a name another user may have planted: in a directory that others may
-/// write to but that keeps names to their owners (sticky, as `/tmp`), a link, a
-/// directory or a file owned by neither this process's user nor the directory's
-/// owner. Following such a link, or one in such a directory, would let that user
-/// choose which file a process run as root replaces; replacing such a file would
-/// give the keys its owner and permissions. It is the rule Linux's
-/// `fs.protected_symlinks` and `fs.protected_regular` apply to opening a file (to the
-/// last name only), which a rename does not go through.
+/// write to but that keeps names to their owners (sticky, as `/tmp`), a link (at any
+/// place in the path) or the file replaced, owned by neither this process's user nor
+/// the directory's owner. Following such a link would let that user choose which
+/// file a process run as root replaces; replacing such a file would give the keys
+/// its owner and permissions. It is the rule Linux's `fs.protected_symlinks` and
+/// `fs.protected_regular` apply to opening a file (to the last name only), which a
+/// rename does not go through. As with those, a directory of another user's on the
+/// way is theirs to fill: writing into it, their links in it are followed.
 #[cfg(all(feature = "file", unix))]
 fn planted(dir: &Path, at: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
@@ -794,22 +797,11 @@ mod tests {
         std::fs::write(&planted, "attacker's\n").unwrap();
         std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
         std::os::unix::fs::chown(&planted, nobody, nobody).unwrap();
-        // Theirs on the way, not only at the end: a link planted as a directory, and
-        // a directory of theirs (not sticky itself) holding a link.
+        // Theirs on the way, not only at the end: a link planted as a directory.
         let as_directory = shared.join("backup");
         std::os::unix::fs::symlink(&private, &as_directory).unwrap();
         std::os::unix::fs::lchown(&as_directory, nobody, nobody).unwrap();
-        let theirs = shared.join("bk");
-        std::fs::create_dir(&theirs).unwrap();
-        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
-        std::os::unix::fs::symlink(&victim, theirs.join("keys.toml")).unwrap();
-        std::os::unix::fs::chown(&theirs, nobody, nobody).unwrap();
-        for path in [
-            link.clone(),
-            planted.clone(),
-            as_directory.join("passwd"),
-            theirs.join("keys.toml"),
-        ] {
+        for path in [link.clone(), planted.clone(), as_directory.join("passwd")] {
             let err = set.write_file(&path).unwrap_err();
             let err = std::error::Error::source(&err).unwrap().to_string();
             assert!(err.contains("another user's"), "{}: {err}", path.display());
@@ -817,6 +809,12 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "important\n");
         assert_eq!(std::fs::read_to_string(&planted).unwrap(), "attacker's\n");
         assert_eq!(std::fs::metadata(&planted).unwrap().uid(), 65_534);
+        // A directory of theirs in it is theirs to fill: root writes a new file there
+        // (as a test's server run as another user has its files written).
+        let theirs = shared.join("bk");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, nobody, nobody).unwrap();
+        set.write_file(theirs.join("keys.toml")).unwrap();
         // Outside such a directory, root replaces whoever's file it is told to.
         let elsewhere = private.join("theirs.toml");
         std::fs::write(&elsewhere, "").unwrap();
