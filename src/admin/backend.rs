@@ -147,6 +147,30 @@ impl fmt::Display for BackendError {
     }
 }
 
+/// What the fleet engines' backends share.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+impl BackendError {
+    /// The fault of a store of record whose record of key `id` is not a key (`error`
+    /// says why; `None`: not a key record at all).
+    pub(crate) fn corrupt(id: &str, error: Option<crate::Error>) -> Self {
+        let reason = match error {
+            Some(crate::Error::InvalidKey { reason, .. }) => reason,
+            Some(other) => other.to_string(),
+            None => "it is not a key record".to_owned(),
+        };
+        Self::Corrupt {
+            id: id.to_owned(),
+            reason,
+        }
+    }
+
+    /// The key that the stored record `json` of key `id` stands for, or the store's
+    /// fault, named.
+    pub(crate) fn checked(id: &str, json: &[u8]) -> Result<crate::ApiKey, Self> {
+        crate::key::record::decode_valid(id, json).map_err(|e| Self::corrupt(id, Some(e)))
+    }
+}
+
 impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {

@@ -114,6 +114,12 @@ pub(crate) fn unchanged(id: &str, stored: Option<&[u8]>, read: Option<&ApiKey>) 
     }
 }
 
+/// [`decode`], and the key checked as a key file's would be: what a store of record
+/// holds is applied only when it would be accepted from a file.
+pub(crate) fn decode_valid(id: &str, json: &[u8]) -> Result<ApiKey, Error> {
+    decode(id, json).and_then(|key| key.validate().map(|()| key))
+}
+
 /// The key the record stored under `id` stands for (not yet checked as a key set
 /// would check it: [`ApiKey::validate`] does that). Errors name the id and what is
 /// wrong, never a value from the record (not even the JSON parser's message, which

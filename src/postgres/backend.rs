@@ -416,7 +416,7 @@ impl PostgresBackend {
             ) else {
                 continue;
             };
-            keys.push(checked(id, json)?);
+            keys.push(BackendError::checked(id, json.as_bytes())?);
         }
         if keys.len() as i64 != counted {
             return Err(if keys.is_empty() {
@@ -445,13 +445,13 @@ impl PostgresBackend {
         let also_record = also.map(record::encode);
         let decide = |current: &HashMap<String, String>| -> Result<Vec<Op>, BackendError> {
             let raw = current.get(id).ok_or(BackendError::NotFound)?;
-            let key = record::decode(id, raw.as_bytes()).and_then(|k| k.validate().map(|()| k));
+            let key = record::decode_valid(id, raw.as_bytes());
             match (&key, if_match) {
                 (Ok(key), Some(tag)) if tag != record_etag(key) => {
                     return Err(BackendError::PreconditionFailed);
                 }
                 (Err(_), _) if new.is_some() || also.is_some() => {
-                    return Err(corrupt(id, key.err()));
+                    return Err(BackendError::corrupt(id, key.err()));
                 }
                 (Err(_), Some(_)) => return Err(BackendError::PreconditionFailed),
                 _ => {}
@@ -496,25 +496,6 @@ fn read_key_file(path: &Path) -> Result<KeySet, Error> {
     crate::FileSource::parse(path, &bytes)
 }
 
-/// The key a stored record stands for, or the store's fault, named.
-fn checked(id: &str, json: &str) -> Result<ApiKey, BackendError> {
-    record::decode(id, json.as_bytes())
-        .and_then(|k| k.validate().map(|()| k))
-        .map_err(|e| corrupt(id, Some(e)))
-}
-
-fn corrupt(id: &str, error: Option<Error>) -> BackendError {
-    let reason = match error {
-        Some(Error::InvalidKey { reason, .. }) => reason,
-        Some(other) => other.to_string(),
-        None => "it is not a key record".to_owned(),
-    };
-    BackendError::Corrupt {
-        id: id.to_owned(),
-        reason,
-    }
-}
-
 impl AdminBackend for PostgresBackend {
     fn source_name(&self) -> String {
         self.name()
@@ -543,9 +524,9 @@ impl AdminBackend for PostgresBackend {
             return Err(self.missing());
         }
         match row.try_get::<_, Option<&str>>(0) {
-            Ok(Some(json)) => checked(id, json).map(Some),
+            Ok(Some(json)) => BackendError::checked(id, json.as_bytes()).map(Some),
             Ok(None) => Ok(None),
-            Err(_) => Err(corrupt(id, None)),
+            Err(_) => Err(BackendError::corrupt(id, None)),
         }
     }
 

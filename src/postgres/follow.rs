@@ -3,13 +3,7 @@
 //! reads the namespace whole when it must, adds the replica's usage, and says what is
 //! wrong once per new cause.
 
-use std::{
-    collections::{HashMap, HashSet},
-    future::poll_fn,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, future::poll_fn, sync::Arc, time::Duration};
 
 use tokio::{sync::mpsc, time::Instant};
 use tokio_postgres::{AsyncMessage, Client};
@@ -17,26 +11,21 @@ use tokio_postgres::{AsyncMessage, Client};
 use super::{
     Connection, PgError, Target, model,
     read::{self, Change, Cursor, Since, Whole},
-    snapshot::{At, Snapshots},
 };
-use crate::{Error, KeyChange, KeyUpdater, key::record};
+use crate::{
+    Error, KeyChange, KeyUpdater,
+    source::replica::{
+        self, Options, jittered,
+        snapshot::{At, Snapshots},
+        usage_deltas,
+    },
+};
 
 /// The first wait after a failure; it doubles up to the source's maximum.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How often a wait looks whether the store is gone.
 const TICK: Duration = Duration::from_millis(250);
-
-/// How a replica follows its namespace: the timeouts and the snapshot it keeps.
-#[derive(Clone, Debug)]
-pub(super) struct Options {
-    pub(super) connect_timeout: Duration,
-    pub(super) max_backoff: Duration,
-    pub(super) check: Duration,
-    pub(super) usage_flush: Duration,
-    pub(super) snapshot: Option<PathBuf>,
-    pub(super) snapshot_every: Duration,
-}
 
 /// What is wrong, as said once per change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -432,60 +421,19 @@ fn into_changes(changes: Vec<Change>, source: &str) -> Vec<KeyChange> {
         .into_iter()
         .map(|change| match change {
             Change::Put { id, record } => {
-                match record::decode(&id, record.as_bytes())
-                    .and_then(|key| key.validate().map(|()| key))
-                {
-                    Ok(key) => KeyChange::Upsert(key),
-                    Err(error) => {
-                        read::refused(source, &id, &error);
-                        KeyChange::remove(id)
-                    }
-                }
+                replica::change(source, "PostgreSQL", id, record.as_bytes())
             }
             Change::Del(id) => KeyChange::remove(id),
         })
         .collect()
 }
 
-/// What to add to the fleet's counts: per key id, the requests since the last flush,
-/// the last use (Unix seconds) and the total to remember once added. Ids no longer
-/// loaded are forgotten.
-fn usage_deltas(
-    flushed: &mut HashMap<Arc<str>, u64>,
-    usage: impl IntoIterator<Item = (Arc<str>, u64, u64)>,
-) -> Vec<(Arc<str>, u64, u64, u64)> {
-    let mut present = HashSet::new();
-    let mut out = Vec::new();
-    for (id, requests, last) in usage {
-        let before = flushed.get(&id).copied().unwrap_or(0);
-        let delta = if requests >= before {
-            requests - before
-        } else {
-            requests
-        };
-        if delta > 0 {
-            out.push((id.clone(), delta, last, requests));
-        }
-        present.insert(id);
-    }
-    flushed.retain(|id, _| present.contains(id));
-    out
-}
-
-/// `d`, give or take half, at random: replicas do not retry in step.
 /// The version a cursor stands at, as a snapshot says it.
 fn at_of(cursor: &Cursor) -> At {
     At {
         epoch: cursor.epoch.clone(),
         version: u64::try_from(cursor.version).unwrap_or(0),
     }
-}
-
-fn jittered(d: Duration) -> Duration {
-    let mut b = [0u8; 8];
-    let _ = getrandom::fill(&mut b);
-    let half = d / 2;
-    half + half.mul_f64((u64::from_le_bytes(b) % 1000) as f64 / 1000.0)
 }
 
 #[cfg(test)]
@@ -513,7 +461,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_record_is_its_key_removed() {
-        let good = record::encode(&crate::ApiKey::new("good", "s"));
+        let good = crate::key::record::encode(&crate::ApiKey::new("good", "s"));
         let changes = into_changes(
             vec![
                 Change::Put {
@@ -529,18 +477,5 @@ mod tests {
         );
         assert!(matches!(&changes[0], KeyChange::Upsert(k) if k.id() == "good"));
         assert!(matches!(&changes[1], KeyChange::Remove(id) if &**id == "bad"));
-    }
-
-    #[test]
-    fn flushed_counts_of_keys_gone_are_forgotten() {
-        let mut flushed = HashMap::new();
-        let id = |s: &str| Arc::<str>::from(s);
-        let deltas = usage_deltas(&mut flushed, [(id("a"), 5, 10)]);
-        assert_eq!(deltas, vec![(id("a"), 5, 10, 5)]);
-        flushed.extend(deltas.into_iter().map(|(id, _, _, total)| (id, total)));
-        flushed.insert(id("gone"), 7);
-        let deltas = usage_deltas(&mut flushed, [(id("a"), 8, 11)]);
-        assert_eq!(deltas, vec![(id("a"), 3, 11, 8)]);
-        assert!(!flushed.contains_key("gone"));
     }
 }

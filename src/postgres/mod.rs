@@ -68,11 +68,6 @@ mod follow;
 mod model;
 mod plan;
 mod read;
-// The snapshot writer has no Redis in it: the same file serves both engines (it is
-// compiled once per engine enabled, until it moves to the core).
-#[allow(clippy::duplicate_mod)]
-#[path = "../redis/snapshot.rs"]
-mod snapshot;
 mod source;
 mod tls;
 mod write;

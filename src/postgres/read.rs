@@ -6,7 +6,7 @@ use std::{sync::mpsc, thread};
 use tokio_postgres::{Client, IsolationLevel, Row};
 
 use super::{PgError, model};
-use crate::{ApiKey, Error, KeySet, key::record};
+use crate::{ApiKey, Error, KeySet, key::record, source::replica};
 
 /// Where a replica is: the namespace's epoch and the last version it applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -329,7 +329,7 @@ impl Pipeline {
             for rows in std::mem::take(&mut self.fallback) {
                 insert(&mut set, decode_all(&rows), &self.source, &mut shared);
             }
-            set = without_shared(set, shared);
+            set = replica::without_shared(set, shared);
         }
         set
     }
@@ -351,13 +351,13 @@ fn insert_in_order(decoded: &mpsc::Receiver<(usize, Decoded)>, source: &str) -> 
     for (_, keys) in waiting {
         insert(&mut set, keys, source, &mut shared);
     }
-    without_shared(set, shared)
+    replica::without_shared(set, shared)
 }
 
 fn insert(set: &mut KeySet, keys: Decoded, source: &str, shared: &mut Vec<String>) {
     for (id, key) in keys {
         if let Err(error) = key.and_then(|key| set.insert(key)) {
-            refused(source, &id, &error);
+            replica::refused(source, "PostgreSQL", &id, &error);
             if let Error::DuplicateKey { first, .. } = error {
                 shared.push(first);
             }
@@ -365,35 +365,12 @@ fn insert(set: &mut KeySet, keys: Decoded, source: &str, shared: &mut Vec<String
     }
 }
 
-/// The set without the first holders of a shared digest (rare).
-fn without_shared(set: KeySet, mut shared: Vec<String>) -> KeySet {
-    if shared.is_empty() {
-        return set;
-    }
-    shared.sort();
-    shared.dedup();
-    let mut kept = KeySet::new();
-    for key in set.iter() {
-        if shared
-            .binary_search_by(|id| id.as_str().cmp(key.id()))
-            .is_ok()
-        {
-            continue;
-        }
-        let _ = kept.insert(key.clone());
-    }
-    kept
-}
-
 /// The keys of rows (id, record), in order, with their ids.
 fn decode_all(rows: &[Row]) -> Vec<(String, Result<ApiKey, Error>)> {
     rows.iter()
         .map(
             |row| match (row.try_get::<_, &str>(0), row.try_get::<_, &str>(1)) {
-                (Ok(id), Ok(json)) => (
-                    id.to_owned(),
-                    record::decode(id, json.as_bytes()).and_then(|k| k.validate().map(|()| k)),
-                ),
+                (Ok(id), Ok(json)) => (id.to_owned(), record::decode_valid(id, json.as_bytes())),
                 (id, _) => {
                     let id = id.map(str::to_owned).unwrap_or_default();
                     let error =
@@ -403,18 +380,4 @@ fn decode_all(rows: &[Row]) -> Vec<(String, Result<ApiKey, Error>)> {
             },
         )
         .collect()
-}
-
-/// Says that the key with this id is refused because its record cannot be applied.
-pub(crate) fn refused(source: &str, id: &str, error: &Error) {
-    #[cfg(feature = "tracing")]
-    tracing::error!(
-        target: "tower_api_key::reload",
-        source,
-        key_id = id,
-        error = %crate::error::Chain(error),
-        "a key record in PostgreSQL cannot be applied; the key is refused until it is fixed"
-    );
-    #[cfg(not(feature = "tracing"))]
-    let _ = (source, id, error);
 }

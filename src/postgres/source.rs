@@ -5,10 +5,10 @@ use std::{fmt, path::PathBuf, thread, time::Duration};
 
 use super::{
     Target,
-    follow::{Failure, Follower, Options},
+    follow::{Failure, Follower},
     read::{self, Cursor, Whole},
 };
-use crate::{Error, KeySet, KeySource, KeyUpdater};
+use crate::{Error, KeySet, KeySource, KeyUpdater, source::replica::Options};
 
 /// A [`KeySource`] that follows a namespace in PostgreSQL, which
 /// [`PostgresBackend`](super::PostgresBackend) (and so the key-management API of any
@@ -81,14 +81,7 @@ impl PostgresSource {
         Ok(Self {
             target,
             namespace,
-            options: Options {
-                connect_timeout: Duration::from_secs(2),
-                max_backoff: Duration::from_secs(5),
-                check: Duration::from_secs(2),
-                usage_flush: Duration::from_secs(10),
-                snapshot: None,
-                snapshot_every: Duration::from_secs(1),
-            },
+            options: Options::new(Duration::from_secs(2)),
             loaded: None,
             failed: None,
         })

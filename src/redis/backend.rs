@@ -533,7 +533,7 @@ impl RedisBackend {
             .into_iter()
             .map(|(id, json)| {
                 let id = String::from_utf8_lossy(&id);
-                checked(&id, &json)
+                BackendError::checked(&id, &json)
             })
             .collect()
     }
@@ -555,7 +555,7 @@ impl RedisBackend {
     async fn current(&self, id: &str) -> Result<Option<Stored>, BackendError> {
         let raw = self.current_many(&[id]).await?.into_iter().next().flatten();
         Ok(raw.map(|raw| {
-            let key = record::decode(id, &raw).and_then(|k| k.validate().map(|()| k));
+            let key = record::decode_valid(id, &raw);
             (raw, key)
         }))
     }
@@ -666,7 +666,7 @@ impl RedisBackend {
                     return Err(BackendError::PreconditionFailed);
                 }
                 (Err(_), _) if record.is_some() || also.is_some() => {
-                    return Err(corrupt(id, key.err()));
+                    return Err(BackendError::corrupt(id, key.err()));
                 }
                 (Err(_), Some(_)) => return Err(BackendError::PreconditionFailed),
                 _ => {}
@@ -765,25 +765,6 @@ fn written(reply: Value) -> Written {
     }
 }
 
-/// The key a stored record stands for, or the store's fault, named.
-fn checked(id: &str, json: &[u8]) -> Result<ApiKey, BackendError> {
-    record::decode(id, json)
-        .and_then(|k| k.validate().map(|()| k))
-        .map_err(|e| corrupt(id, Some(e)))
-}
-
-fn corrupt(id: &str, error: Option<Error>) -> BackendError {
-    let reason = match error {
-        Some(Error::InvalidKey { reason, .. }) => reason,
-        Some(other) => other.to_string(),
-        None => "it is not a key record".to_owned(),
-    };
-    BackendError::Corrupt {
-        id: id.to_owned(),
-        reason,
-    }
-}
-
 impl AdminBackend for RedisBackend {
     fn source_name(&self) -> String {
         self.name()
@@ -797,7 +778,7 @@ impl AdminBackend for RedisBackend {
         match self.current(id).await? {
             None => Ok(None),
             Some((_, Ok(key))) => Ok(Some(key)),
-            Some((_, Err(e))) => Err(corrupt(id, Some(e))),
+            Some((_, Err(e))) => Err(BackendError::corrupt(id, Some(e))),
         }
     }
 

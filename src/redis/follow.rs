@@ -3,8 +3,7 @@
 //! says what is wrong once per new cause.
 
 use std::{
-    collections::{HashMap, HashSet},
-    path::PathBuf,
+    collections::HashMap,
     sync::Arc,
     thread,
     time::{Duration, Instant},
@@ -16,26 +15,21 @@ use super::{
     log::{self, Change, Cursor, StreamId},
     model::{self, Keys},
     read::{self, Head, Read, is_refusal},
-    snapshot::{At, Snapshots},
 };
-use crate::{Error, KeyChange, KeyUpdater, key::record};
+use crate::{
+    Error, KeyChange, KeyUpdater,
+    source::replica::{
+        self, Options, jittered,
+        snapshot::{At, Snapshots},
+        usage_deltas,
+    },
+};
 
 /// The first wait after a failure; it doubles up to the source's maximum.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How long a blocking log read waits for an entry.
 const BLOCK: Duration = Duration::from_millis(500);
-
-/// How a replica follows its namespace: the timeouts and the snapshot it keeps.
-#[derive(Clone, Debug)]
-pub(super) struct Options {
-    pub(super) connect_timeout: Duration,
-    pub(super) max_backoff: Duration,
-    pub(super) check: Duration,
-    pub(super) usage_flush: Duration,
-    pub(super) snapshot: Option<PathBuf>,
-    pub(super) snapshot_every: Duration,
-}
 
 /// What is wrong, as said once per change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -529,78 +523,16 @@ impl Batch {
         self.changes
             .into_iter()
             .map(|change| match change {
-                Change::Put { id, record } => {
-                    match record::decode(&id, &record).and_then(|key| key.validate().map(|()| key))
-                    {
-                        Ok(key) => KeyChange::Upsert(key),
-                        Err(error) => {
-                            read::refused(source, &id, &error);
-                            KeyChange::remove(id)
-                        }
-                    }
-                }
+                Change::Put { id, record } => replica::change(source, "Redis", id, &record),
                 Change::Del(id) => KeyChange::remove(id),
             })
             .collect()
     }
 }
 
-/// What to add to the fleet's counts: per key id, the requests since the last flush,
-/// the last use (Unix seconds) and the total to remember once added. Ids no longer
-/// loaded are forgotten.
-fn usage_deltas(
-    flushed: &mut HashMap<Arc<str>, u64>,
-    usage: impl IntoIterator<Item = (Arc<str>, u64, u64)>,
-) -> Vec<(Arc<str>, u64, u64, u64)> {
-    let mut present = HashSet::new();
-    let mut out = Vec::new();
-    for (id, requests, last) in usage {
-        let before = flushed.get(&id).copied().unwrap_or(0);
-        // A key removed and added again starts counting from zero.
-        let delta = if requests >= before {
-            requests - before
-        } else {
-            requests
-        };
-        if delta > 0 {
-            out.push((id.clone(), delta, last, requests));
-        }
-        present.insert(id);
-    }
-    flushed.retain(|id, _| present.contains(id));
-    out
-}
-
-/// `d`, give or take half, at random: replicas do not retry in step.
-fn jittered(d: Duration) -> Duration {
-    let mut b = [0u8; 8];
-    let _ = getrandom::fill(&mut b);
-    let half = d / 2;
-    half + half.mul_f64((u64::from_le_bytes(b) % 1000) as f64 / 1000.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Finding 8: the map of counts already flushed kept every id ever seen.
-    #[test]
-    fn flushed_counts_of_keys_gone_are_forgotten() {
-        let mut flushed = HashMap::new();
-        let id = |s: &str| Arc::<str>::from(s);
-        let deltas = usage_deltas(&mut flushed, [(id("a"), 5, 10), (id("b"), 0, 0)]);
-        assert_eq!(deltas, vec![(id("a"), 5, 10, 5)]);
-        flushed.extend(deltas.into_iter().map(|(id, _, _, total)| (id, total)));
-        flushed.insert(id("gone"), 7);
-        let deltas = usage_deltas(&mut flushed, [(id("a"), 8, 11), (id("b"), 1, 12)]);
-        assert_eq!(deltas, vec![(id("a"), 3, 11, 8), (id("b"), 1, 12, 1)]);
-        assert!(!flushed.contains_key("gone"), "{flushed:?}");
-        // Removed and added again: counted from zero.
-        flushed.insert(id("a"), 8);
-        let deltas = usage_deltas(&mut flushed, [(id("a"), 2, 13)]);
-        assert_eq!(deltas, vec![(id("a"), 2, 13, 2)]);
-        assert!(!flushed.contains_key("b"));
-    }
 
     #[test]
     fn a_batch_keeps_the_last_change_of_each_id_in_first_seen_order() {
@@ -620,7 +552,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_record_in_a_batch_is_its_key_removed() {
-        let good = record::encode(&crate::ApiKey::new("good", "s"));
+        let good = crate::key::record::encode(&crate::ApiKey::new("good", "s"));
         let mut batch = Batch::default();
         batch.add(vec![
             Change::Put {

@@ -74,7 +74,6 @@ mod link;
 mod log;
 mod model;
 mod read;
-mod snapshot;
 mod source;
 
 use redis::Value;

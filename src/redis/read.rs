@@ -8,7 +8,7 @@ use super::{
     log::{Cursor, StreamId},
     model::{self, Keys},
 };
-use crate::{ApiKey, Error, KeySet, key::record};
+use crate::{ApiKey, Error, KeySet, key::record, source::replica};
 
 /// A connection to the server, with read and write timeouts.
 pub(super) fn connect(
@@ -166,7 +166,7 @@ fn key_set(items: &[Value], source: &str) -> KeySet {
         for (at, key) in keys.into_iter().enumerate() {
             if let Err(error) = key.and_then(|key| set.insert(key)) {
                 let id = String::from_utf8_lossy(bytes(&chunk[2 * at])).into_owned();
-                refused(source, &id, &error);
+                replica::refused(source, "Redis", &id, &error);
                 if let Error::DuplicateKey { first, .. } = error {
                     shared.push(first);
                 }
@@ -208,23 +208,7 @@ fn key_set(items: &[Value], source: &str) -> KeySet {
             }
         });
     }
-    if shared.is_empty() {
-        return set;
-    }
-    // Rare: rebuild without the first holders of a shared digest.
-    shared.sort();
-    shared.dedup();
-    let mut kept = KeySet::with_capacity(set.len());
-    for key in set.iter() {
-        if shared
-            .binary_search_by(|id| id.as_str().cmp(key.id()))
-            .is_ok()
-        {
-            continue;
-        }
-        let _ = kept.insert(key.clone());
-    }
-    kept
+    replica::without_shared(set, shared)
 }
 
 /// A reply's bytes (a field or a value of a hash).
@@ -234,20 +218,6 @@ fn bytes(value: &Value) -> &[u8] {
         Value::SimpleString(s) => s.as_bytes(),
         _ => &[],
     }
-}
-
-/// Says that the key with this id is refused because its record cannot be applied.
-pub(super) fn refused(source: &str, id: &str, error: &Error) {
-    #[cfg(feature = "tracing")]
-    tracing::error!(
-        target: "tower_api_key::reload",
-        source,
-        key_id = id,
-        error = %crate::error::Chain(error),
-        "a key record in Redis cannot be applied; the key is refused until it is fixed"
-    );
-    #[cfg(not(feature = "tracing"))]
-    let _ = (source, id, error);
 }
 
 /// The keys of a flat list of ids and records, in order.

@@ -4,12 +4,12 @@
 use std::{fmt, path::PathBuf, thread, time::Duration};
 
 use super::{
-    follow::{Failure, Follower, Options},
+    follow::{Failure, Follower},
     log::Cursor,
     model::Keys,
     read::{self, Read, connect, read_all},
 };
-use crate::{Error, KeySet, KeySource, KeyUpdater};
+use crate::{Error, KeySet, KeySource, KeyUpdater, source::replica::Options};
 
 /// A [`KeySource`] that follows a namespace in Redis, which
 /// [`RedisBackend`](super::RedisBackend) (and so the key-management API of any
@@ -87,14 +87,7 @@ impl RedisSource {
             keys: Keys::of(&namespace),
             client,
             namespace,
-            options: Options {
-                connect_timeout: Duration::from_secs(2),
-                max_backoff: Duration::from_secs(5),
-                check: Duration::from_secs(5),
-                usage_flush: Duration::from_secs(10),
-                snapshot: None,
-                snapshot_every: Duration::from_secs(1),
-            },
+            options: Options::new(Duration::from_secs(5)),
             loaded: None,
             failed: None,
         })

@@ -8,6 +8,8 @@ pub(crate) mod key_file;
 #[cfg(feature = "file")]
 pub(crate) mod link;
 pub(crate) mod read;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) mod replica;
 #[cfg(feature = "file")]
 mod watch;
 
