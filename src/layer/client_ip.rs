@@ -65,7 +65,9 @@ impl ClientIp {
     }
 
     /// Like [`ClientIp::x_forwarded_for`], over the `for=` parameters of RFC 7239
-    /// `Forwarded` fields.
+    /// `Forwarded` fields. A field whose quoted strings are not closed, or stand
+    /// where the RFC allows none, is unreadable as a whole (the client is unknown):
+    /// a client could otherwise open a quote that swallows what its proxy appends.
     #[must_use]
     pub fn forwarded(trusted_proxies: impl IntoIterator<Item = IpNet>) -> Self {
         Self(Kind::Forwarded(trusted_proxies.into_iter().collect()))
@@ -183,9 +185,9 @@ fn forwarded_hops(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
     let mut hops = Vec::new();
     for value in headers.get_all(header::FORWARDED) {
         let text = value.to_str().ok()?;
-        for element in split_unquoted(text, ',') {
+        for element in split_unquoted(text, ',')? {
             let mut found = None;
-            for pair in split_unquoted(element, ';') {
+            for pair in split_unquoted(element, ';')? {
                 let Some((name, value)) = pair.split_once('=') else {
                     continue;
                 };
@@ -203,14 +205,26 @@ fn forwarded_hops(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
     Some(hops)
 }
 
-/// `text` split at `sep` outside quoted strings (with `\` escapes).
-fn split_unquoted(text: &str, sep: char) -> Vec<&str> {
+/// `text` split at `sep` outside quoted strings (with `\` escapes); `None` when
+/// its quotes are not where RFC 7239 allows them: a quoted string opens right after
+/// `=`, closes before a `,`, a `;` or the end, and closes. A stray or unclosed quote
+/// would let a client's field swallow the elements a proxy appends after it (one
+/// field value, or lines merged as HTTP allows), so that its own `for=` is the last.
+fn split_unquoted(text: &str, sep: char) -> Option<Vec<&str>> {
     let (mut parts, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
     for (i, c) in text.char_indices() {
         match c {
             _ if escaped => escaped = false,
             '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
+            '"' if quoted => {
+                let after = text[i + 1..].trim_start_matches([' ', '\t']);
+                if !(after.is_empty() || after.starts_with([',', ';'])) {
+                    return None;
+                }
+                quoted = false;
+            }
+            '"' if text[..i].ends_with('=') => quoted = true,
+            '"' => return None,
             c if c == sep && !quoted => {
                 parts.push(&text[start..i]);
                 start = i + 1;
@@ -218,8 +232,11 @@ fn split_unquoted(text: &str, sep: char) -> Vec<&str> {
             _ => {}
         }
     }
+    if quoted {
+        return None;
+    }
     parts.push(&text[start..]);
-    parts
+    Some(parts)
 }
 
 /// A token, or a quoted string without its quotes and escapes.
@@ -362,6 +379,11 @@ mod tests {
             "for=\"[fe80::1%25eth0]\"",
             "for=\"unterminated",
             "for=[2001:db8::1]x",
+            // A client's open quote swallows what its proxy appends after it.
+            "for=203.0.113.5;x=\", for=198.51.100.9",
+            "for=203.0.113.5;x=\"\\\", for=198.51.100.9",
+            "for=203.0.113.5;x=a\"b\", for=198.51.100.9",
+            "for=203.0.113.5;x=\"a\"b, for=198.51.100.9",
             ";;;,,,==",
         ] {
             assert_eq!(
