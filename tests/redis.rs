@@ -258,6 +258,50 @@ async fn fleet_usage_adds_up_across_replicas() {
     assert_eq!(key["usage"]["requests"], 7);
 }
 
+/// A usage count written by hand as something that is not a number: listing the
+/// keys and adding the fleet's usage go on, and that count starts again.
+#[tokio::test]
+async fn a_usage_count_that_is_not_a_number_breaks_nothing() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "garbage").await;
+    for (hash, value) in [("requests", "garbage"), ("last_used", "-1.5")] {
+        redis.cli(&["HSET", &format!("tak:{{garbage}}:{hash}"), "reader", value]);
+    }
+    redis.cli(&["HSET", "tak:{garbage}:requests", "root", "4"]);
+    let replica = replica(&redis, "garbage", true).await;
+    let (code, keys) = api(replica.addr, reqwest::Method::GET, "/v1/api-keys", None).await;
+    assert_eq!(code, 200, "{keys}");
+    for _ in 0..3 {
+        assert_eq!(status(replica.addr, "reader-secret").await, 200);
+    }
+    let start = Instant::now();
+    loop {
+        let (code, key) = api(
+            replica.addr,
+            reqwest::Method::GET,
+            "/v1/api-keys/reader",
+            None,
+        )
+        .await;
+        assert_eq!(code, 200, "{key}");
+        if key["usage"]["requests"] == 3 {
+            assert!(key["usage"]["last_used"].is_string(), "{key}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{key}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The other key's count was added to, not lost: root's own API calls count.
+    let (_, root) = api(
+        replica.addr,
+        reqwest::Method::GET,
+        "/v1/api-keys/root",
+        None,
+    )
+    .await;
+    assert!(root["usage"]["requests"].as_u64().unwrap() >= 4, "{root}");
+}
+
 #[tokio::test]
 async fn export_writes_a_digest_only_key_file_that_imports_back() {
     let Some(redis) = Redis::start() else { return };

@@ -825,21 +825,21 @@ impl AdminBackend for RedisBackend {
         };
         let period = quota.period.index(crate::clock::exact_now_ms());
         let counter = &super::lease::quota_key(&self.keys, key.id(), quota, period);
-        let taken: Option<u64> = self
+        let taken: Value = self
             .link
             .read(
                 |mut con| async move { redis::cmd("GET").arg(counter).query_async(&mut con).await },
             )
             .await?;
-        // No counter yet: nothing leased this period.
-        Ok(Some(taken.unwrap_or(0)))
+        // No counter yet (or one that is not a count): nothing leased this period.
+        Ok(Some(count(&taken).unwrap_or(0)))
     }
 
     async fn usage(&self, ids: &[String]) -> Result<Option<Vec<UsageCounts>>, BackendError> {
         if ids.is_empty() {
             return Ok(Some(Vec::new()));
         }
-        let (requests, last_used): (Vec<Option<u64>>, Vec<Option<u64>>) = self
+        let (requests, last_used): (Vec<Value>, Vec<Value>) = self
             .link
             .read(|mut con| async move {
                 redis::pipe()
@@ -858,13 +858,25 @@ impl AdminBackend for RedisBackend {
                 .into_iter()
                 .zip(last_used)
                 .map(|(n, at)| {
-                    let at = at
+                    let at = count(&at)
                         .filter(|&s| s > 0)
                         .map(|s| crate::clock::from_unix_ms(s.saturating_mul(1000)));
-                    (n.unwrap_or(0), at)
+                    (count(&n).unwrap_or(0), at)
                 })
                 .collect(),
         ))
+    }
+}
+
+/// A count or a time stored in a hash field: a number, or `None` for a field that is
+/// missing or holds anything else (a value written by hand). One such field must not
+/// fail the reading of all the others.
+fn count(value: &Value) -> Option<u64> {
+    match value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
     }
 }
 

@@ -301,7 +301,8 @@ return v
 /// Adds a replica's counts: KEYS: records, requests, last_used; ARGV: pairs of id
 /// and `requests:last_used`. The count is added, the later stamp kept, for ids the
 /// namespace holds only: a replica's late counts for a removed key do not bring its
-/// counts back (nor give them to a key created later under its id).
+/// counts back (nor give them to a key created later under its id). A stored value
+/// that is not a count is replaced, never a reason to stop.
 pub(crate) const ADD_USAGE: &str = r"
 if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
 for i = 1, #ARGV, 2 do
@@ -310,8 +311,14 @@ for i = 1, #ARGV, 2 do
     local sep = string.find(ARGV[i + 1], ':')
     local n = tonumber(string.sub(ARGV[i + 1], 1, sep - 1))
     local at = tonumber(string.sub(ARGV[i + 1], sep + 1))
-    if n > 0 then redis.call('HINCRBY', KEYS[2], id, n) end
-    local cur = tonumber(redis.call('HGET', KEYS[3], id) or '0')
+    if n > 0 then
+      -- A count that is not an integer (written by hand) starts again from this
+      -- one: an error here would end the script with the ids before it added and
+      -- the rest not, and the replica's retry would add the first ones twice.
+      local r = redis.pcall('HINCRBY', KEYS[2], id, n)
+      if type(r) == 'table' and r.err then redis.call('HSET', KEYS[2], id, n) end
+    end
+    local cur = tonumber(redis.call('HGET', KEYS[3], id) or '0') or 0
     if at > cur then redis.call('HSET', KEYS[3], id, at) end
   end
 end
