@@ -153,6 +153,8 @@ async fn limits_are_created_shown_with_their_allowance_patched_and_written() {
         (json!({"allowed_ips": ["fe80::1%eth0"]}), "zone id"),
         (json!({"allowed_ips": []}), "empty"),
         (json!({"allowed_ips": "127.0.0.1"}), "allowed_ips"),
+        // Named by its place, never quoted: it may be a secret in the wrong field.
+        (json!({"allowed_ips": ["10.0.0.0/8", "sk_live_pasted"]}), "entry 2"),
     ] {
         let (status, problem) = call(
             addr,
@@ -166,6 +168,7 @@ async fn limits_are_created_shown_with_their_allowance_patched_and_written() {
             problem["detail"].as_str().unwrap().contains(says),
             "{patch} {problem}"
         );
+        assert!(!problem.to_string().contains("sk_live"), "{problem}");
     }
     // Removing the rate limit lets the key in again at once.
     let (status, _) = call(

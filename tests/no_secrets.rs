@@ -13,7 +13,7 @@ use tower_api_key::{
     ApiKey, ApiKeyLayer, ChannelSource, EnvSource, FileSource, KeyChange, KeySet, KeyStore,
 };
 
-const SECRETS: [&str; 8] = [
+const SECRETS: [&str; 9] = [
     "s3cr3t-file-key-0001",
     "s3cr3t-channel-0002",
     "98765432101234",
@@ -22,6 +22,7 @@ const SECRETS: [&str; 8] = [
     "s3cr3t-duplicate-0003",
     "s3cr3t-in-scopes-0004",
     "s3cr3t-generated-unused",
+    "s3cr3t-pasted-as-an-address",
 ];
 
 #[tokio::test]
@@ -55,6 +56,7 @@ async fn no_secret_reaches_a_log_a_debug_or_an_error() {
         format!("[[keys]]\nid = \"a\"\nsecret = {}\n", SECRETS[2]),
         format!("{good}disabled = \"{}\"\n", SECRETS[3]),
         format!("{good}scopes = \"{}\"\n", SECRETS[6]),
+        format!("{good}allowed_ips = [\"127.0.0.0/8\", \"{}\"]\n", SECRETS[8]),
         format!(
             "{good}[[keys]]\nid = \"b\"\nsecret = \"{}\"\n[[keys]]\nid = \"c\"\nsecret = \"{}\"\n",
             SECRETS[5], SECRETS[5]

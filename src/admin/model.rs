@@ -148,12 +148,12 @@ pub(crate) fn with_limits(
         limits.allowed_ips = nets
             .map(|nets| {
                 nets.iter()
-                    .map(|n| {
+                    .enumerate()
+                    .map(|(at, n)| {
+                        // Named by its place, never quoted: it may be a secret
+                        // pasted into the wrong field.
                         n.parse::<IpNet>().map_err(|e| {
-                            Problem::validation(format!(
-                                "`allowed_ips`: `{}`: {e}",
-                                n.escape_debug()
-                            ))
+                            Problem::validation(format!("`allowed_ips`, entry {}: {e}", at + 1))
                         })
                     })
                     .collect::<Result<Box<[_]>, _>>()

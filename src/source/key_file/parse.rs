@@ -402,12 +402,12 @@ where
         if let Some(nets) = self.allowed_ips {
             let nets = nets
                 .iter()
-                .map(|net| {
+                .enumerate()
+                .map(|(at, net)| {
+                    // Named by its place, never quoted: a secret pasted into the
+                    // wrong field must not reach a log.
                     net.as_ref().parse::<IpNet>().map_err(|e| {
-                        Error::invalid(
-                            Some(id),
-                            format!("`allowed_ips`: `{}`: {e}", net.as_ref().escape_debug()),
-                        )
+                        Error::invalid(Some(id), format!("`allowed_ips`, entry {}: {e}", at + 1))
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
