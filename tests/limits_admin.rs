@@ -154,7 +154,10 @@ async fn limits_are_created_shown_with_their_allowance_patched_and_written() {
         (json!({"allowed_ips": []}), "empty"),
         (json!({"allowed_ips": "127.0.0.1"}), "allowed_ips"),
         // Named by its place, never quoted: it may be a secret in the wrong field.
-        (json!({"allowed_ips": ["10.0.0.0/8", "sk_live_pasted"]}), "entry 2"),
+        (
+            json!({"allowed_ips": ["10.0.0.0/8", "sk_live_pasted"]}),
+            "entry 2",
+        ),
     ] {
         let (status, problem) = call(
             addr,

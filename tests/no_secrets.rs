@@ -56,7 +56,10 @@ async fn no_secret_reaches_a_log_a_debug_or_an_error() {
         format!("[[keys]]\nid = \"a\"\nsecret = {}\n", SECRETS[2]),
         format!("{good}disabled = \"{}\"\n", SECRETS[3]),
         format!("{good}scopes = \"{}\"\n", SECRETS[6]),
-        format!("{good}allowed_ips = [\"127.0.0.0/8\", \"{}\"]\n", SECRETS[8]),
+        format!(
+            "{good}allowed_ips = [\"127.0.0.0/8\", \"{}\"]\n",
+            SECRETS[8]
+        ),
         format!(
             "{good}[[keys]]\nid = \"b\"\nsecret = \"{}\"\n[[keys]]\nid = \"c\"\nsecret = \"{}\"\n",
             SECRETS[5], SECRETS[5]

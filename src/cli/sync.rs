@@ -26,6 +26,7 @@ use super::{
 };
 use crate::{
     ApiKey, KeySet,
+    admin::{BackendError, FileBackend},
     source::{key_file::write, link::Link},
 };
 
@@ -135,6 +136,18 @@ impl Plan {
         let _ = stdout.write_all(text.as_bytes());
     }
 
+    /// What applying the plan writes: the keys added or changed, and the ids removed
+    /// (only with `prune`).
+    fn writes(&self, prune: bool) -> (Vec<ApiKey>, &[String]) {
+        let keys = self
+            .added
+            .iter()
+            .chain(self.changed.iter().map(|(k, _)| k))
+            .cloned()
+            .collect();
+        (keys, if prune { &self.removed } else { &[] })
+    }
+
     /// The keys the target holds once the plan is applied, in `current`'s order then
     /// the added ones.
     fn result(&self, desired: &KeySet, current: &Current, prune: bool) -> Vec<ApiKey> {
@@ -236,8 +249,6 @@ pub(crate) fn apply(
         Target::Api { .. } => Err(target.cannot("apply")),
         Target::File(path) => {
             let desired = read_input(file, max)?;
-            let link = Link::of(path);
-            let _gate = gate(&link, &target)?;
             let rt = runtime()?;
             let current = rt.block_on(target.read(max))?;
             let plan = Plan::of(&desired, &current);
@@ -245,9 +256,9 @@ pub(crate) fn apply(
             if dry_run || plan.is_empty(prune) {
                 return Ok(Exit::Ok);
             }
-            let keys = plan.result(&desired, &current, prune);
-            checked(&keys)?;
-            replace(path, &keys, &target)?;
+            checked(&plan.result(&desired, &current, prune))?;
+            let (keys, removed) = plan.writes(prune);
+            rt.block_on(edit_file(path, &keys, removed, &current, &target))?;
             Ok(Exit::Ok)
         }
         Target::Fleet(fleet) => runtime()?.block_on(async {
@@ -258,13 +269,7 @@ pub(crate) fn apply(
                 return Ok(Exit::Ok);
             }
             checked(&plan.result(&desired, &current, prune))?;
-            let keys: Vec<ApiKey> = plan
-                .added
-                .iter()
-                .chain(plan.changed.iter().map(|(k, _)| k))
-                .cloned()
-                .collect();
-            let removed: &[String] = if prune { &plan.removed } else { &[] };
+            let (keys, removed) = plan.writes(prune);
             // What the plan was made from: each id it touches must still hold it
             // when written, or nothing of it is (a key revoked meanwhile stays so).
             let read: HashMap<&str, &ApiKey> = current.iter().map(|k| (k.id(), k)).collect();
@@ -319,6 +324,35 @@ fn gate<'a>(link: &'a Link, target: &Target) -> Result<crate::source::link::Gate
             format!("{}: cannot take the write lock: {e}", target.describe()),
         )
     })
+}
+
+/// Writes a plan's `keys` and removes `removed` in the key file at `path`, all or
+/// nothing, over the file as it is when written: each id touched must still hold
+/// what `current` (what the plan was made from) holds, and every other entry, and
+/// every comment, stays as it is then. A key revoked by hand while the plan was
+/// made stays revoked; one the plan changes too refuses the write ([`Exit::Conflict`]).
+async fn edit_file(
+    path: &Path,
+    keys: &[ApiKey],
+    removed: &[String],
+    current: &Current,
+    target: &Target,
+) -> Result<(), Failure> {
+    let read: HashMap<&str, &ApiKey> = current.iter().map(|k| (k.id(), k)).collect();
+    FileBackend::new(path)
+        .change_many(keys, removed, &read)
+        .await
+        .map_err(|e| match e {
+            BackendError::Conflict(id) => Failure::new(
+                Exit::Conflict,
+                format!(
+                    "{}: the key file changed since it was read (key `{id}`): nothing was \
+                     written; run `diff` and `apply` again",
+                    target.describe()
+                ),
+            ),
+            e => Target::backend_failure(&e),
+        })
 }
 
 /// Replaces the key file, whole, atomically.
@@ -422,15 +456,18 @@ pub(crate) fn import(file: &Path, args: &TargetArgs, max: u64, out: Out) -> Done
     let desired = read_input(file, max)?;
     match &target {
         Target::Api { .. } => return Err(target.cannot("import")),
+        Target::File(path) if std::fs::symlink_metadata(path).is_ok() => {
+            let rt = runtime()?;
+            let current = rt.block_on(target.read(max))?;
+            let plan = Plan::of(&desired, &current);
+            checked(&plan.result(&desired, &current, false))?;
+            let (keys, _) = plan.writes(false);
+            rt.block_on(edit_file(path, &keys, &[], &current, &target))?;
+        }
         Target::File(path) => {
             let link = Link::of(path);
             let _gate = gate(&link, &target)?;
-            let keys = if std::fs::symlink_metadata(path).is_ok() {
-                let current = runtime()?.block_on(target.read(max))?;
-                Plan::of(&desired, &current).result(&desired, &current, false)
-            } else {
-                desired.iter().cloned().collect()
-            };
+            let keys: Vec<ApiKey> = desired.iter().cloned().collect();
             checked(&keys)?;
             replace(path, &keys, &target)?;
         }
@@ -659,6 +696,58 @@ fn parse_time(text: &str) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tester's finding: `apply` read the file, made its plan, and wrote the whole
+    /// file from what it had read, so a revocation saved by hand in between was
+    /// undone (and every comment dropped).
+    #[tokio::test]
+    async fn a_hand_edit_saved_while_apply_runs_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let original = "# the team's keys\n[[keys]]\nid = \"k7\"\nsecret = \"s3cr3t-k7-000\"\n\n\
+                        [[keys]]\nid = \"other\"\nsecret = \"s3cr3t-other-000\"\n";
+        std::fs::write(&path, original).unwrap();
+        let target = Target::File(path.clone());
+        let current = target.read(1 << 20).await.unwrap();
+        let keys = |extra: ApiKey| {
+            KeySet::from_keys([
+                ApiKey::new("k7", "s3cr3t-k7-000"),
+                ApiKey::new("other", "s3cr3t-other-000"),
+                extra,
+            ])
+            .unwrap()
+        };
+        let desired = keys(ApiKey::new("added", "s3cr3t-added-000"));
+        let plan = Plan::of(&desired, &current);
+        let revoked = original.replace("id = \"k7\"\n", "id = \"k7\"\ndisabled = true\n");
+        std::fs::write(&path, &revoked).unwrap();
+        let (write, removed) = plan.writes(false);
+        edit_file(&path, &write, removed, &current, &target)
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let set = crate::FileSource::parse(&path, text.as_bytes()).unwrap();
+        assert!(set.get("k7").unwrap().is_disabled(), "{text}");
+        assert!(set.get("added").is_some(), "{text}");
+        assert!(text.starts_with("# the team's keys\n"), "{text}");
+        assert!(text.contains("secret = \"s3cr3t-other-000\""), "{text}");
+
+        // A plan that changes the key edited meanwhile writes nothing at all.
+        let desired = keys(ApiKey::new("k7b", "s3cr3t-k7b-000"));
+        let mut plan = Plan::of(&desired, &current);
+        plan.changed.push((
+            ApiKey::new("k7", "s3cr3t-k7-000").with_owner("x"),
+            vec!["owner"],
+        ));
+        let before = std::fs::read(&path).unwrap();
+        let (write, removed) = plan.writes(false);
+        let err = edit_file(&path, &write, removed, &current, &target)
+            .await
+            .unwrap_err();
+        assert_eq!(err.exit, Exit::Conflict, "{}", err.message);
+        assert!(err.message.contains("`k7`"), "{}", err.message);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
 
     #[test]
     fn a_plan_names_added_changed_fields_and_removed() {

@@ -139,17 +139,19 @@ impl Shared {
     }
 
     /// One write of `ops` (see [`FileBackend`]): each op's outcome, or `None` if the
-    /// edited file would not parse and the ops must be written one by one.
+    /// edited file would not parse and the ops must be written one by one. With
+    /// `whole`, nothing is written unless every op can be.
     pub(super) fn write(
         &self,
         ops: &[Op],
+        whole: bool,
     ) -> Result<Option<Vec<Result<(), BackendError>>>, Failure> {
         let (mut gate, mut base) = self.gated()?;
         for _ in 0..MAX_REDO {
             let mut batch = Batch::new(&base);
             let outcomes: Vec<Result<(), BackendError>> =
                 ops.iter().map(|op| batch.apply(op)).collect();
-            if batch.changed.is_empty() {
+            if batch.changed.is_empty() || (whole && outcomes.iter().any(Result::is_err)) {
                 return Ok(Some(outcomes));
             }
             let Some(next) = batch.render(&self.path) else {

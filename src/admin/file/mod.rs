@@ -178,6 +178,63 @@ impl FileBackend {
         })
     }
 
+    /// Writes `keys` (each a new key, or the new version of the key `read` holds
+    /// under its id) and removes `removed`, in one write of the file as it is now,
+    /// all or nothing: each id must still hold what `read` (the keys a plan was made
+    /// from) says, else nothing is written and the error names the first id that
+    /// moved ([`BackendError::Conflict`]). Entries and comments the change does not
+    /// touch stay byte for byte, so a hand edit saved meanwhile to another key is
+    /// kept, never written over with what was read.
+    #[cfg(feature = "cli")]
+    pub(crate) async fn change_many(
+        &self,
+        keys: &[ApiKey],
+        removed: &[String],
+        read: &std::collections::HashMap<&str, &ApiKey>,
+    ) -> Result<(), BackendError> {
+        use super::record_etag;
+        let etag = |id: &str| read.get(id).map(|old| record_etag(old));
+        let ops: Vec<Op> = keys
+            .iter()
+            .map(|key| match etag(key.id()) {
+                Some(etag) => Op::Update(key.clone(), Some(etag)),
+                None => Op::Create(key.clone()),
+            })
+            .chain(removed.iter().map(|id| Op::Delete(id.clone(), etag(id))))
+            .collect();
+        let shared = self.shared.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let written = shared.write(&ops, true);
+            (written, ops)
+        })
+        .await;
+        let (written, ops) = written.map_err(|e| BackendError::Unavailable(Box::new(e)))?;
+        let outcomes = match written {
+            Ok(Some(outcomes)) => outcomes,
+            Ok(None) => {
+                return Err(BackendError::Unavailable(Said::only(
+                    "the key file would not parse with these changes; nothing was written",
+                )));
+            }
+            Err(failure) => return Err(self.shared.failed(&failure)),
+        };
+        for (op, outcome) in ops.iter().zip(outcomes) {
+            let id = match op {
+                Op::Create(key) | Op::Update(key, _) => key.id(),
+                Op::Delete(id, _) => id,
+                Op::Rotate { old, .. } => old.id(),
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(BackendError::PreconditionFailed | BackendError::NotFound) => {
+                    return Err(BackendError::Conflict(id.to_owned()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the file (settled, as a write would) and looks at its keys.
     async fn read<T: Send + 'static>(
         &self,
@@ -269,11 +326,11 @@ impl Shared {
     /// Writes `ops` in one write, or, if their file would not parse together, one by
     /// one (so that only the faulty one fails).
     fn commit(&self, ops: &[Op]) -> Vec<Result<(), BackendError>> {
-        let outcomes = match self.write(ops) {
+        let outcomes = match self.write(ops, false) {
             Ok(Some(outcomes)) => Ok(outcomes),
             Ok(None) => Ok(ops
                 .iter()
-                .map(|op| match self.write(std::slice::from_ref(op)) {
+                .map(|op| match self.write(std::slice::from_ref(op), false) {
                     Ok(Some(mut one)) => one.pop().unwrap_or(Ok(())),
                     Ok(None) => Err(BackendError::Unavailable(Said::only(
                         "the key file would not parse with this change",
