@@ -199,6 +199,44 @@ async fn an_invalid_file_is_kept_out_and_says_why() {
     assert_eq!(f.status("new-key").await, 200);
 }
 
+/// A writer that pauses mid-file (a slow link, a script between two writes) with the
+/// file still open: what it has written so far is a valid key file without the keys
+/// still to come, and is never applied, even after the poll interval (5 s). A tester
+/// saw 1,039 valid requests refused when the pause was 7 s.
+#[tokio::test]
+async fn a_write_in_place_that_pauses_is_waited_for() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    fs::write(&path, toml(&[("a", "a-key"), ("b", "b-key")])).unwrap();
+    let layer = ApiKeyLayer::try_new(FileSource::new(&path)).unwrap();
+    let addr = serve(app(layer)).await;
+    let mut file = fs::File::create(&path).unwrap();
+    file.write_all(toml(&[("a", "a-key")]).as_bytes()).unwrap();
+    file.flush().unwrap();
+    let paused = std::time::Instant::now();
+    while paused.elapsed() < Duration::from_secs(7) {
+        assert_eq!(
+            get_with(addr, "/", Some("b-key")).await.0,
+            200,
+            "a half-written file was applied after {:?}",
+            paused.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    file.write_all(toml(&[("c", "c-key")]).as_bytes()).unwrap();
+    drop(file);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while get_with(addr, "/", Some("c-key")).await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the whole file was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get_with(addr, "/", Some("b-key")).await.0, 401);
+}
+
 #[tokio::test]
 async fn a_zero_byte_file_is_a_write_in_progress() {
     let mut f = fixture(false, plain_file).await;

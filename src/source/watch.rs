@@ -58,6 +58,10 @@ impl Default for Options {
     }
 }
 
+/// How long a write in place may stay open with nothing more written before the
+/// file is read anyway (or the poll interval, if longer).
+const WRITE_PATIENCE: Duration = Duration::from_secs(30);
+
 pub(crate) type Parser = Box<dyn Fn(&Path, &[u8]) -> Result<KeySet, Error> + Send>;
 
 /// Watches `path` from a new thread until the store is dropped. `loaded` is the hash of
@@ -102,6 +106,7 @@ pub(crate) fn spawn_linked(
         forget: false,
         last_error: None,
         writing: None,
+        wrote: false,
         empty: None,
         tx,
     };
@@ -145,9 +150,12 @@ struct Watch {
     forget: bool,
     /// The last read error reported, so a missing file is reported once, not per poll.
     last_error: Option<io::ErrorKind>,
-    /// Since when the file has been written in place without the writer closing it:
-    /// its content is not read until the writer is done.
+    /// When the file, written in place and not closed by its writer, was last
+    /// written: its content is not read until the writer is done.
     writing: Option<Instant>,
+    /// Whether data was written in place since the file was last complete: such a
+    /// write is waited for longer ([`WRITE_PATIENCE`]).
+    wrote: bool,
     /// Since when the file has been empty, and whether that has been reported.
     empty: Option<(Instant, bool)>,
     /// Where the file-system watcher sends its signals.
@@ -158,8 +166,11 @@ enum Signal {
     /// The file was replaced whole (renamed over, deleted, created through a symlink
     /// swap) or a writer closed it: its content is complete.
     Changed,
-    /// The file was written in place (or created) and the writer may still be at it.
-    Writing,
+    /// The file was written in place (`data`), or created, and the writer may still
+    /// be at it.
+    Writing {
+        data: bool,
+    },
     WatcherFailed,
     /// The store is gone.
     Closed,
@@ -172,6 +183,8 @@ struct Burst {
     watcher_failed: bool,
     /// Whether the file's last news is a write not yet closed.
     writing: bool,
+    /// Whether data was written in place since the file was last complete.
+    wrote: bool,
 }
 
 impl Watch {
@@ -200,21 +213,41 @@ impl Watch {
             }
             match burst {
                 // Written in place, not closed yet: never read a prefix mid-write.
-                Some(Burst { writing: true, .. }) => {
-                    self.writing.get_or_insert_with(Instant::now);
+                Some(Burst {
+                    writing: true,
+                    wrote,
+                    ..
+                }) => {
+                    self.writing = Some(Instant::now());
+                    self.wrote |= wrote;
                 }
                 // Complete: replaced whole, or closed by its writer.
                 Some(_) => {
-                    self.writing = None;
+                    (self.writing, self.wrote) = (None, false);
                     self.check(false);
                 }
-                // A write left open past the poll interval (or 2 s): read it once two
-                // reads a debounce apart agree.
+                // A write in place left open with nothing written for a long while
+                // (a writer that never closes): read it once two reads a debounce
+                // apart agree. A writer that pauses mid-file (a slow link, a script
+                // between two `echo`s) closes well before that: reading the prefix
+                // it left would drop the keys, or the `disabled = true`, still to come.
+                // A name created with nothing written to it (a directory, a link, a
+                // FIFO) is looked at after 2 s.
                 None if self.writing.is_some() => match self.writing {
-                    Some(since)
-                        if since.elapsed() < self.options.poll.max(Duration::from_secs(2)) => {}
+                    Some(since) if since.elapsed() < self.patience() => {}
                     _ => {
                         self.writing = None;
+                        #[cfg(feature = "tracing")]
+                        if std::mem::take(&mut self.wrote) {
+                            tracing::warn!(
+                                target: "tower_api_key::reload",
+                                source = %self.updater.source_name(),
+                                "the key file was written in place and left open, unchanged, \
+                                 for {} s; reading it as it is",
+                                self.options.poll.max(WRITE_PATIENCE).as_secs()
+                            );
+                        }
+                        self.wrote = false;
                         self.check(true);
                     }
                 },
@@ -237,8 +270,11 @@ impl Watch {
                     return burst;
                 }
                 Signal::WatcherFailed => burst.watcher_failed = true,
-                Signal::Changed => burst.writing = false,
-                Signal::Writing => burst.writing = true,
+                Signal::Changed => (burst.writing, burst.wrote) = (false, false),
+                Signal::Writing { data } => {
+                    burst.writing = true;
+                    burst.wrote |= data;
+                }
             }
             if Instant::now() >= deadline {
                 break;
@@ -285,12 +321,10 @@ impl Watch {
                             }
                             EventKind::Access(_) => return,
                             // Written in place, or created: more may follow.
-                            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any)
-                            | EventKind::Create(_)
-                                if ours =>
-                            {
-                                Signal::Writing
+                            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) if ours => {
+                                Signal::Writing { data: true }
                             }
+                            EventKind::Create(_) if ours => Signal::Writing { data: false },
                             _ => Signal::Changed,
                         }
                     }
@@ -299,7 +333,7 @@ impl Watch {
             };
             // Told to the file's writers at once: a write in place is open, or done.
             match signal {
-                Signal::Writing => link.note_open_write(true),
+                Signal::Writing { .. } => link.note_open_write(true),
                 Signal::Changed => link.note_open_write(false),
                 _ => {}
             }
@@ -308,6 +342,15 @@ impl Watch {
         let mut watcher = notify::recommended_watcher(handler).ok()?;
         watcher.watch(&dir, RecursiveMode::NonRecursive).ok()?;
         Some(watcher)
+    }
+
+    /// How long a write in place left open is waited for, with nothing more written.
+    fn patience(&self) -> Duration {
+        let patience = match self.wrote {
+            true => WRITE_PATIENCE,
+            false => Duration::from_secs(2),
+        };
+        self.options.poll.max(patience)
     }
 
     /// A poll: reads the file only if its stamp moved since it was last read (or
