@@ -251,7 +251,13 @@ fn instant(id: &str, field: &str, dt: &Datetime) -> Result<SystemTime, Error> {
         )
     })();
     let at = nanos.and_then(|n| {
-        let since = Duration::from_nanos(u64::try_from(n.unsigned_abs()).ok()?);
+        // Whole seconds and the rest: a `u64` of nanoseconds ends in 2554, and the
+        // writer writes instants up to the year 9999.
+        let (secs, nanos) = (
+            n.unsigned_abs() / 1_000_000_000,
+            n.unsigned_abs() % 1_000_000_000,
+        );
+        let since = Duration::new(u64::try_from(secs).ok()?, u32::try_from(nanos).ok()?);
         match n >= 0 {
             true => UNIX_EPOCH.checked_add(since),
             false => UNIX_EPOCH.checked_sub(since),
@@ -355,6 +361,18 @@ sha256 = "{HASH}"
         assert_eq!(a.created_by(), Some("ops-admin"));
         assert_eq!(a.rotated_from(), Some("a-2026-10"));
         assert_eq!(set.get("b").unwrap().digest, KeyDigest::of(b"s3cr3t"));
+    }
+
+    /// The writer writes instants up to the year 9999; they are read back, not
+    /// refused past 2554 (where a `u64` of nanoseconds ends).
+    #[test]
+    fn instants_up_to_the_year_9999_are_read() {
+        for at in ["2554-07-21T23:34:34Z", "9999-12-31T23:59:59.999Z"] {
+            let text = format!("[[keys]]\nid = \"a\"\nsecret = \"x\"\nexpires_at = {at}\n");
+            let set = parse(Path::new("k"), text.as_bytes()).unwrap();
+            let expires = set.get("a").unwrap().expires_at().unwrap();
+            assert_eq!(crate::clock::rfc3339(expires), at);
+        }
     }
 
     #[test]
