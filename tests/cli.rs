@@ -343,6 +343,10 @@ fn generate_gives_the_secret_once_and_an_entry_with_only_its_digest() {
     let file = dir.path().join("keys.toml");
     fs::write(&file, &r.out).unwrap();
     run(&["check", p(&file)]).code(0);
+    // Appended (`>> keys.toml`) to a file whose last line has no newline, it starts
+    // a line of its own.
+    fs::write(&file, format!("{}{}", ROOT.trim_end(), r.out)).unwrap();
+    run(&["check", p(&file)]).code(0);
 
     // Never over an existing file.
     run(&["generate", "acme", "ci", "--secret-file", p(&secret_file)])
