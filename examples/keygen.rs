@@ -16,7 +16,7 @@ fn main() {
                 "key (give it to the client, it is not stored anywhere):\n\n  {}\n",
                 key.secret()
             );
-            println!("key-file entry:\n\n{}", key.toml_entry(&id));
+            println!("key-file entry:\n{}", key.toml_entry(&id));
         }
         Err(error) => {
             eprintln!("keygen: {error}");

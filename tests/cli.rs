@@ -343,6 +343,10 @@ fn generate_gives_the_secret_once_and_an_entry_with_only_its_digest() {
     let file = dir.path().join("keys.toml");
     fs::write(&file, &r.out).unwrap();
     run(&["check", p(&file)]).code(0);
+    // Appended (`>> keys.toml`) to a file whose last line has no newline, it starts
+    // a line of its own.
+    fs::write(&file, format!("{}{}", ROOT.trim_end(), r.out)).unwrap();
+    run(&["check", p(&file)]).code(0);
 
     // Never over an existing file.
     run(&["generate", "acme", "ci", "--secret-file", p(&secret_file)])
@@ -359,6 +363,50 @@ fn generate_gives_the_secret_once_and_an_entry_with_only_its_digest() {
         .code(0)
         .json();
     assert_eq!(doc["sha256"], sha256_hex(doc["key"].as_str().unwrap()));
+}
+
+/// A key file over 4 MiB, as the crate writes one (the file backend's edits, an
+/// export, a snapshot), with a key whose strings need escapes and one with limits:
+/// `check` takes it. The general TOML parser never reads a file this large.
+#[test]
+fn check_takes_a_large_file_the_crate_wrote_with_escapes_and_limits() {
+    use tower_api_key::{
+        ApiKey, KeySet,
+        limit::{Quota, QuotaPeriod, RateLimit},
+    };
+    let mut keys: Vec<ApiKey> = (0..45_000)
+        .map(|i| ApiKey::new(format!("key-{i:05}"), format!("secret-{i:05}")))
+        .collect();
+    keys.push(
+        ApiKey::new("partner", "partner-secret")
+            .with_description(r#"the "partner" key, see C:\docs"#)
+            .with_owner("ops\tteam ✓")
+            .with_rate_limit(RateLimit::new("burst", 100, Duration::from_secs(1)))
+            .with_quota(Quota::new(1_000_000, QuotaPeriod::Month)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    KeySet::from_keys(keys).unwrap().write_file(&file).unwrap();
+    assert!(fs::metadata(&file).unwrap().len() > 4 << 20);
+    let r = run(&["check", p(&file)]).code(0);
+    assert!(r.err.is_empty(), "{}", r.err);
+    let set = tower_api_key::FileSource::parse(&file, &fs::read(&file).unwrap()).unwrap();
+    let partner = set.get("partner").unwrap();
+    assert_eq!(
+        partner.description(),
+        Some(r#"the "partner" key, see C:\docs"#)
+    );
+    assert_eq!(partner.rate_limits().len(), 1);
+
+    // A line the fast reader does not take is named, and what in it, never a value.
+    let mut text = fs::read_to_string(&file).unwrap();
+    text.push_str("\n[[keys]]\nid = \"late\"\nsecret = \"\"\"p4ssw0rd\"\"\"\n");
+    fs::write(&file, &text).unwrap();
+    let r = run(&["check", p(&file)]).code(1);
+    let line = text.lines().count();
+    assert!(r.err.contains(&format!("keys.toml:{line}:")), "{}", r.err);
+    assert!(r.err.contains("a multi-line string"), "{}", r.err);
+    assert!(!r.err.contains("p4ssw0rd"), "{}", r.err);
 }
 
 #[test]

@@ -369,3 +369,38 @@ async fn a_file_refused_for_a_channel_s_key_applies_once_the_channel_lets_go() {
     );
     assert_eq!(get_with(addr, "/", Some("both-key")).await.0, 200);
 }
+
+/// A key file over 4 MiB, rewritten by the crate's writer with a key whose
+/// description needs escapes, is applied; so is the next edit by hand (a key
+/// revoked), which a refused file used to keep out.
+#[tokio::test]
+async fn a_large_file_the_crate_wrote_with_escapes_reloads() {
+    use tower_api_key::{ApiKey, KeySet};
+    let mut f = fixture(true, plain_file).await;
+    let mut keys: Vec<ApiKey> = (0..45_000)
+        .map(|i| ApiKey::new(format!("key-{i:05}"), format!("secret-{i:05}")))
+        .collect();
+    keys.push(ApiKey::new("old", "old-key"));
+    keys.push(
+        ApiKey::new("partner", "partner-key").with_description(r#"the "partner" key, see C:\docs"#),
+    );
+    KeySet::from_keys(keys)
+        .unwrap()
+        .write_file(&f.path)
+        .unwrap();
+    assert!(fs::metadata(&f.path).unwrap().len() > 4 << 20);
+    f.applied("the large file").await;
+    assert_eq!(f.status("partner-key").await, 200);
+    assert_eq!(
+        f.store.get("partner").unwrap().description(),
+        Some(r#"the "partner" key, see C:\docs"#)
+    );
+    // Revoked by hand: the `old` table taken out of the file the crate wrote.
+    let text = fs::read_to_string(&f.path).unwrap();
+    let start = text.find("[[keys]]\nid = \"old\"").unwrap();
+    let end = start + text[start + 1..].find("[[keys]]").unwrap() + 1;
+    fs::write(&f.path, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    let report = f.applied("the revocation").await;
+    assert_eq!(report.removed(), vec!["old"]);
+    assert_eq!(f.status("old-key").await, 401);
+}

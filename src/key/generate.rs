@@ -35,6 +35,7 @@ const CHECKSUM_CHARS: usize = 6;
 ///
 /// // The entry to paste into the key file holds only the digest.
 /// let entry = key.toml_entry("acme-ci-2026-11");
+/// assert!(entry.starts_with("\n[[keys]]\nid = \"acme-ci-2026-11\"\n"));
 /// assert!(entry.contains(&key.sha256_hex()));
 /// assert!(!entry.contains(key.secret()));
 /// # Ok::<(), tower_api_key::Error>(())
@@ -136,10 +137,14 @@ impl GeneratedKey {
         ApiKey::new(id, self.secret.as_bytes())
     }
 
-    /// A `[[keys]]` entry for the key file, holding the digest only.
+    /// A `[[keys]]` entry for the key file, holding the digest only. It starts with a
+    /// newline, so that appended to a key file (`>> keys.toml`) whose last line has
+    /// no newline of its own, it starts a line rather than ending that one; and
+    /// ends with one.
     pub fn toml_entry(&self, id: &str) -> String {
         let digest = KeyDigest::of(self.secret.as_bytes());
-        crate::source::key_file::write::entry(&ApiKey::from_digest(id.into(), digest))
+        let entry = crate::source::key_file::write::entry(&ApiKey::from_digest(id.into(), digest));
+        format!("\n{entry}")
     }
 }
 

@@ -1,5 +1,6 @@
-//! The key file's format: TOML, read by the general parser or, for files in the plain
-//! style large generated files use, by a fast path that accepts exactly the same.
+//! The key file's format: TOML, read by the general parser or, for files in the style
+//! the crate's writer writes (and large files use), by a fast path that accepts
+//! exactly the same. Files over 4 MiB are read by the fast path alone.
 
 use std::{
     path::Path,
@@ -18,7 +19,12 @@ use crate::{
 
 /// Parses key-file content; `path` is only used in errors.
 pub(crate) fn parse(path: &Path, content: &[u8]) -> Result<KeySet, Error> {
-    parse_bytes(content).map_err(|(error, offset)| {
+    parse_with(path, content, GENERAL_MAX)
+}
+
+/// As [`parse`], with files over `general_max` bytes read by the fast path alone.
+fn parse_with(path: &Path, content: &[u8], general_max: usize) -> Result<KeySet, Error> {
+    parse_bytes(content, general_max).map_err(|(error, offset)| {
         let line = offset.map(|at| line_of(content, at));
         error.in_file(path, line)
     })
@@ -75,32 +81,33 @@ struct QuotaEntry<S> {
 }
 
 /// Parses a key file; on error, the byte offset it points at, where known.
-fn parse_bytes(content: &[u8]) -> Result<KeySet, (Error, Option<usize>)> {
+fn parse_bytes(content: &[u8], general_max: usize) -> Result<KeySet, (Error, Option<usize>)> {
     let text = std::str::from_utf8(content).map_err(|e| {
         let reason = "the file is not valid UTF-8".to_owned();
         (Error::Parse { reason }, Some(e.valid_up_to()))
     })?;
-    let mut declined_at = 0;
-    match simple::parse_at(text, &mut declined_at) {
-        Some(parsed) => parsed,
+    match simple::parse_at(text) {
+        Ok(parsed) => parsed,
         // The general parser needs several times a file's size in memory, whatever
-        // the file holds: only small files get it.
-        None if text.len() > GENERAL_MAX => {
+        // the file holds: only small files get it. The line is named and what in it
+        // is not read, never its value (which may be a secret).
+        Err(declined) if text.len() > general_max => {
             let reason = format!(
-                "a key file over {} MiB must be in the plain style (`[[keys]]` tables of \
-                 one `field = value` per line, double-quoted strings without escapes); \
-                 this line is not",
-                GENERAL_MAX >> 20
+                "a key file over {} MiB is read by the fast reader only, which does not \
+                 take {} (write the line as the crate's writer does: one `field = value` \
+                 per line in `[[keys]]` tables)",
+                GENERAL_MAX >> 20,
+                declined.what
             );
-            Err((Error::Parse { reason }, Some(declined_at)))
+            Err((Error::Parse { reason }, Some(declined.at)))
         }
-        None => general(text),
+        Err(_) => general(text),
     }
 }
 
 /// The largest file handed to the general TOML parser, which takes about seven times
-/// a file's size in memory. Large files are generated, and generated in the plain
-/// style the fast path reads.
+/// a file's size in memory. Larger files are read by the fast path alone, which
+/// reads whatever the crate's writer writes.
 const GENERAL_MAX: usize = 4 << 20;
 
 /// Parses with the general TOML parser.
@@ -122,208 +129,7 @@ fn general(text: &str) -> Result<KeySet, (Error, Option<usize>)> {
     Ok(set)
 }
 
-/// A fast path for key files written in the plain style this crate documents (and
-/// large generated files use): one `key = value` per line, basic strings without
-/// escapes, booleans, string arrays, datetimes. It reads a million keys several
-/// times faster than the general TOML parser. Anything outside that subset goes to
-/// the general parser; a file inside it is accepted, or refused with the error and
-/// line, exactly as the general parser would.
-mod simple {
-    use super::{KeyEntry, KeySet};
-    use crate::Error;
-    use toml::value::Datetime;
-
-    /// Parses `text` if every line of it is in the subset; `None` otherwise. A file in
-    /// the subset that fails validation gets the error, and the offset of the
-    /// `[[keys]]` line, the general parser would give: no second parse of a large
-    /// refused file.
-    #[cfg(test)]
-    pub(super) fn parse(text: &str) -> Option<Result<KeySet, (Error, Option<usize>)>> {
-        parse_at(text, &mut 0)
-    }
-
-    /// As [`parse`]; `at` is left at the offset of the line that was declined.
-    pub(super) fn parse_at(
-        text: &str,
-        declined_at: &mut usize,
-    ) -> Option<Result<KeySet, (Error, Option<usize>)>> {
-        // The keys, and where each starts, up to the first that does not make a key:
-        // the set is built from them at the end, in one go.
-        let mut keys = Vec::with_capacity(text.len() / 100);
-        let mut starts = Vec::with_capacity(text.len() / 100);
-        let mut first_error = None;
-        let mut add = |entry: Partial, at: usize| -> Option<()> {
-            let entry = entry.finish()?;
-            if first_error.is_none() {
-                match entry.into_key() {
-                    Ok(key) => {
-                        keys.push(key);
-                        starts.push(at);
-                    }
-                    // Keep reading: a line further down outside the subset means the
-                    // general parser, which reports a syntax error before any other.
-                    Err(error) => first_error = Some((error, Some(at))),
-                }
-            }
-            Some(())
-        };
-        let mut current: Option<(Partial, usize)> = None;
-        // `lines` ends a line at LF or CRLF, as TOML does; a CR anywhere else, or a
-        // control character in a comment, is something TOML refuses: decline.
-        for line in text.lines() {
-            if line.contains('\r') {
-                return None;
-            }
-            let at = line.as_ptr() as usize - text.as_ptr() as usize;
-            *declined_at = at;
-            let line = trim(line);
-            if line.is_empty() {
-                continue;
-            }
-            if let Some(comment) = line.strip_prefix('#') {
-                if comment
-                    .bytes()
-                    .any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
-                {
-                    return None;
-                }
-                continue;
-            }
-            if line == "[[keys]]" {
-                if let Some((done, started)) = current.take() {
-                    add(done, started)?;
-                }
-                current = Some((Partial::default(), at));
-                continue;
-            }
-            let (name, value) = line.split_once('=')?;
-            current.as_mut()?.0.set(trim(name), trim(value))?;
-        }
-        if let Some((done, started)) = current {
-            add(done, started)?;
-        }
-        Some(match (KeySet::build(keys), first_error) {
-            // Every key built comes before the entry that failed: its fault is first.
-            (Err((error, i)), _) => Err((error, starts.get(i).copied())),
-            (Ok(_), Some(error)) => Err(error),
-            (Ok(set), None) => Ok(set),
-        })
-    }
-
-    /// TOML's whitespace: space and tab, nothing else.
-    fn trim(s: &str) -> &str {
-        s.trim_matches([' ', '\t'])
-    }
-
-    /// The fields read so far, borrowed from the file's text (which the caller zeroes).
-    #[derive(Default)]
-    struct Partial<'a> {
-        id: Option<&'a str>,
-        secret: Option<&'a str>,
-        sha256: Option<&'a str>,
-        scopes: Option<Vec<&'a str>>,
-        tenant: Option<&'a str>,
-        owner: Option<&'a str>,
-        description: Option<&'a str>,
-        not_before: Option<Datetime>,
-        expires_at: Option<Datetime>,
-        disabled: Option<bool>,
-        created_at: Option<Datetime>,
-        created_by: Option<&'a str>,
-        rotated_from: Option<&'a str>,
-    }
-
-    impl<'a> Partial<'a> {
-        /// Sets one field; `None` if the line is outside the subset (an unknown or
-        /// repeated field, a value of another shape).
-        fn set(&mut self, name: &str, value: &'a str) -> Option<()> {
-            fn put<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
-                if slot.is_some() {
-                    return None;
-                }
-                *slot = Some(value?);
-                Some(())
-            }
-            match name {
-                "id" => put(&mut self.id, string(value)),
-                "secret" => put(&mut self.secret, string(value)),
-                "sha256" => put(&mut self.sha256, string(value)),
-                "scopes" => put(&mut self.scopes, strings(value)),
-                "tenant" => put(&mut self.tenant, string(value)),
-                "owner" => put(&mut self.owner, string(value)),
-                "description" => put(&mut self.description, string(value)),
-                "created_at" => put(&mut self.created_at, datetime(value)),
-                "created_by" => put(&mut self.created_by, string(value)),
-                "rotated_from" => put(&mut self.rotated_from, string(value)),
-                "not_before" => put(&mut self.not_before, datetime(value)),
-                "expires_at" => put(&mut self.expires_at, datetime(value)),
-                "disabled" => put(
-                    &mut self.disabled,
-                    match value {
-                        "true" => Some(true),
-                        "false" => Some(false),
-                        _ => None,
-                    },
-                ),
-                _ => None,
-            }
-        }
-
-        fn finish(self) -> Option<KeyEntry<&'a str, &'a str>> {
-            Some(KeyEntry {
-                id: self.id?,
-                secret: self.secret,
-                sha256: self.sha256,
-                scopes: self.scopes.unwrap_or_default(),
-                tenant: self.tenant,
-                owner: self.owner,
-                description: self.description,
-                not_before: self.not_before,
-                expires_at: self.expires_at,
-                disabled: self.disabled.unwrap_or(false),
-                created_at: self.created_at,
-                created_by: self.created_by,
-                rotated_from: self.rotated_from,
-                // Limits are inline tables: the general parser reads them.
-                rate_limits: Vec::new(),
-                quota: None,
-                allowed_ips: None,
-            })
-        }
-    }
-
-    /// A TOML basic string with no escapes and none of the control characters TOML
-    /// forbids in one.
-    fn string(value: &str) -> Option<&str> {
-        let inner = value.strip_prefix('"')?.strip_suffix('"')?;
-        // TOML forbids U+0000..=U+001F (but tab) and U+007F in basic strings; the
-        // text is valid UTF-8 already, so bytes are enough.
-        let plain = inner
-            .bytes()
-            .all(|b| b != b'"' && b != b'\\' && (b == b'\t' || (b >= 0x20 && b != 0x7f)));
-        plain.then_some(inner)
-    }
-
-    /// An inline array of such strings.
-    fn strings(value: &str) -> Option<Vec<&str>> {
-        let inner = trim(value.strip_prefix('[')?.strip_suffix(']')?);
-        if inner.is_empty() {
-            return Some(Vec::new());
-        }
-        inner.split(',').map(|s| string(trim(s))).collect()
-    }
-
-    /// A datetime, only in the plain `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)` shape.
-    fn datetime(value: &str) -> Option<Datetime> {
-        let plain = value
-            .bytes()
-            .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b':' | b'T' | b'Z' | b'.' | b'+'));
-        if !plain {
-            return None;
-        }
-        value.parse().ok()
-    }
-}
+mod simple;
 
 impl<S, T> KeyEntry<S, T>
 where
@@ -452,7 +258,13 @@ fn instant(id: &str, field: &str, dt: &Datetime) -> Result<SystemTime, Error> {
         )
     })();
     let at = nanos.and_then(|n| {
-        let since = Duration::from_nanos(u64::try_from(n.unsigned_abs()).ok()?);
+        // Whole seconds and the rest: a `u64` of nanoseconds ends in 2554, and the
+        // writer writes instants up to the year 9999.
+        let (secs, nanos) = (
+            n.unsigned_abs() / 1_000_000_000,
+            n.unsigned_abs() % 1_000_000_000,
+        );
+        let since = Duration::new(u64::try_from(secs).ok()?, u32::try_from(nanos).ok()?);
         match n >= 0 {
             true => UNIX_EPOCH.checked_add(since),
             false => UNIX_EPOCH.checked_sub(since),
@@ -558,6 +370,18 @@ sha256 = "{HASH}"
         assert_eq!(set.get("b").unwrap().digest, KeyDigest::of(b"s3cr3t"));
     }
 
+    /// The writer writes instants up to the year 9999; they are read back, not
+    /// refused past 2554 (where a `u64` of nanoseconds ends).
+    #[test]
+    fn instants_up_to_the_year_9999_are_read() {
+        for at in ["2554-07-21T23:34:34Z", "9999-12-31T23:59:59.999Z"] {
+            let text = format!("[[keys]]\nid = \"a\"\nsecret = \"x\"\nexpires_at = {at}\n");
+            let set = parse(Path::new("k"), text.as_bytes()).unwrap();
+            let expires = set.get("a").unwrap().expires_at().unwrap();
+            assert_eq!(crate::clock::rfc3339(expires), at);
+        }
+    }
+
     #[test]
     fn limits_are_read_and_bad_ones_refused_naming_file_line_field_and_key() {
         let set = parse(
@@ -658,6 +482,17 @@ allowed_ips = ["203.0.113.0/24", "2001:db8::/32"]
              not_before = 2026-11-01T00:00:00Z\nexpires_at = 2026-12-01T01:00:00.250+01:00\n\n\
              [[keys]]\nid = \"c\"\nsecret = \"x\"\nscopes = []\n"
                 .to_owned(),
+            // What the writer writes, and what hand-kept files hold besides.
+            "[[ keys ]] # by hand\nid = \"the-\\\"partner\\\"\" # c\n\
+             secret = \"p\\\\s\\u00e9\\U0001F600\\x41\"\ntenant = \"\\e\\b\\f\\n\\r\\t\"\n\
+             description = 'C:\\docs \"q\"'\nscopes = [ \"a\\\"b\" , 'c' , ]\n\
+             owner = \"\\u0000\\u007F\"\nexpires_at = 2600-01-01T00:00Z\n\
+             rate_limits = [{ name = \"burst\", requests = 100, per = \"1s\" }, \
+             { name = \"day\", requests = 86400000, per = \"1d\" }]\n\
+             quota = {per = \"month\",requests = 1000000}\n\
+             allowed_ips = [\"203.0.113.0/24\", \"2001:db8::/32\"]\n"
+                .to_owned(),
+            "keys = [ ] # none\n".to_owned(),
         ];
         for file in files {
             let fast = simple::parse(&file)
@@ -672,19 +507,144 @@ allowed_ips = ["203.0.113.0/24", "2001:db8::/32"]
         }
     }
 
+    /// What the fast path does not read, and what it says of it: the construct, never
+    /// anything from the line.
     #[test]
     fn fast_path_declines_what_it_does_not_know() {
-        for file in [
-            "keys = []",
-            "[[keys]]\nid = \"a\" # comment\nsecret = \"x\"",
-            "[[keys]]\nid = 'a'\nsecret = \"x\"",
-            "[[keys]]\nid = \"a\\u0041\"\nsecret = \"x\"",
-            "[[keys]]\nid = \"a\"\nid = \"b\"\nsecret = \"x\"",
-            "[[keys]]\nid = \"a\"\nsecret = \"x\"\nextra = \"y\"",
-            "[[keys]]\nsecret = \"x\"",
-            "id = \"a\"",
+        for (file, says) in [
+            ("keys = [\"a\"]", "a `keys` list that is not empty"),
+            ("keys = []\nkeys = []", "a field outside a `[[keys]]` table"),
+            (
+                "keys = []\n[[keys]]\nid = \"a\"",
+                "a `[[keys]]` table after `keys = []`",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nkeys = []",
+                "a field a key does not have",
+            ),
+            ("id = \"a\"", "a field outside a `[[keys]]` table"),
+            ("[keys]\nid = \"a\"", "a table other than `[[keys]]`"),
+            ("[[keys.x]]\nid = \"a\"", "a table other than `[[keys]]`"),
+            ("[[keys]] x", "something after the value"),
+            (
+                "[[keys]]\nid = \"a\"\nid = \"b\"\nsecret = \"x\"",
+                "given twice",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nsecret = \"x\"\nextra = \"y\"",
+                "a field a key does not have",
+            ),
+            ("[[keys]]\nsecret = \"x\"", "without an `id`"),
+            ("[[keys]]\n\"id\" = \"a\"", "quoted or dotted field name"),
+            ("[[keys]]\nid.x = \"a\"", "a dotted field name"),
+            ("[[keys]]\nid = \"a\" \"b\"", "something after the value"),
+            ("[[keys]]\nid = \"\"\"a\"\"\"", "a multi-line string"),
+            ("[[keys]]\nid = '''a'''", "a multi-line string"),
+            ("[[keys]]\nid = \"a", "does not end on its line"),
+            ("[[keys]]\nid = \"a\\", "does not end on its line"),
+            ("[[keys]]\nid = 'a", "does not end on its line"),
+            ("[[keys]]\nid = \"a\\q\"", "an escape TOML does not have"),
+            ("[[keys]]\nid = \"a\\ \"", "an escape TOML does not have"),
+            ("[[keys]]\nid = \"a\\u00\"", "too few hexadecimal digits"),
+            ("[[keys]]\nid = \"a\\u+041\"", "too few hexadecimal digits"),
+            ("[[keys]]\nid = \"a\\x4\"", "too few hexadecimal digits"),
+            ("[[keys]]\nid = \"a\\uD800\"", "not a Unicode scalar value"),
+            (
+                "[[keys]]\nid = \"a\\U00110000\"",
+                "not a Unicode scalar value",
+            ),
+            (
+                "[[keys]]\nid = \"a\u{1}\"",
+                "a control character in a string",
+            ),
+            (
+                "[[keys]]\nid = \"a\u{7f}\"",
+                "a control character in a string",
+            ),
+            (
+                "[[keys]]\nid = 'a\u{7f}'",
+                "a control character in a literal string",
+            ),
+            ("[[keys]]\nid = 7", "not a string"),
+            (
+                "[[keys]]\nid = \"a\" # bell\u{7}",
+                "a control character in a comment",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nscopes = [\"a\",",
+                "an array over several lines",
+            ),
+            ("[[keys]]\nid = \"a\"\nscopes = [,]", "not a string"),
+            (
+                "[[keys]]\nid = \"a\"\nscopes = [\"a\" \"b\"]",
+                "other than `,` or `]`",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\ndisabled = truly",
+                "`true` or `false`",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nexpires_at = 2026-12-01 00:00:00Z",
+                "something after the value",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nexpires_at = \"2026-12-01\"",
+                "plain `2026-12-01T00:00:00Z` shape",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nquota = { requests = 1_000, per = \"day\" }",
+                "plain decimal digits",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nquota = { requests = +1, per = \"day\" }",
+                "plain decimal digits",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nquota = { requests = 01, per = \"day\" }",
+                "plain decimal digits",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nquota = { requests = 0x1, per = \"day\" }",
+                "plain decimal digits",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nquota = { requests = 9223372036854775808, per = \"day\" }",
+                "past TOML's range",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nquota = { requests = 1, per = \"day\", }",
+                "quoted or dotted field name",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nquota = { requests = 1 }",
+                "without its `requests` or `per`",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nquota = { requests = 1, per = \"day\", burst = 2 }",
+                "a field a quota does not have",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nquota = { requests = 1,",
+                "an inline table over several lines",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nrate_limits = [{ name = \"b\", per = \"1s\" }]",
+                "without its `name`",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nrate_limits = [{ name = \"b\", requests = 1, per = \"1s\", burst = 3 }]",
+                "a field a rate limit does not have",
+            ),
+            (
+                "[[keys]]\nid = \"a\"\nrate_limits = [",
+                "an array over several lines",
+            ),
         ] {
-            assert!(simple::parse(file).is_none(), "{file:?}");
+            let declined = simple::parse_at(file).err();
+            assert!(
+                declined.is_some_and(|d| d.what.contains(says)),
+                "{file:?}: {declined:?}"
+            );
         }
     }
 
@@ -707,8 +667,10 @@ allowed_ips = ["203.0.113.0/24", "2001:db8::/32"]
         }
     }
 
+    /// Above the limit, only the fast path reads: a line it declines is refused,
+    /// naming the line and what in it is not read, never quoting the line.
     #[test]
-    fn a_large_file_outside_the_plain_style_is_refused_naming_the_line() {
+    fn a_large_file_outside_the_fast_path_is_refused_naming_the_line_and_construct() {
         let mut text = String::new();
         while text.len() <= GENERAL_MAX {
             let i = text.len();
@@ -718,15 +680,81 @@ allowed_ips = ["203.0.113.0/24", "2001:db8::/32"]
             parse(Path::new("k"), text.as_bytes()).is_ok(),
             "plain style: read"
         );
-        text.push_str("[[keys]]\nid = 'quoted'\nsecret = \"x\"\n");
-        let err = parse(Path::new("k"), text.as_bytes())
-            .unwrap_err()
-            .to_string();
-        let line = text.lines().count() - 1;
-        assert!(
-            err.starts_with(&format!("k:{line}: a key file over 4 MiB")),
-            "{err}"
+        for (line, says) in [
+            ("secret = \"\"\"p4ssw0rd-1\"\"\"", "a multi-line string"),
+            ("secret = \"p4ssw0rd-2\\q\"", "an escape TOML does not have"),
+            (
+                "secret = \"p4ssw0rd-3\u{1}\"",
+                "a control character in a string",
+            ),
+            ("p4ssw0rd-4 = \"x\"", "a field a key does not have"),
+            (
+                "secret = p4ssw0rd-5",
+                "a value that is not a string where a string is expected",
+            ),
+        ] {
+            let file = format!("{text}[[keys]]\nid = \"last\"\n{line}\n");
+            let err = parse(Path::new("k"), file.as_bytes())
+                .unwrap_err()
+                .to_string();
+            let n = file.lines().count();
+            let want = format!(
+                "k:{n}: a key file over 4 MiB is read by the fast reader only, which does \
+                 not take {says}"
+            );
+            assert!(err.starts_with(&want), "{err}");
+            assert!(!err.contains("p4ssw0rd"), "{err}");
+        }
+    }
+
+    /// Above the limit, what the crate's writer writes is read back: escapes in any
+    /// string field, the limits' inline tables; and what hand-kept files hold besides.
+    #[test]
+    fn a_large_file_the_writer_wrote_reads_back() {
+        use super::super::write::{entry, file};
+        let special = ApiKey::new("the-partner", "s3cr3t")
+            .with_description(r#"the "partner" key, see C:\docs"#)
+            .with_owner("o'brien\tand \u{1b}[31m red \u{7f} \u{0} ✓ 😀")
+            .with_tenant("t\\n")
+            .with_scopes(["read", r#"a"b"#, r"c\d"])
+            .with_created_by("ops\r\nnewline\u{8}\u{c}")
+            .with_rotated_from("r\"x")
+            .with_created_at(crate::clock::from_unix_ms(1_796_083_200_250))
+            .with_expires_at(crate::clock::from_unix_ms(1_896_083_200_000))
+            .with_disabled(true)
+            .with_rate_limit(RateLimit::new("burst", 100, Duration::from_secs(1)))
+            .with_quota(Quota::new(1_000_000, crate::limit::QuotaPeriod::Month))
+            .with_allowed_ips(["203.0.113.0/24".parse().unwrap()]);
+        let mut keys = vec![special];
+        let mut len = 0;
+        while len <= GENERAL_MAX {
+            let i = keys.len();
+            let key = ApiKey::new(format!("key-{i:06}"), format!("secret-{i}"));
+            len += entry(&key).len() + 1;
+            keys.push(key);
+        }
+        let mut text = file(&keys);
+        assert!(text.len() > GENERAL_MAX);
+        // By hand: a comment, a literal string, a comment after a value, spaces in
+        // the table header.
+        text.push_str(
+            "\n# by hand\n[[ keys ]]  # spaces\nid = 'c:\\literal' # a comment\n\
+             secret = \"hand-secret\"\n",
         );
+        let set = parse(Path::new("big.toml"), text.as_bytes()).unwrap();
+        assert_eq!(set.len(), keys.len() + 1);
+        for key in &keys {
+            let back = set.get(key.id()).unwrap();
+            assert!(back.digest == key.digest);
+            assert_eq!(entry(back), entry(key));
+        }
+        let back = set.get("the-partner").unwrap();
+        assert_eq!(
+            back.description(),
+            Some(r#"the "partner" key, see C:\docs"#)
+        );
+        let hand = set.get(r"c:\literal").unwrap();
+        assert!(hand.digest == KeyDigest::of(b"hand-secret"));
     }
 
     #[test]
@@ -899,17 +927,186 @@ mod properties {
             "[a-z0-9_-]{1,12}".prop_map(|s| format!("\"{s}\"")),
             "[a-z ]{0,6}".prop_map(|s| format!("\"{s}\"")),
             "[a-z]{1,6}".prop_map(|s| format!("'{s}'")),
+            // Basic strings with escapes, good and bad, and what TOML refuses in one.
+            escaped().prop_map(|s| format!("\"{s}\"")),
+            // Literal strings, with what TOML refuses in one.
+            "[a-z\"\\\\# \t\u{1}\u{7f}é]{0,6}".prop_map(|s| format!("'{s}'")),
             Just("\"a\\u0041\"".to_owned()),
             Just("true".to_owned()),
             Just("false".to_owned()),
+            Just("truex".to_owned()),
             Just("[\"read\", \"admin\"]".to_owned()),
+            Just("[ \"r\\\"ead\" ,'a,d]min', ]".to_owned()),
+            Just("[\"a\" \"b\"]".to_owned()),
+            Just("[,]".to_owned()),
+            Just("[\"a\",".to_owned()),
             Just("[]".to_owned()),
+            Just("[\"203.0.113.0/24\", \"2001:db8::/32\"]".to_owned()),
             Just("2026-11-01T00:00:00Z".to_owned()),
             Just("2026-12-01T01:00:00.250+01:00".to_owned()),
             Just("2026-12-01T00:00:00".to_owned()),
+            Just("2026-12-01T00:00Z".to_owned()),
+            Just("2026-12-01 00:00:00Z".to_owned()),
+            Just("2026-12-01t00:00:00z".to_owned()),
             Just("12345678".to_owned()),
             Just("\"4e738ca5563c06cfd0018299933d58db1dd8bf97f6973dc99bf6cdc64b5550bd\"".to_owned()),
+            Just("\"\"\"multi\"\"\"".to_owned()),
+            Just("'''multi'''".to_owned()),
+            (inline_table(), 0..3usize).prop_map(|(t, n)| match n {
+                0 => t,
+                n => format!("[{}]", vec![t; n].join(", ")),
+            }),
+            Just("[{ name = \"a\", requests = 1, per = \"1s\" }, { name = \"b\", requests = 2, per = \"1m\" },]".to_owned()),
         ]
+    }
+
+    /// The inside of a basic string: characters as they are, and escapes, some that
+    /// TOML has and some it has not.
+    fn escaped() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            "[a-z #=,'\\]\\[{}é😀\t]{1,3}",
+            Just("\\\"".to_owned()),
+            Just("\\\\".to_owned()),
+            Just("\\b".to_owned()),
+            Just("\\e".to_owned()),
+            Just("\\f".to_owned()),
+            Just("\\n".to_owned()),
+            Just("\\r".to_owned()),
+            Just("\\t".to_owned()),
+            Just("\\x41".to_owned()),
+            Just("\\xfF".to_owned()),
+            Just("\\x4".to_owned()),
+            Just("\\u00e9".to_owned()),
+            Just("\\u0000".to_owned()),
+            Just("\\u001B".to_owned()),
+            Just("\\uD800".to_owned()),
+            Just("\\u+041".to_owned()),
+            Just("\\U0001F600".to_owned()),
+            Just("\\U00110000".to_owned()),
+            Just("\\q".to_owned()),
+            Just("\\ ".to_owned()),
+            Just("\u{1}".to_owned()),
+            Just("\u{7f}".to_owned()),
+            Just("\"".to_owned()),
+        ];
+        prop::collection::vec(piece, 0..5).prop_map(|p| p.concat())
+    }
+
+    /// A rate limit's or a quota's inline table, as written or not quite.
+    fn inline_table() -> impl Strategy<Value = String> {
+        let field = prop_oneof![
+            Just("name = \"burst\""),
+            Just("name = 'b\\x'"),
+            Just("requests = 100"),
+            Just("requests = 0"),
+            Just("requests = 1_000"),
+            Just("requests = 9223372036854775808"),
+            Just("requests = -1"),
+            Just("per = \"1s\""),
+            Just("per = \"month\""),
+            Just("per = \"day\""),
+            Just("burst = 3"),
+        ];
+        (prop::collection::vec(field, 0..4), any::<bool>()).prop_map(|(fields, comma)| {
+            let comma = if comma && !fields.is_empty() { "," } else { "" };
+            format!("{{ {}{comma} }}", fields.join(", "))
+        })
+    }
+
+    /// Characters a key's strings may hold, the awkward ones often: what TOML escapes,
+    /// what ends a value on the fast path, Unicode, and anything else now and then.
+    fn any_text(visible: bool) -> impl Strategy<Value = String> {
+        let mut awkward = vec![
+            '"', '\\', '\'', '#', '=', ',', '[', ']', '{', '}', 'é', '日', '😀', 'a', 'z', '0', '-',
+        ];
+        if !visible {
+            awkward.extend([
+                ' ', '\t', '\n', '\r', '\u{0}', '\u{8}', '\u{c}', '\u{1b}', '\u{7f}', '\u{202e}',
+            ]);
+        }
+        let c = prop_oneof![
+            4 => prop::sample::select(awkward),
+            1 => any::<char>(),
+        ];
+        prop::collection::vec(c, 0..12).prop_map(String::from_iter)
+    }
+
+    /// An instant the writer writes: to the millisecond, up to the year 9999.
+    fn instant() -> impl Strategy<Value = Option<SystemTime>> {
+        prop::option::of((0u64..253_402_300_800_000).prop_map(crate::clock::from_unix_ms))
+    }
+
+    /// A key with every field the writer writes, each chosen at random.
+    fn any_key() -> impl Strategy<Value = ApiKey> {
+        let text = || prop::option::of(any_text(false));
+        let meta = (
+            any_text(true),
+            prop::collection::vec(any_text(true), 0..3),
+            (text(), text(), text(), text(), text()),
+            (instant(), instant(), instant(), any::<bool>()),
+        );
+        let limits = (
+            prop::collection::vec(
+                ("[a-z0-9_.-]{1,12}", 1u64..1_000_000_000, 1u64..86_400),
+                0..3,
+            ),
+            prop::option::of((1u64..(1 << 40), any::<bool>())),
+            prop::option::of(prop::sample::subsequence(
+                vec!["203.0.113.0/24", "2001:db8::/32", "10.0.0.1/32", "::/0"],
+                1..4,
+            )),
+        );
+        (meta, limits).prop_map(|(meta, limits)| {
+            let (id, scopes, (tenant, owner, description, created_by, rotated_from), times) = meta;
+            let (not_before, expires_at, created_at, disabled) = times;
+            let (rates, quota, nets) = limits;
+            let mut key =
+                ApiKey::new(format!("k{id}"), format!("s3cr3t-{id}")).with_disabled(disabled);
+            if !scopes.is_empty() {
+                key = key.with_scopes(scopes);
+            }
+            let texts = [tenant, owner, description, created_by, rotated_from];
+            let [tenant, owner, description, created_by, rotated_from] = texts;
+            if let Some(s) = tenant {
+                key = key.with_tenant(s);
+            }
+            if let Some(s) = owner {
+                key = key.with_owner(s);
+            }
+            if let Some(s) = description {
+                key = key.with_description(s);
+            }
+            if let Some(s) = created_by {
+                key = key.with_created_by(s);
+            }
+            if let Some(s) = rotated_from {
+                key = key.with_rotated_from(s);
+            }
+            if let Some(at) = not_before {
+                key = key.with_not_before(at);
+            }
+            if let Some(at) = expires_at {
+                key = key.with_expires_at(at);
+            }
+            if let Some(at) = created_at {
+                key = key.with_created_at(at);
+            }
+            for (name, requests, secs) in rates {
+                let per = Duration::from_secs(secs);
+                key = key.with_rate_limit(RateLimit::new(name.as_str(), requests, per));
+            }
+            if let Some((requests, monthly)) = quota {
+                let period = match monthly {
+                    true => crate::limit::QuotaPeriod::Month,
+                    false => crate::limit::QuotaPeriod::Day,
+                };
+                key = key.with_quota(Quota::new(requests, period));
+            }
+            if let Some(nets) = nets {
+                key = key.with_allowed_ips(nets.into_iter().filter_map(|n| n.parse().ok()));
+            }
+            key
+        })
     }
 
     fn field() -> impl Strategy<Value = &'static str> {
@@ -927,6 +1124,9 @@ mod properties {
             Just("created_at"),
             Just("created_by"),
             Just("rotated_from"),
+            Just("rate_limits"),
+            Just("quota"),
+            Just("allowed_ips"),
             Just("extra"),
         ]
     }
@@ -941,6 +1141,10 @@ mod properties {
             1 => (field(), value()).prop_map(|(f, v)| format!(" \t{f}={v}\t")),
             1 => Just("keys = []".to_owned()),
             1 => Just("[[keys]] # c".to_owned()),
+            1 => Just("[[ keys ]]".to_owned()),
+            1 => Just("[keys]".to_owned()),
+            1 => (field(), value(), "[ \t]{0,2}#[a-z \"'\u{7}]{0,4}")
+                .prop_map(|(f, v, c)| format!("{f} = {v}{c}")),
         ]
     }
 
@@ -976,6 +1180,36 @@ mod properties {
                     }
                     (fast, slow) => prop_assert!(false, "fast {:?} vs general {:?}", fast.map(|s| s.len()), slow.map(|s| s.len())),
                 }
+            }
+        }
+
+        /// Any keys the crate accepts, written by its writer, are read back as written
+        /// by the fast path alone, as in a file over the general parser's limit; and
+        /// the general parser reads them the same.
+        #[test]
+        fn what_the_writer_writes_the_fast_path_reads_back(
+            keys in prop::collection::vec(any_key(), 1..4)
+        ) {
+            use super::super::write::{entry, file};
+            // Each key the crate accepts, the first of each id.
+            let mut ids = std::collections::HashSet::new();
+            let keys: Vec<ApiKey> = keys
+                .into_iter()
+                .filter(|k| KeySet::from_keys([k.clone()]).is_ok())
+                .filter(|k| ids.insert(k.id().to_owned()))
+                .collect();
+            prop_assume!(KeySet::from_keys(keys.clone()).is_ok());
+            let text = file(&keys);
+            let fast = parse_with(Path::new("k"), text.as_bytes(), 0)
+                .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+            let slow = general(&text).map_err(|(e, _)| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(fast.len(), keys.len());
+            for key in &keys {
+                let back = fast.get(key.id()).expect("the same id");
+                prop_assert!(back.digest == key.digest);
+                prop_assert_eq!(entry(back), entry(key));
+                let general = slow.get(key.id()).expect("the same id");
+                prop_assert_eq!(format!("{back:?}"), format!("{general:?}"));
             }
         }
 

@@ -617,6 +617,18 @@ mod tests {
         }
     }
 
+    /// A generated entry appended (`>>`) to a file whose last line has no newline
+    /// starts a line of its own.
+    #[test]
+    fn a_generated_entry_appended_to_a_file_without_a_last_newline_reads() {
+        let generated = crate::generate("tak").unwrap();
+        let mut text = "[[keys]]\nid = \"a\"\nsecret = \"x\"".to_owned();
+        text.push_str(&generated.toml_entry("b"));
+        let set = read_back(&text);
+        assert!(set.get("b").unwrap().digest == generated.to_api_key("b").digest);
+        assert!(set.get("a").is_some());
+    }
+
     #[test]
     fn a_written_file_is_its_owner_s_alone_and_replaces_the_old_one() {
         let dir = tempfile::tempdir().unwrap();
