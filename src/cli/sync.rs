@@ -57,9 +57,10 @@ impl Plan {
             match find(key.id()) {
                 None => plan.added.push(key.clone()),
                 Some(now) => {
-                    let fields = differences(key, now);
+                    let key = with_record_of(key, now);
+                    let fields = differences(&key, now);
                     if !fields.is_empty() {
-                        plan.changed.push((key.clone(), fields));
+                        plan.changed.push((key, fields));
                     }
                 }
             }
@@ -161,6 +162,30 @@ impl Plan {
         keys.extend(self.added.iter().cloned());
         keys
     }
+}
+
+/// `desired` with the record the target keeps of the key (`created_at`,
+/// `created_by`, `rotated_from`) where it says nothing of it: a key file kept in
+/// version control rarely holds them, and applying it must not erase what the API
+/// recorded (nor `diff` report it). A value the file does give is applied.
+fn with_record_of(desired: &ApiKey, now: &ApiKey) -> ApiKey {
+    let mut key = desired.clone();
+    if key.created_at().is_none()
+        && let Some(at) = now.created_at()
+    {
+        key = key.with_created_at(at);
+    }
+    if key.created_by().is_none()
+        && let Some(by) = now.created_by()
+    {
+        key = key.with_created_by(by);
+    }
+    if key.rotated_from().is_none()
+        && let Some(from) = now.rotated_from()
+    {
+        key = key.with_rotated_from(from);
+    }
+    key
 }
 
 /// The names of the fields in which two keys with the same id differ.
@@ -747,6 +772,32 @@ mod tests {
         assert_eq!(err.exit, Exit::Conflict, "{}", err.message);
         assert!(err.message.contains("`k7`"), "{}", err.message);
         assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    /// A tester's finding: a key file without the record the API keeps of a key
+    /// (as one kept in version control is) made `diff` report `created_at` and
+    /// `created_by` as changes, and `apply` erase them.
+    #[test]
+    fn what_the_file_does_not_say_of_a_key_s_record_is_kept() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let recorded = ApiKey::new("k", "s")
+            .with_created_at(at)
+            .with_created_by("admin")
+            .with_rotated_from("k0");
+        let current = Current::List(vec![recorded.clone()]);
+        let desired = KeySet::from_keys([ApiKey::new("k", "s")]).unwrap();
+        assert!(Plan::of(&desired, &current).is_empty(true));
+        let desired = KeySet::from_keys([ApiKey::new("k", "s").with_owner("o")]).unwrap();
+        let plan = Plan::of(&desired, &current);
+        assert_eq!(plan.changed[0].1, ["owner"]);
+        let written = &plan.changed[0].0;
+        assert_eq!(written.created_at(), Some(at));
+        assert_eq!(written.created_by(), Some("admin"));
+        assert_eq!(written.rotated_from(), Some("k0"));
+        // Given in the file, it is applied.
+        let desired =
+            KeySet::from_keys([ApiKey::new("k", "s").with_created_by("someone")]).unwrap();
+        assert_eq!(Plan::of(&desired, &current).changed[0].1, ["created_by"]);
     }
 
     #[test]
