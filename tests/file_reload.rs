@@ -174,6 +174,51 @@ async fn kubernetes_volume_data_symlink_swap() {
     assert_eq!(f.status("new-key").await, 200);
 }
 
+/// A key file that is a symlink to a file in another directory, edited there: the
+/// edit is seen at once (the poll is a minute here), and so is one to the file the
+/// link names after it is repointed.
+#[tokio::test]
+async fn a_symlink_to_a_file_in_another_directory_is_followed() {
+    use std::os::unix::fs::symlink;
+    let mut f = fixture(true, |dir| {
+        for real in ["real", "other"] {
+            fs::create_dir(dir.join(real)).unwrap();
+            fs::write(dir.join(real).join("k.toml"), toml(&[("old", "old-key")])).unwrap();
+        }
+        fs::create_dir(dir.join("link")).unwrap();
+        symlink("../real/k.toml", dir.join("link/keys.toml")).unwrap();
+        dir.join("link/keys.toml")
+    })
+    .await;
+    assert_eq!(f.status("old-key").await, 200);
+    let real = f.dir.join("real/k.toml");
+    fs::write(&real, toml(&[("old", "old-key"), ("new", "new-key")])).unwrap();
+    assert_eq!(
+        f.applied("an edit of the file the link names")
+            .await
+            .added(),
+        ["new"]
+    );
+
+    // Repointed: the new file's directory is watched from the next event on.
+    let tmp = f.dir.join("link/.keys.toml.tmp");
+    symlink("../other/k.toml", &tmp).unwrap();
+    fs::rename(&tmp, &f.path).unwrap();
+    f.applied("the link repointed").await;
+    assert_eq!(f.status("new-key").await, 401);
+    let other = f.dir.join("other/k.toml");
+    fs::write(&other, toml(&[("old", "old-key"), ("third", "third-key")])).unwrap();
+    assert_eq!(
+        f.applied("an edit of the new file").await.added(),
+        ["third"]
+    );
+    // The old file is no longer followed.
+    fs::write(&real, toml(&[("stale", "stale-key")])).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(f.status("stale-key").await, 401);
+    assert_eq!(f.status("third-key").await, 200);
+}
+
 #[tokio::test]
 async fn an_invalid_file_is_kept_out_and_says_why() {
     let mut f = fixture(true, plain_file).await;

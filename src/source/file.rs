@@ -42,8 +42,10 @@ use crate::{Error, KeySet, KeySource, KeyUpdater};
 /// The file's directory is watched (inotify and the like), with a debounce, and the
 /// file is also polled as a safety net for file systems that send no events. Every
 /// way a file really gets replaced is picked up: written in place, written elsewhere
-/// and renamed over (editors, `mv`), deleted and created again, and Kubernetes
-/// ConfigMap and Secret volumes (a symlink through `..data`, swapped atomically).
+/// and renamed over (editors, `mv`), deleted and created again, Kubernetes
+/// ConfigMap and Secret volumes (a symlink through `..data`, swapped atomically),
+/// and a symlink to a file in another directory, edited there or repointed (that
+/// directory is watched too).
 /// A reload happens only when the content changed.
 ///
 /// - A file that fails validation is not applied: the last good keys stay, the error

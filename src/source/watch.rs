@@ -109,6 +109,7 @@ pub(crate) fn spawn_linked(
         wrote: false,
         empty: None,
         tx,
+        followed: None,
     };
     // Watch before returning, so that a change made right after the source is added
     // is not missed.
@@ -160,6 +161,9 @@ struct Watch {
     empty: Option<(Instant, bool)>,
     /// Where the file-system watcher sends its signals.
     tx: mpsc::Sender<Signal>,
+    /// The file a symlinked key file names, when it is in another directory, which
+    /// is then watched too (an edit there makes no event in the link's directory).
+    followed: Option<PathBuf>,
 }
 
 enum Signal {
@@ -205,9 +209,12 @@ impl Watch {
                 return;
             }
             // A failed watcher (or one that could not start, say because the directory
-            // did not exist yet) is rebuilt; meanwhile the poll keeps us going.
+            // did not exist yet) is rebuilt, as is one that watches the file a symlink
+            // named before it was repointed; meanwhile the poll keeps us going.
             if self.options.events
-                && (watcher.is_none() || burst.as_ref().is_some_and(|b| b.watcher_failed))
+                && (watcher.is_none()
+                    || burst.as_ref().is_some_and(|b| b.watcher_failed)
+                    || self.elsewhere() != self.followed)
             {
                 watcher = self.watcher();
             }
@@ -287,21 +294,23 @@ impl Watch {
     /// Watches the file's directory: renames over the file, Kubernetes `..data` swaps
     /// and delete-then-create all show up there, where a watch on the file would be
     /// lost with the old inode.
-    fn watcher(&self) -> Option<RecommendedWatcher> {
-        let dir = match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-            _ => PathBuf::from("."),
-        };
+    ///
+    /// A key file that is a symlink to a file in another directory (by hand, or a
+    /// volume mounted elsewhere) has that directory watched too, for edits made
+    /// to the file it names; the watch follows the link when it is repointed.
+    fn watcher(&mut self) -> Option<RecommendedWatcher> {
+        let dir = self.dir();
         let file_name = self.path.file_name().map(ToOwned::to_owned);
+        self.followed = self.elsewhere();
+        let followed = self.followed.clone();
         let tx = self.tx.clone();
         let link = self.member.link.clone();
         let handler = move |event: notify::Result<notify::Event>| {
             let signal = match event {
                 Ok(event) => {
-                    let ours = event
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name() == file_name.as_deref());
+                    let ours = event.paths.iter().any(|p| {
+                        p.file_name() == file_name.as_deref() || Some(p) == followed.as_ref()
+                    });
                     let data = event
                         .paths
                         .iter()
@@ -341,7 +350,34 @@ impl Watch {
         };
         let mut watcher = notify::recommended_watcher(handler).ok()?;
         watcher.watch(&dir, RecursiveMode::NonRecursive).ok()?;
+        if let Some(parent) = self.followed.as_deref().and_then(Path::parent) {
+            // Best effort: the link's directory and the poll still cover the file.
+            let _ = watcher.watch(parent, RecursiveMode::NonRecursive);
+        }
         Some(watcher)
+    }
+
+    /// The directory the key file's name is in.
+    fn dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    /// The file the key file's symlink names, when that file is in another
+    /// directory than the link (followed to the end, as a read follows it).
+    fn elsewhere(&self) -> Option<PathBuf> {
+        if !std::fs::symlink_metadata(&self.path)
+            .ok()?
+            .file_type()
+            .is_symlink()
+        {
+            return None;
+        }
+        let target = std::fs::canonicalize(&self.path).ok()?;
+        let here = std::fs::canonicalize(self.dir()).ok()?;
+        (target.parent() != Some(here.as_path())).then_some(target)
     }
 
     /// How long a write in place left open is waited for, with nothing more written.
