@@ -519,7 +519,8 @@ impl Limiter {
 /// when the clock enters a period after the word's.
 #[inline]
 fn quota_used(word: u64, period: u32) -> u64 {
-    if word >> COUNT_BITS >= u64::from(period) + 1 {
+    // The word's tag is its period + 1: this period's, or a later one's.
+    if word >> COUNT_BITS > u64::from(period) {
         word & COUNT_MASK
     } else {
         0
