@@ -130,6 +130,10 @@ pub(crate) struct Shares {
     pub(crate) left: Box<[AtomicI64]>,
     /// Tokens spent since the lessor last looked: the demand it sizes shares by.
     pub(crate) taken: Box<[AtomicU64]>,
+    /// Requests refused since the lessor last looked because this share had no
+    /// token left: demand too, which is how a share given back, or never leased,
+    /// is asked for again.
+    pub(crate) missed: Box<[AtomicU64]>,
     /// The quota period (+ 1; 0: none) the fleet is known to have used up: Redis
     /// granted none of what the lessor asked.
     used_up: AtomicU32,
@@ -143,6 +147,7 @@ impl Shares {
         Self {
             left: (0..n).map(|_| AtomicI64::new(0)).collect(),
             taken: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            missed: (0..n).map(|_| AtomicU64::new(0)).collect(),
             used_up: AtomicU32::new(0),
             drained: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
@@ -320,6 +325,9 @@ impl Limiter {
         };
         if let Err(i) = shares.take() {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(missed) = shares.missed.get(i) {
+                missed.fetch_add(1, Ordering::Relaxed);
+            }
             return Err(match self.gcras.get(i) {
                 // The fleet's bucket empty: about one request's interval, as one
                 // replica's limiter would say. Otherwise the next share is on its
@@ -881,6 +889,13 @@ mod tests {
         assert_eq!(shares.left[0].load(Ordering::Acquire), 2);
         assert_eq!(shares.left[1].load(Ordering::Acquire), 0);
         assert_eq!(shares.taken[0].load(Ordering::Acquire), 3);
+        // The refusals for want of a token are the lessor's demand to lease: one
+        // for each share that had none, here the rate share once, the quota's five
+        // times (three before its share was leased, once after it was spent).
+        let missed: Vec<u64> = (shares.missed.iter())
+            .map(|m| m.load(Ordering::Acquire))
+            .collect();
+        assert_eq!(missed, [1, 5]);
         // Many threads on a share of 100: exactly 100 let in.
         shares.left[0].store(100, Ordering::Release);
         shares.left[1].store(1_000, Ordering::Release);
