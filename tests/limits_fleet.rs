@@ -392,3 +392,111 @@ async fn a_quota_holds_through_redis_restarts() {
         "nothing admitted: replay with LEASE_SEED={seed} cargo test --features redis --test limits_fleet restarts"
     );
 }
+
+/// Sends `key` to `addr` until a refusal says the quota is used up (a `Retry-After`
+/// other than the moment a spent share waits for the next): how many got in.
+async fn spend_quota(addr: SocketAddr, key: &str) -> u64 {
+    let (client, start, mut admitted) = (common::client(), Instant::now(), 0);
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{addr}: `{key}` never used up ({admitted} let in)"
+        );
+        let res = client
+            .get(format!("http://{addr}/"))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap();
+        match res.status().as_u16() {
+            200 => admitted += 1,
+            429 if res.headers()["retry-after"] == "1" => {
+                // The replica's share is on its way.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            429 => return admitted,
+            other => panic!("unexpected {other}"),
+        }
+    }
+}
+
+/// The tokens of `id`'s daily quota the fleet has leased this period, as Redis
+/// counts them.
+fn leased(redis: &Redis, ns: &str, id: &str) -> u64 {
+    let day = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    let count = redis.cli(&["GET", &format!("tak:{{{ns}}}:lease:{id}:quota:day:{day}")]);
+    count.trim().parse().unwrap_or(0)
+}
+
+/// A replica with no demand for a key gives its share of the quota back: a client
+/// of one replica spends a small quota whole. (Each replica used to keep a token
+/// or two of every key for good: of a quota of 3, a client of one of two replicas
+/// got 2, and was told to come back tomorrow.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_one_replica_spends_a_small_quota_whole() {
+    let Some(redis) = Redis::start() else { return };
+    let file = "[[keys]]\nid = \"fleet\"\nsecret = \"fleet-secret\"\n\
+        quota = { requests = 3, per = \"day\" }\n";
+    let replicas = fleet(&redis, "idle", file, 2).await;
+    eventually(
+        "both replicas loaded the key",
+        Duration::from_secs(15),
+        || replicas.iter().all(|r| r.store.get("fleet").is_some()),
+    )
+    .await;
+    // The first shares, leased with the key, go back once nobody wants them.
+    eventually(
+        "the idle replicas' shares given back",
+        Duration::from_secs(15),
+        || leased(&redis, "idle", "fleet") == 0,
+    )
+    .await;
+    assert_eq!(spend_quota(replicas[0].addr, "fleet-secret").await, 3);
+    assert_eq!(leased(&redis, "idle", "fleet"), 3);
+    assert_eq!(spend_quota(replicas[1].addr, "fleet-secret").await, 0);
+}
+
+/// A key whose quota is used up costs Redis nothing while nobody asks for it (every
+/// replica used to ask again on each 20 ms tick until the period ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn used_up_quotas_cost_redis_nothing_while_idle() {
+    let Some(redis) = Redis::start() else { return };
+    const KEYS: usize = 20;
+    let file: String = (0..KEYS)
+        .map(|i| {
+            format!(
+                "[[keys]]\nid = \"k{i}\"\nsecret = \"k{i}-secret\"\n\
+                 quota = {{ requests = 1, per = \"day\" }}\n"
+            )
+        })
+        .collect();
+    let replicas = fleet(&redis, "usedup", &file, 2).await;
+    eventually("the replicas loaded", Duration::from_secs(15), || {
+        replicas
+            .iter()
+            .all(|r| r.store.get(&format!("k{}", KEYS - 1)).is_some())
+    })
+    .await;
+    // Each key used up, and each replica told so by Redis.
+    for i in 0..KEYS {
+        let key = format!("k{i}-secret");
+        let spent =
+            spend_quota(replicas[0].addr, &key).await + spend_quota(replicas[1].addr, &key).await;
+        assert_eq!(spent, 1, "k{i}");
+    }
+    let (before, start) = (redis.calls("evalsha"), Instant::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = redis.calls("evalsha") - before;
+    let per_sec = calls as f64 / start.elapsed().as_secs_f64();
+    println!("{KEYS} used-up keys on 2 idle replicas: {per_sec:.0} EVALSHA/s");
+    // The followers' own scripts aside, no key is asked for: fewer calls than keys.
+    assert!(
+        calls < KEYS as u64,
+        "{calls} EVALSHA in {:?} with {KEYS} used-up keys and no requests",
+        start.elapsed()
+    );
+}
