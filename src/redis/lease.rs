@@ -7,28 +7,38 @@
 //! module's thread (the *lessor*) looks at them every [`TICK`], and when a share has
 //! spent half of what it was last given, asks for more, sized by the demand it saw
 //! (a few ticks' worth, at most [`MAX_SHARE`] of the limit). When the demand falls,
-//! it gives the excess back; when a key or a limit goes, its whole share. A quota's
-//! share idle for [`IDLE_TICKS`] goes back whole (but one token of a large quota:
-//! [`IDLE_RESERVE_MIN`]), and is asked for again only when a request wants it; a
-//! lease Redis refused is asked for again after a wait that doubles up to
+//! it gives the excess back; when a key or a limit goes, its whole share. A share
+//! idle for [`IDLE_TICKS`] keeps one token, so that its next request goes in at
+//! once. A quota's share is asked for again only when a request wants it; a lease
+//! Redis refused is asked for again after a wait that doubles up to
 //! [`MAX_BACKOFF_TICKS`] (see [`Lease::plan`]): a quota used up costs Redis nothing
 //! while nobody asks for it.
+//!
+//! A quota lease Redis grants short (the fleet's tokens all leased or spent) while
+//! requests are being refused for want of a token lists the quota in the
+//! namespace's `starved` set, for a few seconds ([`STARVED_FOR_MS`]). Every
+//! [`LOOK_EVERY_TICKS`], a lessor that holds idle tokens of some quota reads that
+//! set (one call, whatever the number of keys), and gives back all its tokens of
+//! each starved quota no request wanted for [`IDLE_TICKS`] (see [`Lease::spare`]);
+//! a share in use keeps its tokens. The starved replica's next lease gets them.
 //!
 //! What this guarantees, and its slack:
 //! - rate limits: over any interval `d`, the fleet admits at most
 //!   `requests + d × requests / per` plus the tokens outstanding in shares at the
 //!   start of `d` (at most one share per replica: [`MAX_SHARE`] of the limit each);
 //! - the quota: at most `requests` per period, exactly (a token is leased before it
-//!   is spent); short of it by the tokens leased and not yet spent: a busy
-//!   replica's share, and an idle one's reserve of a quota of [`IDLE_RESERVE_MIN`]
-//!   or more (one token). Tokens of a period still held when the next starts are
-//!   spent in the new one (one share at most per replica).
+//!   is spent); short of it by the tokens leased and not yet spent: the shares of
+//!   replicas in use. An idle replica's token goes back when another replica
+//!   starves: a client of one replica spends a quota whole, a second or two late.
+//!   Tokens of a period still held when the next starts are spent in the new one
+//!   (one share at most per replica).
 //! - while Redis cannot be reached, a replica spends its last shares and then
 //!   refuses: it is never unlimited. A new key is refused until its first share
-//!   arrives, a tick or so after it is loaded, and so is a request to a replica that
-//!   gave its share of a small quota back: a `429` whose `Retry-After` is at most a
-//!   second away (a rate limit's interval, or the quota's next period, only once
-//!   Redis said the fleet's bucket is empty or its quota used up).
+//!   arrives, a tick or so after it is loaded: a `429` whose `Retry-After` is at most
+//!   a second away. So is a request whose quota is starved, until idle tokens come
+//!   back or [`USED_UP_AFTER_TICKS`] pass without any (then the refusal names the
+//!   next period); a rate limit's refusal names its interval once Redis said the
+//!   fleet's bucket is empty.
 //! - a limit's state is kept under the key's id and the limit's name (the quota's:
 //!   its period), not its settings: a changed limit goes on from what the fleet
 //!   counted, as one replica's limiter does.
@@ -56,20 +66,36 @@ const MAX_SHARE: f64 = 0.02;
 /// How many ticks of demand a share is sized for.
 const AHEAD: f64 = 4.0;
 
-/// Ticks without a request for a token after which a replica's quota share is
-/// idle, and goes back to the fleet (a second).
+/// Ticks without a request for a token after which a replica's share is idle (a
+/// second): its demand is taken as none, and of a quota it keeps one token (its next
+/// request goes in at once) unless the quota is starved.
 const IDLE_TICKS: u32 = 50;
-
-/// The quotas of which an idle replica keeps one token, so that its next request
-/// goes in at once: those of at least this many requests, of which a token is at
-/// most 0.5% (ten idle replicas hold at most 5% back from a client of another).
-/// Of a smaller quota an idle replica keeps none: a client can spend all of it on
-/// any one replica.
-const IDLE_RESERVE_MIN: u64 = 200;
 
 /// The longest a share Redis refused waits before it is asked for again, in
 /// ticks (a second): the wait doubles with each refusal, from one tick.
 const MAX_BACKOFF_TICKS: u32 = 50;
+
+/// How often a lessor holding idle quota tokens looks at the namespace's starved
+/// quotas, in ticks (a second): one call to Redis, whatever the number of keys.
+const LOOK_EVERY_TICKS: u64 = 50;
+
+/// How long a starved quota stays listed after the last lease Redis granted short,
+/// in ms. A replica that wants a quota asks again at least every
+/// [`MAX_BACKOFF_TICKS`], so a starvation that goes on stays listed; one whose
+/// requests stopped is gone after this.
+const STARVED_FOR_MS: u64 = 2_000;
+
+/// How long a share's requests are refused for want of the fleet's tokens before
+/// its quota counts as used up, in ticks (a second and a half): time enough for
+/// replicas holding idle tokens of it to see it starved and give them back. Until
+/// then a refusal says the next share is on its way (`Retry-After: 1`), not the
+/// next period.
+const USED_UP_AFTER_TICKS: u64 = 75;
+
+/// A pause in a share's requests after which a refusal starts a new wait for
+/// idle tokens (three seconds): a quota refused long ago is not taken as used up
+/// at once, since idle replicas may hold tokens of it by now.
+const PAUSE_TICKS: u32 = 150;
 
 /// A rate limit's bucket: refills, gives back, leases. Returns the grant.
 /// KEYS[1] the bucket; ARGV requests, per (ms), wanted, given back. A bucket last
@@ -108,7 +134,11 @@ return grant
 ";
 
 /// A quota period's count of tokens leased: gives back, leases. Returns the grant.
-/// KEYS[1] the count; ARGV requests, wanted, given back, time to live (ms).
+/// `KEYS[1]` the count, `KEYS[2]` the namespace's starved quotas; `ARGV` requests,
+/// wanted, given back, time to live (ms), how long a starved quota stays listed
+/// (ms), whether requests were refused for want of a token (`1`). Such a lease
+/// granted less than it asked for lists the count in `KEYS[2]` (scored by Redis's
+/// time), trimming what is older.
 const QUOTA: &str = r"
 local requests = tonumber(ARGV[1])
 local want = tonumber(ARGV[2])
@@ -118,7 +148,25 @@ local used = tonumber(redis.call('GET', KEYS[1]) or '0') or requests
 used = math.max(0, used - back)
 local grant = math.max(0, math.min(want, requests - used))
 redis.call('SET', KEYS[1], used + grant, 'PX', ARGV[4])
+if grant < want and ARGV[6] == '1' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local keep = tonumber(ARGV[5])
+  if redis.call('TYPE', KEYS[2]).ok ~= 'zset' then redis.call('DEL', KEYS[2]) end
+  redis.call('ZADD', KEYS[2], now, KEYS[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - keep)
+  redis.call('PEXPIRE', KEYS[2], keep * 2)
+end
 return grant
+";
+
+/// The quotas listed as starved in the last `ARGV[1]` ms (by Redis's clock): their
+/// counts' Redis keys. `KEYS[1]` the namespace's starved quotas.
+const STARVED: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'zset' then return {} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')
 ";
 
 /// What the lessor remembers of one share.
@@ -138,6 +186,11 @@ struct Lease {
     backoff: u32,
     /// The tick before which the share is not asked for again.
     retry_at: u64,
+    /// The tick of the first lease Redis refused since the last grant (or the last
+    /// pause in requests): how long the share has waited for the fleet's tokens.
+    refused_since: Option<u64>,
+    /// Whether the quota counts as used up: refused for [`USED_UP_AFTER_TICKS`].
+    used_up: bool,
 }
 
 /// What a look at a share leads to.
@@ -160,9 +213,9 @@ impl Lease {
     /// - A share is renewed when half of it is spent, sized by the demand (a few
     ///   ticks' worth, at most [`MAX_SHARE`] of the limit).
     /// - The demand fell: what is well over it goes back at once; idle for
-    ///   [`IDLE_TICKS`], all of a quota's share goes back but the reserve of a
-    ///   large quota (see [`IDLE_RESERVE_MIN`]). A rate limit's share keeps a token
-    ///   (its bucket refills: nothing is lost to the fleet).
+    ///   [`IDLE_TICKS`], all but one token (the next request's). That token, of a
+    ///   quota, goes back only when the quota is starved (see [`Lease::spare`]); of
+    ///   a rate limit, it stays (its bucket refills: nothing is lost to the fleet).
     /// - A quota share is asked for only when requests want it, or for the first
     ///   share of a key or a period: a quota used up and idle costs Redis nothing.
     /// - A lease Redis refused (none granted) is asked for again after a wait that
@@ -179,12 +232,16 @@ impl Lease {
         if active && self.idle >= self.backoff.max(1) {
             self.retry_at = 0;
         }
+        if active && self.idle >= PAUSE_TICKS {
+            (self.refused_since, self.used_up) = (None, false);
+        }
         if let Some(period) = quota
             && period != self.period
         {
             self.period = period;
             self.asked = false;
             self.retry_at = 0;
+            (self.refused_since, self.used_up) = (None, false);
         }
         self.idle = if active {
             0
@@ -199,11 +256,7 @@ impl Lease {
             0.5f64.mul_add(self.demand, 0.5 * sample as f64)
         };
         let cap = (limit as f64 * MAX_SHARE).ceil().max(1.0) as i64;
-        let floor = match quota {
-            Some(_) if self.idle >= IDLE_TICKS => i64::from(limit >= IDLE_RESERVE_MIN),
-            _ => 1,
-        };
-        let target = ((self.demand * AHEAD).ceil() as i64).clamp(floor, cap);
+        let target = ((self.demand * AHEAD).ceil() as i64).clamp(1, cap);
         if !active && (left > 2 * target || (self.idle >= IDLE_TICKS && left > target)) {
             return Plan::GiveBackAbove(target);
         }
@@ -217,16 +270,34 @@ impl Lease {
     }
 
     /// Takes in Redis's answer to a lease asked for at tick `tick`: `granted`
-    /// tokens, the share now holding `left`.
-    fn answered(&mut self, tick: u64, granted: i64, left: i64) {
+    /// tokens, the share now holding `left`. Returns whether the quota counts as
+    /// used up: none granted, and none for [`USED_UP_AFTER_TICKS`] (until then,
+    /// tokens idle on other replicas may still come back to the fleet).
+    fn answered(&mut self, tick: u64, granted: i64, left: i64) -> bool {
         if granted > 0 {
             self.granted = left.max(granted);
             self.backoff = 0;
             self.retry_at = 0;
+            (self.refused_since, self.used_up) = (None, false);
         } else {
             self.backoff = (self.backoff * 2).clamp(1, MAX_BACKOFF_TICKS);
             self.retry_at = tick + u64::from(self.backoff);
+            let since = *self.refused_since.get_or_insert(tick);
+            self.used_up |= tick.saturating_sub(since) >= USED_UP_AFTER_TICKS;
         }
+        self.used_up
+    }
+
+    /// The tokens of `left` this quota share gives back when its quota is starved
+    /// (another replica was lately granted less than it asked for): all of them if
+    /// no request wanted one for [`IDLE_TICKS`], none if the share is in use. The
+    /// share is then not asked for again until a request wants it.
+    fn spare(&mut self, left: i64) -> i64 {
+        if self.idle < IDLE_TICKS || left <= 0 {
+            return 0;
+        }
+        self.asked = true;
+        left
     }
 }
 
@@ -237,6 +308,20 @@ struct Held {
     leases: Vec<Lease>,
 }
 
+impl Held {
+    /// Whether this key's quota share holds tokens no request wanted for
+    /// [`IDLE_TICKS`]: tokens to give back if the quota starves.
+    fn holds_idle_quota(&self) -> bool {
+        let (Some(shares), Some(_)) = (self.limiter.shares(), self.limiter.limits.quota) else {
+            return false;
+        };
+        // The quota's share is the last.
+        let left = shares.left.last().map(|l| l.load(Ordering::Acquire));
+        let idle = self.leases.last().map(|l| l.idle);
+        left.is_some_and(|l| l > 0) && idle.is_some_and(|i| i >= IDLE_TICKS)
+    }
+}
+
 /// The lessor of one Redis source: a thread that ends when the store is gone.
 pub(super) struct Lessor {
     client: redis::Client,
@@ -245,6 +330,7 @@ pub(super) struct Lessor {
     timeout: Duration,
     rate: redis::Script,
     quota: redis::Script,
+    starved: redis::Script,
     /// By the limiter's address (each held here, so none is reused meanwhile).
     held: HashMap<usize, Held>,
     /// The store's version `held` is of.
@@ -262,6 +348,7 @@ impl Lessor {
             timeout,
             rate: redis::Script::new(RATE),
             quota: redis::Script::new(QUOTA),
+            starved: redis::Script::new(STARVED),
             held: HashMap::new(),
             version: None,
             ticks: 0,
@@ -312,7 +399,8 @@ impl Lessor {
         }
     }
 
-    /// One look at every share: renews, gives back, forgets.
+    /// One look at every share: renews, gives back, forgets; and once every
+    /// [`LOOK_EVERY_TICKS`], gives idle tokens of starved quotas back.
     fn tick(&mut self, con: &mut redis::Connection) -> Result<(), redis::RedisError> {
         let now_ms = crate::clock::exact_now_ms();
         // The store's keys are looked at again only when they changed.
@@ -320,7 +408,60 @@ impl Lessor {
             self.forget_gone(con, current)?;
             self.version = Some(version);
         }
-        self.renew(con, now_ms)
+        self.renew(con, now_ms)?;
+        if self.ticks.is_multiple_of(LOOK_EVERY_TICKS) {
+            self.relieve(con)?;
+        }
+        Ok(())
+    }
+
+    /// Gives back the tokens of the quota shares no request wanted for a second
+    /// whose quota is starved: another replica was lately granted less than it
+    /// asked for. One call to Redis, and none unless some idle share holds tokens.
+    fn relieve(&mut self, con: &mut redis::Connection) -> Result<(), redis::RedisError> {
+        if !self.held.values().any(Held::holds_idle_quota) {
+            return Ok(());
+        }
+        let starved: Vec<String> = self
+            .starved
+            .key(&self.keys.starved)
+            .arg(STARVED_FOR_MS)
+            .invoke(con)?;
+        if starved.is_empty() {
+            return Ok(());
+        }
+        let starved: std::collections::HashSet<String> = starved.into_iter().collect();
+        let keys: Vec<_> = self.held.keys().copied().collect();
+        for ptr in keys {
+            let Some(held) = self.held.get_mut(&ptr) else {
+                continue;
+            };
+            let (id, limiter) = (held.id.clone(), held.limiter.clone());
+            let (Some(shares), Some(quota)) = (limiter.shares(), limiter.limits.quota) else {
+                continue;
+            };
+            let i = shares.left.len().saturating_sub(1);
+            let (Some(left), Some(lease)) = (shares.left.get(i), held.leases.get_mut(i)) else {
+                continue;
+            };
+            let period = lease.period;
+            if !starved.contains(&quota_key(&self.keys, &id, quota, period)) {
+                continue;
+            }
+            if lease.spare(left.load(Ordering::Acquire)) == 0 {
+                continue;
+            }
+            // As much as is left when taken: requests may spend some meanwhile.
+            let back = left
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                    (l > 0).then_some(0)
+                })
+                .unwrap_or(0);
+            if back > 0 {
+                self.call(con, &id, &limiter.limits, i, period, (0, back), false)?;
+            }
+        }
+        Ok(())
     }
 
     /// Takes in the limiters of `current`, and gives back the shares of those gone.
@@ -353,7 +494,8 @@ impl Lessor {
                     };
                     let back = shares.left[i].swap(0, Ordering::AcqRel).max(0);
                     if back > 0 {
-                        self.call(con, &held.id, &limiter.limits, i, lease.period, 0, back)?;
+                        let (id, limits) = (&held.id, &limiter.limits);
+                        self.call(con, id, limits, i, lease.period, (0, back), false)?;
                     }
                 }
             }
@@ -404,21 +546,25 @@ impl Lessor {
                 if want == 0 && back == 0 {
                     continue;
                 }
-                let granted = self.call(con, &id, &limiter.limits, i, period, want, back)?;
+                let refused = seen.1 > 0;
+                let granted =
+                    self.call(con, &id, &limiter.limits, i, period, (want, back), refused)?;
                 shares.left[i].fetch_add(granted, Ordering::AcqRel);
                 if want == 0 {
                     continue;
                 }
-                // Asked for and none given: the fleet has used the period's quota up
-                // (a quota's grant is all it has left). A refusal then names the
-                // next period; until this is known, a spent share is only a short wait.
+                let left = shares.left[i].load(Ordering::Acquire);
+                let used_up = (self.held.get_mut(&ptr).and_then(|h| h.leases.get_mut(i)))
+                    .is_some_and(|lease| lease.answered(tick, granted, left));
+                // Asked for and none given: a rate limit's bucket is empty; a quota
+                // is used up once none is given for a while (other replicas give
+                // their idle tokens of a starved quota back). A refusal then names
+                // the interval or the next period; until then, a spent share is
+                // only a short wait.
                 if quota.is_some() {
-                    shares.quota_used_up(period, granted == 0);
+                    shares.quota_used_up(period, used_up);
                 } else {
                     shares.rate_drained(i, granted == 0);
-                }
-                if let Some(lease) = self.held.get_mut(&ptr).and_then(|h| h.leases.get_mut(i)) {
-                    lease.answered(tick, granted, shares.left[i].load(Ordering::Acquire));
                 }
             }
         }
@@ -426,7 +572,8 @@ impl Lessor {
     }
 
     /// Leases `want` tokens of counting limit `i` of key `id` and gives `back` back:
-    /// the tokens granted.
+    /// the tokens granted. `refused`: requests were refused for want of a token (a
+    /// quota granted short is then listed as starved).
     #[allow(clippy::too_many_arguments)]
     fn call(
         &self,
@@ -435,8 +582,8 @@ impl Lessor {
         limits: &Limits,
         i: usize,
         period: u32,
-        want: i64,
-        back: i64,
+        (want, back): (i64, i64),
+        refused: bool,
     ) -> Result<i64, redis::RedisError> {
         match limits.rates.get(i) {
             Some(rate) => {
@@ -464,10 +611,13 @@ impl Lessor {
                 let key = quota_key(&self.keys, id, quota, period);
                 self.quota
                     .key(key)
+                    .key(&self.keys.starved)
                     .arg(quota.requests)
                     .arg(want)
                     .arg(back)
                     .arg(ttl)
+                    .arg(STARVED_FOR_MS)
+                    .arg(u8::from(refused))
                     .invoke(con)
             }
         }
@@ -507,6 +657,14 @@ mod tests {
         quota: Option<u32>,
         asks: Vec<u64>,
         given_back: i64,
+        /// Requests let in, and refused.
+        spent: u64,
+        refused: u64,
+        /// The tick of the last lease granted less than asked while requests were
+        /// refused: when the quota was last listed as starved.
+        starved_at: Option<u64>,
+        /// The last answer's verdict: the quota used up.
+        used_up: bool,
     }
 
     impl Sim {
@@ -520,6 +678,10 @@ mod tests {
                 quota: quota.then_some(7),
                 asks: Vec::new(),
                 given_back: 0,
+                spent: 0,
+                refused: 0,
+                starved_at: None,
+                used_up: false,
             }
         }
 
@@ -530,6 +692,7 @@ mod tests {
             let taken = requests.min(self.left.max(0) as u64);
             self.left -= taken as i64;
             let missed = requests - taken;
+            (self.spent, self.refused) = (self.spent + taken, self.refused + missed);
             let plan = self.lease.plan(
                 self.tick,
                 (taken, missed, self.left),
@@ -545,7 +708,10 @@ mod tests {
                         *f -= granted;
                     }
                     self.left += granted;
-                    self.lease.answered(self.tick, granted, self.left);
+                    if granted < want && missed > 0 {
+                        self.starved_at = Some(self.tick);
+                    }
+                    self.used_up = self.lease.answered(self.tick, granted, self.left);
                 }
                 Plan::GiveBackAbove(keep) => {
                     let back = (self.left - keep).max(0);
@@ -564,30 +730,66 @@ mod tests {
                 self.tick(0);
             }
         }
+
+        /// The look at the starved quotas, with `starved` whether this quota is
+        /// listed: gives back what [`Lease::spare`] says. The tokens given back.
+        fn look(&mut self, starved: bool) -> i64 {
+            let back = if starved {
+                self.lease.spare(self.left)
+            } else {
+                0
+            };
+            self.left -= back;
+            if let Some(f) = &mut self.fleet {
+                *f += back;
+            }
+            back
+        }
+    }
+
+    /// Two replicas of one quota over one fleet, `a`'s fleet the count: a tick of
+    /// each, with `ra` and `rb` requests, and every [`LOOK_EVERY_TICKS`] each looks
+    /// at the starved quotas as the lessor does (listed for [`STARVED_FOR_MS`]
+    /// after the last short lease). The tokens given back by each look.
+    fn tick_pair(a: &mut Sim, b: &mut Sim, (ra, rb): (u64, u64)) -> (i64, i64) {
+        a.tick(ra);
+        b.fleet = a.fleet;
+        b.tick(rb);
+        a.fleet = b.fleet;
+        if !a.tick.is_multiple_of(LOOK_EVERY_TICKS) {
+            return (0, 0);
+        }
+        let now = a.tick;
+        let listed = (a.starved_at.into_iter().chain(b.starved_at))
+            .any(|t| (now - t) * TICK.as_millis() as u64 <= STARVED_FOR_MS);
+        let back_a = a.look(listed);
+        b.fleet = a.fleet;
+        let back_b = b.look(listed);
+        a.fleet = b.fleet;
+        (back_a, back_b)
     }
 
     #[test]
-    fn an_idle_replica_gives_its_quota_share_back_within_a_second() {
-        // A quota of 3: the first share is leased with the key, then goes back
-        // whole a second after the last request wanted it.
+    fn an_idle_replica_keeps_a_token_for_its_next_request() {
+        // A quota of 3: the first share is leased with the key; a second without
+        // requests, the replica still holds a token, and asks for nothing more.
         let mut sim = Sim::new(3, true, Some(3));
         assert_eq!(sim.tick(0), Plan::Ask(1));
         sim.tick(1);
-        sim.tick(1);
-        assert_eq!(sim.left + sim.fleet.unwrap_or(0), 1, "{:?}", sim.asks);
+        assert_eq!(sim.spent, 1);
         sim.idle(IDLE_TICKS + 1);
-        assert_eq!((sim.left, sim.fleet), (0, Some(1)));
-        // And it is not asked for again until a request wants it.
+        assert_eq!(sim.left, 1, "{:?}", sim.asks);
         let asked = sim.asks.len();
         sim.idle(10_000);
-        assert_eq!(sim.asks.len(), asked);
-        // A request then is refused for want of a token, and leases the next tick.
+        assert_eq!((sim.left, sim.asks.len()), (1, asked));
+        // Its next request goes in at once (it used to be refused, the share given
+        // back), and the share is renewed the same tick.
         sim.tick(1);
+        assert_eq!((sim.spent, sim.refused), (2, 0));
         assert_eq!(sim.asks.last(), Some(&sim.tick));
-        assert!(sim.left > 0);
 
-        // Of a quota of 200 or more, an idle replica keeps one token, never asked
-        // for again once spent without requests.
+        // A busy share of a large quota, once idle, goes back but for a token,
+        // never asked for again without requests.
         let mut sim = Sim::new(1_000, true, None);
         for _ in 0..20 {
             sim.tick(5);
@@ -598,6 +800,105 @@ mod tests {
         let asked = sim.asks.len();
         sim.idle(1_000);
         assert!(sim.asks.len() <= asked + 1, "{:?}", sim.asks);
+    }
+
+    #[test]
+    fn an_idle_share_of_a_starved_quota_goes_to_the_replica_that_wants_it() {
+        // A quota of 3 over two replicas, each with a token from the start; a
+        // client of `a` alone, a request a tick.
+        let (mut a, mut b) = (Sim::new(3, true, Some(3)), Sim::new(3, true, None));
+        tick_pair(&mut a, &mut b, (0, 0));
+        assert_eq!((a.left, b.left, a.fleet), (1, 1, Some(1)));
+        let mut given = 0;
+        let mut third = None;
+        for _ in 0..(5 * LOOK_EVERY_TICKS) {
+            let (back_a, back_b) = tick_pair(&mut a, &mut b, (1, 0));
+            assert_eq!(back_a, 0, "a busy replica keeps its share");
+            given += back_b;
+            if a.spent == 3 && third.is_none() {
+                third = Some(a.tick);
+            }
+            // Until `b`'s token is back, a refusal is a short wait.
+            if a.spent < 3 {
+                assert!(!a.used_up, "used up at tick {} with a token idle", a.tick);
+            }
+        }
+        // `b`'s token went back once `a` was starved, and `a` spent it: the whole
+        // quota, within two seconds, never more.
+        assert_eq!((a.spent, b.spent, given), (3, 0, 1));
+        assert_eq!((a.left, b.left, a.fleet), (0, 0, Some(0)));
+        let third = third.unwrap_or(u64::MAX);
+        assert!(
+            third <= 2 * LOOK_EVERY_TICKS + 1,
+            "the third at tick {third}"
+        );
+        // Then used up: refusals name the next period.
+        assert!(a.used_up);
+        // And `b` is not asked for again while nobody wants it.
+        assert_eq!(b.asks.len(), 1);
+    }
+
+    #[test]
+    fn a_first_share_refused_without_requests_starves_nobody() {
+        // A quota of 1 over two replicas: `b`'s first share, leased with the key,
+        // is refused, but no request wanted it: `a` keeps its token for its next
+        // request, however long idle.
+        let (mut a, mut b) = (Sim::new(1, true, Some(1)), Sim::new(1, true, None));
+        for _ in 0..(10 * LOOK_EVERY_TICKS) {
+            assert_eq!(tick_pair(&mut a, &mut b, (0, 0)), (0, 0));
+        }
+        assert_eq!((a.left, b.left, b.starved_at), (1, 0, None));
+        // A request to `b` starves it: `a`'s token comes over.
+        for _ in 0..(3 * LOOK_EVERY_TICKS) {
+            tick_pair(&mut a, &mut b, (0, 1));
+        }
+        assert_eq!((a.left, b.spent), (0, 1));
+    }
+
+    #[test]
+    fn a_replica_in_use_keeps_its_share_of_a_starved_quota() {
+        // `b` sees a request every 20 ticks (never idle for a second): its token is
+        // its own, though `a` starves.
+        let (mut a, mut b) = (Sim::new(4, true, Some(4)), Sim::new(4, true, None));
+        for t in 0..(10 * LOOK_EVERY_TICKS) {
+            let (_, back_b) = tick_pair(&mut a, &mut b, (1, u64::from(t % 20 == 0)));
+            assert_eq!(back_b, 0, "gave back at tick {t}");
+        }
+        assert_eq!(a.spent + b.spent, 4);
+        assert!(b.spent > 0);
+    }
+
+    #[test]
+    fn a_quota_counts_as_used_up_after_a_wait_and_again_after_a_pause() {
+        let mut sim = Sim::new(3, true, Some(0));
+        // Refused on every tick: a short wait for a second and a half, then used up.
+        let mut first = None;
+        for _ in 0..(4 * LOOK_EVERY_TICKS) {
+            sim.tick(1);
+            if sim.used_up && first.is_none() {
+                first = Some(sim.tick);
+            }
+        }
+        let first = first.unwrap_or(u64::MAX);
+        assert!(
+            (USED_UP_AFTER_TICKS..=USED_UP_AFTER_TICKS + u64::from(MAX_BACKOFF_TICKS))
+                .contains(&first),
+            "used up at tick {first}"
+        );
+        // Requests after a long pause wait again: tokens may have come back idle.
+        sim.idle(PAUSE_TICKS);
+        sim.tick(1);
+        assert!(!sim.used_up);
+        // A grant ends it.
+        for _ in 0..(4 * LOOK_EVERY_TICKS) {
+            sim.tick(1);
+        }
+        assert!(sim.used_up);
+        sim.fleet = Some(5);
+        sim.idle(MAX_BACKOFF_TICKS);
+        sim.tick(1);
+        assert!(!sim.used_up);
+        assert!(sim.left > 0);
     }
 
     #[test]
