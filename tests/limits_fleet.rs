@@ -528,15 +528,89 @@ async fn used_up_quotas_cost_redis_nothing_while_idle() {
     for (i, spend) in spends.collect::<Vec<_>>().into_iter().enumerate() {
         assert_eq!(spend.await.unwrap(), 1, "k{i}");
     }
-    let (before, start) = (redis.calls("evalsha"), Instant::now());
+    let (before, all, start) = (redis.calls("evalsha"), self::calls(&redis), Instant::now());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls = redis.calls("evalsha") - before;
-    let per_sec = calls as f64 / start.elapsed().as_secs_f64();
-    println!("{KEYS} used-up keys on 2 idle replicas: {per_sec:.0} EVALSHA/s");
+    let secs = start.elapsed().as_secs_f64();
+    let all = (self::calls(&redis) - all) as f64 / secs;
+    println!(
+        "{KEYS} used-up keys on 2 idle replicas: {:.1} EVALSHA/s, {all:.1} commands/s",
+        calls as f64 / secs
+    );
     // The followers' own scripts aside, no key is asked for: fewer calls than keys.
     assert!(
         calls < KEYS as u64,
         "{calls} EVALSHA in {:?} with {KEYS} used-up keys and no requests",
         start.elapsed()
     );
+}
+
+/// Keys used now and then cost Redis about one call a second per replica, however
+/// many: an idle replica keeps a token of each, and looks at the namespace's
+/// starved quotas once a second in one call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keys_cost_redis_a_call_a_second_per_replica() {
+    let Some(redis) = Redis::start() else { return };
+    const KEYS: usize = 20;
+    let file: String = (0..KEYS)
+        .map(|i| {
+            format!(
+                "[[keys]]\nid = \"k{i}\"\nsecret = \"k{i}-secret\"\n\
+                 quota = {{ requests = 100, per = \"day\" }}\n"
+            )
+        })
+        .collect();
+    let replicas = fleet(&redis, "idlekeys", &file, 2).await;
+    // Each key used once on each replica.
+    for r in &replicas {
+        for i in 0..KEYS {
+            until(
+                r.addr,
+                &format!("k{i}-secret"),
+                200,
+                Duration::from_secs(15),
+            )
+            .await;
+        }
+    }
+    // Idle for a second, each share is down to its token: each key's count is the
+    // two spent and the two held.
+    eventually(
+        "the shares down to a token",
+        Duration::from_secs(15),
+        || (0..KEYS).all(|i| leased(&redis, "idlekeys", &format!("k{i}")) == 4),
+    )
+    .await;
+    let (evalsha, all, start) = (redis.calls("evalsha"), calls(&redis), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let secs = start.elapsed().as_secs_f64();
+    let evalsha = (redis.calls("evalsha") - evalsha) as f64 / secs;
+    let all = (calls(&redis) - all) as f64 / secs;
+    println!("{KEYS} idle keys on 2 replicas: {evalsha:.1} EVALSHA/s, {all:.1} commands/s");
+    assert!(
+        evalsha < KEYS as f64 / 2.0,
+        "{evalsha:.1} EVALSHA/s with {KEYS} idle keys"
+    );
+    // Their next requests go in at once.
+    for r in &replicas {
+        for i in 0..KEYS {
+            assert_eq!(status(r.addr, &format!("k{i}-secret")).await, 200);
+        }
+    }
+}
+
+/// Every command Redis ran so far (`INFO commandstats`, the `INFO` itself too).
+fn calls(redis: &Redis) -> u64 {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter_map(|l| {
+            l.split_once(":calls=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
