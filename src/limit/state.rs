@@ -130,6 +130,10 @@ pub(crate) struct Shares {
     pub(crate) left: Box<[AtomicI64]>,
     /// Tokens spent since the lessor last looked: the demand it sizes shares by.
     pub(crate) taken: Box<[AtomicU64]>,
+    /// Requests refused since the lessor last looked because this share had no
+    /// token left: demand too, which is how a share given back, or never leased,
+    /// is asked for again.
+    pub(crate) missed: Box<[AtomicU64]>,
     /// The quota period (+ 1; 0: none) the fleet is known to have used up: Redis
     /// granted none of what the lessor asked.
     used_up: AtomicU32,
@@ -143,6 +147,7 @@ impl Shares {
         Self {
             left: (0..n).map(|_| AtomicI64::new(0)).collect(),
             taken: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            missed: (0..n).map(|_| AtomicU64::new(0)).collect(),
             used_up: AtomicU32::new(0),
             drained: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
@@ -320,6 +325,9 @@ impl Limiter {
         };
         if let Err(i) = shares.take() {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(missed) = shares.missed.get(i) {
+                missed.fetch_add(1, Ordering::Relaxed);
+            }
             return Err(match self.gcras.get(i) {
                 // The fleet's bucket empty: about one request's interval, as one
                 // replica's limiter would say. Otherwise the next share is on its
@@ -470,12 +478,8 @@ impl Limiter {
         let quota = self.limits.quota.as_ref()?;
         {
             let period = quota.period.index(unix_ms);
-            let word = self.quota.0.load(Ordering::Acquire);
-            let used = if word >> COUNT_BITS == u64::from(period) + 1 {
-                word & COUNT_MASK
-            } else {
-                0
-            };
+            // As `quota_decide` reads it: the status never contradicts the decision.
+            let used = quota_used(self.quota.0.load(Ordering::Acquire), period);
             let (start, next) = (
                 quota.period.start(period),
                 quota.period.start(period.saturating_add(1)),
@@ -511,23 +515,35 @@ impl Limiter {
     }
 }
 
-/// The quota's new word if one more request fits in period `period`.
+/// The count of period `period` that the quota's `word` holds.
+///
+/// The invariant: a count is never lowered by the wall clock going back. A word of
+/// an earlier period (or never counted) holds none of this one; a word of a *later*
+/// period than the clock's (the clock went back, or it had jumped ahead and was set
+/// right) holds its count for this period too, carried back rather than refused
+/// outright. So a clock set back never grants a fresh quota, and a clock that
+/// jumped ahead and was corrected costs at most the rest of the current period,
+/// never a lock-out until the period it had jumped to. The count starts afresh only
+/// when the clock enters a period after the word's.
 #[inline]
-fn quota_decide(word: u64, period: u32, requests: u64) -> Result<u64, ()> {
-    let tag = u64::from(period) + 1;
-    let used = if word >> COUNT_BITS == tag {
+fn quota_used(word: u64, period: u32) -> u64 {
+    // The word's tag is its period + 1: this period's, or a later one's.
+    if word >> COUNT_BITS > u64::from(period) {
         word & COUNT_MASK
     } else {
         0
-    };
-    // A count from a later period (the clock went back) is kept as it is.
-    if word >> COUNT_BITS > tag {
-        return Err(());
     }
+}
+
+/// The quota's new word if one more request fits in period `period`: stamped with
+/// `period`, counting what [`quota_used`] reads in it and this request.
+#[inline]
+fn quota_decide(word: u64, period: u32, requests: u64) -> Result<u64, ()> {
+    let used = quota_used(word, period);
     if used >= requests {
         return Err(());
     }
-    Ok((tag << COUNT_BITS) | (used + 1))
+    Ok(((u64::from(period) + 1) << COUNT_BITS) | (used + 1))
 }
 
 /// Compare-and-swap `cell` to `decide`'s answer until it sticks or `decide` refuses.
@@ -652,8 +668,77 @@ mod tests {
             Duration::from_millis(DAY_MS - 5)
         );
         assert!(l.admit(0, || 41 * DAY_MS).is_ok());
+        assert!(l.admit(0, || 41 * DAY_MS).is_ok());
         // A clock set back a day does not give the day's requests again.
         assert!(l.admit(0, || at).is_err());
+    }
+
+    /// What the status says of the quota at `unix_ms`: (used, remaining).
+    fn quota_seen(l: &Limiter, unix_ms: u64) -> (u64, u64) {
+        let status = l.quota_status(unix_ms).unwrap();
+        (status.used(), status.remaining())
+    }
+
+    /// Admits at `unix_ms` until refused: how many were let in, and the refusal.
+    fn spend(l: &Limiter, unix_ms: u64) -> (u64, Refusal) {
+        let mut admitted = 0;
+        loop {
+            match l.admit(5 * SEC, || unix_ms) {
+                Ok(()) => admitted += 1,
+                Err(refusal) => return (admitted, refusal),
+            }
+            assert!(admitted <= 1_000, "never refused");
+        }
+    }
+
+    /// Both deciders: the quota alone (one word) and with a rate limit (the lock).
+    fn quota_limiters(requests: u64) -> [Limiter; 2] {
+        [
+            limiter(&[], Some(requests)),
+            limiter(&[("burst", 1_000, 1)], Some(requests)),
+        ]
+    }
+
+    #[test]
+    fn a_clock_set_back_carries_the_count_and_grants_no_fresh_quota() {
+        let (day40, day41, day42) = (40 * DAY_MS + 7, 41 * DAY_MS + 7, 42 * DAY_MS + 7);
+        for l in quota_limiters(3) {
+            // One of three spent on day 41; the clock goes back to day 40: the two
+            // left, not a fresh three, and the status says so.
+            assert!(l.admit(5 * SEC, || day41).is_ok());
+            assert_eq!(quota_seen(&l, day40), (1, 2));
+            let (admitted, refusal) = spend(&l, day40);
+            assert_eq!(admitted, 2, "{l:?}");
+            assert_eq!(refusal, Refusal::Quota { next: 41 * DAY_MS });
+            assert_eq!(quota_seen(&l, day40), (3, 0));
+            // Set back further still: nothing more.
+            assert_eq!(spend(&l, 7), (0, Refusal::Quota { next: DAY_MS }));
+            assert_eq!(quota_seen(&l, 7), (3, 0));
+            // The clock's next period starts afresh.
+            assert_eq!(spend(&l, day42).0, 3);
+        }
+    }
+
+    #[test]
+    fn a_clock_that_jumped_ahead_and_was_set_right_locks_the_quota_out_no_longer_than_its_period() {
+        let (day40, day41) = (40 * DAY_MS + 7, 41 * DAY_MS + 7);
+        let ahead = 440 * DAY_MS + 7;
+        for l in quota_limiters(3) {
+            assert!(l.admit(5 * SEC, || day40).is_ok());
+            // A bad clock before NTP: 400 days ahead, one request counted there.
+            assert!(l.admit(5 * SEC, || ahead).is_ok());
+            // Set right: the count goes on in the real period (one more than the
+            // clock's jump forgot, never a lock-out until day 440), and the status,
+            // the `RateLimit` header's source, agrees with the decisions.
+            assert_eq!(quota_seen(&l, day40), (1, 2));
+            let (admitted, refusal) = spend(&l, day40);
+            assert_eq!(admitted, 2, "{l:?}");
+            assert_eq!(refusal, Refusal::Quota { next: 41 * DAY_MS });
+            assert_eq!(quota_seen(&l, day40), (3, 0));
+            // The real next day: the whole quota.
+            assert_eq!(quota_seen(&l, day41), (0, 3));
+            assert_eq!(spend(&l, day41).0, 3);
+        }
     }
 
     /// A seeded xorshift: the same seed, the same run.
@@ -804,6 +889,13 @@ mod tests {
         assert_eq!(shares.left[0].load(Ordering::Acquire), 2);
         assert_eq!(shares.left[1].load(Ordering::Acquire), 0);
         assert_eq!(shares.taken[0].load(Ordering::Acquire), 3);
+        // The refusals for want of a token are the lessor's demand to lease: one
+        // for each share that had none, here the rate share once, the quota's five
+        // times (three before its share was leased, once after it was spent).
+        let missed: Vec<u64> = (shares.missed.iter())
+            .map(|m| m.load(Ordering::Acquire))
+            .collect();
+        assert_eq!(missed, [1, 5]);
         // Many threads on a share of 100: exactly 100 let in.
         shares.left[0].store(100, Ordering::Release);
         shares.left[1].store(1_000, Ordering::Release);

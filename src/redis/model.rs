@@ -28,6 +28,14 @@
 //!   [`CHECK_WRITE`]).
 //! - `tak:{ns}:staging:<epoch>`, a hash: a re-creation being written, swapped in
 //!   whole by [`SWAP`]; it expires if abandoned.
+//! - `tak:{ns}:lease:<id>:<limit>`, the fleet-wide state of a key's limits (a rate
+//!   limit's bucket, a quota period's count of tokens leased), kept by the lessor's
+//!   scripts (see `lease.rs`).
+//! - `tak:{ns}:starved`, a sorted set: the quota counts (by their Redis key) of which
+//!   a replica was lately granted less than it asked for, scored by the Redis time
+//!   (ms) of the last such lease. Entries older than a few seconds are trimmed by
+//!   each write, and the set expires when none come: replicas holding idle tokens of
+//!   a quota listed here give them back (see `lease.rs`).
 //!
 //! [`RedisBackend::import_file`]: super::RedisBackend::import_file
 //! [`RedisBackend::restore_file`]: super::RedisBackend::restore_file
@@ -59,6 +67,8 @@ pub(crate) struct Keys {
     pub(crate) log: String,
     pub(crate) requests: String,
     pub(crate) last_used: String,
+    /// The quotas lately starved (see the module's docs).
+    pub(crate) starved: String,
     prefix: String,
 }
 
@@ -72,6 +82,7 @@ impl Keys {
             log: key("log"),
             requests: key("requests"),
             last_used: key("last_used"),
+            starved: key("starved"),
             prefix,
         }
     }
@@ -340,6 +351,7 @@ mod tests {
         let keys = Keys::of("ns");
         assert!(keys.marker("ab").starts_with("tak:{ns}:"));
         assert!(keys.staging("cd").starts_with("tak:{ns}:"));
+        assert_eq!(keys.starved, "tak:{ns}:starved");
         let (a, b) = (random_id(), random_id());
         assert_eq!(a.len(), 16);
         assert_ne!(a, b);
