@@ -614,3 +614,48 @@ fn calls(redis: &Redis) -> u64 {
         })
         .sum()
 }
+
+/// A tester's finding: a replica refused a request because the fleet had spent the
+/// limit (its share empty), while its `RateLimit` field, which counts only what this
+/// replica let in, said 6 were left. The limit that refuses says `r=0`.
+#[tokio::test]
+async fn a_refusal_by_the_fleet_says_nothing_is_left() {
+    let Some(redis) = Redis::start() else { return };
+    let file = "[[keys]]\nid = \"fleet\"\nsecret = \"fleet-secret\"\n\
+                rate_limits = [ { name = \"m\", requests = 10, per = \"60s\" } ]\n";
+    let replicas = fleet(&redis, "refusal", file, 2).await;
+    let (a, b) = (replicas[0].addr, replicas[1].addr);
+    let client = common::client();
+    let get = |addr: SocketAddr| {
+        client
+            .get(format!("http://{addr}/"))
+            .bearer_auth("fleet-secret")
+            .send()
+    };
+    // Six let in through A (a spent share waits for the next lease).
+    let (mut admitted, start) = (0, Instant::now());
+    while admitted < 6 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{admitted} let in"
+        );
+        match get(a).await.unwrap().status().as_u16() {
+            200 => admitted += 1,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    // Then B until the fleet refuses it for good: whatever B counted itself, the
+    // refusal's field says nothing is left of `m`.
+    let start = Instant::now();
+    let mut refusals = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        let res = get(b).await.unwrap();
+        if res.status() == 429 {
+            refusals += 1;
+            let state = res.headers()["ratelimit"].to_str().unwrap().to_owned();
+            assert!(state.starts_with("\"m\";r=0;"), "{state}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refusals > 0, "the fleet never refused B");
+}

@@ -38,7 +38,10 @@ use std::{
 
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
-use crate::{KeyInfo, limit::state::Refusal};
+use crate::{
+    KeyInfo,
+    limit::{LimitKind, state::Refusal},
+};
 
 /// Why [`ApiKeyService`](crate::ApiKeyService) refused a request.
 ///
@@ -252,9 +255,33 @@ impl Rejection {
             _ => return,
         };
         headers.insert(header::RETRY_AFTER, retry_after);
-        if let Some(key) = self.key()
-            && let Some((policy, state)) = crate::layer::ratelimit::fields(&key.limits())
-        {
+        let Some(key) = self.key() else { return };
+        let mut limits = key.limits();
+        // The limit that refused has nothing left for this request, whatever the
+        // replica's own count says: in a fleet, the refusal can be the fleet's (this
+        // replica's share of it spent) while the replica alone has let in fewer.
+        for limit in &mut limits {
+            let refusing = match self {
+                Self::RateLimited {
+                    limit: name,
+                    retry_after,
+                    ..
+                } => (limit.kind == LimitKind::Rate && limit.name == *name).then_some(*retry_after),
+                Self::QuotaExceeded { resets_at, .. } => {
+                    (limit.kind == LimitKind::Quota).then(|| {
+                        resets_at
+                            .duration_since(SystemTime::now())
+                            .unwrap_or_default()
+                    })
+                }
+                _ => None,
+            };
+            if let Some(wait) = refusing {
+                limit.remaining = 0;
+                limit.reset = limit.reset.max(wait);
+            }
+        }
+        if let Some((policy, state)) = crate::layer::ratelimit::fields(&limits) {
             headers.insert(crate::layer::ratelimit::POLICY, policy);
             headers.insert(crate::layer::ratelimit::STATE, state);
         }
