@@ -350,3 +350,61 @@ async fn a_change_of_limits_changes_the_etag_so_a_stale_if_match_is_refused() {
         current = next;
     }
 }
+
+/// Behind a load balancer, an admin key with `allowed_ips` is checked against the
+/// client's address as `with_client_ip` finds it, not the balancer's.
+#[tokio::test]
+async fn an_admin_key_s_allowed_ips_can_be_checked_behind_a_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    let root = tower_api_key::ApiKey::new("root", "root-secret")
+        .with_scopes(["admin"])
+        .with_allowed_ips(["203.0.113.0/24".parse().unwrap()]);
+    tower_api_key::KeySet::from_keys([root])
+        .unwrap()
+        .write_file(&path)
+        .unwrap();
+    let store = KeyStore::new();
+    store
+        .add_source(FileSource::new(&path).with_poll_interval(Duration::from_secs(60)))
+        .unwrap();
+    let mut addrs = Vec::new();
+    for client_ip in [
+        None,
+        Some(tower_api_key::ClientIp::x_forwarded_for(["127.0.0.0/8"
+            .parse()
+            .unwrap()])),
+    ] {
+        let mut api = AdminApi::new(store.clone(), FileBackend::new(&path));
+        if let Some(client_ip) = client_ip {
+            api = api.with_client_ip(client_ip);
+        }
+        let app: Router = api.router();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+            .unwrap();
+        });
+    }
+    let list = |addr: SocketAddr, from: &'static str| async move {
+        common::client()
+            .get(format!("http://{addr}/v1/api-keys"))
+            .header("authorization", "Bearer root-secret")
+            .header("x-forwarded-for", from)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    // The peer (loopback) by default: the header is not trusted.
+    assert_eq!(list(addrs[0], "203.0.113.9").await, 403);
+    // The balancer named: the client it forwards for.
+    assert_eq!(list(addrs[1], "203.0.113.9").await, 200);
+    assert_eq!(list(addrs[1], "198.51.100.9").await, 403);
+}

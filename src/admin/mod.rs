@@ -105,6 +105,7 @@ pub struct AdminApi<B> {
     backend: B,
     scope: Arc<str>,
     timeout: Duration,
+    client_ip: crate::ClientIp,
 }
 
 /// What the handlers share.
@@ -130,6 +131,7 @@ impl<B: AdminBackend> AdminApi<B> {
             backend,
             scope: Arc::from("admin"),
             timeout: Duration::from_secs(5),
+            client_ip: crate::ClientIp::peer(),
         }
     }
 
@@ -146,12 +148,31 @@ impl<B: AdminBackend> AdminApi<B> {
         self
     }
 
+    /// Where the API's guard finds the client's address, for admin keys with
+    /// `allowed_ips` (default: the connection's peer, see
+    /// [`ApiKeyLayer::client_ip`](crate::ApiKeyLayer::client_ip)). Behind a load
+    /// balancer, name it here, or such keys are checked against the balancer's
+    /// address.
+    ///
+    /// ```
+    /// use tower_api_key::{ClientIp, KeyStore, admin::{AdminApi, FileBackend}};
+    ///
+    /// let api = AdminApi::new(KeyStore::new(), FileBackend::new("keys.toml"))
+    ///     .with_client_ip(ClientIp::x_forwarded_for(["10.0.0.0/8".parse()?]));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_client_ip(mut self, client_ip: crate::ClientIp) -> Self {
+        self.client_ip = client_ip;
+        self
+    }
+
     /// The router: `/v1/api-keys…` guarded by keys with the scope, and
     /// `/v1/openapi.json`. Merge it into your application's router.
     pub fn router<S: Clone + Send + Sync + 'static>(self) -> Router<S> {
         let guard = ApiKeyLayer::from_store(self.store.clone())
             .with_realm("admin")
             .require_scope(self.scope)
+            .client_ip(self.client_ip)
             .with_rejection(problem::refusal);
         let inner = Arc::new(Inner {
             source: self.backend.source_name(),

@@ -49,7 +49,12 @@ enum Kind {
 const MAX_HOPS: usize = 64;
 
 impl ClientIp {
-    /// The connection's peer address (the default).
+    /// The connection's peer address (the default): axum's
+    /// `ConnectInfo<SocketAddr>`, tonic's `TcpConnectInfo`, or a `SocketAddr` in the
+    /// request's extensions. A tonic server with TLS puts a `TlsConnectInfo` there
+    /// instead, which this crate does not name (it builds tonic without TLS): put the
+    /// peer's `SocketAddr` in the extensions in a layer before this one, or every
+    /// key with `allowed_ips` is refused (the client is unknown).
     #[must_use]
     pub fn peer() -> Self {
         Self(Kind::Peer)
