@@ -495,20 +495,26 @@ async fn an_idle_replica_answers_its_next_request_at_once() {
     }
 }
 
+/// A key file of `n` keys `k0`… (secrets `k0-secret`…), each with a daily quota of
+/// `requests`.
+fn quota_keys(n: usize, requests: u64) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "[[keys]]\nid = \"k{i}\"\nsecret = \"k{i}-secret\"\n\
+                 quota = {{ requests = {requests}, per = \"day\" }}\n"
+            )
+        })
+        .collect()
+}
+
 /// A key whose quota is used up costs Redis nothing while nobody asks for it (every
 /// replica used to ask again on each 20 ms tick until the period ended).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn used_up_quotas_cost_redis_nothing_while_idle() {
     let Some(redis) = Redis::start() else { return };
     const KEYS: usize = 20;
-    let file: String = (0..KEYS)
-        .map(|i| {
-            format!(
-                "[[keys]]\nid = \"k{i}\"\nsecret = \"k{i}-secret\"\n\
-                 quota = {{ requests = 1, per = \"day\" }}\n"
-            )
-        })
-        .collect();
+    let file = quota_keys(KEYS, 1);
     let replicas = fleet(&redis, "usedup", &file, 2).await;
     eventually("the replicas loaded", Duration::from_secs(15), || {
         replicas
@@ -552,14 +558,7 @@ async fn used_up_quotas_cost_redis_nothing_while_idle() {
 async fn idle_keys_cost_redis_a_call_a_second_per_replica() {
     let Some(redis) = Redis::start() else { return };
     const KEYS: usize = 20;
-    let file: String = (0..KEYS)
-        .map(|i| {
-            format!(
-                "[[keys]]\nid = \"k{i}\"\nsecret = \"k{i}-secret\"\n\
-                 quota = {{ requests = 100, per = \"day\" }}\n"
-            )
-        })
-        .collect();
+    let file = quota_keys(KEYS, 100);
     let replicas = fleet(&redis, "idlekeys", &file, 2).await;
     // Each key used once on each replica.
     for r in &replicas {

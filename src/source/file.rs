@@ -52,10 +52,12 @@ use crate::{Error, KeySet, KeySource, KeyUpdater};
 ///   is logged at `warn` and readable from
 ///   [`KeyStore::last_reload`](crate::KeyStore::last_reload).
 /// - An empty (zero-byte) file is a write in progress, and is ignored.
-/// - A file written in place is read once its writer closes it (where the platform
-///   says so, as Linux does), never while it is still open: a writer that pauses
-///   mid-file must not have its prefix applied. One that leaves it open with nothing
-///   more written for 30 s (or the poll interval, if longer) is read as it is then.
+/// - A file written in place is read once its writer closes it, never while it is
+///   still open: a writer that pauses mid-file must not have its prefix applied. One
+///   that leaves it open with nothing more written for 30 s (or the poll interval,
+///   if longer) is read as it is then; a writer that keeps writing is waited for.
+///   That is on Linux, whose file events say when a writer closes; elsewhere a file
+///   written in place is read once two reads agree after the poll interval (or 2 s).
 /// - A file that disappears leaves the last good keys in place until it returns.
 ///
 /// Watching runs on its own thread (no async runtime needed) and stops once the store

@@ -59,8 +59,13 @@ impl Default for Options {
 }
 
 /// How long a write in place may stay open with nothing more written before the
-/// file is read anyway (or the poll interval, if longer).
+/// file is read anyway (or the poll interval, if longer). Only where writers'
+/// closes are reported (inotify): elsewhere no write is ever seen closed, and every
+/// one would wait this long.
+#[cfg(any(target_os = "linux", target_os = "android"))]
 const WRITE_PATIENCE: Duration = Duration::from_secs(30);
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const WRITE_PATIENCE: Duration = Duration::from_secs(2);
 
 pub(crate) type Parser = Box<dyn Fn(&Path, &[u8]) -> Result<KeySet, Error> + Send>;
 
@@ -491,7 +496,19 @@ impl Watch {
             stamp,
             file,
         });
-        match (self.parse)(&self.path, &bytes) {
+        // A parser that panics (a bug, on some content) must not end the watching:
+        // the file is refused, and the next one is read as ever.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            (self.parse)(&self.path, &bytes)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::custom(
+                self.updater.source_name(),
+                "the key file could not be read (the parser failed on it); the last \
+                         good keys stay",
+            ))
+        });
+        match parsed {
             // A refused publish (a conflict with another source) is recorded by the
             // store itself.
             Ok(set) => drop(self.updater.publish(set)),

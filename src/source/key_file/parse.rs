@@ -545,6 +545,9 @@ allowed_ips = ["203.0.113.0/24", "2001:db8::/32"]
             ("[[keys]]\nid = 'a", "does not end on its line"),
             ("[[keys]]\nid = \"a\\q\"", "an escape TOML does not have"),
             ("[[keys]]\nid = \"a\\ \"", "an escape TOML does not have"),
+            // A reviewer's finding: a multi-byte character after `\` panicked.
+            ("[[keys]]\nid = \"a\\é\"", "an escape TOML does not have"),
+            ("[[keys]]\nid = \"a\\😀\"", "an escape TOML does not have"),
             ("[[keys]]\nid = \"a\\u00\"", "too few hexadecimal digits"),
             ("[[keys]]\nid = \"a\\u+041\"", "too few hexadecimal digits"),
             ("[[keys]]\nid = \"a\\x4\"", "too few hexadecimal digits"),
@@ -983,6 +986,8 @@ mod properties {
             Just("\\u+041".to_owned()),
             Just("\\U0001F600".to_owned()),
             Just("\\U00110000".to_owned()),
+            Just("\\é".to_owned()),
+            Just("\\😀".to_owned()),
             Just("\\q".to_owned()),
             Just("\\ ".to_owned()),
             Just("\u{1}".to_owned()),

@@ -274,7 +274,11 @@ fn escape(s: &str) -> Step<'_, char> {
     let Some(&first) = s.as_bytes().first() else {
         return Err("a string that does not end on its line");
     };
-    let rest = &s[1..];
+    // Not `&s[1..]`: after a `\` a hand may have typed any character, and a
+    // multi-byte one has no boundary at 1.
+    let Some(rest) = s.get(1..) else {
+        return Err("an escape TOML does not have");
+    };
     let c = match first {
         b'"' => '"',
         b'\\' => '\\',
