@@ -146,7 +146,8 @@ async fn every_change_is_an_audit_event_naming_the_caller() {
 }
 
 /// An API whose store reads the key file through a symlink in another directory,
-/// polled once a minute: it does not see the API's writes in time.
+/// with no file events and polled once a minute: it does not see the API's writes
+/// in time.
 async fn lagging_api(dir: &std::path::Path) -> std::net::SocketAddr {
     fs::create_dir_all(dir.join("view")).unwrap();
     let path = dir.join("keys.toml");
@@ -156,8 +157,9 @@ async fn lagging_api(dir: &std::path::Path) -> std::net::SocketAddr {
     )
     .unwrap();
     std::os::unix::fs::symlink(&path, dir.join("view/keys.toml")).unwrap();
-    let source =
-        FileSource::new(dir.join("view/keys.toml")).with_poll_interval(Duration::from_secs(60));
+    let source = FileSource::new(dir.join("view/keys.toml"))
+        .with_file_events(false)
+        .with_poll_interval(Duration::from_secs(60));
     let name = tower_api_key::KeySource::name(&source);
     let store = KeyStore::new();
     store.add_source(source).unwrap();

@@ -800,6 +800,40 @@ mod tests {
         assert_eq!(Plan::of(&desired, &current).changed[0].1, ["created_by"]);
     }
 
+    /// A reviewer's findings: `apply --prune` refused a key renamed with its secret
+    /// (the new id was checked against the old, not yet removed), and removing a
+    /// key removed the file's header comment and the comment ending the key before.
+    #[tokio::test]
+    async fn prune_renames_a_key_and_keeps_what_is_not_the_removed_key_s() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let original = "# MANAGED BY TEAM X\n\n[[keys]]\nid = \"old\"\nsecret = \"old-secret-0001\"\n\
+                        # the end of old's notes\n\n# old2, to go\n[[keys]]\nid = \"old2\"\n\
+                        secret = \"old2-secret-0001\"\n\n[[keys]]\nid = \"keep\"\n\
+                        secret = \"keep-secret-0002\"\n";
+        std::fs::write(&path, original).unwrap();
+        let target = Target::File(path.clone());
+        let current = target.read(1 << 20).await.unwrap();
+        let desired = KeySet::from_keys([
+            ApiKey::new("keep", "keep-secret-0002"),
+            ApiKey::new("renamed", "old-secret-0001"),
+        ])
+        .unwrap();
+        let plan = Plan::of(&desired, &current);
+        let (write, removed) = plan.writes(true);
+        edit_file(&path, &write, removed, &current, &target)
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let set = crate::FileSource::parse(&path, text.as_bytes()).unwrap();
+        let mut ids: Vec<&str> = set.iter().map(ApiKey::id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["keep", "renamed"], "{text}");
+        assert!(text.starts_with("# MANAGED BY TEAM X\n\n"), "{text}");
+        assert!(text.contains("# the end of old's notes\n"), "{text}");
+        assert!(!text.contains("# old2, to go"), "{text}");
+    }
+
     #[test]
     fn a_plan_names_added_changed_fields_and_removed() {
         let current = Current::List(vec![

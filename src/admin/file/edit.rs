@@ -176,6 +176,25 @@ pub(super) fn spans(text: &str, set: &KeySet) -> Option<Vec<Span>> {
     )
 }
 
+/// How many bytes at the start of a table's span (its leading comments and blank
+/// lines, then its header) are not its own: everything up to the last blank line
+/// before the header.
+fn leading_trivia_to_keep(span: &str) -> usize {
+    let mut at = 0;
+    let mut keep = 0;
+    for line in span.split_inclusive('\n') {
+        let bare = line.trim();
+        if is_header(bare) || !(bare.is_empty() || bare.starts_with('#')) {
+            break;
+        }
+        at += line.len();
+        if bare.is_empty() {
+            keep = at;
+        }
+    }
+    keep
+}
+
 /// Whether a trimmed line is a `[[keys]]` header (with an optional comment).
 pub(super) fn is_header(bare: &str) -> bool {
     let Some(rest) = bare.strip_prefix("[[") else {
@@ -208,6 +227,11 @@ pub(super) struct Batch<'a> {
     pub(super) changed: HashMap<Arc<str>, Option<ApiKey>>,
     /// Ids of new keys, in the order they were added.
     pub(super) added: Vec<Arc<str>>,
+    /// The same ids, to look them up.
+    new_ids: std::collections::HashSet<Arc<str>>,
+    /// The digest of each key in `changed`, and its id: a batch of thousands of
+    /// changes checks each against the others in one look, not a walk.
+    digests: HashMap<KeyDigest, Arc<str>>,
 }
 
 impl<'a> Batch<'a> {
@@ -216,6 +240,8 @@ impl<'a> Batch<'a> {
             base,
             changed: HashMap::new(),
             added: Vec::new(),
+            new_ids: std::collections::HashSet::new(),
+            digests: HashMap::new(),
         }
     }
 
@@ -240,9 +266,9 @@ impl<'a> Batch<'a> {
     pub(super) fn unique(&self, key: &ApiKey) -> Result<(), BackendError> {
         // Among the changed keys, and among the base's keys left as they were.
         let taken = self
-            .changed
-            .iter()
-            .any(|(id, k)| *id != key.id && k.as_ref().is_some_and(|k| k.digest == key.digest))
+            .digests
+            .get(&key.digest)
+            .is_some_and(|id| *id != key.id)
             || self
                 .base
                 .keys
@@ -276,7 +302,9 @@ impl<'a> Batch<'a> {
             }
             Op::Delete(id, if_match) => {
                 self.check(id, if_match.as_deref())?;
-                self.changed.insert(Arc::from(id.as_str()), None);
+                let id: Arc<str> = Arc::from(id.as_str());
+                self.forget_digest(&id);
+                self.changed.insert(id, None);
             }
             Op::Rotate {
                 successor,
@@ -299,10 +327,21 @@ impl<'a> Batch<'a> {
 
     pub(super) fn put(&mut self, key: ApiKey) {
         let id = key.id.clone();
-        if !self.base.keys.contains(&id) && !self.added.contains(&id) {
+        if !self.base.keys.contains(&id) && self.new_ids.insert(id.clone()) {
             self.added.push(id.clone());
         }
+        self.forget_digest(&id);
+        self.digests.insert(key.digest, id.clone());
         self.changed.insert(id, Some(key));
+    }
+
+    /// Forgets the digest the batch gave `id` so far, if any.
+    fn forget_digest(&mut self, id: &Arc<str>) {
+        if let Some(Some(old)) = self.changed.get(id)
+            && self.digests.get(&old.digest) == Some(id)
+        {
+            self.digests.remove(&old.digest);
+        }
     }
 
     /// The changes by id.
@@ -332,11 +371,24 @@ impl<'a> Batch<'a> {
         let text = &self.base.text;
         let mut out = String::with_capacity(text.len() + 512 * self.added.len());
         let mut spans = Vec::with_capacity(tables.len() + self.added.len());
+        // Where the lines kept from a removed table begin, for the next table to take.
+        let mut kept: Option<usize> = None;
         for table in tables {
-            let start = out.len();
+            let start = kept.take().unwrap_or(out.len());
             match self.changed.get(&table.id) {
                 None => out.push_str(text.get(table.start..table.end)?),
-                Some(None) => continue,
+                Some(None) => {
+                    // A removed table takes with it only the comments right above its
+                    // header; those before a blank line (the file's header, the end
+                    // of the key before) are not its own, and stay.
+                    let own = text.get(table.start..table.end)?;
+                    let keep = leading_trivia_to_keep(own);
+                    if keep > 0 {
+                        out.push_str(&own[..keep]);
+                        kept = Some(start);
+                    }
+                    continue;
+                }
                 Some(Some(key)) => {
                     let mut doc: DocumentMut = text.get(table.start..table.end)?.parse().ok()?;
                     let one = doc.get_mut("keys")?.as_array_of_tables_mut()?.get_mut(0)?;
@@ -355,11 +407,19 @@ impl<'a> Batch<'a> {
                 end: out.len(),
             });
         }
+        // Lines kept from removed tables at the end belong to the last table left.
+        if let Some(start) = kept.take() {
+            match spans.last_mut() {
+                Some(last) => last.end = out.len(),
+                None if self.added.is_empty() => {}
+                None => kept = Some(start),
+            }
+        }
         for id in &self.added {
             let Some(Some(key)) = self.changed.get(id) else {
                 continue;
             };
-            let start = out.len();
+            let start = kept.take().unwrap_or(out.len());
             if !out.is_empty() {
                 out.push('\n');
             }

@@ -194,13 +194,15 @@ impl FileBackend {
     ) -> Result<(), BackendError> {
         use super::record_etag;
         let etag = |id: &str| read.get(id).map(|old| record_etag(old));
-        let ops: Vec<Op> = keys
+        // Removals first: a key renamed (its old id removed, a new one with its
+        // secret added) is then no second holder of its secret.
+        let ops: Vec<Op> = removed
             .iter()
-            .map(|key| match etag(key.id()) {
+            .map(|id| Op::Delete(id.clone(), etag(id)))
+            .chain(keys.iter().map(|key| match etag(key.id()) {
                 Some(etag) => Op::Update(key.clone(), Some(etag)),
                 None => Op::Create(key.clone()),
-            })
-            .chain(removed.iter().map(|id| Op::Delete(id.clone(), etag(id))))
+            }))
             .collect();
         let shared = self.shared.clone();
         let written = tokio::task::spawn_blocking(move || {
