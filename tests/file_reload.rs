@@ -174,6 +174,27 @@ async fn kubernetes_volume_data_symlink_swap() {
     assert_eq!(f.status("new-key").await, 200);
 }
 
+/// A key file that is a symlink to a file of another name beside it, edited in
+/// place and replaced by `mv`: both seen at once (the poll is a minute here).
+#[tokio::test]
+async fn a_symlink_to_a_file_beside_it_is_followed() {
+    use std::os::unix::fs::symlink;
+    let mut f = fixture(true, |dir| {
+        fs::write(dir.join("real.toml"), toml(&[("old", "old-key")])).unwrap();
+        symlink("real.toml", dir.join("keys.toml")).unwrap();
+        dir.join("keys.toml")
+    })
+    .await;
+    let real = f.dir.join("real.toml");
+    fs::write(&real, toml(&[("old", "old-key"), ("new", "new-key")])).unwrap();
+    assert_eq!(f.applied("an edit in place").await.added(), ["new"]);
+    let tmp = f.dir.join("real.toml.tmp");
+    fs::write(&tmp, toml(&[("third", "third-key")])).unwrap();
+    fs::rename(&tmp, &real).unwrap();
+    assert_eq!(f.applied("a file moved over it").await.added(), ["third"]);
+    assert_eq!(f.status("third-key").await, 200);
+}
+
 /// A key file that is a symlink to a file in another directory, edited there: the
 /// edit is seen at once (the poll is a minute here), and so is one to the file the
 /// link names after it is repointed.

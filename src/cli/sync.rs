@@ -832,6 +832,29 @@ mod tests {
         assert!(text.starts_with("# MANAGED BY TEAM X\n\n"), "{text}");
         assert!(text.contains("# the end of old's notes\n"), "{text}");
         assert!(!text.contains("# old2, to go"), "{text}");
+
+        // Every key removed, then one added: the comments left stay through both.
+        for desired in [
+            KeySet::new(),
+            KeySet::from_keys([ApiKey::new("n", "n-secret-0003")]).unwrap(),
+        ] {
+            let current = target.read(1 << 20).await.unwrap();
+            let plan = Plan::of(&desired, &current);
+            let (write, removed) = plan.writes(true);
+            edit_file(&path, &write, removed, &current, &target)
+                .await
+                .unwrap();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.starts_with("# MANAGED BY TEAM X\n\n"), "{text}");
+            assert!(text.contains("# the end of old's notes\n"), "{text}");
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let set = crate::FileSource::parse(&path, text.as_bytes()).unwrap();
+        assert_eq!(
+            set.iter().map(ApiKey::id).collect::<Vec<_>>(),
+            ["n"],
+            "{text}"
+        );
     }
 
     #[test]

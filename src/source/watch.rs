@@ -219,7 +219,9 @@ impl Watch {
             if self.options.events
                 && (watcher.is_none()
                     || burst.as_ref().is_some_and(|b| b.watcher_failed)
-                    || self.elsewhere() != self.followed)
+                    // (looked at on news and polls, not each tick of an open write)
+                    || ((burst.is_some() || self.writing.is_none())
+                        && self.elsewhere() != self.followed))
             {
                 watcher = self.watcher();
             }
@@ -307,14 +309,34 @@ impl Watch {
         let dir = self.dir();
         let file_name = self.path.file_name().map(ToOwned::to_owned);
         self.followed = self.elsewhere();
+        // The named file's directory, when it is not the link's (watched too), and
+        // the name its events carry.
+        let here = std::fs::canonicalize(&dir).ok();
+        let other_dir = self
+            .followed
+            .as_deref()
+            .and_then(Path::parent)
+            .filter(|parent| Some(*parent) != here.as_deref())
+            .map(Path::to_path_buf);
         let followed = self.followed.clone();
+        let followed_name = followed
+            .as_deref()
+            .and_then(Path::file_name)
+            .map(ToOwned::to_owned);
+        let beside = other_dir.is_none();
         let tx = self.tx.clone();
         let link = self.member.link.clone();
         let handler = move |event: notify::Result<notify::Event>| {
             let signal = match event {
                 Ok(event) => {
                     let ours = event.paths.iter().any(|p| {
-                        p.file_name() == file_name.as_deref() || Some(p) == followed.as_ref()
+                        p.file_name() == file_name.as_deref()
+                            || Some(p) == followed.as_ref()
+                            // The named file beside the link: its events carry the
+                            // directory as the link's watch spells it.
+                            || (beside
+                                && followed_name.is_some()
+                                && p.file_name() == followed_name.as_deref())
                     });
                     let data = event
                         .paths
@@ -355,7 +377,7 @@ impl Watch {
         };
         let mut watcher = notify::recommended_watcher(handler).ok()?;
         watcher.watch(&dir, RecursiveMode::NonRecursive).ok()?;
-        if let Some(parent) = self.followed.as_deref().and_then(Path::parent) {
+        if let Some(parent) = &other_dir {
             // Best effort: the link's directory and the poll still cover the file.
             let _ = watcher.watch(parent, RecursiveMode::NonRecursive);
         }
@@ -370,8 +392,8 @@ impl Watch {
         }
     }
 
-    /// The file the key file's symlink names, when that file is in another
-    /// directory than the link (followed to the end, as a read follows it).
+    /// The file the key file's symlink names (followed to the end, as a read
+    /// follows it), when the key file is a symlink.
     fn elsewhere(&self) -> Option<PathBuf> {
         if !std::fs::symlink_metadata(&self.path)
             .ok()?
@@ -380,9 +402,7 @@ impl Watch {
         {
             return None;
         }
-        let target = std::fs::canonicalize(&self.path).ok()?;
-        let here = std::fs::canonicalize(self.dir()).ok()?;
-        (target.parent() != Some(here.as_path())).then_some(target)
+        std::fs::canonicalize(&self.path).ok()
     }
 
     /// How long a write in place left open is waited for, with nothing more written.

@@ -373,7 +373,15 @@ impl<'a> Batch<'a> {
         let mut spans = Vec::with_capacity(tables.len() + self.added.len());
         // Where the lines kept from a removed table begin, for the next table to take.
         let mut kept: Option<usize> = None;
+        // Text outside every table (a file of comments only, or lines a removal
+        // kept with no table after them) is copied where it stands.
+        let mut at = 0;
         for table in tables {
+            if let Some(gap) = text.get(at..table.start).filter(|g| !g.is_empty()) {
+                kept.get_or_insert(out.len());
+                out.push_str(gap);
+            }
+            at = table.end;
             let start = kept.take().unwrap_or(out.len());
             match self.changed.get(&table.id) {
                 None => out.push_str(text.get(table.start..table.end)?),
@@ -383,8 +391,9 @@ impl<'a> Batch<'a> {
                     // of the key before) are not its own, and stay.
                     let own = text.get(table.start..table.end)?;
                     let keep = leading_trivia_to_keep(own);
-                    if keep > 0 {
-                        out.push_str(&own[..keep]);
+                    out.push_str(&own[..keep]);
+                    // Lines kept (now or by a removal before) go with the next table.
+                    if start < out.len() {
                         kept = Some(start);
                     }
                     continue;
@@ -406,6 +415,10 @@ impl<'a> Batch<'a> {
                 start,
                 end: out.len(),
             });
+        }
+        if let Some(rest) = text.get(at..).filter(|r| !r.is_empty()) {
+            kept.get_or_insert(out.len());
+            out.push_str(rest);
         }
         // Lines kept from removed tables at the end belong to the last table left.
         if let Some(start) = kept.take() {

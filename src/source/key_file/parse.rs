@@ -2,20 +2,13 @@
 //! the crate's writer writes (and large files use), by a fast path that accepts
 //! exactly the same. Files over 4 MiB are read by the fast path alone.
 
-use std::{
-    path::Path,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::path::Path;
 
 use serde::Deserialize;
-use toml::{Spanned, value::Datetime};
+use toml::Spanned;
 use zeroize::Zeroizing;
 
-use crate::{
-    ApiKey, Error, KeySet,
-    key::digest::KeyDigest,
-    limit::{IpNet, Quota, RateLimit},
-};
+use crate::{Error, KeySet};
 
 /// Parses key-file content; `path` is only used in errors.
 pub(crate) fn parse(path: &Path, content: &[u8]) -> Result<KeySet, Error> {
@@ -35,49 +28,6 @@ fn parse_with(path: &Path, content: &[u8], general_max: usize) -> Result<KeySet,
 struct KeyFile {
     #[serde(default)]
     keys: Vec<Spanned<KeyEntry<String, Zeroizing<String>>>>,
-}
-
-/// One `[[keys]]` table. `S` is the string type (owned from the TOML parser,
-/// borrowed from the file on the fast path), `T` the secret's.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeyEntry<S, T> {
-    id: S,
-    secret: Option<T>,
-    sha256: Option<S>,
-    #[serde(default = "Vec::new")]
-    scopes: Vec<S>,
-    tenant: Option<S>,
-    owner: Option<S>,
-    description: Option<S>,
-    not_before: Option<Datetime>,
-    expires_at: Option<Datetime>,
-    #[serde(default)]
-    disabled: bool,
-    created_at: Option<Datetime>,
-    created_by: Option<S>,
-    rotated_from: Option<S>,
-    #[serde(default = "Vec::new")]
-    rate_limits: Vec<RateLimitEntry<S>>,
-    quota: Option<QuotaEntry<S>>,
-    allowed_ips: Option<Vec<S>>,
-}
-
-/// One of `rate_limits = [{ name = "burst", requests = 100, per = "1s" }]`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RateLimitEntry<S> {
-    name: S,
-    requests: u64,
-    per: S,
-}
-
-/// `quota = { requests = 1000000, per = "month" }`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct QuotaEntry<S> {
-    requests: u64,
-    per: S,
 }
 
 /// Parses a key file; on error, the byte offset it points at, where known.
@@ -134,149 +84,10 @@ fn general(text: &str) -> Result<KeySet, (Error, Option<usize>)> {
     Ok(set)
 }
 
+mod entry;
 mod simple;
 
-impl<S, T> KeyEntry<S, T>
-where
-    S: AsRef<str> + Into<Box<str>>,
-    T: AsRef<str>,
-{
-    fn into_key(self) -> Result<ApiKey, Error> {
-        let id = self.id.as_ref();
-        let key = match (&self.secret, &self.sha256) {
-            (Some(secret), None) if secret.as_ref().is_empty() => {
-                return Err(Error::invalid(Some(id), "`secret` must not be empty"));
-            }
-            (Some(secret), None) => ApiKey::new(id, secret.as_ref()),
-            (None, Some(hex)) => ApiKey::from_digest(
-                id.into(),
-                KeyDigest::from_hex(hex.as_ref().trim()).ok_or_else(|| {
-                    Error::invalid(Some(id), "`sha256` must be 64 hexadecimal digits")
-                })?,
-            ),
-            (Some(_), Some(_)) => {
-                return Err(Error::invalid(
-                    Some(id),
-                    "both `secret` and `sha256` are set; give exactly one",
-                ));
-            }
-            (None, None) => {
-                return Err(Error::invalid(
-                    Some(id),
-                    "neither `secret` nor `sha256` is set; give exactly one",
-                ));
-            }
-        };
-        let mut key = key.with_disabled(self.disabled);
-        if !self.scopes.is_empty() {
-            key = key.with_scopes(self.scopes);
-        }
-        if let Some(tenant) = self.tenant {
-            key = key.with_tenant(tenant);
-        }
-        if let Some(owner) = self.owner {
-            key = key.with_owner(owner);
-        }
-        if let Some(description) = self.description {
-            key = key.with_description(description);
-        }
-        if let Some(at) = self.not_before {
-            key = key.with_not_before(instant(id, "not_before", &at)?);
-        }
-        if let Some(at) = self.created_at {
-            key = key.with_created_at(instant(id, "created_at", &at)?);
-        }
-        if let Some(by) = self.created_by {
-            key = key.with_created_by(by);
-        }
-        if let Some(from) = self.rotated_from {
-            key = key.with_rotated_from(from);
-        }
-        if let Some(at) = self.expires_at {
-            key = key.with_expires_at(instant(id, "expires_at", &at)?);
-        }
-        for rate in self.rate_limits {
-            let name = rate.name.as_ref();
-            let per = RateLimit::parse_per(rate.per.as_ref()).map_err(|e| {
-                Error::invalid(Some(id), format!("`rate_limits` `{name}`: `per`: {e}"))
-            })?;
-            key = key.with_rate_limit(RateLimit::new(name, rate.requests, per));
-        }
-        if let Some(quota) = self.quota {
-            let period = quota
-                .per
-                .as_ref()
-                .parse()
-                .map_err(|e| Error::invalid(Some(id), e))?;
-            key = key.with_quota(Quota::new(quota.requests, period));
-        }
-        if let Some(nets) = self.allowed_ips {
-            let nets = nets
-                .iter()
-                .enumerate()
-                .map(|(at, net)| {
-                    // Named by its place, never quoted: a secret pasted into the
-                    // wrong field must not reach a log.
-                    net.as_ref().parse::<IpNet>().map_err(|e| {
-                        Error::invalid(Some(id), format!("`allowed_ips`, entry {}: {e}", at + 1))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            key = key.with_allowed_ips(nets);
-        }
-        Ok(key)
-    }
-}
-
-/// Converts a TOML offset datetime to a `SystemTime`.
-fn instant(id: &str, field: &str, dt: &Datetime) -> Result<SystemTime, Error> {
-    use toml::value::Offset;
-    let (Some(date), Some(clock), Some(offset)) = (dt.date, dt.time, dt.offset) else {
-        return Err(Error::invalid(
-            Some(id),
-            format!("`{field}` needs a date, a time and a UTC offset, e.g. 2026-12-01T00:00:00Z"),
-        ));
-    };
-    let offset_seconds = match offset {
-        Offset::Z => 0,
-        Offset::Custom { minutes } => i32::from(minutes) * 60,
-    };
-    let nanos = (|| {
-        let date = time::Date::from_calendar_date(
-            i32::from(date.year),
-            time::Month::try_from(date.month).ok()?,
-            date.day,
-        )
-        .ok()?;
-        let clock = time::Time::from_hms_nano(
-            clock.hour,
-            clock.minute,
-            clock.second.unwrap_or(0),
-            clock.nanosecond.unwrap_or(0),
-        )
-        .ok()?;
-        let offset = time::UtcOffset::from_whole_seconds(offset_seconds).ok()?;
-        Some(
-            time::PrimitiveDateTime::new(date, clock)
-                .assume_offset(offset)
-                .unix_timestamp_nanos(),
-        )
-    })();
-    let at = nanos.and_then(|n| {
-        // Whole seconds and the rest: a `u64` of nanoseconds ends in 2554, and the
-        // writer writes instants up to the year 9999.
-        let (secs, nanos) = (
-            n.unsigned_abs() / 1_000_000_000,
-            n.unsigned_abs() % 1_000_000_000,
-        );
-        let since = Duration::new(u64::try_from(secs).ok()?, u32::try_from(nanos).ok()?);
-        match n >= 0 {
-            true => UNIX_EPOCH.checked_add(since),
-            false => UNIX_EPOCH.checked_sub(since),
-        }
-    });
-    at.ok_or_else(|| Error::invalid(Some(id), format!("`{field}` is out of range")))
-}
+use self::entry::KeyEntry;
 
 /// The line of `text` that holds byte `at`.
 fn line_at(text: &str, at: usize) -> &str {
@@ -324,7 +135,14 @@ fn line_of(content: &[u8], offset: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
     use super::*;
+    use crate::{
+        ApiKey,
+        key::digest::KeyDigest,
+        limit::{Quota, RateLimit},
+    };
 
     fn err(content: &str) -> String {
         parse(Path::new("keys.toml"), content.as_bytes())
@@ -938,8 +756,15 @@ allowed_ips = ["203.0.113.0/24", "2001:db8::/32"]
 
 #[cfg(test)]
 mod properties {
-    use super::*;
+    use std::time::{Duration, SystemTime};
+
     use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        ApiKey,
+        limit::{Quota, RateLimit},
+    };
 
     /// A value as a key file might hold it, plain or not.
     fn value() -> impl Strategy<Value = String> {

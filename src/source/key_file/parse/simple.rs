@@ -13,8 +13,8 @@ use std::borrow::Cow;
 use toml::value::Datetime;
 use zeroize::Zeroizing;
 
-use super::{KeyEntry, KeySet, QuotaEntry, RateLimitEntry};
-use crate::Error;
+use super::entry::{KeyEntry, QuotaEntry, RateLimitEntry};
+use crate::{Error, KeySet};
 
 /// A line the fast path does not read: where it starts, and what in it is outside the
 /// subset, said without quoting anything from the line (a value may be a secret).
