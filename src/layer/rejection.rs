@@ -260,23 +260,21 @@ impl Rejection {
         // The limit that refused has nothing left for this request, whatever the
         // replica's own count says: in a fleet, the refusal can be the fleet's (this
         // replica's share of it spent) while the replica alone has let in fewer.
+        let (kind, name, wait) = match self {
+            Self::RateLimited {
+                limit, retry_after, ..
+            } => (LimitKind::Rate, Some(limit), *retry_after),
+            Self::QuotaExceeded { resets_at, .. } => (
+                LimitKind::Quota,
+                None,
+                resets_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default(),
+            ),
+            _ => return,
+        };
         for limit in &mut limits {
-            let refusing = match self {
-                Self::RateLimited {
-                    limit: name,
-                    retry_after,
-                    ..
-                } => (limit.kind == LimitKind::Rate && limit.name == *name).then_some(*retry_after),
-                Self::QuotaExceeded { resets_at, .. } => {
-                    (limit.kind == LimitKind::Quota).then(|| {
-                        resets_at
-                            .duration_since(SystemTime::now())
-                            .unwrap_or_default()
-                    })
-                }
-                _ => None,
-            };
-            if let Some(wait) = refusing {
+            if limit.kind == kind && name.is_none_or(|name| limit.name == *name) {
                 limit.remaining = 0;
                 limit.reset = limit.reset.max(wait);
             }

@@ -166,8 +166,9 @@ struct Watch {
     empty: Option<(Instant, bool)>,
     /// Where the file-system watcher sends its signals.
     tx: mpsc::Sender<Signal>,
-    /// The file a symlinked key file names, when it is in another directory, which
-    /// is then watched too (an edit there makes no event in the link's directory).
+    /// The file a symlinked key file names: its events are the key file's, and its
+    /// directory, when not the link's, is watched too (an edit there makes no event
+    /// in the link's directory).
     followed: Option<PathBuf>,
 }
 
@@ -250,18 +251,17 @@ impl Watch {
                 None if self.writing.is_some() => match self.writing {
                     Some(since) if since.elapsed() < self.patience() => {}
                     _ => {
-                        self.writing = None;
                         #[cfg(feature = "tracing")]
-                        if std::mem::take(&mut self.wrote) {
+                        if self.wrote {
                             tracing::warn!(
                                 target: "tower_api_key::reload",
                                 source = %self.updater.source_name(),
                                 "the key file was written in place and left open, unchanged, \
                                  for {} s; reading it as it is",
-                                self.options.poll.max(WRITE_PATIENCE).as_secs()
+                                self.patience().as_secs()
                             );
                         }
-                        self.wrote = false;
+                        (self.writing, self.wrote) = (None, false);
                         self.check(true);
                     }
                 },
@@ -525,7 +525,7 @@ impl Watch {
             Err(Error::custom(
                 self.updater.source_name(),
                 "the key file could not be read (the parser failed on it); the last \
-                         good keys stay",
+                 good keys stay",
             ))
         });
         match parsed {

@@ -371,18 +371,13 @@ impl<'a> Batch<'a> {
         let text = &self.base.text;
         let mut out = String::with_capacity(text.len() + 512 * self.added.len());
         let mut spans = Vec::with_capacity(tables.len() + self.added.len());
-        // Where the lines kept from a removed table begin, for the next table to take.
-        let mut kept: Option<usize> = None;
-        // Text outside every table (a file of comments only, or lines a removal
-        // kept with no table after them) is copied where it stands.
+        // Text outside every table (a file of comments only, or the lines a removal
+        // kept) is copied where it stands.
         let mut at = 0;
         for table in tables {
-            if let Some(gap) = text.get(at..table.start).filter(|g| !g.is_empty()) {
-                kept.get_or_insert(out.len());
-                out.push_str(gap);
-            }
+            out.push_str(text.get(at..table.start)?);
             at = table.end;
-            let start = kept.take().unwrap_or(out.len());
+            let start = out.len();
             match self.changed.get(&table.id) {
                 None => out.push_str(text.get(table.start..table.end)?),
                 Some(None) => {
@@ -390,12 +385,7 @@ impl<'a> Batch<'a> {
                     // header; those before a blank line (the file's header, the end
                     // of the key before) are not its own, and stay.
                     let own = text.get(table.start..table.end)?;
-                    let keep = leading_trivia_to_keep(own);
-                    out.push_str(&own[..keep]);
-                    // Lines kept (now or by a removal before) go with the next table.
-                    if start < out.len() {
-                        kept = Some(start);
-                    }
+                    out.push_str(&own[..leading_trivia_to_keep(own)]);
                     continue;
                 }
                 Some(Some(key)) => {
@@ -416,23 +406,12 @@ impl<'a> Batch<'a> {
                 end: out.len(),
             });
         }
-        if let Some(rest) = text.get(at..).filter(|r| !r.is_empty()) {
-            kept.get_or_insert(out.len());
-            out.push_str(rest);
-        }
-        // Lines kept from removed tables at the end belong to the last table left.
-        if let Some(start) = kept.take() {
-            match spans.last_mut() {
-                Some(last) => last.end = out.len(),
-                None if self.added.is_empty() => {}
-                None => kept = Some(start),
-            }
-        }
+        out.push_str(text.get(at..)?);
         for id in &self.added {
             let Some(Some(key)) = self.changed.get(id) else {
                 continue;
             };
-            let start = kept.take().unwrap_or(out.len());
+            let start = out.len();
             if !out.is_empty() {
                 out.push('\n');
             }
