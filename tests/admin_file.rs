@@ -141,6 +141,42 @@ async fn a_half_written_key_file_is_not_written_over() {
     assert!(s.works("hand-secret-2").await);
 }
 
+/// The same writer pausing longer, as a slow link or a person typing does: the
+/// watcher's news of an open write in place was believed for two seconds from the
+/// first write, after which the API took the prefix for the file and wrote over it
+/// (the writer's later keys lost). It is believed as long as the watcher waits for
+/// the writer.
+#[tokio::test]
+async fn a_write_in_place_that_pauses_for_seconds_is_not_written_over() {
+    let full = ROOT.to_owned() + &hand_key(1) + &hand_key(2);
+    let s = server(&full).await;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&s.path)
+        .unwrap();
+    file.write_all(ROOT.as_bytes()).unwrap();
+    file.flush().unwrap();
+    // Past the old two seconds, and past the watcher's own two-second look at a
+    // name created with nothing written.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = s.create("new").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(fs::read_to_string(&s.path).unwrap(), ROOT, "left alone");
+    // The keys of the last complete file still work meanwhile.
+    assert!(s.works("hand-secret-2").await);
+    file.write_all((hand_key(1) + &hand_key(2)).as_bytes())
+        .unwrap();
+    drop(file);
+    let start = Instant::now();
+    while s.create("after").await.0 != 201 {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = fs::read_to_string(&s.path).unwrap();
+    assert!(text.contains("hand-1") && text.contains("hand-2"), "{text}");
+}
+
 /// An editor removes 300 keys one by one, each time writing the file elsewhere and
 /// renaming it over, while the API creates keys as fast as it can: no key the editor
 /// removed comes back.

@@ -1342,6 +1342,60 @@ fn a_password_in_a_misplaced_url_is_not_repeated_by_the_argument_parser() {
     }
 }
 
+/// A writer that pauses with the key file open (a slow `cat > keys.toml`, `ssh host
+/// 'cat > keys.toml'` on a slow link) leaves on disk a prefix that parses and reads
+/// the same twice. `apply` leaves it alone while the writer has the file open (exit
+/// 3, nothing written), and once the writer is done writes on top of the whole file.
+#[cfg(target_os = "linux")]
+#[test]
+fn apply_leaves_a_file_another_process_is_still_writing_alone() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live.toml");
+    let desired = dir.path().join("desired.toml");
+    let first = "[[keys]]\nid = \"first\"\nsecret = \"s3cr3t-first-0000\"\n";
+    let rest = "\n[[keys]]\nid = \"rest\"\nsecret = \"s3cr3t-rest-00000\"\n";
+    fs::write(
+        &desired,
+        "[[keys]]\nid = \"added\"\nsecret = \"s3cr3t-added-0000\"\n",
+    )
+    .unwrap();
+    let mut writer = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(
+            "exec 3>\"$1\"; printf '%s' \"$2\" >&3; echo ready; read go; \
+             printf '%s' \"$3\" >&3; exec 3>&-; echo done",
+        )
+        .args(["sh", p(&live), first, rest])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(writer.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+
+    let r = run(&["apply", p(&desired), "--file", p(&live)])
+        .code(3)
+        .one_line_error();
+    assert!(r.err.contains("open for writing"), "{}", r.err);
+    assert_eq!(fs::read_to_string(&live).unwrap(), first);
+
+    writeln!(writer.stdin.take().unwrap(), "go").unwrap();
+    line.clear();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line, "done\n");
+    assert!(writer.wait().unwrap().success());
+
+    run(&["apply", p(&desired), "--file", p(&live)]).code(0);
+    let text = fs::read_to_string(&live).unwrap();
+    for id in ["first", "rest", "added"] {
+        assert!(text.contains(&format!("id = \"{id}\"")), "{id}: {text}");
+    }
+}
+
 #[cfg(unix)]
 #[test]
 fn a_dangling_link_at_the_secret_files_name_is_never_written_through() {

@@ -37,7 +37,9 @@ pub(crate) struct Link {
     /// the path. A private link (a source of another format) locks nothing else.
     shared: bool,
     gate: Mutex<State>,
-    open_write: Mutex<Option<Instant>>,
+    /// A write in place the watchers heard: when they last heard of it, and whether
+    /// it has written anything.
+    open_write: Mutex<Option<(Instant, bool)>>,
 }
 
 /// What the gate guards.
@@ -79,9 +81,17 @@ pub(crate) struct Gate<'a> {
 const WRITER_PATIENCE: Duration = Duration::from_secs(5);
 /// How long a watcher waits for it before it reads without it.
 const WATCHER_PATIENCE: Duration = Duration::from_secs(1);
-/// How long an open write in place is believed without news: a writer that never
-/// closes is given up on, as the watcher gives up on it.
+/// How long an open write in place that has written nothing yet (a name created, a
+/// file truncated) is believed without news.
 const OPEN_WRITE_TRUST: Duration = Duration::from_secs(2);
+
+/// How long a write in place may stay open with nothing more written before the
+/// file is taken as it is. Only where writers' closes are reported (inotify):
+/// elsewhere no write is ever seen closed, and every one would wait this long.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) const WRITE_PATIENCE: Duration = Duration::from_secs(30);
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) const WRITE_PATIENCE: Duration = Duration::from_secs(2);
 
 type Table = Mutex<HashMap<PathBuf, Weak<Link>>>;
 
@@ -210,25 +220,34 @@ impl Link {
     }
 
     /// Notes that a writer opened the file in place and may still be writing
-    /// (`Some`), or that it closed it or the file was replaced whole (`None`).
-    pub(crate) fn note_open_write(&self, open: bool) {
+    /// (`Some`: whether it wrote data), or that it closed it or the file was replaced
+    /// whole (`None`). Each note is news: the write is believed open for a while
+    /// after the last one.
+    pub(crate) fn note_open_write(&self, open: Option<bool>) {
         let mut slot = self
             .open_write
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        *slot = match open {
-            true => Some(*slot.get_or_insert_with(Instant::now)),
-            false => None,
-        };
+        *slot = open.map(|data| {
+            let wrote = data || slot.is_some_and(|(_, wrote)| wrote);
+            (Instant::now(), wrote)
+        });
     }
 
-    /// Whether the watchers' file events say a write in place is open (for at most
-    /// two seconds without news).
+    /// Whether the watchers' file events say a write in place is open: up to
+    /// [`WRITE_PATIENCE`] after the last data it wrote, as the watcher waits for it,
+    /// or two seconds after a write that has written nothing.
     pub(crate) fn write_open(&self) -> bool {
         self.open_write
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_some_and(|since| since.elapsed() < OPEN_WRITE_TRUST)
+            .is_some_and(|(news, wrote)| {
+                news.elapsed()
+                    < match wrote {
+                        true => WRITE_PATIENCE,
+                        false => OPEN_WRITE_TRUST,
+                    }
+            })
     }
 }
 

@@ -12,6 +12,8 @@ pub(crate) mod read;
 pub(crate) mod replica;
 #[cfg(feature = "file")]
 mod watch;
+#[cfg(feature = "admin")]
+pub(crate) mod writers;
 
 pub use channel::{ChannelSource, KeyPublisher};
 pub use env::EnvSource;

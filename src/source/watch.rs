@@ -30,7 +30,7 @@ use notify::{
 };
 
 use super::{
-    link::{Link, Member, Seen},
+    link::{Link, Member, Seen, WRITE_PATIENCE},
     read::{FileBytes, Fingerprint, Stamp, fingerprint_of_file},
 };
 use crate::{Error, KeySet, KeyUpdater};
@@ -57,15 +57,6 @@ impl Default for Options {
         }
     }
 }
-
-/// How long a write in place may stay open with nothing more written before the
-/// file is read anyway (or the poll interval, if longer). Only where writers'
-/// closes are reported (inotify): elsewhere no write is ever seen closed, and every
-/// one would wait this long.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-const WRITE_PATIENCE: Duration = Duration::from_secs(30);
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-const WRITE_PATIENCE: Duration = Duration::from_secs(2);
 
 pub(crate) type Parser = Box<dyn Fn(&Path, &[u8]) -> Result<KeySet, Error> + Send>;
 
@@ -369,8 +360,8 @@ impl Watch {
             };
             // Told to the file's writers at once: a write in place is open, or done.
             match signal {
-                Signal::Writing { .. } => link.note_open_write(true),
-                Signal::Changed => link.note_open_write(false),
+                Signal::Writing { data } => link.note_open_write(Some(data)),
+                Signal::Changed => link.note_open_write(None),
                 _ => {}
             }
             let _ = tx.send(signal);

@@ -18,6 +18,7 @@ use crate::{
         key_file::write,
         link::{Gate, Seen},
         read::{DEFAULT_MAX_SIZE, FileBytes, Fingerprint, Stamp},
+        writers,
     },
 };
 
@@ -73,6 +74,15 @@ impl Shared {
         if again.fingerprint() != fingerprint || self.link.write_open() {
             return Ok(Err(Failure::said(
                 "the key file is being written by someone else, so it is left alone",
+            )));
+        }
+        // A writer that paused with the file open (a slow `cat > keys.toml`) leaves
+        // a prefix that reads the same twice: where the kernel says who has the file
+        // open for writing, that prefix is left alone until it closes.
+        if let Some(pid) = writers::open_for_writing(&self.path) {
+            return Ok(Err(Failure::unavailable(
+                "the key file is open for writing in another process, so it is left alone",
+                format_args!("process {pid}"),
             )));
         }
         Ok(parse(&self.path, &again).map(|base| {

@@ -1,0 +1,147 @@
+//! Who else has the key file open for writing.
+//!
+//! A writer that saves in place (`cat > keys.toml`, `ssh host 'cat > keys.toml'`,
+//! an editor that truncates and rewrites) may pause for as long as its input takes,
+//! with half a file on disk. A watcher in this process hears that writer's file events
+//! and waits for its close ([`Link::write_open`](super::link::Link::write_open)); a
+//! process with no watcher (the cli's `apply`, an API without a `FileSource`) has no
+//! such news. On Linux it can ask the kernel instead: whether any process it may look
+//! at holds the file open for writing.
+
+use std::path::Path;
+
+/// The most `/proc` entries one look reads: bounded however many processes and files
+/// the machine has open.
+#[cfg(target_os = "linux")]
+const MAX_LOOKS: usize = 200_000;
+
+/// Another process that has the file at `path` open for writing, by id, if this
+/// process can see one (its own user's processes, or all as root). `None` also when
+/// nothing can be known (no `/proc`, or not Linux): the caller's other checks stand.
+#[cfg(target_os = "linux")]
+pub(crate) fn open_for_writing(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::metadata(path).ok()?;
+    if !file.is_file() {
+        return None;
+    }
+    let (dev, ino) = (file.dev(), file.ino());
+    let me = std::process::id();
+    let mut looks = 0usize;
+    for process in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = process
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(process.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            looks += 1;
+            if looks > MAX_LOOKS {
+                return None;
+            }
+            // The descriptor's link, followed: the open file's device and inode.
+            let Ok(open) = std::fs::metadata(fd.path()) else {
+                continue;
+            };
+            if open.dev() == dev
+                && open.ino() == ino
+                && writable(&process.path().join("fdinfo").join(fd.file_name()))
+            {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+/// Not knowable here.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn open_for_writing(_path: &Path) -> Option<u32> {
+    None
+}
+
+/// Whether the descriptor `fdinfo` describes was opened for writing: its `flags:`
+/// line, in octal, has an access mode other than read-only.
+#[cfg(target_os = "linux")]
+fn writable(fdinfo: &Path) -> bool {
+    use std::io::Read;
+    // A few hundred bytes; bounded all the same.
+    let mut text = String::new();
+    let read =
+        std::fs::File::open(fdinfo).and_then(|file| file.take(64 * 1024).read_to_string(&mut text));
+    if read.is_err() {
+        return false;
+    }
+    text.lines()
+        .find_map(|line| line.strip_prefix("flags:"))
+        .and_then(|flags| u32::from_str_radix(flags.trim(), 8).ok())
+        .is_some_and(|flags| flags & 0o3 != 0)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_writing_the_file_is_found_and_a_reader_is_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, "keys = []\n").expect("write");
+        assert_eq!(open_for_writing(&path), None);
+
+        // A reader holding it open is no writer.
+        let mut reader = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("exec 3<\"$1\"; echo ready; exec sleep 30")
+            .arg("sh")
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        wait_ready(&mut reader);
+        assert_eq!(open_for_writing(&path), None);
+        let _ = reader.kill();
+        let _ = reader.wait();
+
+        // A writer that appends, then pauses with the file open.
+        let mut writer = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("exec 3>>\"$1\"; echo ready; exec sleep 30")
+            .arg("sh")
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        wait_ready(&mut writer);
+        assert_eq!(open_for_writing(&path), Some(writer.id()));
+        let _ = writer.kill();
+        let _ = writer.wait();
+        assert_eq!(open_for_writing(&path), None);
+    }
+
+    #[test]
+    fn this_process_s_own_descriptors_are_not_counted() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("keys.toml");
+        let _open = std::fs::File::create(&path).expect("create");
+        assert_eq!(open_for_writing(&path), None);
+    }
+
+    fn wait_ready(child: &mut std::process::Child) {
+        use std::io::BufRead;
+        let out = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("ready line");
+        assert_eq!(line.trim(), "ready");
+    }
+}
