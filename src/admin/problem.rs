@@ -143,6 +143,11 @@ impl Problem {
         )
     }
 
+    /// Whether this is the 412 of a condition that no longer held.
+    pub(crate) fn is_precondition_failed(&self) -> bool {
+        self.status == StatusCode::PRECONDITION_FAILED
+    }
+
     pub(crate) fn precondition_failed() -> Self {
         let detail = "the key changed since that ETag: GET it again".to_owned();
         Self::new(

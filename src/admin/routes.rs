@@ -261,19 +261,28 @@ pub(crate) async fn patch_key<B: AdminBackend>(
     }
     let body = body_bytes(body)?;
     let patch: serde_json::Map<String, serde_json::Value> = json_body(&headers, &body, true)?;
-    let current = api.writable(&caller, &id, "update").await?;
-    // The patch is checked before the ETag is compared: a malformed patch is 422
-    // whatever the ETag.
-    let key = super::patch::apply(&current, &patch)?;
-    let if_match = precondition(&headers, &current)?.ok_or_else(Problem::precondition_required)?;
-    may_write(&api, &caller, &key, "update", &id)?;
-    key.validate()
-        .map_err(|e| Problem::validation(e.to_string()))?;
-    let reloads = api.store.subscribe();
-    api.backend
-        .update(key.clone(), Some(&if_match))
-        .await
-        .map_err(|e| Problem::of(e, &id))?;
+    // `If-Match: *` names no version: a change another writer saves between this
+    // read and the write is kept, and the patch applied again on top of it.
+    let mut round = 0;
+    let (key, reloads) = loop {
+        round += 1;
+        let current = api.writable(&caller, &id, "update").await?;
+        // The patch is checked before the ETag is compared: a malformed patch is 422
+        // whatever the ETag.
+        let key = super::patch::apply(&current, &patch)?;
+        let if_match =
+            precondition(&headers, &current)?.ok_or_else(Problem::precondition_required)?;
+        may_write(&api, &caller, &key, "update", &id)?;
+        key.validate()
+            .map_err(|e| Problem::validation(e.to_string()))?;
+        let reloads = api.store.subscribe();
+        match api.backend.update(key.clone(), Some(&if_match)).await {
+            Err(BackendError::PreconditionFailed)
+                if !pins_version(&headers) && round < MAX_ROUNDS => {}
+            Err(e) => return Err(Problem::of(e, &id)),
+            Ok(()) => break (key, reloads),
+        }
+    };
     let enforced = api.applied(reloads, |store| api.serves(store, &key)).await;
     api.audit("update", key.id(), &caller, enforced);
     let fleet = api.fleet_usage(key.id()).await?;
@@ -339,54 +348,25 @@ pub(crate) async fn rotate_key<B: AdminBackend>(
     if let Some(id) = &request.id {
         checked_id(id)?;
     }
-    let old = api.writable(&caller, &id, "rotate").await?;
-    let if_match = precondition(&headers, &old)?;
-    let now = SystemTime::now();
-    let until = clock::to_unix_ms(now).saturating_add(clock::duration_ms(overlap));
-    let mut shortened = old.clone();
-    shortened.valid_until = shortened.valid_until.min(until);
-    if shortened.valid_from != 0 && shortened.valid_from >= shortened.valid_until {
-        return Err(Problem::validation(
-            "the overlap would end before the old key's `not_before`",
-        ));
-    }
-    let mut successor = ApiKey::from_digest(Arc::from(""), KeyDigest([0; 32]))
-        .with_scopes(old.scopes().map(str::to_owned).collect::<Vec<_>>())
-        .with_created_at(now)
-        .with_created_by(caller.id())
-        .with_rotated_from(old.id());
-    for (set, value) in [
-        (
-            ApiKey::with_tenant as fn(ApiKey, Box<str>) -> ApiKey,
-            old.tenant(),
-        ),
-        (ApiKey::with_owner, old.owner()),
-        (ApiKey::with_description, old.description()),
-    ] {
-        if let Some(value) = value {
-            successor = set(successor, value.into());
+    // The old key is written back shortened only if it is still the record read here:
+    // a revocation or a change saved meanwhile is never undone. Unless the caller
+    // named a version (`If-Match` with a tag), the rotation reads the key again and
+    // retries on top of that change.
+    let mut round = 0;
+    let (old, key, secret, enforced) = loop {
+        round += 1;
+        let old = api.writable(&caller, &id, "rotate").await?;
+        let if_match = precondition(&headers, &old)?;
+        match rotate_once(&api, &caller, &old, if_match, overlap, request.id.as_deref()).await {
+            Err(problem)
+                if problem.is_precondition_failed()
+                    && !pins_version(&headers)
+                    && round < MAX_ROUNDS => {}
+            Err(problem) => return Err(problem),
+            Ok((key, secret, enforced)) => break (old, key, secret, enforced),
         }
-    }
-    // The successor is the same client's key: its limits and address rules too, or a
-    // routine rotation would lift them.
-    if let Some(meta) = &old.meta {
-        successor.meta.get_or_insert_with(Box::default).limits = meta.limits.clone();
-    }
-    let choice = match request.id {
-        Some(id) => super::IdChoice::Given(id),
-        None => super::IdChoice::After(old.id().to_owned()),
     };
-    let (key, secret, enforced) = api
-        .issue(
-            successor,
-            choice,
-            "tak",
-            super::Write::Rotate {
-                shortened,
-                if_match,
-            },
-        )
-        .await?;
+    let now = SystemTime::now();
     // Issued: the successor is enforced; the old key's shorter expiry too.
     api.audit("rotate", old.id(), &caller, enforced);
     Ok(created(&api, &key, secret, now, enforced))
@@ -421,13 +401,20 @@ pub(crate) async fn delete_key<B: AdminBackend>(
     if let Err(BackendError::Corrupt { .. }) = api.backend.get(&id).await {
         return delete_corrupt(&api, &caller, &id, &headers).await;
     }
-    let key = api.writable(&caller, &id, "delete").await?;
-    let if_match = precondition(&headers, &key)?;
-    let reloads = api.store.subscribe();
-    api.backend
-        .delete(key.id(), if_match.as_deref())
-        .await
-        .map_err(|e| Problem::of(e, &id))?;
+    let mut round = 0;
+    let (key, reloads) = loop {
+        round += 1;
+        let key = api.writable(&caller, &id, "delete").await?;
+        let if_match = precondition(&headers, &key)?;
+        let reloads = api.store.subscribe();
+        match api.backend.delete(key.id(), if_match.as_deref()).await {
+            // `If-Match: *`: any version of the key is removed.
+            Err(BackendError::PreconditionFailed)
+                if !pins_version(&headers) && round < MAX_ROUNDS => {}
+            Err(e) => return Err(Problem::of(e, &id)),
+            Ok(()) => break (key, reloads),
+        }
+    };
     api.note_revoked(key.id());
     let enforced = api
         .applied(reloads, |store| !api.serves_id(store, key.id()))
@@ -530,6 +517,77 @@ pub(crate) fn may_write<B: AdminBackend>(
         )));
     }
     Ok(())
+}
+
+/// How often a change that names no version of the key (no `If-Match`, or `*`) is
+/// made again on top of a change another writer saved between its read and its write.
+const MAX_ROUNDS: usize = 8;
+
+/// Whether the `If-Match` header names a version of the key (a tag), not just any
+/// version (`*`) or none: such a condition is the caller's, and is not retried.
+fn pins_version(headers: &HeaderMap) -> bool {
+    headers.get_all(header::IF_MATCH).iter().any(|value| {
+        value
+            .to_str()
+            .map_or(true, |v| v.split(',').map(str::trim).any(|member| member != "*"))
+    })
+}
+
+/// One rotation of `old`, written only if `old` is still the record in the backend.
+async fn rotate_once<B: AdminBackend>(
+    api: &Inner<B>,
+    caller: &KeyInfo,
+    old: &ApiKey,
+    if_match: Option<String>,
+    overlap: Duration,
+    new_id: Option<&str>,
+) -> Result<(ApiKey, String, Enforced), Problem> {
+    let if_match = if_match.unwrap_or_else(|| record_etag(old));
+    let now = SystemTime::now();
+    let until = clock::to_unix_ms(now).saturating_add(clock::duration_ms(overlap));
+    let mut shortened = old.clone();
+    shortened.valid_until = shortened.valid_until.min(until);
+    if shortened.valid_from != 0 && shortened.valid_from >= shortened.valid_until {
+        return Err(Problem::validation(
+            "the overlap would end before the old key's `not_before`",
+        ));
+    }
+    let mut successor = ApiKey::from_digest(Arc::from(""), KeyDigest([0; 32]))
+        .with_scopes(old.scopes().map(str::to_owned).collect::<Vec<_>>())
+        .with_created_at(now)
+        .with_created_by(caller.id())
+        .with_rotated_from(old.id());
+    for (set, value) in [
+        (
+            ApiKey::with_tenant as fn(ApiKey, Box<str>) -> ApiKey,
+            old.tenant(),
+        ),
+        (ApiKey::with_owner, old.owner()),
+        (ApiKey::with_description, old.description()),
+    ] {
+        if let Some(value) = value {
+            successor = set(successor, value.into());
+        }
+    }
+    // The successor is the same client's key: its limits and address rules too, or a
+    // routine rotation would lift them.
+    if let Some(meta) = &old.meta {
+        successor.meta.get_or_insert_with(Box::default).limits = meta.limits.clone();
+    }
+    let choice = match new_id {
+        Some(id) => super::IdChoice::Given(id.to_owned()),
+        None => super::IdChoice::After(old.id().to_owned()),
+    };
+    api.issue(
+        successor,
+        choice,
+        "tak",
+        super::Write::Rotate {
+            shortened,
+            if_match: Some(if_match),
+        },
+    )
+    .await
 }
 
 /// The `If-Match` precondition (RFC 9110 § 13.1.1) evaluated against `current`:
