@@ -334,3 +334,36 @@ async fn a_symlinked_key_file_is_written_through_keeping_its_owner() {
         }
     }
 }
+
+/// A tester's finding: the watcher and the API given the key file's path spelled two
+/// ways (`keys.toml` and `./keys.toml`) met at the file, but the API did not know the
+/// store's source for its own: every create, patch and rotate waited the whole apply
+/// timeout and answered 202, though enforced at once.
+#[tokio::test]
+async fn the_api_knows_its_file_however_the_path_is_spelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    fs::write(&path, ROOT.to_owned() + &hand_key(1)).unwrap();
+    let store = KeyStore::new();
+    store.add_source(FileSource::new(&path)).unwrap();
+    let spelled = dir.path().join(".").join("keys.toml");
+    let app = AdminApi::new(store.clone(), FileBackend::new(&spelled))
+        .with_apply_timeout(Duration::from_secs(30))
+        .router();
+    let s = Server {
+        dir: dir.path().to_owned(),
+        _dir: dir,
+        path,
+        addr: common::serve(app).await,
+        store,
+    };
+    let start = Instant::now();
+    let (status, body) = s.create("new").await;
+    assert_eq!(status, 201, "{body}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    // An id the file holds is taken, not "another source's".
+    let (status, body) = s.create("hand-1").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(!body.to_string().contains("another key source"), "{body}");
+    let _ = (&s.dir, &s.store);
+}

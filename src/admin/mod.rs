@@ -114,6 +114,9 @@ pub(crate) struct Inner<B> {
     pub(crate) backend: B,
     /// The store source the backend's keys arrive through.
     pub(crate) source: String,
+    /// Other names of that source: a key file's path spelled another way by the
+    /// `FileSource` (`keys.toml` and `./keys.toml`), as looked up so far.
+    aliases: std::sync::Mutex<Vec<(String, bool)>>,
     timeout: Duration,
     /// Ids this API revoked lately (the last 4,096): a successor's derived id skips
     /// them and a given one is refused (409), so that an id does not come back
@@ -176,6 +179,7 @@ impl<B: AdminBackend> AdminApi<B> {
             .with_rejection(problem::refusal);
         let inner = Arc::new(Inner {
             source: self.backend.source_name(),
+            aliases: std::sync::Mutex::default(),
             store: self.store,
             backend: self.backend,
             timeout: self.timeout,
@@ -351,7 +355,7 @@ impl<B: AdminBackend> Inner<B> {
         let seen = |store: &KeyStore| {
             store
                 .get(id)
-                .filter(|k| k.source() == self.source)
+                .filter(|k| self.ours(k.source()))
                 .is_some_and(|k| caller.tenant().is_none() || k.tenant() == caller.tenant())
         };
         if !seen(&self.store) || self.was_revoked(id) {
@@ -415,7 +419,7 @@ impl<B: AdminBackend> Inner<B> {
             if self
                 .store
                 .get(&id)
-                .is_some_and(|k| k.source() != self.source)
+                .is_some_and(|k| !self.ours(k.source()))
             {
                 if !chosen {
                     id = next_id(&id, attempt);
@@ -495,7 +499,35 @@ impl<B: AdminBackend> Inner<B> {
 
     /// Whether `store` serves a key with this id from the backend's source.
     pub(crate) fn serves_id(&self, store: &KeyStore, id: &str) -> bool {
-        store.get(id).is_some_and(|k| k.source() == self.source)
+        store.get(id).is_some_and(|k| self.ours(k.source()))
+    }
+
+    /// Whether a store source named `source` is the one the backend's keys arrive
+    /// through: the same name, or the same key file with its path spelled another
+    /// way.
+    pub(crate) fn ours(&self, source: &str) -> bool {
+        if source == self.source {
+            return true;
+        }
+        let (Some(theirs), Some(mine)) = (source.strip_prefix("file:"), self.source.strip_prefix("file:"))
+        else {
+            return false;
+        };
+        let mut aliases = self
+            .aliases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, same)) = aliases.iter().find(|(name, _)| name == source) {
+            return *same;
+        }
+        let same = crate::source::link::canonical(std::path::Path::new(theirs))
+            == crate::source::link::canonical(std::path::Path::new(mine));
+        // A handful of sources in practice; bounded all the same.
+        if aliases.len() >= 64 {
+            aliases.clear();
+        }
+        aliases.push((source.to_owned(), same));
+        same
     }
 
     /// The fleet's usage of one key, if the backend knows it.

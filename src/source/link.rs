@@ -102,7 +102,7 @@ fn table() -> &'static Table {
 
 /// The name the link of `path` is found by: its directory made canonical (so that
 /// `keys.toml` and `./keys.toml` meet), and the file name.
-fn canonical(path: &Path) -> PathBuf {
+pub(crate) fn canonical(path: &Path) -> PathBuf {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
