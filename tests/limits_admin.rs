@@ -402,9 +402,60 @@ async fn an_admin_key_s_allowed_ips_can_be_checked_behind_a_proxy() {
             .status()
             .as_u16()
     };
-    // The peer (loopback) by default: the header is not trusted.
+    // The peer (loopback) by default: the header is not trusted. The problem
+    // document says the response's own status (a tester saw `"status": 401`).
     assert_eq!(list(addrs[0], "203.0.113.9").await, 403);
+    let body: serde_json::Value = common::client()
+        .get(format!("http://{}/v1/api-keys", addrs[0]))
+        .header("authorization", "Bearer root-secret")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap();
+    assert_eq!(body["status"], 403, "{body}");
+    assert_eq!(body["type"], "urn:tower-api-key:problem:forbidden", "{body}");
     // The balancer named: the client it forwards for.
     assert_eq!(list(addrs[1], "203.0.113.9").await, 200);
     assert_eq!(list(addrs[1], "198.51.100.9").await, 403);
+}
+
+/// An admin key over its rate limit is refused 429, and the problem document says
+/// 429 too (it said 401 `unauthenticated`).
+#[tokio::test]
+async fn an_admin_key_over_its_limit_gets_a_429_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    let root = tower_api_key::ApiKey::new("root", "root-secret")
+        .with_scopes(["admin"])
+        .with_rate_limit(tower_api_key::limit::RateLimit::new(
+            "admin",
+            1,
+            Duration::from_secs(3600),
+        ));
+    tower_api_key::KeySet::from_keys([root])
+        .unwrap()
+        .write_file(&path)
+        .unwrap();
+    let store = KeyStore::new();
+    store
+        .add_source(FileSource::new(&path).with_poll_interval(Duration::from_secs(60)))
+        .unwrap();
+    let app: Router = AdminApi::new(store.clone(), FileBackend::new(&path)).router();
+    let addr = common::serve(app).await;
+    let list = || {
+        common::client()
+            .get(format!("http://{addr}/v1/api-keys"))
+            .header("authorization", "Bearer root-secret")
+            .send()
+    };
+    assert_eq!(list().await.unwrap().status(), 200);
+    let refused = list().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let body: serde_json::Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
+    assert_eq!(body["status"], 429, "{body}");
+    assert_eq!(body["type"], "urn:tower-api-key:problem:rate-limited", "{body}");
+    assert_eq!(body["title"], "Too many requests", "{body}");
 }

@@ -26,7 +26,7 @@ pub(crate) struct ProblemDocument {
     /// `urn:tower-api-key:problem:<kind>`, kind one of `bad-request`, `not-found`,
     /// `method-not-allowed`, `unsupported-media-type`, `payload-too-large`, `conflict`, `validation`,
     /// `precondition-failed`, `precondition-required`, `unauthenticated`,
-    /// `forbidden`, `unavailable`, `outcome-unknown`, `store-missing`,
+    /// `forbidden`, `rate-limited`, `unavailable`, `outcome-unknown`, `store-missing`,
     /// `corrupt-record`.
     #[serde(rename = "type")]
     kind: String,
@@ -190,6 +190,7 @@ impl Problem {
             "precondition-required" => "Precondition required",
             "unauthenticated" => "Unauthenticated",
             "forbidden" => "Forbidden",
+            "rate-limited" => "Too many requests",
             "outcome-unknown" => "Outcome unknown",
             "store-missing" => "Key store missing",
             "corrupt-record" => "Corrupt record",
@@ -296,9 +297,13 @@ impl From<BackendError> for Problem {
 /// The refusal of the API's own guard: the layer's challenge, with a problem body.
 pub(crate) fn refusal(rejection: &Rejection) -> Response<String> {
     let mut res: Response<String> = rejection.http_response("admin");
-    let (status, kind) = match rejection {
-        Rejection::InsufficientScope { .. } => (StatusCode::FORBIDDEN, "forbidden"),
-        _ => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+    // The body's status is the response's (RFC 9457): 429 for a limit, 403 for a
+    // scope or an address, 401 for the key itself.
+    let status = res.status();
+    let kind = match status {
+        StatusCode::TOO_MANY_REQUESTS => "rate-limited",
+        StatusCode::FORBIDDEN => "forbidden",
+        _ => "unauthenticated",
     };
     let problem = Problem::new(status, kind, Some(rejection.to_string()));
     *res.body_mut() = serde_json::to_string(&problem.document()).unwrap_or_default();
