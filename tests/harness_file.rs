@@ -36,6 +36,13 @@
 //! `HARNESS_MINUTES=<m>` keeps running new seeds for that long.
 //! The schedule follows the seed; the timing of threads does not, so a replay is
 //! the same mix of calls and faults, not the same interleaving.
+//!
+//! `HARNESS_LONG_PAUSES=1` makes one half-written pause in four last 2 to 4 s, the
+//! file held open for writing all along. Known open: with it, about one seed in ten
+//! ends with one replica (most often the child, after a restart) missing changes for
+//! longer than `BOUND`; the cause is not found yet, so it is not part of the default
+//! run. (Before the fix for writers that pause with the file open, the same option
+//! lost keys from the file itself.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -334,6 +341,8 @@ struct World {
     next: AtomicU64,
     client: reqwest::Client,
     failures: Mutex<Vec<String>>,
+    /// `HARNESS_LONG_PAUSES=1`: half-written pauses of seconds too.
+    long_pauses: bool,
 }
 
 impl World {
@@ -677,9 +686,14 @@ async fn faults(
                     hand.1 = add;
                 }
             }
-            // Emptied, or left half written, for a while; then finished.
+            // Emptied, or left half written, for a while; then finished. With
+            // `HARNESS_LONG_PAUSES=1`, one pause in four is seconds long, as a slow
+            // link's or a typist's is (see the module docs).
             2 | 3 => {
-                let pause = Duration::from_millis(50 + rng.below(400));
+                let pause = match world.long_pauses && rng.chance(25) {
+                    true => Duration::from_millis(2_000 + rng.below(2_000)),
+                    false => Duration::from_millis(50 + rng.below(400)),
+                };
                 let cut = rng.next();
                 let empty = rng.chance(50);
                 tokio::task::spawn_blocking(move || {
@@ -797,6 +811,7 @@ async fn run(seed: u64, seconds: Duration, captured: common::Captured) {
             .build()
             .unwrap(),
         failures: Mutex::new(Vec::new()),
+        long_pauses: env::<u8>("HARNESS_LONG_PAUSES") == Some(1),
     });
 
     let workers: Vec<_> = (0..WORKERS)
@@ -843,6 +858,31 @@ async fn run(seed: u64, seconds: Duration, captured: common::Captured) {
         "harness_file: seed {seed}: {made} keys made ({sure} of known fate), {revoked} revoked, {} failures",
         failures.len()
     );
+    if !failures.is_empty() {
+        // The child's last words, to tell a stuck watcher from a lost write.
+        let logs = child_logs.lock().unwrap();
+        let tail: Vec<&str> = logs
+            .lines()
+            .rev()
+            .filter(|line| !line.contains("tower_api_key::request"))
+            .take(40)
+            .collect();
+        eprintln!("the child replica's last log lines:");
+        for line in tail.iter().rev() {
+            eprintln!("  {line}");
+        }
+        let mine = captured.text();
+        let tail: Vec<&str> = mine
+            .lines()
+            .rev()
+            .filter(|line| !line.contains("tower_api_key::request"))
+            .take(80)
+            .collect();
+        eprintln!("this process's last log lines:");
+        for line in tail.iter().rev() {
+            eprintln!("  {line}");
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
