@@ -1603,3 +1603,54 @@ async fn if_match_any_is_applied_on_top_of_a_change_saved_meanwhile() {
     assert_eq!(reply.status, 204, "{:?}", reply.body);
     assert_eq!(s.works("reader-secret").await, 401);
 }
+
+/// A tester's finding: a value sent in a field of the wrong type was quoted back in
+/// the 422 (`invalid type: string "tak_…", expected a sequence`), so a secret pasted
+/// into the wrong field reached the caller's logs. The kind of value is named, never
+/// the value.
+#[tokio::test]
+async fn a_value_of_the_wrong_type_is_not_quoted_back() {
+    let s = server().await;
+    let secret = "tak_PASTEDSECRET0123456789";
+    let etag = etag(&s.get("/v1/api-keys/reader", "root-secret").await);
+    let mut replies = Vec::new();
+    for body in [
+        json!({"id": "x", "scopes": secret}),
+        json!({"id": "x", "owner": {"k": "v"}, "tenant": secret}),
+        json!({"id": "x", "rate_limits": [{"name": "r", "requests": secret, "per": "1s"}]}),
+        json!({"id": "x", "expires_at": secret}),
+    ] {
+        replies.push(s.post("/v1/api-keys", "root-secret", body).await);
+    }
+    replies.push(
+        s.post(
+            "/v1/api-keys/reader/rotate",
+            "root-secret",
+            json!({"overlap_seconds": secret}),
+        )
+        .await,
+    );
+    replies.push(
+        s.patch("reader", "root-secret", Some(&etag), json!({"scopes": secret}))
+            .await,
+    );
+    replies.push(
+        s.patch(
+            "reader",
+            "root-secret",
+            Some(&etag),
+            json!({"description": [secret]}),
+        )
+        .await,
+    );
+    for reply in replies {
+        assert!(
+            reply.status == 422 || reply.status == 400,
+            "{} {:?}",
+            reply.status,
+            reply.body
+        );
+        let text = reply.body.to_string();
+        assert!(!text.contains("PASTEDSECRET"), "{text}");
+    }
+}

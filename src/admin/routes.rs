@@ -679,7 +679,7 @@ fn json_body<T: serde::de::DeserializeOwned>(
     }
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => Problem::validation(e.to_string()),
+            serde_json::error::Category::Data => Problem::validation(without_values(&e)),
             _ => Problem::bad_request(format!("the body is not JSON: {e}")),
         })?;
     super::unique::check(body).map_err(|e| Problem::validation(e.to_string()))?;
@@ -688,7 +688,20 @@ fn json_body<T: serde::de::DeserializeOwned>(
     if !value.is_object() {
         return Err(Problem::validation("the body must be a JSON object"));
     }
-    serde_json::from_value(value).map_err(|e| Problem::validation(e.to_string()))
+    serde_json::from_value(value).map_err(|e| Problem::validation(without_values(&e)))
+}
+
+/// serde's message without the value it did not expect: `invalid type: string
+/// "tak_…", expected a sequence` quotes what was sent, and a secret pasted into the
+/// wrong field would be echoed to the caller's logs. The kind of value stays.
+fn without_values(e: &serde_json::Error) -> String {
+    let said = e.to_string();
+    match (said.find(['"', '`']), said.rfind(", expected")) {
+        (Some(start), Some(end)) if start < end && said.starts_with("invalid ") => {
+            format!("{}{}", said[..start].trim_end(), &said[end..])
+        }
+        _ => said,
+    }
 }
 
 /// A page cursor: the last id, hex-encoded so that it is opaque and URL-safe.
