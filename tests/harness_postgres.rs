@@ -28,7 +28,8 @@
 //!
 //! A failing seed prints the command that replays it. Under CI a fixed set of seeds
 //! runs; `HARNESS_SEED=n` runs one, `HARNESS_SEEDS=n` runs n seeds from
-//! `HARNESS_SEED_BASE` (default 1000), `HARNESS_MINUTES=m` runs seeds for m minutes.
+//! `HARNESS_SEED` (or `HARNESS_SEED_BASE`, default 1000), `HARNESS_MINUTES=m` runs
+//! seeds for m minutes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(feature = "postgres")]
 
@@ -103,16 +104,19 @@ impl Drop for Replay {
 /// Which seeds to run, and until when.
 fn plan() -> (Vec<u64>, Option<Instant>) {
     let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
-    if let Some(seed) = var("HARNESS_SEED") {
-        return (vec![seed], None);
-    }
-    let base = var("HARNESS_SEED_BASE").unwrap_or(1000);
+    // As in the file harness: `HARNESS_SEED` is also where more seeds start.
+    let base = var("HARNESS_SEED")
+        .or_else(|| var("HARNESS_SEED_BASE"))
+        .unwrap_or(1000);
     if let Some(minutes) = var("HARNESS_MINUTES") {
         let until = Instant::now() + Duration::from_secs(minutes * 60);
         return ((base..base + 1_000_000).collect(), Some(until));
     }
     if let Some(n) = var("HARNESS_SEEDS") {
         return ((base..base + n).collect(), None);
+    }
+    if let Some(seed) = var("HARNESS_SEED") {
+        return (vec![seed], None);
     }
     (CI_SEEDS.to_vec(), None)
 }
