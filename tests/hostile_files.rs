@@ -9,6 +9,7 @@
 mod common;
 
 use std::{
+    fmt::Write as _,
     fs,
     io::Write as _,
     net::SocketAddr,
@@ -238,4 +239,68 @@ async fn keys_no_request_could_present_are_refused_with_a_clear_error() {
         assert_eq!(s.status("good-key").await, 200);
     }
     s.recovers().await;
+}
+
+/// `sha256` values a script made up, alike but for their last four bytes (the 56 hex
+/// digits of `base`, then `i`), under the ids `{prefix}{i}`.
+fn made_up(prefix: &str, base: &str, from: u32, to: u32) -> String {
+    let mut text = String::new();
+    for i in from..to {
+        writeln!(
+            text,
+            "[[keys]]\nid = \"{prefix}{i}\"\nsha256 = \"{base}{i:08x}\"\n"
+        )
+        .unwrap();
+    }
+    text
+}
+
+/// A key file of 100,000 made-up `sha256` values that share every byte but their
+/// last four: loaded well within the reload deadline (in a debug build), every key
+/// found by its id (a lookup of its digest in the store), the real key let in; then
+/// a file that changes half of them is planned and applied as quickly. Placed by the
+/// digests' own bits, they all went to one shard and one slot: loading compared each
+/// with every key before it (billions of compares), and so did a lookup.
+#[tokio::test]
+async fn made_up_digests_alike_but_for_their_last_bytes_load_and_are_each_found() {
+    const N: u32 = 100_000;
+    let first = "4e738ca5563c06cfd0018299933d58db1dd8bf97f6973dc99bf6cdc6";
+    let second = "00000000000000000000000000000000000000000000000000000000";
+    let mut s = server(Duration::from_secs(60)).await;
+    s.replace_with(|tmp| {
+        fs::write(tmp, entry("good", "good-key") + &made_up("m", first, 0, N)).unwrap()
+    });
+    let loaded = reload_where(&mut s.reloads, "the made-up digests", |r| {
+        r.is_applied() && r.added().len() == N as usize
+    })
+    .await;
+    assert_eq!(loaded.kept(), ["good"]);
+    assert_eq!(s.store.len(), N as usize + 1);
+    for i in 0..N {
+        let id = format!("m{i}");
+        assert!(s.store.get(&id).is_some_and(|k| k.id() == id), "{id}");
+    }
+    assert!(s.store.get(&format!("m{N}")).is_none());
+    assert_eq!(s.status("good-key").await, 200);
+    assert_eq!(s.status(&format!("{first}00000007")).await, 401);
+    // Half of them get other made-up digests, and as many new ones come.
+    s.replace_with(|tmp| {
+        let text = entry("good", "good-key")
+            + &made_up("m", first, 0, N / 2)
+            + &made_up("m", second, N / 2, N)
+            + &made_up("n", second, N, N + N / 2);
+        fs::write(tmp, text).unwrap();
+    });
+    let changed = reload_where(&mut s.reloads, "half of them changed", |r| {
+        r.is_applied() && !r.changed().is_empty()
+    })
+    .await;
+    assert_eq!(changed.changed().len(), N as usize / 2);
+    assert_eq!(changed.added().len(), N as usize / 2);
+    assert_eq!(s.store.len(), N as usize * 3 / 2 + 1);
+    for i in (0..N + N / 2).step_by(7) {
+        let id = format!("{}{i}", if i < N { 'm' } else { 'n' });
+        assert!(s.store.get(&id).is_some_and(|k| k.id() == id), "{id}");
+    }
+    assert_eq!(s.status("good-key").await, 200);
 }

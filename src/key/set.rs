@@ -85,12 +85,13 @@ fn fill(
     first_repeat
 }
 
-/// Where a digest goes in a set's index: hashed with the set's random key, not its
+/// Where a digest goes in a set's index: its keyed
+/// [`place`](crate::key::KeyDigest::place), the hash the store places it by, not its
 /// own bits. A digest computed from a secret is uniform, but a key file's `sha256`
-/// entries are whatever was written: `000…001`, `000…002`, … all shared their
-/// bits, and building a set of 30,000 of them compared every pair (ten minutes).
-fn digest_hash(ids: &foldhash::fast::RandomState, digest: &crate::key::KeyDigest) -> u64 {
-    ids.hash_one(digest.0)
+/// entries are whatever was written: `000…001`, `000…002`, … all shared their bits,
+/// and building a set of 30,000 of them compared every pair (ten minutes).
+fn digest_hash(digest: &crate::key::KeyDigest) -> u64 {
+    digest.place().0
 }
 
 /// What a set says to a key that would be its 2^32nd (positions are four bytes).
@@ -118,7 +119,7 @@ impl Inner {
                 id: key.id.to_string(),
             });
         }
-        let hash = digest_hash(&self.ids, &key.digest);
+        let hash = digest_hash(&key.digest);
         let keys = &self.keys;
         if let Some(&first) = self
             .by_digest
@@ -132,9 +133,8 @@ impl Inner {
         let (ids, keys) = (&self.ids, &self.keys);
         self.by_id
             .insert_unique(id_hash, position, |&i| ids.hash_one(&*keys[i as usize].id));
-        self.by_digest.insert_unique(hash, position, |&i| {
-            digest_hash(ids, &keys[i as usize].digest)
-        });
+        self.by_digest
+            .insert_unique(hash, position, |&i| digest_hash(&keys[i as usize].digest));
         self.keys.push(key);
         Ok(())
     }
@@ -219,7 +219,7 @@ impl KeySet {
             keys[a].id == keys[b].id
         });
         drop(id_hashes);
-        let digest_hashes: Vec<u64> = keys.iter().map(|k| digest_hash(ids, &k.digest)).collect();
+        let digest_hashes: Vec<u64> = keys.iter().map(|k| digest_hash(&k.digest)).collect();
         let repeated_digest = fill(&mut inner.by_digest, &digest_hashes, |a, b| {
             keys[a].digest == keys[b].digest
         });

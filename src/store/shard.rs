@@ -1,9 +1,10 @@
 //! One shard of the store's lookup table: open addressing on the key digest.
 //!
-//! A key set is cut into shards by the top bits of each key's digest, so that a
-//! change to one key copies one shard (a few hundred keys), not the whole set. Within
-//! a shard, more digest bits place the key directly (a SHA-256 digest is uniform and
-//! cannot be steered by an attacker). Each slot is 48 bytes holding everything a
+//! A key set is cut into shards by the top bits of each key's [`Place`] (a keyed hash
+//! of its digest), so that a change to one key copies one shard (a few hundred keys),
+//! not the whole set. Within a shard, other bits of the same place say where the key's
+//! walk starts and which tag it has: a key file's made-up digests, however alike,
+//! are spread as real ones are. Each slot is 48 bytes holding everything a
 //! request needs: the whole digest to compare, the flags to check and where its usage
 //! is counted, so a lookup in a large, cold set makes one trip to memory (one cache
 //! line, or two adjacent ones). The entry a slot points at (id, metadata) is read only
@@ -14,7 +15,7 @@
 use std::sync::Arc;
 
 use crate::{
-    key::digest::{KeyDigest, same},
+    key::digest::{KeyDigest, Place, same},
     store::{counters::Counter, entry::KeyEntry},
 };
 
@@ -29,13 +30,6 @@ pub(crate) struct Shard {
     /// is `tags[j % len]`), so that it reads whole words.
     tags: Box<[u8]>,
     len: usize,
-}
-
-/// The byte of `digest` kept in a shard's tags: neither its shard's bits nor its
-/// place's, and never 0.
-#[inline]
-fn tag(digest: &KeyDigest) -> u8 {
-    digest.0[16].max(1)
 }
 
 /// How many tags a lookup reads at once.
@@ -175,26 +169,54 @@ impl Shard {
         self.len
     }
 
-    /// Where `digest`'s probe sequence starts.
-    #[inline]
-    fn home(&self, digest: &KeyDigest) -> usize {
-        // Multiply-shift maps 64 bits onto 0..len without a power-of-two size. The
-        // shard was chosen by the digest's first bytes: use the next ones.
-        ((u128::from(digest.bits(8)) * self.slots.len() as u128) >> 64) as usize
+    /// The slots lookups of every key read, all told: each key's distance from where
+    /// its walk starts, plus its own slot.
+    #[cfg(test)]
+    pub(crate) fn walked(&self) -> usize {
+        let len = self.slots.len();
+        (self.iter())
+            .map(|(i, slot, _)| (i + len - self.home(slot.digest().place())) % len + 1)
+            .sum()
     }
 
-    /// Puts `entry` under `digest`, counted in `counter`, and returns its slot; if the
-    /// digest is taken, returns the slot that has it.
+    /// The longest run of occupied slots, wrapping round: the most a walk can read,
+    /// for a key that is there or one that is not.
+    #[cfg(test)]
+    pub(crate) fn longest_run(&self) -> usize {
+        let len = self.slots.len();
+        let Some(empty) = (0..len).find(|&i| self.tags[i] == 0) else {
+            return len;
+        };
+        let (mut longest, mut run) = (0, 0);
+        for j in 1..=len {
+            run = match self.tags[(empty + j) % len] {
+                0 => 0,
+                _ => run + 1,
+            };
+            longest = longest.max(run);
+        }
+        longest
+    }
+
+    /// Where the walk of a key at `place` starts.
+    #[inline]
+    fn home(&self, place: Place) -> usize {
+        place.home(self.slots.len())
+    }
+
+    /// Puts `entry` under `digest`, whose place is `place`, counted in `counter`, and
+    /// returns its slot; if the digest is taken, returns the slot that has it.
     pub(crate) fn insert(
         &mut self,
         digest: KeyDigest,
+        place: Place,
         entry: Arc<KeyEntry>,
         counter: Counter,
     ) -> Result<usize, usize> {
         let len = self.slots.len();
         debug_assert!(self.len + 1 < len, "shard sized for fewer keys");
-        let want = tag(&digest);
-        let mut i = self.home(&digest);
+        let want = place.tag();
+        let mut i = self.home(place);
         loop {
             match self.tags[i] {
                 0 => {
@@ -215,7 +237,8 @@ impl Shard {
         }
     }
 
-    /// The slot holding this digest.
+    /// The slot holding `digest`, whose place is `place` (computed once by the caller,
+    /// who chose this shard with it).
     ///
     /// The tags are read eight at a time: a word's bytes equal to the digest's tag,
     /// before its first empty byte, are the only slots to compare. Most lookups read
@@ -223,10 +246,10 @@ impl Shard {
     /// how far its key sits from home (a byte-by-byte walk mispredicts its exit
     /// whenever requests alternate between keys at different distances).
     #[inline]
-    pub(crate) fn find(&self, digest: &KeyDigest) -> Option<usize> {
+    pub(crate) fn find(&self, digest: &KeyDigest, place: Place) -> Option<usize> {
         let len = self.slots.len();
-        let want = u64::from(tag(digest)) * LOW;
-        let mut i = self.home(digest);
+        let want = u64::from(place.tag()) * LOW;
+        let mut i = self.home(place);
         loop {
             let group = self.group(i);
             let empty = zero_bytes(group);
@@ -250,13 +273,13 @@ impl Shard {
         }
     }
 
-    /// Loads the first byte of the digest in the slot where `digest`'s walk starts,
-    /// without waiting for it: the slot a lookup most often ends at (or the one next
-    /// to it, in the same or the next cache line) is then on its way while the tags
-    /// are read.
+    /// Loads the first byte of the digest in the slot where the walk of a key at
+    /// `place` starts, without waiting for it: the slot a lookup most often ends at
+    /// (or the one next to it, in the same or the next cache line) is then on its way
+    /// while the tags are read.
     #[inline]
-    pub(crate) fn warm(&self, digest: &KeyDigest) {
-        if let Some(slot) = self.slots.get(self.home(digest)) {
+    pub(crate) fn warm(&self, place: Place) {
+        if let Some(slot) = self.slots.get(self.home(place)) {
             std::hint::black_box(slot.digest[0]);
         }
     }
@@ -304,8 +327,15 @@ mod tests {
         (key.digest, KeyEntry::for_tests(&key))
     }
 
-    /// A digest whose walk starts at the last slot of a shard of `len` slots, with
-    /// `tag` for its tag byte and `n` to tell it apart.
+    /// The place a digest made for these tests is given: laid out as the store once
+    /// placed digests, by their own bits (the walk's start from bytes 8 to 16, the tag
+    /// from byte 16), so that a test can crowd a shard where it wants.
+    fn laid_out(digest: &KeyDigest) -> Place {
+        Place(((digest.bits(8) >> 24) << 8) | u64::from(digest.0[16]))
+    }
+
+    /// A digest whose walk starts at the last slot of a shard of `len` slots (as
+    /// [`laid_out`]), with `tag` for its tag byte and `n` to tell it apart.
     fn at_the_end(tag: u8, n: u8) -> KeyDigest {
         let mut digest = [0u8; 32];
         digest[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -321,19 +351,35 @@ mod tests {
         let key = |n| at_the_end(7, n);
         for n in 0..8 {
             let (_, entry) = entry(&format!("k{n}"));
-            assert!(shard.insert(key(n), entry, Counter::default()).is_ok());
+            assert!(
+                shard
+                    .insert(key(n), laid_out(&key(n)), entry, Counter::default())
+                    .is_ok()
+            );
         }
         // All eight start at the last slot: one there, the others from slot 0 on.
-        assert_eq!(shard.find(&key(0)), Some(len - 1));
+        assert_eq!(shard.find(&key(0), laid_out(&key(0))), Some(len - 1));
         for n in 1..8 {
-            assert_eq!(shard.find(&key(n)), Some(usize::from(n) - 1), "key {n}");
+            assert_eq!(
+                shard.find(&key(n), laid_out(&key(n))),
+                Some(usize::from(n) - 1),
+                "key {n}"
+            );
             assert_eq!(
                 &*shard.entry_at(usize::from(n) - 1).unwrap().id,
                 format!("k{n}")
             );
         }
-        assert_eq!(shard.find(&key(8)), None, "same tag and start, not there");
-        assert_eq!(shard.find(&at_the_end(9, 0)), None, "another tag");
+        assert_eq!(
+            shard.find(&key(8), laid_out(&key(8))),
+            None,
+            "same tag and start, not there"
+        );
+        assert_eq!(
+            shard.find(&at_the_end(9, 0), laid_out(&at_the_end(9, 0))),
+            None,
+            "another tag"
+        );
     }
 
     /// Random small shards of digests crowded at both ends, with tags one bit apart,
@@ -373,7 +419,7 @@ mod tests {
             for _ in 0..n {
                 let d = digest(&mut next);
                 let known = present.iter().find(|(p, _)| p.0 == d.0).map(|&(_, i)| i);
-                match shard.insert(d, entry.clone(), Counter::default()) {
+                match shard.insert(d, laid_out(&d), entry.clone(), Counter::default()) {
                     Ok(i) => {
                         assert_eq!(known, None);
                         present.push((d, i));
@@ -385,12 +431,12 @@ mod tests {
                 assert_eq!(shard.tags[len + j], shard.tags[j % len]);
             }
             for &(d, i) in &present {
-                assert_eq!(shard.find(&d), Some(i));
+                assert_eq!(shard.find(&d, laid_out(&d)), Some(i));
             }
             for _ in 0..20 {
                 let d = digest(&mut next);
                 let known = present.iter().find(|(p, _)| p.0 == d.0).map(|&(_, i)| i);
-                assert_eq!(shard.find(&d), known);
+                assert_eq!(shard.find(&d, laid_out(&d)), known);
             }
         }
     }
@@ -402,18 +448,26 @@ mod tests {
             let mut shard = Shard::with_capacity(n);
             for (i, (digest, entry)) in keys.iter().enumerate() {
                 let counter = Counter::new(i as u32, 1);
-                assert!(shard.insert(*digest, entry.clone(), counter).is_ok());
+                assert!(
+                    shard
+                        .insert(*digest, digest.place(), entry.clone(), counter)
+                        .is_ok()
+                );
             }
             for (digest, entry) in &keys {
-                let i = shard.find(digest).unwrap();
+                let i = shard.find(digest, digest.place()).unwrap();
                 assert_eq!(shard.entry_at(i).unwrap().id, entry.id);
             }
             for i in 0..200 {
                 let absent = KeyDigest::of(format!("absent{n}-{i}").as_bytes());
-                assert!(shard.find(&absent).is_none());
+                assert!(shard.find(&absent, absent.place()).is_none());
             }
         }
-        assert!(Shard::default().find(&KeyDigest::of(b"x")).is_none());
+        assert!(
+            Shard::default()
+                .find(&KeyDigest::of(b"x"), KeyDigest::of(b"x").place())
+                .is_none()
+        );
     }
 
     #[test]
@@ -422,10 +476,15 @@ mod tests {
         let mut shard = Shard::with_capacity(keys.len());
         for (i, (digest, entry)) in keys.iter().enumerate() {
             let counter = Counter::new(i as u32, 1 << 29 | i as u32);
-            assert!(shard.insert(*digest, entry.clone(), counter).is_ok());
+            assert!(
+                shard
+                    .insert(*digest, digest.place(), entry.clone(), counter)
+                    .is_ok()
+            );
         }
         let (digest, entry) = &keys[42];
-        let taken = (shard.insert(*digest, entry.clone(), Counter::default())).unwrap_err();
+        let taken =
+            (shard.insert(*digest, digest.place(), entry.clone(), Counter::default())).unwrap_err();
         assert_eq!(
             &*shard.entry_at(taken).unwrap().id,
             "k42",
@@ -433,7 +492,7 @@ mod tests {
         );
         assert_eq!(shard.len(), 5_000);
         for (n, (digest, entry)) in keys.iter().enumerate() {
-            let i = shard.find(digest).unwrap();
+            let i = shard.find(digest, digest.place()).unwrap();
             assert_eq!(shard.entry_at(i).unwrap().id, entry.id);
             assert_eq!(shard.slot(i).digest(), *digest);
             let counter = shard.slot(i).counter();
@@ -442,9 +501,13 @@ mod tests {
         }
         for i in 0..5_000 {
             let absent = KeyDigest::of(format!("absent{i}").as_bytes());
-            assert!(shard.find(&absent).is_none());
+            assert!(shard.find(&absent, absent.place()).is_none());
         }
-        assert!(Shard::with_capacity(0).find(&KeyDigest::of(b"x")).is_none());
+        assert!(
+            Shard::with_capacity(0)
+                .find(&KeyDigest::of(b"x"), KeyDigest::of(b"x").place())
+                .is_none()
+        );
         assert_eq!(shard.iter().count(), 5_000);
     }
 
