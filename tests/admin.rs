@@ -1583,7 +1583,12 @@ async fn a_rotation_never_undoes_a_revocation_saved_meanwhile() {
 async fn if_match_any_is_applied_on_top_of_a_change_saved_meanwhile() {
     let s = interposed(|key| key.with_owner("someone")).await;
     let reply = s
-        .patch("reader", "root-secret", Some("*"), json!({"description": "reads"}))
+        .patch(
+            "reader",
+            "root-secret",
+            Some("*"),
+            json!({"description": "reads"}),
+        )
         .await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     let now = s.get("/v1/api-keys/reader", "root-secret").await;
@@ -1631,8 +1636,13 @@ async fn a_value_of_the_wrong_type_is_not_quoted_back() {
         .await,
     );
     replies.push(
-        s.patch("reader", "root-secret", Some(&etag), json!({"scopes": secret}))
-            .await,
+        s.patch(
+            "reader",
+            "root-secret",
+            Some(&etag),
+            json!({"scopes": secret}),
+        )
+        .await,
     );
     replies.push(
         s.patch(

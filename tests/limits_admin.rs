@@ -416,7 +416,10 @@ async fn an_admin_key_s_allowed_ips_can_be_checked_behind_a_proxy() {
         .map(|t| serde_json::from_str(&t).unwrap())
         .unwrap();
     assert_eq!(body["status"], 403, "{body}");
-    assert_eq!(body["type"], "urn:tower-api-key:problem:forbidden", "{body}");
+    assert_eq!(
+        body["type"], "urn:tower-api-key:problem:forbidden",
+        "{body}"
+    );
     // The balancer named: the client it forwards for.
     assert_eq!(list(addrs[1], "203.0.113.9").await, 200);
     assert_eq!(list(addrs[1], "198.51.100.9").await, 403);
@@ -456,6 +459,9 @@ async fn an_admin_key_over_its_limit_gets_a_429_problem() {
     assert_eq!(refused.status(), 429);
     let body: serde_json::Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
     assert_eq!(body["status"], 429, "{body}");
-    assert_eq!(body["type"], "urn:tower-api-key:problem:rate-limited", "{body}");
+    assert_eq!(
+        body["type"], "urn:tower-api-key:problem:rate-limited",
+        "{body}"
+    );
     assert_eq!(body["title"], "Too many requests", "{body}");
 }

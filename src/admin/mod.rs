@@ -416,11 +416,7 @@ impl<B: AdminBackend> Inner<B> {
                 id = next_id(&id, attempt);
                 continue;
             }
-            if self
-                .store
-                .get(&id)
-                .is_some_and(|k| !self.ours(k.source()))
-            {
+            if self.store.get(&id).is_some_and(|k| !self.ours(k.source())) {
                 if !chosen {
                     id = next_id(&id, attempt);
                     continue;
@@ -509,8 +505,10 @@ impl<B: AdminBackend> Inner<B> {
         if source == self.source {
             return true;
         }
-        let (Some(theirs), Some(mine)) = (source.strip_prefix("file:"), self.source.strip_prefix("file:"))
-        else {
+        let (Some(theirs), Some(mine)) = (
+            source.strip_prefix("file:"),
+            self.source.strip_prefix("file:"),
+        ) else {
             return false;
         };
         let mut aliases = self

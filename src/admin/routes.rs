@@ -357,7 +357,16 @@ pub(crate) async fn rotate_key<B: AdminBackend>(
         round += 1;
         let old = api.writable(&caller, &id, "rotate").await?;
         let if_match = precondition(&headers, &old)?;
-        match rotate_once(&api, &caller, &old, if_match, overlap, request.id.as_deref()).await {
+        match rotate_once(
+            &api,
+            &caller,
+            &old,
+            if_match,
+            overlap,
+            request.id.as_deref(),
+        )
+        .await
+        {
             Err(problem)
                 if problem.is_precondition_failed()
                     && !pins_version(&headers)
@@ -527,9 +536,9 @@ const MAX_ROUNDS: usize = 8;
 /// version (`*`) or none: such a condition is the caller's, and is not retried.
 fn pins_version(headers: &HeaderMap) -> bool {
     headers.get_all(header::IF_MATCH).iter().any(|value| {
-        value
-            .to_str()
-            .map_or(true, |v| v.split(',').map(str::trim).any(|member| member != "*"))
+        value.to_str().map_or(true, |v| {
+            v.split(',').map(str::trim).any(|member| member != "*")
+        })
     })
 }
 

@@ -376,7 +376,10 @@ mod tests {
                 .collect(),
             ..Limits::default()
         };
-        assert_eq!(many.check(), Err("`rate_limits`: at most 16 per key".into()));
+        assert_eq!(
+            many.check(),
+            Err("`rate_limits`: at most 16 per key".into())
+        );
     }
 
     #[test]
