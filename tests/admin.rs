@@ -56,14 +56,24 @@ async fn server_on(path: &Path) -> (SocketAddr, KeyStore) {
     let (channel, _publisher) =
         ChannelSource::new(KeySet::from_keys([ApiKey::new("chan-key", "chan-secret")]).unwrap());
     store.add_source(channel).unwrap();
+    let addr = guarded(
+        &store,
+        AdminApi::new(store.clone(), FileBackend::new(path)).router(),
+    )
+    .await;
+    (addr, store)
+}
+
+/// Serves `admin` beside `/`, a route guarded by `store` that answers its key's id.
+async fn guarded(store: &KeyStore, admin: Router) -> SocketAddr {
     let app = Router::new()
         .route(
             "/",
             get(|Extension(k): Extension<KeyInfo>| async move { k.id().to_owned() }),
         )
         .route_layer(ApiKeyLayer::from_store(store.clone()))
-        .merge(AdminApi::new(store.clone(), FileBackend::new(path)).router());
-    (common::serve(app).await, store)
+        .merge(admin);
+    common::serve(app).await
 }
 
 async fn server() -> Server {
@@ -972,21 +982,14 @@ async fn lagging_server(timeout: Duration) -> Server {
         .with_poll_interval(Duration::from_secs(60));
     let name = tower_api_key::KeySource::name(&source);
     store.add_source(source).unwrap();
-    let app = Router::new()
-        .route(
-            "/",
-            get(|Extension(k): Extension<KeyInfo>| async move { k.id().to_owned() }),
-        )
-        .route_layer(ApiKeyLayer::from_store(store.clone()))
-        .merge(
-            AdminApi::new(store.clone(), Named(FileBackend::new(&path), name))
-                .with_apply_timeout(timeout)
-                .router(),
-        );
+    let admin = AdminApi::new(store.clone(), Named(FileBackend::new(&path), name))
+        .with_apply_timeout(timeout)
+        .router();
+    let addr = guarded(&store, admin).await;
     Server {
         _dir: dir,
         path,
-        addr: common::serve(app).await,
+        addr,
         store,
     }
 }
@@ -1525,17 +1528,11 @@ async fn interposed(change: fn(ApiKey) -> ApiKey) -> Server {
         change,
         done: false.into(),
     };
-    let app = Router::new()
-        .route(
-            "/",
-            get(|Extension(k): Extension<KeyInfo>| async move { k.id().to_owned() }),
-        )
-        .route_layer(ApiKeyLayer::from_store(store.clone()))
-        .merge(AdminApi::new(store.clone(), backend).router());
+    let addr = guarded(&store, AdminApi::new(store.clone(), backend).router()).await;
     Server {
         _dir: dir,
         path,
-        addr: common::serve(app).await,
+        addr,
         store,
     }
 }

@@ -859,31 +859,25 @@ async fn run(seed: u64, seconds: Duration, captured: common::Captured) {
         failures.len()
     );
     if !failures.is_empty() {
-        // The child's last words, to tell a stuck watcher from a lost write.
-        let logs = child_logs.lock().unwrap();
-        let tail: Vec<&str> = logs
-            .lines()
-            .rev()
-            .filter(|line| !line.contains("tower_api_key::request"))
-            .take(40)
-            .collect();
-        eprintln!("the child replica's last log lines:");
-        for line in tail.iter().rev() {
-            eprintln!("  {line}");
-        }
-        let mine = captured.text();
-        let tail: Vec<&str> = mine
-            .lines()
-            .rev()
-            .filter(|line| !line.contains("tower_api_key::request"))
-            .take(80)
-            .collect();
-        eprintln!("this process's last log lines:");
-        for line in tail.iter().rev() {
-            eprintln!("  {line}");
-        }
+        // The last words of both processes, to tell a stuck watcher from a lost write.
+        print_tail("the child replica", &child_logs.lock().unwrap(), 40);
+        print_tail("this process", &captured.text(), 80);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Prints the last `n` log lines of `logs` but the request lines.
+fn print_tail(whose: &str, logs: &str, n: usize) {
+    let tail: Vec<&str> = logs
+        .lines()
+        .rev()
+        .filter(|line| !line.contains("tower_api_key::request"))
+        .take(n)
+        .collect();
+    eprintln!("{whose}'s last log lines:");
+    for line in tail.iter().rev() {
+        eprintln!("  {line}");
+    }
 }
 
 /// During the run: the sentinel and every settled live key are accepted by every
