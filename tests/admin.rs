@@ -1621,6 +1621,8 @@ async fn a_value_of_the_wrong_type_is_not_quoted_back() {
         json!({"id": "x", "owner": {"k": "v"}, "tenant": secret}),
         json!({"id": "x", "rate_limits": [{"name": "r", "requests": secret, "per": "1s"}]}),
         json!({"id": "x", "expires_at": secret}),
+        // A name that is not checked yet, beside a `per` that does not parse.
+        json!({"id": "x", "rate_limits": [{"name": secret, "requests": 1, "per": "soon"}]}),
     ] {
         replies.push(s.post("/v1/api-keys", "root-secret", body).await);
     }

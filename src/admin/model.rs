@@ -126,9 +126,12 @@ pub(crate) fn with_limits(
     if let Some(specs) = rate_limits {
         limits.rates = specs
             .into_iter()
-            .map(|spec| {
+            .enumerate()
+            .map(|(i, spec)| {
+                // Named by place: the name is not checked yet, and whatever was sent
+                // there (a secret pasted into the wrong field) is not repeated.
                 let per = RateLimit::parse_per(&spec.per).map_err(|e| {
-                    Problem::validation(format!("`rate_limits` `{}`: `per`: {e}", spec.name))
+                    Problem::validation(format!("`rate_limits` entry {}: `per`: {e}", i + 1))
                 })?;
                 Ok(RateLimit::new(spec.name, spec.requests, per))
             })

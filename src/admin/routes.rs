@@ -277,8 +277,11 @@ pub(crate) async fn patch_key<B: AdminBackend>(
             .map_err(|e| Problem::validation(e.to_string()))?;
         let reloads = api.store.subscribe();
         match api.backend.update(key.clone(), Some(&if_match)).await {
-            Err(BackendError::PreconditionFailed)
-                if !pins_version(&headers) && round < MAX_ROUNDS => {}
+            Err(BackendError::PreconditionFailed) if !pins_version(&headers) => {
+                if round == MAX_ROUNDS {
+                    return Err(kept_changing());
+                }
+            }
             Err(e) => return Err(Problem::of(e, &id)),
             Ok(()) => break (key, reloads),
         }
@@ -367,10 +370,11 @@ pub(crate) async fn rotate_key<B: AdminBackend>(
         )
         .await
         {
-            Err(problem)
-                if problem.is_precondition_failed()
-                    && !pins_version(&headers)
-                    && round < MAX_ROUNDS => {}
+            Err(problem) if problem.is_precondition_failed() && !pins_version(&headers) => {
+                if round == MAX_ROUNDS {
+                    return Err(kept_changing());
+                }
+            }
             Err(problem) => return Err(problem),
             Ok((key, secret, enforced)) => break (old, key, secret, enforced),
         }
@@ -418,8 +422,11 @@ pub(crate) async fn delete_key<B: AdminBackend>(
         let reloads = api.store.subscribe();
         match api.backend.delete(key.id(), if_match.as_deref()).await {
             // `If-Match: *`: any version of the key is removed.
-            Err(BackendError::PreconditionFailed)
-                if !pins_version(&headers) && round < MAX_ROUNDS => {}
+            Err(BackendError::PreconditionFailed) if !pins_version(&headers) => {
+                if round == MAX_ROUNDS {
+                    return Err(kept_changing());
+                }
+            }
             Err(e) => return Err(Problem::of(e, &id)),
             Ok(()) => break (key, reloads),
         }
@@ -531,6 +538,12 @@ pub(crate) fn may_write<B: AdminBackend>(
 /// How often a change that names no version of the key (no `If-Match`, or `*`) is
 /// made again on top of a change another writer saved between its read and its write.
 const MAX_ROUNDS: usize = 8;
+
+/// A change that named no version found the key changed under it every round: no
+/// caller's condition failed (so not 412); nothing was written, and it may be retried.
+fn kept_changing() -> Problem {
+    Problem::unavailable("the key kept changing under this call; nothing was written: retry")
+}
 
 /// Whether the `If-Match` header names a version of the key (a tag), not just any
 /// version (`*`) or none: such a condition is the caller's, and is not retried.

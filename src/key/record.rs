@@ -179,11 +179,12 @@ pub(crate) fn decode(id: &str, json: &[u8]) -> Result<ApiKey, Error> {
     if let Some(from) = record.rotated_from {
         key = key.with_rotated_from(&*from);
     }
-    for rate in record.rate_limits {
+    for (i, rate) in record.rate_limits.into_iter().enumerate() {
+        // Named by place: the name is not checked yet.
         let per = RateLimit::parse_per(&rate.per).map_err(|e| {
             Error::invalid(
                 Some(id),
-                format!("`rate_limits` `{}`: `per`: {e}", rate.name.escape_debug()),
+                format!("`rate_limits` entry {}: `per`: {e}", i + 1),
             )
         })?;
         key = key.with_rate_limit(RateLimit::new(rate.name, rate.requests, per));

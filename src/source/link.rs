@@ -37,9 +37,9 @@ pub(crate) struct Link {
     /// the path. A private link (a source of another format) locks nothing else.
     shared: bool,
     gate: Mutex<State>,
-    /// A write in place the watchers heard: when they last heard of it, and whether
-    /// it has written anything.
-    open_write: Mutex<Option<(Instant, bool)>>,
+    /// A write in place the watchers heard: when they last heard of it, whether it
+    /// has written anything, and how long the watchers wait for such a write.
+    open_write: Mutex<Option<(Instant, bool, Duration)>>,
 }
 
 /// What the gate guards.
@@ -222,29 +222,32 @@ impl Link {
     /// Notes that a writer opened the file in place and may still be writing
     /// (`Some`: whether it wrote data), or that it closed it or the file was replaced
     /// whole (`None`). Each note is news: the write is believed open for a while
-    /// after the last one.
-    pub(crate) fn note_open_write(&self, open: Option<bool>) {
+    /// after the last one. `patience` is how long the noting watcher waits for a
+    /// write that wrote data (its poll interval, if longer than [`WRITE_PATIENCE`]).
+    pub(crate) fn note_open_write(&self, open: Option<bool>, patience: Duration) {
         let mut slot = self
             .open_write
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         *slot = open.map(|data| {
-            let wrote = data || slot.is_some_and(|(_, wrote)| wrote);
-            (Instant::now(), wrote)
+            let (wrote, longest) = slot.map_or((false, patience), |(_, wrote, longest)| {
+                (wrote, longest.max(patience))
+            });
+            (Instant::now(), data || wrote, longest)
         });
     }
 
-    /// Whether the watchers' file events say a write in place is open: up to
-    /// [`WRITE_PATIENCE`] after the last data it wrote, as the watcher waits for it,
-    /// or two seconds after a write that has written nothing.
+    /// Whether the watchers' file events say a write in place is open: as long after
+    /// the last data it wrote as the watcher waits for it, or two seconds after a
+    /// write that has written nothing.
     pub(crate) fn write_open(&self) -> bool {
         self.open_write
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_some_and(|(news, wrote)| {
+            .is_some_and(|(news, wrote, patience)| {
                 news.elapsed()
                     < match wrote {
-                        true => WRITE_PATIENCE,
+                        true => patience,
                         false => OPEN_WRITE_TRUST,
                     }
             })

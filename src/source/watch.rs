@@ -317,6 +317,7 @@ impl Watch {
         let beside = other_dir.is_none();
         let tx = self.tx.clone();
         let link = self.member.link.clone();
+        let patience = self.options.poll.max(WRITE_PATIENCE);
         let handler = move |event: notify::Result<notify::Event>| {
             let signal = match event {
                 Ok(event) => {
@@ -360,8 +361,8 @@ impl Watch {
             };
             // Told to the file's writers at once: a write in place is open, or done.
             match signal {
-                Signal::Writing { data } => link.note_open_write(Some(data)),
-                Signal::Changed => link.note_open_write(None),
+                Signal::Writing { data } => link.note_open_write(Some(data), patience),
+                Signal::Changed => link.note_open_write(None, patience),
                 _ => {}
             }
             let _ = tx.send(signal);

@@ -10,14 +10,22 @@
 
 use std::path::Path;
 
-/// The most `/proc` entries one look reads: bounded however many processes and files
-/// the machine has open.
+/// The most `/proc` entries one look reads, and the longest it takes: bounded however
+/// many processes and files the machine has open. Past either, the look gives up and
+/// knows nothing (the caller's other checks stand).
 #[cfg(target_os = "linux")]
 const MAX_LOOKS: usize = 200_000;
+#[cfg(target_os = "linux")]
+const MAX_TIME: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Another process that has the file at `path` open for writing, by id, if this
 /// process can see one (its own user's processes, or all as root). `None` also when
-/// nothing can be known (no `/proc`, or not Linux): the caller's other checks stand.
+/// nothing can be known (no `/proc`, not Linux, or a look that ran out of time).
+///
+/// Only `/proc` is read: each descriptor's link as text and its `fdinfo`. Nothing is
+/// asked of the file system a descriptor names, so a process holding a file on a
+/// mount that no longer answers (a stuck FUSE daemon, a dead NFS server) cannot make
+/// the look hang.
 #[cfg(target_os = "linux")]
 pub(crate) fn open_for_writing(path: &Path) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
@@ -25,8 +33,11 @@ pub(crate) fn open_for_writing(path: &Path) -> Option<u32> {
     if !file.is_file() {
         return None;
     }
-    let (dev, ino) = (file.dev(), file.ino());
+    let ino = file.ino();
+    // The name the kernel gives the open file in `/proc/<pid>/fd`.
+    let name = std::fs::canonicalize(path).ok()?;
     let me = std::process::id();
+    let start = std::time::Instant::now();
     let mut looks = 0usize;
     for process in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = process
@@ -44,16 +55,19 @@ pub(crate) fn open_for_writing(path: &Path) -> Option<u32> {
         };
         for fd in fds.flatten() {
             looks += 1;
-            if looks > MAX_LOOKS {
+            if looks > MAX_LOOKS || (looks.is_multiple_of(256) && start.elapsed() > MAX_TIME) {
                 return None;
             }
-            // The descriptor's link, followed: the open file's device and inode.
-            let Ok(open) = std::fs::metadata(fd.path()) else {
+            // The link's text only: reading it asks nothing of the file's own file
+            // system.
+            if std::fs::read_link(fd.path()).ok().as_deref() != Some(name.as_path()) {
                 continue;
-            };
-            if open.dev() == dev
-                && open.ino() == ino
-                && writable(&process.path().join("fdinfo").join(fd.file_name()))
+            }
+            let info = process.path().join("fdinfo").join(fd.file_name());
+            // (Kernels before 5.14 give no `ino:`: the name alone then.)
+            if let Some((flags, open_ino)) = fdinfo(&info)
+                && open_ino.is_none_or(|open| open == ino)
+                && flags & 0o3 != 0
             {
                 return Some(pid);
             }
@@ -68,22 +82,24 @@ pub(crate) fn open_for_writing(_path: &Path) -> Option<u32> {
     None
 }
 
-/// Whether the descriptor `fdinfo` describes was opened for writing: its `flags:`
-/// line, in octal, has an access mode other than read-only.
+/// The open flags (octal) and inode of the descriptor `fdinfo` describes: its
+/// `flags:` and `ino:` lines.
 #[cfg(target_os = "linux")]
-fn writable(fdinfo: &Path) -> bool {
+fn fdinfo(fdinfo: &Path) -> Option<(u32, Option<u64>)> {
     use std::io::Read;
     // A few hundred bytes; bounded all the same.
     let mut text = String::new();
-    let read =
-        std::fs::File::open(fdinfo).and_then(|file| file.take(64 * 1024).read_to_string(&mut text));
-    if read.is_err() {
-        return false;
-    }
-    text.lines()
-        .find_map(|line| line.strip_prefix("flags:"))
-        .and_then(|flags| u32::from_str_radix(flags.trim(), 8).ok())
-        .is_some_and(|flags| flags & 0o3 != 0)
+    std::fs::File::open(fdinfo)
+        .and_then(|file| file.take(64 * 1024).read_to_string(&mut text))
+        .ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+    };
+    let flags = u32::from_str_radix(field("flags:")?, 8).ok()?;
+    let ino = field("ino:").and_then(|ino| ino.parse().ok());
+    Some((flags, ino))
 }
 
 #[cfg(all(test, target_os = "linux"))]

@@ -114,10 +114,14 @@ where
         if let Some(at) = self.expires_at {
             key = key.with_expires_at(instant(id, "expires_at", &at)?);
         }
-        for rate in self.rate_limits {
+        for (i, rate) in self.rate_limits.into_iter().enumerate() {
             let name = rate.name.as_ref();
+            // Named by place: the name is not checked yet.
             let per = RateLimit::parse_per(rate.per.as_ref()).map_err(|e| {
-                Error::invalid(Some(id), format!("`rate_limits` `{name}`: `per`: {e}"))
+                Error::invalid(
+                    Some(id),
+                    format!("`rate_limits` entry {}: `per`: {e}", i + 1),
+                )
             })?;
             key = key.with_rate_limit(RateLimit::new(name, rate.requests, per));
         }
