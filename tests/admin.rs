@@ -1403,9 +1403,15 @@ async fn the_openapi_document_says_what_the_server_does() {
         .call("GET", "/v1/openapi.json", None, None, &[])
         .await
         .body;
-    // Every error is a problem document.
+    // Every error is a problem document, and every operation may answer the guard's
+    // 429 (an admin key over its rate limit).
     for (path, item) in spec["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
+            let limited = &op["responses"]["429"];
+            assert!(
+                limited["headers"]["Retry-After"].is_object(),
+                "{method} {path}: no 429 with Retry-After"
+            );
             for (status, response) in op["responses"].as_object().unwrap() {
                 if status.starts_with('4') || status.starts_with('5') {
                     let content = response["content"].as_object().unwrap();

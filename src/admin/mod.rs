@@ -256,7 +256,7 @@ pub fn openapi() -> serde_json::Value {
 #[openapi(
     info(title = "tower-api-key key management", description = "Create, list, update, rotate and revoke API keys."),
     paths(routes::list, routes::create, routes::get_key, routes::patch_key, routes::rotate_key, routes::delete_key),
-    modifiers(&Security, &Links),
+    modifiers(&Security, &Links, &Guard),
     security(("bearer" = []), ("x_api_key" = [])),
 )]
 struct Doc;
@@ -278,6 +278,39 @@ impl utoipa::Modify for Security {
             "x_api_key",
             SecurityScheme::ApiKey(Header::Header(ApiKeyValue::new("x-api-key"))),
         );
+    }
+}
+
+/// What the API's own guard answers besides 401 and 403: 429, with `Retry-After`,
+/// when the admin key has a rate limit and has spent it. Every operation is guarded,
+/// so every one may answer it.
+struct Guard;
+
+impl utoipa::Modify for Guard {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{Object, RefOr, Type, header::Header};
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                item.get.as_mut(),
+                item.post.as_mut(),
+                item.patch.as_mut(),
+                item.delete.as_mut(),
+            ];
+            for operation in operations.into_iter().flatten() {
+                let responses = &mut operation.responses.responses;
+                // Shaped as the operation's 401: a problem document.
+                let Some(RefOr::T(mut limited)) = responses.get("401").cloned() else {
+                    continue;
+                };
+                limited.description = "The admin key's rate limit is spent: try again after \
+                                       `Retry-After` seconds"
+                    .into();
+                let mut retry = Header::new(Object::with_type(Type::Integer));
+                retry.description = Some("Seconds until the key may be used again".into());
+                limited.headers.insert("Retry-After".into(), retry);
+                responses.insert("429".into(), RefOr::T(limited));
+            }
+        }
     }
 }
 
