@@ -1629,6 +1629,8 @@ async fn a_value_of_the_wrong_type_is_not_quoted_back() {
         json!({"id": "x", "expires_at": secret}),
         // A name that is not checked yet, beside a `per` that does not parse.
         json!({"id": "x", "rate_limits": [{"name": secret, "requests": 1, "per": "soon"}]}),
+        // A secret sent as a member's name.
+        json!({"id": "x", secret: true}),
     ] {
         replies.push(s.post("/v1/api-keys", "root-secret", body).await);
     }
@@ -1657,6 +1659,34 @@ async fn a_value_of_the_wrong_type_is_not_quoted_back() {
             json!({"description": [secret]}),
         )
         .await,
+    );
+    // The same member twice (parsed before serde sees it).
+    replies.push(
+        s.call(
+            "POST",
+            "/v1/api-keys",
+            Some("root-secret"),
+            Some((
+                "application/json",
+                format!(r#"{{"id": "x", "{secret}": 1, "{secret}": 2}}"#),
+            )),
+            &[],
+        )
+        .await,
+    );
+    // A misspelt field is still named.
+    let misspelt = s
+        .post(
+            "/v1/api-keys",
+            "root-secret",
+            json!({"id": "x", "scope": ["read"]}),
+        )
+        .await;
+    assert_eq!(misspelt.status, 422);
+    assert!(
+        misspelt.body.to_string().contains("`scope`"),
+        "{:?}",
+        misspelt.body
     );
     for reply in replies {
         assert!(

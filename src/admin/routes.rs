@@ -715,9 +715,14 @@ fn json_body<T: serde::de::DeserializeOwned>(
 
 /// serde's message without the value it did not expect: `invalid type: string
 /// "tak_…", expected a sequence` quotes what was sent, and a secret pasted into the
-/// wrong field would be echoed to the caller's logs. The kind of value stays.
+/// wrong field would be echoed to the caller's logs. The kind of value stays. An
+/// unknown member is named only if its name looks like a field's (a misspelt
+/// `scope`), never when it could be a secret sent as a name.
 fn without_values(e: &serde_json::Error) -> String {
     let said = e.to_string();
+    if let Some(cut) = crate::error::without_unknown_name(&said) {
+        return cut;
+    }
     match (said.find(['"', '`']), said.rfind(", expected")) {
         (Some(start), Some(end)) if start < end && said.starts_with("invalid ") => {
             format!("{}{}", said[..start].trim_end(), &said[end..])

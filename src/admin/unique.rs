@@ -80,10 +80,13 @@ impl<'de> Visitor<'de> for Walk {
         while let Some(name) = map.next_key::<String>()? {
             let Checked = map.next_value()?;
             if let Some(name) = names.replace(name) {
-                return Err(de::Error::custom(format_args!(
-                    "the member {} appears twice in one object",
-                    shown(&name)
-                )));
+                return Err(match crate::error::may_quote_name(&name) {
+                    true => de::Error::custom(format_args!(
+                        "the member {} appears twice in one object",
+                        shown(&name)
+                    )),
+                    false => de::Error::custom("a member appears twice in one object"),
+                });
             }
         }
         Ok(())

@@ -121,6 +121,9 @@ fn without_values(message: &str, line: Option<&str>) -> String {
             };
         }
     }
+    if let Some(cut) = crate::error::without_unknown_name(message) {
+        return cut;
+    }
     // Any other message should not quote a value; if it does, cut it out.
     match value.map(|v| v.trim_matches(['"', '\''])) {
         Some(v) if v.len() >= 4 && message.contains(v) => message.replace(v, "<redacted>"),
@@ -712,6 +715,12 @@ allowed_ips = ["203.0.113.0/24", "2001:db8::/32"]
                 "[[keys]]\nid = 'a'\nsecret = 'x'\ndisabled = 12345678\n",
                 "12345678",
                 "`disabled`",
+            ),
+            // A secret written as a field's name.
+            (
+                "[[keys]]\nid = 'a'\nsecret = 'x'\ntak_P4SSW0RD = 1\n",
+                "P4SSW0RD",
+                "unknown field, expected one of `id`",
             ),
         ];
         for (content, secret, expected) in cases {
