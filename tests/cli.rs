@@ -866,6 +866,51 @@ fn limits_alone_are_diffed_and_applied(target: &[&str], dir: &Path) {
     );
 }
 
+/// Two keys that swap secrets in one `apply` (each gets the other's): the result
+/// holds each secret once, so it is written, whole; each key then has the other's
+/// digest. A secret given to two keys is still refused, with nothing written.
+fn two_keys_swap_secrets_in_one_apply(target: &[&str], dir: &Path) {
+    let with = |args: &[&str]| on(target, args);
+    let entry = |id: &str, secret: &str| {
+        format!(
+            "[[keys]]\nid = \"{id}\"\nsha256 = \"{}\"\n\n",
+            sha256_hex(secret)
+        )
+    };
+    let seed = dir.join("swap-seed.toml");
+    fs::write(&seed, entry("swap-a", "sw-1") + &entry("swap-b", "sw-2")).unwrap();
+    run(&with(&["import", p(&seed)])).code(0);
+    let desired = dir.join("swap-desired.toml");
+    fs::write(&desired, entry("swap-a", "sw-2") + &entry("swap-b", "sw-1")).unwrap();
+    let d = p(&desired);
+    run(&with(&["apply", d])).code(0);
+    run(&with(&["diff", d])).code(0);
+    let exported = run(&with(&["export", "-o", "json"])).code(0).json();
+    let digest = |id: &str| {
+        exported
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id)
+            .map(|k| k["sha256"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(digest("swap-a"), Some(sha256_hex("sw-2")));
+    assert_eq!(digest("swap-b"), Some(sha256_hex("sw-1")));
+    // One secret for two keys in the result (`swap-b` given the secret `swap-a`
+    // keeps, with a new key): refused whole.
+    fs::write(&desired, entry("swap-b", "sw-2") + &entry("swap-c", "sw-3")).unwrap();
+    run(&with(&["apply", d])).code(1).one_line_error();
+    let after = run(&with(&["export", "-o", "json"])).code(0).json();
+    assert_eq!(after, exported, "nothing written");
+}
+
+#[test]
+fn two_keys_may_swap_secrets_in_one_apply_to_a_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    two_keys_swap_secrets_in_one_apply(&["--file", p(&file)], dir.path());
+}
+
 #[test]
 fn a_change_of_limits_alone_is_applied_to_a_key_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -1131,6 +1176,12 @@ fn a_namespace_from_import_to_restore(fleet: &Fleet<'_>, password: &str) {
         .chain(["lim"])
         .collect::<Vec<_>>();
     limits_alone_are_diffed_and_applied(&lim, dir.path());
+    let swap = fleet.target[..3]
+        .iter()
+        .copied()
+        .chain(["swap"])
+        .collect::<Vec<_>>();
+    two_keys_swap_secrets_in_one_apply(&swap, dir.path());
 }
 
 /// The engine down: every command unavailable (3), one line, no password, at once.

@@ -158,9 +158,15 @@ impl Shared {
     ) -> Result<Option<Vec<Result<(), BackendError>>>, Failure> {
         let (mut gate, mut base) = self.gated()?;
         for _ in 0..MAX_REDO {
-            let mut batch = Batch::new(&base);
-            let outcomes: Vec<Result<(), BackendError>> =
+            let mut batch = Batch::new(&base, whole);
+            let mut outcomes: Vec<Result<(), BackendError>> =
                 ops.iter().map(|op| batch.apply(op)).collect();
+            if whole
+                && outcomes.iter().all(Result::is_ok)
+                && let Some((at, refused)) = batch.unique_at_end(ops)
+            {
+                outcomes[at] = Err(refused);
+            }
             if batch.changed.is_empty() || (whole && outcomes.iter().any(Result::is_err)) {
                 return Ok(Some(outcomes));
             }

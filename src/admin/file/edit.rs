@@ -232,16 +232,23 @@ pub(super) struct Batch<'a> {
     /// The digest of each key in `changed`, and its id: a batch of thousands of
     /// changes checks each against the others in one look, not a walk.
     digests: HashMap<KeyDigest, Arc<str>>,
+    /// Secrets are checked once every op is in ([`Batch::unique_at_end`]), not op by
+    /// op: an all-or-nothing write whose keys swap secrets holds each secret once in
+    /// the end, though not after its first op.
+    whole: bool,
 }
 
 impl<'a> Batch<'a> {
-    pub(super) fn new(base: &'a Base) -> Self {
+    /// A batch of independent ops (each op's secret checked as it comes) or, with
+    /// `whole`, of one all-or-nothing write (secrets checked at the end).
+    pub(super) fn new(base: &'a Base, whole: bool) -> Self {
         Self {
             base,
             changed: HashMap::new(),
             added: Vec::new(),
             new_ids: std::collections::HashSet::new(),
             digests: HashMap::new(),
+            whole,
         }
     }
 
@@ -262,8 +269,32 @@ impl<'a> Batch<'a> {
         }
     }
 
+    /// Refuses `key` if its digest is another id's (for a batch of independent ops;
+    /// a whole one is checked at its end).
+    fn unique_now(&self, key: &ApiKey) -> Result<(), BackendError> {
+        match self.whole {
+            true => Ok(()),
+            false => self.unique(key),
+        }
+    }
+
+    /// For a whole batch, once every op is in: the index of the first op whose key
+    /// shares its secret with another key of the result, and why.
+    pub(super) fn unique_at_end(&self, ops: &[Op]) -> Option<(usize, BackendError)> {
+        ops.iter().enumerate().find_map(|(at, op)| {
+            let id = match op {
+                Op::Create(key) | Op::Update(key, _) => key.id(),
+                Op::Rotate { successor, .. } => successor.id(),
+                Op::Delete(..) => return None,
+            };
+            // The key as the batch ends with it (a later op may have changed it).
+            let key = self.changed.get(id)?.as_ref()?;
+            self.unique(key).err().map(|e| (at, e))
+        })
+    }
+
     /// Refuses `key` if its digest is another id's.
-    pub(super) fn unique(&self, key: &ApiKey) -> Result<(), BackendError> {
+    fn unique(&self, key: &ApiKey) -> Result<(), BackendError> {
         // Among the changed keys, and among the base's keys left as they were.
         let taken = self
             .digests
@@ -291,13 +322,13 @@ impl<'a> Batch<'a> {
                     return Err(BackendError::Conflict(key.id().to_owned()));
                 }
                 key.validate().map_err(BackendError::Invalid)?;
-                self.unique(key)?;
+                self.unique_now(key)?;
                 self.put(key.clone());
             }
             Op::Update(key, if_match) => {
                 self.check(key.id(), if_match.as_deref())?;
                 key.validate().map_err(BackendError::Invalid)?;
-                self.unique(key)?;
+                self.unique_now(key)?;
                 self.put(key.clone());
             }
             Op::Delete(id, if_match) => {
@@ -317,7 +348,7 @@ impl<'a> Batch<'a> {
                 }
                 successor.validate().map_err(BackendError::Invalid)?;
                 old.validate().map_err(BackendError::Invalid)?;
-                self.unique(successor)?;
+                self.unique_now(successor)?;
                 self.put(old.clone());
                 self.put(successor.clone());
             }
