@@ -6,8 +6,9 @@
 //! served over HTTP on 127.0.0.1: two in this process (each with its own `AdminApi`
 //! over a `FileBackend`) and one in a child process (this binary run again with
 //! `HARNESS_REPLICA` set), with an `AdminApi` of its own. Workers send a random mix
-//! of API calls to any of the three: create, patch, rotate, revoke, and import (a
-//! burst of creates at once). Meanwhile one fault at a time: a hand edit renamed over
+//! of API calls to any of the three: create, patch, rotate, revoke, import (a burst
+//! of creates at once), and a rotation without `If-Match` sent at the same moment as
+//! a conditional patch of the same key (`disabled: true`, or a new description). Meanwhile one fault at a time: a hand edit renamed over
 //! the file (ignoring every lock, racing the API), a hand edit written in place, the
 //! file emptied for a while, the file left half written for a while, and `kill -9`
 //! of the child while calls are in flight (then it is started again).
@@ -16,8 +17,10 @@
 //!
 //! 1. every change answered 2xx or 202 is in the file, and on every replica, within
 //!    `BOUND` (3 s) once the faults stop;
-//! 2. a key revoked with a 2xx or 202 is never accepted by any replica once `BOUND`
-//!    has passed since the answer; nor is a key removed by hand;
+//! 2. a key revoked with a 2xx or 202 (deleted, or patched `disabled: true`: then
+//!    kept in the file, disabled) is never accepted by any replica once `BOUND` has
+//!    passed since the answer, whatever rotation raced it; nor is a key removed by
+//!    hand;
 //! 3. no replica refuses a key of its last good set while the file is broken (the
 //!    `sentinel` key, and every key created more than `BOUND` ago and not revoked);
 //! 4. at rest, every replica holds exactly the file's keys;
@@ -295,6 +298,8 @@ struct Made {
     at: Instant,
     /// Revoked (answered 2xx/202): when the revoke was sent and answered.
     revoked: Option<(Instant, Instant)>,
+    /// Revoked by `disabled: true`: kept in the file, refused everywhere.
+    disabled: bool,
     /// The description of the last patch answered 2xx/202.
     description: Option<String>,
     /// Every call's time in flight.
@@ -464,6 +469,7 @@ async fn worker(world: Arc<World>, mut rng: Rng, me: usize) {
                                 secret,
                                 at: answered,
                                 revoked: None,
+                                disabled: false,
                                 description: None,
                                 calls: vec![(sent, answered)],
                                 unsure: false,
@@ -514,7 +520,7 @@ async fn worker(world: Arc<World>, mut rng: Rng, me: usize) {
                 note(&world, &id, sent, reply.as_ref().map(|r| r.0), |made| {
                     made.description = Some(description.clone());
                 });
-            } else if choice < 80 {
+            } else if choice < 75 {
                 let reply = world
                     .call(
                         addr,
@@ -524,44 +530,8 @@ async fn worker(world: Arc<World>, mut rng: Rng, me: usize) {
                         None,
                     )
                     .await;
-                let answered = Instant::now();
-                let status = reply.as_ref().map(|r| r.0);
-                note(&world, &id, sent, status, |_| {});
-                if !matches!(status, Some(200..=299 | 400..=499 | 503)) {
-                    // It may have made a successor, under the id derived from this
-                    // key's, which may be the id of one revoked before (the API
-                    // skips only the ids it revoked itself): none of those ids has a
-                    // known fate any more.
-                    let base = id.rsplit_once("-r").map_or(id.as_str(), |(b, _)| b);
-                    let derived = format!("{base}-r");
-                    for (other, made) in &mut world.model.lock().unwrap().made {
-                        if other.starts_with(&derived) {
-                            made.unsure = true;
-                        }
-                    }
-                }
-                if let Some((status, body, _)) = reply
-                    && ok(status)
-                {
-                    let successor = body["id"].as_str().unwrap().to_owned();
-                    let secret = body["key"].as_str().unwrap().to_owned();
-                    let mut model = world.model.lock().unwrap();
-                    model.secrets.push(secret.clone());
-                    model.made.insert(
-                        successor.clone(),
-                        Made {
-                            secret,
-                            at: answered,
-                            revoked: None,
-                            description: None,
-                            calls: vec![(sent, answered)],
-                            unsure: false,
-                            in_flight: 0,
-                        },
-                    );
-                    mine.push(successor);
-                }
-            } else {
+                rotated(&world, &id, sent, reply, &mut mine);
+            } else if choice < 88 {
                 let reply = world
                     .call(addr, reqwest::Method::DELETE, &path, None, None)
                     .await;
@@ -573,9 +543,111 @@ async fn worker(world: Arc<World>, mut rng: Rng, me: usize) {
                 if status.is_some_and(ok) {
                     mine.retain(|m| *m != id);
                 }
+            } else {
+                // A rotation without `If-Match` racing a revocation (`disabled:
+                // true`) or a patch of the same key, each conditional on the key as
+                // read just before: neither may undo the other.
+                let Some((200, _, Some(etag))) = world
+                    .call(addr, reqwest::Method::GET, &path, None, None)
+                    .await
+                else {
+                    if let Some(made) = world.model.lock().unwrap().made.get_mut(&id) {
+                        made.in_flight -= 1;
+                    }
+                    continue;
+                };
+                let revoking = rng.below(2) == 0;
+                let description = format!("d{}", rng.next());
+                let change = match revoking {
+                    true => json!({"disabled": true}),
+                    false => json!({"description": description}),
+                };
+                if let Some(made) = world.model.lock().unwrap().made.get_mut(&id) {
+                    made.in_flight += 1;
+                }
+                let rotate_path = format!("{path}/rotate");
+                let (reply, other) = tokio::join!(
+                    world.call(
+                        addr,
+                        reqwest::Method::POST,
+                        &rotate_path,
+                        Some(json!({"overlap_seconds": 3600})),
+                        None,
+                    ),
+                    world.call(
+                        addr,
+                        reqwest::Method::PATCH,
+                        &path,
+                        Some(change),
+                        Some(&etag)
+                    ),
+                );
+                let answered = Instant::now();
+                let status = other.as_ref().map(|r| r.0);
+                eprintln!(
+                    "RACE revoking={revoking} rotate={:?} other={status:?}",
+                    reply.as_ref().map(|r| r.0)
+                );
+                note(&world, &id, sent, status, |made| match revoking {
+                    true => (made.revoked, made.disabled) = (Some((sent, answered)), true),
+                    false => made.description = Some(description.clone()),
+                });
+                if revoking && status.is_some_and(ok) {
+                    mine.retain(|m| *m != id);
+                }
+                rotated(&world, &id, sent, reply, &mut mine);
             }
         }
         tokio::time::sleep(Duration::from_millis(rng.below(20))).await;
+    }
+}
+
+/// Records a rotation of `id` sent at `sent`: its successor if it was answered
+/// 2xx/202, doubt over every id it may have made if its outcome is unknown.
+fn rotated(
+    world: &World,
+    id: &str,
+    sent: Instant,
+    reply: Option<(u16, Value, Option<String>)>,
+    mine: &mut Vec<String>,
+) {
+    let answered = Instant::now();
+    let status = reply.as_ref().map(|r| r.0);
+    note(world, id, sent, status, |_| {});
+    if !matches!(status, Some(200..=299 | 400..=499 | 503)) {
+        // It may have made a successor, under the id derived from this
+        // key's, which may be the id of one revoked before (the API
+        // skips only the ids it revoked itself): none of those ids has a
+        // known fate any more.
+        let base = id.rsplit_once("-r").map_or(id, |(b, _)| b);
+        let derived = format!("{base}-r");
+        for (other, made) in &mut world.model.lock().unwrap().made {
+            if other.starts_with(&derived) {
+                made.unsure = true;
+            }
+        }
+    }
+    if let Some((status, body, _)) = reply
+        && ok(status)
+    {
+        let successor = body["id"].as_str().unwrap().to_owned();
+        let secret = body["key"].as_str().unwrap().to_owned();
+        let mut model = world.model.lock().unwrap();
+        model.secrets.push(secret.clone());
+        model.made.insert(
+            successor.clone(),
+            Made {
+                secret,
+                at: answered,
+                revoked: None,
+                disabled: false,
+                description: None,
+                calls: vec![(sent, answered)],
+                unsure: false,
+                in_flight: 0,
+            },
+        );
+        mine.push(successor);
     }
 }
 
@@ -987,6 +1059,13 @@ fn expected(world: &World, set: &tower_api_key::KeySet) -> Vec<(String, String, 
         }
         let in_file = set.get(id);
         match (made.revoked, in_file) {
+            (Some(_), Some(key)) if made.disabled && key.is_disabled() => {}
+            (Some(_), Some(_)) if made.disabled => world.fail(format!(
+                "key {id}, disabled with a 2xx, is enabled in the file"
+            )),
+            (Some(_), None) if made.disabled => {
+                world.fail(format!("key {id}, disabled with a 2xx, is not in the file"))
+            }
             (Some(_), Some(_)) => world.fail(format!("revoked key {id} is in the file")),
             (None, None) => world.fail(format!("key {id} (answered 2xx) is not in the file")),
             (None, Some(key))

@@ -5,7 +5,8 @@
 //! over `RedisBackend` on 127.0.0.1), `B` (a store beside a second source), and `P`,
 //! a replica in a separate process (this test binary run again as
 //! `harness_replica_process`, serving HTTP on 127.0.0.1). A seeded random mix of API
-//! calls (create, patch, rotate, revoke) and imports runs against faults: every
+//! calls (create, patch, rotate, revoke, and a rotation without `If-Match` racing a
+//! conditional patch of the same key) and imports runs against faults: every
 //! connection killed, Redis restarted with and without persistence, `FLUSHALL` and
 //! `DEL` of the version or of the records hash followed by an explicit restore from
 //! `W`'s snapshot,
@@ -877,6 +878,127 @@ async fn revoke(fleet: &Fleet, model: &mut Model, rng: &mut Rng) -> Option<Answe
     Some(answer)
 }
 
+/// A rotation without `If-Match` racing a patch of the same key (conditional on the
+/// key as read just before), both sent at once: a revocation (`disabled: true`) or
+/// a new description. Invariant 1 holds for both answers: the rotation's write of
+/// the old key (shortened) undoes neither a revocation nor a description answered
+/// 2xx/202. A revoked key is then deleted, for the model's sake.
+async fn race(fleet: &Fleet, model: &mut Model, rng: &mut Rng) -> Option<String> {
+    if !model.healthy() {
+        return None;
+    }
+    let old = model.pick_live(rng)?;
+    let path = format!("/v1/api-keys/{old}");
+    let (code, body, etag) = fleet.call(reqwest::Method::GET, &path, None, None).await;
+    no_script_hash(&body, "get");
+    if code != 200 {
+        assert!(code == 503 || code == 504, "get `{old}`: {code} {body}");
+        return None;
+    }
+    let id = model.id();
+    let disabling = rng.chance(50);
+    let token = Some(format!("race-{}", rng.below(100_000)));
+    let change = match disabling {
+        true => json!({"disabled": true}),
+        false => json!({"description": token}),
+    };
+    let rotate_path = format!("{path}/rotate");
+    let ((r_code, r_body, _), (p_code, p_body, _)) = tokio::join!(
+        fleet.call(
+            reqwest::Method::POST,
+            &rotate_path,
+            Some(json!({"id": id, "overlap_seconds": 86_400})),
+            None,
+        ),
+        fleet.call(reqwest::Method::PATCH, &path, Some(change), etag.as_deref()),
+    );
+    no_script_hash(&r_body, "rotate (racing a patch)");
+    no_script_hash(&p_body, "patch (racing a rotation)");
+    // The successor copies the old key's description as the rotation read it.
+    let mut descriptions = model.keys[&old].descriptions.clone();
+    let p_answer = match p_code {
+        // The rotation got in first.
+        412 => None,
+        _ => Some(answer(p_code, &p_body, "patch (racing a rotation)")),
+    };
+    let r_answer = answer(r_code, &r_body, "rotate (racing a patch)");
+    let secret = r_body["key"].as_str().map(str::to_owned);
+    let status = match r_answer {
+        Answer::Enforced | Answer::Written => {
+            let Some(secret) = &secret else {
+                panic!("a racing rotation answered {r_code} without its secret")
+            };
+            model.secrets.push(secret.clone());
+            Status::Live
+        }
+        Answer::NotWritten => Status::NotWritten,
+        Answer::Unknown => Status::Maybe,
+    };
+    if !disabling && p_answer.is_some() {
+        descriptions.push(token.clone());
+    }
+    model.keys.insert(
+        id,
+        Key {
+            secret,
+            status,
+            descriptions,
+            enforced: r_answer == Answer::Enforced,
+            confirmed: false,
+        },
+    );
+    let what = format!("rotate {r_code} racing patch {p_code}");
+    let key = model.keys.get_mut(&old).unwrap();
+    match (disabling, p_answer) {
+        (_, None | Some(Answer::NotWritten)) => return Some(what),
+        (false, Some(Answer::Enforced | Answer::Written)) => {
+            key.descriptions = vec![token];
+            return Some(what);
+        }
+        (false, Some(Answer::Unknown)) => {
+            key.descriptions.push(token);
+            return Some(what);
+        }
+        (true, Some(Answer::Enforced)) => {
+            // Enforced by the writer's store when answered, the rotation or not.
+            let secret = key.secret.as_deref().unwrap();
+            assert!(
+                fleet.w.verify(secret).is_err(),
+                "`{old}`, disabled with {p_code} while a rotation raced it, is let in by W"
+            );
+        }
+        (true, Some(_)) => {}
+    }
+    // A revocation answered 2xx/202 holds on every replica within the bound.
+    if p_code < 300 {
+        let secret = key.secret.clone().unwrap();
+        let start = Instant::now();
+        while fleet.w.verify(&secret).is_ok()
+            || fleet.b.verify(&secret).is_ok()
+            || fleet.p_accepts(&secret).await
+        {
+            assert!(
+                start.elapsed() < BOUND,
+                "`{old}`, disabled with {p_code} while a rotation raced it, is still let in \
+                 after {BOUND:?}: the rotation undid the revocation"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Revoked for good (also when the patch's outcome is unknown).
+    let (code, body, _) = fleet.call(reqwest::Method::DELETE, &path, None, None).await;
+    let deleted = answer(code, &body, "revoke after a racing rotation");
+    assert!(
+        matches!(deleted, Answer::Enforced | Answer::Written),
+        "revoke of `{old}` with Redis healthy: {code} {body}"
+    );
+    let key = model.keys.get_mut(&old).unwrap();
+    key.status = Status::Revoked;
+    key.confirmed = false;
+    key.enforced = deleted == Answer::Enforced;
+    Some(what)
+}
+
 /// An operator's import of a few keys, or of more than one version's worth (1,000).
 async fn import(fleet: &Fleet, model: &mut Model, rng: &mut Rng, n: usize) {
     let mut file = String::new();
@@ -906,7 +1028,8 @@ async fn api_step(fleet: &Fleet, model: &mut Model, rng: &mut Rng) -> String {
         0..=34 => format!("create {:?}", create(fleet, model, rng).await),
         35..=49 => format!("patch {:?}", patch(fleet, model, rng).await),
         50..=64 => format!("rotate {:?}", rotate(fleet, model, rng).await),
-        65..=89 => format!("revoke {:?}", revoke(fleet, model, rng).await),
+        65..=76 => format!("revoke {:?}", revoke(fleet, model, rng).await),
+        77..=89 => format!("race: {:?}", race(fleet, model, rng).await),
         90..=95 => {
             let n = 1 + rng.below(3) as usize;
             import(fleet, model, rng, n).await;
