@@ -422,6 +422,78 @@ pub(crate) fn staged(path: &Path, bytes: &[u8]) -> std::io::Result<tempfile::Nam
     staged_like(path, std::fs::metadata(path).ok().as_ref(), bytes)
 }
 
+/// How a staged file's name begins and ends (`.tower-api-key-XXXXXX.tmp`).
+#[cfg(feature = "file")]
+const STAGED_PREFIX: &str = ".tower-api-key-";
+#[cfg(feature = "file")]
+const STAGED_SUFFIX: &str = ".tmp";
+
+/// How old a staged file is before a write in its directory takes it for one a
+/// killed writer left behind (`kill -9`, a power cut): no write stages a file for
+/// this long.
+#[cfg(feature = "file")]
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the staged files a killed writer left in `dir` (they hold digests, never
+/// secrets, but pile up): regular files named as [`staged_like`] names them and not
+/// modified for [`STALE_AFTER`]. At most once per [`STALE_AFTER`] per directory in a
+/// process, and never more than 1,000 names looked at; best effort, silent.
+#[cfg(feature = "file")]
+fn sweep_stale(dir: &Path) {
+    use std::{
+        collections::HashMap,
+        sync::{Mutex, PoisonError},
+        time::{Instant, SystemTime},
+    };
+    static SWEPT: Mutex<Option<HashMap<std::path::PathBuf, Instant>>> = Mutex::new(None);
+    {
+        let mut swept = SWEPT.lock().unwrap_or_else(PoisonError::into_inner);
+        let swept = swept.get_or_insert_with(HashMap::new);
+        if swept.get(dir).is_some_and(|at| at.elapsed() < STALE_AFTER) {
+            return;
+        }
+        if swept.len() >= 64 {
+            swept.clear();
+        }
+        swept.insert(dir.to_owned(), Instant::now());
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    // In a directory anyone may write to that keeps names to their owners (`/tmp`),
+    // only this process's user's files: run as root, another user's are theirs.
+    #[cfg(unix)]
+    let sticky = std::fs::metadata(dir)
+        .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o1000 != 0);
+    let now = SystemTime::now();
+    for entry in entries.take(1_000).flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name
+            .strip_prefix(STAGED_PREFIX)
+            .and_then(|rest| rest.strip_suffix(STAGED_SUFFIX))
+            .is_some_and(|middle| {
+                !middle.is_empty() && middle.bytes().all(|b| b.is_ascii_alphanumeric())
+            });
+        // `file_type` does not follow a link: a link by that name is left alone.
+        let Ok(meta) = entry.metadata() else { continue };
+        #[cfg(unix)]
+        if sticky
+            && std::os::unix::fs::MetadataExt::uid(&meta) != rustix::process::geteuid().as_raw()
+        {
+            continue;
+        }
+        let stale = ours
+            && entry.file_type().is_ok_and(|t| t.is_file())
+            && meta
+                .modified()
+                .is_ok_and(|at| now.duration_since(at).is_ok_and(|age| age > STALE_AFTER));
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// A new file beside `path` holding `bytes`, created exclusively under a unique name,
 /// readable by its owner only (or with the permissions, owner and group of `like`,
 /// the file found at `path` when it was checked, as far as the process may give
@@ -433,9 +505,10 @@ pub(crate) fn staged_like(
     like: Option<&std::fs::Metadata>,
     bytes: &[u8],
 ) -> std::io::Result<tempfile::NamedTempFile> {
+    sweep_stale(dir_of(path));
     let mut file = tempfile::Builder::new()
-        .prefix(".tower-api-key-")
-        .suffix(".tmp")
+        .prefix(STAGED_PREFIX)
+        .suffix(STAGED_SUFFIX)
         .tempfile_in(dir_of(path))?;
     if let Some(meta) = like {
         // Owner first: a change of owner may clear mode bits.
@@ -764,6 +837,39 @@ mod tests {
             assert!(err.contains("/proc"), "{}: {err}", path.display());
         }
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "line 1\n");
+    }
+
+    /// A staged file a killed writer left an hour ago or more is removed by the next
+    /// write in its directory; one just made (another writer's, in flight), a link by
+    /// such a name, and other names are left alone.
+    #[test]
+    fn a_write_removes_the_staged_files_a_killed_writer_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        let make = |name: &str, at: Option<std::time::SystemTime>| {
+            let path = dir.path().join(name);
+            let file = std::fs::File::create(&path).unwrap();
+            if let Some(at) = at {
+                file.set_modified(at).unwrap();
+            }
+            path
+        };
+        let left = make(".tower-api-key-a1B2c3.tmp", Some(old));
+        let in_flight = make(".tower-api-key-d4E5f6.tmp", None);
+        let other = make(".tower-api-key-a1B2c3.tmp.bak", Some(old));
+        let mine = make("notes.tmp", Some(old));
+        let target = make("elsewhere", Some(old));
+        let link = dir.path().join(".tower-api-key-g7H8i9.tmp");
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let set = KeySet::from_keys([ApiKey::new("a", "ka")]).unwrap();
+        set.write_file(dir.path().join("keys.toml")).unwrap();
+        assert!(!left.exists(), "the killed writer's file stays");
+        for kept in [&in_flight, &other, &mine, &target] {
+            assert!(kept.exists(), "{} was removed", kept.display());
+        }
+        #[cfg(unix)]
+        assert!(link.symlink_metadata().is_ok(), "the link was removed");
     }
 
     /// In a directory anyone may write to that keeps names to their owners (`/tmp`),
