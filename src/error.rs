@@ -240,12 +240,14 @@ impl fmt::Display for Chain<'_> {
 /// may be quoted back in an error: one shaped like the crate's own field names, 1 to
 /// 32 lowercase ASCII letters and `_` (a misspelt `scope`). Any other name may be a
 /// secret sent as a name, as `{"tak_…": …}` or `tak_… = 1` would be.
+#[cfg(feature = "file")]
 pub(crate) fn may_quote_name(name: &str) -> bool {
     (1..=32).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
 }
 
 /// serde's `unknown field `name`, expected …` without the name unless
 /// [`may_quote_name`] allows it; any other message as it is.
+#[cfg(feature = "file")]
 pub(crate) fn without_unknown_name(message: &str) -> Option<String> {
     let rest = message.strip_prefix("unknown field `")?;
     let end = rest.rfind("`, expected")?;
