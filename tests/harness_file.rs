@@ -46,9 +46,10 @@
 //! The schedule follows the seed; the timing of threads does not, so a replay is
 //! the same mix of calls and faults, not the same interleaving.
 //!
-//! `HARNESS_LONG_PAUSES=1` makes one half-written pause in four last 2 to 4 s, the
-//! file held open for writing all along. (Before the fix for writers that pause with
-//! the file open, it lost keys from the file itself.)
+//! One half-written pause in four lasts 2 to 4 s, the file held open for writing all
+//! along, as a slow link's or a typist's does (before the fix for writers that pause
+//! with the file open, such pauses lost keys from the file itself);
+//! `HARNESS_LONG_PAUSES=0` keeps every pause under half a second.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -507,7 +508,7 @@ struct World {
     next: AtomicU64,
     client: reqwest::Client,
     failures: Mutex<Vec<String>>,
-    /// `HARNESS_LONG_PAUSES=1`: half-written pauses of seconds too.
+    /// Half-written pauses of seconds too (unless `HARNESS_LONG_PAUSES=0`).
     long_pauses: bool,
 }
 
@@ -852,9 +853,9 @@ async fn faults(
                     hand.1 = add;
                 }
             }
-            // Emptied, or left half written, for a while; then finished. With
-            // `HARNESS_LONG_PAUSES=1`, one pause in four is seconds long, as a slow
-            // link's or a typist's is (see the module docs).
+            // Emptied, or left half written, for a while; then finished. One pause
+            // in four is seconds long, as a slow link's or a typist's is (see the
+            // module docs).
             2 | 3 => {
                 let pause = match world.long_pauses && rng.chance(25) {
                     true => Duration::from_millis(2_000 + rng.below(2_000)),
@@ -985,7 +986,7 @@ async fn run(seed: u64, seconds: Duration, captured: common::Captured) {
             .build()
             .unwrap(),
         failures: Mutex::new(Vec::new()),
-        long_pauses: env::<u8>("HARNESS_LONG_PAUSES") == Some(1),
+        long_pauses: env::<u8>("HARNESS_LONG_PAUSES") != Some(0),
     });
 
     let workers: Vec<_> = (0..WORKERS)
