@@ -902,6 +902,25 @@ fn two_keys_swap_secrets_in_one_apply(target: &[&str], dir: &Path) {
     run(&with(&["apply", d])).code(1).one_line_error();
     let after = run(&with(&["export", "-o", "json"])).code(0).json();
     assert_eq!(after, exported, "nothing written");
+    // An import (which replaces the keys it names and keeps the others) that gives
+    // a new key the secret a stored key keeps: refused whole, naming both, as
+    // replicas would refuse both keys.
+    fs::write(&desired, entry("swap-c", "sw-3") + &entry("swap-d", "sw-1")).unwrap();
+    let refused = run(&with(&["import", d])).code(1).one_line_error();
+    assert!(
+        refused.err.contains("swap-b") && refused.err.contains("swap-d"),
+        "{}",
+        refused.err
+    );
+    let after = run(&with(&["export", "-o", "json"])).code(0).json();
+    assert_eq!(after, exported, "nothing written");
+    // The same file with `swap-b` given another secret: written.
+    fs::write(
+        &desired,
+        entry("swap-c", "sw-3") + &entry("swap-d", "sw-1") + &entry("swap-b", "sw-4"),
+    )
+    .unwrap();
+    run(&with(&["import", d])).code(0);
 }
 
 #[test]

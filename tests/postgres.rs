@@ -16,7 +16,8 @@ use std::{
 use postgres_support::*;
 use serde_json::json;
 use tower_api_key::{
-    KeyStore,
+    ApiKey, KeySet, KeyStore,
+    admin::AdminBackend,
     postgres::{PostgresBackend, PostgresSource},
 };
 
@@ -565,4 +566,37 @@ async fn dropped_tables_are_not_zero_keys() {
     .await;
     assert_eq!(code, 201, "{created:?}");
     assert_eq!(status(r.addr, "reader-secret").await, 200);
+}
+
+/// One secret under two ids: an import that would store it is refused, with nothing
+/// written. Written anyway (by hand, by an older writer), every replica refuses both
+/// keys, those that followed the write and those loaded after it; once one of the two
+/// goes, every replica lets the other in again.
+#[tokio::test]
+async fn a_secret_stored_under_two_ids_is_refused_on_both_until_one_goes() {
+    let Some(pg) = Postgres::start() else { return };
+    seed(&pg, "twice").await;
+    let before = replica(&pg, "twice", false).await;
+    assert_eq!(status(before.addr, "reader-secret").await, 200);
+    let backend = PostgresBackend::new(&pg.url(), "twice").unwrap();
+    let copy = ApiKey::new("copy", "reader-secret");
+    let refused = backend
+        .import(&KeySet::from_keys([copy.clone()]).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, tower_api_key::Error::DuplicateKey { .. }),
+        "{refused}"
+    );
+    assert!(AdminBackend::get(&backend, "copy").await.unwrap().is_none());
+    // Written under the import's check, as a writer that checks nothing would.
+    AdminBackend::create(&backend, copy).await.unwrap();
+    until(before.addr, "reader-secret", 401, Duration::from_secs(5)).await;
+    let after = replica(&pg, "twice", false).await;
+    assert_eq!(status(after.addr, "reader-secret").await, 401);
+    assert_eq!(status(after.addr, "root-secret").await, 200);
+    AdminBackend::delete(&backend, "copy", None).await.unwrap();
+    for r in [&before, &after] {
+        until(r.addr, "reader-secret", 200, Duration::from_secs(5)).await;
+    }
 }

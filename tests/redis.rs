@@ -18,7 +18,8 @@ use std::{
 use redis_support::*;
 use serde_json::json;
 use tower_api_key::{
-    KeyStore,
+    ApiKey, KeySet, KeyStore,
+    admin::AdminBackend,
     redis::{RedisBackend, RedisSource},
 };
 
@@ -547,4 +548,37 @@ async fn a_damaged_namespace_is_replaced_only_by_a_restore() {
     assert_eq!(backend.restore_file(&path).await.unwrap(), 1);
     until(r.addr, "late-secret", 200, Duration::from_secs(3)).await;
     assert_eq!(status(r.addr, "reader-secret").await, 401);
+}
+
+/// One secret under two ids: an import that would store it is refused, with nothing
+/// written. Written anyway (by hand, by an older writer), every replica refuses both
+/// keys, those that followed the write and those loaded after it; once one of the two
+/// goes, every replica lets the other in again.
+#[tokio::test]
+async fn a_secret_stored_under_two_ids_is_refused_on_both_until_one_goes() {
+    let Some(redis) = Redis::start() else { return };
+    seed(&redis, "twice").await;
+    let before = replica(&redis, "twice", false).await;
+    assert_eq!(status(before.addr, "reader-secret").await, 200);
+    let backend = RedisBackend::new(&redis.url(), "twice").unwrap();
+    let copy = ApiKey::new("copy", "reader-secret");
+    let refused = backend
+        .import(&KeySet::from_keys([copy.clone()]).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, tower_api_key::Error::DuplicateKey { .. }),
+        "{refused}"
+    );
+    assert!(AdminBackend::get(&backend, "copy").await.unwrap().is_none());
+    // Written under the import's check, as a writer that checks nothing would.
+    AdminBackend::create(&backend, copy).await.unwrap();
+    until(before.addr, "reader-secret", 401, Duration::from_secs(5)).await;
+    let after = replica(&redis, "twice", false).await;
+    assert_eq!(status(after.addr, "reader-secret").await, 401);
+    assert_eq!(status(after.addr, "root-secret").await, 200);
+    AdminBackend::delete(&backend, "copy", None).await.unwrap();
+    for r in [&before, &after] {
+        until(r.addr, "reader-secret", 200, Duration::from_secs(5)).await;
+    }
 }

@@ -502,6 +502,15 @@ pub(crate) fn import(file: &Path, args: &TargetArgs, max: u64, out: Out) -> Done
                 .await
                 .map_err(|e| fleet.failure(Exit::Unavailable, &e))?;
             if exists {
+                // A key given the secret of a stored key it does not replace would
+                // put one secret under two ids: replicas refuse both.
+                let current = target.read(max).await?;
+                desired.clashes_with(current.iter()).map_err(|e| {
+                    Failure::new(
+                        Exit::Invalid,
+                        format!("the result would be refused: {e}; nothing was written"),
+                    )
+                })?;
                 let keys: Vec<ApiKey> = desired.iter().cloned().collect();
                 import_batches(fleet, &keys, out).await
             } else {

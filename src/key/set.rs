@@ -267,6 +267,34 @@ impl KeySet {
         Arc::make_mut(&mut self.inner).insert(key)
     }
 
+    /// Whether writing this set's keys over `stored` (the keys held beside it, each
+    /// replaced by this set's key of the same id, if any) would put one secret under
+    /// two ids: [`Error::DuplicateKey`] naming the first stored key found whose
+    /// secret a key of this set, under another id, holds.
+    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn clashes_with<'a>(
+        &self,
+        stored: impl IntoIterator<Item = &'a ApiKey>,
+    ) -> Result<(), Error> {
+        let inner = &*self.inner;
+        for key in stored {
+            if self.get(&key.id).is_some() {
+                continue;
+            }
+            let hash = digest_hash(&key.digest);
+            if let Some(&at) = inner
+                .by_digest
+                .find(hash, |&i| inner.keys[i as usize].digest == key.digest)
+            {
+                return Err(Error::DuplicateKey {
+                    first: key.id.to_string(),
+                    second: inner.keys[at as usize].id.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The number of keys.
     pub fn len(&self) -> usize {
         self.inner.keys.len()
@@ -370,6 +398,28 @@ impl<'a> IntoIterator for &'a KeySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `import` checks before it writes over stored keys: a key written that
+    /// holds the secret of a stored key it does not replace is named with it; one
+    /// that replaces the stored key of its own id, or swaps secrets with it, is not.
+    #[test]
+    fn keys_written_over_stored_ones_clash_only_with_those_they_leave() {
+        let key = |id: &str, secret: &str| ApiKey::new(id, secret);
+        let stored = [key("old", "s1"), key("other", "s2")];
+        let import = KeySet::from_keys([key("new", "s1")]).unwrap();
+        match import.clashes_with(&stored) {
+            Err(Error::DuplicateKey { first, second }) => {
+                assert_eq!((first.as_str(), second.as_str()), ("old", "new"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // "old" rewritten with "other"'s secret, "other" given a new one: the result
+        // holds each secret once.
+        let swap = KeySet::from_keys([key("old", "s2"), key("other", "s3")]).unwrap();
+        assert!(swap.clashes_with(&stored).is_ok());
+        let same = KeySet::from_keys([key("old", "s1")]).unwrap();
+        assert!(same.clashes_with(&stored).is_ok());
+    }
 
     /// Random lists of keys with repeated ids, repeated secrets and invalid ids: a
     /// set built in one go refuses the same key for the same reason as inserting them

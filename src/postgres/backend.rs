@@ -192,6 +192,13 @@ impl PostgresBackend {
     ///
     /// As [`import_file`](PostgresBackend::import_file), the file aside.
     pub async fn import(&self, set: &KeySet) -> Result<usize, Error> {
+        // A key given the secret of a stored key it does not replace: replicas
+        // would refuse both.
+        match self.all().await {
+            Ok(stored) => set.clashes_with(&stored)?,
+            Err(BackendError::StoreMissing(_)) => {}
+            Err(e) => return Err(Error::custom(self.name(), e)),
+        }
         let records = records_of(set);
         self.transact(&Plan::Import(&records))
             .await

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     Error, KeyChange, KeyUpdater,
     source::replica::{
-        self, Options, jittered,
+        self, Clashed, Options, jittered,
         snapshot::{At, Snapshots},
         usage_deltas,
     },
@@ -51,6 +51,8 @@ pub(super) struct Follower {
     /// source): changes are then taken by reading the namespace whole again.
     pending: bool,
     loaded: usize,
+    /// The ids the last whole read left out for a digest two of them claim.
+    clashed: Clashed,
     failure: Option<Failure>,
     quiet_retry: bool,
     backoff: Duration,
@@ -99,6 +101,7 @@ impl Follower {
             updater,
             pending: false,
             loaded,
+            clashed: Clashed::default(),
             failure,
             quiet_retry: false,
             backoff: FIRST_BACKOFF,
@@ -260,7 +263,10 @@ impl Follower {
         let long = self.options.connect_timeout.max(Duration::from_secs(30));
         let whole = super::within(long, read::whole(client, &self.namespace, &name)).await?;
         let (set, cursor) = match whole {
-            Whole::Read(set, cursor) => (set, cursor),
+            Whole::Read(set, cursor, clashed) => {
+                self.clashed = clashed;
+                (set, cursor)
+            }
             Whole::Missing(why) => {
                 self.failed(Failure::Missing, missing(why));
                 return Ok(());
@@ -316,6 +322,13 @@ impl Follower {
         }
         let name = self.name();
         let changes = into_changes(merge(changes), &name);
+        if self.clashed.touched_by(&changes) {
+            // A key left out for a shared digest, or the one it shared it with,
+            // changed: which of them now stands only a whole read can tell.
+            self.resyncing("a key that shared its secret with another changed");
+            self.cursor = None;
+            return Ok(());
+        }
         let copy = self.snapshots.as_ref().map(|_| changes.clone());
         match self.updater.apply(changes) {
             Ok(_) => {

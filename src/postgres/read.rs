@@ -6,7 +6,11 @@ use std::{sync::mpsc, thread};
 use tokio_postgres::{Client, IsolationLevel, Row};
 
 use super::{PgError, model};
-use crate::{ApiKey, Error, KeySet, key::record, source::replica};
+use crate::{
+    ApiKey, Error, KeySet,
+    key::record,
+    source::replica::{self, Clashed},
+};
 
 /// Where a replica is: the namespace's epoch and the last version it applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,8 +28,9 @@ pub(crate) struct Head {
 
 /// What a whole read found.
 pub(crate) enum Whole {
-    /// The readable keys, and where they leave the follower.
-    Read(KeySet, Cursor),
+    /// The readable keys, where they leave the follower, and the ids left out for a
+    /// digest two of them claim.
+    Read(KeySet, Cursor, Clashed),
     /// No row for the namespace, or no tables: wiped, or never created.
     Missing(&'static str),
     /// The records do not match the row: the keys table emptied or cut by hand.
@@ -108,7 +113,7 @@ pub(crate) async fn whole(
     }
     pipeline.send(chunk);
     tx.commit().await?;
-    let set = pipeline.finish();
+    let (set, clashed) = pipeline.finish();
     if read as i64 != head.keys {
         return Ok(Whole::Damaged(format!(
             "the keys table holds {read} records of the namespace where its row counts {} \
@@ -122,6 +127,7 @@ pub(crate) async fn whole(
             epoch: head.epoch,
             version: head.version,
         },
+        clashed,
     ))
 }
 
@@ -245,7 +251,7 @@ const CHUNK: usize = 16_384;
 struct Pipeline {
     chunks: Option<mpsc::SyncSender<(usize, Vec<Row>)>>,
     sent: usize,
-    set: Option<thread::JoinHandle<KeySet>>,
+    set: Option<thread::JoinHandle<(KeySet, Vec<String>)>>,
     /// What the work would be done with if no thread could start.
     source: String,
     fallback: Vec<Vec<Row>>,
@@ -316,27 +322,28 @@ impl Pipeline {
         }
     }
 
-    fn finish(mut self) -> KeySet {
+    fn finish(mut self) -> (KeySet, Clashed) {
         drop(self.chunks.take());
-        let mut set = self
+        let (mut set, mut shared) = self
             .set
             .take()
             .and_then(|h| h.join().ok())
             .unwrap_or_default();
         // Rows no thread took (none could start): decoded here.
-        if !self.fallback.is_empty() {
-            let mut shared = Vec::new();
-            for rows in std::mem::take(&mut self.fallback) {
-                insert(&mut set, decode_all(&rows), &self.source, &mut shared);
-            }
-            set = replica::without_shared(set, shared);
+        for rows in std::mem::take(&mut self.fallback) {
+            insert(&mut set, decode_all(&rows), &self.source, &mut shared);
         }
-        set
+        replica::without_shared(set, shared)
     }
 }
 
 /// Puts the decoded chunks in a set, in the order they were read.
-fn insert_in_order(decoded: &mpsc::Receiver<(usize, Decoded)>, source: &str) -> KeySet {
+/// Returns the ids of the records that share a digest, each holder (they are left
+/// out once every row is in).
+fn insert_in_order(
+    decoded: &mpsc::Receiver<(usize, Decoded)>,
+    source: &str,
+) -> (KeySet, Vec<String>) {
     let mut set = KeySet::new();
     let mut shared = Vec::new();
     let mut waiting = std::collections::BTreeMap::new();
@@ -351,15 +358,15 @@ fn insert_in_order(decoded: &mpsc::Receiver<(usize, Decoded)>, source: &str) -> 
     for (_, keys) in waiting {
         insert(&mut set, keys, source, &mut shared);
     }
-    replica::without_shared(set, shared)
+    (set, shared)
 }
 
 fn insert(set: &mut KeySet, keys: Decoded, source: &str, shared: &mut Vec<String>) {
     for (id, key) in keys {
         if let Err(error) = key.and_then(|key| set.insert(key)) {
             replica::refused(source, "PostgreSQL", &id, &error);
-            if let Error::DuplicateKey { first, .. } = error {
-                shared.push(first);
+            if let Error::DuplicateKey { first, second } = error {
+                shared.extend([first, second]);
             }
         }
     }

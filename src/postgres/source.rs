@@ -186,8 +186,10 @@ impl KeySource for PostgresSource {
     fn load(&mut self) -> Result<KeySet, Error> {
         let name = self.name();
         let (kind, failure) = match self.read_whole() {
-            Ok(Whole::Read(set, cursor)) => {
-                self.loaded = Some((cursor, set.len()));
+            Ok(Whole::Read(set, cursor, clashed)) => {
+                // Ids left out for a shared digest: the follower reads whole first,
+                // to know them (a change of one of them is read whole).
+                self.loaded = clashed.is_empty().then(|| (cursor, set.len()));
                 return Ok(set);
             }
             Ok(Whole::Missing(why)) => (

@@ -204,7 +204,9 @@ impl RedisBackend {
     ///
     /// Redis does not answer; the namespace went missing during the import; one of
     /// its keys has the wrong type (only [`restore`](RedisBackend::restore) replaces
-    /// such a namespace).
+    /// such a namespace); [`Error::DuplicateKey`], with nothing written, if a key of
+    /// `set` holds the secret of a stored key of another id that `set` does not
+    /// replace (replicas would refuse both).
     pub async fn import(&self, set: &KeySet) -> Result<usize, Error> {
         self.import_into(set, true).await
     }
@@ -220,6 +222,8 @@ impl RedisBackend {
 
     async fn import_into(&self, set: &KeySet, create: bool) -> Result<usize, Error> {
         match self.head().await.map_err(|e| self.error(e))? {
+            // What the command line imports it has checked, once, for the whole file.
+            0 if create => self.refuse_clashes(set).await?,
             0 => {}
             1 if create => return self.restore(set).await,
             1 => return Err(Error::custom(self.name(), self.missing())),
@@ -250,6 +254,21 @@ impl RedisBackend {
             }
         }
         Ok(keys.len())
+    }
+
+    /// Refuses `set` ([`Error::DuplicateKey`], nothing written) if one of its keys
+    /// holds the secret of a stored key it does not replace: replicas would refuse
+    /// both. (A record that cannot be read holds no secret to compare.)
+    async fn refuse_clashes(&self, set: &KeySet) -> Result<(), Error> {
+        let stored = self
+            .all_raw()
+            .await
+            .map_err(|e| Error::custom(self.name(), e))?;
+        let keys: Vec<ApiKey> = stored
+            .iter()
+            .filter_map(|(id, json)| record::decode(&String::from_utf8_lossy(id), json).ok())
+            .collect();
+        set.clashes_with(&keys)
     }
 
     /// Writes `keys` and removes the keys `removed`, in the namespace, which must

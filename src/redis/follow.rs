@@ -19,7 +19,7 @@ use super::{
 use crate::{
     Error, KeyChange, KeyUpdater,
     source::replica::{
-        self, Options, jittered,
+        self, Clashed, Options, jittered,
         snapshot::{At, Snapshots},
         usage_deltas,
     },
@@ -59,6 +59,8 @@ pub(super) struct Follower {
     pending: bool,
     /// How many keys the initial load read (to tell whether the store took them).
     loaded: usize,
+    /// The ids the last whole read left out for a digest two of them claim.
+    clashed: Clashed,
     /// What was said last; `None` while all is well.
     failure: Option<Failure>,
     /// The highest version the namespace's counter was seen at, and its epoch.
@@ -121,6 +123,7 @@ impl Follower {
             updater,
             pending: false,
             loaded,
+            clashed: Clashed::default(),
             failure,
             seen,
             applied,
@@ -253,7 +256,10 @@ impl Follower {
         let read = read::read_all(con, &self.keys, &name);
         con.set_read_timeout(Some(BLOCK + self.options.connect_timeout))?;
         let (set, cursor) = match read? {
-            Read::Whole(set, cursor) => (set, cursor),
+            Read::Whole(set, cursor, clashed) => {
+                self.clashed = clashed;
+                (set, cursor)
+            }
             Read::Missing => {
                 self.failed(Failure::Missing, missing(&self.keys));
                 return Ok(false);
@@ -427,6 +433,13 @@ impl Follower {
         }
         let name = self.name();
         let changes = batch.into_changes(&name);
+        if self.clashed.touched_by(&changes) {
+            // A key left out for a shared digest, or the one it shared it with,
+            // changed: which of them now stands only a whole read can tell.
+            self.resyncing("a key that shared its secret with another changed");
+            self.cursor = None;
+            return Ok(());
+        }
         let copy = self.snapshots.as_ref().map(|_| changes.clone());
         match self.updater.apply(changes) {
             Ok(_) => {

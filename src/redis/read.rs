@@ -8,7 +8,11 @@ use super::{
     log::{Cursor, StreamId},
     model::{self, Keys},
 };
-use crate::{ApiKey, Error, KeySet, key::record, source::replica};
+use crate::{
+    ApiKey, Error, KeySet,
+    key::record,
+    source::replica::{self, Clashed},
+};
 
 /// A connection to the server, with read and write timeouts.
 pub(super) fn connect(
@@ -75,8 +79,9 @@ pub(super) fn head(
 
 /// What a whole read found.
 pub(super) enum Read {
-    /// The readable keys, and where they leave the follower.
-    Whole(KeySet, Cursor),
+    /// The readable keys, where they leave the follower, and the ids left out for a
+    /// digest two of them claim.
+    Whole(KeySet, Cursor, Clashed),
     Missing,
     Damaged,
 }
@@ -129,7 +134,7 @@ pub(super) fn read_all(
     {
         return Ok(Read::Missing);
     }
-    let set = key_set(&items, source);
+    let (set, clashed) = key_set(&items, source);
     // Two million small buffers: freed off the path to serving.
     let _ = thread::Builder::new()
         .name("tower-api-key-free".into())
@@ -146,18 +151,18 @@ pub(super) fn read_all(
             .unwrap_or_default(),
         _ => StreamId::default(),
     };
-    Ok(Read::Whole(set, Cursor::new(epoch, version, last)))
+    Ok(Read::Whole(set, Cursor::new(epoch, version, last), clashed))
 }
 
 /// The set of the readable keys of an `HGETALL` reply (ids and records, flat). A
 /// record that cannot be read, or that shares its digest with another (one secret
 /// under two ids: which is meant?), is left out, so that its key is refused; each is
-/// logged at `error` with its id.
+/// logged at `error` with its id; those that share one are returned too.
 ///
 /// A large namespace (a million records is most of a second of JSON) is decoded by
 /// worker threads, chunk by chunk, while this thread builds the set from the chunks
 /// already decoded: the initial load is what a replica waits for before it serves.
-fn key_set(items: &[Value], source: &str) -> KeySet {
+fn key_set(items: &[Value], source: &str) -> (KeySet, Clashed) {
     /// Records per chunk handed to a worker.
     const CHUNK: usize = 16_384;
     let mut set = KeySet::with_capacity(items.len() / 2);
@@ -167,8 +172,8 @@ fn key_set(items: &[Value], source: &str) -> KeySet {
             if let Err(error) = key.and_then(|key| set.insert(key)) {
                 let id = String::from_utf8_lossy(bytes(&chunk[2 * at])).into_owned();
                 replica::refused(source, "Redis", &id, &error);
-                if let Error::DuplicateKey { first, .. } = error {
-                    shared.push(first);
+                if let Error::DuplicateKey { first, second } = error {
+                    shared.extend([first, second]);
                 }
             }
         }

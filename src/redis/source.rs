@@ -164,8 +164,10 @@ impl KeySource for RedisSource {
         let read = connect(&self.client, self.options.connect_timeout)
             .and_then(|mut con| read_all(&mut con, &self.keys, &name));
         let (kind, failure) = match read {
-            Ok(Read::Whole(set, cursor)) => {
-                self.loaded = Some((cursor, set.len()));
+            Ok(Read::Whole(set, cursor, clashed)) => {
+                // Ids left out for a shared digest: the follower reads whole first,
+                // to know them (a change of one of them is read whole).
+                self.loaded = clashed.is_empty().then(|| (cursor, set.len()));
                 return Ok(set);
             }
             Ok(Read::Missing) => (

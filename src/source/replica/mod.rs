@@ -71,12 +71,36 @@ pub(crate) fn refused(source: &str, engine: &str, id: &str, error: &Error) {
     let _ = (source, engine, id, error);
 }
 
-/// `set` without the ids in `shared`: the first holders of a digest that a later
-/// record claimed too (rare), which a set read whole refuses with the later one, as
-/// the log's order is not known.
-pub(crate) fn without_shared(set: KeySet, mut shared: Vec<String>) -> KeySet {
+/// The ids a set read whole left out because two of them claim one digest (one
+/// secret under two ids: which is meant?). A change of one of them may let the
+/// other in, which only a whole read can tell: a follower reads the namespace whole
+/// again, rather than apply it.
+#[derive(Debug, Default)]
+pub(crate) struct Clashed(Vec<String>);
+
+impl Clashed {
+    /// Whether no id was left out for a shared digest.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether one of `changes` is of an id left out for a shared digest.
+    pub(crate) fn touched_by(&self, changes: &[KeyChange]) -> bool {
+        !self.0.is_empty()
+            && changes.iter().any(|c| {
+                self.0
+                    .binary_search_by(|id| id.as_str().cmp(c.id()))
+                    .is_ok()
+            })
+    }
+}
+
+/// `set` without the ids in `shared`: the holders of a digest that another record
+/// claimed too (rare), first and later ones, all refused, as the log's order is not
+/// known. Returns the ids left out for it.
+pub(crate) fn without_shared(set: KeySet, mut shared: Vec<String>) -> (KeySet, Clashed) {
     if shared.is_empty() {
-        return set;
+        return (set, Clashed::default());
     }
     shared.sort();
     shared.dedup();
@@ -90,7 +114,7 @@ pub(crate) fn without_shared(set: KeySet, mut shared: Vec<String>) -> KeySet {
         }
         let _ = kept.insert(key.clone());
     }
-    kept
+    (kept, Clashed(shared))
 }
 
 /// What to add to the fleet's counts: per key id, the requests since the last flush,
@@ -172,7 +196,11 @@ mod tests {
             set.insert(crate::ApiKey::new(id, format!("secret-{id}")))
                 .unwrap();
         }
-        let kept = without_shared(set, vec!["a".into(), "a".into(), "zz".into()]);
+        let (kept, clashed) = without_shared(set, vec!["a".into(), "a".into(), "zz".into()]);
         assert_eq!(kept.iter().map(|k| k.id()).collect::<Vec<_>>(), ["b"]);
+        // A change of either holder is read whole; of another key, applied.
+        assert!(clashed.touched_by(&[KeyChange::remove("zz")]));
+        assert!(clashed.touched_by(&[KeyChange::remove("b"), KeyChange::remove("a")]));
+        assert!(!clashed.touched_by(&[KeyChange::remove("b")]));
     }
 }
