@@ -1699,3 +1699,160 @@ async fn a_value_of_the_wrong_type_is_not_quoted_back() {
         assert!(!text.contains("PASTEDSECRET"), "{text}");
     }
 }
+
+/// The file backend, with what happens around one writer's write: its answer held
+/// back a while (a slow store), or another writer's change saved right after it.
+struct Racing {
+    inner: FileBackend,
+    /// How long a delete's answer is held back once it is written.
+    slow_delete: Duration,
+    /// Another writer's change to the key just written (or deleted, by id), saved
+    /// before the answer.
+    after: Option<fn(&str) -> ApiKey>,
+}
+
+impl Racing {
+    async fn after(&self, id: &str) {
+        if let Some(change) = self.after {
+            let key = change(id);
+            match self.inner.get(id).await.unwrap() {
+                Some(_) => self.inner.update(key, None).await.unwrap(),
+                None => self.inner.create(key).await.unwrap(),
+            }
+        }
+    }
+}
+
+impl tower_api_key::admin::AdminBackend for Racing {
+    fn source_name(&self) -> String {
+        self.inner.source_name()
+    }
+    async fn list(&self) -> Result<Vec<ApiKey>, tower_api_key::admin::BackendError> {
+        self.inner.list().await
+    }
+    async fn get(&self, id: &str) -> Result<Option<ApiKey>, tower_api_key::admin::BackendError> {
+        self.inner.get(id).await
+    }
+    async fn create(&self, key: ApiKey) -> Result<(), tower_api_key::admin::BackendError> {
+        self.inner.create(key).await
+    }
+    async fn update(
+        &self,
+        key: ApiKey,
+        if_match: Option<&str>,
+    ) -> Result<(), tower_api_key::admin::BackendError> {
+        let id = key.id().to_owned();
+        self.inner.update(key, if_match).await?;
+        self.after(&id).await;
+        Ok(())
+    }
+    async fn delete(
+        &self,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> Result<(), tower_api_key::admin::BackendError> {
+        self.inner.delete(id, if_match).await?;
+        self.after(id).await;
+        tokio::time::sleep(self.slow_delete).await;
+        Ok(())
+    }
+    async fn rotate(
+        &self,
+        successor: ApiKey,
+        old: ApiKey,
+        if_match: Option<&str>,
+    ) -> Result<(), tower_api_key::admin::BackendError> {
+        self.inner.rotate(successor, old, if_match).await
+    }
+}
+
+async fn racing(slow_delete: Duration, after: Option<fn(&str) -> ApiKey>) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    fs::write(&path, initial_file()).unwrap();
+    let store = KeyStore::new();
+    store.add_source(FileSource::new(&path)).unwrap();
+    let backend = Racing {
+        inner: FileBackend::new(&path),
+        slow_delete,
+        after,
+    };
+    let addr = guarded(&store, AdminApi::new(store.clone(), backend).router()).await;
+    Server {
+        _dir: dir,
+        path,
+        addr,
+        store,
+    }
+}
+
+/// An attacker's finding: a rotation that picked its successor's id while a delete
+/// of that id was written but not yet answered took the id again (`reader-r2`,
+/// revoked a moment before, back in use under a new secret), and the delete then
+/// waited its whole timeout for the id to go and answered 202. The id is now kept
+/// from reuse from the moment the delete is sent.
+#[tokio::test]
+async fn a_rotation_never_takes_the_id_a_delete_under_way_revokes() {
+    let s = racing(Duration::from_millis(600), None).await;
+    let first = s
+        .post("/v1/api-keys/reader/rotate", "root-secret", json!({}))
+        .await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    assert_eq!(first.body["id"], "reader-r2");
+    let delete = s.call(
+        "DELETE",
+        "/v1/api-keys/reader-r2",
+        Some("root-secret"),
+        None,
+        &[("if-match", "*")],
+    );
+    let rotate = async {
+        // The delete is written by now, its answer held back.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.post("/v1/api-keys/reader/rotate", "root-secret", json!({}))
+            .await
+    };
+    let (deleted, rotated) = tokio::join!(delete, rotate);
+    assert_eq!(rotated.status, 201, "{:?}", rotated.body);
+    assert_ne!(rotated.body["id"], "reader-r2", "a revoked id taken again");
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+    let gone = s.get("/v1/api-keys/reader-r2", "root-secret").await;
+    assert_eq!(gone.status, 404, "{:?}", gone.body);
+}
+
+/// An attacker's finding: a change written and then, before this server's store
+/// read it, overtaken by another writer's (a patch with `If-Match: *` and another
+/// patch; a delete and a create of the same id) was never seen served as written,
+/// so the call waited its whole timeout and answered 202 ("not yet enforced")
+/// though the store was past it. It now answers as enforced once the store serves
+/// what the backend holds.
+#[tokio::test]
+async fn a_change_overtaken_before_the_store_read_it_is_answered_as_enforced() {
+    fn theirs(id: &str) -> ApiKey {
+        ApiKey::new(id, format!("{id}-theirs"))
+            .with_scopes(["read"])
+            .with_description("theirs")
+    }
+    let s = racing(Duration::ZERO, Some(theirs)).await;
+    let patched = s
+        .patch(
+            "reader",
+            "root-secret",
+            Some("*"),
+            json!({"description": "ours"}),
+        )
+        .await;
+    assert_eq!(patched.status, 200, "{:?}", patched.body);
+    assert_eq!(s.works("reader-theirs").await, 200);
+    let deleted = s
+        .call(
+            "DELETE",
+            "/v1/api-keys/reader",
+            Some("root-secret"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+    assert_eq!(s.works("reader-theirs").await, 200, "created again after");
+}

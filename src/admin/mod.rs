@@ -501,16 +501,30 @@ impl<B: AdminBackend> Inner<B> {
         Err(Problem::conflict("no free key id after 30 tries; give one"))
     }
 
-    /// Notes that this API revoked the key with this id.
-    pub(crate) fn note_revoked(&self, id: &str) {
+    /// Notes that this API revokes the key with this id (before the write: see
+    /// `routes::delete_key`). Whether it was noted already.
+    pub(crate) fn note_revoked(&self, id: &str) -> bool {
         let mut revoked = self
             .revoked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if revoked.iter().any(|r| r == id) {
+            return true;
+        }
         if revoked.len() >= 4096 {
             revoked.pop_front();
         }
         revoked.push_back(id.to_owned());
+        false
+    }
+
+    /// Takes back a note of [`note_revoked`](Self::note_revoked) for a delete that
+    /// was refused, with nothing written.
+    pub(crate) fn unnote_revoked(&self, id: &str) {
+        self.revoked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|r| r != id);
     }
 
     fn was_revoked(&self, id: &str) -> bool {
@@ -590,6 +604,48 @@ impl<B: AdminBackend> Inner<B> {
             if let Ok(None) = tokio::time::timeout(left, reloads.next()).await {
                 return Enforced::NotYet;
             }
+        }
+    }
+
+    /// [`applied`](Self::applied), or until the store serves what the backend holds
+    /// under `id` now: a write that came after this one (a concurrent `If-Match: *`
+    /// patch, a rotation, a delete) overtook it, and the store is past both, so this
+    /// one is enforced or replaced. Looked at (one read) after a reload, at most every
+    /// 100 ms, and only while `done` does not hold: a change overtaken at once would
+    /// otherwise wait the whole timeout and be answered 202.
+    pub(crate) async fn applied_or_overtaken(
+        &self,
+        mut reloads: Reloads,
+        id: &str,
+        done: impl Fn(&KeyStore) -> bool,
+    ) -> Enforced {
+        let deadline = Instant::now() + self.timeout;
+        let mut looked: Option<Instant> = None;
+        let mut reloaded = false;
+        loop {
+            if done(&self.store) {
+                return Enforced::Yes;
+            }
+            if reloaded && looked.is_none_or(|at| at.elapsed() >= Duration::from_millis(100)) {
+                looked = Some(Instant::now());
+                let caught_up = match self.backend.get(id).await {
+                    Ok(Some(now)) => self.serves(&self.store, &now),
+                    Ok(None) => !self.serves_id(&self.store, id),
+                    Err(_) => false,
+                };
+                if caught_up {
+                    return Enforced::Yes;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Enforced::NotYet;
+            }
+            // The store is gone: it never will.
+            if let Ok(None) = tokio::time::timeout(left, reloads.next()).await {
+                return Enforced::NotYet;
+            }
+            reloaded = true;
         }
     }
 

@@ -286,7 +286,9 @@ pub(crate) async fn patch_key<B: AdminBackend>(
             Ok(()) => break (key, reloads),
         }
     };
-    let enforced = api.applied(reloads, |store| api.serves(store, &key)).await;
+    let enforced = api
+        .applied_or_overtaken(reloads, key.id(), |store| api.serves(store, &key))
+        .await;
     api.audit("update", key.id(), &caller, enforced);
     let fleet = api.fleet_usage(key.id()).await?;
     let resource = KeyResource::of(&key, &api.store, SystemTime::now(), fleet);
@@ -415,25 +417,44 @@ pub(crate) async fn delete_key<B: AdminBackend>(
         return delete_corrupt(&api, &caller, &id, &headers).await;
     }
     let mut round = 0;
+    // Whether the id was noted as revoked before this delete noted it.
+    let mut noted = None;
     let (key, reloads) = loop {
         round += 1;
-        let key = api.writable(&caller, &id, "delete").await?;
+        let key = match api.writable(&caller, &id, "delete").await {
+            Ok(key) => key,
+            Err(problem) => {
+                if let Some(noted) = noted {
+                    unnote(&api, &id, noted);
+                }
+                return Err(problem);
+            }
+        };
         let if_match = precondition(&headers, &key)?;
         let reloads = api.store.subscribe();
+        // Noted before the write: a rotation that picks its successor's id while the
+        // delete is under way must not pick this one. (An id noted for a delete that
+        // then fails is only never picked.)
+        let noted = *noted.get_or_insert_with(|| api.note_revoked(key.id()));
         match api.backend.delete(key.id(), if_match.as_deref()).await {
             // `If-Match: *`: any version of the key is removed.
             Err(BackendError::PreconditionFailed) if !pins_version(&headers) => {
                 if round == MAX_ROUNDS {
+                    unnote(&api, key.id(), noted);
                     return Err(kept_changing());
                 }
             }
-            Err(e) => return Err(Problem::of(e, &id)),
+            Err(e) => {
+                if !matches!(e, BackendError::OutcomeUnknown(_)) {
+                    unnote(&api, key.id(), noted);
+                }
+                return Err(Problem::of(e, &id));
+            }
             Ok(()) => break (key, reloads),
         }
     };
-    api.note_revoked(key.id());
     let enforced = api
-        .applied(reloads, |store| !api.serves_id(store, key.id()))
+        .applied_or_overtaken(reloads, key.id(), |store| !api.serves_id(store, key.id()))
         .await;
     api.audit("delete", key.id(), &caller, enforced);
     Ok(match enforced {
@@ -471,13 +492,15 @@ async fn delete_corrupt<B: AdminBackend>(
         }
     }
     let reloads = api.store.subscribe();
-    api.backend
-        .delete(id, None)
-        .await
-        .map_err(|e| Problem::of(e, id))?;
-    api.note_revoked(id);
+    let noted = api.note_revoked(id);
+    if let Err(e) = api.backend.delete(id, None).await {
+        if !matches!(e, BackendError::OutcomeUnknown(_)) {
+            unnote(api, id, noted);
+        }
+        return Err(Problem::of(e, id));
+    }
     let enforced = api
-        .applied(reloads, |store| !api.serves_id(store, id))
+        .applied_or_overtaken(reloads, id, |store| !api.serves_id(store, id))
         .await;
     api.audit("delete", id, caller, enforced);
     Ok(match enforced {
@@ -485,6 +508,14 @@ async fn delete_corrupt<B: AdminBackend>(
         Enforced::NotYet => StatusCode::ACCEPTED,
     }
     .into_response())
+}
+
+/// Takes back the revocation noted for a delete refused with nothing written, unless
+/// it was noted before this delete.
+fn unnote<B: AdminBackend>(api: &Inner<B>, id: &str, noted_before: bool) {
+    if !noted_before {
+        api.unnote_revoked(id);
+    }
 }
 
 /// A path under `/v1/api-keys` that names nothing.
