@@ -58,6 +58,10 @@ use crate::{Error, KeySet, KeySource, KeyUpdater};
 ///   if longer) is read as it is then; a writer that keeps writing is waited for.
 ///   That is on Linux, whose file events say when a writer closes; elsewhere a file
 ///   written in place is read once two reads agree after the poll interval (or 2 s).
+///   A version renamed over the file, then opened for writing in place before its
+///   events settled (the debounce, 20 ms by default, and the read), may never be
+///   read on its own: the watcher waits for that writer's close and reads what it
+///   left, the last good keys serving meanwhile.
 /// - A file that disappears leaves the last good keys in place until it returns.
 ///
 /// Watching runs on its own thread (no async runtime needed) and stops once the store
