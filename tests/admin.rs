@@ -1709,6 +1709,9 @@ struct Racing {
     /// Another writer's change to the key just written (or deleted, by id), saved
     /// before the answer.
     after: Option<fn(&str) -> ApiKey>,
+    /// When set, the next delete waits this long before it writes (a request slow
+    /// on the wire, overtaken by a retry).
+    late_delete: std::sync::Arc<std::sync::Mutex<Option<Duration>>>,
 }
 
 impl Racing {
@@ -1751,6 +1754,10 @@ impl tower_api_key::admin::AdminBackend for Racing {
         id: &str,
         if_match: Option<&str>,
     ) -> Result<(), tower_api_key::admin::BackendError> {
+        let late = self.late_delete.lock().unwrap().take();
+        if let Some(late) = late {
+            tokio::time::sleep(late).await;
+        }
         self.inner.delete(id, if_match).await?;
         self.after(id).await;
         tokio::time::sleep(self.slow_delete).await;
@@ -1767,23 +1774,33 @@ impl tower_api_key::admin::AdminBackend for Racing {
 }
 
 async fn racing(slow_delete: Duration, after: Option<fn(&str) -> ApiKey>) -> Server {
+    racing_with(slow_delete, after).await.0
+}
+
+async fn racing_with(
+    slow_delete: Duration,
+    after: Option<fn(&str) -> ApiKey>,
+) -> (Server, std::sync::Arc<std::sync::Mutex<Option<Duration>>>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.toml");
     fs::write(&path, initial_file()).unwrap();
     let store = KeyStore::new();
     store.add_source(FileSource::new(&path)).unwrap();
+    let late_delete = std::sync::Arc::new(std::sync::Mutex::new(None));
     let backend = Racing {
         inner: FileBackend::new(&path),
         slow_delete,
         after,
+        late_delete: late_delete.clone(),
     };
     let addr = guarded(&store, AdminApi::new(store.clone(), backend).router()).await;
-    Server {
+    let server = Server {
         _dir: dir,
         path,
         addr,
         store,
-    }
+    };
+    (server, late_delete)
 }
 
 /// An attacker's finding: a rotation that picked its successor's id while a delete
@@ -1855,4 +1872,39 @@ async fn a_change_overtaken_before_the_store_read_it_is_answered_as_enforced() {
         .await;
     assert_eq!(deleted.status, 204, "{:?}", deleted.body);
     assert_eq!(s.works("reader-theirs").await, 200, "created again after");
+}
+
+/// A reviewer's finding on the fix above: two deletes of one id at once (a client's
+/// retry), the first slow on the wire, the second overtaking it. The first then found
+/// nothing to delete, took back the note the second relied on, and the id was free
+/// again for a rotation's successor. A note is never taken back now.
+#[tokio::test]
+async fn a_retried_delete_keeps_the_id_from_reuse() {
+    let (s, late_delete) = racing_with(Duration::ZERO, None).await;
+    let first = s
+        .post("/v1/api-keys/reader/rotate", "root-secret", json!({}))
+        .await;
+    assert_eq!(first.body["id"], "reader-r2", "{:?}", first.body);
+    *late_delete.lock().unwrap() = Some(Duration::from_millis(500));
+    let delete = || {
+        s.call(
+            "DELETE",
+            "/v1/api-keys/reader-r2",
+            Some("root-secret"),
+            None,
+            &[("if-match", "*")],
+        )
+    };
+    let retry = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        delete().await
+    };
+    let (slow, retried) = tokio::join!(delete(), retry);
+    assert_eq!(retried.status, 204, "{:?}", retried.body);
+    assert_eq!(slow.status, 404, "{:?}", slow.body);
+    let again = s
+        .post("/v1/api-keys/reader/rotate", "root-secret", json!({}))
+        .await;
+    assert_eq!(again.status, 201, "{:?}", again.body);
+    assert_ne!(again.body["id"], "reader-r2", "a revoked id taken again");
 }

@@ -502,29 +502,19 @@ impl<B: AdminBackend> Inner<B> {
     }
 
     /// Notes that this API revokes the key with this id (before the write: see
-    /// `routes::delete_key`). Whether it was noted already.
-    pub(crate) fn note_revoked(&self, id: &str) -> bool {
+    /// `routes::delete_key`).
+    pub(crate) fn note_revoked(&self, id: &str) {
         let mut revoked = self
             .revoked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if revoked.iter().any(|r| r == id) {
-            return true;
+            return;
         }
         if revoked.len() >= 4096 {
             revoked.pop_front();
         }
         revoked.push_back(id.to_owned());
-        false
-    }
-
-    /// Takes back a note of [`note_revoked`](Self::note_revoked) for a delete that
-    /// was refused, with nothing written.
-    pub(crate) fn unnote_revoked(&self, id: &str) {
-        self.revoked
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|r| r != id);
     }
 
     fn was_revoked(&self, id: &str) -> bool {
@@ -609,10 +599,13 @@ impl<B: AdminBackend> Inner<B> {
 
     /// [`applied`](Self::applied), or until the store serves what the backend holds
     /// under `id` now: a write that came after this one (a concurrent `If-Match: *`
-    /// patch, a rotation, a delete) overtook it, and the store is past both, so this
-    /// one is enforced or replaced. Looked at (one read) after a reload, at most every
-    /// 100 ms, and only while `done` does not hold: a change overtaken at once would
-    /// otherwise wait the whole timeout and be answered 202.
+    /// patch, a rotation, a delete) overtook it, and what the key is now is enforced.
+    /// Looked at (one read) after a reload, at most every 100 ms, and only while
+    /// `done` does not hold: a change overtaken at once would otherwise wait the whole
+    /// timeout and be answered 202. Compared by content, not by version: a later write
+    /// that put the key back as it was before this one counts at once, and a store
+    /// that had read neither may then serve this one's change for a moment as it
+    /// applies the writes in order.
     pub(crate) async fn applied_or_overtaken(
         &self,
         mut reloads: Reloads,

@@ -417,39 +417,24 @@ pub(crate) async fn delete_key<B: AdminBackend>(
         return delete_corrupt(&api, &caller, &id, &headers).await;
     }
     let mut round = 0;
-    // Whether the id was noted as revoked before this delete noted it.
-    let mut noted = None;
     let (key, reloads) = loop {
         round += 1;
-        let key = match api.writable(&caller, &id, "delete").await {
-            Ok(key) => key,
-            Err(problem) => {
-                if let Some(noted) = noted {
-                    unnote(&api, &id, noted);
-                }
-                return Err(problem);
-            }
-        };
+        let key = api.writable(&caller, &id, "delete").await?;
         let if_match = precondition(&headers, &key)?;
         let reloads = api.store.subscribe();
         // Noted before the write: a rotation that picks its successor's id while the
-        // delete is under way must not pick this one. (An id noted for a delete that
-        // then fails is only never picked.)
-        let noted = *noted.get_or_insert_with(|| api.note_revoked(key.id()));
+        // delete is under way must not pick this one. Never taken back: an id noted
+        // for a delete that then fails is only never picked (taken back, a second
+        // delete of the id that failed could drop the note of one that succeeded).
+        api.note_revoked(key.id());
         match api.backend.delete(key.id(), if_match.as_deref()).await {
             // `If-Match: *`: any version of the key is removed.
             Err(BackendError::PreconditionFailed) if !pins_version(&headers) => {
                 if round == MAX_ROUNDS {
-                    unnote(&api, key.id(), noted);
                     return Err(kept_changing());
                 }
             }
-            Err(e) => {
-                if !matches!(e, BackendError::OutcomeUnknown(_)) {
-                    unnote(&api, key.id(), noted);
-                }
-                return Err(Problem::of(e, &id));
-            }
+            Err(e) => return Err(Problem::of(e, &id)),
             Ok(()) => break (key, reloads),
         }
     };
@@ -492,13 +477,11 @@ async fn delete_corrupt<B: AdminBackend>(
         }
     }
     let reloads = api.store.subscribe();
-    let noted = api.note_revoked(id);
-    if let Err(e) = api.backend.delete(id, None).await {
-        if !matches!(e, BackendError::OutcomeUnknown(_)) {
-            unnote(api, id, noted);
-        }
-        return Err(Problem::of(e, id));
-    }
+    api.note_revoked(id);
+    api.backend
+        .delete(id, None)
+        .await
+        .map_err(|e| Problem::of(e, id))?;
     let enforced = api
         .applied_or_overtaken(reloads, id, |store| !api.serves_id(store, id))
         .await;
@@ -508,14 +491,6 @@ async fn delete_corrupt<B: AdminBackend>(
         Enforced::NotYet => StatusCode::ACCEPTED,
     }
     .into_response())
-}
-
-/// Takes back the revocation noted for a delete refused with nothing written, unless
-/// it was noted before this delete.
-fn unnote<B: AdminBackend>(api: &Inner<B>, id: &str, noted_before: bool) {
-    if !noted_before {
-        api.unnote_revoked(id);
-    }
 }
 
 /// A path under `/v1/api-keys` that names nothing.

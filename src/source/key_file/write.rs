@@ -437,7 +437,8 @@ const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Removes the staged files a killed writer left in `dir` (they hold digests, never
 /// secrets, but pile up): regular files named as [`staged_like`] names them and not
 /// modified for [`STALE_AFTER`]. At most once per [`STALE_AFTER`] per directory in a
-/// process, and never more than 1,000 names looked at; best effort, silent.
+/// process, through at most 100,000 names and 1,000 staged files; best effort,
+/// silent.
 #[cfg(feature = "file")]
 fn sweep_stale(dir: &Path) {
     use std::{
@@ -466,7 +467,8 @@ fn sweep_stale(dir: &Path) {
     let sticky = std::fs::metadata(dir)
         .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o1000 != 0);
     let now = SystemTime::now();
-    for entry in entries.take(1_000).flatten() {
+    let mut looked = 0;
+    for entry in entries.take(100_000).flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         let ours = name
@@ -475,6 +477,13 @@ fn sweep_stale(dir: &Path) {
             .is_some_and(|middle| {
                 !middle.is_empty() && middle.bytes().all(|b| b.is_ascii_alphanumeric())
             });
+        if !ours {
+            continue;
+        }
+        looked += 1;
+        if looked > 1_000 {
+            break;
+        }
         // `file_type` does not follow a link: a link by that name is left alone.
         let Ok(meta) = entry.metadata() else { continue };
         #[cfg(unix)]
@@ -483,8 +492,7 @@ fn sweep_stale(dir: &Path) {
         {
             continue;
         }
-        let stale = ours
-            && entry.file_type().is_ok_and(|t| t.is_file())
+        let stale = entry.file_type().is_ok_and(|t| t.is_file())
             && meta
                 .modified()
                 .is_ok_and(|at| now.duration_since(at).is_ok_and(|age| age > STALE_AFTER));
