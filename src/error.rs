@@ -239,8 +239,9 @@ impl fmt::Display for Chain<'_> {
 /// Whether a member name from the caller (a JSON member's, a key file's field name)
 /// may be quoted back in an error: one shaped like the crate's own field names, 1 to
 /// 32 lowercase ASCII letters and `_` (a misspelt `scope`). Any other name may be a
-/// secret sent as a name, as `{"tak_…": …}` or `tak_… = 1` would be.
-#[cfg(feature = "file")]
+/// secret sent as a name, as `{"tak_…": …}` or `tak_… = 1` would be. The same rule
+/// holds for any other name the caller gives that an error would repeat (a rate
+/// limit's, a scope).
 pub(crate) fn may_quote_name(name: &str) -> bool {
     (1..=32).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
 }

@@ -764,6 +764,38 @@ async fn no_caller_gives_a_scope_it_lacks() {
     assert_eq!(ok.status, 201);
 }
 
+/// A scope sent in a body (or stored) may be a secret pasted into the wrong field: a
+/// 403 names a scope the caller lacks only when it looks like a name, and never
+/// repeats anything else.
+#[tokio::test]
+async fn a_refused_scope_is_named_only_when_it_looks_like_a_name() {
+    let s = server().await;
+    // acme-admin holds admin and read, not write.
+    let named = s
+        .post("/v1/api-keys", "acme-secret", json!({"scopes": ["write"]}))
+        .await;
+    problem(&named, 403, "forbidden");
+    let detail = named.body["detail"].as_str().unwrap();
+    assert!(detail.contains("`write`"), "{detail}");
+    for pasted in [
+        "sk_live_Pasted9",
+        "s3cr3t-in-a-scope",
+        "x".repeat(40).as_str(),
+    ] {
+        let refused = s
+            .post(
+                "/v1/api-keys",
+                "acme-secret",
+                json!({"scopes": ["read", pasted]}),
+            )
+            .await;
+        problem(&refused, 403, "forbidden");
+        let text = refused.body.to_string();
+        assert!(!text.contains(pasted), "{text}");
+        assert!(text.contains("scope"), "{text}");
+    }
+}
+
 #[tokio::test]
 async fn every_change_survives_a_restart_and_the_file_keeps_its_comments() {
     let s = server().await;

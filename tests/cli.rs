@@ -1355,6 +1355,72 @@ fn a_postgres_namespace_from_import_to_restore() {
     down_is_unavailable(["--postgres", url.as_str(), "--namespace", "pay"], password);
 }
 
+/// A stored record that cannot be read (not JSON, not a key record): `keys get` and
+/// `keys list`, `export` and `usage` exit 1 ("invalid": the stored data does not
+/// check), not 3 ("unavailable", which says to retry once the engine answers: a
+/// retry would meet the same record). The key is named, the record's content never.
+fn a_corrupt_record_is_invalid_not_unavailable(target: [&str; 4], corrupt: &dyn Fn()) {
+    let with = |args: &[&str]| on(&target, args);
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("seed.toml");
+    fs::write(&seed, ROOT).unwrap();
+    run(&with(&["import", p(&seed)])).code(0);
+    corrupt();
+    for args in [
+        with(&["keys", "get", "bad"]),
+        with(&["keys", "list"]),
+        with(&["export"]),
+        with(&["usage"]),
+    ] {
+        let r = run(&args).code(1).one_line_error();
+        assert!(
+            r.err.contains("`bad`") && r.err.contains("cannot be read"),
+            "{args:?}: {}",
+            r.err
+        );
+        assert!(!r.err.contains("plain-secret"), "{}", r.err);
+    }
+    // The other keys are still there to be read.
+    run(&with(&["keys", "get", "root"])).code(0);
+}
+
+#[test]
+fn a_corrupt_record_in_redis_is_invalid_not_unavailable() {
+    let Some(redis) = Redis::start() else { return };
+    let url = redis.url();
+    a_corrupt_record_is_invalid_not_unavailable(
+        ["--redis", url.as_str(), "--namespace", "pay"],
+        &|| {
+            redis.cli(&[
+                "HSET",
+                "tak:{pay}:keys",
+                "bad",
+                r#"{"id":"bad","secret":"plain-secret"}"#,
+            ]);
+        },
+    );
+}
+
+#[test]
+fn a_corrupt_record_in_postgres_is_invalid_not_unavailable() {
+    let Some(pg) = postgres_support::Postgres::start() else {
+        return;
+    };
+    let url = pg.url();
+    a_corrupt_record_is_invalid_not_unavailable(
+        ["--postgres", url.as_str(), "--namespace", "pay"],
+        &|| {
+            pg.raw_change(
+                "pay",
+                "bad",
+                Some(r#"{"id": "bad", "secret": "plain-secret"}"#),
+                true,
+                true,
+            );
+        },
+    );
+}
+
 /// 60,000 keys written to PostgreSQL in one transaction each time (the import that
 /// creates the namespace, an apply that changes every key, a restore): given time
 /// in proportion, not the 2 s a single key's write gets. Each command may take its

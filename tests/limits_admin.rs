@@ -199,6 +199,57 @@ async fn limits_are_created_shown_with_their_allowance_patched_and_written() {
     assert!(resource.get("rate_limits").is_some() && resource.get("quota").is_some());
 }
 
+/// A rate limit's name that may be a secret pasted into the wrong field is never
+/// quoted back in a 422: the limit is named by its place; a name-like one still is.
+#[tokio::test]
+async fn a_limit_name_that_may_be_a_secret_is_not_quoted_back() {
+    let (addr, _store, _dir) = admin_server().await;
+    let (status, created) = call(
+        addr,
+        "POST",
+        "/v1/api-keys",
+        Some(("application/json", json!({"id": "partner"}))),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let pasted = "sk_live_Pasted9";
+    for (limits, says) in [
+        (
+            json!([{"name": "burst", "requests": 0, "per": "1s"}]),
+            "`burst`",
+        ),
+        (
+            json!([{"name": pasted, "requests": 0, "per": "1s"}]),
+            "entry 1",
+        ),
+        (
+            json!([{"name": "burst", "requests": 1, "per": "1s"}, {"name": pasted, "requests": 2_000_000_000u64, "per": "1s"}]),
+            "entry 2",
+        ),
+        (
+            json!([{"name": pasted, "requests": 1, "per": "1s"}, {"name": pasted, "requests": 2, "per": "1s"}]),
+            "entry 2",
+        ),
+        (
+            json!([{"name": pasted, "requests": 1, "per": "1s"}, {"name": "x", "requests": 1, "per": "1s"}, {"name": pasted, "requests": 1, "per": "1s"}]),
+            "entry 3",
+        ),
+    ] {
+        let patch = json!({ "rate_limits": limits });
+        let (status, problem) = call(
+            addr,
+            "PATCH",
+            "/v1/api-keys/partner",
+            Some(("application/merge-patch+json", patch.clone())),
+        )
+        .await;
+        assert_eq!(status, 422, "{patch} {problem}");
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains(says), "{patch} {detail}");
+        assert!(!problem.to_string().contains(pasted), "{problem}");
+    }
+}
+
 /// A server with the API and one admin key, over a key file in a temporary folder.
 async fn admin_server() -> (SocketAddr, KeyStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ use tower_api_key::{
     ApiKey, ApiKeyLayer, ChannelSource, EnvSource, FileSource, KeyChange, KeySet, KeyStore,
 };
 
-const SECRETS: [&str; 9] = [
+const SECRETS: [&str; 10] = [
     "s3cr3t-file-key-0001",
     "s3cr3t-channel-0002",
     "98765432101234",
@@ -23,6 +23,7 @@ const SECRETS: [&str; 9] = [
     "s3cr3t-in-scopes-0004",
     "s3cr3t-generated-unused",
     "s3cr3t-pasted-as-an-address",
+    "s3cr3t-named-as-a-limit",
 ];
 
 #[tokio::test]
@@ -59,6 +60,15 @@ async fn no_secret_reaches_a_log_a_debug_or_an_error() {
         format!(
             "{good}allowed_ips = [\"127.0.0.0/8\", \"{}\"]\n",
             SECRETS[8]
+        ),
+        format!(
+            "{good}rate_limits = [{{ name = \"{}\", requests = 0, per = \"1s\" }}]\n",
+            SECRETS[9]
+        ),
+        format!(
+            "{good}rate_limits = [{{ name = \"{0}\", requests = 1, per = \"1s\" }}, \
+             {{ name = \"{0}\", requests = 2, per = \"1s\" }}]\n",
+            SECRETS[9]
         ),
         format!(
             "{good}[[keys]]\nid = \"b\"\nsecret = \"{}\"\n[[keys]]\nid = \"c\"\nsecret = \"{}\"\n",

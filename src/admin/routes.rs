@@ -534,8 +534,14 @@ pub(crate) fn may_write<B: AdminBackend>(
     }
     if let Some(scope) = key.scopes().find(|s| !caller.has_scope(s)) {
         api.audit_refused(action, id, caller, "a scope the caller lacks");
+        // The scope came from a body or a stored record, and may be a secret pasted
+        // into the wrong field: named only if it looks like a name.
+        let scope = match crate::error::may_quote_name(scope) {
+            true => format!("scope `{scope}`"),
+            false => "a scope (not repeated here: it does not look like a name)".to_owned(),
+        };
         return Err(Problem::forbidden(format!(
-            "the caller cannot manage a key with scope `{scope}`, which it does not hold"
+            "the caller cannot manage a key with {scope}, which it does not hold"
         )));
     }
     Ok(())

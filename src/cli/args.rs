@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  done (a diff that found no difference; a dry run)
-  1  invalid: a key file that does not check, a change the target refused as
-     invalid, or a diff that found differences
+  1  invalid: a key file or a stored record that does not check, a change the
+     target refused as invalid, or a diff that found differences
   2  usage: bad arguments, a malformed URL, an operation the target cannot do
   3  unavailable: the target cannot be reached, read or written (nothing was
      changed)

@@ -24,7 +24,7 @@
 //! | code | meaning |
 //! |---|---|
 //! | 0 | done (a diff that found no difference; a dry run) |
-//! | 1 | invalid: a key file that does not check, a change refused as invalid, or a diff that found differences |
+//! | 1 | invalid: a key file or a stored record that does not check, a change refused as invalid, or a diff that found differences |
 //! | 2 | usage: bad arguments, a malformed URL, an operation the target cannot do |
 //! | 3 | unavailable: the target cannot be reached or read; nothing was changed |
 //! | 4 | conflict: an id taken, a version that changed, a file that exists |
@@ -58,8 +58,9 @@ use crate::{ApiKey, KeySource as _};
 pub enum Exit {
     /// 0: done.
     Ok,
-    /// 1: a key file that does not check, a change refused as invalid, or a diff
-    /// that found differences.
+    /// 1: a key file or a stored record that does not check (a corrupt record in
+    /// Redis or PostgreSQL), a change refused as invalid, or a diff that found
+    /// differences.
     Invalid,
     /// 2: bad arguments, a malformed URL, an operation the target cannot do.
     Usage,

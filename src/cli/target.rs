@@ -416,7 +416,9 @@ impl Target {
         let exit = match e {
             BackendError::NotFound => Exit::NotFound,
             BackendError::Conflict(_) | BackendError::PreconditionFailed => Exit::Conflict,
-            BackendError::Invalid(_) => Exit::Invalid,
+            // A stored record that does not check is the store's data, not the
+            // engine out of reach: a retry would meet it again.
+            BackendError::Invalid(_) | BackendError::Corrupt { .. } => Exit::Invalid,
             BackendError::OutcomeUnknown(_) => Exit::OutcomeUnknown,
             BackendError::StoreMissing(_) => Exit::StoreMissing,
             _ => Exit::Unavailable,
@@ -806,6 +808,7 @@ pub(crate) fn problem(reply: &Reply) -> Failure {
         .unwrap_or("");
     let exit = match reply.status.as_u16() {
         400 | 413 | 415 | 422 => Exit::Invalid,
+        500 if kind == "corrupt-record" => Exit::Invalid,
         401 | 403 => Exit::Denied,
         404 => Exit::NotFound,
         409 | 412 | 428 => Exit::Conflict,

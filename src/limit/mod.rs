@@ -161,8 +161,28 @@ impl RateLimit {
     ///
     /// # Errors
     ///
-    /// What is wrong, naming the field.
+    /// What is wrong, naming the field. The limit's name is quoted only when it
+    /// looks like one (lowercase letters and `_`): any other may be a secret pasted
+    /// into the wrong field, and an error may reach a log.
     pub fn check(&self) -> Result<(), String> {
+        self.check_as(&self.label(None))
+    }
+
+    /// How an error names this limit: by its place among the key's limits (`at`,
+    /// 1-based) where known, and by its name only if
+    /// [`may_quote_name`](crate::error::may_quote_name) allows it.
+    fn label(&self, at: Option<usize>) -> String {
+        let name = crate::error::may_quote_name(&self.name).then_some(&*self.name);
+        match (at, name) {
+            (Some(at), Some(name)) => format!("`rate_limits` entry {at} (`{name}`)"),
+            (Some(at), None) => format!("`rate_limits` entry {at}"),
+            (None, Some(name)) => format!("`rate_limits` `{name}`"),
+            (None, None) => "`rate_limits` (a limit whose name is not repeated)".to_owned(),
+        }
+    }
+
+    /// [`check`](Self::check), naming the limit as `label` says.
+    fn check_as(&self, label: &str) -> Result<(), String> {
         if self.name.is_empty()
             || self.name.len() > MAX_NAME
             || !self
@@ -171,36 +191,29 @@ impl RateLimit {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         {
             return Err(format!(
-                "`rate_limits`: a name must be 1 to {MAX_NAME} letters, digits, `-`, `_` or `.`"
+                "{label}: a name must be 1 to {MAX_NAME} letters, digits, `-`, `_` or `.`"
             ));
         }
         if &*self.name == "quota" {
-            return Err("`rate_limits`: the name `quota` is the quota's".into());
+            return Err(format!("{label}: the name `quota` is the quota's"));
         }
         if self.requests == 0 {
             return Err(format!(
-                "`rate_limits` `{}`: `requests` must be at least 1 (to refuse every request, disable the key)",
-                self.name
+                "{label}: `requests` must be at least 1 (to refuse every request, disable the key)"
             ));
         }
-        Self::check_per(self.per)
-            .map_err(|e| format!("`rate_limits` `{}`: `per`: {e}", self.name))?;
+        Self::check_per(self.per).map_err(|e| format!("{label}: `per`: {e}"))?;
         if self.per.subsec_nanos() != 0 {
-            return Err(format!(
-                "`rate_limits` `{}`: `per` must be whole seconds",
-                self.name
-            ));
+            return Err(format!("{label}: `per` must be whole seconds"));
         }
         if u128::from(self.requests) > self.per.as_nanos() {
             return Err(format!(
-                "`rate_limits` `{}`: `requests` is more than one per nanosecond of `per`",
-                self.name
+                "{label}: `requests` is more than one per nanosecond of `per`"
             ));
         }
         if self.requests > MAX_REQUESTS {
             return Err(format!(
-                "`rate_limits` `{}`: `requests` must be at most {MAX_REQUESTS} (the largest integer a `RateLimit-Policy` field carries)",
-                self.name
+                "{label}: `requests` must be at most {MAX_REQUESTS} (the largest integer a `RateLimit-Policy` field carries)"
             ));
         }
         Ok(())
@@ -293,12 +306,14 @@ impl Limits {
         if self.rates.len() > 16 {
             return Err("`rate_limits`: at most 16 per key".into());
         }
+        // Each named by its place: its name is quoted only if it looks like one.
         for (i, rate) in self.rates.iter().enumerate() {
-            rate.check()?;
-            if self.rates[..i].iter().any(|r| r.name == rate.name) {
+            let label = rate.label(Some(i + 1));
+            rate.check_as(&label)?;
+            if let Some(first) = self.rates[..i].iter().position(|r| r.name == rate.name) {
                 return Err(format!(
-                    "`rate_limits`: two limits are named `{}`",
-                    rate.name
+                    "{label}: the same name as entry {} (names must differ)",
+                    first + 1
                 ));
             }
         }
@@ -382,6 +397,50 @@ mod tests {
         );
     }
 
+    /// An attacker's report: a name that may be a secret pasted into the wrong field
+    /// was quoted back in every error about its limit (a 422 of the API, a refused
+    /// reload's log line). A name that looks like one still is.
+    #[test]
+    fn a_limit_is_named_in_an_error_only_when_its_name_looks_like_one() {
+        let s = Duration::from_secs(1);
+        let pasted = "tak_Live_0123456789abcdef";
+        assert_eq!(
+            RateLimit::new("burst", 0, s).check().unwrap_err(),
+            "`rate_limits` `burst`: `requests` must be at least 1 (to refuse every request, disable the key)"
+        );
+        let err = RateLimit::new(pasted, 0, s).check().unwrap_err();
+        assert!(!err.contains(pasted) && err.contains("`requests`"), "{err}");
+        for (rates, says) in [
+            (
+                vec![RateLimit::new(pasted, 0, s)],
+                "`rate_limits` entry 1: `requests`",
+            ),
+            (
+                vec![
+                    RateLimit::new("burst", 1, s),
+                    RateLimit::new(pasted, 1, Duration::ZERO),
+                ],
+                "`rate_limits` entry 2: `per`",
+            ),
+            (
+                vec![RateLimit::new(pasted, 1, s), RateLimit::new(pasted, 2, s)],
+                "`rate_limits` entry 2: the same name as entry 1",
+            ),
+            (
+                vec![RateLimit::new("daily", 0, s)],
+                "`rate_limits` entry 1 (`daily`): `requests`",
+            ),
+        ] {
+            let limits = Limits {
+                rates: rates.into(),
+                ..Limits::default()
+            };
+            let err = limits.check().unwrap_err();
+            assert!(err.starts_with(says), "{err}");
+            assert!(!err.contains(pasted), "{err}");
+        }
+    }
+
     #[test]
     fn limits_that_cannot_be_enforced_are_refused() {
         let s = Duration::from_secs(1);
@@ -415,7 +474,10 @@ mod tests {
             rates: vec![RateLimit::new("a", 1, s), RateLimit::new("a", 2, s)].into(),
             ..Limits::default()
         };
-        assert!(twice.check().unwrap_err().contains("two limits"));
+        assert_eq!(
+            twice.check(),
+            Err("`rate_limits` entry 2 (`a`): the same name as entry 1 (names must differ)".into())
+        );
         let none = Limits {
             allowed_ips: Some(Box::new([])),
             ..Limits::default()

@@ -82,6 +82,45 @@ pub(crate) fn open_for_writing(_path: &Path) -> Option<u32> {
     None
 }
 
+/// Who holds the file open for writing, as a log line says it (never empty): the
+/// process [`open_for_writing`] found (`writer`), by id and, where `/proc` tells it,
+/// name: `process 4242 (cat)`; or what is known when none was found.
+pub(crate) fn describe(writer: Option<u32>) -> String {
+    describe_as(writer.map(|pid| (pid, process_name(pid))))
+}
+
+/// [`describe`], given the process's name (`None`: not known).
+fn describe_as(writer: Option<(u32, Option<String>)>) -> String {
+    match writer {
+        Some((pid, Some(name))) => format!("process {pid} ({name})"),
+        Some((pid, None)) => format!("process {pid}"),
+        None if cfg!(target_os = "linux") => "no other process this one may look at in /proc \
+             holds it open for writing (the writer may be this process, another user's, or \
+             done since)"
+            .to_owned(),
+        None => "its writer is not known (only Linux names it)".to_owned(),
+    }
+}
+
+/// The name the kernel gives process `pid` (`/proc/<pid>/comm`, at most 15 bytes),
+/// printable characters only.
+#[cfg(target_os = "linux")]
+fn process_name(pid: u32) -> Option<String> {
+    let comm = std::fs::read(format!("/proc/{pid}/comm")).ok()?;
+    let name: String = String::from_utf8_lossy(comm.get(..64).unwrap_or(&comm))
+        .trim_end_matches('\n')
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Not knowable here.
+#[cfg(not(target_os = "linux"))]
+fn process_name(_pid: u32) -> Option<String> {
+    None
+}
+
 /// The open flags (octal) and inode of the descriptor `fdinfo` describes: its
 /// `flags:` and `ino:` lines.
 #[cfg(target_os = "linux")]
@@ -102,8 +141,36 @@ fn fdinfo(fdinfo: &Path) -> Option<(u32, Option<u64>)> {
     Some((flags, ino))
 }
 
-#[cfg(all(test, target_os = "linux"))]
+#[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_writer_is_described_by_id_and_name_and_never_by_nothing() {
+        assert_eq!(
+            describe_as(Some((4242, Some("cat".into())))),
+            "process 4242 (cat)"
+        );
+        assert_eq!(describe_as(Some((4242, None))), "process 4242");
+        let none = describe_as(None);
+        assert!(
+            none.contains("no other process") || none.contains("not known"),
+            "{none}"
+        );
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            describe(Some(std::process::id())),
+            format!(
+                "process {} ({})",
+                std::process::id(),
+                process_name(std::process::id()).unwrap()
+            )
+        );
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod linux_tests {
     use super::*;
 
     #[test]

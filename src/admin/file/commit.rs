@@ -29,6 +29,12 @@ const SETTLE: Duration = Duration::from_millis(20);
 /// How often a change is applied again on top of a hand edit that raced it.
 const MAX_REDO: usize = 16;
 
+/// Why a file is left alone while a writer may hold it open (these two failures
+/// name that writer once the wait is over): it is empty, ...
+const EMPTY: &str = "the key file is empty (a write in progress?), so it is left alone";
+/// ... or this process's watchers saw it opened for writing and not closed.
+const BEING_WRITTEN: &str = "the key file is being written by someone else, so it is left alone";
+
 impl Shared {
     /// The file as it is now, settled: read, checked and parsed (or taken from the
     /// cache when it is the file this backend last saw). Waits a bounded time for a
@@ -38,7 +44,14 @@ impl Shared {
         loop {
             match self.try_current()? {
                 Ok(base) => return Ok(base),
-                Err(not_yet) if Instant::now() >= deadline => return Err(not_yet),
+                Err(mut not_yet) if Instant::now() >= deadline => {
+                    // Who holds it, looked up once (a scan of `/proc`), for the log.
+                    if not_yet.cause.is_none() && matches!(not_yet.said, EMPTY | BEING_WRITTEN) {
+                        not_yet.cause =
+                            Some(writers::describe(writers::open_for_writing(&self.path)));
+                    }
+                    return Err(not_yet);
+                }
                 Err(_) => std::thread::sleep(SETTLE),
             }
         }
@@ -50,16 +63,12 @@ impl Shared {
     fn try_current(&self) -> Result<Result<Arc<Base>, Failure>, Failure> {
         let bytes = read(&self.path)?;
         if bytes.is_empty() {
-            return Ok(Err(Failure::said(
-                "the key file is empty (a write in progress?), so it is left alone",
-            )));
+            return Ok(Err(Failure::said(EMPTY)));
         }
         // A write in place still open (as this process's watchers' file events
         // say): even content known from before may be a prefix of what is coming.
         if self.link.write_open() {
-            return Ok(Err(Failure::said(
-                "the key file is being written by someone else, so it is left alone",
-            )));
+            return Ok(Err(Failure::said(BEING_WRITTEN)));
         }
         let fingerprint = bytes.fingerprint();
         if let Some(base) = self.cached(fingerprint) {
@@ -72,9 +81,7 @@ impl Shared {
         std::thread::sleep(SETTLE);
         let again = read(&self.path)?;
         if again.fingerprint() != fingerprint || self.link.write_open() {
-            return Ok(Err(Failure::said(
-                "the key file is being written by someone else, so it is left alone",
-            )));
+            return Ok(Err(Failure::said(BEING_WRITTEN)));
         }
         // A writer that paused with the file open (a slow `cat > keys.toml`) leaves
         // a prefix that reads the same twice: where the kernel says who has the file
@@ -82,7 +89,7 @@ impl Shared {
         if let Some(pid) = writers::open_for_writing(&self.path) {
             return Ok(Err(Failure::unavailable(
                 "the key file is open for writing in another process, so it is left alone",
-                format_args!("process {pid}"),
+                writers::describe(Some(pid)),
             )));
         }
         Ok(parse(&self.path, &again).map(|base| {

@@ -351,15 +351,23 @@ impl Shared {
         }
     }
 
-    /// Logs a failed write, with its cause (which may name the path).
+    /// Logs a failed write, with its cause (which may name the path, or the process
+    /// holding the file) where it has one.
     fn failed(&self, failure: &Failure) -> BackendError {
         #[cfg(feature = "tracing")]
-        tracing::warn!(
-            target: "tower_api_key::admin",
-            path = %self.path.display(),
-            cause = failure.cause.as_deref().unwrap_or(""),
-            "key file not written: {}", failure.said
-        );
+        match &failure.cause {
+            Some(cause) => tracing::warn!(
+                target: "tower_api_key::admin",
+                path = %self.path.display(),
+                cause = cause.as_str(),
+                "key file not written: {}", failure.said
+            ),
+            None => tracing::warn!(
+                target: "tower_api_key::admin",
+                path = %self.path.display(),
+                "key file not written: {}", failure.said
+            ),
+        }
         failure.error()
     }
 }
@@ -472,5 +480,84 @@ mod tests {
         shared.drain();
         assert!(matches!(outcome.blocking_recv(), Ok(Ok(()))));
         assert!(fs::read_to_string(&path).unwrap().contains("id = \"late\""));
+    }
+
+    /// An attacker's report: the warning for a write refused because the key file
+    /// is held open by a writer said `cause=""`, where the README says it names the
+    /// process. It names the process holding the file, and says what is known when
+    /// none is found; never an empty cause.
+    #[cfg(all(target_os = "linux", feature = "tracing"))]
+    #[test]
+    fn a_write_refused_for_a_file_held_open_names_the_process_holding_it() {
+        use std::io::BufRead as _;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        fs::write(&path, "[[keys]]\nid = \"a\"\nsecret = \"s-a\"\n").unwrap();
+        let backend = FileBackend::new(&path);
+        let shared = backend.shared.clone();
+        // What a watcher of this process notes when a writer opens the file in place.
+        shared
+            .link
+            .note_open_write(Some(true), std::time::Duration::from_secs(30));
+        let logged = || {
+            let captured = Arc::new(Mutex::new(Vec::<u8>::new()));
+            let sink = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || Sink(sink.clone()))
+                .finish();
+            let outcomes = tracing::subscriber::with_default(subscriber, || {
+                shared.commit(&[Op::Create(ApiKey::new("b", "s-b"))])
+            });
+            assert!(matches!(outcomes[..], [Err(BackendError::Unavailable(_))]));
+            let text = String::from_utf8(captured.lock().unwrap().clone()).unwrap();
+            assert!(text.contains("key file not written"), "{text}");
+            assert!(!text.contains("cause=\"\""), "{text}");
+            text
+        };
+
+        // A writer holding it open, paused.
+        let mut writer = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("exec 3>>\"$1\"; echo ready; read go")
+            .arg("sh")
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufReader::new(writer.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready, "ready\n");
+        let text = logged();
+        let _ = writer.kill();
+        let _ = writer.wait();
+        assert!(
+            text.contains(&format!("process {} (sh)", writer.id())),
+            "{text}"
+        );
+
+        // None found (this process's own write, another user's): said so.
+        let text = logged();
+        assert!(text.contains("no other process"), "{text}");
+    }
+
+    /// A `tracing` writer into a shared buffer.
+    #[cfg(all(target_os = "linux", feature = "tracing"))]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    #[cfg(all(target_os = "linux", feature = "tracing"))]
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 }

@@ -257,7 +257,7 @@ allowed_ips = ["203.0.113.0/24", "2001:db8::/32"]
             ),
             (
                 r#"rate_limits = [{ name = "a", requests = 1, per = "1s" }, { name = "a", requests = 2, per = "1s" }]"#,
-                "two limits",
+                "entry 2 (`a`): the same name as entry 1",
             ),
             (
                 r#"rate_limits = [{ name = "b u", requests = 1, per = "1s" }]"#,
