@@ -582,3 +582,30 @@ async fn a_secret_stored_under_two_ids_is_refused_on_both_until_one_goes() {
         until(r.addr, "reader-secret", 200, Duration::from_secs(5)).await;
     }
 }
+
+/// `RedisBackend::import` into a namespace that exists writes versions of 1,000
+/// keys: two keys that swap secrets far apart in the set are written in one, first,
+/// so that no version leaves one secret under two ids.
+#[tokio::test]
+async fn an_import_that_swaps_secrets_swaps_them_in_one_version() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = RedisBackend::new(&redis.url(), "swaps").unwrap();
+    let set = |swapped: bool| {
+        KeySet::from_keys((0..1500).map(|i| {
+            let n = match (swapped, i) {
+                (true, 1) => 1499,
+                (true, 1499) => 1,
+                _ => i,
+            };
+            ApiKey::new(format!("k{i:04}"), format!("s-{n:04}"))
+        }))
+        .unwrap()
+    };
+    assert_eq!(backend.import(&set(false)).await.unwrap(), 1500);
+    let replica = replica(&redis, "swaps", false).await;
+    assert_eq!(backend.import(&set(true)).await.unwrap(), 1500);
+    let last = redis.last_versions("swaps");
+    assert_eq!(last.get("k0001"), last.get("k1499"), "two versions");
+    until(replica.addr, "s-1499", 200, Duration::from_secs(5)).await;
+    assert_eq!(status(replica.addr, "s-0001").await, 200);
+}

@@ -298,18 +298,31 @@ pub(crate) fn apply(
             // What the plan was made from: each id it touches must still hold it
             // when written, or nothing of it is (a key revoked meanwhile stays so).
             let read: HashMap<&str, &ApiKey> = current.iter().map(|k| (k.id(), k)).collect();
+            let (keys, removed) = if fleet.splits_versions() {
+                // Secrets that move between ids (swaps, renames), in one version first:
+                // split across two, one secret would be under two ids in between.
+                let (moving, rest) = Moving::of(keys, removed, current.iter())?;
+                if !moving.is_empty() {
+                    fleet
+                        .change(&moving.keys, &moving.removed, Some(&read), true)
+                        .await?;
+                }
+                (rest.keys, rest.removed)
+            } else {
+                (keys, removed.to_vec())
+            };
             let total = keys.len() + removed.len();
             if total <= fleet.batch() {
-                // One change, one version, whatever it holds.
-                fleet.change(&keys, removed, Some(&read)).await?;
+                // One change (on PostgreSQL one version), whatever it holds.
+                fleet.change(&keys, &removed, Some(&read), false).await?;
             } else {
                 let bar = out.progress(total as u64, "applying");
                 for chunk in keys.chunks(fleet.batch()) {
-                    fleet.change(chunk, &[], Some(&read)).await?;
+                    fleet.change(chunk, &[], Some(&read), false).await?;
                     bar.inc(chunk.len() as u64);
                 }
                 for chunk in removed.chunks(fleet.batch()) {
-                    fleet.change(&[], chunk, Some(&read)).await?;
+                    fleet.change(&[], chunk, Some(&read), false).await?;
                     bar.inc(chunk.len() as u64);
                 }
                 bar.finish_and_clear();
@@ -327,11 +340,62 @@ async fn import_batches(fleet: &Fleet, keys: &[ApiKey], out: Out) -> Result<(), 
     for chunk in keys.chunks(fleet.batch()) {
         let set = KeySet::from_keys(chunk.iter().cloned())
             .map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
-        fleet.import_existing(&set).await?;
+        fleet.import_existing(&set, false).await?;
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+/// Keys to write and ids to remove.
+#[derive(Default)]
+struct Moving {
+    keys: Vec<ApiKey>,
+    removed: Vec<String>,
+}
+
+impl Moving {
+    /// The changes of a write that move secrets between ids, and the rest (see
+    /// [`moving`](crate::key::moving)); more than one version holds is refused.
+    fn of<'a>(
+        keys: Vec<ApiKey>,
+        removed: &[String],
+        stored: impl IntoIterator<Item = &'a ApiKey>,
+    ) -> Result<(Self, Self), Failure> {
+        let (taken, given) = crate::key::moving(&keys, removed, stored);
+        let count = taken.len() + given.len();
+        if count as u64 > crate::redis::MAX_VERSION_ENTRIES {
+            return Err(Failure::new(
+                Exit::Invalid,
+                format!(
+                    "{count} changes move secrets between ids (swaps, renames), more than \
+                     one version of the namespace holds ({}): nothing was written; apply \
+                     them in smaller steps",
+                    crate::redis::MAX_VERSION_ENTRIES
+                ),
+            ));
+        }
+        let (mut moving, mut rest) = (Self::default(), Self::default());
+        let mut taken = taken.into_iter().peekable();
+        for (i, key) in keys.into_iter().enumerate() {
+            match taken.next_if_eq(&i) {
+                Some(_) => moving.keys.push(key),
+                None => rest.keys.push(key),
+            }
+        }
+        let mut given = given.into_iter().peekable();
+        for (i, id) in removed.iter().enumerate() {
+            match given.next_if_eq(&i) {
+                Some(_) => moving.removed.push(id.clone()),
+                None => rest.removed.push(id.clone()),
+            }
+        }
+        Ok((moving, rest))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.removed.is_empty()
+    }
 }
 
 /// Refuses a set of keys the file source would refuse (two ids for one secret).
@@ -512,6 +576,18 @@ pub(crate) fn import(file: &Path, args: &TargetArgs, max: u64, out: Out) -> Done
                     )
                 })?;
                 let keys: Vec<ApiKey> = desired.iter().cloned().collect();
+                let keys = if fleet.splits_versions() {
+                    // Secrets that move between ids, in one version first.
+                    let (moving, rest) = Moving::of(keys, &[], current.iter())?;
+                    if !moving.is_empty() {
+                        let set = KeySet::from_keys(moving.keys)
+                            .map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
+                        fleet.import_existing(&set, true).await?;
+                    }
+                    rest.keys
+                } else {
+                    keys
+                };
                 import_batches(fleet, &keys, out).await
             } else {
                 // A namespace that does not exist is created with the file's keys,

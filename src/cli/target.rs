@@ -115,16 +115,22 @@ impl Fleet {
     /// Writes `set`'s keys into the namespace, which must exist: one wiped
     /// meanwhile is missing ([`Exit::StoreMissing`]), never re-created holding
     /// only these keys.
-    pub(crate) async fn import_existing(&self, set: &KeySet) -> Result<(), Failure> {
+    ///
+    /// `together`: in one version on Redis too (as [`change`](Self::change)).
+    pub(crate) async fn import_existing(
+        &self,
+        set: &KeySet,
+        together: bool,
+    ) -> Result<(), Failure> {
         match &self.engine {
             Engine::Redis(b) => b
-                .import_existing(set)
+                .import_existing(set, together)
                 .await
                 .map(drop)
                 .map_err(|e| self.failure(Exit::Unavailable, &e)),
             Engine::Postgres(_) => {
                 let keys: Vec<ApiKey> = set.iter().cloned().collect();
-                self.change(&keys, &[], None).await
+                self.change(&keys, &[], None, together).await
             }
         }
     }
@@ -142,17 +148,24 @@ impl Fleet {
     /// touched must still hold what it held then, else the write is refused
     /// ([`Exit::Conflict`]): PostgreSQL writes nothing; Redis nothing from the
     /// version that found it on.
+    ///
+    /// `together`: in one version on Redis too (the changes that move secrets
+    /// between ids, written first: see [`key::set::moving`](crate::key::moving)).
     pub(crate) async fn change(
         &self,
         keys: &[ApiKey],
         removed: &[String],
         read: Option<&HashMap<&str, &ApiKey>>,
+        together: bool,
     ) -> Result<(), Failure> {
         let sized = self
             .sized(keys.len() + removed.len())
             .map_err(|e| self.failure(Exit::Usage, &e))?;
         let fleet = sized.as_ref().unwrap_or(self);
-        let done = on_engine!(&fleet.engine, b => b.change_many(keys, removed, read).await);
+        let done = match &fleet.engine {
+            Engine::Redis(b) => b.change_many(keys, removed, read, together).await,
+            Engine::Postgres(b) => b.change_many(keys, removed, read).await,
+        };
         done.map_err(|e| match e {
             BackendError::Conflict(id) if read.is_some() => {
                 let written = match self.engine {
@@ -205,6 +218,13 @@ impl Fleet {
         ids: &[String],
     ) -> Result<Option<Vec<UsageCounts>>, BackendError> {
         on_engine!(&self.engine, b => b.usage(ids).await)
+    }
+
+    /// Whether a write of many keys is split into versions replicas apply one by
+    /// one (Redis: 1,000 changes each), so that the changes moving secrets between
+    /// ids must be written first, together.
+    pub(crate) fn splits_versions(&self) -> bool {
+        matches!(self.engine, Engine::Redis(_))
     }
 
     /// How many keys one import writes: PostgreSQL writes any number in one

@@ -7,6 +7,8 @@ mod info;
 pub(crate) mod record;
 mod set;
 
+#[cfg(feature = "redis")]
+pub(crate) use self::set::moving;
 pub use self::{
     generate::{GeneratedKey, generate, has_valid_checksum},
     info::KeyInfo,

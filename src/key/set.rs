@@ -395,9 +395,97 @@ impl<'a> IntoIterator for &'a KeySet {
     }
 }
 
+/// The changes of a write that move a secret from one id to another, as indexes into
+/// `keys` and `removed`: each key written with the secret a stored key of another id
+/// holds, and the change (written or removed) of that other id. Written in separate
+/// steps, they leave one secret under two ids in between, which replicas refuse
+/// both keys for: a fleet writes them in one version. (`stored` are the keys held
+/// before the write; a stored key keeping the secret taken is a clash the caller
+/// refuses before this.)
+#[cfg(feature = "redis")]
+pub(crate) fn moving<'a>(
+    keys: &[ApiKey],
+    removed: &[String],
+    stored: impl IntoIterator<Item = &'a ApiKey>,
+) -> (Vec<usize>, Vec<usize>) {
+    use std::collections::HashMap;
+    let by_digest: HashMap<[u8; 32], usize> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.digest.0, i))
+        .collect();
+    let (mut taken, mut given) = (vec![false; keys.len()], vec![false; removed.len()]);
+    let mut key_at: Option<HashMap<&str, usize>> = None;
+    let mut removed_at: Option<HashMap<&str, usize>> = None;
+    for old in stored {
+        let Some(&i) = by_digest.get(&old.digest.0) else {
+            continue;
+        };
+        if keys[i].id == old.id {
+            continue;
+        }
+        taken[i] = true;
+        let key_at = key_at
+            .get_or_insert_with(|| keys.iter().enumerate().map(|(j, k)| (&*k.id, j)).collect());
+        if let Some(&j) = key_at.get(&*old.id) {
+            taken[j] = true;
+            continue;
+        }
+        let removed_at = removed_at.get_or_insert_with(|| {
+            removed
+                .iter()
+                .enumerate()
+                .map(|(j, id)| (id.as_str(), j))
+                .collect()
+        });
+        if let Some(&j) = removed_at.get(&*old.id) {
+            given[j] = true;
+        }
+    }
+    let at = |marks: Vec<bool>| {
+        marks
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| **m)
+            .map(|(i, _)| i)
+            .collect()
+    };
+    (at(taken), at(given))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A swap, a secret handed to a new id as its old id goes, and a move along a
+    /// chain are found whole; a key that keeps its own secret, or takes a new one, is
+    /// not moving.
+    #[test]
+    #[cfg(feature = "redis")]
+    fn the_changes_that_move_a_secret_between_ids_are_found_together() {
+        let key = |id: &str, secret: &str| ApiKey::new(id, secret);
+        let stored = [
+            key("a", "s1"),
+            key("b", "s2"),
+            key("c", "s3"),
+            key("d", "s4"),
+        ];
+        // a and b swap; e takes c's secret as c goes; d is rewritten with its own.
+        let keys = [
+            key("a", "s2"),
+            key("b", "s1"),
+            key("e", "s3"),
+            key("d", "s4"),
+            key("f", "s5"),
+        ];
+        let removed = ["x".to_owned(), "c".to_owned()];
+        let (taken, given) = moving(&keys, &removed, &stored);
+        assert_eq!((taken, given), (vec![0, 1, 2], vec![1]));
+        // A chain: a takes b's, b takes c's, c takes a new one.
+        let keys = [key("a", "s2"), key("b", "s3"), key("c", "s9")];
+        assert_eq!(moving(&keys, &[], &stored), (vec![0, 1, 2], vec![]));
+        assert_eq!(moving(&[key("z", "s9")], &[], &stored), (vec![], vec![]));
+    }
 
     /// What `import` checks before it writes over stored keys: a key written that
     /// holds the secret of a stored key it does not replace is named with it; one

@@ -7,7 +7,7 @@ use redis::Value;
 
 use super::{
     link::{Link, Sent},
-    model::{self, CHUNK, Keys, LOG_LEN, STAGING_TTL, refused},
+    model::{self, CHUNK, Keys, LOG_LEN, MAX_VERSION_ENTRIES, STAGING_TTL, refused},
 };
 use crate::key::record;
 use crate::{
@@ -208,30 +208,65 @@ impl RedisBackend {
     /// `set` holds the secret of a stored key of another id that `set` does not
     /// replace (replicas would refuse both).
     pub async fn import(&self, set: &KeySet) -> Result<usize, Error> {
-        self.import_into(set, true).await
+        self.import_into(set, true, false).await
     }
 
     /// Writes every key of `set` into the namespace, which must exist: one that
     /// does not, or that goes missing during the import, is
     /// [`BackendError::StoreMissing`], never re-created (with only these keys):
-    /// how the command line's `apply` writes a plan.
+    /// how the command line's `import` writes a file. `together`: in one version
+    /// (the keys that move secrets between ids, which the caller writes first).
     #[cfg_attr(not(feature = "cli"), allow(dead_code))]
-    pub(crate) async fn import_existing(&self, set: &KeySet) -> Result<usize, Error> {
-        self.import_into(set, false).await
+    pub(crate) async fn import_existing(
+        &self,
+        set: &KeySet,
+        together: bool,
+    ) -> Result<usize, Error> {
+        self.import_into(set, false, together).await
     }
 
-    async fn import_into(&self, set: &KeySet, create: bool) -> Result<usize, Error> {
+    async fn import_into(
+        &self,
+        set: &KeySet,
+        create: bool,
+        together: bool,
+    ) -> Result<usize, Error> {
+        let mut keys: Vec<&ApiKey> = set.iter().collect();
+        // How many of `keys`, first, go in one version.
+        let mut first = if together { keys.len() } else { 0 };
         match self.head().await.map_err(|e| self.error(e))? {
-            // What the command line imports it has checked, once, for the whole file.
-            0 if create => self.refuse_clashes(set).await?,
+            // What the command line imports it has checked and ordered, once, for the
+            // whole file.
+            0 if create => {
+                let stored = self.stored_keys().await?;
+                set.clashes_with(&stored)?;
+                // Secrets that move between ids go in one version, first.
+                let owned: Vec<ApiKey> = keys.iter().map(|k| (*k).clone()).collect();
+                let (moving, _) = crate::key::moving(&owned, &[], &stored);
+                first = moving.len();
+                let mut is_moving = vec![false; keys.len()];
+                for i in moving {
+                    is_moving[i] = true;
+                }
+                let (mut front, back): (Vec<_>, Vec<_>) =
+                    keys.into_iter().zip(is_moving).partition(|(_, m)| *m);
+                front.extend(back);
+                keys = front.into_iter().map(|(k, _)| k).collect();
+            }
             0 => {}
             1 if create => return self.restore(set).await,
             1 => return Err(Error::custom(self.name(), self.missing())),
             // Keys of the wrong type: not created by an import over them.
             _ => return Err(self.error(refusal(refused::DAMAGED))),
         }
-        let keys: Vec<&ApiKey> = set.iter().collect();
-        for chunk in keys.chunks(CHUNK) {
+        if first as u64 > MAX_VERSION_ENTRIES {
+            return Err(Error::custom(self.name(), too_many_moving(first)));
+        }
+        let (front, back) = keys.split_at(first);
+        for chunk in std::iter::once(front)
+            .filter(|f| !f.is_empty())
+            .chain(back.chunks(CHUNK))
+        {
             let records: Vec<String> = chunk.iter().map(|k| record::encode(k)).collect();
             let puts: Vec<Put<'_>> = chunk
                 .iter()
@@ -256,19 +291,17 @@ impl RedisBackend {
         Ok(keys.len())
     }
 
-    /// Refuses `set` ([`Error::DuplicateKey`], nothing written) if one of its keys
-    /// holds the secret of a stored key it does not replace: replicas would refuse
-    /// both. (A record that cannot be read holds no secret to compare.)
-    async fn refuse_clashes(&self, set: &KeySet) -> Result<(), Error> {
+    /// The stored keys that can be read (a record that cannot be read holds no
+    /// secret to compare).
+    async fn stored_keys(&self) -> Result<Vec<ApiKey>, Error> {
         let stored = self
             .all_raw()
             .await
             .map_err(|e| Error::custom(self.name(), e))?;
-        let keys: Vec<ApiKey> = stored
+        Ok(stored
             .iter()
             .filter_map(|(id, json)| record::decode(&String::from_utf8_lossy(id), json).ok())
-            .collect();
-        set.clashes_with(&keys)
+            .collect())
     }
 
     /// Writes `keys` and removes the keys `removed`, in the namespace, which must
@@ -288,13 +321,25 @@ impl RedisBackend {
         keys: &[ApiKey],
         removed: &[String],
         read: Option<&std::collections::HashMap<&str, &ApiKey>>,
+        together: bool,
     ) -> Result<(), BackendError> {
         let changes: Vec<(&str, Option<String>)> = keys
             .iter()
             .map(|k| (k.id(), Some(record::encode(k))))
             .chain(removed.iter().map(|id| (id.as_str(), None)))
             .collect();
-        for chunk in changes.chunks(CHUNK) {
+        if together && changes.len() as u64 > MAX_VERSION_ENTRIES {
+            return Err(BackendError::Invalid(Error::custom(
+                self.name(),
+                too_many_moving(changes.len()),
+            )));
+        }
+        let size = if together {
+            changes.len().max(1)
+        } else {
+            CHUNK
+        };
+        for chunk in changes.chunks(size) {
             // A record changed between the check and the script (which refuses it)
             // is looked at again: the check then names it.
             let mut tries = 0;
@@ -885,6 +930,14 @@ impl AdminBackend for RedisBackend {
                 .collect(),
         ))
     }
+}
+
+/// Why a write that moves more secrets between ids than one version holds is refused.
+fn too_many_moving(n: usize) -> String {
+    format!(
+        "{n} keys take secrets other ids hold now (swaps, renames): more than one version \
+         holds ({MAX_VERSION_ENTRIES}); write them in smaller steps"
+    )
 }
 
 /// A count or a time stored in a hash field: a number, or `None` for a field that is

@@ -79,6 +79,10 @@ mod source;
 use redis::Value;
 
 pub use self::{backend::RedisBackend, source::RedisSource};
+
+/// The most changes one version of a namespace holds.
+#[cfg(feature = "cli")]
+pub(crate) use self::model::MAX_VERSION_ENTRIES;
 use crate::Error;
 
 /// What a namespace with a key of the wrong type (or a version counter that is not

@@ -218,6 +218,35 @@ impl Redis {
         self.cli(&args)
     }
 
+    /// The version (`v`) of the last log entry of each id, in a Redis namespace.
+    pub fn last_versions(&self, ns: &str) -> std::collections::HashMap<String, String> {
+        let mut last = std::collections::HashMap::new();
+        let log = format!("tak:{{{ns}}}:log");
+        let Ok(redis::Value::Array(entries)) = self.query(&["XRANGE", &log, "-", "+"]) else {
+            panic!("no log");
+        };
+        let text = |v: &redis::Value| match v {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            other => format!("{other:?}"),
+        };
+        for entry in entries {
+            let redis::Value::Array(parts) = entry else {
+                continue;
+            };
+            let Some(redis::Value::Array(fields)) = parts.get(1) else {
+                continue;
+            };
+            let pairs: std::collections::HashMap<String, String> = fields
+                .chunks(2)
+                .map(|p| (text(&p[0]), text(&p[1])))
+                .collect();
+            if let (Some(id), Some(v)) = (pairs.get("id"), pairs.get("v")) {
+                last.insert(id.clone(), v.clone());
+            }
+        }
+        last
+    }
+
     /// The ids in the namespace's hash.
     pub fn ids(&self, ns: &str) -> Vec<String> {
         match self.query(&["HKEYS", &format!("tak:{{{ns}}}:keys")]) {
