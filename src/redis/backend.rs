@@ -206,7 +206,9 @@ impl RedisBackend {
     /// its keys has the wrong type (only [`restore`](RedisBackend::restore) replaces
     /// such a namespace); [`Error::DuplicateKey`], with nothing written, if a key of
     /// `set` holds the secret of a stored key of another id that `set` does not
-    /// replace (replicas would refuse both).
+    /// replace (replicas would refuse both). That is checked before the write, not
+    /// under it: a key another writer stores meanwhile is not seen (the API's keys
+    /// have fresh random secrets; two imports at once are for the operator to avoid).
     pub async fn import(&self, set: &KeySet) -> Result<usize, Error> {
         self.import_into(set, true, false).await
     }
