@@ -190,7 +190,12 @@ impl PostgresBackend {
     ///
     /// # Errors
     ///
-    /// As [`import_file`](PostgresBackend::import_file), the file aside.
+    /// As [`import_file`](PostgresBackend::import_file), the file aside;
+    /// [`Error::DuplicateKey`], with nothing written, if a key of `set` holds the
+    /// secret of a stored key of another id that `set` does not replace (replicas
+    /// would refuse both). That is checked before the write's transaction, not in
+    /// it: a key another writer stores meanwhile is not seen (the API's keys have
+    /// fresh random secrets; two imports at once are for the operator to avoid).
     pub async fn import(&self, set: &KeySet) -> Result<usize, Error> {
         // A key given the secret of a stored key it does not replace: replicas
         // would refuse both.
