@@ -1495,46 +1495,72 @@ async fn the_openapi_document_says_what_the_server_does() {
     assert_eq!(patch["parameters"]["If-Match"], "$response.header.ETag");
 }
 
-/// The file backend, with another writer's change to a key saved between the API's
-/// read of that key and its first write of it: `change` applied to the record, as a
-/// revocation or an edit made through another replica at that moment would be.
+/// The file backend, with what another writer does around the API's writes: its
+/// change to a key saved between the API's read of that key and its first write of
+/// it (`before`: a revocation or an edit made through another replica at that
+/// moment), or saved right after the API's write or delete of it (`after`); and a
+/// delete slow on the wire before it writes (`late_delete`, once) or once written
+/// (`slow_delete`).
+#[derive(Default)]
 struct Interposed {
-    inner: FileBackend,
-    change: fn(ApiKey) -> ApiKey,
+    inner: Option<FileBackend>,
+    before: Option<fn(ApiKey) -> ApiKey>,
     done: std::sync::atomic::AtomicBool,
+    after: Option<fn(&str) -> ApiKey>,
+    slow_delete: Duration,
+    late_delete: std::sync::Arc<std::sync::Mutex<Option<Duration>>>,
 }
 
 use tower_api_key::admin::AdminBackend as _;
 
 impl Interposed {
+    fn inner(&self) -> &FileBackend {
+        self.inner.as_ref().unwrap()
+    }
+
     async fn meanwhile(&self, id: &str) {
-        if !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            let now = self.inner.get(id).await.unwrap().unwrap();
-            self.inner.update((self.change)(now), None).await.unwrap();
+        if let Some(change) = self.before
+            && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let now = self.inner().get(id).await.unwrap().unwrap();
+            self.inner().update(change(now), None).await.unwrap();
+        }
+    }
+
+    async fn after(&self, id: &str) {
+        if let Some(change) = self.after {
+            let key = change(id);
+            match self.inner().get(id).await.unwrap() {
+                Some(_) => self.inner().update(key, None).await.unwrap(),
+                None => self.inner().create(key).await.unwrap(),
+            }
         }
     }
 }
 
 impl tower_api_key::admin::AdminBackend for Interposed {
     fn source_name(&self) -> String {
-        self.inner.source_name()
+        self.inner().source_name()
     }
     async fn list(&self) -> Result<Vec<ApiKey>, tower_api_key::admin::BackendError> {
-        self.inner.list().await
+        self.inner().list().await
     }
     async fn get(&self, id: &str) -> Result<Option<ApiKey>, tower_api_key::admin::BackendError> {
-        self.inner.get(id).await
+        self.inner().get(id).await
     }
     async fn create(&self, key: ApiKey) -> Result<(), tower_api_key::admin::BackendError> {
-        self.inner.create(key).await
+        self.inner().create(key).await
     }
     async fn update(
         &self,
         key: ApiKey,
         if_match: Option<&str>,
     ) -> Result<(), tower_api_key::admin::BackendError> {
-        self.meanwhile(key.id()).await;
-        self.inner.update(key, if_match).await
+        let id = key.id().to_owned();
+        self.meanwhile(&id).await;
+        self.inner().update(key, if_match).await?;
+        self.after(&id).await;
+        Ok(())
     }
     async fn delete(
         &self,
@@ -1542,7 +1568,14 @@ impl tower_api_key::admin::AdminBackend for Interposed {
         if_match: Option<&str>,
     ) -> Result<(), tower_api_key::admin::BackendError> {
         self.meanwhile(id).await;
-        self.inner.delete(id, if_match).await
+        let late = self.late_delete.lock().unwrap().take();
+        if let Some(late) = late {
+            tokio::time::sleep(late).await;
+        }
+        self.inner().delete(id, if_match).await?;
+        self.after(id).await;
+        tokio::time::sleep(self.slow_delete).await;
+        Ok(())
     }
     async fn rotate(
         &self,
@@ -1551,21 +1584,18 @@ impl tower_api_key::admin::AdminBackend for Interposed {
         if_match: Option<&str>,
     ) -> Result<(), tower_api_key::admin::BackendError> {
         self.meanwhile(old.id()).await;
-        self.inner.rotate(successor, old, if_match).await
+        self.inner().rotate(successor, old, if_match).await
     }
 }
 
-async fn interposed(change: fn(ApiKey) -> ApiKey) -> Server {
+/// A server whose API writes through `backend` (`inner` set here).
+async fn interposed_with(mut backend: Interposed) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.toml");
     fs::write(&path, initial_file()).unwrap();
     let store = KeyStore::new();
     store.add_source(FileSource::new(&path)).unwrap();
-    let backend = Interposed {
-        inner: FileBackend::new(&path),
-        change,
-        done: false.into(),
-    };
+    backend.inner = Some(FileBackend::new(&path));
     let addr = guarded(&store, AdminApi::new(store.clone(), backend).router()).await;
     Server {
         _dir: dir,
@@ -1573,6 +1603,14 @@ async fn interposed(change: fn(ApiKey) -> ApiKey) -> Server {
         addr,
         store,
     }
+}
+
+async fn interposed(change: fn(ApiKey) -> ApiKey) -> Server {
+    interposed_with(Interposed {
+        before: Some(change),
+        ..Interposed::default()
+    })
+    .await
 }
 
 /// A tester's finding: a rotation without `If-Match` wrote the old key back,
@@ -1732,109 +1770,6 @@ async fn a_value_of_the_wrong_type_is_not_quoted_back() {
     }
 }
 
-/// The file backend, with what happens around one writer's write: its answer held
-/// back a while (a slow store), or another writer's change saved right after it.
-struct Racing {
-    inner: FileBackend,
-    /// How long a delete's answer is held back once it is written.
-    slow_delete: Duration,
-    /// Another writer's change to the key just written (or deleted, by id), saved
-    /// before the answer.
-    after: Option<fn(&str) -> ApiKey>,
-    /// When set, the next delete waits this long before it writes (a request slow
-    /// on the wire, overtaken by a retry).
-    late_delete: std::sync::Arc<std::sync::Mutex<Option<Duration>>>,
-}
-
-impl Racing {
-    async fn after(&self, id: &str) {
-        if let Some(change) = self.after {
-            let key = change(id);
-            match self.inner.get(id).await.unwrap() {
-                Some(_) => self.inner.update(key, None).await.unwrap(),
-                None => self.inner.create(key).await.unwrap(),
-            }
-        }
-    }
-}
-
-impl tower_api_key::admin::AdminBackend for Racing {
-    fn source_name(&self) -> String {
-        self.inner.source_name()
-    }
-    async fn list(&self) -> Result<Vec<ApiKey>, tower_api_key::admin::BackendError> {
-        self.inner.list().await
-    }
-    async fn get(&self, id: &str) -> Result<Option<ApiKey>, tower_api_key::admin::BackendError> {
-        self.inner.get(id).await
-    }
-    async fn create(&self, key: ApiKey) -> Result<(), tower_api_key::admin::BackendError> {
-        self.inner.create(key).await
-    }
-    async fn update(
-        &self,
-        key: ApiKey,
-        if_match: Option<&str>,
-    ) -> Result<(), tower_api_key::admin::BackendError> {
-        let id = key.id().to_owned();
-        self.inner.update(key, if_match).await?;
-        self.after(&id).await;
-        Ok(())
-    }
-    async fn delete(
-        &self,
-        id: &str,
-        if_match: Option<&str>,
-    ) -> Result<(), tower_api_key::admin::BackendError> {
-        let late = self.late_delete.lock().unwrap().take();
-        if let Some(late) = late {
-            tokio::time::sleep(late).await;
-        }
-        self.inner.delete(id, if_match).await?;
-        self.after(id).await;
-        tokio::time::sleep(self.slow_delete).await;
-        Ok(())
-    }
-    async fn rotate(
-        &self,
-        successor: ApiKey,
-        old: ApiKey,
-        if_match: Option<&str>,
-    ) -> Result<(), tower_api_key::admin::BackendError> {
-        self.inner.rotate(successor, old, if_match).await
-    }
-}
-
-async fn racing(slow_delete: Duration, after: Option<fn(&str) -> ApiKey>) -> Server {
-    racing_with(slow_delete, after).await.0
-}
-
-async fn racing_with(
-    slow_delete: Duration,
-    after: Option<fn(&str) -> ApiKey>,
-) -> (Server, std::sync::Arc<std::sync::Mutex<Option<Duration>>>) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keys.toml");
-    fs::write(&path, initial_file()).unwrap();
-    let store = KeyStore::new();
-    store.add_source(FileSource::new(&path)).unwrap();
-    let late_delete = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let backend = Racing {
-        inner: FileBackend::new(&path),
-        slow_delete,
-        after,
-        late_delete: late_delete.clone(),
-    };
-    let addr = guarded(&store, AdminApi::new(store.clone(), backend).router()).await;
-    let server = Server {
-        _dir: dir,
-        path,
-        addr,
-        store,
-    };
-    (server, late_delete)
-}
-
 /// An attacker's finding: a rotation that picked its successor's id while a delete
 /// of that id was written but not yet answered took the id again (`reader-r2`,
 /// revoked a moment before, back in use under a new secret), and the delete then
@@ -1842,7 +1777,11 @@ async fn racing_with(
 /// from reuse from the moment the delete is sent.
 #[tokio::test]
 async fn a_rotation_never_takes_the_id_a_delete_under_way_revokes() {
-    let s = racing(Duration::from_millis(600), None).await;
+    let s = interposed_with(Interposed {
+        slow_delete: Duration::from_millis(600),
+        ..Interposed::default()
+    })
+    .await;
     let first = s
         .post("/v1/api-keys/reader/rotate", "root-secret", json!({}))
         .await;
@@ -1882,7 +1821,11 @@ async fn a_change_overtaken_before_the_store_read_it_is_answered_as_enforced() {
             .with_scopes(["read"])
             .with_description("theirs")
     }
-    let s = racing(Duration::ZERO, Some(theirs)).await;
+    let s = interposed_with(Interposed {
+        after: Some(theirs),
+        ..Interposed::default()
+    })
+    .await;
     let patched = s
         .patch(
             "reader",
@@ -1912,7 +1855,12 @@ async fn a_change_overtaken_before_the_store_read_it_is_answered_as_enforced() {
 /// again for a rotation's successor. A note is never taken back now.
 #[tokio::test]
 async fn a_retried_delete_keeps_the_id_from_reuse() {
-    let (s, late_delete) = racing_with(Duration::ZERO, None).await;
+    let late_delete = std::sync::Arc::default();
+    let s = interposed_with(Interposed {
+        late_delete: std::sync::Arc::clone(&late_delete),
+        ..Interposed::default()
+    })
+    .await;
     let first = s
         .post("/v1/api-keys/reader/rotate", "root-secret", json!({}))
         .await;

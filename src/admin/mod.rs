@@ -578,23 +578,10 @@ impl<B: AdminBackend> Inner<B> {
     /// change is enforced, or written and not yet enforced.
     pub(crate) async fn applied(
         &self,
-        mut reloads: Reloads,
+        reloads: Reloads,
         done: impl Fn(&KeyStore) -> bool,
     ) -> Enforced {
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            if done(&self.store) {
-                return Enforced::Yes;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Enforced::NotYet;
-            }
-            // The store is gone: it never will.
-            if let Ok(None) = tokio::time::timeout(left, reloads.next()).await {
-                return Enforced::NotYet;
-            }
-        }
+        self.wait(reloads, None, done).await
     }
 
     /// [`applied`](Self::applied), or until the store serves what the backend holds
@@ -608,8 +595,19 @@ impl<B: AdminBackend> Inner<B> {
     /// applies the writes in order.
     pub(crate) async fn applied_or_overtaken(
         &self,
-        mut reloads: Reloads,
+        reloads: Reloads,
         id: &str,
+        done: impl Fn(&KeyStore) -> bool,
+    ) -> Enforced {
+        self.wait(reloads, Some(id), done).await
+    }
+
+    /// [`applied`](Self::applied), or with `overtaken`,
+    /// [`applied_or_overtaken`](Self::applied_or_overtaken) for that id.
+    async fn wait(
+        &self,
+        mut reloads: Reloads,
+        overtaken: Option<&str>,
         done: impl Fn(&KeyStore) -> bool,
     ) -> Enforced {
         let deadline = Instant::now() + self.timeout;
@@ -619,7 +617,10 @@ impl<B: AdminBackend> Inner<B> {
             if done(&self.store) {
                 return Enforced::Yes;
             }
-            if reloaded && looked.is_none_or(|at| at.elapsed() >= Duration::from_millis(100)) {
+            if let Some(id) = overtaken
+                && reloaded
+                && looked.is_none_or(|at| at.elapsed() >= Duration::from_millis(100))
+            {
                 looked = Some(Instant::now());
                 let caught_up = match self.backend.get(id).await {
                     Ok(Some(now)) => self.serves(&self.store, &now),
