@@ -154,6 +154,12 @@ impl Server {
         .await
     }
 
+    async fn delete(&self, id: &str, key: &str, etag: Option<&str>) -> Reply {
+        let extra: Vec<(&str, &str)> = etag.map(|e| ("if-match", e)).into_iter().collect();
+        let path = format!("/v1/api-keys/{id}");
+        self.call("DELETE", &path, Some(key), None, &extra).await
+    }
+
     /// The status of `GET /` with `key`: whether the key works right now.
     async fn works(&self, key: &str) -> u16 {
         common::get_with(self.addr, "/", Some(key)).await.0
@@ -1063,15 +1069,7 @@ async fn a_change_written_but_not_yet_enforced_is_202_with_the_whole_body() {
     assert_eq!(patched.status, 202, "{:?}", patched.body);
     assert_eq!(patched.body["owner"], "o");
     // The store still serves `reader` when the DELETE answers.
-    let deleted = s
-        .call(
-            "DELETE",
-            "/v1/api-keys/reader",
-            Some("root-secret"),
-            None,
-            &[],
-        )
-        .await;
+    let deleted = s.delete("reader", "root-secret", None).await;
     assert_eq!(deleted.status, 202);
     assert!(s.store.get("reader").is_some());
     assert!(
@@ -1787,13 +1785,7 @@ async fn a_rotation_never_takes_the_id_a_delete_under_way_revokes() {
         .await;
     assert_eq!(first.status, 201, "{:?}", first.body);
     assert_eq!(first.body["id"], "reader-r2");
-    let delete = s.call(
-        "DELETE",
-        "/v1/api-keys/reader-r2",
-        Some("root-secret"),
-        None,
-        &[("if-match", "*")],
-    );
+    let delete = s.delete("reader-r2", "root-secret", Some("*"));
     let rotate = async {
         // The delete is written by now, its answer held back.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1836,15 +1828,7 @@ async fn a_change_overtaken_before_the_store_read_it_is_answered_as_enforced() {
         .await;
     assert_eq!(patched.status, 200, "{:?}", patched.body);
     assert_eq!(s.works("reader-theirs").await, 200);
-    let deleted = s
-        .call(
-            "DELETE",
-            "/v1/api-keys/reader",
-            Some("root-secret"),
-            None,
-            &[],
-        )
-        .await;
+    let deleted = s.delete("reader", "root-secret", None).await;
     assert_eq!(deleted.status, 204, "{:?}", deleted.body);
     assert_eq!(s.works("reader-theirs").await, 200, "created again after");
 }
@@ -1866,15 +1850,7 @@ async fn a_retried_delete_keeps_the_id_from_reuse() {
         .await;
     assert_eq!(first.body["id"], "reader-r2", "{:?}", first.body);
     *late_delete.lock().unwrap() = Some(Duration::from_millis(500));
-    let delete = || {
-        s.call(
-            "DELETE",
-            "/v1/api-keys/reader-r2",
-            Some("root-secret"),
-            None,
-            &[("if-match", "*")],
-        )
-    };
+    let delete = || s.delete("reader-r2", "root-secret", Some("*"));
     let retry = async {
         tokio::time::sleep(Duration::from_millis(150)).await;
         delete().await
