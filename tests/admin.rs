@@ -1507,6 +1507,8 @@ struct Interposed {
     after: Option<fn(&str) -> ApiKey>,
     slow_delete: Duration,
     late_delete: std::sync::Arc<std::sync::Mutex<Option<Duration>>>,
+    /// Every delete refused, nothing written (the store of record down).
+    refuse_delete: bool,
 }
 
 use tower_api_key::admin::AdminBackend as _;
@@ -1566,6 +1568,12 @@ impl tower_api_key::admin::AdminBackend for Interposed {
         if_match: Option<&str>,
     ) -> Result<(), tower_api_key::admin::BackendError> {
         self.meanwhile(id).await;
+        if self.refuse_delete {
+            let down = std::io::Error::other("the store of record is down");
+            return Err(tower_api_key::admin::BackendError::Unavailable(Box::new(
+                down,
+            )));
+        }
         let late = self.late_delete.lock().unwrap().take();
         if let Some(late) = late {
             tokio::time::sleep(late).await;
@@ -1863,4 +1871,36 @@ async fn a_retried_delete_keeps_the_id_from_reuse() {
         .await;
     assert_eq!(again.status, 201, "{:?}", again.body);
     assert_ne!(again.body["id"], "reader-r2", "a revoked id taken again");
+}
+
+/// A reviewer's finding on the fix above: a delete refused with nothing written (503)
+/// noted its id as revoked all the same, so the API then took the key for revoked:
+/// a `POST` naming that id, once the key was gone by other means, was refused as "a
+/// key revoked lately" (409), and a key lost from the store of record while the
+/// store still served it was "not found" rather than `store-missing`. Only a delete
+/// written counts as a revocation now; one under way only keeps the id from
+/// rotations.
+#[tokio::test]
+async fn a_delete_refused_is_no_revocation() {
+    let s = interposed_with(Interposed {
+        refuse_delete: true,
+        ..Interposed::default()
+    })
+    .await;
+    let refused = s.delete("reader", "root-secret", None).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert_eq!(s.works("reader-secret").await, 200);
+    // The key taken out of the file by hand.
+    let text = fs::read_to_string(&s.path).unwrap();
+    let at = text.find("[[keys]]\nid = \"reader\"").unwrap();
+    fs::write(&s.path, &text[..at]).unwrap();
+    let start = std::time::Instant::now();
+    while s.works("reader-secret").await != 401 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never reloaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let created = s
+        .post("/v1/api-keys", "root-secret", json!({"id": "reader"}))
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
 }

@@ -118,10 +118,11 @@ pub(crate) struct Inner<B> {
     /// `FileSource` (`keys.toml` and `./keys.toml`), as looked up so far.
     aliases: std::sync::Mutex<Vec<(String, bool)>>,
     timeout: Duration,
-    /// Ids this API revoked lately (the last 4,096): a successor's derived id skips
-    /// them and a given one is refused (409), so that an id does not come back
-    /// naming another key.
-    revoked: std::sync::Mutex<std::collections::VecDeque<String>>,
+    /// Ids this API revoked lately, or set out to (the last 4,096), and whether the
+    /// revocation was written: a successor's derived id skips them all, a given one
+    /// is refused (409) once revoked, so that an id does not come back naming
+    /// another key.
+    revoked: std::sync::Mutex<std::collections::VecDeque<(String, bool)>>,
 }
 
 impl<B: AdminBackend> AdminApi<B> {
@@ -391,7 +392,7 @@ impl<B: AdminBackend> Inner<B> {
                 .filter(|k| self.ours(k.source()))
                 .is_some_and(|k| caller.tenant().is_none() || k.tenant() == caller.tenant())
         };
-        if !seen(&self.store) || self.was_revoked(id) {
+        if !seen(&self.store) || self.was_revoked(id, true) {
             return Problem::not_found();
         }
         match self.applied(reloads, |store| !seen(store)).await {
@@ -434,7 +435,7 @@ impl<B: AdminBackend> Inner<B> {
         let (mut id, chosen) = match &id {
             IdChoice::Given(id) => {
                 let id = routes::checked_id(id)?;
-                if self.was_revoked(&id) {
+                if self.was_revoked(&id, true) {
                     return Err(Problem::conflict(format!(
                         "key id `{id}` named a key revoked lately; give the new key another id"
                     )));
@@ -445,7 +446,7 @@ impl<B: AdminBackend> Inner<B> {
             IdChoice::After(old) => (successor_id(old, 2), false),
         };
         for attempt in 2..32 {
-            if !chosen && self.was_revoked(&id) {
+            if !chosen && self.was_revoked(&id, false) {
                 id = next_id(&id, attempt);
                 continue;
             }
@@ -501,28 +502,33 @@ impl<B: AdminBackend> Inner<B> {
         Err(Problem::conflict("no free key id after 30 tries; give one"))
     }
 
-    /// Notes that this API revokes the key with this id (before the write: see
-    /// `routes::delete_key`).
-    pub(crate) fn note_revoked(&self, id: &str) {
+    /// Notes that this API revokes the key with this id: `written` once the delete
+    /// is, and before the write too, so that no rotation picks the id meanwhile (see
+    /// `routes::delete_key`). A note is never taken back: an id noted for a delete
+    /// that then failed is only never picked.
+    pub(crate) fn note_revoked(&self, id: &str, written: bool) {
         let mut revoked = self
             .revoked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if revoked.iter().any(|r| r == id) {
+        if let Some((_, done)) = revoked.iter_mut().find(|(r, _)| r == id) {
+            *done |= written;
             return;
         }
         if revoked.len() >= 4096 {
             revoked.pop_front();
         }
-        revoked.push_back(id.to_owned());
+        revoked.push_back((id.to_owned(), written));
     }
 
-    fn was_revoked(&self, id: &str) -> bool {
+    /// Whether this API revoked the key with this id lately (`written`), or set out
+    /// to.
+    fn was_revoked(&self, id: &str, written: bool) -> bool {
         self.revoked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
-            .any(|r| r == id)
+            .any(|(r, done)| r == id && (*done || !written))
     }
 
     /// Whether `store` serves exactly `key`, from the backend's source.

@@ -426,7 +426,7 @@ pub(crate) async fn delete_key<B: AdminBackend>(
         // delete is under way must not pick this one. Never taken back: an id noted
         // for a delete that then fails is only never picked (taken back, a second
         // delete of the id that failed could drop the note of one that succeeded).
-        api.note_revoked(key.id());
+        api.note_revoked(key.id(), false);
         match api.backend.delete(key.id(), if_match.as_deref()).await {
             // `If-Match: *`: any version of the key is removed.
             Err(BackendError::PreconditionFailed) if !pins_version(&headers) => {
@@ -438,6 +438,7 @@ pub(crate) async fn delete_key<B: AdminBackend>(
             Ok(()) => break (key, reloads),
         }
     };
+    api.note_revoked(key.id(), true);
     let enforced = api
         .applied_or_overtaken(reloads, key.id(), |store| !api.serves_id(store, key.id()))
         .await;
@@ -477,11 +478,12 @@ async fn delete_corrupt<B: AdminBackend>(
         }
     }
     let reloads = api.store.subscribe();
-    api.note_revoked(id);
+    api.note_revoked(id, false);
     api.backend
         .delete(id, None)
         .await
         .map_err(|e| Problem::of(e, id))?;
+    api.note_revoked(id, true);
     let enforced = api
         .applied_or_overtaken(reloads, id, |store| !api.serves_id(store, id))
         .await;
