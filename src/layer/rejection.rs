@@ -403,9 +403,11 @@ impl fmt::Display for Rejection {
             Self::InsufficientScope { key, scope } => {
                 write!(f, " (key `{}`, scope `{scope}`)", key.id())
             }
-            Self::RateLimited { key, limit, .. } => {
+            // A limit's name is quoted only if it cannot be a secret pasted as one.
+            Self::RateLimited { key, limit, .. } if crate::error::may_quote_name(limit) => {
                 write!(f, " (key `{}`, limit `{limit}`)", key.id())
             }
+            Self::RateLimited { key, .. } => write!(f, " (key `{}`, a rate limit)", key.id()),
             _ => match self.key() {
                 Some(key) => write!(f, " (key `{}`)", key.id()),
                 None => Ok(()),
@@ -517,6 +519,24 @@ impl FromRejectionBody<String> for String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reviewer's finding: the line logged for every 429 (`reason = %rejection`)
+    /// quoted the limit's name as configured, a secret pasted as one included.
+    #[test]
+    fn a_rate_limited_refusal_names_its_limit_only_when_it_looks_like_a_name() {
+        let refusal = |limit: &str| Rejection::RateLimited {
+            key: crate::KeyInfo::for_tests("k"),
+            limit: Arc::from(limit),
+            retry_after: Duration::from_secs(1),
+        };
+        assert!(refusal("burst").to_string().contains("limit `burst`"));
+        let shown = refusal("tak_Live_0123456789").to_string();
+        assert!(!shown.contains("tak_Live"), "{shown}");
+        assert!(
+            shown.contains("key `k`") && shown.contains("a rate limit"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn challenge_quotes_realm_and_scope() {
