@@ -2142,4 +2142,42 @@ fn secrets_that_move_between_ids_move_in_one_redis_version() {
     let ids = redis.ids("moves");
     assert!(ids.contains(&"k9999".to_owned()) && !ids.contains(&"k0700".to_owned()));
     run(&with(&["diff", p(&file(false, true))])).code(0);
+
+    // 2,600 renames at once, each on its own (5,200 changes, more than one version
+    // holds): each pair in one version, all written.
+    let renames = |n: usize, linked: bool| {
+        let mut text = String::new();
+        for i in 0..1500 {
+            // Each of the first n renamed; or, linked, keeping its id and taking
+            // the next one's secret, in a ring: one group of n changes.
+            let (id, secret) = match (i < n, linked) {
+                (true, false) => (format!("r{i:04}"), format!("s-{i:04}")),
+                (true, true) => (format!("k{i:04}"), format!("s-{:04}", (i + 1) % n)),
+                (false, _) => (format!("k{i:04}"), format!("s-{i:04}")),
+            };
+            text += &format!(
+                "[[keys]]\nid = \"{id}\"\nsha256 = \"{}\"\n\n",
+                sha256_hex(&secret)
+            );
+        }
+        text
+    };
+    run(&with(&["restore", "--force", p(&base)])).code(0);
+    let many = dir.path().join("renames.toml");
+    fs::write(&many, renames(1200, false)).unwrap();
+    // 1,200 renames of 2,400 changes: more than one version's share of 1,000.
+    run(&with(&["apply", "--prune", p(&many)])).code(0);
+    let last = redis.last_versions("moves");
+    for i in [0, 599, 1199] {
+        same(&last, &format!("k{i:04}"), &format!("r{i:04}"));
+    }
+    run(&with(&["diff", p(&many)])).code(0);
+    // A ring of 1,200 keys each taking the next one's secret: one version.
+    run(&with(&["restore", "--force", p(&base)])).code(0);
+    fs::write(&many, renames(1200, true)).unwrap();
+    run(&with(&["apply", p(&many)])).code(0);
+    let last = redis.last_versions("moves");
+    same(&last, "k0000", "k1199");
+    same(&last, "k0000", "k0600");
+    run(&with(&["diff", p(&many)])).code(0);
 }

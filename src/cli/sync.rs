@@ -302,9 +302,9 @@ pub(crate) fn apply(
                 // Secrets that move between ids (swaps, renames), in one version first:
                 // split across two, one secret would be under two ids in between.
                 let (moving, rest) = Moving::of(keys, removed, current.iter())?;
-                if !moving.is_empty() {
+                for batch in moving {
                     fleet
-                        .change(&moving.keys, &moving.removed, Some(&read), true)
+                        .change(&batch.keys, &batch.removed, Some(&read), true)
                         .await?;
                 }
                 (rest.keys, rest.removed)
@@ -355,46 +355,55 @@ struct Moving {
 }
 
 impl Moving {
-    /// The changes of a write that move secrets between ids, and the rest (see
-    /// [`moving`](crate::key::moving)); more than one version holds is refused.
+    /// The changes of a write that move secrets between ids, in batches of linked
+    /// groups (see [`moving`](crate::key::moving)), each batch written as one
+    /// version; and the rest. A linked group more than one version holds is refused.
     fn of<'a>(
         keys: Vec<ApiKey>,
         removed: &[String],
         stored: impl IntoIterator<Item = &'a ApiKey>,
-    ) -> Result<(Self, Self), Failure> {
-        let (taken, given) = crate::key::moving(&keys, removed, stored);
-        let count = taken.len() + given.len();
-        if count as u64 > crate::redis::MAX_VERSION_ENTRIES {
+    ) -> Result<(Vec<Self>, Self), Failure> {
+        let groups = crate::key::moving(&keys, removed, stored);
+        if let Some(big) = groups
+            .iter()
+            .find(|g| g.len() as u64 > crate::redis::MAX_VERSION_ENTRIES)
+        {
             return Err(Failure::new(
                 Exit::Invalid,
                 format!(
-                    "{count} changes move secrets between ids (swaps, renames), more than \
-                     one version of the namespace holds ({}): nothing was written; apply \
-                     them in smaller steps",
+                    "{} changes move secrets between ids, linked (swaps, chains), more \
+                     than one version of the namespace holds ({}): nothing was written; \
+                     apply them in smaller steps",
+                    big.len(),
                     crate::redis::MAX_VERSION_ENTRIES
                 ),
             ));
         }
-        let (mut moving, mut rest) = (Self::default(), Self::default());
-        let mut taken = taken.into_iter().peekable();
-        for (i, key) in keys.into_iter().enumerate() {
-            match taken.next_if_eq(&i) {
-                Some(_) => moving.keys.push(key),
+        let batches = crate::key::Moves::packed(groups, 1000);
+        let (mut in_batch, mut removed_in) = (vec![None; keys.len()], vec![None; removed.len()]);
+        for (b, batch) in batches.iter().enumerate() {
+            for &i in &batch.keys {
+                in_batch[i] = Some(b);
+            }
+            for &j in &batch.removed {
+                removed_in[j] = Some(b);
+            }
+        }
+        let mut moving: Vec<Self> = batches.iter().map(|_| Self::default()).collect();
+        let mut rest = Self::default();
+        for (key, b) in keys.into_iter().zip(in_batch) {
+            match b {
+                Some(b) => moving[b].keys.push(key),
                 None => rest.keys.push(key),
             }
         }
-        let mut given = given.into_iter().peekable();
-        for (i, id) in removed.iter().enumerate() {
-            match given.next_if_eq(&i) {
-                Some(_) => moving.removed.push(id.clone()),
+        for (id, b) in removed.iter().zip(removed_in) {
+            match b {
+                Some(b) => moving[b].removed.push(id.clone()),
                 None => rest.removed.push(id.clone()),
             }
         }
         Ok((moving, rest))
-    }
-
-    fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.removed.is_empty()
     }
 }
 
@@ -579,8 +588,8 @@ pub(crate) fn import(file: &Path, args: &TargetArgs, max: u64, out: Out) -> Done
                 let keys = if fleet.splits_versions() {
                     // Secrets that move between ids, in one version first.
                     let (moving, rest) = Moving::of(keys, &[], current.iter())?;
-                    if !moving.is_empty() {
-                        let set = KeySet::from_keys(moving.keys)
+                    for batch in moving {
+                        let set = KeySet::from_keys(batch.keys)
                             .map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
                         fleet.import_existing(&set, true).await?;
                     }

@@ -8,7 +8,7 @@ pub(crate) mod record;
 mod set;
 
 #[cfg(feature = "redis")]
-pub(crate) use self::set::moving;
+pub(crate) use self::set::{Moves, moving};
 pub use self::{
     generate::{GeneratedKey, generate, has_valid_checksum},
     info::KeyInfo,

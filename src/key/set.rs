@@ -395,62 +395,109 @@ impl<'a> IntoIterator for &'a KeySet {
     }
 }
 
-/// The changes of a write that move a secret from one id to another, as indexes into
-/// `keys` and `removed`: each key written with the secret a stored key of another id
-/// holds, and the change (written or removed) of that other id. Written in separate
-/// steps, they leave one secret under two ids in between, which replicas refuse
-/// both keys for: a fleet writes them in one version. (`stored` are the keys held
-/// before the write; a stored key keeping the secret taken is a clash the caller
-/// refuses before this.)
+/// Changes of a write, as indexes into its keys written and its ids removed.
+#[cfg(feature = "redis")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Moves {
+    pub(crate) keys: Vec<usize>,
+    pub(crate) removed: Vec<usize>,
+}
+
+#[cfg(feature = "redis")]
+impl Moves {
+    /// How many changes.
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len() + self.removed.len()
+    }
+
+    /// `groups` in as few batches of at most `per_batch` changes as taking them in
+    /// order allows, none split (a group larger than that is a batch of its own).
+    pub(crate) fn packed(groups: Vec<Self>, per_batch: usize) -> Vec<Self> {
+        let mut batches: Vec<Self> = Vec::new();
+        for group in groups {
+            match batches.last_mut() {
+                Some(last) if last.len() + group.len() <= per_batch => {
+                    last.keys.extend(group.keys);
+                    last.removed.extend(group.removed);
+                }
+                _ => batches.push(group),
+            }
+        }
+        batches
+    }
+}
+
+/// The changes of a write that move a secret from one id to another, in linked
+/// groups: each key written with the secret a stored key of another id holds, with
+/// the change (written or removed) of that other id, and so on along swaps and
+/// chains. Written in separate steps, a group leaves one secret under two ids in
+/// between, which replicas refuse both keys for: a fleet writes each group in one
+/// version. (`stored` are the keys held before the write; a stored key keeping a
+/// secret taken is a clash the caller refuses before this.)
 #[cfg(feature = "redis")]
 pub(crate) fn moving<'a>(
     keys: &[ApiKey],
     removed: &[String],
     stored: impl IntoIterator<Item = &'a ApiKey>,
-) -> (Vec<usize>, Vec<usize>) {
+) -> Vec<Moves> {
     use std::collections::HashMap;
+    fn root(parent: &mut [usize], mut x: usize) -> usize {
+        while parent[x] != x {
+            parent[x] = parent[parent[x]];
+            x = parent[x];
+        }
+        x
+    }
     let by_digest: HashMap<[u8; 32], usize> = keys
         .iter()
         .enumerate()
         .map(|(i, k)| (k.digest.0, i))
         .collect();
-    let (mut taken, mut given) = (vec![false; keys.len()], vec![false; removed.len()]);
-    let mut key_at: Option<HashMap<&str, usize>> = None;
-    let mut removed_at: Option<HashMap<&str, usize>> = None;
+    // Changes are nodes: keys written first, then ids removed.
+    let mut parent: Vec<usize> = Vec::new();
+    let mut marked: Vec<bool> = Vec::new();
+    let mut at: Option<HashMap<&str, usize>> = None;
     for old in stored {
-        let Some(&i) = by_digest.get(&old.digest.0) else {
+        let Some(&taker) = by_digest.get(&old.digest.0) else {
             continue;
         };
-        if keys[i].id == old.id {
+        if keys[taker].id == old.id {
             continue;
         }
-        taken[i] = true;
-        let key_at = key_at
-            .get_or_insert_with(|| keys.iter().enumerate().map(|(j, k)| (&*k.id, j)).collect());
-        if let Some(&j) = key_at.get(&*old.id) {
-            taken[j] = true;
-            continue;
-        }
-        let removed_at = removed_at.get_or_insert_with(|| {
-            removed
+        let at = at.get_or_insert_with(|| {
+            parent = (0..keys.len() + removed.len()).collect();
+            marked = vec![false; parent.len()];
+            let removed = removed
                 .iter()
                 .enumerate()
-                .map(|(j, id)| (id.as_str(), j))
+                .map(|(j, id)| (id.as_str(), keys.len() + j));
+            keys.iter()
+                .enumerate()
+                .map(|(j, k)| (&*k.id, j))
+                .chain(removed)
                 .collect()
         });
-        if let Some(&j) = removed_at.get(&*old.id) {
-            given[j] = true;
+        marked[taker] = true;
+        if let Some(&giver) = at.get(&*old.id) {
+            marked[giver] = true;
+            let (a, b) = (root(&mut parent, taker), root(&mut parent, giver));
+            parent[a.max(b)] = a.min(b);
         }
     }
-    let at = |marks: Vec<bool>| {
-        marks
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| **m)
-            .map(|(i, _)| i)
-            .collect()
-    };
-    (at(taken), at(given))
+    let mut groups: Vec<Moves> = Vec::new();
+    let mut group_of: HashMap<usize, usize> = HashMap::new();
+    for (node, _) in marked.iter().enumerate().filter(|(_, m)| **m) {
+        let r = root(&mut parent, node);
+        let g = *group_of.entry(r).or_insert_with(|| {
+            groups.push(Moves::default());
+            groups.len() - 1
+        });
+        match node.checked_sub(keys.len()) {
+            None => groups[g].keys.push(node),
+            Some(j) => groups[g].removed.push(j),
+        }
+    }
+    groups
 }
 
 #[cfg(test)]
@@ -458,12 +505,16 @@ mod tests {
     use super::*;
 
     /// A swap, a secret handed to a new id as its old id goes, and a move along a
-    /// chain are found whole; a key that keeps its own secret, or takes a new one, is
-    /// not moving.
+    /// chain are found, each as a group of its own; a key that keeps its own
+    /// secret, or takes a new one, is not moving. Groups are packed whole.
     #[test]
     #[cfg(feature = "redis")]
-    fn the_changes_that_move_a_secret_between_ids_are_found_together() {
+    fn the_changes_that_move_a_secret_between_ids_are_found_in_linked_groups() {
         let key = |id: &str, secret: &str| ApiKey::new(id, secret);
+        let moves = |keys: &[usize], removed: &[usize]| Moves {
+            keys: keys.to_vec(),
+            removed: removed.to_vec(),
+        };
         let stored = [
             key("a", "s1"),
             key("b", "s2"),
@@ -479,12 +530,17 @@ mod tests {
             key("f", "s5"),
         ];
         let removed = ["x".to_owned(), "c".to_owned()];
-        let (taken, given) = moving(&keys, &removed, &stored);
-        assert_eq!((taken, given), (vec![0, 1, 2], vec![1]));
-        // A chain: a takes b's, b takes c's, c takes a new one.
+        let groups = moving(&keys, &removed, &stored);
+        assert_eq!(groups, [moves(&[0, 1], &[]), moves(&[2], &[1])]);
+        assert_eq!(Moves::packed(groups.clone(), 4), [moves(&[0, 1, 2], &[1])]);
+        assert_eq!(
+            Moves::packed(groups, 3),
+            [moves(&[0, 1], &[]), moves(&[2], &[1])]
+        );
+        // A chain: a takes b's, b takes c's, c takes a new one: one group.
         let keys = [key("a", "s2"), key("b", "s3"), key("c", "s9")];
-        assert_eq!(moving(&keys, &[], &stored), (vec![0, 1, 2], vec![]));
-        assert_eq!(moving(&[key("z", "s9")], &[], &stored), (vec![], vec![]));
+        assert_eq!(moving(&keys, &[], &stored), [moves(&[0, 1, 2], &[])]);
+        assert_eq!(moving(&[key("z", "s9")], &[], &stored), []);
     }
 
     /// What `import` checks before it writes over stored keys: a key written that

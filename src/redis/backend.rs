@@ -233,27 +233,40 @@ impl RedisBackend {
         create: bool,
         together: bool,
     ) -> Result<usize, Error> {
-        let mut keys: Vec<&ApiKey> = set.iter().collect();
-        // How many of `keys`, first, go in one version.
-        let mut first = if together { keys.len() } else { 0 };
+        let keys: Vec<&ApiKey> = set.iter().collect();
+        // The versions written: what the caller gives in one, or the linked groups
+        // of secrets that move between ids first, each whole, then the rest.
+        let mut versions: Vec<Vec<&ApiKey>> = Vec::new();
+        let mut rest = keys.as_slice();
+        if together {
+            versions.push(keys.clone());
+            rest = &[];
+        }
+        let ordered: Vec<&ApiKey>;
         match self.head().await.map_err(|e| self.error(e))? {
             // What the command line imports it has checked and ordered, once, for the
             // whole file.
             0 if create => {
                 let stored = self.stored_keys().await?;
                 set.clashes_with(&stored)?;
-                // Secrets that move between ids go in one version, first.
                 let owned: Vec<ApiKey> = keys.iter().map(|k| (*k).clone()).collect();
-                let (moving, _) = crate::key::moving(&owned, &[], &stored);
-                first = moving.len();
+                let groups = crate::key::moving(&owned, &[], &stored);
                 let mut is_moving = vec![false; keys.len()];
-                for i in moving {
-                    is_moving[i] = true;
+                for batch in crate::key::Moves::packed(groups, CHUNK) {
+                    if batch.len() as u64 > MAX_VERSION_ENTRIES {
+                        return Err(Error::custom(self.name(), too_many_moving(batch.len())));
+                    }
+                    for &i in &batch.keys {
+                        is_moving[i] = true;
+                    }
+                    versions.push(batch.keys.iter().map(|&i| keys[i]).collect());
                 }
-                let (mut front, back): (Vec<_>, Vec<_>) =
-                    keys.into_iter().zip(is_moving).partition(|(_, m)| *m);
-                front.extend(back);
-                keys = front.into_iter().map(|(k, _)| k).collect();
+                ordered = keys
+                    .iter()
+                    .zip(is_moving)
+                    .filter_map(|(k, moving)| (!moving).then_some(*k))
+                    .collect();
+                rest = &ordered;
             }
             0 => {}
             1 if create => return self.restore(set).await,
@@ -261,14 +274,13 @@ impl RedisBackend {
             // Keys of the wrong type: not created by an import over them.
             _ => return Err(self.error(refusal(refused::DAMAGED))),
         }
-        if first as u64 > MAX_VERSION_ENTRIES {
-            return Err(Error::custom(self.name(), too_many_moving(first)));
-        }
-        let (front, back) = keys.split_at(first);
-        for chunk in std::iter::once(front)
-            .filter(|f| !f.is_empty())
-            .chain(back.chunks(CHUNK))
+        if versions
+            .iter()
+            .any(|v| v.len() as u64 > MAX_VERSION_ENTRIES)
         {
+            return Err(Error::custom(self.name(), too_many_moving(keys.len())));
+        }
+        for chunk in versions.iter().map(Vec::as_slice).chain(rest.chunks(CHUNK)) {
             let records: Vec<String> = chunk.iter().map(|k| record::encode(k)).collect();
             let puts: Vec<Put<'_>> = chunk
                 .iter()
@@ -934,11 +946,12 @@ impl AdminBackend for RedisBackend {
     }
 }
 
-/// Why a write that moves more secrets between ids than one version holds is refused.
+/// Why a write whose changes moving secrets between ids, linked (a swap, a chain),
+/// are more than one version holds is refused.
 fn too_many_moving(n: usize) -> String {
     format!(
-        "{n} keys take secrets other ids hold now (swaps, renames): more than one version \
-         holds ({MAX_VERSION_ENTRIES}); write them in smaller steps"
+        "{n} changes move secrets between ids, linked (swaps, chains): more than one \
+         version holds ({MAX_VERSION_ENTRIES}); write them in smaller steps"
     )
 }
 
