@@ -1509,6 +1509,8 @@ struct Interposed {
     late_delete: std::sync::Arc<std::sync::Mutex<Option<Duration>>>,
     /// Every delete refused, nothing written (the store of record down).
     refuse_delete: bool,
+    /// Every delete written, its answer lost (504).
+    unsure_delete: bool,
 }
 
 use tower_api_key::admin::AdminBackend as _;
@@ -1579,6 +1581,12 @@ impl tower_api_key::admin::AdminBackend for Interposed {
             tokio::time::sleep(late).await;
         }
         self.inner().delete(id, if_match).await?;
+        if self.unsure_delete {
+            let lost = std::io::Error::other("the answer was lost");
+            return Err(tower_api_key::admin::BackendError::OutcomeUnknown(
+                Box::new(lost),
+            ));
+        }
         self.after(id).await;
         tokio::time::sleep(self.slow_delete).await;
         Ok(())
@@ -1903,4 +1911,30 @@ async fn a_delete_refused_is_no_revocation() {
         .post("/v1/api-keys", "root-secret", json!({"id": "reader"}))
         .await;
     assert_eq!(created.status, 201, "{:?}", created.body);
+}
+
+/// A reviewer's finding on the fix above: a delete written whose answer was lost
+/// (504) was not taken for a revocation; retried, it found nothing (404), and a
+/// `POST` naming the id then made a new key under it (201). A delete whose outcome
+/// is unknown counts as one.
+#[tokio::test]
+async fn a_delete_whose_answer_was_lost_is_a_revocation() {
+    let s = interposed_with(Interposed {
+        unsure_delete: true,
+        ..Interposed::default()
+    })
+    .await;
+    let lost = s.delete("reader", "root-secret", None).await;
+    assert_eq!(lost.status, 504, "{:?}", lost.body);
+    let start = std::time::Instant::now();
+    while s.works("reader-secret").await != 401 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never reloaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let retried = s.delete("reader", "root-secret", None).await;
+    assert_eq!(retried.status, 404, "{:?}", retried.body);
+    let created = s
+        .post("/v1/api-keys", "root-secret", json!({"id": "reader"}))
+        .await;
+    assert_eq!(created.status, 409, "{:?}", created.body);
 }

@@ -511,12 +511,22 @@ impl<B: AdminBackend> Inner<B> {
             .revoked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, done)) = revoked.iter_mut().find(|(r, _)| r == id) {
-            *done |= written;
-            return;
-        }
-        if revoked.len() >= 4096 {
-            revoked.pop_front();
+        if let Some(at) = revoked.iter().position(|(r, _)| r == id) {
+            if !written || revoked[at].1 {
+                return;
+            }
+            // Written now: the newest note, kept the longest.
+            revoked.remove(at);
+        } else if revoked.len() >= 4096 {
+            // A delete under way or refused goes first, then the oldest.
+            match revoked.iter().position(|(_, done)| !done) {
+                Some(at) => {
+                    revoked.remove(at);
+                }
+                None => {
+                    revoked.pop_front();
+                }
+            }
         }
         revoked.push_back((id.to_owned(), written));
     }

@@ -434,7 +434,13 @@ pub(crate) async fn delete_key<B: AdminBackend>(
                     return Err(kept_changing());
                 }
             }
-            Err(e) => return Err(Problem::of(e, &id)),
+            Err(e) => {
+                // Perhaps written: taken for revoked, or the id could name a new key.
+                if matches!(e, BackendError::OutcomeUnknown(_)) {
+                    api.note_revoked(key.id(), true);
+                }
+                return Err(Problem::of(e, &id));
+            }
             Ok(()) => break (key, reloads),
         }
     };
@@ -479,10 +485,13 @@ async fn delete_corrupt<B: AdminBackend>(
     }
     let reloads = api.store.subscribe();
     api.note_revoked(id, false);
-    api.backend
-        .delete(id, None)
-        .await
-        .map_err(|e| Problem::of(e, id))?;
+    if let Err(e) = api.backend.delete(id, None).await {
+        // Perhaps written: taken for revoked, or the id could name a new key.
+        if matches!(e, BackendError::OutcomeUnknown(_)) {
+            api.note_revoked(id, true);
+        }
+        return Err(Problem::of(e, id));
+    }
     api.note_revoked(id, true);
     let enforced = api
         .applied_or_overtaken(reloads, id, |store| !api.serves_id(store, id))

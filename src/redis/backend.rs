@@ -274,11 +274,11 @@ impl RedisBackend {
             // Keys of the wrong type: not created by an import over them.
             _ => return Err(self.error(refusal(refused::DAMAGED))),
         }
-        if versions
+        if let Some(big) = versions
             .iter()
-            .any(|v| v.len() as u64 > MAX_VERSION_ENTRIES)
+            .find(|v| v.len() as u64 > MAX_VERSION_ENTRIES)
         {
-            return Err(Error::custom(self.name(), too_many_moving(keys.len())));
+            return Err(Error::custom(self.name(), too_many_moving(big.len())));
         }
         for chunk in versions.iter().map(Vec::as_slice).chain(rest.chunks(CHUNK)) {
             let records: Vec<String> = chunk.iter().map(|k| record::encode(k)).collect();
