@@ -356,54 +356,33 @@ struct Moving {
 
 impl Moving {
     /// The changes of a write that move secrets between ids, in batches of linked
-    /// groups (see [`moving`](crate::key::moving)), each batch written as one
+    /// groups (see [`moving_batches`](crate::key::moving_batches)), each batch written as one
     /// version; and the rest. A linked group more than one version holds is refused.
     fn of<'a>(
         keys: Vec<ApiKey>,
         removed: &[String],
         stored: impl IntoIterator<Item = &'a ApiKey>,
     ) -> Result<(Vec<Self>, Self), Failure> {
-        let groups = crate::key::moving(&keys, removed, stored);
-        if let Some(big) = groups
-            .iter()
-            .find(|g| g.len() as u64 > crate::redis::MAX_VERSION_ENTRIES)
-        {
-            return Err(Failure::new(
-                Exit::Invalid,
-                format!(
-                    "{} changes move secrets between ids, linked (swaps, chains), more \
-                     than one version of the namespace holds ({}): nothing was written; \
-                     apply them in smaller steps",
-                    big.len(),
-                    crate::redis::MAX_VERSION_ENTRIES
-                ),
-            ));
-        }
-        let batches = crate::key::Moves::packed(groups, 1000);
-        let (mut in_batch, mut removed_in) = (vec![None; keys.len()], vec![None; removed.len()]);
-        for (b, batch) in batches.iter().enumerate() {
-            for &i in &batch.keys {
-                in_batch[i] = Some(b);
-            }
-            for &j in &batch.removed {
-                removed_in[j] = Some(b);
-            }
-        }
-        let mut moving: Vec<Self> = batches.iter().map(|_| Self::default()).collect();
-        let mut rest = Self::default();
-        for (key, b) in keys.into_iter().zip(in_batch) {
-            match b {
-                Some(b) => moving[b].keys.push(key),
-                None => rest.keys.push(key),
-            }
-        }
-        for (id, b) in removed.iter().zip(removed_in) {
-            match b {
-                Some(b) => moving[b].removed.push(id.clone()),
-                None => rest.removed.push(id.clone()),
-            }
-        }
-        Ok((moving, rest))
+        let max = crate::redis::MAX_VERSION_ENTRIES;
+        let (batches, rest) =
+            crate::key::moving_batches(&keys, removed, stored, crate::redis::CHUNK, max as usize)
+                .map_err(|n| {
+                Failure::new(
+                    Exit::Invalid,
+                    format!(
+                        "{n} changes move secrets between ids, linked (swaps, chains), \
+                             more than one version of the namespace holds ({max}): nothing \
+                             was written; apply them in smaller steps"
+                    ),
+                )
+            })?;
+        let mut keys: Vec<Option<ApiKey>> = keys.into_iter().map(Some).collect();
+        let mut pick = |m: &crate::key::Moves| Self {
+            keys: m.keys.iter().filter_map(|&i| keys[i].take()).collect(),
+            removed: m.removed.iter().map(|&j| removed[j].clone()).collect(),
+        };
+        let moving = batches.iter().map(&mut pick).collect();
+        Ok((moving, pick(&rest)))
     }
 }
 

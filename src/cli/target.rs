@@ -150,7 +150,7 @@ impl Fleet {
     /// version that found it on.
     ///
     /// `together`: in one version on Redis too (the changes that move secrets
-    /// between ids, written first: see [`key::set::moving`](crate::key::moving)).
+    /// between ids, written first: see [`moving_batches`](crate::key::moving_batches)).
     pub(crate) async fn change(
         &self,
         keys: &[ApiKey],

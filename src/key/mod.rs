@@ -7,8 +7,10 @@ mod info;
 pub(crate) mod record;
 mod set;
 
+#[cfg(feature = "cli")]
+pub(crate) use self::set::Moves;
 #[cfg(feature = "redis")]
-pub(crate) use self::set::{Moves, moving};
+pub(crate) use self::set::moving_batches;
 pub use self::{
     generate::{GeneratedKey, generate, has_valid_checksum},
     info::KeyInfo,

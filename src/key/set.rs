@@ -412,7 +412,7 @@ impl Moves {
 
     /// `groups` in as few batches of at most `per_batch` changes as taking them in
     /// order allows, none split (a group larger than that is a batch of its own).
-    pub(crate) fn packed(groups: Vec<Self>, per_batch: usize) -> Vec<Self> {
+    fn packed(groups: Vec<Self>, per_batch: usize) -> Vec<Self> {
         let mut batches: Vec<Self> = Vec::new();
         for group in groups {
             match batches.last_mut() {
@@ -500,6 +500,37 @@ pub(crate) fn moving<'a>(
     groups
 }
 
+/// How a fleet that applies a write in versions of `per_batch` changes writes it:
+/// the [`moving`] groups packed into batches of at most `per_batch` changes (a
+/// group larger than that is a batch of its own), each one version, first; then the
+/// rest, the changes that move no secret, in any order. `Err(n)`: one group of `n`
+/// changes is more than `max`, what one version may hold.
+#[cfg(feature = "redis")]
+pub(crate) fn moving_batches<'a>(
+    keys: &[ApiKey],
+    removed: &[String],
+    stored: impl IntoIterator<Item = &'a ApiKey>,
+    per_batch: usize,
+    max: usize,
+) -> Result<(Vec<Moves>, Moves), usize> {
+    let groups = moving(keys, removed, stored);
+    if let Some(big) = groups.iter().find(|g| g.len() > max) {
+        return Err(big.len());
+    }
+    let batches = Moves::packed(groups, per_batch);
+    let (mut key_moves, mut id_moves) = (vec![false; keys.len()], vec![false; removed.len()]);
+    for batch in &batches {
+        batch.keys.iter().for_each(|&i| key_moves[i] = true);
+        batch.removed.iter().for_each(|&j| id_moves[j] = true);
+    }
+    let rest = |moves: Vec<bool>| (0..moves.len()).filter(|&i| !moves[i]).collect();
+    let rest = Moves {
+        keys: rest(key_moves),
+        removed: rest(id_moves),
+    };
+    Ok((batches, rest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -532,11 +563,19 @@ mod tests {
         let removed = ["x".to_owned(), "c".to_owned()];
         let groups = moving(&keys, &removed, &stored);
         assert_eq!(groups, [moves(&[0, 1], &[]), moves(&[2], &[1])]);
-        assert_eq!(Moves::packed(groups.clone(), 4), [moves(&[0, 1, 2], &[1])]);
+        let rest = moves(&[3, 4], &[0]);
+        let batches = |per, max| moving_batches(&keys, &removed, &stored, per, max);
         assert_eq!(
-            Moves::packed(groups, 3),
-            [moves(&[0, 1], &[]), moves(&[2], &[1])]
+            batches(4, 10),
+            Ok((vec![moves(&[0, 1, 2], &[1])], rest.clone()))
         );
+        assert_eq!(
+            batches(3, 10),
+            Ok((vec![moves(&[0, 1], &[]), moves(&[2], &[1])], rest))
+        );
+        // A group larger than a batch is one of its own; larger than `max`, refused.
+        assert_eq!(batches(1, 10).map(|(b, _)| b.len()), Ok(2));
+        assert_eq!(batches(1, 1), Err(2));
         // A chain: a takes b's, b takes c's, c takes a new one: one group.
         let keys = [key("a", "s2"), key("b", "s3"), key("c", "s9")];
         assert_eq!(moving(&keys, &[], &stored), [moves(&[0, 1, 2], &[])]);

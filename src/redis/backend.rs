@@ -250,22 +250,13 @@ impl RedisBackend {
                 let stored = self.stored_keys().await?;
                 set.clashes_with(&stored)?;
                 let owned: Vec<ApiKey> = keys.iter().map(|k| (*k).clone()).collect();
-                let groups = crate::key::moving(&owned, &[], &stored);
-                let mut is_moving = vec![false; keys.len()];
-                for batch in crate::key::Moves::packed(groups, CHUNK) {
-                    if batch.len() as u64 > MAX_VERSION_ENTRIES {
-                        return Err(Error::custom(self.name(), too_many_moving(batch.len())));
-                    }
-                    for &i in &batch.keys {
-                        is_moving[i] = true;
-                    }
-                    versions.push(batch.keys.iter().map(|&i| keys[i]).collect());
-                }
-                ordered = keys
-                    .iter()
-                    .zip(is_moving)
-                    .filter_map(|(k, moving)| (!moving).then_some(*k))
-                    .collect();
+                let max = MAX_VERSION_ENTRIES as usize;
+                let (batches, others) =
+                    crate::key::moving_batches(&owned, &[], &stored, CHUNK, max)
+                        .map_err(|n| Error::custom(self.name(), too_many_moving(n)))?;
+                let pick = |at: &[usize]| at.iter().map(|&i| keys[i]).collect();
+                versions.extend(batches.iter().map(|b| pick(&b.keys)));
+                ordered = pick(&others.keys);
                 rest = &ordered;
             }
             0 => {}

@@ -80,9 +80,9 @@ use redis::Value;
 
 pub use self::{backend::RedisBackend, source::RedisSource};
 
-/// The most changes one version of a namespace holds.
+/// How many changes one version of a large write holds, and the most any holds.
 #[cfg(feature = "cli")]
-pub(crate) use self::model::MAX_VERSION_ENTRIES;
+pub(crate) use self::model::{CHUNK, MAX_VERSION_ENTRIES};
 use crate::Error;
 
 /// What a namespace with a key of the wrong type (or a version counter that is not

@@ -355,19 +355,14 @@ impl Shared {
     /// holding the file) where it has one.
     fn failed(&self, failure: &Failure) -> BackendError {
         #[cfg(feature = "tracing")]
-        match &failure.cause {
-            Some(cause) => tracing::warn!(
-                target: "tower_api_key::admin",
-                path = %self.path.display(),
-                cause = cause.as_str(),
-                "key file not written: {}", failure.said
-            ),
-            None => tracing::warn!(
-                target: "tower_api_key::admin",
-                path = %self.path.display(),
-                "key file not written: {}", failure.said
-            ),
-        }
+        // A failure without a cause logs no `cause` field (an `Option` field is
+        // recorded only when it holds something).
+        tracing::warn!(
+            target: "tower_api_key::admin",
+            path = %self.path.display(),
+            cause = failure.cause.as_deref(),
+            "key file not written: {}", failure.said
+        );
         failure.error()
     }
 }
