@@ -164,6 +164,15 @@ impl Server {
     async fn works(&self, key: &str) -> u16 {
         common::get_with(self.addr, "/", Some(key)).await.0
     }
+
+    /// Waits until a request with `key` is answered `status` (the store reloaded).
+    async fn until_works(&self, key: &str, status: u16) {
+        let start = std::time::Instant::now();
+        while self.works(key).await != status {
+            assert!(start.elapsed() < Duration::from_secs(10), "never reloaded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 fn etag(reply: &Reply) -> String {
@@ -901,11 +910,7 @@ async fn a_hand_edit_between_two_calls_survives_both() {
     let mut file = fs::read_to_string(&s.path).unwrap();
     file.push_str("\n# added by hand\n[[keys]]\nid = \"hand\"\nsecret = \"hand-made-secret\"\n");
     fs::write(&s.path, &file).unwrap();
-    let start = std::time::Instant::now();
-    while s.works("hand-made-secret").await != 200 {
-        assert!(start.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.until_works("hand-made-secret", 200).await;
     assert_eq!(
         s.post("/v1/api-keys", "root-secret", json!({"id": "api-2"}))
             .await
@@ -1902,11 +1907,7 @@ async fn a_delete_refused_is_no_revocation() {
     let text = fs::read_to_string(&s.path).unwrap();
     let at = text.find("[[keys]]\nid = \"reader\"").unwrap();
     fs::write(&s.path, &text[..at]).unwrap();
-    let start = std::time::Instant::now();
-    while s.works("reader-secret").await != 401 {
-        assert!(start.elapsed() < Duration::from_secs(10), "never reloaded");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.until_works("reader-secret", 401).await;
     let created = s
         .post("/v1/api-keys", "root-secret", json!({"id": "reader"}))
         .await;
@@ -1926,11 +1927,7 @@ async fn a_delete_whose_answer_was_lost_is_a_revocation() {
     .await;
     let lost = s.delete("reader", "root-secret", None).await;
     assert_eq!(lost.status, 504, "{:?}", lost.body);
-    let start = std::time::Instant::now();
-    while s.works("reader-secret").await != 401 {
-        assert!(start.elapsed() < Duration::from_secs(10), "never reloaded");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.until_works("reader-secret", 401).await;
     let retried = s.delete("reader", "root-secret", None).await;
     assert_eq!(retried.status, 404, "{:?}", retried.body);
     let created = s

@@ -210,7 +210,7 @@ impl RedisBackend {
     /// under it: a key another writer stores meanwhile is not seen (the API's keys
     /// have fresh random secrets; two imports at once are for the operator to avoid).
     pub async fn import(&self, set: &KeySet) -> Result<usize, Error> {
-        self.import_into(set, true, false).await
+        self.import_into(set, Import::Checked).await
     }
 
     /// Writes every key of `set` into the namespace, which must exist: one that
@@ -224,21 +224,21 @@ impl RedisBackend {
         set: &KeySet,
         together: bool,
     ) -> Result<usize, Error> {
-        self.import_into(set, false, together).await
+        let how = match together {
+            true => Import::Together,
+            false => Import::Existing,
+        };
+        self.import_into(set, how).await
     }
 
-    async fn import_into(
-        &self,
-        set: &KeySet,
-        create: bool,
-        together: bool,
-    ) -> Result<usize, Error> {
+    async fn import_into(&self, set: &KeySet, how: Import) -> Result<usize, Error> {
+        let create = matches!(how, Import::Checked);
         let keys: Vec<&ApiKey> = set.iter().collect();
         // The versions written: what the caller gives in one, or the linked groups
         // of secrets that move between ids first, each whole, then the rest.
         let mut versions: Vec<Vec<&ApiKey>> = Vec::new();
         let mut rest = keys.as_slice();
-        if together {
+        if let Import::Together = how {
             versions.push(keys.clone());
             rest = &[];
         }
@@ -935,6 +935,19 @@ impl AdminBackend for RedisBackend {
                 .collect(),
         ))
     }
+}
+
+/// How [`RedisBackend::import_into`] writes a set.
+#[derive(Clone, Copy)]
+enum Import {
+    /// [`RedisBackend::import`]: checked against the stored keys, the secrets that
+    /// move between ids written first; a namespace that does not exist is created.
+    Checked,
+    /// Into a namespace that must exist, as the caller checked and ordered it, in
+    /// versions of [`CHUNK`].
+    Existing,
+    /// The same, all in one version.
+    Together,
 }
 
 /// Why a write whose changes moving secrets between ids, linked (a swap, a chain),
