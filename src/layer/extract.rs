@@ -92,6 +92,18 @@ pub(crate) fn presented_key<'a>(
     headers: &'a HeaderMap,
     locations: &[KeyLocation],
 ) -> Result<Cow<'a, [u8]>, Rejection> {
+    match in_headers(headers, locations) {
+        Some(key) => key.map(Cow::Borrowed),
+        None => anywhere(uri, headers, locations),
+    }
+}
+
+/// [`presented_key`] for any request and any locations.
+fn anywhere<'a>(
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    locations: &[KeyLocation],
+) -> Result<Cow<'a, [u8]>, Rejection> {
     // Borrowed from the request, as every header location gives; a percent-decoded
     // query value is the only one that needs its own bytes.
     let mut found: Option<&'a [u8]> = None;
@@ -152,15 +164,14 @@ pub(crate) fn presented_key<'a>(
     }
 }
 
-/// [`presented_key`] in the usual case, answered sooner: when every location is a
-/// header (`Bearer` or `Header`) and no header name of the request has a second
-/// value, each location is read with `HeaderMap::get`, which skips the walk over a
-/// name's further values, and the key is borrowed whole. `None` in any other case,
-/// which [`presented_key`] answers. Whenever it answers, it gives what
-/// [`presented_key`] would: the same locations in the same order, the same
-/// refusals.
+/// [`presented_key`]'s first step, the usual case: when every location is a header
+/// (`Bearer` or `Header`) and no header name of the request has a second value, each
+/// location is read with `HeaderMap::get`, which skips the walk over a name's
+/// further values, with no query or cookie branch around it. `None` in any other
+/// case, which the rest of [`presented_key`] answers. Whenever it answers, it gives
+/// what the rest would: the same locations in the same order, the same refusals.
 #[inline]
-pub(crate) fn presented_in_headers<'a>(
+fn in_headers<'a>(
     headers: &'a HeaderMap,
     locations: &[KeyLocation],
 ) -> Option<Result<&'a [u8], Rejection>> {
@@ -444,84 +455,93 @@ mod tests {
         );
     }
 
+    /// Requests of a few headers: each combination of an `Authorization`, an
+    /// `X-API-Key` and an `X-Token` value (or none), after 0, 3 or more than
+    /// [`FEW_HEADERS`] other names, each once and again with a name repeated.
+    fn header_combinations() -> Vec<HeaderMap> {
+        let bearers: [&[u8]; 6] = [
+            b"Bearer k1",
+            b"bearer   k1 ",
+            b"Bearer k2",
+            b"Bearer",
+            b"Bearer  ",
+            b"Basic dXNlcjpwYXNz",
+        ];
+        let x_api_keys: [&[u8]; 4] = [b"k1", b" k1\t", b"", b"k2"];
+        let x_tokens: [&[u8]; 2] = [b"k1", b"k3"];
+        let fillers: Vec<String> = (0..FEW_HEADERS + 3)
+            .map(|i| format!("x-filler-{i}"))
+            .collect();
+        let none = std::iter::once(None);
+        let mut maps = Vec::new();
+        for bearer in none.clone().chain(bearers.map(Some)) {
+            for x_api_key in none.clone().chain(x_api_keys.map(Some)) {
+                for x_token in none.clone().chain(x_tokens.map(Some)) {
+                    for (others, repeated) in [0, 3, FEW_HEADERS + 3]
+                        .into_iter()
+                        .flat_map(|n| [(n, false), (n, true)])
+                    {
+                        let mut pairs: Vec<(&str, &[u8])> = fillers[..others]
+                            .iter()
+                            .map(|n| (n.as_str(), &b"v"[..]))
+                            .collect();
+                        pairs.extend(bearer.map(|v| ("authorization", v)));
+                        pairs.extend(x_api_key.map(|v| ("x-api-key", v)));
+                        pairs.extend(x_token.map(|v| ("x-token", v)));
+                        if repeated {
+                            // The last name again (the key's own when there is one).
+                            let again = pairs.last().copied().unwrap_or(("x-other", b"v"));
+                            pairs.extend([again, ("x-other", b"w")]);
+                        }
+                        maps.push(headers(&pairs));
+                    }
+                }
+            }
+        }
+        maps
+    }
+
     #[test]
     fn the_quick_read_of_headers_answers_as_the_general_one() {
         let x_api_key = KeyLocation::x_api_key;
+        let x_token = || KeyLocation::Header(HeaderName::from_static("x-token"));
         let location_sets = [
             default_locations(),
             vec![KeyLocation::Bearer],
             vec![x_api_key()],
             vec![x_api_key(), KeyLocation::Bearer],
-            vec![
-                KeyLocation::Header(HeaderName::from_static("x-token")),
-                x_api_key(),
-            ],
+            vec![x_token(), x_api_key()],
             vec![KeyLocation::Bearer, KeyLocation::query("api_key")],
             vec![KeyLocation::cookie("api_key"), x_api_key()],
         ];
-        let bearers: [Option<&[u8]>; 7] = [
-            None,
-            Some(b"Bearer k1"),
-            Some(b"bearer   k1 "),
-            Some(b"Bearer k2"),
-            Some(b"Bearer"),
-            Some(b"Bearer  "),
-            Some(b"Basic dXNlcjpwYXNz"),
-        ];
-        let headers_values: [Option<&[u8]>; 5] =
-            [None, Some(b"k1"), Some(b" k1\t"), Some(b""), Some(b"k2")];
-        let fillers: Vec<String> = (0..FEW_HEADERS + 3)
-            .map(|i| format!("x-filler-{i}"))
-            .collect();
+        let shown =
+            |key: Result<&[u8], Rejection>| key.map(<[u8]>::to_vec).map_err(|r| format!("{r:?}"));
+        let maps = header_combinations();
         let mut answered = 0;
         for locations in &location_sets {
-            for bearer in bearers {
-                for x_key in headers_values {
-                    for x_token in [None, Some(&b"k1"[..]), Some(b"k3")] {
-                        for others in [0, 3, FEW_HEADERS + 3] {
-                            for repeated in [false, true] {
-                                let mut pairs: Vec<(&str, &[u8])> = fillers[..others]
-                                    .iter()
-                                    .map(|n| (n.as_str(), &b"v"[..]))
-                                    .collect();
-                                pairs.extend(bearer.map(|v| ("authorization", v)));
-                                pairs.extend(x_key.map(|v| ("x-api-key", v)));
-                                pairs.extend(x_token.map(|v| ("x-token", v)));
-                                if repeated {
-                                    // A second value: of the key's own header when there
-                                    // is one, else of another.
-                                    let again = pairs.last().copied().unwrap_or(("x-other", b"v"));
-                                    pairs.push(again);
-                                    pairs.push(("x-other", b"w"));
-                                }
-                                let map = headers(&pairs);
-                                let general = presented_key(&Uri::default(), &map, locations)
-                                    .map(|k| k.to_vec())
-                                    .map_err(|r| format!("{r:?}"));
-                                let quick = presented_in_headers(&map, locations);
-                                let headers_only = locations.iter().all(|l| {
-                                    matches!(l, KeyLocation::Bearer | KeyLocation::Header(_))
-                                });
-                                let case = format!("{locations:?} {pairs:?}");
-                                match quick {
-                                    Some(quick) => {
-                                        let quick =
-                                            quick.map(<[u8]>::to_vec).map_err(|r| format!("{r:?}"));
-                                        assert_eq!(quick, general, "{case}");
-                                        answered += 1;
-                                    }
-                                    None => assert!(
-                                        !headers_only || map.len() != map.keys_len(),
-                                        "declined {case}"
-                                    ),
-                                }
-                            }
-                        }
+            let headers_only = (locations.iter())
+                .all(|l| matches!(l, KeyLocation::Bearer | KeyLocation::Header(_)));
+            for map in &maps {
+                let general = anywhere(&Uri::default(), map, locations).map(Cow::into_owned);
+                let case = format!("{locations:?} {map:?}");
+                match in_headers(map, locations) {
+                    Some(quick) => {
+                        assert_eq!(
+                            shown(quick),
+                            shown(general.as_deref().map_err(Clone::clone)),
+                            "{case}"
+                        );
+                        answered += 1;
                     }
+                    None => assert!(
+                        !headers_only || map.len() != map.keys_len(),
+                        "declined {case}"
+                    ),
                 }
             }
         }
-        // Every header-only set, for each request without a repeated name.
+        // Five header-only sets, each with every request without a repeated name.
+        assert_eq!(maps.len(), 7 * 5 * 3 * 6);
         assert_eq!(answered, 5 * 7 * 5 * 3 * 3);
     }
 
@@ -666,6 +686,49 @@ mod properties {
         ) {
             let value = [prefix, &rest[..]].concat();
             prop_assert_eq!(bearer_token(&value), bearer_token_in_general(&value));
+        }
+
+        /// The quick read of headers answers as the general reader, on any bytes in
+        /// `Authorization`, `X-API-Key` and another header, each name once or more,
+        /// for the default locations and for `X-API-Key` before `Bearer`.
+        #[test]
+        fn the_quick_read_of_headers_agrees_with_the_general_one(
+            values in prop::collection::vec(
+                (0..3u8, prop::collection::vec(
+                    prop::sample::select(vec![b'k', b'1', b' ', b'\t', b'B', b'e', b'a', b'r', 0xff]),
+                    0..12,
+                )),
+                0..5,
+            ),
+            prefixed in any::<bool>(),
+            x_api_key_first in any::<bool>(),
+        ) {
+            let mut map = HeaderMap::new();
+            for (which, bytes) in &values {
+                let (name, bytes) = match which {
+                    0 if prefixed => (AUTHORIZATION, [&b"Bearer "[..], bytes].concat()),
+                    0 => (AUTHORIZATION, bytes.clone()),
+                    1 => (HeaderName::from_static("x-api-key"), bytes.clone()),
+                    _ => (HeaderName::from_static("x-other"), bytes.clone()),
+                };
+                if let Ok(value) = HeaderValue::from_bytes(&bytes) {
+                    map.append(name, value);
+                }
+            }
+            let mut locations = default_locations();
+            if x_api_key_first {
+                locations.reverse();
+            }
+            let general = anywhere(&Uri::default(), &map, &locations)
+                .map(Cow::into_owned)
+                .map_err(|r| format!("{r:?}"));
+            match in_headers(&map, &locations) {
+                Some(quick) => prop_assert_eq!(
+                    quick.map(<[u8]>::to_vec).map_err(|r| format!("{r:?}")),
+                    general
+                ),
+                None => prop_assert!(map.len() != map.keys_len()),
+            }
         }
 
         /// Any header bytes: an answer, never a panic; a key that is read is a trimmed,

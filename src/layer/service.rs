@@ -58,19 +58,12 @@ impl<S, R> ApiKeyService<S, R> {
     #[inline]
     fn authenticate<B>(&self, req: &Request<B>) -> Result<Accepted, Rejection> {
         let State { store, config, .. } = &*self.state;
-        let general;
-        let key: &[u8] = match extract::presented_in_headers(req.headers(), &config.locations) {
-            Some(key) => key?,
-            None => {
-                general = extract::presented_key(req.uri(), req.headers(), &config.locations)?;
-                &general
-            }
-        };
-        if config.require_checksum && !has_valid_checksum(key) {
+        let key = extract::presented_key(req.uri(), req.headers(), &config.locations)?;
+        if config.require_checksum && !has_valid_checksum(&key) {
             return Err(Rejection::InvalidChecksum);
         }
         store.check(
-            key,
+            &key,
             config.required_scope.as_ref(),
             config.track_usage,
             || config.client_ip.resolve(req),
