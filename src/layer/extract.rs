@@ -164,11 +164,13 @@ fn anywhere<'a>(
     }
 }
 
-/// [`presented_key`]'s first step, the usual case: when every location is a header
-/// (`Bearer` or `Header`) and no header name of the request has a second value, each
-/// location is read with `HeaderMap::get`, which skips the walk over a name's
-/// further values, with no query or cookie branch around it. `None` in any other
-/// case, which the rest of [`presented_key`] answers. Whenever it answers, it gives
+/// [`presented_key`]'s first step: when every location is a header (`Bearer` or
+/// `Header`) and no header name of the request has a second value, each location is
+/// read with one `HeaderMap::get` (no iterator over a name's values, no `Cow`), with
+/// no query or cookie branch around it. `None` in any other case, which the rest of
+/// [`presented_key`] answers: locations that include a query or a cookie, or a
+/// request with any repeated header, such as two `Accept` fields, a proxy's second
+/// `Via`, or HTTP/2 cookies sent as separate fields. Whenever it answers, it gives
 /// what the rest would: the same locations in the same order, the same refusals.
 #[inline]
 fn in_headers<'a>(
@@ -177,7 +179,9 @@ fn in_headers<'a>(
 ) -> Option<Result<&'a [u8], Rejection>> {
     let headers_only = (locations.iter())
         .all(|location| matches!(location, KeyLocation::Bearer | KeyLocation::Header(_)));
-    // `len` counts values, `keys_len` names: equal when each name has one value.
+    // `len` counts values, `keys_len` names (http documents both): equal when each
+    // name has one value. Whatever took a name out (`remove`, `insert` over it) took
+    // its further values with it.
     if !headers_only || headers.len() != headers.keys_len() {
         return None;
     }
@@ -543,6 +547,33 @@ mod tests {
         // Five header-only sets, each with every request without a repeated name.
         assert_eq!(maps.len(), 7 * 5 * 3 * 6);
         assert_eq!(answered, 5 * 7 * 5 * 3 * 3);
+    }
+
+    #[test]
+    fn the_quick_read_holds_after_values_are_replaced_or_removed() {
+        let bearer = |key: &str| HeaderValue::try_from(format!("Bearer {key}")).unwrap();
+        let quick = |map: &HeaderMap| {
+            in_headers(map, &default_locations())
+                .map(|key| key.map(<[u8]>::to_vec).map_err(|r| format!("{r:?}")))
+        };
+        let c = Some(Ok(b"c".to_vec()));
+        // Two values, then one `insert` over both: one value again, read quickly.
+        let mut map = HeaderMap::new();
+        map.append(AUTHORIZATION, bearer("a"));
+        map.append(AUTHORIZATION, bearer("b"));
+        assert_eq!(quick(&map), None, "two values");
+        map.insert(AUTHORIZATION, bearer("c"));
+        assert_eq!(quick(&map), c);
+        // Two `X-API-Key` values, removed: what is left is read quickly.
+        map.append("x-api-key", HeaderValue::from_static("k1"));
+        map.append("x-api-key", HeaderValue::from_static("k2"));
+        assert_eq!(quick(&map), None, "two values");
+        map.remove("x-api-key");
+        assert_eq!(map.len(), map.keys_len());
+        assert_eq!(quick(&map), c);
+        let uri = Uri::default();
+        let general = anywhere(&uri, &map, &default_locations()).map(Cow::into_owned);
+        assert_eq!(general.ok(), Some(b"c".to_vec()));
     }
 
     #[test]
