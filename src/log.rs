@@ -74,13 +74,21 @@ pub(crate) fn accepted(key: &crate::KeyInfo) {
     #[cfg(feature = "tracing")]
     // Nothing to record into until some subscriber is set (one relaxed load).
     if tracing::dispatcher::has_been_set() {
-        let span = tracing::Span::current();
-        if !span.is_disabled() {
-            span.record("key_id", key.id());
-        }
+        record_key_id(key);
     }
     #[cfg(not(feature = "tracing"))]
     let _ = key;
+}
+
+/// [`accepted`] once a subscriber is set: out of line, so that the request path
+/// of a program that logs nothing does not carry it.
+#[cfg(feature = "tracing")]
+#[inline(never)]
+fn record_key_id(key: &crate::KeyInfo) {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("key_id", key.id());
+    }
 }
 
 #[inline]

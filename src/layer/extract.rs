@@ -98,7 +98,9 @@ pub(crate) fn presented_key<'a>(
     }
 }
 
-/// [`presented_key`] for any request and any locations.
+/// [`presented_key`] for any request and any locations: out of line, as the usual
+/// request is answered by [`in_headers`].
+#[inline(never)]
 fn anywhere<'a>(
     uri: &'a Uri,
     headers: &'a HeaderMap,
@@ -298,6 +300,7 @@ fn cookies(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
 /// loses its header; `Authorization` loses its `Bearer` values and keeps any other
 /// scheme's (`Basic`, ...) for a second auth layer downstream; a query parameter or a
 /// cookie is taken out of the query string or the `Cookie` header, the rest kept.
+#[inline(never)]
 pub(crate) fn strip<B>(req: &mut http::Request<B>, locations: &[KeyLocation]) {
     for location in locations {
         let headers = req.headers_mut();
