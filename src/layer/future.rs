@@ -31,8 +31,7 @@ pin_project! {
         Inner {
             #[pin]
             future: F,
-            sunset: Option<Sunset>,
-            ratelimit: Option<Box<(HeaderValue, HeaderValue)>>,
+            extra: Option<Box<Extra>>,
         },
         Rejected {
             output: Option<F::Output>,
@@ -40,23 +39,24 @@ pin_project! {
     }
 }
 
+/// What the response to an accepted request gets besides the inner service's
+/// answer: rare (a key close to its expiry, a key with limits), so boxed, and the
+/// usual future carries one empty pointer.
+#[derive(Default)]
+pub(crate) struct Extra {
+    pub(crate) sunset: Option<Sunset>,
+    pub(crate) ratelimit: Option<(HeaderValue, HeaderValue)>,
+}
+
 impl<F: Future> ResponseFuture<F> {
-    pub(crate) fn inner(future: F, sunset: Option<Sunset>) -> Self {
-        Self::limited(future, sunset, None)
+    pub(crate) fn inner(future: F) -> Self {
+        Self::with(future, None)
     }
 
-    /// The inner future, whose response gets the key's `RateLimit` fields.
-    pub(crate) fn limited(
-        future: F,
-        sunset: Option<Sunset>,
-        ratelimit: Option<Box<(HeaderValue, HeaderValue)>>,
-    ) -> Self {
+    /// The inner future, whose response gets `extra`.
+    pub(crate) fn with(future: F, extra: Option<Box<Extra>>) -> Self {
         Self {
-            kind: Kind::Inner {
-                future,
-                sunset,
-                ratelimit,
-            },
+            kind: Kind::Inner { future, extra },
         }
     }
 
@@ -78,17 +78,10 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner {
-                future,
-                sunset,
-                ratelimit,
-            } => {
+            KindProj::Inner { future, extra } => {
                 let mut output = std::task::ready!(future.poll(cx));
-                if let (Some(sunset), Ok(res)) = (sunset.take(), &mut output) {
-                    sunset.apply(res);
-                }
-                if let (Some(fields), Ok(res)) = (ratelimit.take(), &mut output) {
-                    add_fields(res, *fields);
+                if let (Some(extra), Ok(res)) = (extra.take(), &mut output) {
+                    add_extra(res, *extra);
                 }
                 Poll::Ready(output)
             }
@@ -101,13 +94,18 @@ where
     }
 }
 
-/// Adds a limited key's `RateLimit` fields to the response, unless the handler set
-/// its own.
+/// Adds the `Sunset` headers and a limited key's `RateLimit` fields to the response,
+/// the latter unless the handler set its own.
 #[cold]
 #[inline(never)]
-fn add_fields<B>(res: &mut Response<B>, (policy, state): (HeaderValue, HeaderValue)) {
+fn add_extra<B>(res: &mut Response<B>, Extra { sunset, ratelimit }: Extra) {
+    if let Some(sunset) = sunset {
+        sunset.apply(res);
+    }
     let headers = res.headers_mut();
-    if !headers.contains_key(crate::layer::ratelimit::STATE) {
+    if let Some((policy, state)) = ratelimit
+        && !headers.contains_key(crate::layer::ratelimit::STATE)
+    {
         headers.insert(crate::layer::ratelimit::POLICY, policy);
         headers.insert(crate::layer::ratelimit::STATE, state);
     }
@@ -122,5 +120,84 @@ impl<F: Future> std::fmt::Debug for ResponseFuture<F> {
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        convert::Infallible,
+        future::{Ready, ready},
+        task::Waker,
+    };
+
+    use http::header::HeaderName;
+
+    use super::*;
+    use crate::layer::ratelimit::{POLICY, STATE};
+
+    type Answer = Result<Response<()>, Infallible>;
+
+    /// Polls a future whose inner answer is `res` once, with `extra`.
+    fn answered(res: Response<()>, extra: Option<Extra>) -> Response<()> {
+        let mut future = std::pin::pin!(ResponseFuture::<Ready<Answer>>::with(
+            ready(Ok(res)),
+            extra.map(Box::new)
+        ));
+        let mut cx = Context::from_waker(Waker::noop());
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(res)) => res,
+            Poll::Pending => panic!("a ready inner future"),
+        }
+    }
+
+    fn fields() -> (HeaderValue, HeaderValue) {
+        (
+            HeaderValue::from_static("\"key\";q=10;w=60"),
+            HeaderValue::from_static("\"key\";r=9;t=60"),
+        )
+    }
+
+    fn names(res: &Response<()>) -> Vec<&HeaderName> {
+        let mut names: Vec<_> = res.headers().keys().collect();
+        names.sort_by_key(|name| name.as_str());
+        names
+    }
+
+    #[test]
+    fn the_usual_answer_passes_untouched() {
+        let res = answered(Response::new(()), None);
+        assert!(res.headers().is_empty());
+    }
+
+    #[test]
+    fn a_key_close_to_expiry_with_limits_gets_both_sets_of_headers() {
+        let day = 86_400_000;
+        let expires = 1_796_083_200_000;
+        let extra = Extra {
+            sunset: Sunset::within(expires, 7 * day, expires - day),
+            ratelimit: Some(fields()),
+        };
+        let res = answered(Response::new(()), Some(extra));
+        assert_eq!(
+            names(&res),
+            ["deprecation", "ratelimit", "ratelimit-policy", "sunset"]
+        );
+        assert_eq!(res.headers()[&POLICY], fields().0);
+        assert_eq!(res.headers()[&STATE], fields().1);
+    }
+
+    #[test]
+    fn a_handler_s_own_ratelimit_fields_are_kept() {
+        let mut own = Response::new(());
+        own.headers_mut()
+            .insert(STATE, HeaderValue::from_static("\"own\";r=1;t=1"));
+        let extra = Extra {
+            sunset: None,
+            ratelimit: Some(fields()),
+        };
+        let res = answered(own, Some(extra));
+        assert_eq!(res.headers()[&STATE], "\"own\";r=1;t=1");
+        assert!(res.headers().get(&POLICY).is_none());
     }
 }

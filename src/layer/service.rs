@@ -9,7 +9,8 @@ use tower_service::Service;
 
 use crate::{
     ApiKeyLayer, DefaultRejection, KeyInfo, KeyStore, Rejection, RejectionResponse, ResponseFuture,
-    has_valid_checksum, layer::State, layer::extract, layer::sunset::Sunset, store::Accepted,
+    has_valid_checksum, layer::State, layer::extract, layer::future::Extra, layer::sunset::Sunset,
+    store::Accepted,
 };
 
 /// Middleware that lets a request through only with a valid API key.
@@ -93,7 +94,7 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let config = &self.state.config;
         if config.allow_preflight && is_preflight(&req) {
-            return ResponseFuture::inner(self.inner.call(req), None);
+            return ResponseFuture::inner(self.inner.call(req));
         }
         // Another layer over the same store already let this request in (a global
         // layer, then a route's `require_scope`, or the same layer applied twice):
@@ -110,7 +111,7 @@ where
                     };
                     return self.refuse(&req, rejection);
                 }
-                _ => return ResponseFuture::inner(self.inner.call(req), None),
+                _ => return ResponseFuture::inner(self.inner.call(req)),
             }
         }
         match self.authenticate(&req) {
@@ -120,23 +121,20 @@ where
                 limited,
             }) => {
                 let config = &self.state.config;
-                let sunset = expires_at
-                    .filter(|_| config.deprecation_headers)
-                    .and_then(|at| sunset(at, self.state.store.expiry_notice_ms()));
                 if config.hide_credentials {
                     extract::strip(&mut req, &config.locations);
                 }
                 crate::log::accepted(&key);
                 crate::metrics::accepted(&key, config.per_key_metrics);
-                let ratelimit = match limited && config.rate_limit_headers {
-                    true => limit_fields(&key),
-                    false => None,
+                let extra = match (expires_at, limited) {
+                    (None, false) => None,
+                    _ => self.extra(&key, expires_at, limited),
                 };
                 req.extensions_mut().insert(key);
-                ResponseFuture::limited(self.inner.call(req), sunset, ratelimit)
+                ResponseFuture::with(self.inner.call(req), extra)
             }
             Err(Rejection::Missing) if self.state.config.optional => {
-                ResponseFuture::inner(self.inner.call(req), None)
+                ResponseFuture::inner(self.inner.call(req))
             }
             Err(rejection) => self.refuse(&req, rejection),
         }
@@ -144,6 +142,26 @@ where
 }
 
 impl<S, R> ApiKeyService<S, R> {
+    /// What the response to a request let in with `key` gets besides the inner
+    /// service's answer: the `Sunset` headers of a key that expires within the
+    /// notice, the `RateLimit` fields of a key with limits. Out of line, so that a
+    /// key with neither does not carry its code.
+    #[inline(never)]
+    fn extra(&self, key: &KeyInfo, expires_at: Option<u64>, limited: bool) -> Option<Box<Extra>> {
+        let config = &self.state.config;
+        let sunset = expires_at
+            .filter(|_| config.deprecation_headers)
+            .and_then(|at| {
+                let notice = self.state.store.expiry_notice_ms();
+                Sunset::within(at, notice, crate::clock::exact_now_ms())
+            });
+        let ratelimit = match limited && config.rate_limit_headers {
+            true => limit_fields(key),
+            false => None,
+        };
+        (sunset.is_some() || ratelimit.is_some()).then(|| Box::new(Extra { sunset, ratelimit }))
+    }
+
     /// The refusal of `req` for `rejection`: a gRPC status for a real gRPC call, else
     /// the configured HTTP response; the rejection in its extensions. Out of line, so
     /// that a request let in does not carry its code.
@@ -176,28 +194,17 @@ impl<S, R> ApiKeyService<S, R> {
     }
 }
 
-/// The `RateLimit` fields for a response to a request let in with `key`: out of
-/// line, so that a key without limits does not carry its code.
-#[cold]
-#[inline(never)]
-fn limit_fields(key: &KeyInfo) -> Option<Box<(http::HeaderValue, http::HeaderValue)>> {
+/// The `RateLimit` fields for a response to a request let in with `key`.
+fn limit_fields(key: &KeyInfo) -> Option<(http::HeaderValue, http::HeaderValue)> {
     let limiter = key.entry().limiter.as_deref()?;
     let now = crate::limit::state::now_ns();
     crate::layer::ratelimit::allowed_fields(limiter, now, crate::clock::coarse_now_ms())
-        .map(Box::new)
 }
 
 /// Whether `key` carries a valid checksum: out of line, as most layers do not ask.
 #[inline(never)]
 fn checksum_holds(key: &[u8]) -> bool {
     has_valid_checksum(key)
-}
-
-/// The `Sunset` headers for a key expiring at `at`, if it is within `notice`
-/// milliseconds of it: out of line, as most keys do not expire.
-#[inline(never)]
-fn sunset(at: u64, notice: u64) -> Option<Sunset> {
-    Sunset::within(at, notice, crate::clock::exact_now_ms())
 }
 
 /// A CORS preflight: `OPTIONS` with `Access-Control-Request-Method`.
