@@ -51,9 +51,15 @@ pub(crate) fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The last instant RFC 3339 writes, with its four-digit years:
+/// The last instant RFC 3339 and HTTP dates write, with their four-digit years:
 /// `9999-12-31T23:59:59.999Z`.
-const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+pub(crate) const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+
+/// An HTTP date (`Tue, 01 Dec 2026 00:00:00 GMT`). Instants past year 9999 count as
+/// the last second of 9999: `httpdate` panics on them.
+pub(crate) fn http_date(t: SystemTime) -> String {
+    httpdate::fmt_http_date(from_unix_ms(to_unix_ms(t).min(LAST_RFC3339_MS)))
+}
 
 /// An RFC 3339 timestamp in UTC: `2026-12-01T00:00:00Z`, with milliseconds when
 /// the instant has them (`…00.250Z`). Instants before 1970 count as 1970, and

@@ -272,3 +272,25 @@ async fn no_deprecation_headers_far_from_expiry_or_when_off() {
     assert_eq!(headers(on, "later-key").await, (false, None));
     assert_eq!(headers(off, "soon-key").await, (false, None));
 }
+
+#[tokio::test]
+async fn a_key_expiring_past_year_9999_is_let_in_without_a_sunset() {
+    use tower_api_key::{ApiKey, KeySet, KeyStore};
+    // Year 10,000 and later: no HTTP date can say it, and writing one panicked.
+    let far = SystemTime::UNIX_EPOCH + Duration::from_secs(9_000 * 366 * 86_400);
+    let store = KeyStore::new();
+    let keys = KeySet::from_keys([ApiKey::new("far", "far-key").with_expires_at(far)]).unwrap();
+    store.add_source(keys).unwrap();
+    store.set_expiry_notice(Duration::MAX);
+    let layer = ApiKeyLayer::from_store(store).deprecation_headers(true);
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route_layer(layer);
+    let addr = serve(app).await;
+    for _ in 0..2 {
+        let res = send(addr, "/", Some("far-key")).await;
+        assert_eq!(res.status(), 200);
+        assert!(res.headers().get("sunset").is_none());
+        assert!(res.headers().get("deprecation").is_none());
+    }
+}

@@ -40,9 +40,8 @@ pin_project! {
 }
 
 /// What the response to an accepted request gets besides the inner service's
-/// answer: rare (a key close to its expiry, a key with limits), so boxed, and the
-/// usual future carries one empty pointer.
-#[derive(Default)]
+/// answer, made only for a key close to its expiry or with limits: boxed, so that
+/// the future of any other key carries one empty pointer.
 pub(crate) struct Extra {
     pub(crate) sunset: Option<Sunset>,
     pub(crate) ratelimit: Option<(HeaderValue, HeaderValue)>,
@@ -185,6 +184,38 @@ mod tests {
         );
         assert_eq!(res.headers()[&POLICY], fields().0);
         assert_eq!(res.headers()[&STATE], fields().1);
+    }
+
+    #[test]
+    fn each_addition_comes_alone_and_a_handler_s_own_sunset_is_kept() {
+        let day = 86_400_000;
+        let expires = 1_796_083_200_000;
+        let sunset = || Sunset::within(expires, 7 * day, expires - day);
+        let limits_only = Extra {
+            sunset: None,
+            ratelimit: Some(fields()),
+        };
+        let res = answered(Response::new(()), Some(limits_only));
+        assert_eq!(names(&res), ["ratelimit", "ratelimit-policy"]);
+        let sunset_only = Extra {
+            sunset: sunset(),
+            ratelimit: None,
+        };
+        let res = answered(Response::new(()), Some(sunset_only));
+        assert_eq!(names(&res), ["deprecation", "sunset"]);
+        // An endpoint's own retirement date outranks the key's.
+        let mut own = Response::new(());
+        own.headers_mut().insert(
+            "sunset",
+            HeaderValue::from_static("Wed, 01 Jan 2025 00:00:00 GMT"),
+        );
+        let extra = Extra {
+            sunset: sunset(),
+            ratelimit: None,
+        };
+        let res = answered(own, Some(extra));
+        assert_eq!(res.headers()["sunset"], "Wed, 01 Jan 2025 00:00:00 GMT");
+        assert_eq!(names(&res), ["deprecation", "sunset"]);
     }
 
     #[test]

@@ -246,7 +246,7 @@ impl Rejection {
                             .unwrap_or(60)
                             .max(1),
                     ),
-                    None => match HeaderValue::from_str(&httpdate::fmt_http_date(*resets_at)) {
+                    None => match HeaderValue::from_str(&crate::clock::http_date(*resets_at)) {
                         Ok(value) => value,
                         Err(_) => return,
                     },

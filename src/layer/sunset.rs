@@ -45,21 +45,28 @@ pub(crate) struct Sunset {
 impl Sunset {
     /// The headers for a key expiring at `expires_at`, if that is within `notice` of
     /// `now` (all in milliseconds).
+    /// An expiry past year 9999, which no HTTP date can write, gets none.
     pub(crate) fn within(expires_at: u64, notice: u64, now: u64) -> Option<Self> {
-        (expires_at != u64::MAX && now.saturating_add(notice) >= expires_at).then(|| Self {
+        let writable = expires_at <= clock::LAST_RFC3339_MS;
+        (writable && now.saturating_add(notice) >= expires_at).then(|| Self {
             expires_at,
             deprecated_at: expires_at.saturating_sub(notice),
         })
     }
 
+    /// Adds the headers to `res`, each unless the handler set its own.
     pub(crate) fn apply<B>(self, res: &mut Response<B>) {
         let headers = res.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(&format!("@{}", self.deprecated_at / 1000)) {
+        if !headers.contains_key("deprecation")
+            && let Ok(v) = HeaderValue::from_str(&format!("@{}", self.deprecated_at / 1000))
+        {
             headers.insert("deprecation", v);
         }
-        let date = httpdate::fmt_http_date(clock::from_unix_ms(self.expires_at / 1000 * 1000));
-        if let Ok(v) = HeaderValue::from_str(&date) {
-            headers.insert("sunset", v);
+        if !headers.contains_key("sunset") {
+            let date = clock::http_date(clock::from_unix_ms(self.expires_at / 1000 * 1000));
+            if let Ok(v) = HeaderValue::from_str(&date) {
+                headers.insert("sunset", v);
+            }
         }
     }
 }
@@ -80,5 +87,17 @@ mod tests {
             .apply(&mut res);
         assert_eq!(res.headers()["sunset"], "Tue, 01 Dec 2026 00:00:00 GMT");
         assert_eq!(res.headers()["deprecation"], "@1795996800");
+    }
+
+    #[test]
+    fn an_expiry_past_year_9999_gets_no_headers_and_no_panic() {
+        let last = clock::LAST_RFC3339_MS;
+        // Within any notice, even one of `Duration::MAX`.
+        for expires in [last + 1, last + 1000, u64::MAX - 1] {
+            assert!(Sunset::within(expires, u64::MAX, expires - 1).is_none());
+        }
+        let mut res = Response::new(());
+        Sunset::within(last, u64::MAX, 0).unwrap().apply(&mut res);
+        assert_eq!(res.headers()["sunset"], "Fri, 31 Dec 9999 23:59:59 GMT");
     }
 }
