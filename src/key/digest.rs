@@ -35,10 +35,49 @@ fn halves(x: &[u8; 32]) -> (u128, u128) {
     (u128::from_ne_bytes(lo), u128::from_ne_bytes(hi))
 }
 
+/// SHA-256's initial hash value (FIPS 180-4, 5.3.3).
+const SHA256_INIT: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+/// The longest message that fits one padded SHA-256 block: 64 bytes less the `0x80`
+/// marker and the 8-byte length.
+const ONE_BLOCK: usize = 55;
+
 impl KeyDigest {
     #[inline]
     pub(crate) fn of(secret: &[u8]) -> Self {
-        Self(Sha256::digest(secret).into())
+        match secret.len() <= ONE_BLOCK {
+            true => Self::of_one_block(secret),
+            false => Self(Sha256::digest(secret).into()),
+        }
+    }
+
+    /// SHA-256 of a message of at most [`ONE_BLOCK`] bytes (every generated key, and
+    /// most keys anyone writes): the block padded here (FIPS 180-4, 5.1.1) and
+    /// compressed once by `sha2`, without the buffering and length keeping its
+    /// streaming `Digest` does for a message of any length.
+    #[inline]
+    fn of_one_block(secret: &[u8]) -> Self {
+        let mut block = [0u8; 64];
+        block[..secret.len()].copy_from_slice(secret);
+        block[secret.len()] = 0x80;
+        let bits = (secret.len() as u64) * 8;
+        block[56..].copy_from_slice(&bits.to_be_bytes());
+        let mut state = SHA256_INIT;
+        sha2::block_api::compress256(&mut state, &[block]);
+        let mut out = [0u8; 32];
+        for (bytes, word) in out.chunks_exact_mut(4).zip(state) {
+            bytes.copy_from_slice(&word.to_be_bytes());
+        }
+        Self(out)
     }
 
     /// Parses 64 hex digits (either case).
@@ -210,6 +249,26 @@ impl fmt::Debug for KeyDigest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_are_sha_256_at_every_length_around_one_block() {
+        // FIPS 180-4's examples, "" and "abc", then every length up to two blocks:
+        // the one-block path up to 55 bytes, `sha2`'s whole `Digest` from 56 on.
+        assert_eq!(
+            KeyDigest::of(b"").to_hex(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            KeyDigest::of(b"abc").to_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let bytes: Vec<u8> = (0..128u32).map(|i| (i * 37 + 11) as u8).collect();
+        for len in 0..=bytes.len() {
+            let message = &bytes[..len];
+            let expected: [u8; 32] = Sha256::digest(message).into();
+            assert_eq!(KeyDigest::of(message).0, expected, "{len} bytes");
+        }
+    }
 
     #[test]
     fn hex_round_trip_and_rejects() {
