@@ -43,8 +43,11 @@ pub(crate) fn to_unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The instant `ms` Unix milliseconds name; past what the platform's `SystemTime`
+/// holds (year 30828 on Windows; never on Unix), the last instant RFC 3339 writes.
 pub(crate) fn from_unix_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
+    (UNIX_EPOCH.checked_add(Duration::from_millis(ms)))
+        .unwrap_or_else(|| UNIX_EPOCH + Duration::from_millis(LAST_RFC3339_MS))
 }
 
 pub(crate) fn duration_ms(d: Duration) -> u64 {
@@ -55,8 +58,9 @@ pub(crate) fn duration_ms(d: Duration) -> u64 {
 /// `9999-12-31T23:59:59.999Z`.
 pub(crate) const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
 
-/// An HTTP date (`Tue, 01 Dec 2026 00:00:00 GMT`). Instants past year 9999 count as
-/// the last second of 9999: `httpdate` panics on them.
+/// An HTTP date (`Tue, 01 Dec 2026 00:00:00 GMT`). Instants before 1970 count as
+/// 1970 and instants past year 9999 as the last second of 9999: `httpdate` panics
+/// on both.
 pub(crate) fn http_date(t: SystemTime) -> String {
     httpdate::fmt_http_date(from_unix_ms(to_unix_ms(t).min(LAST_RFC3339_MS)))
 }

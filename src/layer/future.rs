@@ -94,7 +94,7 @@ where
 }
 
 /// Adds the `Sunset` headers and a limited key's `RateLimit` fields to the response,
-/// the latter unless the handler set its own.
+/// each unless the handler set its own.
 #[cold]
 #[inline(never)]
 fn add_extra<B>(res: &mut Response<B>, Extra { sunset, ratelimit }: Extra) {
@@ -203,19 +203,23 @@ mod tests {
         };
         let res = answered(Response::new(()), Some(sunset_only));
         assert_eq!(names(&res), ["deprecation", "sunset"]);
-        // An endpoint's own retirement date outranks the key's.
-        let mut own = Response::new(());
-        own.headers_mut().insert(
-            "sunset",
-            HeaderValue::from_static("Wed, 01 Jan 2025 00:00:00 GMT"),
-        );
-        let extra = Extra {
-            sunset: sunset(),
-            ratelimit: None,
-        };
-        let res = answered(own, Some(extra));
-        assert_eq!(res.headers()["sunset"], "Wed, 01 Jan 2025 00:00:00 GMT");
-        assert_eq!(names(&res), ["deprecation", "sunset"]);
+        // An endpoint's own retirement outranks the key's, and the pair is not mixed
+        // (a key's `Deprecation` after the handler's `Sunset` would break RFC 9745).
+        for (name, value) in [
+            ("sunset", "Wed, 01 Jan 2025 00:00:00 GMT"),
+            ("deprecation", "@1735689600"),
+        ] {
+            let mut own = Response::new(());
+            own.headers_mut()
+                .insert(name, HeaderValue::from_static(value));
+            let extra = Extra {
+                sunset: sunset(),
+                ratelimit: None,
+            };
+            let res = answered(own, Some(extra));
+            assert_eq!(names(&res), [name], "the handler's {name} alone");
+            assert_eq!(res.headers()[name], value);
+        }
     }
 
     #[test]

@@ -247,8 +247,9 @@ impl<R: Clone> ApiKeyLayer<R> {
     /// Announces a key's coming expiry to the client using it: responses to requests
     /// made with a key whose `expires_at` is within the store's
     /// [expiry notice](KeyStore::set_expiry_notice) carry `Sunset: <expires_at>`
-    /// (RFC 8594) and `Deprecation: @<start of the notice>` (RFC 9745). A handler's
-    /// own `Sunset` or `Deprecation` (an endpoint's retirement, say) is kept.
+    /// (RFC 8594) and `Deprecation: @<start of the notice>` (RFC 9745). A response
+    /// whose handler set either (an endpoint's retirement, say) gets neither from
+    /// the key: the handler's is kept, and the pair stays consistent.
     pub fn deprecation_headers(mut self, enabled: bool) -> Self {
         self.config_mut().deprecation_headers = enabled;
         self

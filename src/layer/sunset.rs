@@ -54,19 +54,20 @@ impl Sunset {
         })
     }
 
-    /// Adds the headers to `res`, each unless the handler set its own.
+    /// Adds the pair to `res`, unless the handler set either: the two go together
+    /// (RFC 9745 wants a `Sunset` no earlier than the `Deprecation` beside it), and
+    /// the handler's say about its own endpoint outranks the key's.
     pub(crate) fn apply<B>(self, res: &mut Response<B>) {
         let headers = res.headers_mut();
-        if !headers.contains_key("deprecation")
-            && let Ok(v) = HeaderValue::from_str(&format!("@{}", self.deprecated_at / 1000))
-        {
+        if headers.contains_key("deprecation") || headers.contains_key("sunset") {
+            return;
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!("@{}", self.deprecated_at / 1000)) {
             headers.insert("deprecation", v);
         }
-        if !headers.contains_key("sunset") {
-            let date = clock::http_date(clock::from_unix_ms(self.expires_at / 1000 * 1000));
-            if let Ok(v) = HeaderValue::from_str(&date) {
-                headers.insert("sunset", v);
-            }
+        let date = clock::http_date(clock::from_unix_ms(self.expires_at / 1000 * 1000));
+        if let Ok(v) = HeaderValue::from_str(&date) {
+            headers.insert("sunset", v);
         }
     }
 }
