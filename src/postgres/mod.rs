@@ -233,9 +233,21 @@ pub(crate) fn describe(e: &PgError) -> String {
     }
 }
 
-/// Whether PostgreSQL answered (with an error), as opposed to not at all.
+/// Whether PostgreSQL answered (with an error), as opposed to not at all. A server
+/// that says it is shutting down or not yet up (`57P01`–`57P03`, sent as it hangs
+/// up) has not answered: the connection is gone either way, and a follower that
+/// took the farewell for a refusal would report the outage twice, once as each.
 pub(crate) fn answered(e: &PgError) -> bool {
-    matches!(e, PgError::Pg(e) if e.as_db_error().is_some())
+    use tokio_postgres::error::SqlState;
+    let going_away = |code: &SqlState| {
+        [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+        ]
+        .contains(code)
+    };
+    matches!(e, PgError::Pg(e) if e.as_db_error().is_some_and(|db| !going_away(db.code())))
 }
 
 /// Whether the fleet's tables are missing (never migrated, or dropped).
