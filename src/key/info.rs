@@ -35,7 +35,7 @@ impl Clone for KeyInfo {
 impl KeyInfo {
     /// The key in slot `slot` of `shard`, which holds one.
     pub(crate) fn in_shard(shard: Arc<Handle>, slot: usize) -> Self {
-        debug_assert!(shard.shard.entry_at(slot).is_some());
+        debug_assert!(shard.entry_at(slot).is_some());
         Self(Repr::InShard(shard, slot))
     }
 
@@ -45,7 +45,7 @@ impl KeyInfo {
 
     fn entry_arc(&self) -> &Arc<KeyEntry> {
         match &self.0 {
-            Repr::InShard(handle, slot) => (handle.shard)
+            Repr::InShard(handle, slot) => handle
                 .entry_at(*slot)
                 .expect("a KeyInfo is only made for a slot that holds a key"),
             Repr::Entry(entry) => entry,

@@ -835,7 +835,7 @@ mod tests {
         let in_request = store.check(b"ka", None, true, || None).unwrap().key;
         let shard = {
             let snapshot = store.shared.current.load();
-            Arc::downgrade(snapshot.find(&KeyDigest::of(b"ka")).unwrap().0)
+            snapshot.find(&KeyDigest::of(b"ka")).unwrap().0.downgrade()
         };
         let kept = in_request.clone();
         publisher.publish(set(&[("b", "kb")])).unwrap();

@@ -13,7 +13,7 @@ use crate::{
     key::digest::{DigestSet, KeyDigest, Place},
     store::counters::{Counter, Counters},
     store::entry::KeyEntry,
-    store::shard::{GROUPS, Handle, Shard},
+    store::shard::{GROUPS, Handle, Shard, ShardBuilder},
 };
 
 /// Keys per shard that the shard count aims at.
@@ -45,7 +45,9 @@ pub(crate) struct Snapshot {
     len: usize,
     /// log2 of the shard count.
     bits: u32,
-    shards: Box<[Arc<Shard>]>,
+    /// The shards themselves, not pointers to them: a lookup reads where a shard's
+    /// slots and tags are from here (see [`Shard`]).
+    shards: Box<[Shard]>,
     /// Each shard's handles, one per group of threads: what a request's `KeyInfo`
     /// holds (see [`Handle`]). Shared, as the shards are, by the versions that have
     /// the shard.
@@ -65,7 +67,7 @@ pub(crate) struct Edit {
 
 impl Default for Snapshot {
     fn default() -> Self {
-        let shard = Arc::new(Shard::with_capacity(0));
+        let shard = ShardBuilder::with_capacity(0).build();
         Self {
             version: 0,
             len: 0,
@@ -109,7 +111,7 @@ impl Snapshot {
 
     /// The shard and slot holding this digest.
     #[inline]
-    pub(crate) fn find(&self, digest: &KeyDigest) -> Option<(&Arc<Shard>, usize)> {
+    pub(crate) fn find(&self, digest: &KeyDigest) -> Option<(&Shard, usize)> {
         let place = digest.place();
         let shard = &self.shards[self.shard_of(place)];
         shard.find(digest, place).map(|i| (shard, i))
@@ -254,8 +256,8 @@ impl Snapshot {
         for (digest, _, _) in &edit.insert {
             counts[next.shard_of(digest.place())] += 1;
         }
-        let mut built: Vec<Option<Shard>> = (0..1 << bits)
-            .map(|s| touched[s].then(|| Shard::with_capacity(counts[s])))
+        let mut built: Vec<Option<ShardBuilder>> = (0..1 << bits)
+            .map(|s| touched[s].then(|| ShardBuilder::with_capacity(counts[s])))
             .collect();
         let mut put = |digest: KeyDigest, entry: Arc<KeyEntry>, counter: Counter| {
             // Free by the caller's checks; a clash would only drop a duplicate.
@@ -280,7 +282,7 @@ impl Snapshot {
             .enumerate()
             .map(|(s, shard)| match shard {
                 Some(shard) => {
-                    let shard = Arc::new(shard);
+                    let shard = shard.build();
                     let handles = Arc::new(Handle::all(&shard));
                     (shard, handles)
                 }
@@ -561,7 +563,7 @@ mod tests {
         );
         check(&next, (0..5_001).filter(|&i| i != 7), &[7]);
         let shared = (0..big.shards.len())
-            .filter(|&s| Arc::ptr_eq(&big.shards[s], &next.shards[s]))
+            .filter(|&s| big.shards[s].is(&next.shards[s]))
             .count();
         assert!(shared + 2 >= big.shards.len(), "only touched shards copied");
         // Down to a few keys: fewer shards, the same counters.
