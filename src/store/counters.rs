@@ -240,9 +240,10 @@ impl Counters {
     /// no instruction after a load that waits for memory retires before its line
     /// arrives, and the core holds only a few hundred unretired. A loop that also
     /// worked out each place filled that window after a dozen or so loads; this one
-    /// has all of a tally's in flight at once (25-30 ns less a request in the
-    /// cache-cold case, see `benches/README.md`).
+    /// has many more in flight at once, as many as the core takes (25–32 ns less a
+    /// request in the cache-cold case, see `benches/README.md`).
     fn add_all(&self, taken: &[(u64, u64)], second: u32) {
+        debug_assert!(taken.len() <= TALLY, "a tally's worth at most");
         let mut cells: [Option<&Cell>; TALLY] = [None; TALLY];
         for (cell, &(packed, _)) in cells.iter_mut().zip(taken) {
             *cell = self.cell(Counter::unpacked(packed));

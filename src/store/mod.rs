@@ -738,6 +738,160 @@ mod tests {
         check();
     }
 
+    /// Invariant: once every request has returned, each key's count is exactly the
+    /// requests let in under its id, while other threads count and a writer rotates
+    /// secrets (counts carry over), replaces ids with new ones (their cells are
+    /// taken back and handed to others) and grows or shrinks the set past a change
+    /// of shard count. A request's `KeyInfo` names the key it was let in with,
+    /// whatever version it came from. `TAK_SEED=<seed>` replays the writer's choices
+    /// (the threads' timing is the machine's).
+    #[test]
+    fn usage_stays_exact_while_keys_rotate_leave_and_reshard_under_requests() {
+        use std::collections::HashMap;
+        use std::sync::{
+            Mutex,
+            atomic::{AtomicBool, Ordering},
+        };
+        let seed: u64 = std::env::var("TAK_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed_0017);
+        let mut state = seed | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let replay = format!(
+            "replay with TAK_SEED={seed} cargo test --lib usage_stays_exact_while_keys_rotate"
+        );
+        let stable: Vec<String> = (0..120).map(|i| format!("stable-{i}")).collect();
+        let mut churn: Vec<String> = (0..60).map(|i| format!("churn-0-{i}")).collect();
+        let secret = |id: &str, round: u64| format!("secret-{id}-{round}");
+        // The secret each id has now: what the request threads present.
+        let live: Arc<Mutex<Vec<(String, String)>>> = Arc::new(Mutex::new(
+            stable
+                .iter()
+                .chain(&churn)
+                .map(|id| (id.clone(), secret(id, 0)))
+                .collect(),
+        ));
+        let (source, publisher) = ChannelSource::new(
+            KeySet::from_keys(
+                live.lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(id, s)| ApiKey::new(&**id, s)),
+            )
+            .unwrap(),
+        );
+        let store = KeyStore::new();
+        store.add_source(source).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..3u64)
+            .map(|t| {
+                let (store, live, stop) = (store.clone(), live.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut counted: HashMap<String, u64> = HashMap::new();
+                    let mut held = Vec::new();
+                    let mut i = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        i = i
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let presented = {
+                            let live = live.lock().unwrap();
+                            live[(i >> 33) as usize % live.len()].clone()
+                        };
+                        // Refused when the key changed since it was read: not counted.
+                        if let Ok(accepted) =
+                            store.check(presented.1.as_bytes(), None, true, || None)
+                        {
+                            let key = accepted.key;
+                            assert_eq!(key.id(), presented.0);
+                            *counted.entry(presented.0).or_default() += 1;
+                            // Some are held across versions, and read again later.
+                            if i % 7 == 0 && held.len() < 500 {
+                                held.push((key, presented.1));
+                            }
+                        }
+                    }
+                    for (key, presented) in held {
+                        assert!(presented.starts_with(&format!("secret-{}-", key.id())));
+                    }
+                    counted
+                })
+            })
+            .collect();
+        let fillers = |from: usize| {
+            (from..from + 3_000)
+                .map(|i| ApiKey::new(format!("filler-{i}"), format!("filler-secret-{i}")))
+        };
+        let mut filled = false;
+        for round in 1..=120u64 {
+            let mut changes = Vec::new();
+            let mut now = live.lock().unwrap().clone();
+            for _ in 0..12 {
+                let id = &stable[next() as usize % stable.len()];
+                let s = secret(id, round);
+                changes.push(KeyChange::Upsert(ApiKey::new(&**id, &s)));
+                if let Some(entry) = now.iter_mut().find(|(i, _)| i == id) {
+                    entry.1 = s;
+                }
+            }
+            for _ in 0..4 {
+                let at = next() as usize % churn.len();
+                let new = format!("churn-{round}-{at}");
+                changes.push(KeyChange::remove(churn[at].clone()));
+                changes.push(KeyChange::Upsert(ApiKey::new(&*new, secret(&new, round))));
+                now.retain(|(i, _)| *i != churn[at]);
+                now.push((new.clone(), secret(&new, round)));
+                churn[at] = new;
+            }
+            if round % 10 == 0 {
+                match filled {
+                    false => changes.extend(fillers(0).map(KeyChange::Upsert)),
+                    true => changes.extend(fillers(0).map(|k| KeyChange::remove(k.id))),
+                }
+                filled = !filled;
+            }
+            // Changes to one id apply in order: a rotated id's last secret wins.
+            let mut seen = std::collections::HashSet::new();
+            let changes: Vec<KeyChange> = changes
+                .into_iter()
+                .rev()
+                .filter(|c| seen.insert(c.id().to_owned()))
+                .collect();
+            publisher
+                .apply(changes)
+                .unwrap_or_else(|e| panic!("round {round}: {e}; {replay}"));
+            *live.lock().unwrap() = now;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut expected: HashMap<String, u64> = HashMap::new();
+        for thread in threads {
+            for (id, n) in thread.join().unwrap() {
+                *expected.entry(id).or_default() += n;
+            }
+        }
+        let usage = store.usage();
+        assert!(usage.len() >= stable.len() + churn.len());
+        for u in &usage {
+            let id = u.key().id();
+            let want = match id.starts_with("filler-") {
+                true => 0,
+                false => expected.get(id).copied().unwrap_or(0),
+            };
+            assert_eq!(u.requests(), want, "{id}: {replay}");
+        }
+        let total: u64 = stable
+            .iter()
+            .map(|id| expected.get(id).copied().unwrap_or(0))
+            .sum();
+        assert!(total > 0, "the requests reached the stable keys");
+    }
+
     #[test]
     fn an_updater_knows_its_source_and_when_its_store_is_gone() {
         let store = KeyStore::new();

@@ -25,8 +25,9 @@ use crate::{
 /// The two pointers (with their lengths) are all a shard is, and a snapshot keeps them
 /// in its own array of shards: a lookup goes from there straight to the tags and the
 /// slot, not through a shard's allocation first. In a large, cold set that is one
-/// dependent trip to memory fewer (45 ns a request, see `benches/README.md`).
-#[derive(Clone, Default)]
+/// dependent trip to memory fewer (46–55 ns a request, see `benches/README.md`).
+#[derive(Clone)]
+#[cfg_attr(test, derive(Default))]
 pub(crate) struct Shard {
     slots: Arc<[Slot]>,
     /// One byte of each slot's digest (never 0), or 0 for an empty slot: a lookup
@@ -221,7 +222,8 @@ impl ShardBuilder {
         }
     }
 
-    /// The shard, frozen: its slots and tags moved into shared allocations.
+    /// The shard, frozen: its slots and tags copied into shared allocations (once, as
+    /// it is built: a shard is a few hundred keys).
     pub(crate) fn build(self) -> Shard {
         Shard {
             slots: self.slots.into(),

@@ -130,11 +130,11 @@ impl Snapshot {
         let s = self.shard_of(place);
         let shard = &self.shards[s];
         let handle = &self.handles[s][group % GROUPS];
-        // Two trips to memory in a large, cold set (the tags, the slot) made at once
-        // rather than one after the other: the slot where the walk starts does not
-        // depend on the tags. Only a load, of a line the request reads next. (The
-        // handle's count was loaded here too while the walk waited on the shard's own
-        // allocation first; since the shard is in this array, it is not: 3-6 ns less.)
+        // In a large, cold set: after this array's entry (where the shard's tags and
+        // slots are), two trips to memory, the tags and the slot, made at once rather
+        // than one after the other: the slot where the walk starts does not depend on
+        // the tags. Only a load, of a line the request reads next. The handle is read
+        // when the request's `KeyInfo` is made.
         shard.warm(place);
         let i = shard.find(digest, place)?;
         Some((shard, i, handle))
