@@ -125,6 +125,8 @@ pub mod postgres;
 pub mod redis;
 mod source;
 mod store;
+#[cfg(test)]
+mod testing;
 
 pub use crate::{
     error::Error,

@@ -596,13 +596,8 @@ mod tests {
             None => 1..3_001u64,
         };
         for seed in seeds {
-            let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            let mut next = move |n: u64| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state % n
-            };
+            let mut random = crate::testing::xorshift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut next = move |n: u64| random() % n;
             // Stored: ids s0.., each its own secret from a pool.
             let n = 1 + next(12) as usize;
             let pool = (n * 2) as u64;
@@ -710,13 +705,8 @@ mod tests {
     /// one by one, and otherwise holds the same keys, found by id and by digest.
     #[test]
     fn building_in_one_go_finds_what_inserting_one_by_one_finds() {
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
+        let mut random = crate::testing::xorshift(0x2545_f491_4f6c_dd1d);
+        let mut next = move |n: u64| random() % n;
         let mut refusals = 0;
         for _ in 0..5_000 {
             let len = next(40);

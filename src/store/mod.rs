@@ -756,13 +756,7 @@ mod tests {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0x5eed_0017);
-        let mut state = seed | 1;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::testing::xorshift(seed);
         let replay = format!(
             "replay with TAK_SEED={seed} cargo test --lib usage_stays_exact_while_keys_rotate"
         );

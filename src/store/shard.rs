@@ -440,13 +440,7 @@ mod tests {
     /// and the copies after the last tag repeat the first ones.
     #[test]
     fn finds_what_a_plain_search_finds_in_crowded_shards() {
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::testing::xorshift(0x9e37_79b9_7f4a_7c15);
         let (_, entry) = entry("k");
         let tags = [0u8, 1, 2, 3, 0x80, 0x81, 0xfe, 0xff];
         let digest = |next: &mut dyn FnMut() -> u64| {
