@@ -39,7 +39,8 @@ pub enum KeyChange {
     /// Adds the key, or replaces the source's key with the same id (its usage counts
     /// carry over).
     Upsert(ApiKey),
-    /// Removes the source's key with this id; nothing if the source has none.
+    /// Removes the source's key with this id; nothing if no key has it. Refused
+    /// ([`Error::Conflict`](crate::Error::Conflict)) if another source's key has it.
     Remove(Arc<str>),
 }
 

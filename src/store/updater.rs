@@ -87,6 +87,13 @@ impl KeyUpdater {
     /// waiting (see [`publish`](Self::publish)) that the changes would leave with one
     /// secret under two ids. The store keeps its keys, and the refusal is recorded
     /// and logged.
+    ///
+    /// While this source has a set waiting, changes the live keys refuse with
+    /// [`Error::Conflict`] are made to the waiting set alone, which is then tried
+    /// whole: the removal of an id another source holds, say, lets the set in at once
+    /// if that id was all it waited for (and returns its report). If the set is still
+    /// refused, it waits on with the changes, as a set [`publish`](Self::publish)ed
+    /// and refused for a conflict does, and the conflict is returned.
     pub fn apply(
         &self,
         changes: impl IntoIterator<Item = KeyChange>,
@@ -136,7 +143,55 @@ impl KeyUpdater {
             },
             _ => None,
         };
-        let result = make(shared, writer, self.source, update, Refusal::Reported);
+        // With a set waiting, a change refused for a key another source holds is made
+        // to that set alone: its refusal is not reported yet.
+        let first = match waiting {
+            Some(_) => Refusal::Quiet,
+            None => Refusal::Reported,
+        };
+        let mut result = make(shared, writer, self.source, update, first);
+        let mut due = None;
+        let conflict = matches!(result, Err(Error::Conflict { .. }));
+        match (result.is_ok(), conflict, update, waiting) {
+            // A newer complete state of this source: what it had waiting is stale.
+            (true, _, Update::Set(_), _) => writer.pending[at] = None,
+            (true, _, Update::Changes(_), Some((changed, clashed))) => {
+                writer.pending[at] = Some(changed);
+                due = clashed.then_some(at);
+            }
+            (true, _, Update::Changes(_), None) => {}
+            // Refused for a key another source holds: tried again once it is let go.
+            (false, true, Update::Set(set), _) => {
+                let live = shared.current.load();
+                writer.pending[at] = Some(Pending::new(set.clone(), &live, self.source));
+            }
+            // The same, for changes by this source while its set waits: they are made
+            // to the set, which is tried whole at once (a removal of the id it waited
+            // for lets it in), and waits on with them if it is still refused, as a set
+            // published and refused would, rather than come in later without them.
+            (false, true, Update::Changes(_), Some((changed, _))) => {
+                result = make(
+                    shared,
+                    writer,
+                    self.source,
+                    Update::Set(&changed.set),
+                    Refusal::Reported,
+                );
+                writer.pending[at] = match result {
+                    Ok(_) => None,
+                    Err(_) => {
+                        let live = shared.current.load();
+                        Some(Pending::new(changed.set, &live, self.source))
+                    }
+                };
+            }
+            (false, _, _, _) => {
+                if let (Refusal::Quiet, Err(error)) = (first, &result) {
+                    let report = ReloadReport::rejected(self.name.clone(), error.clone());
+                    shared.reloads.send_replace(Some(report));
+                }
+            }
+        }
         reports.push((
             match &result {
                 Ok(report) => report.clone(),
@@ -144,23 +199,6 @@ impl KeyUpdater {
             },
             writer.counts[at],
         ));
-        let mut due = None;
-        match (&result, update) {
-            // A newer complete state of this source: what it had waiting is stale.
-            (Ok(_), Update::Set(_)) => writer.pending[at] = None,
-            (Ok(_), Update::Changes(_)) => {
-                if let Some((changed, clashed)) = waiting {
-                    writer.pending[at] = Some(changed);
-                    due = clashed.then_some(at);
-                }
-            }
-            // Refused for a key another source holds: tried again once it is let go.
-            (Err(Error::Conflict { .. }), Update::Set(set)) => {
-                let live = shared.current.load();
-                writer.pending[at] = Some(Pending::new(set.clone(), &live, self.source));
-            }
-            (Err(_), _) => {}
-        }
         if let Ok(report) = &result {
             retry_pending(shared, writer, reports, report, due);
         }
@@ -448,6 +486,211 @@ mod tests {
         assert_eq!(id_of(&store, "ka"), None, "the change to `a` came later");
         assert_eq!(id_of(&store, "kb"), None, "`b` was removed while it waited");
         assert_eq!(store.len(), 4);
+    }
+
+    #[test]
+    fn a_set_that_waits_comes_in_once_its_source_removes_the_id_it_waited_for() {
+        let (store, first, second) =
+            waiting(&[("shared", "k-1")], &[("shared", "k-2"), ("a", "ka")]);
+        // `shared` is the first source's: nothing to remove from the live keys, but
+        // the waiting set drops it, and then fits.
+        second.apply([KeyChange::remove("shared")]).unwrap();
+        assert_eq!(id_of(&store, "ka").as_deref(), Some("a"));
+        assert_eq!(
+            id_of(&store, "k-1").as_deref(),
+            Some("shared"),
+            "not second's"
+        );
+        let last = store.last_reload().unwrap();
+        assert_eq!((last.source(), last.is_applied()), ("second", true));
+        // The removed key never comes in later.
+        first.publish(KeySet::new()).unwrap();
+        assert_eq!(id_of(&store, "k-2"), None);
+        assert_eq!(id_of(&store, "k-1"), None);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn a_change_refused_for_another_source_s_key_waits_with_the_set() {
+        let (store, first, second) =
+            waiting(&[("shared", "k-1")], &[("shared", "k-2"), ("a", "ka")]);
+        let version = store.version();
+        // A new secret for the id the first source holds, and one more key: refused
+        // now, as the set was...
+        let err = second
+            .apply([
+                KeyChange::Upsert(ApiKey::new("shared", "k-2b")),
+                KeyChange::Upsert(ApiKey::new("b", "kb")),
+            ])
+            .unwrap_err();
+        assert!(matches!(err, Error::Conflict { .. }), "{err}");
+        assert_eq!(store.version(), version);
+        assert_eq!(id_of(&store, "kb"), None);
+        // ...and made to the waiting set, which comes in with them once `shared` is
+        // let go: the newer secret, not the one the set was refused with.
+        first.publish(KeySet::new()).unwrap();
+        assert_eq!(id_of(&store, "k-2b").as_deref(), Some("shared"));
+        assert_eq!(id_of(&store, "k-2"), None);
+        assert_eq!(id_of(&store, "kb").as_deref(), Some("b"));
+        assert_eq!(id_of(&store, "ka").as_deref(), Some("a"));
+        assert_eq!(store.len(), 3);
+    }
+
+    #[test]
+    fn a_change_that_clashes_anew_while_the_set_waits_waits_for_that_key_too() {
+        let (store, first, second) = waiting(
+            &[("shared", "k-1"), ("theirs", "k-t")],
+            &[("shared", "k-2"), ("a", "ka")],
+        );
+        // `b`'s secret is the first source's `theirs`: the waiting set now waits for
+        // `theirs` as well.
+        let err = second
+            .apply([KeyChange::Upsert(ApiKey::new("b", "k-t"))])
+            .unwrap_err();
+        assert!(matches!(err, Error::Conflict { .. }), "{err}");
+        first.publish(set(&[("theirs", "k-t")])).unwrap();
+        assert_eq!(id_of(&store, "k-2"), None, "still waits for `theirs`");
+        assert_eq!(id_of(&store, "k-t").as_deref(), Some("theirs"));
+        first.publish(KeySet::new()).unwrap();
+        assert_eq!(id_of(&store, "k-2").as_deref(), Some("shared"));
+        assert_eq!(id_of(&store, "k-t").as_deref(), Some("b"));
+        assert_eq!(store.len(), 3);
+    }
+
+    /// Three sources publish sets and apply changes at random over six ids and six
+    /// secrets, so that they often clash. After every step: a source with no set
+    /// waiting serves exactly its newest state (each set published, with the changes
+    /// the store kept on top: those it took, and those refused for a conflict while a
+    /// set waited); a source whose set waits has a state that clashes with a key
+    /// another source serves (else it would have been let in). At the end, the other
+    /// sources let go of everything, one after the other, and every source's newest
+    /// state comes in. `TAK_SEED=<seed>` replays one seed.
+    #[test]
+    fn sources_that_clash_at_random_converge_to_their_newest_states() {
+        use std::collections::BTreeMap;
+        type State = BTreeMap<String, String>;
+        let seeds: Vec<u64> = match std::env::var("TAK_SEED").ok().and_then(|s| s.parse().ok()) {
+            Some(seed) => vec![seed],
+            None => (1..=40).map(|i| 0x5eed_2000 + i).collect(),
+        };
+        let ids: Vec<String> = (0..6).map(|i| format!("id{i}")).collect();
+        let secrets: Vec<String> = (0..6).map(|i| format!("secret-{i}")).collect();
+        let names = ["s0", "s1", "s2"];
+        let as_set = |state: &State| {
+            KeySet::from_keys(
+                state
+                    .iter()
+                    .map(|(id, secret)| ApiKey::new(id.as_str(), secret.as_str())),
+            )
+            .unwrap()
+        };
+        for seed in seeds {
+            let replay = format!(
+                "replay with TAK_SEED={seed} cargo test --lib sources_that_clash_at_random"
+            );
+            let mut next = crate::testing::xorshift(seed);
+            let store = KeyStore::new();
+            let publishers: Vec<KeyPublisher> = names
+                .iter()
+                .map(|name| {
+                    let (source, publisher) = ChannelSource::new(KeySet::new());
+                    store.add_source(source.with_name(*name)).unwrap();
+                    publisher
+                })
+                .collect();
+            let mut newest: Vec<State> = vec![State::new(); names.len()];
+            // What each source serves: each secret that lets a request in, by id.
+            let serving = |at: usize| -> State {
+                (secrets.iter())
+                    .filter_map(|secret| {
+                        let info = store.verify(secret).ok()?;
+                        (info.source() == names[at]).then(|| (info.id().to_owned(), secret.clone()))
+                    })
+                    .collect()
+            };
+            let check = |newest: &[State], step: usize| {
+                for (at, state) in newest.iter().enumerate() {
+                    let waits = store.shared.lock().pending[at].is_some();
+                    if !waits {
+                        assert_eq!(serving(at), *state, "source {at} at step {step}: {replay}");
+                        continue;
+                    }
+                    let clashes = (0..names.len()).filter(|&o| o != at).any(|o| {
+                        serving(o).iter().any(|(id, secret)| {
+                            state.contains_key(id) || state.values().any(|s| s == secret)
+                        })
+                    });
+                    assert!(
+                        clashes,
+                        "source {at} waits for nothing at step {step}: {replay}"
+                    );
+                }
+            };
+            for step in 0..150 {
+                let at = (next() % 3) as usize;
+                let waited = store.shared.lock().pending[at].is_some();
+                if next().is_multiple_of(3) {
+                    // A complete set: some ids, each with a secret of its own.
+                    let mut state = State::new();
+                    let mut free: Vec<&String> = secrets.iter().collect();
+                    for id in &ids {
+                        if next().is_multiple_of(2) {
+                            let secret = free.swap_remove((next() % free.len() as u64) as usize);
+                            state.insert(id.clone(), secret.clone());
+                        }
+                    }
+                    match publishers[at].publish(as_set(&state)) {
+                        Ok(_) | Err(Error::Conflict { .. }) => newest[at] = state,
+                        Err(error) => panic!("step {step}: {error}: {replay}"),
+                    }
+                } else {
+                    // One or two changes by id.
+                    let first = (next() % 6) as usize;
+                    let mut changes = Vec::new();
+                    for id in [first, (first + 1 + (next() % 5) as usize) % 6]
+                        .iter()
+                        .take(1 + (next() % 2) as usize)
+                    {
+                        changes.push(match next() % 3 {
+                            0 => KeyChange::remove(ids[*id].as_str()),
+                            _ => KeyChange::Upsert(ApiKey::new(
+                                ids[*id].as_str(),
+                                secrets[(next() % 6) as usize].as_str(),
+                            )),
+                        });
+                    }
+                    let mut changed = newest[at].clone();
+                    for change in &changes {
+                        match change {
+                            KeyChange::Upsert(key) => {
+                                let secret = secrets
+                                    .iter()
+                                    .find(|s| ApiKey::new("x", s.as_str()).digest == key.digest)
+                                    .unwrap();
+                                changed.insert(key.id.to_string(), secret.clone())
+                            }
+                            KeyChange::Remove(id) => changed.remove(&**id),
+                        };
+                    }
+                    match publishers[at].apply(changes) {
+                        Ok(_) => newest[at] = changed,
+                        Err(Error::Conflict { .. }) if waited => newest[at] = changed,
+                        Err(Error::Conflict { .. } | Error::DuplicateKey { .. }) => {}
+                        Err(error) => panic!("step {step}: {error}: {replay}"),
+                    }
+                }
+                check(&newest, step);
+            }
+            // Every other source lets go of everything: each newest state comes in.
+            for at in 0..names.len() {
+                for other in (0..names.len()).filter(|&o| o != at) {
+                    publishers[other].publish(KeySet::new()).ok();
+                    newest[other] = State::new();
+                }
+                assert_eq!(serving(at), newest[at], "source {at} at the end: {replay}");
+                publishers[at].publish(as_set(&newest[at])).ok();
+            }
+        }
     }
 
     #[test]
