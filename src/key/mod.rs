@@ -11,6 +11,7 @@ mod set;
 pub(crate) use self::set::Moves;
 #[cfg(feature = "redis")]
 pub(crate) use self::set::moving_batches;
+pub(crate) use self::set::First;
 pub use self::{
     generate::{GeneratedKey, generate, has_valid_checksum},
     info::KeyInfo,

@@ -367,18 +367,24 @@ impl fmt::Debug for KeySet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeySet")
             .field("len", &self.len())
-            .field("ids", &DebugIds(self))
+            .field("ids", &First(self.into_iter().map(ApiKey::id)))
             .finish()
     }
 }
 
-struct DebugIds<'a>(&'a KeySet);
+/// As `Debug`, a list's first sixteen items and how many more: a set or a report of
+/// a million keys prints a line, not a million ids.
+pub(crate) struct First<I>(pub(crate) I);
 
-impl fmt::Debug for DebugIds<'_> {
+impl<I> fmt::Debug for First<I>
+where
+    I: ExactSizeIterator + Clone,
+    I::Item: fmt::Debug,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const SHOWN: usize = 16;
         let mut list = f.debug_list();
-        list.entries(self.0.iter().take(SHOWN).map(ApiKey::id));
+        list.entries(self.0.clone().take(SHOWN));
         if self.0.len() > SHOWN {
             list.entry(&format_args!("… {} more", self.0.len() - SHOWN));
         }

@@ -1,6 +1,6 @@
 use std::{fmt, sync::Arc, time::SystemTime};
 
-use crate::Error;
+use crate::{Error, key::First};
 
 /// The outcome of one reload attempt: when it happened, which source made it, and
 /// either what changed or why it was refused.
@@ -173,13 +173,48 @@ impl fmt::Debug for ReloadReport {
         match &self.outcome {
             Ok(c) => d
                 .field("version", &c.version)
-                .field("added", &c.diff.added)
-                .field("changed", &c.diff.changed)
-                .field("removed", &c.diff.removed)
+                .field("added", &First(c.diff.added.iter()))
+                .field("changed", &First(c.diff.changed.iter()))
+                .field("removed", &First(c.diff.removed.iter()))
                 .field("kept", &c.diff.kept.len())
-                .field("expiring", &c.diff.expiring),
+                .field("expiring", &First(c.diff.expiring.iter())),
             Err(e) => d.field("error", &format_args!("{}", crate::error::Chain(e))),
         };
         d.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{ApiKey, ChannelSource, KeySet, KeyStore};
+
+    #[test]
+    fn a_report_on_many_keys_prints_a_few_ids_and_counts_the_rest() {
+        let keys = |prefix: &str| {
+            KeySet::from_keys(
+                (0..1000)
+                    .map(|i| ApiKey::new(format!("{prefix}{i}"), format!("secret-{prefix}-{i}"))),
+            )
+            .unwrap()
+        };
+        let store = KeyStore::new();
+        let (source, publisher) = ChannelSource::new(keys("a"));
+        store.add_source(source).unwrap();
+        let added = format!("{:?}", store.last_reload().unwrap());
+        assert!(
+            added.contains("\"a0\"") && added.contains("… 984 more"),
+            "{added}"
+        );
+        let report = publisher.publish(keys("b")).unwrap();
+        let both = format!("{report:?}");
+        assert!(both.contains("\"b0\"") && both.contains("\"a0\""), "{both}");
+        assert_eq!(both.matches("… 984 more").count(), 2, "{both}");
+        assert!(
+            added.len() < 600 && both.len() < 1000,
+            "{} and {} bytes",
+            added.len(),
+            both.len()
+        );
+        assert!(!both.contains("secret"), "{both}");
     }
 }
