@@ -10,13 +10,13 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let prefix = args.next().unwrap_or_else(|| "key".into());
     let id = args.next().unwrap_or_else(|| format!("{prefix}-new"));
-    match tower_api_key::generate(&prefix) {
-        Ok(key) => {
+    match tower_api_key::generate(&prefix).and_then(|key| Ok((key.toml_entry(&id)?, key))) {
+        Ok((entry, key)) => {
             println!(
                 "key (give it to the client, it is not stored anywhere):\n\n  {}\n",
                 key.secret()
             );
-            println!("key-file entry:\n{}", key.toml_entry(&id));
+            println!("key-file entry:\n{entry}");
         }
         Err(error) => {
             eprintln!("keygen: {error}");

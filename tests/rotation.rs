@@ -217,7 +217,7 @@ async fn generated_keys_and_checksums() {
     let key = generate("tak").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.toml");
-    fs::write(&path, key.toml_entry("generated")).unwrap();
+    fs::write(&path, key.toml_entry("generated").unwrap()).unwrap();
     assert!(!fs::read_to_string(&path).unwrap().contains(key.secret()));
     let layer = ApiKeyLayer::try_new(file_source(&path))
         .unwrap()

@@ -467,8 +467,9 @@ fn generate(prefix: &str, id: Option<String>, secret_file: Option<&Path>, out: O
         let today = crate::clock::rfc3339(std::time::SystemTime::now());
         format!("{prefix}-{}", today.get(..10).unwrap_or("new"))
     });
-    crate::key::validate_id(&id).map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
-    let entry = key.toml_entry(&id);
+    let entry = key
+        .toml_entry(&id)
+        .map_err(|e| Failure::new(Exit::Usage, e.to_string()))?;
     if let Some(path) = secret_file {
         SecretFile::create(path)?.write(key.secret())?;
     }

@@ -34,7 +34,7 @@ const CHECKSUM_CHARS: usize = 6;
 /// assert!(has_valid_checksum(key.secret()));
 ///
 /// // The entry to paste into the key file holds only the digest.
-/// let entry = key.toml_entry("acme-ci-2026-11");
+/// let entry = key.toml_entry("acme-ci-2026-11")?;
 /// assert!(entry.starts_with("\n[[keys]]\nid = \"acme-ci-2026-11\"\n"));
 /// assert!(entry.contains(&key.sha256_hex()));
 /// assert!(!entry.contains(key.secret()));
@@ -140,11 +140,17 @@ impl GeneratedKey {
     /// A `[[keys]]` entry for the key file, holding the digest only. It starts with a
     /// newline, so that appended to a key file (`>> keys.toml`) whose last line has
     /// no newline of its own, it starts a line rather than ending that one; and
-    /// ends with one.
-    pub fn toml_entry(&self, id: &str) -> String {
+    /// ends with one. The key file reads it back as this key under `id`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidKey`] for an id the key file would refuse: empty, longer than
+    /// 256 bytes, or holding whitespace, control, format or separator characters.
+    pub fn toml_entry(&self, id: &str) -> Result<String, Error> {
+        crate::key::validate_id(id)?;
         let digest = KeyDigest::of(self.secret.as_bytes());
         let entry = crate::source::key_file::write::entry(&ApiKey::from_digest(id.into(), digest));
-        format!("\n{entry}")
+        Ok(format!("\n{entry}"))
     }
 }
 

@@ -693,8 +693,14 @@ mod tests {
     fn the_generator_s_entry_reads_back() {
         let generated = crate::generate("tak").unwrap();
         for id in ["o'brien", "clé"] {
-            let set = read_back(&generated.toml_entry(id));
+            let set = read_back(&generated.toml_entry(id).unwrap());
             assert!(set.get(id).unwrap().digest == generated.to_api_key(id).digest);
+        }
+        // An id the file would refuse gets no entry.
+        for id in ["", "a\tb", "a b", "new\nline", &"x".repeat(257)] {
+            let err = generated.toml_entry(id).unwrap_err();
+            assert!(matches!(err, crate::Error::InvalidKey { .. }), "{err}");
+            assert!(!err.to_string().contains(generated.secret()));
         }
     }
 
@@ -704,7 +710,7 @@ mod tests {
     fn a_generated_entry_appended_to_a_file_without_a_last_newline_reads() {
         let generated = crate::generate("tak").unwrap();
         let mut text = "[[keys]]\nid = \"a\"\nsecret = \"x\"".to_owned();
-        text.push_str(&generated.toml_entry("b"));
+        text.push_str(&generated.toml_entry("b").unwrap());
         let set = read_back(&text);
         assert!(set.get("b").unwrap().digest == generated.to_api_key("b").digest);
         assert!(set.get("a").is_some());
