@@ -356,7 +356,7 @@ struct Moving {
 
 impl Moving {
     /// The changes of a write that move secrets between ids, in batches of linked
-    /// groups (see [`moving_batches`](crate::key::moving_batches)), each batch written as one
+    /// groups (see [`moving_batches`](crate::redis::moves::moving_batches)), each batch written as one
     /// version; and the rest. A linked group more than one version holds is refused.
     fn of<'a>(
         keys: Vec<ApiKey>,
@@ -364,20 +364,25 @@ impl Moving {
         stored: impl IntoIterator<Item = &'a ApiKey>,
     ) -> Result<(Vec<Self>, Self), Failure> {
         let max = crate::redis::MAX_VERSION_ENTRIES;
-        let (batches, rest) =
-            crate::key::moving_batches(&keys, removed, stored, crate::redis::CHUNK, max as usize)
-                .map_err(|n| {
-                Failure::new(
-                    Exit::Invalid,
-                    format!(
-                        "{n} changes move secrets between ids, linked (swaps, chains), \
+        let (batches, rest) = crate::redis::moves::moving_batches(
+            &keys,
+            removed,
+            stored,
+            crate::redis::CHUNK,
+            max as usize,
+        )
+        .map_err(|n| {
+            Failure::new(
+                Exit::Invalid,
+                format!(
+                    "{n} changes move secrets between ids, linked (swaps, chains), \
                              more than one version of the namespace holds ({max}): nothing \
                              was written; apply them in smaller steps"
-                    ),
-                )
-            })?;
+                ),
+            )
+        })?;
         let mut keys: Vec<Option<ApiKey>> = keys.into_iter().map(Some).collect();
-        let mut pick = |m: &crate::key::Moves| Self {
+        let mut pick = |m: &crate::redis::moves::Moves| Self {
             keys: m.keys.iter().filter_map(|&i| keys[i].take()).collect(),
             removed: m.removed.iter().map(|&j| removed[j].clone()).collect(),
         };

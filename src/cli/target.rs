@@ -150,7 +150,7 @@ impl Fleet {
     /// version that found it on.
     ///
     /// `together`: in one version on Redis too (the changes that move secrets
-    /// between ids, written first: see [`moving_batches`](crate::key::moving_batches)).
+    /// between ids, written first: see [`moving_batches`](crate::redis::moves::moving_batches)).
     pub(crate) async fn change(
         &self,
         keys: &[ApiKey],

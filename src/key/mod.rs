@@ -7,10 +7,6 @@ mod info;
 pub(crate) mod record;
 mod set;
 
-#[cfg(feature = "cli")]
-pub(crate) use self::set::Moves;
-#[cfg(feature = "redis")]
-pub(crate) use self::set::moving_batches;
 pub(crate) use self::set::First;
 pub use self::{
     generate::{GeneratedKey, generate, has_valid_checksum},

@@ -252,7 +252,7 @@ impl RedisBackend {
                 let owned: Vec<ApiKey> = keys.iter().map(|k| (*k).clone()).collect();
                 let max = MAX_VERSION_ENTRIES as usize;
                 let (batches, others) =
-                    crate::key::moving_batches(&owned, &[], &stored, CHUNK, max)
+                    crate::redis::moves::moving_batches(&owned, &[], &stored, CHUNK, max)
                         .map_err(|n| Error::custom(self.name(), too_many_moving(n)))?;
                 let pick = |at: &[usize]| at.iter().map(|&i| keys[i]).collect();
                 versions.extend(batches.iter().map(|b| pick(&b.keys)));

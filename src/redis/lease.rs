@@ -57,6 +57,9 @@ use crate::{
 
 use super::model::Keys;
 
+/// A key's id and its limiter, which leases shares of fleet-wide limits.
+type Leased = (Arc<str>, Arc<Limiter>);
+
 /// How often the lessor looks at the shares.
 pub(super) const TICK: Duration = Duration::from_millis(20);
 
@@ -399,12 +402,30 @@ impl Lessor {
         }
     }
 
+    /// The limiters of this source's keys that lease shares of fleet-wide limits, with
+    /// the keys' ids, and the store's version they are of; `None` while the version is
+    /// still the one last looked at (nothing changed) or the store is gone.
+    fn fleet_limiters(&self) -> Option<(u64, Vec<Leased>)> {
+        let snapshot = self.updater.live()?;
+        if self.version == Some(snapshot.version) {
+            return None;
+        }
+        let list = (self.updater.own(&snapshot))
+            .filter_map(|(_, e, _)| {
+                let limiter = e.limiter.as_ref()?;
+                limiter.shares()?;
+                Some((e.id.clone(), limiter.clone()))
+            })
+            .collect();
+        Some((snapshot.version, list))
+    }
+
     /// One look at every share: renews, gives back, forgets; and once every
     /// [`LOOK_EVERY_TICKS`], gives idle tokens of starved quotas back.
     fn tick(&mut self, con: &mut redis::Connection) -> Result<(), redis::RedisError> {
         let now_ms = crate::clock::exact_now_ms();
         // The store's keys are looked at again only when they changed.
-        if let Some((version, current)) = self.updater.fleet_limiters(self.version) {
+        if let Some((version, current)) = self.fleet_limiters() {
             self.forget_gone(con, current)?;
             self.version = Some(version);
         }
@@ -468,7 +489,7 @@ impl Lessor {
     fn forget_gone(
         &mut self,
         con: &mut redis::Connection,
-        current: Vec<(Arc<str>, Arc<Limiter>)>,
+        current: Vec<Leased>,
     ) -> Result<(), redis::RedisError> {
         let mut seen = HashMap::with_capacity(current.len());
         for (id, limiter) in current {

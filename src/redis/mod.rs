@@ -73,6 +73,7 @@ mod lease;
 mod link;
 mod log;
 mod model;
+pub(crate) mod moves;
 mod read;
 mod source;
 

@@ -218,7 +218,7 @@ impl KeySource for RedisSource {
         super::lease::Lessor::spawn(
             this.client.clone(),
             this.keys.clone(),
-            updater.handle(),
+            updater.clone(),
             this.options.connect_timeout,
         );
         let follower = Follower::new(

@@ -8,9 +8,13 @@ use std::{
 
 use crate::{
     Error, KeyChange, KeyInfo, KeySet, KeyUsage, ReloadReport, clock,
+    key::digest::KeyDigest,
     store::change::{self, Source, Update},
+    store::counters::Counter,
+    store::entry::KeyEntry,
     store::pending::Pending,
     store::shared::{Shared, Writer},
+    store::snapshot::Snapshot,
 };
 
 /// Handle through which a [`KeySource`](crate::KeySource) changes its keys in its
@@ -251,52 +255,28 @@ impl KeyUpdater {
     /// The usage of this source's keys, in no particular order: what a source that
     /// reports usage back to its store of record (a fleet's shared counts) sends.
     pub fn usage(&self) -> Vec<KeyUsage> {
-        let Some(shared) = self.shared.upgrade() else {
+        let (Some(shared), Some(snapshot)) = (self.shared.upgrade(), self.live()) else {
             return Vec::new();
         };
-        let snapshot = shared.current.load_full();
-        let own = || {
-            snapshot
-                .iter()
-                .filter(|(_, e, _)| e.source() == self.source)
-        };
+        let own = || self.own(&snapshot);
         let counts = shared.counters.usage(own().map(|(_, _, c)| c));
         (own().zip(counts))
             .map(|((_, e, _), usage)| KeyUsage::new(KeyInfo::detached(e.clone()), usage))
             .collect()
     }
 
-    /// Another handle on the same store for the same source, for a second thread of
-    /// the source (the Redis source's lessor).
-    #[cfg(feature = "redis")]
-    pub(crate) fn handle(&self) -> Self {
-        Self::new(self.shared.clone(), self.source, self.name.clone())
+    /// The store's live version, if the store is still there.
+    pub(crate) fn live(&self) -> Option<Arc<Snapshot>> {
+        Some(self.shared.upgrade()?.current.load_full())
     }
 
-    /// The limiters of this source's keys that lease shares of fleet-wide limits, with
-    /// the keys' ids, and the store's version they are of; `None` while the version is
-    /// still `seen` (nothing changed) or the store is gone.
-    #[cfg(feature = "redis")]
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn fleet_limiters(
+    /// This source's keys in `snapshot`: digest, entry and usage counter.
+    pub(crate) fn own<'s>(
         &self,
-        seen: Option<u64>,
-    ) -> Option<(u64, Vec<(Arc<str>, Arc<crate::limit::state::Limiter>)>)> {
-        let shared = self.shared.upgrade()?;
-        let snapshot = shared.current.load_full();
-        if seen == Some(snapshot.version) {
-            return None;
-        }
-        let list = snapshot
-            .iter()
-            .filter(|(_, e, _)| e.source() == self.source)
-            .filter_map(|(_, e, _)| {
-                let limiter = e.limiter.as_ref()?;
-                limiter.shares()?;
-                Some((e.id.clone(), limiter.clone()))
-            })
-            .collect();
-        Some((snapshot.version, list))
+        snapshot: &'s Snapshot,
+    ) -> impl Iterator<Item = (KeyDigest, &'s Arc<KeyEntry>, Counter)> + 's {
+        let source = self.source;
+        (snapshot.iter()).filter(move |(_, e, _)| e.source() == source)
     }
 
     /// The name of the source this updater publishes for.
@@ -419,6 +399,15 @@ fn retry_pending(
                 }
             }
         }
+    }
+}
+
+/// Another updater for the same source of the same store: for a source that updates
+/// from more than one thread or task. Updates from clones are made one at a time, as
+/// from one updater.
+impl Clone for KeyUpdater {
+    fn clone(&self) -> Self {
+        Self::new(self.shared.clone(), self.source, self.name.clone())
     }
 }
 
