@@ -307,10 +307,15 @@ async fn a_write_in_place_that_pauses_is_waited_for() {
 async fn a_zero_byte_file_is_a_write_in_progress() {
     let mut f = fixture(false, plain_file).await;
     let before = f.store.last_reload().unwrap();
+    let written = std::time::Instant::now();
     fs::write(&f.path, "").unwrap();
-    // Within a poll period: a write in progress, nothing happens.
+    // Within a poll period: a write in progress, nothing happens. Checked only when
+    // this thread looks on time: a loaded machine may hold it past the poll.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(f.store.last_reload().unwrap().at(), before.at());
+    let seen = f.store.last_reload().unwrap();
+    if written.elapsed() < Duration::from_millis(80) {
+        assert_eq!(seen.at(), before.at(), "reported within a poll period");
+    }
     // Still empty a poll interval later: said once, and the last good keys stay.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let after = loop {

@@ -1,3 +1,34 @@
+//! [`ResponseFuture`], what [`ApiKeyService`](crate::ApiKeyService) returns: the
+//! inner service's future for an accepted request, or the refusal, ready at once. For
+//! a key close to its expiry (with
+//! [`deprecation_headers(true)`](crate::ApiKeyLayer::deprecation_headers)) or with
+//! limits, it adds the `Sunset`/`Deprecation` or `RateLimit` headers to the inner
+//! service's response when that is ready; any other request pays for none of it.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//!
+//! use http::{Request, Response, StatusCode};
+//! use tower::{Layer, Service};
+//! use tower_api_key::{ApiKey, ApiKeyLayer, KeySet, ResponseFuture};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let layer = ApiKeyLayer::new(KeySet::from_keys([ApiKey::new("ci", "k-ci")])?);
+//! let mut svc = layer.layer(tower::service_fn(|_req: Request<String>| async {
+//!     Ok::<_, Infallible>(Response::new("from the handler".to_owned()))
+//! }));
+//!
+//! // Refused: the future holds the response already; the handler never runs.
+//! let refused: ResponseFuture<_> = svc.call(Request::get("/").body(String::new())?);
+//! assert_eq!(refused.await?.status(), StatusCode::UNAUTHORIZED);
+//!
+//! let req = Request::get("/").header("x-api-key", "k-ci").body(String::new())?;
+//! assert_eq!(svc.call(req).await?.into_body(), "from the handler");
+//! # Ok(()) }
+//! ```
+
 use std::{
     future::Future,
     pin::Pin,

@@ -1,3 +1,39 @@
+//! [`ApiKeyService`], the middleware [`ApiKeyLayer`](crate::ApiKeyLayer) builds: how
+//! one request is checked.
+//!
+//! `call` reads the key from the request (see `extract`), looks it up in the live key
+//! set (one lock-free load, one lookup by the key's digest), checks what the key
+//! allows (scope, validity window, allowed addresses, limits), and then either calls
+//! the inner service with the key's [`KeyInfo`](crate::KeyInfo) in the request's
+//! extensions or answers at once with the refusal. Nothing before the inner service
+//! waits: no lock, no I/O, no `await`.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//!
+//! use http::{Request, Response, StatusCode};
+//! use tower::{Layer, Service, ServiceExt};
+//! use tower_api_key::{ApiKey, ApiKeyLayer, KeyInfo, KeySet};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let layer = ApiKeyLayer::new(KeySet::from_keys([ApiKey::new("ci", "k-ci")])?);
+//! let mut svc = layer.layer(tower::service_fn(|req: Request<String>| async move {
+//!     // The handler learns which key let the request in.
+//!     let id = req.extensions().get::<KeyInfo>().map(|key| key.id().to_owned());
+//!     Ok::<_, Infallible>(Response::new(id.unwrap_or_default()))
+//! }));
+//!
+//! let req = Request::get("/").header("authorization", "Bearer k-ci").body(String::new())?;
+//! let res = svc.ready().await?.call(req).await?;
+//! assert_eq!(res.into_body(), "ci");
+//!
+//! let res = svc.ready().await?.call(Request::get("/").body(String::new())?).await?;
+//! assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+//! # Ok(()) }
+//! ```
+
 use std::{
     fmt,
     sync::Arc,

@@ -88,6 +88,11 @@ impl KeyPublisher {
     /// Before the source is added to a store, this replaces the set it will load
     /// (the report then has version 0).
     ///
+    /// It blocks the calling thread while the store makes the update: about a second
+    /// for a million keys. From async code, publish large sets from
+    /// `tokio::task::spawn_blocking` (see [`KeyUpdater`'s notes on
+    /// blocking](KeyUpdater#blocking)).
+    ///
     /// # Errors
     ///
     /// [`Error::Conflict`] if another source of the store claims one of the keys or
@@ -110,6 +115,10 @@ impl KeyPublisher {
     /// [`KeyUpdater::apply`]): keys it does not name stay as they are.
     ///
     /// Before the source is added to a store, this changes the set it will load.
+    ///
+    /// It blocks the calling thread while the store makes the change: well under a
+    /// millisecond for a change by id, a few at a million keys (see
+    /// [`KeyUpdater`'s notes on blocking](KeyUpdater#blocking)).
     ///
     /// # Errors
     ///
