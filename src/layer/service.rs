@@ -6,7 +6,8 @@
 //! allows (scope, validity window, allowed addresses, limits), and then either calls
 //! the inner service with the key's [`KeyInfo`](crate::KeyInfo) in the request's
 //! extensions or answers at once with the refusal. Nothing before the inner service
-//! waits: no lock, no I/O, no `await`.
+//! waits on I/O or on other keys' requests: no lock they share, no I/O, no `await`
+//! (a key with more than one counting limit takes a short lock of its own).
 //!
 //! # Example
 //!

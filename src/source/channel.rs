@@ -83,6 +83,13 @@ impl ChannelSource {
 }
 
 impl KeyPublisher {
+    /// Whether the source has a set waiting for another source to let go of a key
+    /// (see [`KeyUpdater::is_waiting`]); `false` before the source is added to a store.
+    pub fn is_waiting(&self) -> bool {
+        let state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        state.updater.as_ref().is_some_and(KeyUpdater::is_waiting)
+    }
+
     /// Replaces the source's keys with `set`, atomically, and returns what changed.
     ///
     /// Before the source is added to a store, this replaces the set it will load
@@ -117,8 +124,9 @@ impl KeyPublisher {
     /// Before the source is added to a store, this changes the set it will load.
     ///
     /// It blocks the calling thread while the store makes the change: well under a
-    /// millisecond for a change by id, a few at a million keys (see
-    /// [`KeyUpdater`'s notes on blocking](KeyUpdater#blocking)).
+    /// millisecond for a change by id, a few at a million keys, but time in
+    /// proportion to the waiting set while one waits (see [`KeyUpdater`'s notes on
+    /// blocking](KeyUpdater#blocking)).
     ///
     /// # Errors
     ///

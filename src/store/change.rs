@@ -40,7 +40,9 @@ pub enum KeyChange {
     /// carry over).
     Upsert(ApiKey),
     /// Removes the source's key with this id; nothing if no key has it. Refused
-    /// ([`Error::Conflict`](crate::Error::Conflict)) if another source's key has it.
+    /// ([`Error::Conflict`](crate::Error::Conflict)) if another source's key has it,
+    /// unless this source has a set waiting: then it is made to that set (see
+    /// [`KeyUpdater::apply`](crate::KeyUpdater::apply)).
     Remove(Arc<str>),
 }
 

@@ -3,9 +3,12 @@
 //!
 //! A waiting set follows its source: a change by id applied to the source's live keys
 //! is applied to the waiting set too, so that the set applied later is the source's
-//! newest state, not the one it had when it was refused. It is planned again only when
-//! an id it waits for is let go (removed, or changed by its source) or its own source
-//! changes one of the ids that clash: never on every update.
+//! newest state, not the one it had when it was refused; a change the live keys
+//! refuse for another source's key is made to the waiting set alone. It is planned
+//! again only when an id it waits for is let go (removed, or changed by its source),
+//! when its own source changes one of the ids that clash, or when its own source's
+//! change is refused for a conflict (the set is then tried whole): never on another
+//! source's update that lets go of nothing it waits for.
 
 use std::{
     collections::{HashMap, HashSet},

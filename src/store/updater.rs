@@ -37,8 +37,10 @@ use crate::{
 /// for an update of another source of the same store to finish, and the work grows
 /// with what they are given. A change by id takes well under a millisecond (a few at
 /// a million keys); a complete set takes time in proportion to its size (about a
-/// second for a million keys). From async code, apply small changes directly, and
-/// publish large sets from [`tokio::task::spawn_blocking`] or a thread of their own.
+/// second for a million keys), and so does a change by id while the source has a set
+/// waiting ([`is_waiting`](Self::is_waiting)), as it is made to that set too. From
+/// async code, apply small changes directly, and publish large sets from
+/// [`tokio::task::spawn_blocking`] or a thread of their own.
 ///
 /// It holds the store weakly: once every layer and store clone is gone,
 /// [`KeyUpdater::is_closed`] turns true and updates return [`Error::StoreClosed`],
@@ -97,7 +99,10 @@ impl KeyUpdater {
     /// whole: the removal of an id another source holds, say, lets the set in at once
     /// if that id was all it waited for (and returns its report). If the set is still
     /// refused, it waits on with the changes, as a set [`publish`](Self::publish)ed
-    /// and refused for a conflict does, and the conflict is returned.
+    /// and refused for a conflict does, and the conflict is returned:
+    /// [`is_waiting`](Self::is_waiting) tells the two outcomes of a conflict apart.
+    /// Changes are all or none here too: a removal in a batch that waits stays live
+    /// until the set comes in, so send a revocation in a batch of its own.
     pub fn apply(
         &self,
         changes: impl IntoIterator<Item = KeyChange>,
@@ -231,6 +236,33 @@ impl KeyUpdater {
     pub(crate) fn record_failure(&self, error: Error) -> Error {
         self.reject(error.clone());
         error
+    }
+
+    /// Whether this source has a set waiting: published and refused because another
+    /// source holds one of its ids or secrets, to be applied once that source lets go
+    /// (see [`publish`](Self::publish)). After [`apply`](Self::apply) returns
+    /// [`Error::Conflict`], this tells whether the changes wait with that set (`true`)
+    /// or were refused and dropped (`false`, unless the set came in meanwhile with
+    /// them: the store then serves them).
+    ///
+    /// ```
+    /// use tower_api_key::{ApiKey, ChannelSource, KeySet, KeyStore};
+    ///
+    /// let store = KeyStore::new();
+    /// let (first, _) = ChannelSource::new(KeySet::from_keys([ApiKey::new("shared", "k-1")])?);
+    /// store.add_source(first.with_name("first"))?;
+    /// let (second, publisher) =
+    ///     ChannelSource::new(KeySet::from_keys([ApiKey::new("shared", "k-2")])?);
+    /// assert!(store.add_source(second.with_name("second")).is_err());
+    /// assert!(publisher.is_waiting());
+    /// # Ok::<(), tower_api_key::Error>(())
+    /// ```
+    pub fn is_waiting(&self) -> bool {
+        self.shared.upgrade().is_some_and(|shared| {
+            (shared.lock().pending)
+                .get(usize::from(self.source))
+                .is_some_and(Option::is_some)
+        })
     }
 
     /// Whether the store is gone; a watching source should then stop.
@@ -550,10 +582,11 @@ mod tests {
     /// secrets, so that they often clash. After every step: a source with no set
     /// waiting serves exactly its newest state (each set published, with the changes
     /// the store kept on top: those it took, and those refused for a conflict while a
-    /// set waited); a source whose set waits has a state that clashes with a key
-    /// another source serves (else it would have been let in). At the end, the other
-    /// sources let go of everything, one after the other, and every source's newest
-    /// state comes in. `TAK_SEED=<seed>` replays one seed.
+    /// set waited); a source whose set waits has exactly its newest state waiting, and
+    /// it clashes with a key another source serves (else it would have been let in).
+    /// At the end, the sources let go of everything, last first, checked after each:
+    /// what waited comes in, and the first source's newest state is all that is
+    /// served. `TAK_SEED=<seed>` replays one seed.
     #[test]
     fn sources_that_clash_at_random_converge_to_their_newest_states() {
         use std::collections::BTreeMap;
@@ -597,13 +630,29 @@ mod tests {
                     })
                     .collect()
             };
+            // A set's keys as the model holds them: id to secret.
+            let state_of = |set: &KeySet| -> State {
+                (set.into_iter())
+                    .map(|key| {
+                        let secret = (secrets.iter())
+                            .find(|s| ApiKey::new("x", s.as_str()).digest == key.digest)
+                            .unwrap();
+                        (key.id.to_string(), secret.clone())
+                    })
+                    .collect()
+            };
             let check = |newest: &[State], step: usize| {
                 for (at, state) in newest.iter().enumerate() {
-                    let waits = store.shared.lock().pending[at].is_some();
-                    if !waits {
+                    let waiting =
+                        (store.shared.lock().pending[at].as_ref()).map(|p| state_of(&p.set));
+                    let Some(waiting) = waiting else {
                         assert_eq!(serving(at), *state, "source {at} at step {step}: {replay}");
                         continue;
-                    }
+                    };
+                    assert_eq!(
+                        waiting, *state,
+                        "source {at}'s waiting set at step {step}: {replay}"
+                    );
                     let clashes = (0..names.len()).filter(|&o| o != at).any(|o| {
                         serving(o).iter().any(|(id, secret)| {
                             state.contains_key(id) || state.values().any(|s| s == secret)
@@ -670,15 +719,16 @@ mod tests {
                 }
                 check(&newest, step);
             }
-            // Every other source lets go of everything: each newest state comes in.
-            for at in 0..names.len() {
-                for other in (0..names.len()).filter(|&o| o != at) {
-                    publishers[other].publish(KeySet::new()).ok();
-                    newest[other] = State::new();
-                }
-                assert_eq!(serving(at), newest[at], "source {at} at the end: {replay}");
-                publishers[at].publish(as_set(&newest[at])).ok();
+            // The sources let go of everything, last first: what waits comes in, and
+            // the first source's newest state is all the store serves.
+            for (step, other) in (150..).zip((1..names.len()).rev()) {
+                publishers[other].publish(KeySet::new()).unwrap();
+                newest[other] = State::new();
+                check(&newest, step);
             }
+            assert!(store.shared.lock().pending[0].is_none(), "{replay}");
+            assert_eq!(serving(0), newest[0], "at the end: {replay}");
+            assert_eq!(store.len(), newest[0].len(), "at the end: {replay}");
         }
     }
 
