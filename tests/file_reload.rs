@@ -233,9 +233,22 @@ async fn a_symlink_to_a_file_in_another_directory_is_followed() {
         f.applied("an edit of the new file").await.added(),
         ["third"]
     );
-    // The old file is no longer followed.
+    // The old file is no longer read: after an edit of it and then one of the new
+    // file, what comes in is the new file's content.
     fs::write(&real, toml(&[("stale", "stale-key")])).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    fs::write(
+        &other,
+        toml(&[
+            ("old", "old-key"),
+            ("third", "third-key"),
+            ("fourth", "fourth-key"),
+        ]),
+    )
+    .unwrap();
+    let report = f
+        .applied("an edit of the new file after one of the old")
+        .await;
+    assert_eq!((report.added(), report.removed()), (vec!["fourth"], vec![]));
     assert_eq!(f.status("stale-key").await, 401);
     assert_eq!(f.status("third-key").await, 200);
 }
@@ -370,14 +383,62 @@ async fn unchanged_content_is_not_reloaded() {
     // Same bytes, new inode and mtime.
     let tmp = f.dir.join("copy");
     fs::copy(&f.path, &tmp).unwrap();
+    // Watched from here on: the store's poll reading the copy shows as an opening of
+    // the key file after it is renamed there (nothing else opens it).
+    let (events, seen) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(events).unwrap();
+    use notify::Watcher as _;
+    watcher
+        .watch(&f.dir, notify::RecursiveMode::NonRecursive)
+        .unwrap();
     fs::rename(&tmp, &f.path).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(f.store.version(), version);
-    fs::write(&f.path, toml(&[("new", "new-key")])).unwrap();
-    assert_eq!(
-        f.applied("a real change").await.version(),
-        Some(version + 1)
+    let read = tokio::task::spawn_blocking(move || read_after_rename(&seen, "keys.toml"));
+    assert!(
+        read.await.unwrap(),
+        "the poll did not read the renamed copy"
     );
+    assert_eq!(f.store.version(), version);
+    // Were the copy reloaded, the first report after the read would be its own.
+    fs::write(&f.path, toml(&[("new", "new-key")])).unwrap();
+    let report = f.applied("a real change").await;
+    assert_eq!(
+        (report.added(), report.version()),
+        (vec!["new"], Some(version + 1))
+    );
+}
+
+/// Waits (up to ten seconds) for a file to be renamed to `name` in a watched
+/// directory and then opened: a read of the renamed file begins.
+fn read_after_rename(
+    events: &std::sync::mpsc::Receiver<notify::Result<notify::Event>>,
+    name: &str,
+) -> bool {
+    use notify::{
+        EventKind,
+        event::{AccessKind, ModifyKind, RenameMode},
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut renamed = false;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let Ok(Ok(event)) = events.recv_timeout(left) else {
+            return false;
+        };
+        if !event
+            .paths
+            .iter()
+            .any(|p| p.file_name() == Some(name.as_ref()))
+        {
+            continue;
+        }
+        match event.kind {
+            EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => {
+                renamed = true
+            }
+            EventKind::Access(AccessKind::Open(_)) if renamed => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 #[tokio::test]

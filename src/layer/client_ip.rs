@@ -1,4 +1,48 @@
 //! Where the layer reads a client's address from, for keys with `allowed_ips`.
+//!
+//! The layer asks its [`ClientIp`] for the address of each request whose key has
+//! `allowed_ips`, and only then: a key without them never pays for the look.
+//! Behind proxies, the client is the rightmost address of the chain that is not a
+//! proxy you trust, walking left from the connection's peer; the addresses further
+//! left were written by the client, who may write anything there.
+//!
+//! # Example
+//!
+//! ```
+//! use std::{convert::Infallible, net::SocketAddr};
+//!
+//! use http::{Request, Response, StatusCode};
+//! use tower::{Layer, Service, ServiceExt};
+//! use tower_api_key::{ApiKey, ApiKeyLayer, ClientIp, KeySet};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let keys = KeySet::from_keys([
+//!     ApiKey::new("office", "k-office").with_allowed_ips(["203.0.113.0/24".parse()?]),
+//! ])?;
+//! // The server sits behind a load balancer in 10.0.0.0/8.
+//! let layer = ApiKeyLayer::new(keys).client_ip(ClientIp::x_forwarded_for(["10.0.0.0/8".parse()?]));
+//! let mut svc = layer.layer(tower::service_fn(|_: Request<String>| async {
+//!     Ok::<_, Infallible>(Response::new(String::new()))
+//! }));
+//! let via_balancer = |chain: &str| -> Result<Request<String>, http::Error> {
+//!     let mut req = Request::get("/")
+//!         .header("authorization", "Bearer k-office")
+//!         .header("x-forwarded-for", chain)
+//!         .body(String::new())?;
+//!     // What axum's `ConnectInfo` or tonic's `TcpConnectInfo` would say: the balancer.
+//!     req.extensions_mut().insert(SocketAddr::from(([10, 0, 0, 1], 443)));
+//!     Ok(req)
+//! };
+//!
+//! // The balancer appended the office's address: let in.
+//! let res = svc.ready().await?.call(via_balancer("203.0.113.9")?).await?;
+//! assert_eq!(res.status(), StatusCode::OK);
+//! // A client elsewhere wrote the office's address first: the balancer appended the
+//! // real one, which is what counts.
+//! let res = svc.ready().await?.call(via_balancer("203.0.113.9, 198.51.100.7")?).await?;
+//! assert_eq!(res.status(), StatusCode::FORBIDDEN);
+//! # Ok(()) }
+//! ```
 
 use std::{fmt, net::IpAddr, net::SocketAddr, sync::Arc};
 

@@ -3,6 +3,36 @@
 //! service of a server while others (health checks) stay open. A gRPC call (HTTP/2
 //! with a `application/grpc` content type) is refused with a gRPC status:
 //! `UNAUTHENTICATED`, or `PERMISSION_DENIED` for a missing scope.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{Request, Version};
+//! use tonic::server::NamedService;
+//! use tower::{Layer, ServiceExt};
+//! use tower_api_key::{ApiKey, ApiKeyLayer, KeySet};
+//!
+//! fn name_of<S: NamedService>(_: &S) -> &'static str {
+//!     S::NAME
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let keys = ApiKeyLayer::new(KeySet::from_keys([ApiKey::new("ci", "k-ci")])?);
+//! let (_reporter, health) = tonic_health::server::health_reporter();
+//! let guarded = keys.layer(health);
+//! // Still the service tonic routes `/grpc.health.v1.Health/*` to.
+//! assert_eq!(name_of(&guarded), "grpc.health.v1.Health");
+//!
+//! // A call without a key gets a gRPC status, not an HTTP 401 a gRPC client cannot read.
+//! let call = Request::post("/grpc.health.v1.Health/Check")
+//!     .version(Version::HTTP_2)
+//!     .header("content-type", "application/grpc")
+//!     .body(tonic::body::Body::empty())?;
+//! let res = guarded.oneshot(call).await?;
+//! let status = tonic::Status::from_header_map(res.headers()).ok_or("no grpc-status")?;
+//! assert_eq!(status.code(), tonic::Code::Unauthenticated);
+//! # Ok(()) }
+//! ```
 
 use crate::ApiKeyService;
 
