@@ -17,7 +17,7 @@ use crate::{Error, KeySet, KeySource, KeyUpdater, source::replica::Options};
 ///
 /// It loads the whole set when added, then follows the namespace's change log,
 /// applying each version by id once it holds all of it (a one-key change to a
-/// million-key set copies a few hundred keys). Anything the log cannot explain (a
+/// million-key set copies a shard of about two thousand keys). Anything the log cannot explain (a
 /// gap, a version trimmed or cut short, a version number used twice, an operation
 /// it does not know, a new epoch) makes it read the namespace whole again, and a
 /// check every few seconds catches a change whose log entries never came.

@@ -4,8 +4,9 @@
 //! [`Place`]), and an id index, cut the same way by a hash of the id, finds a key by
 //! its id: each id shard is a sorted list of (the id hash's low 32 bits, digest), 36
 //! bytes a key, checked against the entry's id. A new version shares every shard an
-//! edit does not touch with the old one: a one-key change copies one or two shards of
-//! a few hundred keys, whatever the size of the set.
+//! edit does not touch with the old one: a one-key change copies the key's shard and
+//! its id's (each about the square root of the set's size) and the arrays that hold
+//! the shards.
 
 use std::{hash::BuildHasher, sync::Arc};
 
@@ -16,14 +17,15 @@ use crate::{
     store::shard::{GROUPS, Handle, Shard, ShardBuilder},
 };
 
-/// Keys per shard that the shard count aims at.
-const PER_SHARD: usize = 256;
+/// The fewest keys a shard holds on average: a set of fewer than twice this is one
+/// shard.
+const MIN_PER_SHARD: usize = 64;
 
 /// The most shards (as a power of two): as many as a [`Place`] has bits for.
 const MAX_BITS: u32 = Place::SHARD_BITS;
 
 /// (the low 32 bits of the id's hash, digest of the key), sorted by those bits. The
-/// top bits chose the id shard; the low ones, among its few hundred ids, rarely
+/// top bits chose the id shard; the low ones, among its thousand-odd ids, rarely
 /// repeat, and a repeat is told apart by the entry's id.
 type IdShard = Vec<(u32, KeyDigest)>;
 const _: () = assert!(std::mem::size_of::<(u32, KeyDigest)>() == 36);
@@ -50,8 +52,13 @@ pub(crate) struct Snapshot {
     shards: Box<[Shard]>,
     /// Each shard's handles, one per group of threads: what a request's `KeyInfo`
     /// holds (see [`Handle`]). Shared, as the shards are, by the versions that have
-    /// the shard.
-    handles: Box<[Arc<Handles>]>,
+    /// the shard. Held by value, eight pointers a shard, as the shards are: a request
+    /// goes from here straight to its handle's count, not through an allocation
+    /// holding the shard's eight first (in a large, cold set, 26–35 ns less a
+    /// request; a new version clones eight pointers a shard instead of one, which
+    /// makes a one-key change at 1M keys take about 0.25 ms longer, see
+    /// `benches/README.md`).
+    handles: Box<[Handles]>,
     ids: Box<[Arc<IdShard>]>,
     /// Places ids in id shards; the same for every version of one store.
     id_hasher: IdHasher,
@@ -72,7 +79,7 @@ impl Default for Snapshot {
             version: 0,
             len: 0,
             bits: 0,
-            handles: Box::new([Arc::new(Handle::all(&shard))]),
+            handles: Box::new([Handle::all(&shard)]),
             shards: Box::new([shard]),
             ids: Box::new([Arc::new(IdShard::new())]),
             id_hasher: IdHasher::default(),
@@ -80,12 +87,22 @@ impl Default for Snapshot {
     }
 }
 
-/// The shard count, as a power of two, for `n` keys.
+/// The shard count, as a power of two, for `n` keys: about the square root of `n`
+/// (512 shards of about 2,000 keys at a million keys), with at least
+/// [`MIN_PER_SHARD`] keys a shard.
+///
+/// A one-key change copies one shard and the array of all of them, so its cost is
+/// least with the two about the same size: a square root. Fewer, larger shards also
+/// make a lookup's first reads, the shard's entry in the array and its handle, hit
+/// the cache in a large, cold set: a million keys in 4,096 shards of 256 spread those
+/// over most of a megabyte, which every request's trip to its slot evicts from; 512
+/// shards keep them in about a hundred kilobytes (see `benches/README.md`).
 fn bits_for(n: usize) -> u32 {
-    (n / PER_SHARD)
-        .checked_next_power_of_two()
-        .map_or(MAX_BITS, usize::trailing_zeros)
-        .min(MAX_BITS)
+    // ⌈log2 n⌉, 0 for 0 and 1.
+    let log = usize::BITS - n.saturating_sub(1).leading_zeros();
+    let root = (log / 2).saturating_sub(1);
+    let fullest = (n / MIN_PER_SHARD).checked_ilog2().unwrap_or(0);
+    root.min(fullest).min(MAX_BITS)
 }
 
 /// The top `bits` bits of `hash`.
@@ -201,7 +218,10 @@ impl Snapshot {
     pub(crate) fn edited(&self, edit: Edit, counters: &Counters) -> Self {
         let len = self.len - edit.remove.len() + edit.insert.len();
         let ideal = bits_for(len);
-        let bits = if ideal > self.bits + 1 || ideal + 2 < self.bits {
+        // Resharded (every shard built anew) as soon as the set calls for more shards,
+        // but for fewer only when it calls for a quarter as many: a set that goes
+        // back and forth across one size is not resharded each time.
+        let bits = if ideal > self.bits || ideal + 1 < self.bits {
             ideal
         } else {
             self.bits
@@ -284,7 +304,7 @@ impl Snapshot {
             .map(|(s, shard)| match shard {
                 Some(shard) => {
                     let shard = shard.build();
-                    let handles = Arc::new(Handle::all(&shard));
+                    let handles = Handle::all(&shard);
                     (shard, handles)
                 }
                 None => (self.shards[s].clone(), self.handles[s].clone()),
@@ -515,8 +535,8 @@ mod tests {
                 let (entry, _) = snapshot.entry(d).expect("present");
                 assert_eq!(*entry.id, format!("m{i}"), "{what}");
             }
-            // 128 shards of 156 keys on average (196 slots): a binomial spread stays
-            // far from twice that.
+            // 64 shards of 312 keys on average (390 slots): a binomial spread stays
+            // far from twice that (1.24 times at most over 900 such sets).
             let lens = snapshot.shard_lens();
             let mean = N / lens.len();
             let largest = lens.iter().copied().max().unwrap_or(0);
@@ -526,14 +546,14 @@ mod tests {
                 "{what}: a shard of {largest}, {mean} on average"
             );
             // Four-fifths full, linear probing: a lookup reads 2.7 slots on average
-            // (2.9 at most over 18,000 trials of such sets with other keys), and the
-            // longest run of a hundred-odd shards is some dozens of slots (152 at most
-            // over those trials). By the digest's own bits, the keys of a shard all
-            // started at one slot: half a shard on average.
+            // (3.05 at most over 900 such sets), and the longest run of the 64 shards
+            // is a hundred-odd slots (123 in the median set, 187 at most). By the
+            // digest's own bits, the keys of a shard all started at one slot: a walk
+            // of half a shard on average, and a run of the whole shard.
             let walk = snapshot.mean_walk();
             assert!(walk < 4.0, "{what}: {walk:.2} slots read per lookup");
             let run = snapshot.longest_run();
-            assert!(run <= 200, "{what}: a run of {run} slots");
+            assert!(run <= 300, "{what}: a run of {run} slots");
         }
     }
 

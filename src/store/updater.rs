@@ -82,7 +82,7 @@ impl KeyUpdater {
 
     /// Applies `changes` to this source's keys, all or none: upserts by id and
     /// removals by id. Keys it does not name stay as they are; a one-key change to a
-    /// million-key set copies a few hundred keys, not the set.
+    /// million-key set copies one shard of about two thousand keys, not the set.
     ///
     /// # Errors
     ///
