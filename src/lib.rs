@@ -71,10 +71,10 @@
 //! ([`KeyUpdater::apply`], [`KeyChange`]); the store checks each update whole and
 //! swaps it in atomically: a request sees the old keys or the new ones, never a mix,
 //! and keys the update does not touch keep their entries and usage counts. A one-key
-//! change copies one shard, about the square root of the set's size (some two
-//! thousand keys of a million). An update that
-//! fails validation (a bad edit of the key file) is refused, logged at `warn`,
-//! recorded in [`KeyStore::last_reload`], and the last good keys stay. The layer
+//! change copies one shard, a small part of the set (some two thousand keys of a
+//! million). An update that fails validation (a bad edit of the key file) is
+//! refused, logged at `warn`, recorded in [`KeyStore::last_reload`], and the last
+//! good keys stay. The layer
 //! never fails open: no keys means every request is refused. Wait for updates with
 //! [`KeyStore::subscribe`]; every applied update is logged at `info` with the key ids
 //! added, changed, removed and kept.

@@ -19,9 +19,9 @@ use crate::{Error, KeySet, KeySource, KeyUpdater, source::replica::Options};
 /// changed, after every reconnection, and on a safety poll
 /// ([`with_version_check`](PostgresSource::with_version_check)) that catches
 /// notifications lost. Changes are applied by id, every version whole (a one-key
-/// change to a million-key set copies a shard of about two thousand keys). Anything the change table
-/// cannot explain (changes pruned or truncated, a new epoch, a version gone back)
-/// makes it read the namespace whole.
+/// change to a million-key set copies a shard of about two thousand keys). Anything
+/// the change table cannot explain (changes pruned or truncated, a new epoch, a
+/// version gone back) makes it read the namespace whole.
 ///
 /// When PostgreSQL misbehaves the replica keeps serving its last good keys: a
 /// stopped or restarted server, a terminated connection, a wiped namespace or

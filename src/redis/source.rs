@@ -17,10 +17,11 @@ use crate::{Error, KeySet, KeySource, KeyUpdater, source::replica::Options};
 ///
 /// It loads the whole set when added, then follows the namespace's change log,
 /// applying each version by id once it holds all of it (a one-key change to a
-/// million-key set copies a shard of about two thousand keys). Anything the log cannot explain (a
-/// gap, a version trimmed or cut short, a version number used twice, an operation
-/// it does not know, a new epoch) makes it read the namespace whole again, and a
-/// check every few seconds catches a change whose log entries never came.
+/// million-key set copies a shard of about two thousand keys). Anything the log
+/// cannot explain (a gap, a version trimmed or cut short, a version number used
+/// twice, an operation it does not know, a new epoch) makes it read the namespace
+/// whole again, and a check every few seconds catches a change whose log entries
+/// never came.
 ///
 /// When Redis misbehaves the replica keeps serving its last good keys: a stopped
 /// server, a cut connection, a wiped or partly wiped namespace (its version counter

@@ -87,9 +87,11 @@ impl Default for Snapshot {
     }
 }
 
-/// The shard count, as a power of two, for `n` keys: about the square root of `n`
-/// (512 shards of about 2,000 keys at a million keys), with at least
-/// [`MIN_PER_SHARD`] keys a shard.
+/// The shard count, as a power of two, for `n` keys: shards of 1.4 to 2.8 times the
+/// square root of `n` keys (512 shards of about 2,000 keys at a million, 2,048 of
+/// about 4,900 at ten million), and of at least [`MIN_PER_SHARD`] keys. That is when
+/// the count is chosen: a set that shrinks keeps it until it calls for a quarter as
+/// many shards (see [`Snapshot::edited`]), down to 32 keys a shard on average.
 ///
 /// A one-key change copies one shard and the array of all of them, so its cost is
 /// least with the two about the same size: a square root. Fewer, larger shards also
