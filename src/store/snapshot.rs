@@ -91,7 +91,8 @@ impl Default for Snapshot {
 /// square root of `n` keys (512 shards of about 2,000 keys at a million, 2,048 of
 /// about 4,900 at ten million), and of at least [`MIN_PER_SHARD`] keys. That is when
 /// the count is chosen: a set that shrinks keeps it until it calls for a quarter as
-/// many shards (see [`Snapshot::edited`]), down to 32 keys a shard on average.
+/// many shards (see [`bits_after`]), down to 32 keys a shard on average (a set of
+/// fewer than 128 keys may keep two shards).
 ///
 /// A one-key change copies one shard and the array of all of them, so its cost is
 /// least with the two about the same size: a square root. Fewer, larger shards also
@@ -105,6 +106,18 @@ fn bits_for(n: usize) -> u32 {
     let root = (log / 2).saturating_sub(1);
     let fullest = (n / MIN_PER_SHARD).checked_ilog2().unwrap_or(0);
     root.min(fullest).min(MAX_BITS)
+}
+
+/// The shard count, as a power of two, for `n` keys cut into `1 << bits` shards
+/// before. Resharded (every shard built anew) as soon as the set calls for more
+/// shards, but for fewer only when it calls for a quarter as many: a set that goes
+/// back and forth across one size is not resharded each time.
+fn bits_after(bits: u32, n: usize) -> u32 {
+    let ideal = bits_for(n);
+    match ideal > bits || ideal + 1 < bits {
+        true => ideal,
+        false => bits,
+    }
 }
 
 /// The top `bits` bits of `hash`.
@@ -219,15 +232,7 @@ impl Snapshot {
     /// `counters`, and a new id gets a fresh one.
     pub(crate) fn edited(&self, edit: Edit, counters: &Counters) -> Self {
         let len = self.len - edit.remove.len() + edit.insert.len();
-        let ideal = bits_for(len);
-        // Resharded (every shard built anew) as soon as the set calls for more shards,
-        // but for fewer only when it calls for a quarter as many: a set that goes
-        // back and forth across one size is not resharded each time.
-        let bits = if ideal > self.bits || ideal + 1 < self.bits {
-            ideal
-        } else {
-            self.bits
-        };
+        let bits = bits_after(self.bits, len);
         let mut next = Self {
             version: self.version,
             len,
@@ -556,6 +561,59 @@ mod tests {
             assert!(walk < 4.0, "{what}: {walk:.2} slots read per lookup");
             let run = snapshot.longest_run();
             assert!(run <= 300, "{what}: a run of {run} slots");
+        }
+    }
+
+    /// Invariants of the shard count as a set grows and shrinks at random (by one
+    /// key, by batches, by large jumps): a shard holds at most about three times the
+    /// square root of the set's keys on average (or 128), at least 32 (a set of fewer
+    /// than 128 keys may keep two shards), and a set that then goes back and forth by one
+    /// key from wherever it is reshards at most twice. `TAK_SEED=<seed>` replays one.
+    #[test]
+    fn the_shard_count_follows_the_set_and_does_not_flap() {
+        let seeds: Vec<u64> = match std::env::var("TAK_SEED").ok().and_then(|s| s.parse().ok()) {
+            Some(seed) => vec![seed],
+            None => (1..=200).map(|i| 0x5eed_5000 + i).collect(),
+        };
+        for seed in seeds {
+            let replay = format!("replay with TAK_SEED={seed} cargo test --lib the_shard_count");
+            let mut next = crate::testing::xorshift(seed);
+            let (mut n, mut bits) = (0usize, 0u32);
+            for step in 0..400 {
+                n = match next() % 4 {
+                    0 => n.saturating_sub(next() as usize % 3),
+                    1 => n + next() as usize % 3,
+                    2 => n + next() as usize % 5_000,
+                    _ => match next() % 2 {
+                        0 => n / 4,
+                        _ => n.saturating_mul(3).min(1 << 34),
+                    },
+                };
+                bits = bits_after(bits, n);
+                let mean = n >> bits;
+                let root = (n as f64).sqrt();
+                assert!(
+                    (mean as f64) <= (3.0 * root).max(128.0),
+                    "{n} keys in {} shards at step {step}: {replay}",
+                    1u64 << bits
+                );
+                assert!(
+                    mean >= 32 || (n < 128 && bits <= 1),
+                    "{n} keys in {} shards at step {step}: {replay}",
+                    1u64 << bits
+                );
+                // Back and forth by one key from here.
+                let (mut b, mut reshards) = (bits, 0);
+                for k in 0..20 {
+                    let was = b;
+                    b = bits_after(b, if k % 2 == 0 { n + 1 } else { n });
+                    reshards += usize::from(b != was);
+                }
+                assert!(
+                    reshards <= 2,
+                    "{reshards} reshards around {n} keys: {replay}"
+                );
+            }
         }
     }
 
