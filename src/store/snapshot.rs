@@ -17,8 +17,8 @@ use crate::{
     store::shard::{GROUPS, Handle, Shard, ShardBuilder},
 };
 
-/// The fewest keys a shard holds on average: a set of fewer than twice this is one
-/// shard.
+/// The fewest keys a shard holds on average when the shard count is chosen: a set of
+/// fewer than twice this is then one shard (see [`bits_after`] for a set that shrinks).
 const MIN_PER_SHARD: usize = 64;
 
 /// The most shards (as a power of two): as many as a [`Place`] has bits for.
